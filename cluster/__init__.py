@@ -1,0 +1,1 @@
+"""Cluster-side helpers: connecting to Ray, job submission and cluster manifests."""

@@ -1,0 +1,51 @@
+"""Connecting to a Ray cluster (or starting a local one) and reading its nodes for the planner."""
+
+import contextlib
+import os
+
+from rayft.orchestrator.args import RayArguments
+from rayft.orchestrator.plan import Node
+
+
+def local_machine() -> list[Node]:
+    """This machine as the single node a local Ray instance would have, read before Ray starts."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    resources = {"CPU": float(cpus)}
+    if torch.cuda.is_available():
+        resources["GPU"] = float(torch.cuda.device_count())
+    return [Node(node_id="local", ip="127.0.0.1", resources=resources)]
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster with their total resources, identified by node id."""
+    import ray
+
+    return [
+        Node(node_id=n["NodeID"], ip=n["NodeManagerAddress"], resources=dict(n["Resources"]))
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+@contextlib.contextmanager
+def ray_session(ray_args: RayArguments, log=print):
+    """Connects to `ray_address`, or starts a local Ray instance that is stopped again on exit."""
+    import ray
+
+    kwargs = dict(ray_args.ray_init_kwargs or {})
+    started_here = ray_args.ray_address is None and not ray.is_initialized()
+    if started_here:
+        log("[rayft] starting a local Ray instance for this run")
+        kwargs.setdefault("num_cpus", int(local_machine()[0].resources["CPU"]))
+        kwargs.setdefault("include_dashboard", False)
+        ray.init(address="local", **kwargs)
+    elif not ray.is_initialized():
+        log(f"[rayft] connecting to the Ray cluster at {ray_args.ray_address}")
+        ray.init(address=ray_args.ray_address, **kwargs)
+    try:
+        yield cluster_nodes()
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,98 @@
+"""The data pipeline: registry rows are read and checked on the driver, then tokenised as Ray Data tasks.
+
+`load_examples` runs before any cluster resources are reserved, so a bad row fails the run early;
+`tokenize` returns a materialised Ray Dataset that TorchTrainer splits into one shard per worker.
+"""
+
+import functools
+
+import numpy as np
+
+from rayft.data.converters import convert_rows
+from rayft.data.encode import IGNORE_INDEX, encode_supervised
+from rayft.data.registry import dataset_attrs, read_rows
+from rayft.data.templates import get_template
+
+
+def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print) -> list[dict]:
+    """Reads and converts the comma list of datasets `names` into internal examples, in order."""
+    examples = []
+    for attr in dataset_attrs(names, dataset_dir):
+        rows = read_rows(attr, dataset_dir)
+        if max_samples is not None:
+            rows = rows[:max_samples]
+        examples += convert_rows(rows, attr, log=log)
+    return examples
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """The tokenizer at `path`, loaded once per process (Ray Data workers reuse it across batches)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int,
+                 train_on_prompt: bool) -> dict:
+    """Ray Data map_batches function: one batch of internal examples -> input_ids, labels, truncated."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    chat_template = get_template(template)
+    encoded = [
+        encode_supervised(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
+                          cutoff_len, train_on_prompt)
+        for system, messages in zip(batch["system"], batch["messages"])
+    ]
+    return {
+        "input_ids": [np.asarray(e["input_ids"], dtype=np.int64) for e in encoded],
+        "labels": [np.asarray(e["labels"], dtype=np.int64) for e in encoded],
+        "num_tokens": np.asarray([len(e["input_ids"]) for e in encoded], dtype=np.int64),
+        "num_trained": np.asarray([sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded],
+                                  dtype=np.int64),
+        "truncated": np.asarray([e["truncated"] for e in encoded], dtype=np.int64),
+    }
+
+
+def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
+             train_on_prompt: bool, batch_size: int):
+    """Tokenises `examples` with Ray Data tasks spread over the cluster; returns a materialised Dataset.
+
+    Materialising before training matters: the workers then read blocks from the object store and need
+    no CPU of their own for preprocessing, so a cluster whose CPUs all go to workers cannot deadlock.
+    """
+    import ray.data
+
+    dataset = ray.data.from_items(examples, override_num_blocks=max(1, min(len(examples) // batch_size + 1, 64)))
+    return dataset.map_batches(
+        encode_batch,
+        batch_size=batch_size,
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,
+                       train_on_prompt=train_on_prompt),
+    ).materialize()
+
+
+def token_stats(dataset) -> dict:
+    """Examples, tokens, trained tokens and tokens dropped by truncation, summed in one Ray Data pass."""
+    sums = dataset.sum(["num_tokens", "num_trained", "truncated"]) if dataset.count() else {}
+    return {
+        "examples": dataset.count(),
+        "tokens": int(sums.get("sum(num_tokens)", 0)),
+        "trained_tokens": int(sums.get("sum(num_trained)", 0)),
+        "truncated_tokens": int(sums.get("sum(truncated)", 0)),
+    }
+
+
+def describe_example(row: dict, tokenizer) -> str:
+    """One decoded example with its label mask, printed before training."""
+    ids = [int(i) for i in row["input_ids"]]
+    labels = [int(i) for i in row["labels"]]
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    return "\n".join([
+        f"input_ids:\n{ids}",
+        f"inputs:\n{tokenizer.decode(ids, skip_special_tokens=False)}",
+        f"label_ids:\n{labels}",
+        f"labels (trained tokens only):\n{tokenizer.decode(trained, skip_special_tokens=False)}",
+    ])

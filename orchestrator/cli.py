@@ -1,0 +1,69 @@
+"""The `rayft` command: train, plan and tiny-model, each reading one YAML recipe plus key=value overrides."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from rayft.data.errors import DataError
+from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+
+USAGE_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "run a distributed fine-tuning job"),
+                            ("plan", "validate a recipe and its data on the cluster and print the plan")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="YAML recipe")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--family", choices=("qwen2", "llama"), default="qwen2")
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "tiny-model":
+        return _tiny_model(args)
+    try:
+        cfg = parse_config(load_recipe(args.recipe, args.overrides))
+        if args.command == "plan":
+            from rayft.orchestrator.launch import run_plan
+
+            run_plan(cfg)
+            return 0
+        from rayft.orchestrator.launch import run_train
+
+        result = run_train(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"rayft: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    _summarise(cfg, result)
+    return 0
+
+
+def _summarise(cfg, result) -> None:
+    output_dir = Path(cfg.training["output_dir"])
+    print("\n[rayft] training finished")
+    for key in ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
+        if key in (result.metrics or {}):
+            print(f"  {key:26s} {result.metrics[key]:.4f}")
+    print(f"  outputs                    {output_dir}")
+    for path in sorted(output_dir.iterdir()):
+        print(f"    {path.name}{'/' if path.is_dir() else ''}")
+    print(f"  Ray results                {result.path}")
+
+
+def _tiny_model(args) -> int:
+    import rayft.data
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    demo = Path(rayft.data.__file__).parent / "demo"
+    out = write_tiny_model(args.out_dir, sorted(demo.glob("demo_*.json")), family=args.family, seed=args.seed)
+    print(f"[rayft] tiny {args.family} model and tokenizer written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Turns a YAML recipe plus `key=value` overrides into a validated, typed `RecipeConfig`.
+
+Every problem is collected into one `ConfigError`; nothing here touches Ray or the file system's outputs.
+"""
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rayft.orchestrator.args import (
+    SECTIONS,
+    DataArguments,
+    FinetuningArguments,
+    GeneratingArguments,
+    ModelArguments,
+    RayArguments,
+    TrainingArguments,
+)
+
+# Keys of another tool's schema that rayft owns or computes itself and a recipe may not set.
+RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
+
+SECRET_KEYS = {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key", "hub_token"}
+MASK = "***"
+
+# Fields from the seeds whose feature rayft has not built yet, with what they belong to.
+# Setting one to a non-default value is refused by name; it is never silently ignored.
+NOT_BUILT: dict[str, str] = {
+    **{k: "multimodal training" for k in (
+        "image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps",
+        "video_maxlen", "media_dir", "train_mm_proj_only")},
+    **{k: "vLLM inference" for k in (
+        "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
+    "infer_backend": "vLLM inference",
+    **{k: "quantised training (QLoRA)" for k in (
+        "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
+        "quantization_device_map", "ref_model_quantization_bit", "reward_model_quantization_bit")},
+    **{k: "model export (`rayft export`)" for k in (
+        "export_dir", "export_size", "export_device", "export_quantization_bit",
+        "export_quantization_dataset", "export_quantization_nsamples", "export_quantization_maxlen",
+        "export_legacy_format", "export_hub_model_id")},
+    **{k: "the GaLore optimizer" for k in (
+        "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+        "galore_proj_type", "galore_layerwise")},
+    **{k: "the APOLLO optimizer" for k in (
+        "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
+        "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
+    **{k: "the BAdam optimizer" for k in (
+        "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
+        "badam_update_ratio", "badam_mask_mode", "badam_verbose")},
+    **{k: "SwanLab tracking" for k in (
+        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
+        "swanlab_api_key")},
+    **{k: "model patches" for k in (
+        "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
+        "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
+        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
+    **{k: "the data engine (issue: Ray Data engine)" for k in (
+        "streaming", "buffer_size", "mix_strategy", "interleave_probs", "val_size", "packing",
+        "neat_packing", "tool_format", "tokenized_path", "mask_history", "eval_on_each_dataset",
+        "data_shared_file_system", "overwrite_cache")},
+    **{k: "LoRA variants (issue: training stages and methods)" for k in (
+        "use_rslora", "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
+        "loraplus_lr_embedding", "create_new_adapter")},
+    **{k: "freeze fine-tuning (issue: training stages and methods)" for k in (
+        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
+    **{k: "preference and RL stages (issue: training stages and methods)" for k in (
+        "pref_beta", "pref_ftx", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
+        "kto_rejected_weight", "simpo_gamma", "ref_model", "ref_model_adapters", "reward_model",
+        "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm",
+        "ppo_target", "ppo_whiten_rewards")},
+    **{k: "generative evaluation and prediction (issue: after training)" for k in (
+        "predict_with_generate", "do_predict", "compute_accuracy", "eval_num_beams")},
+    "adapter_folder": "loading adapters from a folder",
+    "adapter_name_or_path": "continuing from adapters (issue: training stages and methods)",
+    "pure_bf16": "pure bf16 training (issue: training stages and methods)",
+    "train_from_scratch": "training from scratch",
+    "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
+}
+
+BUILT_STAGES = {"sft"}
+BUILT_FINETUNING_TYPES = {"lora"}
+DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload")
+
+
+class ConfigError(ValueError):
+    """One or more problems in a recipe; `problems` lists them, each naming a key and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class RecipeConfig:
+    """The resolved recipe: one instance of each argument section."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    generating: GeneratingArguments
+    ray: RayArguments
+    training: dict  # keyword arguments of TrainingArguments; built for real inside each worker
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was derived, for the run log
+
+    def to_dict(self, mask_secrets: bool = True) -> dict:
+        """The flat key -> value form a recipe is written in (secrets masked unless told otherwise)."""
+        flat: dict[str, Any] = {}
+        for name in ("model", "data", "finetuning", "generating", "ray"):
+            section = getattr(self, name)
+            flat.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
+        flat.update(self.training)
+        return mask(flat) if mask_secrets else flat
+
+    @classmethod
+    def from_dict(cls, flat: dict) -> "RecipeConfig":
+        """Rebuilds a config from `to_dict(mask_secrets=False)` (on the worker side of the boundary)."""
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            if name == "training":
+                continue
+            names = {f.name for f in dataclasses.fields(section_cls) if f.init}
+            sections[name] = section_cls(**{k: v for k, v in flat.items() if k in names})
+        derived = {f.name for f in dataclasses.fields(FinetuningArguments) if not f.init}
+        for key in derived:
+            setattr(sections["finetuning"], key, flat[key])
+        training_names = _field_names(TrainingArguments)
+        return cls(**sections, training={k: v for k, v in flat.items() if k in training_names and k not in _owned_keys()})
+
+
+def is_secret(key: str) -> bool:
+    return key in SECRET_KEYS or key.endswith("token") or key.endswith("api_key")
+
+
+def mask(value: Any, key: str = "") -> Any:
+    """Returns a copy of `value` with every secret-named entry (at any depth) replaced by `***`."""
+    if isinstance(value, dict):
+        return {k: mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v, key) for v in value]
+    if key and is_secret(key) and value is not None:
+        return MASK
+    return value
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
+    """Reads the YAML recipe and merges `key=value` overrides over it (command line last)."""
+    base = OmegaConf.create({})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"recipe file {str(path)!r} does not exist"])
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path} must be a mapping of key: value pairs, not a {type(loaded).__name__}"])
+        base = OmegaConf.create(loaded)
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([f"override {o!r} is not of the form key=value" for o in bad])
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError([f"could not merge the overrides: {err}"]) from None
+
+
+def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
+    """Type-checks, validates and resolves a merged recipe; raises ConfigError with every problem found."""
+    problems: list[str] = []
+    known = _all_keys()
+    by_section: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        if key in RESERVED_KEYS:
+            problems.append(f"{key}: {RESERVED_KEYS[key]}")
+            continue
+        if key == "sweep":
+            problems.append("sweep: hyperparameter sweeps (`rayft sweep`) are not built yet; remove the sweep section")
+            continue
+        section = known.get(key)
+        if section is None:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        expected = _type_hints(SECTIONS[section])[key]
+        if not type_matches(value, expected):
+            problems.append(f"{key}: {value!r} is a {type(value).__name__}, expected {describe_type(expected)}")
+            continue
+        by_section[section][key] = value
+
+    for key, feature in NOT_BUILT.items():
+        section = known[key]
+        if key in by_section[section] and by_section[section][key] != _default(SECTIONS[section], key):
+            problems.append(f"{key}: {feature} is not built in rayft yet; remove {key} from the recipe")
+    if problems:
+        raise ConfigError(problems)
+
+    cfg = RecipeConfig(
+        model=ModelArguments(**by_section["model"]),
+        data=DataArguments(**by_section["data"]),
+        finetuning=FinetuningArguments(**by_section["finetuning"]),
+        generating=GeneratingArguments(**by_section["generating"]),
+        ray=RayArguments(**by_section["ray"]),
+        training=by_section["training"],
+    )
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    cfg.notes = resolve(cfg, Path(base_dir))
+    return cfg
+
+
+def validate(cfg: RecipeConfig) -> list[str]:
+    """Checks the values against each other; returns every problem found (does not modify cfg)."""
+    m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.training
+    problems = []
+    if not m.model_name_or_path:
+        problems.append("model_name_or_path: required; set it to a local model folder or a hub id")
+    if t.get("do_train", True) is not False and not d.dataset:
+        problems.append("dataset: required for training; name one or more datasets from dataset_info.json")
+    if not t.get("output_dir"):
+        problems.append("output_dir: required; set the folder the model, logs and metrics are written to")
+    if f.stage not in BUILT_STAGES:
+        problems.append(f"stage: {f.stage!r} is not built in rayft yet (built: {sorted(BUILT_STAGES)})")
+    if f.finetuning_type not in BUILT_FINETUNING_TYPES:
+        problems.append(
+            f"finetuning_type: {f.finetuning_type!r} is not built in rayft yet (built: {sorted(BUILT_FINETUNING_TYPES)})"
+        )
+    if f.lora_rank < 1:
+        problems.append(f"lora_rank: must be a positive integer, got {f.lora_rank}")
+    if f.lora_alpha is not None and f.lora_alpha <= 0:
+        problems.append(f"lora_alpha: must be positive, got {f.lora_alpha}")
+    if not 0.0 <= f.lora_dropout < 1.0:
+        problems.append(f"lora_dropout: must be in [0, 1), got {f.lora_dropout}")
+    if d.cutoff_len < 8:
+        problems.append(f"cutoff_len: must be at least 8 tokens, got {d.cutoff_len}")
+    if d.max_samples is not None and d.max_samples < 1:
+        problems.append(f"max_samples: must be a positive integer, got {d.max_samples}")
+    if d.preprocessing_batch_size < 1:
+        problems.append(f"preprocessing_batch_size: must be positive, got {d.preprocessing_batch_size}")
+    if r.ray_num_workers < 1:
+        problems.append(f"ray_num_workers: must be at least 1, got {r.ray_num_workers}")
+    problems += _resource_problems(r.resources_per_worker)
+    problems += _deepspeed_problems(t.get("deepspeed"))
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if key in t and t[key] < 1:
+            problems.append(f"{key}: must be at least 1, got {t[key]}")
+    if t.get("learning_rate", 1.0) <= 0:
+        problems.append(f"learning_rate: must be positive, got {t['learning_rate']}")
+    if not problems:
+        problems += _training_arguments_problems(t)
+    return problems
+
+
+def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
+    """Computes every derived value in one place; returns the log lines that say what was derived."""
+    notes = []
+    f, r, t = cfg.finetuning, cfg.ray, cfg.training
+    if f.lora_alpha is None:
+        f.lora_alpha = 2 * f.lora_rank
+        notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
+    f.use_ref_model = f.stage == "dpo" and f.pref_loss not in ("orpo", "simpo")
+    if isinstance(r.resources_per_worker, str):
+        r.resources_per_worker = json.loads(r.resources_per_worker)
+    deepspeed = t.get("deepspeed")
+    if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_SHORTHANDS:
+        t["deepspeed"] = json.loads(_under(base_dir, deepspeed).read_text())
+        notes.append(f"deepspeed config read from {deepspeed} (it travels inside the job)")
+    t["output_dir"] = str(_under(base_dir, t["output_dir"]))
+    r.ray_storage_path = _absolute_storage(base_dir, r.ray_storage_path)
+    cfg.data.dataset_dir = str(_under(base_dir, cfg.data.dataset_dir))
+    model_path = _under(base_dir, cfg.model.model_name_or_path)
+    if model_path.exists():
+        cfg.model.model_name_or_path = str(model_path)
+    return notes
+
+
+def type_matches(value: Any, tp: Any) -> bool:
+    """True when `value` (as parsed from YAML) is acceptable for the annotation `tp`."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(type_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (dict, typing.Dict) or tp is dict:
+        return isinstance(value, dict)
+    if origin in (list, typing.List, tuple) or tp in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {member.value for member in tp}
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def describe_type(tp: Any) -> str:
+    """A readable name for an annotation, e.g. 'an integer or null' or 'one of sft, dpo'."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe_type(a) for a in typing.get_args(tp)))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    names = {type(None): "null", bool: "a boolean (true/false)", int: "an integer", float: "a number",
+             str: "a string", dict: "a mapping", list: "a list"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _resource_problems(resources: Any) -> list[str]:
+    if resources is None:
+        return []
+    if isinstance(resources, str):
+        try:
+            resources = json.loads(resources)
+        except json.JSONDecodeError as err:
+            return [f"resources_per_worker: {resources!r} is not valid JSON ({err.msg}); write e.g. '{{\"CPU\": 2}}'"]
+    if not isinstance(resources, dict) or not resources:
+        return ["resources_per_worker: must be a non-empty mapping of resource name to amount, e.g. {CPU: 2}"]
+    return [
+        f"resources_per_worker: {name} must be a non-negative number, got {amount!r}"
+        for name, amount in resources.items()
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0
+    ]
+
+
+def _deepspeed_problems(deepspeed: Any) -> list[str]:
+    if deepspeed is None or isinstance(deepspeed, dict) or deepspeed in DEEPSPEED_SHORTHANDS:
+        return []
+    path = Path(deepspeed)
+    if not path.is_file():
+        return [f"deepspeed: {deepspeed!r} is neither a shorthand ({', '.join(DEEPSPEED_SHORTHANDS)}) nor an existing JSON file"]
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return [f"deepspeed: {deepspeed} is not valid JSON: {err}"]
+    return []
+
+
+def _training_arguments_problems(training: dict) -> list[str]:
+    """Lets Hugging Face's own __post_init__ checks run on the driver, without DeepSpeed or a device."""
+    kwargs = {k: v for k, v in training.items() if k not in _owned_keys()}
+    kwargs["deepspeed"] = None
+    kwargs["use_cpu"] = True
+    kwargs.setdefault("output_dir", "unused")
+    try:
+        TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        return [f"training arguments: {err}"]
+    return []
+
+
+def _owned_keys() -> set[str]:
+    """TrainingArguments keys that rayft adds on top of Hugging Face's."""
+    return {"overwrite_output_dir"}
+
+
+def _under(base_dir: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def _absolute_storage(base_dir: Path, storage: str) -> str:
+    if "://" in storage:
+        return storage
+    return str(_under(base_dir, storage))
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _default(cls: type, key: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _type_hints(cls: type) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _all_keys() -> dict[str, str]:
+    """Every settable key -> the section it belongs to (first section wins on a shared name)."""
+    keys: dict[str, str] = {}
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.init and not f.name.startswith("_"):
+                keys.setdefault(f.name, name)
+    return keys

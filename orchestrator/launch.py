@@ -1,0 +1,126 @@
+"""The Ray driver: check everything, plan, tokenise with Ray Data, and run the TorchTrainer.
+
+Every check that a user's input can fail runs before a Ray instance is started or resources reserved.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayft.cluster.session import cluster_nodes, local_machine, ray_session
+from rayft.data.pipeline import describe_example, load_examples, load_tokenizer, token_stats, tokenize
+from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.orchestrator.plan import Plan, make_plan
+from rayft.trainers import deepspeed as ds
+
+
+@dataclass
+class Prepared:
+    """What the driver knows before it touches the cluster."""
+
+    cfg: RecipeConfig
+    train_examples: list[dict]
+    eval_examples: list[dict] | None
+
+
+def prepare(cfg: RecipeConfig, log=print) -> Prepared:
+    """Refuses an occupied output_dir and reads + checks the datasets (raises ConfigError / DataError)."""
+    output_dir = Path(cfg.training["output_dir"])
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.training.get("overwrite_output_dir"):
+        raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or "
+                           "set overwrite_output_dir: true"])
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
+    d = cfg.data
+    train = load_examples(d.dataset, d.dataset_dir, d.max_samples, log=log)
+    evaluation = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log) if d.eval_dataset else None
+    return Prepared(cfg, train, evaluation)
+
+
+def plan_on_cluster(prepared: Prepared) -> Plan:
+    """Plans against the connected cluster, or this machine when rayft starts its own Ray instance."""
+    nodes = cluster_nodes() if prepared.cfg.ray.ray_address else local_machine()
+    return make_plan(prepared.cfg, nodes, len(prepared.train_examples))
+
+
+def show_config(cfg: RecipeConfig, plan: Plan, log=print) -> None:
+    log("[rayft] resolved config (secrets masked):")
+    log(json.dumps(cfg.to_dict(mask_secrets=True), indent=1, default=str, sort_keys=True))
+    for note in cfg.notes:
+        log(f"[rayft] derived: {note}")
+    log("[rayft] plan:\n" + plan.summary())
+
+
+def run_plan(cfg: RecipeConfig, log=print) -> Plan:
+    """`rayft plan`: validates config and data on the cluster and prints the plan, without training."""
+    prepared = prepare(cfg, log=log)
+    if cfg.ray.ray_address is None:
+        plan = plan_on_cluster(prepared)  # refuse an impossible request before starting Ray at all
+    with ray_session(cfg.ray, log=log):
+        plan = plan_on_cluster(prepared)
+    show_config(cfg, plan, log=log)
+    return plan
+
+
+def run_train(cfg: RecipeConfig, log=print):
+    """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayft.trainers.worker import train_loop_per_worker
+
+    prepared = prepare(cfg, log=log)
+    if cfg.ray.ray_address is None:
+        plan_on_cluster(prepared)  # refuse an impossible request before starting Ray at all
+    with ray_session(cfg.ray, log=log):
+        plan = plan_on_cluster(prepared)
+        show_config(cfg, plan, log=log)
+        quiet_ray_data()
+        if plan.deepspeed is not None and not plan.use_gpu:
+            ds.prebuild_cpu_ops(log=log)
+        datasets = {"train": _tokenized(cfg, prepared.train_examples, "train", log)}
+        if prepared.eval_examples:
+            datasets["eval"] = _tokenized(cfg, prepared.eval_examples, "eval", log)
+
+        t = cfg.training
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict()},
+            torch_config=TorchConfig(backend=plan.backend),
+            scaling_config=ScalingConfig(
+                num_workers=plan.num_workers,
+                use_gpu=plan.use_gpu,
+                resources_per_worker=plan.resources_per_worker,
+                placement_strategy=plan.placement_strategy,
+            ),
+            run_config=RunConfig(
+                name=cfg.ray.ray_run_name,
+                storage_path=cfg.ray.ray_storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+            datasets=datasets,
+        )
+        return trainer.fit()
+
+
+def quiet_ray_data() -> None:
+    """rayft logs its own data summary; Ray Data's per-operator progress bars only add noise to the log."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+
+
+def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
+    d = cfg.data
+    dataset = tokenize(examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
+                       d.preprocessing_batch_size)
+    stats = token_stats(dataset)
+    log(f"[rayft] {split} data: {stats['examples']} examples, {stats['tokens']} tokens "
+        f"({stats['trained_tokens']} trained), {stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
+    if split == "train":
+        log("[rayft] first training example:\n" + describe_example(dataset.take(1)[0],
+                                                                     load_tokenizer(cfg.model.model_name_or_path)))
+    return dataset

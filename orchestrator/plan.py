@@ -1,0 +1,151 @@
+"""Pure planning: a validated config plus the cluster's nodes become a `Plan`, or a refusal.
+
+Nothing here talks to Ray; the launcher reads the cluster, calls `make_plan`, then carries the plan out.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.trainers import deepspeed as ds
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node of the cluster and the resources it has in total."""
+
+    node_id: str
+    ip: str
+    resources: dict
+
+
+@dataclass
+class Plan:
+    num_workers: int
+    resources_per_worker: dict
+    placement_strategy: str
+    use_gpu: bool
+    backend: str
+    deepspeed: dict | None
+    zero_stage: int | None
+    offload: list[str]
+    num_train_examples: int
+    examples_per_worker: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        stage = "off" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+        offload = f" (offload: {', '.join(self.offload)})" if self.offload else ""
+        lines = [
+            f"workers            {self.num_workers} x {self.resources_per_worker}, strategy {self.placement_strategy}",
+            f"device             {'cuda' if self.use_gpu else 'cpu'}, process group {self.backend}",
+            f"deepspeed          {stage}{offload}",
+            f"examples           {self.num_train_examples} ({self.examples_per_worker} per worker)",
+            f"batch size         {self.per_device_batch_size} per device x {self.num_workers} workers x "
+            f"{self.gradient_accumulation_steps} accumulation = {self.global_batch_size} global",
+            f"optimizer steps    {self.steps_per_epoch} per epoch, {self.total_steps} in total",
+        ]
+        return "\n".join(lines + [f"note               {n}" for n in self.notes])
+
+
+def worker_resources(requested: dict | None, cluster_has_gpu: bool) -> dict:
+    """rayft's default: one GPU per worker where the cluster has GPUs, one CPU per worker otherwise."""
+    if requested:
+        return dict(requested)
+    return {"GPU": 1} if cluster_has_gpu else {"CPU": 1}
+
+
+def bundles_per_node(bundle: dict, node: Node) -> int:
+    """How many copies of `bundle` fit into `node`'s total resources."""
+    fits = [
+        math.floor(node.resources.get(name, 0.0) / amount + 1e-9)
+        for name, amount in bundle.items()
+        if amount > 0
+    ]
+    return min(fits) if fits else 1_000_000
+
+
+def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node]) -> list[str]:
+    """Why `count` copies of `bundle` can never be placed on `nodes` under `strategy` (empty if they can)."""
+    if not nodes:
+        return ["the cluster has no alive nodes"]
+    per_node = [bundles_per_node(bundle, n) for n in nodes]
+    totals = {name: sum(n.resources.get(name, 0.0) for n in nodes) for name in bundle}
+    if bundle.get("GPU", 0) > 0 and totals.get("GPU", 0) == 0:
+        reason = "a GPU is requested per worker but the cluster has no GPUs"
+    elif strategy == "STRICT_PACK" and max(per_node) < count:
+        reason = f"STRICT_PACK needs all {count} workers on one node, but at most {max(per_node)} fit on any node"
+    elif strategy == "STRICT_SPREAD" and sum(1 for k in per_node if k >= 1) < count:
+        fitting = sum(1 for k in per_node if k >= 1)
+        reason = f"STRICT_SPREAD needs {count} different nodes that each fit a worker, but only {fitting} do"
+    elif sum(per_node) < count:
+        reason = f"{count} workers need {_scaled(bundle, count)} but at most {sum(per_node)} fit"
+    else:
+        return []
+    described = "; ".join(f"node {n.node_id[:12]} ({n.ip}): {_short(n.resources)}" for n in nodes)
+    return [f"resources: {reason}. The cluster has {described}. Lower ray_num_workers or "
+            f"resources_per_worker, or choose another placement_strategy"]
+
+
+def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int) -> Plan:
+    """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit."""
+    r, t = cfg.ray, cfg.training
+    has_gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
+    bundle = worker_resources(r.resources_per_worker, has_gpu)
+    problems = placement_problems(bundle, r.ray_num_workers, r.placement_strategy, nodes)
+    examples_per_worker = num_train_examples // r.ray_num_workers
+    if num_train_examples and examples_per_worker == 0:
+        problems.append(f"dataset: {num_train_examples} examples cannot feed {r.ray_num_workers} workers; "
+                        "lower ray_num_workers or add data")
+    if problems:
+        raise ConfigError(problems)
+
+    use_gpu = bundle.get("GPU", 0) > 0
+    per_device = t.get("per_device_train_batch_size", 8)
+    accumulation = t.get("gradient_accumulation_steps", 1)
+    batches = math.ceil(examples_per_worker / per_device)
+    steps_per_epoch = max(batches // accumulation, 1)
+    max_steps = t.get("max_steps", -1)
+    total = max_steps if max_steps > 0 else math.ceil(t.get("num_train_epochs", 3.0) * steps_per_epoch)
+    deepspeed = ds.materialize(t.get("deepspeed"))
+    notes = []
+    if num_train_examples % r.ray_num_workers:
+        dropped = num_train_examples % r.ray_num_workers
+        notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")
+    if not use_gpu:
+        notes.append("CPU workers: use_cpu=True and the gloo process group")
+    return Plan(
+        num_workers=r.ray_num_workers,
+        resources_per_worker=bundle,
+        placement_strategy=r.placement_strategy,
+        use_gpu=use_gpu,
+        backend="nccl" if use_gpu else "gloo",
+        deepspeed=deepspeed,
+        zero_stage=ds.zero_stage(deepspeed),
+        offload=ds.offload_targets(deepspeed),
+        num_train_examples=num_train_examples,
+        examples_per_worker=examples_per_worker,
+        per_device_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        global_batch_size=per_device * accumulation * r.ray_num_workers,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        notes=notes,
+    )
+
+
+def _scaled(bundle: dict, count: int) -> dict:
+    return {k: v * count for k, v in bundle.items()}
+
+
+def _short(resources: dict) -> str:
+    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or k.startswith("accelerator")}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items())) or "no CPU/GPU"

@@ -1,0 +1,1 @@
+"""rayft trainers."""

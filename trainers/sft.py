@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: the `sft` stage's entry function, run inside every Ray Train worker."""
+
+from transformers import PrinterCallback, set_seed
+
+from rayft.data.collator import SupervisedCollator
+from rayft.orchestrator.config import RecipeConfig
+from rayft.trainers.callbacks import LogCallback
+from rayft.trainers.common import ShardTrainer, finish, shard_rows, training_arguments
+from rayft.trainers.model import apply_lora, load_model, load_tokenizer, trainable_summary
+
+
+def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
+    """Trains the model on this worker's shard with the Transformers Trainer; returns the final metrics."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    args = training_arguments(cfg, plan)
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = apply_lora(load_model(cfg.model, plan["use_gpu"]), cfg.finetuning)
+    if args.process_index == 0:
+        print(f"[rayft] {trainable_summary(model)}", flush=True)
+
+    trainer = ShardTrainer(
+        model=model,
+        args=args,
+        train_dataset=shard_rows("train"),
+        eval_dataset=shard_rows("eval"),
+        data_collator=SupervisedCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[LogCallback(args.output_dir), RayTrainReportCallback()],
+        shuffle=not cfg.finetuning.disable_shuffling,
+    )
+    trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    return finish(trainer, cfg, plan, train_result, tokenizer)

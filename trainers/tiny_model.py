@@ -1,0 +1,93 @@
+"""Builds a tiny causal LM and its tokenizer entirely locally, saved the way a hub model is saved.
+
+Tests and the demo load it back through `from_pretrained`, the same path a real model takes.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FAMILIES = ("qwen2", "llama")
+# A little general English so that datasets other than the demo tokenise into sensible pieces.
+EXTRA_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Describe, explain, write, list, give, create, summarize. "
+    "What is the best way to learn a new language? Here are some steps you can follow to improve. "
+    "You are a helpful assistant. Please answer the question in one sentence. Thank you very much. "
+    "system user assistant question answer instruction input output example number word letters"
+)
+
+
+def corpus_from(dataset_files: list[Path]) -> list[str]:
+    """Every string value of the given alpaca-style JSON files, plus some general English."""
+    texts = [EXTRA_TEXT]
+    for path in dataset_files:
+        for row in json.loads(Path(path).read_text()):
+            texts += [v for v in row.values() if isinstance(v, str) and v]
+    return texts
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on `texts`, with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
+    )
+    tokenizer.chat_template = CHATML_JINJA
+    return tokenizer
+
+
+def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, num_layers: int = 4,
+                seed: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """A randomly initialised Qwen2- or Llama-style causal LM of a few million parameters."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 8 // 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str = "qwen2", seed: int = 0) -> Path:
+    """Writes tokenizer and model to `out_dir` with save_pretrained; returns the folder."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(corpus_from(dataset_files))
+    model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
