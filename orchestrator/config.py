@@ -136,10 +136,12 @@ class RecipeConfig:
         for key in derived:
             setattr(sections["finetuning"], key, flat[key])
         training_names = _field_names(TrainingArguments)
-        return cls(**sections, training={k: v for k, v in flat.items() if k in training_names and k not in _owned_keys()})
+        return cls(**sections, training={k: v for k, v in flat.items() if k in training_names})
 
 
 def is_secret(key: str) -> bool:
+    """Secret by name: the known token keys and anything ending in token or api_key (any case)."""
+    key = key.lower()
     return key in SECRET_KEYS or key.endswith("token") or key.endswith("api_key")
 
 
@@ -234,6 +236,8 @@ def validate(cfg: RecipeConfig) -> list[str]:
         problems.append("model_name_or_path: required; set it to a local model folder or a hub id")
     if t.get("do_train", True) is not False and not d.dataset:
         problems.append("dataset: required for training; name one or more datasets from dataset_info.json")
+    if t.get("eval_strategy", "no") != "no" and not d.eval_dataset:
+        problems.append(f"eval_strategy: {t['eval_strategy']!r} needs an eval_dataset to evaluate on; set one")
     if not t.get("output_dir"):
         problems.append("output_dir: required; set the folder the model, logs and metrics are written to")
     if f.stage not in BUILT_STAGES:
@@ -365,7 +369,7 @@ def _deepspeed_problems(deepspeed: Any) -> list[str]:
 
 def _training_arguments_problems(training: dict) -> list[str]:
     """Lets Hugging Face's own __post_init__ checks run on the driver, without DeepSpeed or a device."""
-    kwargs = {k: v for k, v in training.items() if k not in _owned_keys()}
+    kwargs = dict(training)
     kwargs["deepspeed"] = None
     kwargs["use_cpu"] = True
     kwargs.setdefault("output_dir", "unused")
@@ -374,11 +378,6 @@ def _training_arguments_problems(training: dict) -> list[str]:
     except (ValueError, TypeError) as err:
         return [f"training arguments: {err}"]
     return []
-
-
-def _owned_keys() -> set[str]:
-    """TrainingArguments keys that rayft adds on top of Hugging Face's."""
-    return {"overwrite_output_dir"}
 
 
 def _under(base_dir: Path, path: str) -> Path:

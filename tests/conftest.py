@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny local model (built once per session) and one local Ray instance for integration tests."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "llamafactory"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    demo = ROOT / "data" / "demo"
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", sorted(demo.glob("demo_*.json")))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance owned by the test session (never `ray stop`: other Ray processes are not ours)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,172 @@
+"""Registry, alpaca conversion, malformed data, templates and supervised encoding (no Ray)."""
+
+import json
+
+import pytest
+
+from rayft.data.collator import SupervisedCollator
+from rayft.data.converters import convert_rows
+from rayft.data.encode import IGNORE_INDEX, encode_supervised, split_budget
+from rayft.data.errors import DataError
+from rayft.data.pipeline import encode_batch, load_examples
+from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
+from rayft.data.templates import TEMPLATES, JinjaTemplate, get_template
+
+from conftest import ROOT, SHARED_DATA
+
+pytestmark = pytest.mark.unit
+
+DEMO_DIR = ROOT / "data" / "demo"
+
+
+def write_dataset(tmp_path, name, content, file_name=None, entry=None):
+    file_name = file_name or f"{name}.json"
+    (tmp_path / file_name).write_text(content if isinstance(content, str) else json.dumps(content))
+    info = {name: {"file_name": file_name, **(entry or {})}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    return tmp_path
+
+
+def test_alpaca_rows_become_messages():
+    attr = DatasetAttr(name="d")
+    (example,) = convert_rows([{"instruction": "Add.", "input": "1 2", "output": "3", "system": "S",
+                                "history": [["hi", "hello"]]}], attr)
+    assert example == {"system": "S", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Add.\n1 2"}, {"role": "assistant", "content": "3"}]}
+
+
+def test_custom_columns_from_dataset_info():
+    attr = DatasetAttr(name="d", columns={"prompt": "q", "response": "a"})
+    (example,) = convert_rows([{"q": "Why?", "a": "Because."}], attr)
+    assert example["messages"][-1]["content"] == "Because."
+
+
+def test_malformed_rows_are_skipped_and_counted():
+    logged = []
+    rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "no output"},
+            {"instruction": "empty", "output": "  "}, ["not", "an", "object"]]
+    examples = convert_rows(rows, DatasetAttr(name="demo"), log=logged.append)
+    assert len(examples) == 1
+    (line,) = logged
+    assert "skipped 3 of 4" in line
+    assert "row 1: missing column 'output'" in line and "row 2: empty response" in line and "row 3:" in line
+
+
+def test_a_dataset_of_only_bad_rows_is_an_error():
+    with pytest.raises(DataError, match="every one of its 2 rows is malformed"):
+        convert_rows([{"instruction": "x"}, {"output": "y"}], DatasetAttr(name="demo"))
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    write_dataset(tmp_path, "broken", '[\n {"instruction": "a", "output": "b"},\n {"instruction": }\n]')
+    with pytest.raises(DataError, match=r"'broken'.*line 3"):
+        load_examples("broken", str(tmp_path), None)
+
+
+def test_invalid_jsonl_names_the_line(tmp_path):
+    write_dataset(tmp_path, "lines", '{"instruction": "a", "output": "b"}\n{oops\n', file_name="lines.jsonl")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        load_examples("lines", str(tmp_path), None)
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    write_dataset(tmp_path, "empty", "")
+    with pytest.raises(DataError, match="is empty"):
+        load_examples("empty", str(tmp_path), None)
+
+
+def test_unknown_dataset_suggests_the_nearest(tmp_path):
+    with pytest.raises(DataError, match="did you mean 'demo_sft'"):
+        dataset_attrs("demo_sfft", DEMO_DIR)
+
+
+def test_unbuilt_formats_are_refused_by_name(tmp_path):
+    write_dataset(tmp_path, "pairs", [], entry={"formatting": "sharegpt", "ranking": True})
+    with pytest.raises(DataError, match="formatting 'sharegpt' with ranking is not built yet"):
+        dataset_attrs("pairs", tmp_path)
+
+
+def test_max_samples_and_comma_lists():
+    examples = load_examples("demo_sft, demo_sft_eval", str(DEMO_DIR), max_samples=3)
+    assert len(examples) == 6
+
+
+def test_demo_datasets_load_without_skips():
+    logged = []
+    assert len(load_examples("demo_sft", str(DEMO_DIR), None, log=logged.append)) == 256
+    assert logged == []
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+def test_llamafactory_alpaca_demo_reads_unchanged():
+    rows = read_rows(dataset_attrs("alpaca_en_demo", SHARED_DATA)[0], SHARED_DATA)
+    examples = load_examples("alpaca_en_demo", str(SHARED_DATA), None)
+    assert len(rows) == len(examples) == 999
+
+
+def test_split_budget_keeps_some_of_both():
+    assert split_budget(10, 4, 100) == (10, 4)
+    assert split_budget(100, 10, 50) == (40, 10)  # short response kept whole
+    assert split_budget(10, 100, 50) == (10, 40)  # short prompt kept whole
+    assert split_budget(60, 40, 50) == (30, 20)  # both long: shared in proportion
+
+
+def test_encode_masks_prompts_and_truncates():
+    pairs = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
+    full = encode_supervised(pairs, cutoff_len=100, train_on_prompt=False)
+    assert full["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert full["labels"] == [IGNORE_INDEX] * 3 + [4, 5] + [IGNORE_INDEX] * 2 + [8, 9, 10]
+    assert full["truncated"] == 0
+    on_prompt = encode_supervised(pairs, cutoff_len=100, train_on_prompt=True)
+    assert on_prompt["labels"] == on_prompt["input_ids"]
+    cut = encode_supervised(pairs, cutoff_len=7, train_on_prompt=False)
+    assert cut["input_ids"] == [1, 2, 3, 4, 5, 6, 8]
+    assert cut["labels"] == [IGNORE_INDEX] * 3 + [4, 5, IGNORE_INDEX, 8]
+    assert cut["truncated"] == 3
+
+
+def test_collator_pads_to_the_longest_in_the_batch():
+    batch = SupervisedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                                {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+CHATS = [
+    {"system": "", "messages": [{"role": "user", "content": "What is one plus two?"},
+                                {"role": "assistant", "content": "One plus two is three."}]},
+    {"system": "You are a careful calculator.", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "Reverse: cat dog"}, {"role": "assistant", "content": "dog cat"}]},
+]
+
+
+@pytest.mark.parametrize("example", CHATS, ids=["single-turn", "multi-turn-with-system"])
+def test_chatml_matches_the_tokenizers_jinja_template(tiny_model, example):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    chat = ([{"role": "system", "content": example["system"]}] if example["system"] else []) + example["messages"]
+    reference = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    for template in (TEMPLATES["chatml"], JinjaTemplate()):
+        pairs = template.encode_turns(tokenizer, example)
+        assert [i for source, target in pairs for i in source + target] == list(reference)
+        assert len(pairs) == len(example["messages"]) // 2
+
+
+def test_unknown_template_is_refused():
+    with pytest.raises(DataError, match="'vicuna' is not registered"):
+        get_template("vicuna")
+
+
+def test_encode_batch_labels_only_the_response(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    out = encode_batch({"system": [CHATS[0]["system"]], "messages": [CHATS[0]["messages"]]},
+                       str(tiny_model), "chatml", cutoff_len=256, train_on_prompt=False)
+    labels = [int(i) for i in out["labels"][0] if i != IGNORE_INDEX]
+    assert tokenizer.decode(labels) == "One plus two is three.<|im_end|>\n"
+    assert out["num_trained"][0] == len(labels) and out["num_tokens"][0] == len(out["input_ids"][0])
