@@ -1,6 +1,7 @@
 """The `rayft` command: train, plan and tiny-model, each reading one YAML recipe plus key=value overrides."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summarise(cfg, result) -> None:
     output_dir = Path(cfg.training["output_dir"])
+    results_file = output_dir / "all_results.json"
+    metrics = json.loads(results_file.read_text()) if results_file.is_file() else {}
     print("\n[rayft] training finished")
     for key in ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
-        if key in (result.metrics or {}):
-            print(f"  {key:26s} {result.metrics[key]:.4f}")
+        if key in metrics:
+            print(f"  {key:26s} {metrics[key]:.4f}")
     print(f"  outputs                    {output_dir}")
     for path in sorted(output_dir.iterdir()):
         print(f"    {path.name}{'/' if path.is_dir() else ''}")

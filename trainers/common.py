@@ -65,9 +65,7 @@ class ShardTrainer(Seq2SeqTrainer):
 
 
 def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> dict:
-    """Saves model, tokenizer, metrics, plots, config and model card; reports final metrics to Ray."""
-    import ray.train
-
+    """Saves model, tokenizer, metrics, plots, config and model card; returns the final metrics."""
     output_dir = trainer.args.output_dir
     trainer.save_model()  # every rank calls it: under ZeRO-3 the weights are gathered first
     metrics = dict(train_result.metrics)
@@ -85,5 +83,4 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
         if cfg.finetuning.plot_loss:
             outputs.plot_loss(output_dir)
         outputs.write_model_card(output_dir, masked, metrics)
-    ray.train.report(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

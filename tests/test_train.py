@@ -1,0 +1,142 @@
+"""End-to-end training on a real local Ray cluster: rayft's TorchTrainer + DeepSpeed + LoRA path."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.orchestrator.launch import prepare, run_train
+from rayft.trainers.callbacks import read_log
+
+from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
+
+SECRET = "hf_rayft_test_secret_value"
+
+
+def recipe(tmp_path, tiny_model, *overrides):
+    return parse_config(load_recipe(DEMO_RECIPE, [
+        f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
+        f"ray_storage_path={tmp_path / 'ray'}", *overrides]), base_dir=ROOT)
+
+
+def train(tmp_path, tiny_model, *overrides, log=print):
+    cfg = recipe(tmp_path, tiny_model, *overrides)
+    result = run_train(cfg, log=log)
+    return Path(cfg.training["output_dir"]), result, [r for r in read_log(cfg.training["output_dir"]) if "loss" in r]
+
+
+def logits(model_dir, adapter_dir=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.arange(1, 40).unsqueeze(0)).logits
+
+
+@pytest.mark.unit
+def test_an_occupied_output_dir_is_refused_and_left_alone(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        prepare(recipe(tmp_path, tiny_model, "overwrite_output_dir=false"))
+    assert (out / "adapter_model.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors"]
+
+
+@pytest.mark.integration
+def test_demo_recipe_two_workers_zero2(tmp_path, tiny_model, ray_local):
+    driver_lines = []
+    out, result, log = train(tmp_path, tiny_model, f"hf_hub_token={SECRET}", log=driver_lines.append)
+
+    # The loss falls clearly: the last logged loss is at most 75% of the first.
+    assert len(log) >= 8
+    assert log[-1]["loss"] < 0.75 * log[0]["loss"], [r["loss"] for r in log]
+    assert {"step", "loss", "learning_rate", "epoch", "elapsed_seconds"} <= set(log[0])
+    assert [r["step"] for r in log[:3]] == [5, 10, 15] and log[-1]["step"] == 45
+    assert result.error is None
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "train_results.json",
+                 "all_results.json", "trainer_log.jsonl", "training_loss.png", "training_args.yaml", "README.md"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"train_runtime", "train_samples_per_second", "train_loss"} <= set(results)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    assert (tmp_path / "ray" / "demo-sft-lora").is_dir()
+
+    # The adapter loads over the base model through PEFT and changes its logits.
+    base, tuned = logits(tiny_model), logits(tiny_model, out)
+    assert (base - tuned).abs().max() > 1e-2
+
+    # The secret reached the workers but no output and no log line.
+    for path in out.iterdir():
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path.name
+    assert SECRET not in "\n".join(driver_lines) and "demo_sft" in "\n".join(driver_lines)
+    session_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    worker_logs = [p for p in session_logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")]
+    assert any(b"[rayft] step 45/48" in p.read_bytes() for p in worker_logs)
+    assert not [p.name for p in worker_logs if SECRET.encode() in p.read_bytes()]
+    assert "***" in (out / "training_args.yaml").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("overrides", [
+    ("deepspeed=z0",),
+    ("deepspeed=z3",),
+    ("ray_num_workers=1", "max_steps=20"),
+], ids=["zero0-ddp", "zero3", "one-worker"])
+def test_recipe_variants_train(tmp_path, tiny_model, ray_local, overrides):
+    out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", *overrides)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
+    assert (logits(tiny_model) - logits(tiny_model, out)).abs().max() > 1e-3
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+def test_recipe_runs_unchanged_on_llamafactory_alpaca(tmp_path, tiny_model, ray_local):
+    out, result, log = train(tmp_path, tiny_model, f"dataset_dir={SHARED_DATA}", "dataset=alpaca_en_demo",
+                             "max_samples=96", "cutoff_len=128", "num_train_epochs=1", "logging_steps=1")
+    assert len(log) == 6  # 96 examples / (8 per device x 2 workers)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def _collect_shard(loop_config):
+    import ray.train
+
+    from rayft.trainers.common import shard_rows
+
+    rows = shard_rows("train")
+    rank = ray.train.get_context().get_world_rank()
+    Path(loop_config["dir"], f"rank{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("count", [40, 41])
+def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, ray_local, count):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayft.data.pipeline import tokenize
+
+    examples = [{"system": "", "messages": [{"role": "user", "content": f"question {i}"},
+                                            {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
+    dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=8)
+    TorchTrainer(
+        _collect_shard, train_loop_config={"dir": str(tmp_path)}, datasets={"train": dataset},
+        torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+    ).fit()
+    shards = [{tuple(ids) for ids in json.loads((tmp_path / f"rank{r}.json").read_text())} for r in (0, 1)]
+    everything = {tuple(row["input_ids"]) for row in dataset.take_all()}
+    assert len(everything) == count
+    assert shards[0].isdisjoint(shards[1])
+    assert len(shards[0]) == len(shards[1]) == count // 2  # equal shards: an odd example out is left out
+    assert len(everything - shards[0] - shards[1]) == count % 2
