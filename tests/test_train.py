@@ -108,16 +108,6 @@ def test_recipe_runs_unchanged_on_llamafactory_alpaca(tmp_path, tiny_model, ray_
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def _collect_shard(loop_config):
-    import ray.train
-
-    from rayft.trainers.common import shard_rows
-
-    rows = shard_rows("train")
-    rank = ray.train.get_context().get_world_rank()
-    Path(loop_config["dir"], f"rank{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("count", [40, 41])
 def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, ray_local, count):
@@ -126,11 +116,20 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
 
     from rayft.data.pipeline import tokenize
 
+    def collect_shard(loop_config):  # local, so Ray ships it by value to the workers
+        import ray.train
+
+        from rayft.trainers.common import shard_rows
+
+        rows = shard_rows("train")
+        rank = ray.train.get_context().get_world_rank()
+        Path(loop_config["dir"], f"rank{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
+
     examples = [{"system": "", "messages": [{"role": "user", "content": f"question {i}"},
                                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
     dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=8)
     TorchTrainer(
-        _collect_shard, train_loop_config={"dir": str(tmp_path)}, datasets={"train": dataset},
+        collect_shard, train_loop_config={"dir": str(tmp_path)}, datasets={"train": dataset},
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),
     ).fit()
@@ -140,3 +139,37 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
     assert shards[0].isdisjoint(shards[1])
     assert len(shards[0]) == len(shards[1]) == count // 2  # equal shards: an odd example out is left out
     assert len(everything - shards[0] - shards[1]) == count % 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides,expected", [
+    (("ray_num_workers=3",), "3 workers need {'CPU': 3} but at most"),
+    (("placement_strategy=STRICT_SPREAD",), "STRICT_SPREAD needs 2 different nodes"),
+    (('resources_per_worker={"GPU": 1}',), "the cluster has no GPUs"),
+], ids=["too-many-workers", "strict-spread-on-one-node", "gpu-on-cpu-cluster"])
+def test_cli_refuses_an_impossible_request_before_starting_ray(tmp_path, tiny_model, overrides, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayft.orchestrator.cli", "train", str(DEMO_RECIPE), f"model_name_or_path={tiny_model}",
+         f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}", *overrides],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "The cluster has node local (127.0.0.1): CPU=" in proc.stderr
+    assert "starting a local Ray instance" not in proc.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.integration
+def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_local):
+    from rayft.orchestrator.launch import run_plan
+
+    lines = []
+    plan = run_plan(recipe(tmp_path, tiny_model, "hf_hub_token=hf_plan_secret"), log=lines.append)
+    text = "\n".join(lines)
+    assert plan.total_steps == 48 and plan.zero_stage == 2 and plan.global_batch_size == 16
+    assert "ZeRO-2" in text and "8 per device x 2 workers x 1 accumulation = 16 global" in text
+    assert '"lora_rank": 8' in text and '"hf_hub_token": "***"' in text and "hf_plan_secret" not in text
+    assert not (tmp_path / "out").exists()

@@ -1,10 +1,20 @@
 """Trainer callbacks: the `trainer_log.jsonl` record and progress lines (rank 0), and Ray reporting."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+
+def say(message: str) -> None:
+    """Prints one line from a worker exactly once.
+
+    Ray Train patches `print` to go to its logger and, when sys.stdout is wrapped, to stdout as well;
+    writing to the process's real stdout takes exactly one of those paths.
+    """
+    print(message, file=sys.__stdout__, flush=True)
 
 
 class LogCallback(TrainerCallback):
@@ -29,7 +39,7 @@ class LogCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in logs.items() if k != "epoch")
-        print(f"[rayft] step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}", flush=True)
+        say(f"[rayft] step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}")
 
 
 def read_log(output_dir: str) -> list[dict]:

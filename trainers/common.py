@@ -24,6 +24,12 @@ def shard_rows(name: str) -> list[dict] | None:
 
 def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:
     """The real TrainingArguments, built inside the worker with the planned device and DeepSpeed config."""
+    if plan["deepspeed"] is not None:
+        import deepspeed
+
+        # Ray already made the torch process group; DeepSpeed must adopt it before ZeRO-3 builds the
+        # model partitioned, or its batch-size check sees a world of one.
+        deepspeed.init_distributed(dist_backend=plan["backend"])
     kwargs = dict(cfg.training)
     kwargs.update(deepspeed=plan["deepspeed"], use_cpu=not plan["use_gpu"], remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step

@@ -4,7 +4,7 @@ from transformers import PrinterCallback, set_seed
 
 from rayft.data.collator import SupervisedCollator
 from rayft.orchestrator.config import RecipeConfig
-from rayft.trainers.callbacks import LogCallback
+from rayft.trainers.callbacks import LogCallback, say
 from rayft.trainers.common import ShardTrainer, finish, shard_rows, training_arguments
 from rayft.trainers.model import apply_lora, load_model, load_tokenizer, trainable_summary
 
@@ -18,7 +18,7 @@ def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_model(cfg.model, plan["use_gpu"]), cfg.finetuning)
     if args.process_index == 0:
-        print(f"[rayft] {trainable_summary(model)}", flush=True)
+        say(f"[rayft] {trainable_summary(model)}")
 
     trainer = ShardTrainer(
         model=model,
