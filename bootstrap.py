@@ -8,6 +8,7 @@ DeepSpeed's CPU op are each made once and reused while their inputs are unchange
 """
 
 import hashlib
+import os
 import subprocess
 import sys
 import venv
@@ -20,6 +21,9 @@ TINY_MODEL = ROOT / ".cache" / "models" / "tiny-qwen2"
 # Pinned so that pip takes the CPU build of torch and every install resolves to the tested versions.
 TORCH = "torch==2.13.0"
 PYTEST_NO_TESTS = 5
+# DeepSpeed's JIT-compiled CPU op is cached per checkout, so two checkouts never rebuild each other's copy.
+# (It must be in the environment before Python starts: torch reads it when the op is loaded.)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 
 def run(*args, **kwargs) -> None:

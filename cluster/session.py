@@ -39,7 +39,6 @@ def ray_session(ray_args: RayArguments, log=print):
     if started_here:
         log("[rayft] starting a local Ray instance for this run")
         kwargs.setdefault("num_cpus", int(local_machine()[0].resources["CPU"]))
-        kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", **kwargs)
     elif not ray.is_initialized():
         log(f"[rayft] connecting to the Ray cluster at {ray_args.ray_address}")

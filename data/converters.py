@@ -1,7 +1,10 @@
 """Converters from a dataset's raw rows to rayft's one internal form: a system prompt and alternating turns.
 
-An example is `{"system": str, "messages": [{"role": "user"|"assistant", "content": str}, ...]}`.
+An example is `{"system": str, "messages": [{"role": ..., "content": str}, ...]}` (plus `tools` when the
+row has tool definitions). Roles alternate: user or observation, then assistant or function.
 """
+
+import json
 
 from rayft.data.errors import DataError
 from rayft.data.registry import DatasetAttr
@@ -41,7 +44,45 @@ def alpaca(row: dict, attr: DatasetAttr) -> dict:
     return {"system": system, "messages": messages}
 
 
-CONVERTERS = {"alpaca": alpaca}
+def sharegpt(row: dict, attr: DatasetAttr) -> dict:
+    """A list of role-tagged messages: user/observation turns alternate with assistant/function turns."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    column = attr.column("messages")
+    if column not in row:
+        raise RowError(f"missing column {column!r}")
+    turns = row[column]
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"column {column!r} must be a non-empty list of messages")
+    role_tag, content_tag = attr.tag("role_tag"), attr.tag("content_tag")
+    asks = {attr.tag("user_tag"): "user", attr.tag("observation_tag"): "observation"}
+    answers = {attr.tag("assistant_tag"): "assistant", attr.tag("function_tag"): "function"}
+    system_column = attr.column("system")
+    system = (row.get(system_column) or "") if system_column else ""
+    if isinstance(turns[0], dict) and turns[0].get(role_tag) == attr.tag("system_tag"):
+        system, turns = turns[0].get(content_tag, ""), turns[1:]
+    if len(turns) % 2:
+        raise RowError(f"{len(turns)} messages after the system prompt; turns must come in prompt/response pairs")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_tag not in turn or content_tag not in turn:
+            raise RowError(f"message {index} must be an object with {role_tag!r} and {content_tag!r}")
+        expected = asks if index % 2 == 0 else answers
+        if turn[role_tag] not in expected:
+            raise RowError(f"message {index} has role {turn[role_tag]!r}; expected one of {sorted(expected)} "
+                           "(prompts and responses must alternate)")
+        if not isinstance(turn[content_tag], str) or not turn[content_tag].strip():
+            raise RowError(f"message {index} is empty")
+        messages.append({"role": expected[turn[role_tag]], "content": turn[content_tag]})
+    example = {"system": system if isinstance(system, str) else "", "messages": messages}
+    tools_column = attr.column("tools")
+    tools = row.get(tools_column) if tools_column else None
+    if tools:
+        example["tools"] = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    return example
+
+
+CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt}
 
 
 def convert_rows(rows: list, attr: DatasetAttr, log=print) -> list[dict]:

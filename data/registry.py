@@ -7,8 +7,13 @@ from pathlib import Path
 
 from rayft.data.errors import DataError
 
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                  "history": "history"}
+DEFAULT_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+               "history": "history"},
+    "sharegpt": {"messages": "conversations", "system": None, "tools": None},
+}
+DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 READABLE_SUFFIXES = (".json", ".jsonl")
 
 
@@ -28,8 +33,12 @@ class DatasetAttr:
     tags: dict = field(default_factory=dict)
 
     def column(self, role: str) -> str | None:
-        """The dataset's column name for `role` (prompt, query, response, system, history)."""
-        return self.columns.get(role, ALPACA_COLUMNS.get(role))
+        """The dataset's column name for `role` (prompt, query, response, system, history, messages, tools)."""
+        return self.columns.get(role, DEFAULT_COLUMNS[self.formatting].get(role))
+
+    def tag(self, name: str) -> str:
+        """A sharegpt tag (role_tag, content_tag, user_tag, ...), LLaMA-Factory's default unless overridden."""
+        return self.tags.get(name, DEFAULT_TAGS[name])
 
 
 def load_dataset_info(dataset_dir: str | Path) -> dict:
@@ -70,9 +79,11 @@ def _unbuilt(attr: DatasetAttr, entry: dict) -> list[str]:
     where = f"dataset {attr.name!r}"
     if attr.file_name is None:
         return [f"{where}: only local files (file_name) are read so far; hub datasets are part of the data engine issue"]
-    if attr.formatting != "alpaca" or attr.ranking or "kto_tag" in attr.columns:
+    if attr.formatting not in DEFAULT_COLUMNS:
+        return [f"{where}: unknown formatting {attr.formatting!r}; use alpaca or sharegpt"]
+    if attr.ranking or "kto_tag" in attr.columns:
         return [f"{where}: formatting {attr.formatting!r}{' with ranking' if attr.ranking else ''} is not built yet "
-                "(only alpaca supervised data); it is part of the data engine issue"]
+                "(only supervised alpaca and sharegpt data); it is part of the data engine issue"]
     if any(k in entry for k in ("subset", "num_samples", "ms_hub_url", "om_hub_url", "script_url", "folder")):
         return [f"{where}: subset/num_samples/hub URLs are not built yet; they are part of the data engine issue"]
     return []

@@ -10,23 +10,37 @@ from rayft.data.errors import DataError
 
 @dataclass(frozen=True)
 class Template:
-    """A chat format written as string pieces; `{content}` is replaced by the message text."""
+    """A chat format written as string pieces; `{content}` is replaced by the message text.
+
+    Families without a system role (`system=None`) merge the system prompt into the first user message
+    with `system_in_user`. `prefix` opens the conversation (a BOS token); `suffix` closes a finished one.
+    """
 
     name: str
-    system: str
     user: str  # ends with the assistant's header, so that the header is part of the prompt
     assistant: str  # the response and its end-of-turn marker, which the model must learn to emit
+    system: str | None = None
+    system_in_user: str = "{system}\n\n{content}"
     default_system: str = ""
+    prefix: str = ""
+    suffix: str = ""
 
     def encode_turns(self, tokenizer, example: dict) -> list[tuple[list[int], list[int]]]:
         system = example.get("system") or self.default_system
-        pairs, prefix = [], self.system.format(content=system) if system else ""
         messages = example["messages"]
-        for user, assistant in zip(messages[0::2], messages[1::2]):
-            prompt = prefix + self.user.format(content=user["content"])
+        _check_roles(messages)
+        pairs, opening = [], self.prefix
+        if system and self.system is not None:
+            opening += self.system.format(content=system)
+        for index, (user, assistant) in enumerate(zip(messages[0::2], messages[1::2])):
+            content = user["content"]
+            if index == 0 and system and self.system is None:
+                content = self.system_in_user.format(system=system, content=content)
+            prompt = (opening if index == 0 else "") + self.user.format(content=content)
             response = self.assistant.format(content=assistant["content"])
+            if index == len(messages) // 2 - 1:
+                response += self.suffix
             pairs.append((_ids(tokenizer, prompt), _ids(tokenizer, response)))
-            prefix = ""
         return pairs
 
 
@@ -42,6 +56,7 @@ class JinjaTemplate:
         chat = ([{"role": "system", "content": example["system"]}] if example.get("system") else [])
         pairs, done = [], ""
         messages = example["messages"]
+        _check_roles(messages)
         for user, assistant in zip(messages[0::2], messages[1::2]):
             chat = chat + [user]
             with_header = _render(tokenizer, chat, add_generation_prompt=True)
@@ -55,19 +70,45 @@ class JinjaTemplate:
         return pairs
 
 
+_CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
+_CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+_CHATML_ASSISTANT = "{content}<|im_end|>\n"
+
 TEMPLATES = {
-    "chatml": Template(
-        name="chatml",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>\n",
+    "default": Template(name="default", system="System: {content}\n", user="Human: {content}\nAssistant:",
+                        assistant=" {content}\n"),
+    "alpaca": Template(
+        name="alpaca",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n### Response:\n",
+        assistant="{content}\n\n",
+        default_system="Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.",
     ),
-    "qwen": Template(
-        name="qwen",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>\n",
-        default_system="You are a helpful assistant.",
+    "chatml": Template(name="chatml", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT),
+    "qwen": Template(name="qwen", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT,
+                     default_system="You are a helpful assistant."),
+    "llama3": Template(
+        name="llama3",
+        prefix="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant="{content}<|eot_id|>",
+    ),
+    "mistral": Template(name="mistral", prefix="<s>", user=" [INST] {content} [/INST]", assistant=" {content}</s>"),
+    "gemma": Template(
+        name="gemma",
+        prefix="<bos>",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+        assistant="{content}<end_of_turn>\n",
+    ),
+    "phi": Template(
+        name="phi",
+        system="<|system|>\n{content}<|end|>\n",
+        user="<|user|>\n{content}<|end|>\n<|assistant|>\n",
+        assistant="{content}<|end|>\n",
+        suffix="<|endoftext|>",
     ),
 }
 
@@ -80,6 +121,12 @@ def get_template(name: str | None):
         raise DataError(f"template: {name!r} is not registered (known: {', '.join(sorted(TEMPLATES))}); "
                         "or leave it unset to use the tokenizer's own chat template")
     return TEMPLATES[name]
+
+
+def _check_roles(messages: list[dict]) -> None:
+    roles = {m["role"] for m in messages}
+    if roles - {"user", "assistant"}:
+        raise DataError(f"roles {sorted(roles - {'user', 'assistant'})} need tool-call formatting, not built yet")
 
 
 def _render(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:

@@ -170,3 +170,75 @@ def test_encode_batch_labels_only_the_response(tiny_model):
     labels = [int(i) for i in out["labels"][0] if i != IGNORE_INDEX]
     assert tokenizer.decode(labels) == "One plus two is three.<|im_end|>\n"
     assert out["num_trained"][0] == len(labels) and out["num_tokens"][0] == len(out["input_ids"][0])
+
+
+def test_sharegpt_rows_become_messages():
+    attr = DatasetAttr(name="chat", formatting="sharegpt")
+    (example,) = convert_rows([{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+        {"from": "human", "value": "bye"}, {"from": "gpt", "value": "goodbye"}]}], attr)
+    assert example == {"system": "Be brief.", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]}
+
+
+def test_sharegpt_with_openai_style_tags_and_system_column():
+    attr = DatasetAttr(name="chat", formatting="sharegpt", columns={"messages": "messages", "system": "sys"},
+                       tags={"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                             "assistant_tag": "assistant"})
+    (example,) = convert_rows([{"sys": "S", "messages": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": "a"}]}], attr)
+    assert example["system"] == "S" and example["messages"][1] == {"role": "assistant", "content": "a"}
+
+
+def test_sharegpt_bad_role_order_is_reported_with_its_row():
+    logged = []
+    attr = DatasetAttr(name="chat", formatting="sharegpt")
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    swapped = {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
+    odd = {"conversations": [{"from": "human", "value": "q"}]}
+    examples = convert_rows([good, swapped, odd], attr, log=logged.append)
+    assert len(examples) == 1
+    assert "row 1: message 0 has role 'gpt'" in logged[0] and "row 2: 1 messages" in logged[0]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+def test_tool_call_data_is_refused_by_name_until_tool_formatting_is_built():
+    with pytest.raises(DataError, match="tool-call formatting is not built yet"):
+        load_examples("glaive_toolcall_en_demo", str(SHARED_DATA), None)
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers():
+    from rayft.trainers.tiny_model import build_tokenizer, corpus_from
+
+    from reference_templates import FAMILIES
+
+    texts = corpus_from(sorted(DEMO_DIR.glob("demo_*.json")))
+    return {name: build_tokenizer(texts, **spec) for name, spec in FAMILIES.items()}
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral", "gemma", "phi"])
+@pytest.mark.parametrize("example", CHATS, ids=["single-turn", "multi-turn-with-system"])
+def test_registered_templates_match_their_familys_jinja_template(family_tokenizers, family, example):
+    tokenizer = family_tokenizers[family]
+    chat = ([{"role": "system", "content": example["system"]}] if example["system"] else []) + example["messages"]
+    reference = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    pairs = TEMPLATES[family].encode_turns(tokenizer, example)
+    assert [i for source, target in pairs for i in source + target] == list(reference)
+    last_response = tokenizer.decode(pairs[-1][1])
+    assert last_response.startswith((example["messages"][-1]["content"], " " + example["messages"][-1]["content"]))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("default", "System: S\nHuman: q\nAssistant: a\n"),
+    ("alpaca", "S\n\n### Instruction:\nq\n\n### Response:\na\n\n"),
+])
+def test_templates_without_a_reference_jinja_render_as_documented(tiny_model, name, expected):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pairs = TEMPLATES[name].encode_turns(tokenizer, {"system": "S", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    assert tokenizer.decode([i for s, t in pairs for i in s + t]) == expected
+    assert tokenizer.decode(pairs[0][1]).strip() == "a"

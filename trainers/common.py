@@ -77,7 +77,6 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     metrics = dict(train_result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
-    trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     if "eval_loss" in metrics:
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})

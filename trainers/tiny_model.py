@@ -34,8 +34,10 @@ def corpus_from(dataset_files: list[Path]) -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """A byte-level BPE tokenizer trained on `texts`, with ChatML special tokens and chat template."""
+def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: list[str] = SPECIAL_TOKENS,
+                    eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>", bos_token: str | None = None,
+                    chat_template: str = CHATML_JINJA):
+    """A byte-level BPE tokenizer trained on `texts`; ChatML special tokens and chat template by default."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,15 +46,15 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
+        tokenizer_object=core, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token, model_max_length=1024
     )
-    tokenizer.chat_template = CHATML_JINJA
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
