@@ -6,7 +6,11 @@ from rayft.data.encode import IGNORE_INDEX
 
 
 class SupervisedCollator:
-    """Pads input_ids with the pad token, labels with IGNORE_INDEX, and builds the attention mask."""
+    """Pads input_ids with the pad token, labels with IGNORE_INDEX, and builds the attention mask.
+
+    Packed examples carry position_ids; they get no attention mask, so that Transformers derives the
+    block-diagonal mask from the position_ids (neat_packing) instead of one causal mask over the row.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
@@ -19,9 +23,17 @@ class SupervisedCollator:
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        packed = "position_ids" in examples[0]
+        # padding continues as a sequence of its own: its labels are ignored and nothing attends to it
+        position_ids = torch.arange(longest).repeat(len(examples), 1) if packed else None
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             input_ids[row, :n] = torch.as_tensor(example["input_ids"])
             labels[row, :n] = torch.as_tensor(example["labels"])
             attention_mask[row, :n] = 1
+            if packed:
+                position_ids[row, :n] = torch.as_tensor(example["position_ids"])
+                position_ids[row, n:] = torch.arange(longest - n)
+        if packed:
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

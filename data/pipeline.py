@@ -5,19 +5,27 @@
 """
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
+from rayft.data import cache
 from rayft.data.converters import convert_rows
 from rayft.data.encode import IGNORE_INDEX, encode_supervised
 from rayft.data.errors import DataError
+from rayft.data.packing import pack_batch
 from rayft.data.registry import dataset_attrs, read_rows
 from rayft.data.templates import get_template
 
 
 def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print) -> list[dict]:
-    """Reads and converts the comma list of datasets `names` into internal examples, in order."""
-    examples = []
+    """Reads and converts the comma list of datasets `names` into internal examples, concatenated in order."""
+    return [example for dataset in load_datasets(names, dataset_dir, max_samples, log) for example in dataset]
+
+
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print) -> list[list[dict]]:
+    """Reads and converts each dataset of the comma list `names`; one list of examples per dataset."""
+    datasets = []
     for attr in dataset_attrs(names, dataset_dir):
         rows = read_rows(attr, dataset_dir)
         if max_samples is not None:
@@ -27,12 +35,16 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=pri
         if with_tools:
             raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns; "
                             "tool-call formatting is not built yet (data engine issue)")
-        examples += converted
-    return examples
+        datasets.append(converted)
+    return datasets
 
 
 def _has_tool_turns(example: dict) -> bool:
     return any(m["role"] in ("function", "observation") for m in example["messages"])
+
+
+# Bump when encoding changes what it produces for the same inputs, so that old caches are not reused.
+ENCODING_VERSION = 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,13 +59,13 @@ def load_tokenizer(path: str):
 
 
 def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int,
-                 train_on_prompt: bool) -> dict:
+                 train_on_prompt: bool, mask_history: bool = False) -> dict:
     """Ray Data map_batches function: one batch of internal examples -> input_ids, labels, truncated."""
     tokenizer = load_tokenizer(tokenizer_path)
     chat_template = get_template(template)
     encoded = [
         encode_supervised(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
-                          cutoff_len, train_on_prompt)
+                          cutoff_len, train_on_prompt, mask_history)
         for system, messages in zip(batch["system"], batch["messages"])
     ]
     return {
@@ -67,8 +79,11 @@ def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_
 
 
 def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
-             train_on_prompt: bool, batch_size: int):
-    """Tokenises `examples` with Ray Data tasks spread over the cluster; returns a materialised Dataset.
+             train_on_prompt: bool, batch_size: int, packing: bool = False, neat_packing: bool = False,
+             mask_history: bool = False):
+    """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset.
+
+    Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
 
     Materialising before training matters: the workers then read blocks from the object store and need
     no CPU of their own for preprocessing, so a cluster whose CPUs all go to workers cannot deadlock.
@@ -76,12 +91,41 @@ def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cu
     import ray.data
 
     dataset = ray.data.from_items(examples, override_num_blocks=max(1, min(len(examples) // batch_size + 1, 64)))
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         encode_batch,
         batch_size=batch_size,
         fn_kwargs=dict(tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,
-                       train_on_prompt=train_on_prompt),
-    ).materialize()
+                       train_on_prompt=train_on_prompt, mask_history=mask_history),
+    )
+    if packing:
+        dataset = dataset.map_batches(pack_batch, batch_size=batch_size,
+                                      fn_kwargs=dict(cutoff_len=cutoff_len, neat=neat_packing))
+    return dataset.materialize()
+
+
+def tokenize_cached(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
+                    train_on_prompt: bool, batch_size: int, packing: bool, neat_packing: bool,
+                    cache_dir: Path | None, strict: bool, overwrite: bool, mask_history: bool = False):
+    """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
+
+    With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
+    other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
+    """
+    settings = dict(template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
+                    packing=packing, neat_packing=neat_packing, mask_history=mask_history,
+                    encoding_version=ENCODING_VERSION)
+    key = cache.cache_key(examples, tokenizer_path, settings)
+    if cache_dir is not None and not strict:
+        cache_dir = cache_dir / key
+    if cache_dir is not None and not overwrite:
+        cached = cache.load(cache_dir, key, strict=strict)
+        if cached is not None:
+            return cached, True
+    dataset = tokenize(examples, tokenizer_path, template, cutoff_len, train_on_prompt, batch_size,
+                       packing=packing, neat_packing=neat_packing, mask_history=mask_history)
+    if cache_dir is not None:
+        cache.save(dataset, cache_dir, key, settings)
+    return dataset, False
 
 
 def token_stats(dataset) -> dict:

@@ -67,9 +67,8 @@ NOT_BUILT: dict[str, str] = {
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
     **{k: "the data engine (issue: Ray Data engine)" for k in (
-        "streaming", "buffer_size", "mix_strategy", "interleave_probs", "val_size", "packing",
-        "neat_packing", "tool_format", "tokenized_path", "mask_history", "eval_on_each_dataset",
-        "data_shared_file_system", "overwrite_cache")},
+        "streaming", "buffer_size", "tool_format", "eval_on_each_dataset",
+        "data_shared_file_system")},
     **{k: "LoRA variants (issue: training stages and methods)" for k in (
         "use_rslora", "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
         "loraplus_lr_embedding", "create_new_adapter")},
@@ -236,8 +235,12 @@ def validate(cfg: RecipeConfig) -> list[str]:
         problems.append("model_name_or_path: required; set it to a local model folder or a hub id")
     if t.get("do_train", True) is not False and not d.dataset:
         problems.append("dataset: required for training; name one or more datasets from dataset_info.json")
-    if t.get("eval_strategy", "no") != "no" and not d.eval_dataset:
-        problems.append(f"eval_strategy: {t['eval_strategy']!r} needs an eval_dataset to evaluate on; set one")
+    if t.get("eval_strategy", "no") != "no" and not d.eval_dataset and not d.val_size:
+        problems.append(f"eval_strategy: {t['eval_strategy']!r} needs data to evaluate on; set eval_dataset or val_size")
+    if d.val_size and d.eval_dataset:
+        problems.append("val_size: set either val_size (hold out part of dataset) or eval_dataset, not both")
+    if d.val_size < 0 or (d.val_size > 1 and d.val_size != int(d.val_size)):
+        problems.append(f"val_size: {d.val_size} must be a fraction in [0, 1) or a whole number of examples")
     if not t.get("output_dir"):
         problems.append("output_dir: required; set the folder the model, logs and metrics are written to")
     if f.stage not in BUILT_STAGES:
@@ -252,6 +255,8 @@ def validate(cfg: RecipeConfig) -> list[str]:
         problems.append(f"lora_alpha: must be positive, got {f.lora_alpha}")
     if not 0.0 <= f.lora_dropout < 1.0:
         problems.append(f"lora_dropout: must be in [0, 1), got {f.lora_dropout}")
+    if d.neat_packing and d.packing is False:
+        problems.append("neat_packing: needs packing; remove packing: false or neat_packing: true")
     if d.cutoff_len < 8:
         problems.append(f"cutoff_len: must be at least 8 tokens, got {d.cutoff_len}")
     if d.max_samples is not None and d.max_samples < 1:
@@ -280,6 +285,10 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         f.lora_alpha = 2 * f.lora_rank
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
     f.use_ref_model = f.stage == "dpo" and f.pref_loss not in ("orpo", "simpo")
+    d = cfg.data
+    if d.packing is None:
+        d.packing = d.neat_packing or f.stage == "pt"
+        notes.append(f"packing = {d.packing} (on for stage pt and for neat_packing, off otherwise)")
     if isinstance(r.resources_per_worker, str):
         r.resources_per_worker = json.loads(r.resources_per_worker)
     deepspeed = t.get("deepspeed")
@@ -289,6 +298,8 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     t["output_dir"] = str(_under(base_dir, t["output_dir"]))
     r.ray_storage_path = _absolute_storage(base_dir, r.ray_storage_path)
     cfg.data.dataset_dir = str(_under(base_dir, cfg.data.dataset_dir))
+    if cfg.data.tokenized_path:
+        cfg.data.tokenized_path = str(_under(base_dir, cfg.data.tokenized_path))
     model_path = _under(base_dir, cfg.model.model_name_or_path)
     if model_path.exists():
         cfg.model.model_name_or_path = str(model_path)

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
-from rayft.data.pipeline import describe_example, load_examples, load_tokenizer, token_stats, tokenize
+from rayft.data.mixing import mix, parse_probs, split_validation
+from rayft.data.pipeline import (
+    describe_example,
+    load_datasets,
+    load_examples,
+    load_tokenizer,
+    token_stats,
+    tokenize_cached,
+)
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds
@@ -31,16 +39,22 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
                            "set overwrite_output_dir: true"])
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
-    d = cfg.data
-    train = load_examples(d.dataset, d.dataset_dir, d.max_samples, log=log)
+    d, seed = cfg.data, cfg.training.get("seed", 42)
+    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, log=log)
+    train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
+    if len(sources) > 1:
+        log(f"[rayft] {d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
     evaluation = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log) if d.eval_dataset else None
+    if d.val_size:
+        train, evaluation = split_validation(train, d.val_size, seed)
+        log(f"[rayft] val_size={d.val_size}: {len(evaluation)} examples held out for evaluation")
     return Prepared(cfg, train, evaluation)
 
 
-def plan_on_cluster(prepared: Prepared) -> Plan:
+def plan_on_cluster(cfg: RecipeConfig, num_train_examples: int) -> Plan:
     """Plans against the connected cluster, or this machine when rayft starts its own Ray instance."""
-    nodes = cluster_nodes() if prepared.cfg.ray.ray_address else local_machine()
-    return make_plan(prepared.cfg, nodes, len(prepared.train_examples))
+    nodes = cluster_nodes() if cfg.ray.ray_address else local_machine()
+    return make_plan(cfg, nodes, num_train_examples)
 
 
 def show_config(cfg: RecipeConfig, plan: Plan, log=print) -> None:
@@ -55,9 +69,11 @@ def run_plan(cfg: RecipeConfig, log=print) -> Plan:
     """`rayft plan`: validates config and data on the cluster and prints the plan, without training."""
     prepared = prepare(cfg, log=log)
     if cfg.ray.ray_address is None:
-        plan = plan_on_cluster(prepared)  # refuse an impossible request before starting Ray at all
+        plan_on_cluster(cfg, len(prepared.train_examples))  # refuse an impossible request before starting Ray
     with ray_session(cfg.ray, log=log):
-        plan = plan_on_cluster(prepared)
+        plan = plan_on_cluster(cfg, len(prepared.train_examples))
+    if cfg.data.packing:
+        plan.notes.append("packing: counts are of unpacked examples; `rayft train` re-plans after packing")
     show_config(cfg, plan, log=log)
     return plan
 
@@ -71,16 +87,18 @@ def run_train(cfg: RecipeConfig, log=print):
 
     prepared = prepare(cfg, log=log)
     if cfg.ray.ray_address is None:
-        plan_on_cluster(prepared)  # refuse an impossible request before starting Ray at all
+        plan_on_cluster(cfg, len(prepared.train_examples))  # refuse an impossible request before starting Ray at all
     with ray_session(cfg.ray, log=log):
-        plan = plan_on_cluster(prepared)
-        show_config(cfg, plan, log=log)
+        plan = plan_on_cluster(cfg, len(prepared.train_examples))
         quiet_ray_data()
-        if plan.deepspeed is not None and not plan.use_gpu:
-            ds.prebuild_cpu_ops(log=log)
         datasets = {"train": _tokenized(cfg, prepared.train_examples, "train", log)}
         if prepared.eval_examples:
             datasets["eval"] = _tokenized(cfg, prepared.eval_examples, "eval", log)
+        if cfg.data.packing:  # the workers see packed sequences, so batches and steps count those
+            plan = plan_on_cluster(cfg, datasets["train"].count())
+        show_config(cfg, plan, log=log)
+        if plan.deepspeed is not None and not plan.use_gpu:
+            ds.prebuild_cpu_ops(log=log)
 
         t = cfg.training
         trainer = TorchTrainer(
@@ -115,10 +133,21 @@ def quiet_ray_data() -> None:
 
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
     d = cfg.data
-    dataset = tokenize(examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
-                       d.preprocessing_batch_size)
+    if d.tokenized_path:
+        cache_dir, strict = Path(d.tokenized_path) / split, True
+    elif cfg.ray.ray_address is None and "://" not in cfg.ray.ray_storage_path:
+        cache_dir, strict = Path(cfg.ray.ray_storage_path) / ".tokenized", False  # automatic, local runs only
+    else:
+        cache_dir, strict = None, False
+    dataset, reused = tokenize_cached(
+        examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
+        d.preprocessing_batch_size, d.packing, d.neat_packing, cache_dir, strict, overwrite=d.overwrite_cache,
+        mask_history=d.mask_history)
+    if reused:
+        log(f"[rayft] {split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)
-    log(f"[rayft] {split} data: {stats['examples']} examples, {stats['tokens']} tokens "
+    packed = f" packed into {stats['examples']} sequences," if d.packing else ""
+    log(f"[rayft] {split} data: {len(examples)} examples,{packed} {stats['tokens']} tokens "
         f"({stats['trained_tokens']} trained), {stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
     if split == "train":
         log("[rayft] first training example:\n" + describe_example(dataset.take(1)[0],

@@ -83,7 +83,7 @@ def test_override_without_equals_is_refused():
 
 
 @pytest.mark.parametrize("key,value", [("use_dora", "true"), ("stage", "dpo"), ("finetuning_type", "full"),
-                                       ("packing", "true"), ("quantization_bit", "4"), ("use_galore", "true")])
+                                       ("streaming", "true"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
@@ -266,3 +266,9 @@ def test_every_seed_default_holds():
 def test_resources_per_worker_default_is_rayfts_documented_deviation():
     # The seed says {"GPU": 1}; rayft leaves it unset and the planner picks GPU or CPU from the cluster.
     assert A.RayArguments().resources_per_worker is None
+
+
+def test_val_size_and_eval_dataset_are_exclusive_and_checked():
+    assert parse("val_size=0.1", "eval_strategy=steps").data.val_size == 0.1
+    assert problems("val_size=0.1", "eval_dataset=demo_sft_eval")[0].startswith("val_size: set either")
+    assert problems("val_size=2.5")[0].startswith("val_size: 2.5")

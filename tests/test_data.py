@@ -242,3 +242,66 @@ def test_templates_without_a_reference_jinja_render_as_documented(tiny_model, na
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     assert tokenizer.decode([i for s, t in pairs for i in s + t]) == expected
     assert tokenizer.decode(pairs[0][1]).strip() == "a"
+
+
+def _named(prefix, count):
+    return [{"system": "", "messages": [{"role": "user", "content": f"{prefix}{i}"}]} for i in range(count)]
+
+
+def test_concat_keeps_order():
+    from rayft.data.mixing import mix
+
+    assert [e["messages"][0]["content"] for e in mix([_named("a", 2), _named("b", 1)], "concat", [0.5, 0.5], 0)] \
+        == ["a0", "a1", "b0"]
+
+
+def test_interleave_under_stops_at_the_first_exhausted_dataset():
+    from rayft.data.mixing import mix
+
+    mixed = mix([_named("a", 10), _named("b", 100)], "interleave_under", [0.5, 0.5], seed=0)
+    names = [e["messages"][0]["content"] for e in mixed]
+    assert sum(n.startswith("a") for n in names) == 10
+    assert len(set(names)) == len(names) and len(names) < 110
+    assert mixed == mix([_named("a", 10), _named("b", 100)], "interleave_under", [0.5, 0.5], seed=0)
+
+
+def test_interleave_over_uses_every_dataset_whole_and_repeats_the_small_one():
+    from rayft.data.mixing import mix
+
+    names = [e["messages"][0]["content"] for e in mix([_named("a", 5), _named("b", 50)], "interleave_over",
+                                                      [0.5, 0.5], seed=0)]
+    assert {f"b{i}" for i in range(50)} <= set(names) and {f"a{i}" for i in range(5)} <= set(names)
+    assert sum(n.startswith("a") for n in names) > 5  # oversampled
+
+
+def test_interleave_probs_are_checked():
+    from rayft.data.mixing import parse_probs
+
+    assert parse_probs(None, 4) == [0.25] * 4
+    assert parse_probs("0.2,0.8", 2) == [0.2, 0.8]
+    for bad, message in (("0.5", "1 probabilities for 2"), ("0.6,0.6", "sum to 1"), ("a,b", "comma list")):
+        with pytest.raises(DataError, match=message):
+            parse_probs(bad, 2)
+
+
+def test_val_size_holds_out_a_seeded_fraction_or_count():
+    from rayft.data.mixing import split_validation
+
+    examples = _named("x", 100)
+    train, held = split_validation(examples, 0.1, seed=3)
+    assert len(held) == 10 and len(train) == 90
+    assert {e["messages"][0]["content"] for e in train}.isdisjoint(e["messages"][0]["content"] for e in held)
+    assert split_validation(examples, 0.1, seed=3) == (train, held)
+    assert len(split_validation(examples, 25, seed=3)[1]) == 25
+    with pytest.raises(DataError, match="val_size"):
+        split_validation(examples, 100, seed=3)
+
+
+def test_mask_history_learns_the_last_turn_and_keeps_it_under_truncation():
+    pairs = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
+    full = encode_supervised(pairs, cutoff_len=100, train_on_prompt=False, mask_history=True)
+    assert full["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert full["labels"] == [IGNORE_INDEX] * 7 + [8, 9, 10]
+    cut = encode_supervised(pairs, cutoff_len=6, train_on_prompt=False, mask_history=True)
+    assert cut["input_ids"] == [1, 6, 7, 8, 9, 10] and cut["labels"] == [IGNORE_INDEX] * 3 + [8, 9, 10]
+    assert cut["truncated"] == 4

@@ -91,7 +91,8 @@ def test_demo_recipe_two_workers_zero2(tmp_path, tiny_model, ray_local):
     ("deepspeed=z0",),
     ("deepspeed=z3",),
     ("ray_num_workers=1", "max_steps=20"),
-], ids=["zero0-ddp", "zero3", "one-worker"])
+    ("neat_packing=true", "cutoff_len=128", "per_device_train_batch_size=2"),
+], ids=["zero0-ddp", "zero3", "one-worker", "neat-packing"])
 def test_recipe_variants_train(tmp_path, tiny_model, ray_local, overrides):
     out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", *overrides)
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]

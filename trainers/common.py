@@ -19,7 +19,8 @@ def shard_rows(name: str) -> list[dict] | None:
         return None
     if shard is None:
         return None
-    return [{"input_ids": row["input_ids"].tolist(), "labels": row["labels"].tolist()} for row in shard.iter_rows()]
+    columns = ("input_ids", "labels", "position_ids")
+    return [{k: row[k].tolist() for k in columns if k in row} for row in shard.iter_rows()]
 
 
 def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:

@@ -36,7 +36,9 @@ def load_model(model_args: ModelArguments, use_gpu: bool):
         trust_remote_code=model_args.trust_remote_code,
         low_cpu_mem_usage=model_args.low_cpu_mem_usage,
     )
-    model.config.use_cache = False  # the KV cache only costs memory during training
+    # The KV cache only costs memory in training, and with one Transformers ignores packed position_ids
+    # (neat_packing's block-diagonal mask).
+    model.config.use_cache = False
     if not model_args.disable_gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": model_args.use_reentrant_gc})
         model.enable_input_require_grads()
