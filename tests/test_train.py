@@ -174,3 +174,12 @@ def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_
     assert "ZeRO-2" in text and "8 per device x 2 workers x 1 accumulation = 16 global" in text
     assert '"lora_rank": 8' in text and '"hf_hub_token": "***"' in text and "hf_plan_secret" not in text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_val_size_holds_out_data_and_evaluates_during_training(tmp_path, tiny_model, ray_local):
+    out, result, log = train(tmp_path, tiny_model, "val_size=32", "eval_strategy=steps", "eval_steps=7",
+                             "num_train_epochs=1", "logging_steps=7")
+    evaluations = [r for r in read_log(out) if "eval_loss" in r]
+    assert [r["step"] for r in evaluations][:2] == [7, 14]
+    assert json.loads((out / "all_results.json").read_text())["eval_loss"] > 0

@@ -1,0 +1,67 @@
+"""The Ray Data side of the data path: tokenisation tasks and the keyed Parquet cache."""
+
+import json
+
+import pytest
+
+from rayft.data.errors import DataError
+from rayft.data.pipeline import load_examples, token_stats, tokenize_cached
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_examples("demo_sft", str(ROOT / "data" / "demo"), 40)
+
+
+def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
+    return tokenize_cached(examples, str(tiny_model), "chatml", cutoff_len, False, 16, packing, packing,
+                           cache_dir, strict, overwrite)
+
+
+def rows(dataset):
+    return sorted(tuple(r["input_ids"].tolist()) for r in dataset.take_all())
+
+
+def test_a_named_tokenized_path_is_written_then_reused(tmp_path, tiny_model, ray_local, examples):
+    first, reused = run(examples, tiny_model, tmp_path / "tok", strict=True)
+    assert not reused and (tmp_path / "tok" / "rayft_tokenized.json").is_file()
+    second, reused = run(examples, tiny_model, tmp_path / "tok", strict=True)
+    assert reused  # loaded from Parquet: no tokenisation ran
+    assert rows(first) == rows(second) and token_stats(first) == token_stats(second)
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no staging folder left behind
+
+
+def test_a_named_tokenized_path_from_other_settings_is_refused_not_overwritten(tmp_path, tiny_model, ray_local,
+                                                                                examples):
+    run(examples, tiny_model, tmp_path / "tok", strict=True)
+    before = (tmp_path / "tok" / "rayft_tokenized.json").read_text()
+    with pytest.raises(DataError, match="other data or settings"):
+        run(examples, tiny_model, tmp_path / "tok", strict=True, cutoff_len=16)
+    with pytest.raises(DataError, match="other data or settings"):
+        run(examples[:-1], tiny_model, tmp_path / "tok", strict=True)
+    assert (tmp_path / "tok" / "rayft_tokenized.json").read_text() == before
+    replaced, reused = run(examples, tiny_model, tmp_path / "tok", strict=True, cutoff_len=16, overwrite=True)
+    assert not reused and json.loads((tmp_path / "tok" / "rayft_tokenized.json").read_text())["settings"][
+        "cutoff_len"] == 16
+    assert max(len(r) for r in rows(replaced)) <= 16
+
+
+def test_a_foreign_folder_is_never_taken_for_a_cache(tmp_path, tiny_model, ray_local, examples):
+    (tmp_path / "tok" / "data").mkdir(parents=True)
+    (tmp_path / "tok" / "data" / "part.parquet").write_bytes(b"half-written")
+    with pytest.raises(DataError, match="holds no rayft tokenised data"):
+        run(examples, tiny_model, tmp_path / "tok", strict=True)
+
+
+def test_the_automatic_cache_is_keyed_on_inputs(tmp_path, tiny_model, ray_local, examples):
+    _, reused = run(examples, tiny_model, tmp_path / "auto", strict=False)
+    assert not reused
+    _, reused = run(examples, tiny_model, tmp_path / "auto", strict=False)
+    assert reused
+    packed, reused = run(examples, tiny_model, tmp_path / "auto", strict=False, packing=True)
+    assert not reused and "position_ids" in packed.columns()
+    assert len(list((tmp_path / "auto").iterdir())) == 2
