@@ -18,16 +18,17 @@ from rayft.data.registry import dataset_attrs, read_rows
 from rayft.data.templates import get_template
 
 
-def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print) -> list[dict]:
+def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print, **read_kwargs) -> list[dict]:
     """Reads and converts the comma list of datasets `names` into internal examples, concatenated in order."""
-    return [example for dataset in load_datasets(names, dataset_dir, max_samples, log) for example in dataset]
+    return [e for dataset in load_datasets(names, dataset_dir, max_samples, log, **read_kwargs) for e in dataset]
 
 
-def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print) -> list[list[dict]]:
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print, seed: int = 42,
+                  token: str | None = None) -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset."""
     datasets = []
     for attr in dataset_attrs(names, dataset_dir):
-        rows = read_rows(attr, dataset_dir)
+        rows = read_rows(attr, dataset_dir, seed=seed, token=token)
         if max_samples is not None:
             rows = rows[:max_samples]
         converted = convert_rows(rows, attr, log=log)

@@ -40,11 +40,12 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
     d, seed = cfg.data, cfg.training.get("seed", 42)
-    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, log=log)
+    read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token)
+    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
         log(f"[rayft] {d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
-    evaluation = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log) if d.eval_dataset else None
+    evaluation = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read) if d.eval_dataset else None
     if d.val_size:
         train, evaluation = split_validation(train, d.val_size, seed)
         log(f"[rayft] val_size={d.val_size}: {len(evaluation)} examples held out for evaluation")

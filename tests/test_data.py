@@ -305,3 +305,88 @@ def test_mask_history_learns_the_last_turn_and_keeps_it_under_truncation():
     cut = encode_supervised(pairs, cutoff_len=6, train_on_prompt=False, mask_history=True)
     assert cut["input_ids"] == [1, 6, 7, 8, 9, 10] and cut["labels"] == [IGNORE_INDEX] * 3 + [8, 9, 10]
     assert cut["truncated"] == 4
+
+
+ROWS = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(6)]
+
+
+def _write(path, suffix, rows):
+    import pyarrow
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    table = pyarrow.Table.from_pylist(rows)
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif suffix == ".csv":
+        pyarrow.csv.write_csv(table, path)
+    elif suffix == ".parquet":
+        pyarrow.parquet.write_table(table, path)
+    elif suffix == ".arrow":
+        with pyarrow.ipc.new_stream(str(path), table.schema) as writer:
+            writer.write_table(table)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet", ".arrow"])
+def test_every_file_type_reads_the_same_rows(tmp_path, suffix):
+    _write(tmp_path / f"d{suffix}", suffix, ROWS)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": f"d{suffix}"}}))
+    examples = load_examples("d", str(tmp_path), None)
+    assert [e["messages"][1]["content"] for e in examples] == [f"a{i}" for i in range(6)]
+
+
+def test_a_folder_of_files_and_json_lines_in_a_json_file(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "0.json").write_text("\n".join(json.dumps(r) for r in ROWS[:3]))
+    (tmp_path / "parts" / "1.json").write_text(json.dumps(ROWS[3:]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "parts"}}))
+    assert len(load_examples("d", str(tmp_path), None)) == 6
+    (tmp_path / "parts" / "2.csv").write_text("instruction,output\nq,a\n")
+    with pytest.raises(DataError, match="files of one type"):
+        load_examples("d", str(tmp_path), None)
+
+
+def test_text_files_give_a_text_column(tmp_path):
+    (tmp_path / "t.txt").write_text("first line\n\nsecond line\n")
+    attr = DatasetAttr(name="t", file_name="t.txt")
+    assert read_rows(attr, tmp_path) == [{"text": "first line"}, {"text": "second line"}]
+
+
+def test_num_samples_draws_a_seeded_sample(tmp_path):
+    _write(tmp_path / "d.json", ".json", ROWS)
+    fewer = read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=4), tmp_path, seed=1)
+    assert len(fewer) == 4 and len({r["output"] for r in fewer}) == 4
+    assert fewer == read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=4), tmp_path, seed=1)
+    more = read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=9), tmp_path, seed=1)
+    assert len(more) == 9 and {r["output"] for r in more} == {f"a{i}" for i in range(6)}
+
+
+def test_hf_hub_url_goes_through_datasets_load_dataset(tmp_path):
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    _write(tmp_path / "hub" / "data" / "train.jsonl", ".jsonl", ROWS)
+    info = {"d": {"hf_hub_url": str(tmp_path / "hub"), "split": "train"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    assert len(load_examples("d", str(tmp_path), None)) == 6
+    info["d"]["split"] = "validation"
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="could not load"):
+        load_examples("d", str(tmp_path), None)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "gone.json"}}))
+    with pytest.raises(DataError, match="gone.json does not exist"):
+        load_examples("d", str(tmp_path), None)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+@pytest.mark.parametrize("name", ["identity", "alpaca_en_demo", "alpaca_zh_demo"])
+def test_llamafactory_supervised_datasets_encode_unchanged(tiny_model, name):
+    examples = load_examples(name, str(SHARED_DATA), None)
+    assert len(examples) > 50
+    batch = examples[:16]
+    out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
+                       str(tiny_model), "qwen", cutoff_len=512, train_on_prompt=False)
+    assert all(n > 0 for n in out["num_trained"]) and all(n <= 512 for n in out["num_tokens"])
