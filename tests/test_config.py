@@ -272,3 +272,19 @@ def test_val_size_and_eval_dataset_are_exclusive_and_checked():
     assert parse("val_size=0.1", "eval_strategy=steps").data.val_size == 0.1
     assert problems("val_size=0.1", "eval_dataset=demo_sft_eval")[0].startswith("val_size: set either")
     assert problems("val_size=2.5")[0].startswith("val_size: 2.5")
+
+
+def test_tiny_model_cli_writes_a_model_that_loads_through_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "tiny-model", str(tmp_path / "m"),
+                           "--family", "llama"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "llama"
+    assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

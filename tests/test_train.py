@@ -183,3 +183,15 @@ def test_val_size_holds_out_data_and_evaluates_during_training(tmp_path, tiny_mo
     evaluations = [r for r in read_log(out) if "eval_loss" in r]
     assert [r["step"] for r in evaluations][:2] == [7, 14]
     assert json.loads((out / "all_results.json").read_text())["eval_loss"] > 0
+
+
+@pytest.mark.integration
+def test_checkpoints_are_reported_to_ray_train_storage(tmp_path, tiny_model, ray_local):
+    out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", "save_strategy=steps", "save_steps=6",
+                             "save_total_limit=2")
+    assert result.checkpoint is not None
+    kept = [p for p in (tmp_path / "ray" / "demo-sft-lora").iterdir() if p.is_dir() and p.name.startswith("checkpoint")]
+    assert len(kept) == 2  # CheckpointConfig(num_to_keep=save_total_limit)
+    newest = Path(result.checkpoint.path) / "checkpoint"
+    assert (newest / "adapter_model.safetensors").is_file() and (newest / "trainer_state.json").is_file()
+    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 16
