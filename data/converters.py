@@ -82,12 +82,29 @@ def sharegpt(row: dict, attr: DatasetAttr) -> dict:
     return example
 
 
+def text(row: dict, attr: DatasetAttr) -> dict:
+    """Pre-training text: the dataset's prompt column (`columns: {prompt: text}` in dataset_info.json)."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    column = attr.column("prompt") if attr.formatting == "alpaca" else None
+    if column is None:
+        raise RowError("pre-training reads alpaca-formatted rows; set columns: {prompt: <text column>}")
+    if column not in row:
+        raise RowError(f"missing column {column!r}")
+    if not isinstance(row[column], str) or not row[column].strip():
+        raise RowError(f"column {column!r} must be non-empty text")
+    return {"text": row[column]}
+
+
 CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt}
 
 
-def convert_rows(rows: list, attr: DatasetAttr, log=print) -> list[dict]:
-    """Converts every row; bad rows are skipped and counted, and a dataset of only bad rows is an error."""
-    converter = CONVERTERS[attr.formatting]
+def convert_rows(rows: list, attr: DatasetAttr, log=print, stage: str = "sft") -> list[dict]:
+    """Converts every row; bad rows are skipped and counted, and a dataset of only bad rows is an error.
+
+    Stage `pt` reads plain text; the other stages read conversations in the dataset's formatting.
+    """
+    converter = text if stage == "pt" else CONVERTERS[attr.formatting]
     examples, bad = [], []
     for index, row in enumerate(rows):
         try:

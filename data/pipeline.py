@@ -24,14 +24,14 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=pri
 
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print, seed: int = 42,
-                  token: str | None = None) -> list[list[dict]]:
+                  token: str | None = None, stage: str = "sft") -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset."""
     datasets = []
     for attr in dataset_attrs(names, dataset_dir):
         rows = read_rows(attr, dataset_dir, seed=seed, token=token)
         if max_samples is not None:
             rows = rows[:max_samples]
-        converted = convert_rows(rows, attr, log=log)
+        converted = convert_rows(rows, attr, log=log, stage=stage)
         with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
         if with_tools:
             raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns; "
@@ -41,7 +41,7 @@ def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=pri
 
 
 def _has_tool_turns(example: dict) -> bool:
-    return any(m["role"] in ("function", "observation") for m in example["messages"])
+    return any(m["role"] in ("function", "observation") for m in example.get("messages", ()))
 
 
 # Bump when encoding changes what it produces for the same inputs, so that old caches are not reused.
@@ -79,9 +79,33 @@ def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_
     }
 
 
+def encode_text_batch(batch: dict, tokenizer_path: str, cutoff_len: int, concatenate: bool) -> dict:
+    """Ray Data map_batches function for pre-training: each text + EOS, every token learned.
+
+    With `concatenate`, the batch's documents are joined and cut into cutoff_len blocks, so nothing is
+    lost to truncation; otherwise each document is truncated to cutoff_len.
+    """
+    tokenizer = load_tokenizer(tokenizer_path)
+    documents = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in batch["text"]]
+    if concatenate:
+        flat = [token for document in documents for token in document]
+        pieces = [flat[i:i + cutoff_len] for i in range(0, len(flat), cutoff_len)]
+        truncated = [0] * len(pieces)
+    else:
+        pieces = [document[:cutoff_len] for document in documents]
+        truncated = [len(document) - len(piece) for document, piece in zip(documents, pieces)]
+    return {
+        "input_ids": [np.asarray(p, dtype=np.int64) for p in pieces],
+        "labels": [np.asarray(p, dtype=np.int64) for p in pieces],
+        "num_tokens": np.asarray([len(p) for p in pieces], dtype=np.int64),
+        "num_trained": np.asarray([len(p) for p in pieces], dtype=np.int64),
+        "truncated": np.asarray(truncated, dtype=np.int64),
+    }
+
+
 def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
              train_on_prompt: bool, batch_size: int, packing: bool = False, neat_packing: bool = False,
-             mask_history: bool = False):
+             mask_history: bool = False, stage: str = "sft"):
     """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset.
 
     Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
@@ -92,12 +116,15 @@ def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cu
     import ray.data
 
     dataset = ray.data.from_items(examples, override_num_blocks=max(1, min(len(examples) // batch_size + 1, 64)))
-    dataset = dataset.map_batches(
-        encode_batch,
-        batch_size=batch_size,
-        fn_kwargs=dict(tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,
-                       train_on_prompt=train_on_prompt, mask_history=mask_history),
-    )
+    if stage == "pt":
+        # plain packing of text is concatenation; neat packing keeps documents apart, packed below
+        dataset = dataset.map_batches(encode_text_batch, batch_size=batch_size, fn_kwargs=dict(
+            tokenizer_path=tokenizer_path, cutoff_len=cutoff_len, concatenate=packing and not neat_packing))
+        packing = neat_packing
+    else:
+        dataset = dataset.map_batches(encode_batch, batch_size=batch_size, fn_kwargs=dict(
+            tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,
+            train_on_prompt=train_on_prompt, mask_history=mask_history))
     if packing:
         dataset = dataset.map_batches(pack_batch, batch_size=batch_size,
                                       fn_kwargs=dict(cutoff_len=cutoff_len, neat=neat_packing))
@@ -106,14 +133,15 @@ def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cu
 
 def tokenize_cached(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
                     train_on_prompt: bool, batch_size: int, packing: bool, neat_packing: bool,
-                    cache_dir: Path | None, strict: bool, overwrite: bool, mask_history: bool = False):
+                    cache_dir: Path | None, strict: bool, overwrite: bool, mask_history: bool = False,
+                    stage: str = "sft"):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
     With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
     other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
     """
     settings = dict(template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-                    packing=packing, neat_packing=neat_packing, mask_history=mask_history,
+                    packing=packing, neat_packing=neat_packing, mask_history=mask_history, stage=stage,
                     encoding_version=ENCODING_VERSION)
     key = cache.cache_key(examples, tokenizer_path, settings)
     if cache_dir is not None and not strict:
@@ -123,7 +151,7 @@ def tokenize_cached(examples: list[dict], tokenizer_path: str, template: str | N
         if cached is not None:
             return cached, True
     dataset = tokenize(examples, tokenizer_path, template, cutoff_len, train_on_prompt, batch_size,
-                       packing=packing, neat_packing=neat_packing, mask_history=mask_history)
+                       packing=packing, neat_packing=neat_packing, mask_history=mask_history, stage=stage)
     if cache_dir is not None:
         cache.save(dataset, cache_dir, key, settings)
     return dataset, False

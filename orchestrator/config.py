@@ -88,7 +88,7 @@ NOT_BUILT: dict[str, str] = {
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }
 
-BUILT_STAGES = {"sft"}
+BUILT_STAGES = {"pt", "sft"}
 BUILT_FINETUNING_TYPES = {"lora"}
 DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload")
 

@@ -40,7 +40,7 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
     d, seed = cfg.data, cfg.training.get("seed", 42)
-    read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token)
+    read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token, stage=cfg.finetuning.stage)
     sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
@@ -143,7 +143,7 @@ def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
     dataset, reused = tokenize_cached(
         examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
         d.preprocessing_batch_size, d.packing, d.neat_packing, cache_dir, strict, overwrite=d.overwrite_cache,
-        mask_history=d.mask_history)
+        mask_history=d.mask_history, stage=cfg.finetuning.stage)
     if reused:
         log(f"[rayft] {split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)

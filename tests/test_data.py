@@ -390,3 +390,35 @@ def test_llamafactory_supervised_datasets_encode_unchanged(tiny_model, name):
     out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
                        str(tiny_model), "qwen", cutoff_len=512, train_on_prompt=False)
     assert all(n > 0 for n in out["num_trained"]) and all(n <= 512 for n in out["num_tokens"])
+
+
+def test_pretraining_text_is_concatenated_into_blocks_or_truncated(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rayft.data.pipeline import encode_text_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = ["one two three four five six", "seven eight", "nine"]
+    documents = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
+    flat = [t for d in documents for t in d]
+    blocks = encode_text_batch({"text": texts}, str(tiny_model), cutoff_len=5, concatenate=True)
+    assert [b.tolist() for b in blocks["input_ids"]] == [flat[i:i + 5] for i in range(0, len(flat), 5)]
+    assert all((i == l).all() for i, l in zip(blocks["input_ids"], blocks["labels"]))
+    assert blocks["truncated"].sum() == 0
+    cut = encode_text_batch({"text": texts}, str(tiny_model), cutoff_len=5, concatenate=False)
+    assert [c.tolist() for c in cut["input_ids"]] == [d[:5] for d in documents]
+    assert cut["truncated"].tolist() == [len(d) - len(d[:5]) for d in documents]
+
+
+def test_pretraining_rows_need_their_text_column(tmp_path):
+    write_dataset(tmp_path, "pt", '{"text": "a story"}\n{"body": "no text"}\n{"text": ""}\n', file_name="pt.jsonl",
+                  entry={"columns": {"prompt": "text"}})
+    logged = []
+    assert load_examples("pt", str(tmp_path), None, log=logged.append, stage="pt") == [{"text": "a story"}]
+    assert "row 1: missing column 'text'" in logged[0] and "row 2: column 'text' must be non-empty" in logged[0]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+def test_llamafactory_c4_demo_reads_as_pretraining_text():
+    examples = load_examples("c4_demo", str(SHARED_DATA), None, stage="pt")
+    assert len(examples) == 300 and all(len(e["text"]) > 20 for e in examples)

@@ -195,3 +195,17 @@ def test_checkpoints_are_reported_to_ray_train_storage(tmp_path, tiny_model, ray
     newest = Path(result.checkpoint.path) / "checkpoint"
     assert (newest / "adapter_model.safetensors").is_file() and (newest / "trainer_state.json").is_file()
     assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 16
+
+
+@pytest.mark.integration
+def test_pretraining_stage_learns_packed_text(tmp_path, tiny_model, ray_local):
+    cfg = parse_config(load_recipe(ROOT / "configs" / "demo_pt_lora.yaml", [
+        f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
+        f"ray_storage_path={tmp_path / 'ray'}", "num_train_epochs=1"]), base_dir=ROOT)
+    assert cfg.data.packing is True  # derived for stage pt
+    lines = []
+    run_train(cfg, log=lines.append)
+    log = [r for r in read_log(tmp_path / "out") if "loss" in r]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5, [r["loss"] for r in log]
+    assert any("packed into" in line for line in lines)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

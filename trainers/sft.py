@@ -1,4 +1,8 @@
-"""Supervised fine-tuning: the `sft` stage's entry function, run inside every Ray Train worker."""
+"""Causal language modelling stages, run inside every Ray Train worker: `sft` and `pt`.
+
+Both train next-token prediction on this worker's shard; what differs is prepared on the driver
+(chat-templated conversations with the prompt masked, or packed plain text with every token learned).
+"""
 
 from transformers import PrinterCallback, set_seed
 
@@ -10,6 +14,16 @@ from rayft.trainers.model import apply_lora, load_model, load_tokenizer, trainab
 
 
 def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
+    """Supervised fine-tuning on templated conversations; returns the final metrics."""
+    return fit_causal_lm(cfg, plan)
+
+
+def run_pt(cfg: RecipeConfig, plan: dict) -> dict:
+    """(Continued) pre-training on plain text, packed by default; returns the final metrics."""
+    return fit_causal_lm(cfg, plan)
+
+
+def fit_causal_lm(cfg: RecipeConfig, plan: dict) -> dict:
     """Trains the model on this worker's shard with the Transformers Trainer; returns the final metrics."""
     from ray.train.huggingface.transformers import RayTrainReportCallback
 

@@ -1,9 +1,9 @@
 """The function every Ray Train worker runs: rebuild the config from plain data, run the stage."""
 
 from rayft.orchestrator.config import RecipeConfig
-from rayft.trainers.sft import run_sft
+from rayft.trainers.sft import run_pt, run_sft
 
-STAGES = {"sft": run_sft}
+STAGES = {"pt": run_pt, "sft": run_sft}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -58,6 +58,15 @@ def with_system(rng: random.Random) -> dict:
 MAKERS = [arithmetic, reverse_words, describe, count_letters, with_system]
 
 
+def story(rng: random.Random) -> dict:
+    """A few sentences of plain text, for pre-training."""
+    animal, colour, friend = rng.choice(ANIMALS), rng.choice(COLOURS), rng.choice(ANIMALS)
+    a, b = rng.randint(0, 5), rng.randint(0, 5)
+    return {"text": f"Once there was a {colour} {animal}. Every morning the {animal} met a {friend}. "
+                    f"The {animal} had {NUMBER_WORDS[a]} apples and the {friend} had {NUMBER_WORDS[b]}. "
+                    f"Together they had {NUMBER_WORDS[a + b]} apples, and they shared them all."}
+
+
 def build(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [MAKERS[i % len(MAKERS)](rng) for i in range(n)]
@@ -66,3 +75,5 @@ def build(n: int, seed: int) -> list[dict]:
 if __name__ == "__main__":
     (HERE / "demo_sft.json").write_text(json.dumps(build(256, seed=0), indent=1, ensure_ascii=False) + "\n")
     (HERE / "demo_sft_eval.json").write_text(json.dumps(build(40, seed=1), indent=1, ensure_ascii=False) + "\n")
+    rng = random.Random(2)
+    (HERE / "demo_pt.jsonl").write_text("".join(json.dumps(story(rng)) + "\n" for _ in range(200)))
