@@ -44,3 +44,20 @@ def encode_supervised(pairs: list[tuple[list[int], list[int]]], cutoff_len: int,
         else:
             input_ids, labels = input_ids + source + target, labels + turn_labels
     return {"input_ids": input_ids, "labels": labels, "truncated": dropped}
+
+
+def encode_pairwise(prompt_pairs: list[tuple[list[int], list[int]]], prompt: list[int], chosen: list[int],
+                    rejected: list[int], cutoff_len: int) -> dict:
+    """Chosen and rejected sequences over one shared, equally truncated prompt; only responses are learned.
+
+    `prompt_pairs` are the earlier turns, `prompt` the last prompt, `chosen`/`rejected` the two responses.
+    """
+    context = [token for source, target in prompt_pairs for token in source + target] + prompt
+    keep_prompt, keep_response = split_budget(len(context), max(len(chosen), len(rejected)), cutoff_len)
+    out = {"truncated": (len(context) - keep_prompt) + max(len(chosen) - keep_response, 0)
+           + max(len(rejected) - keep_response, 0)}
+    context = context[:keep_prompt]
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        out[f"{name}_input_ids"] = context + response[:keep_response]
+        out[f"{name}_labels"] = [IGNORE_INDEX] * len(context) + response[:keep_response]
+    return out

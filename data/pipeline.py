@@ -11,10 +11,10 @@ import numpy as np
 
 from rayft.data import cache
 from rayft.data.converters import convert_rows
-from rayft.data.encode import IGNORE_INDEX, encode_supervised
+from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
-from rayft.data.registry import dataset_attrs, read_rows
+from rayft.data.registry import STAGE_DATA, dataset_attrs, kind, read_rows
 from rayft.data.templates import get_template
 
 
@@ -28,6 +28,10 @@ def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=pri
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset."""
     datasets = []
     for attr in dataset_attrs(names, dataset_dir):
+        needed = STAGE_DATA.get(stage)
+        if needed is not None and kind(attr) != needed:
+            raise DataError(f"dataset {attr.name!r} holds {kind(attr)} data, but stage {stage!r} trains on "
+                            f"{needed} data; choose a {needed} dataset or the stage made for this one")
         rows = read_rows(attr, dataset_dir, seed=seed, token=token)
         if max_samples is not None:
             rows = rows[:max_samples]
@@ -79,6 +83,56 @@ def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_
     }
 
 
+def encode_pairwise_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+    """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    chat_template = get_template(template)
+    encoded = []
+    for system, messages, chosen, rejected in zip(batch["system"], batch["messages"], batch["chosen"],
+                                                  batch["rejected"]):
+        turns = {}
+        for name, response in (("chosen", chosen), ("rejected", rejected)):
+            chat = list(messages) + [{"role": "assistant", "content": response}]
+            turns[name] = chat_template.encode_turns(tokenizer, {"system": system, "messages": chat})
+        *history, (prompt, chosen_ids) = turns["chosen"]
+        encoded.append(encode_pairwise(history, prompt, chosen_ids, turns["rejected"][-1][1], cutoff_len))
+    out = {key: [np.asarray(e[key], dtype=np.int64) for e in encoded]
+           for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
+    out["num_tokens"] = np.asarray([len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in encoded])
+    out["num_trained"] = np.asarray([sum(t != IGNORE_INDEX for t in e["chosen_labels"] + e["rejected_labels"])
+                                     for e in encoded])
+    out["truncated"] = np.asarray([e["truncated"] for e in encoded], dtype=np.int64)
+    return out
+
+
+def encode_kto_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+    """Ray Data map_batches function for KTO: each example, its tag, and a mismatched pair for the KL term.
+
+    The KL example pairs example i's prompt with the response of example i-1 of the same batch (itself
+    when the batch has one example), as KTO's reference-point estimate needs unrelated completions.
+    """
+    tokenizer = load_tokenizer(tokenizer_path)
+    chat_template = get_template(template)
+    count = len(batch["messages"])
+    out = {k: [] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels")}
+    truncated = []
+    for i in range(count):
+        messages = list(batch["messages"][i])
+        mismatched = messages[:-1] + [dict(batch["messages"][(i - 1) % count][-1])]
+        for prefix, chat in (("", messages), ("kl_", mismatched)):
+            pairs = chat_template.encode_turns(tokenizer, {"system": batch["system"][i], "messages": chat})
+            encoded = encode_supervised(pairs, cutoff_len, train_on_prompt=False, mask_history=True)
+            out[f"{prefix}input_ids"].append(np.asarray(encoded["input_ids"], dtype=np.int64))
+            out[f"{prefix}labels"].append(np.asarray(encoded["labels"], dtype=np.int64))
+            if not prefix:
+                truncated.append(encoded["truncated"])
+    out["kto_tag"] = np.asarray(batch["kto_tag"], dtype=bool)
+    out["num_tokens"] = np.asarray([len(ids) for ids in out["input_ids"]], dtype=np.int64)
+    out["num_trained"] = np.asarray([int((l != IGNORE_INDEX).sum()) for l in out["labels"]], dtype=np.int64)
+    out["truncated"] = np.asarray(truncated, dtype=np.int64)
+    return out
+
+
 def encode_text_batch(batch: dict, tokenizer_path: str, cutoff_len: int, concatenate: bool) -> dict:
     """Ray Data map_batches function for pre-training: each text + EOS, every token learned.
 
@@ -121,6 +175,10 @@ def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cu
         dataset = dataset.map_batches(encode_text_batch, batch_size=batch_size, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, cutoff_len=cutoff_len, concatenate=packing and not neat_packing))
         packing = neat_packing
+    elif stage in ("rm", "dpo", "kto"):
+        encode = encode_kto_batch if stage == "kto" else encode_pairwise_batch
+        dataset = dataset.map_batches(encode, batch_size=batch_size, fn_kwargs=dict(
+            tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len))
     else:
         dataset = dataset.map_batches(encode_batch, batch_size=batch_size, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,

@@ -10,8 +10,9 @@ from rayft.data.errors import DataError
 
 DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history"},
-    "sharegpt": {"messages": "conversations", "system": None, "tools": None},
+               "history": "history", "chosen": "chosen", "rejected": "rejected"},
+    "sharegpt": {"messages": "conversations", "system": None, "tools": None, "chosen": "chosen",
+                 "rejected": "rejected"},
 }
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
@@ -83,10 +84,18 @@ def _unbuilt(attr: DatasetAttr, entry: dict) -> list[str]:
                 "datasets are not supported"]
     if attr.formatting not in DEFAULT_COLUMNS:
         return [f"{where}: unknown formatting {attr.formatting!r}; use alpaca or sharegpt"]
-    if attr.ranking or "kto_tag" in attr.columns:
-        return [f"{where}: formatting {attr.formatting!r}{' with ranking' if attr.ranking else ''} is not built yet "
-                "(only supervised alpaca and sharegpt data); it is part of the data engine issue"]
     return []
+
+
+def kind(attr: DatasetAttr) -> str:
+    """What a dataset holds: 'preference' (ranking), 'kto' (a kto_tag column) or 'supervised'."""
+    if attr.ranking:
+        return "preference"
+    return "kto" if "kto_tag" in attr.columns else "supervised"
+
+
+# The kind of data each stage trains on (pt reads any dataset's prompt column as text).
+STAGE_DATA = {"sft": "supervised", "rm": "preference", "dpo": "preference", "kto": "kto", "ppo": "supervised"}
 
 
 def read_rows(attr: DatasetAttr, dataset_dir: str | Path, seed: int = 42, token: str | None = None) -> list:

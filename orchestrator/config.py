@@ -255,6 +255,8 @@ def validate(cfg: RecipeConfig) -> list[str]:
         problems.append(f"lora_alpha: must be positive, got {f.lora_alpha}")
     if not 0.0 <= f.lora_dropout < 1.0:
         problems.append(f"lora_dropout: must be in [0, 1), got {f.lora_dropout}")
+    if (d.packing or d.neat_packing) and f.stage not in ("pt", "sft"):
+        problems.append(f"packing: packs sequences for stages pt and sft, not {f.stage!r}; remove packing")
     if d.neat_packing and d.packing is False:
         problems.append("neat_packing: needs packing; remove packing: false or neat_packing: true")
     if d.cutoff_len < 8:

@@ -81,10 +81,12 @@ def test_unknown_dataset_suggests_the_nearest(tmp_path):
         dataset_attrs("demo_sfft", DEMO_DIR)
 
 
-def test_unbuilt_formats_are_refused_by_name(tmp_path):
+def test_a_dataset_of_the_wrong_kind_for_the_stage_is_refused(tmp_path):
     write_dataset(tmp_path, "pairs", [], entry={"formatting": "sharegpt", "ranking": True})
-    with pytest.raises(DataError, match="formatting 'sharegpt' with ranking is not built yet"):
-        dataset_attrs("pairs", tmp_path)
+    with pytest.raises(DataError, match="holds preference data, but stage 'sft' trains on supervised data"):
+        load_examples("pairs", str(tmp_path), None)
+    with pytest.raises(DataError, match="holds supervised data, but stage 'dpo'"):
+        load_examples("demo_sft", str(DEMO_DIR), None, stage="dpo")
 
 
 def test_max_samples_and_comma_lists():
@@ -422,3 +424,90 @@ def test_pretraining_rows_need_their_text_column(tmp_path):
 def test_llamafactory_c4_demo_reads_as_pretraining_text():
     examples = load_examples("c4_demo", str(SHARED_DATA), None, stage="pt")
     assert len(examples) == 300 and all(len(e["text"]) > 20 for e in examples)
+
+
+def test_pairwise_encoding_shares_one_truncated_prompt():
+    from rayft.data.encode import encode_pairwise
+
+    out = encode_pairwise([([1, 2], [3])], [4, 5], chosen=[6, 7, 8], rejected=[9], cutoff_len=100)
+    assert out["chosen_input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8] and out["rejected_input_ids"] == [1, 2, 3, 4, 5, 9]
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 5 + [6, 7, 8]
+    assert out["rejected_labels"] == [IGNORE_INDEX] * 5 + [9]
+    cut = encode_pairwise([], [1, 2, 3, 4, 5, 6], chosen=[7, 8, 9, 10], rejected=[11, 12], cutoff_len=6)
+    # budget 6 shared 4:2 in proportion to prompt 6 and the longer response 4
+    assert cut["chosen_input_ids"] == [1, 2, 3, 4, 7, 8] and cut["rejected_input_ids"] == [1, 2, 3, 4, 11, 12]
+    assert cut["chosen_labels"] == [IGNORE_INDEX] * 4 + [7, 8]
+    assert cut["truncated"] == 2 + 2
+
+
+PREFERENCE = [{"conversations": [{"from": "human", "value": "What is two plus two?"}],
+               "chosen": {"from": "gpt", "value": "Four."}, "rejected": {"from": "gpt", "value": "Five."}}]
+
+
+def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from rayft.data.pipeline import encode_pairwise_batch
+
+    write_dataset(tmp_path, "prefs", PREFERENCE + [{"conversations": PREFERENCE[0]["conversations"],
+                                                    "chosen": {"from": "human", "value": "x"},
+                                                    "rejected": {"from": "gpt", "value": "y"}}],
+                  entry={"formatting": "sharegpt", "ranking": True})
+    logged = []
+    (example,) = load_examples("prefs", str(tmp_path), None, log=logged.append, stage="dpo")
+    assert example["chosen"] == "Four." and example["rejected"] == "Five." and len(example["messages"]) == 1
+    assert "row 1: message chosen has role 'human'" in logged[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    out = encode_pairwise_batch({k: [example[k]] for k in ("system", "messages", "chosen", "rejected")},
+                                str(tiny_model), "chatml", 256)
+    chosen = [int(t) for t in out["chosen_labels"][0] if t != IGNORE_INDEX]
+    assert tokenizer.decode(chosen) == "Four.<|im_end|>\n"
+    assert tokenizer.decode(out["rejected_input_ids"][0]) == (
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFive.<|im_end|>\n")
+
+
+def test_alpaca_preference_rows():
+    attr = DatasetAttr(name="p", ranking=True)
+    (example,) = convert_rows([{"instruction": "Pick.", "chosen": "good", "rejected": "bad"}], attr)
+    assert example == {"system": "", "messages": [{"role": "user", "content": "Pick."}], "chosen": "good",
+                       "rejected": "bad"}
+
+
+def test_kto_rows_and_mismatched_kl_pairs(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rayft.data.pipeline import encode_kto_batch
+
+    attr = DatasetAttr(name="k", formatting="sharegpt", columns={"messages": "messages", "kto_tag": "label"},
+                       tags={"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                             "assistant_tag": "assistant"})
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+             "label": i % 2 == 0} for i in range(3)] + [{"messages": [{"role": "user", "content": "q"},
+                                                                   {"role": "assistant", "content": "a"}],
+                                                      "label": "yes"}]
+    logged = []
+    examples = convert_rows(rows, attr, log=logged.append)
+    assert [e["kto_tag"] for e in examples] == [True, False, True] and "must be true or false" in logged[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    out = encode_kto_batch({k: [e[k] for e in examples] for k in ("system", "messages", "kto_tag")},
+                           str(tiny_model), "chatml", 256)
+    learned = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["labels"]]
+    kl = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["kl_labels"]]
+    assert learned == [f"a{i}<|im_end|>\n" for i in range(3)]
+    assert kl == [f"a{i}<|im_end|>\n" for i in (2, 0, 1)]  # prompt i with response i-1
+    assert "q1" in tokenizer.decode(out["kl_input_ids"][1]) and out["kto_tag"].tolist() == [True, False, True]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+def test_llamafactory_preference_and_kto_demos_load_for_their_stages(tiny_model):
+    from rayft.data.pipeline import encode_kto_batch, encode_pairwise_batch
+
+    prefs = load_examples("dpo_en_demo", str(SHARED_DATA), None, stage="dpo")
+    kto = load_examples("kto_en_demo", str(SHARED_DATA), None, stage="kto")
+    assert len(prefs) > 100 and len(kto) > 100 and {e["kto_tag"] for e in kto} == {True, False}
+    pairs = encode_pairwise_batch({k: [e[k] for e in prefs[:8]] for k in ("system", "messages", "chosen", "rejected")},
+                                  str(tiny_model), "qwen", 512)
+    assert all(len(c) <= 512 for c in pairs["chosen_input_ids"])
+    tagged = encode_kto_batch({k: [e[k] for e in kto[:8]] for k in ("system", "messages", "kto_tag")},
+                              str(tiny_model), "qwen", 512)
+    assert len(tagged["kl_input_ids"]) == 8

@@ -65,3 +65,19 @@ def test_the_automatic_cache_is_keyed_on_inputs(tmp_path, tiny_model, ray_local,
     packed, reused = run(examples, tiny_model, tmp_path / "auto", strict=False, packing=True)
     assert not reused and "position_ids" in packed.columns()
     assert len(list((tmp_path / "auto").iterdir())) == 2
+
+
+@pytest.mark.parametrize("stage,columns", [("dpo", {"chosen_input_ids", "rejected_labels"}),
+                                           ("kto", {"kl_input_ids", "kto_tag"})])
+def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_local, stage, columns):
+    from rayft.data.pipeline import tokenize
+
+    message = [{"role": "user", "content": "q"}]
+    if stage == "dpo":
+        examples = [{"system": "", "messages": message, "chosen": f"yes {i}", "rejected": "no"} for i in range(6)]
+    else:
+        examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
+                     "kto_tag": i % 2 == 0} for i in range(6)]
+    dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=4, stage=stage)
+    assert columns <= set(dataset.columns()) and dataset.count() == 6
+    assert token_stats(dataset)["trained_tokens"] > 0
