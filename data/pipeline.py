@@ -15,7 +15,7 @@ from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
 from rayft.data.registry import STAGE_DATA, dataset_attrs, kind, read_rows
-from rayft.data.templates import get_template
+from rayft.data.templates import TEMPLATES, get_template, supports_tools
 
 
 def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print, **read_kwargs) -> list[dict]:
@@ -24,8 +24,11 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=pri
 
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print, seed: int = 42,
-                  token: str | None = None, stage: str = "sft") -> list[list[dict]]:
-    """Reads and converts each dataset of the comma list `names`; one list of examples per dataset."""
+                  token: str | None = None, stage: str = "sft", template: str | None = None) -> list[list[dict]]:
+    """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
+
+    Rows with tools or tool-call turns are refused here unless `template` can format them.
+    """
     datasets = []
     for attr in dataset_attrs(names, dataset_dir):
         needed = STAGE_DATA.get(stage)
@@ -37,9 +40,10 @@ def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=pri
             rows = rows[:max_samples]
         converted = convert_rows(rows, attr, log=log, stage=stage)
         with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
-        if with_tools:
-            raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns; "
-                            "tool-call formatting is not built yet (data engine issue)")
+        if with_tools and not supports_tools(template):
+            able = ", ".join(n for n in TEMPLATES if supports_tools(n))
+            raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns, "
+                            f"which template {template!r} cannot format; use a template with tool formatting ({able})")
         datasets.append(converted)
     return datasets
 

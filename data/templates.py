@@ -3,9 +3,38 @@
 Both turn an example into (prompt_ids, response_ids) pairs, one per assistant turn, for label masking.
 """
 
+import json
 from dataclasses import dataclass
 
 from rayft.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a template family writes tool definitions, tool calls and tool results (Qwen's XML-tag style)."""
+
+    tools_prompt: str  # appended to the system prompt; `{tools}` is one JSON tool definition per line
+    call: str  # a function turn; `{name}` and `{arguments}` (JSON) are replaced
+    result: str  # an observation turn, ending with the assistant's header like `user`
+
+    def describe(self, tools: str) -> str:
+        try:
+            parsed = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"tools: not valid JSON ({err.msg})") from None
+        parsed = parsed if isinstance(parsed, list) else [parsed]
+        wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in parsed]
+        return self.tools_prompt.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in wrapped))
+
+    def format_call(self, content: str) -> str:
+        try:
+            call = json.loads(content)
+            name, arguments = call["name"], call.get("arguments", {})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"a function_call turn must be JSON with name and arguments, got {content[:80]!r}") from None
+        if isinstance(arguments, str):  # some datasets store the arguments JSON-encoded once more
+            arguments = json.loads(arguments)
+        return self.call.format(name=name, arguments=json.dumps(arguments, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -24,11 +53,15 @@ class Template:
     default_system: str = ""
     prefix: str = ""
     suffix: str = ""
+    tools: ToolFormat | None = None
 
     def encode_turns(self, tokenizer, example: dict) -> list[tuple[list[int], list[int]]]:
         system = example.get("system") or self.default_system
         messages = example["messages"]
-        _check_roles(messages)
+        if self.tools is None:
+            _check_roles(messages, self.name)
+        elif example.get("tools"):
+            system = (system or self.default_system) + self.tools.describe(example["tools"])
         pairs, opening = [], self.prefix
         if system and self.system is not None:
             opening += self.system.format(content=system)
@@ -36,8 +69,12 @@ class Template:
             content = user["content"]
             if index == 0 and system and self.system is None:
                 content = self.system_in_user.format(system=system, content=content)
-            prompt = (opening if index == 0 else "") + self.user.format(content=content)
-            response = self.assistant.format(content=assistant["content"])
+            ask = self.tools.result if user["role"] == "observation" else self.user
+            prompt = (opening if index == 0 else "") + ask.format(content=content)
+            if assistant["role"] == "function":
+                response = self.assistant.format(content=self.tools.format_call(assistant["content"]))
+            else:
+                response = self.assistant.format(content=assistant["content"])
             if index == len(messages) // 2 - 1:
                 response += self.suffix
             pairs.append((_ids(tokenizer, prompt), _ids(tokenizer, response)))
@@ -56,7 +93,9 @@ class JinjaTemplate:
         chat = ([{"role": "system", "content": example["system"]}] if example.get("system") else [])
         pairs, done = [], ""
         messages = example["messages"]
-        _check_roles(messages)
+        _check_roles(messages, "the tokenizer's own")
+        if example.get("tools"):
+            raise DataError("tool definitions with the tokenizer's own template are not built; set template: qwen")
         for user, assistant in zip(messages[0::2], messages[1::2]):
             chat = chat + [user]
             with_header = _render(tokenizer, chat, add_generation_prompt=True)
@@ -73,6 +112,15 @@ class JinjaTemplate:
 _CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
 _CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 _CHATML_ASSISTANT = "{content}<|im_end|>\n"
+_QWEN_TOOLS = ToolFormat(
+    tools_prompt="\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>",
+    call='<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>',
+    result="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+)
 
 TEMPLATES = {
     "default": Template(name="default", system="System: {content}\n", user="Human: {content}\nAssistant:",
@@ -87,7 +135,7 @@ TEMPLATES = {
     ),
     "chatml": Template(name="chatml", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT),
     "qwen": Template(name="qwen", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT,
-                     default_system="You are a helpful assistant."),
+                     default_system="You are a helpful assistant.", tools=_QWEN_TOOLS),
     "llama3": Template(
         name="llama3",
         prefix="<|begin_of_text|>",
@@ -123,10 +171,16 @@ def get_template(name: str | None):
     return TEMPLATES[name]
 
 
-def _check_roles(messages: list[dict]) -> None:
+def supports_tools(name: str | None) -> bool:
+    """Whether template `name` can format tool definitions, calls and results."""
+    return name in TEMPLATES and TEMPLATES[name].tools is not None
+
+
+def _check_roles(messages: list[dict], name: str) -> None:
     roles = {m["role"] for m in messages}
     if roles - {"user", "assistant"}:
-        raise DataError(f"roles {sorted(roles - {'user', 'assistant'})} need tool-call formatting, not built yet")
+        raise DataError(f"tool-call turns ({sorted(roles - {'user', 'assistant'})}) need a template with tool "
+                        f"formatting ({', '.join(n for n in TEMPLATES if supports_tools(n))}), not {name}")
 
 
 def _render(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:

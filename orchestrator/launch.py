@@ -40,7 +40,7 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
     d, seed = cfg.data, cfg.training.get("seed", 42)
-    read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token, stage=cfg.finetuning.stage)
+    read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token, stage=cfg.finetuning.stage, template=d.template)
     sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:

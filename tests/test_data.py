@@ -205,9 +205,15 @@ def test_sharegpt_bad_role_order_is_reported_with_its_row():
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
-def test_tool_call_data_is_refused_by_name_until_tool_formatting_is_built():
-    with pytest.raises(DataError, match="tool-call formatting is not built yet"):
-        load_examples("glaive_toolcall_en_demo", str(SHARED_DATA), None)
+def test_tool_call_data_needs_a_template_with_tool_formatting(tiny_model):
+    with pytest.raises(DataError, match="which template 'llama3' cannot format; use a template with tool formatting"):
+        load_examples("glaive_toolcall_en_demo", str(SHARED_DATA), None, template="llama3")
+    examples = load_examples("glaive_toolcall_en_demo", str(SHARED_DATA), None, template="qwen")
+    assert len(examples) > 200 and any(m["role"] == "function" for e in examples for m in e["messages"])
+    batch = examples[:16]
+    out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
+                       str(tiny_model), "qwen", cutoff_len=1024, train_on_prompt=False)
+    assert all(n > 0 for n in out["num_trained"])
 
 
 @pytest.fixture(scope="module")
@@ -511,3 +517,36 @@ def test_llamafactory_preference_and_kto_demos_load_for_their_stages(tiny_model)
     tagged = encode_kto_batch({k: [e[k] for e in kto[:8]] for k in ("system", "messages", "kto_tag")},
                               str(tiny_model), "qwen", 512)
     assert len(tagged["kl_input_ids"]) == 8
+
+
+TOOLS = [{"name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}]
+TOOL_CHAT = {"system": "", "tools": json.dumps(TOOLS), "messages": [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "function", "content": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+    {"role": "observation", "content": json.dumps({"result": 5})},
+    {"role": "assistant", "content": "2 + 3 is 5."}]}
+
+
+def test_qwen_tool_formatting_matches_qwens_jinja_template(family_tokenizers):
+    from reference_templates import QWEN_TOOLS
+
+    tokenizer = family_tokenizers["qwen"]
+    call = json.loads(TOOL_CHAT["messages"][1]["content"])
+    hf_chat = [TOOL_CHAT["messages"][0],
+               {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+               {"role": "tool", "content": TOOL_CHAT["messages"][2]["content"]},
+               TOOL_CHAT["messages"][3]]
+    reference = tokenizer.apply_chat_template(hf_chat, tools=[{"type": "function", "function": t} for t in TOOLS],
+                                              chat_template=QWEN_TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    pairs = TEMPLATES["qwen"].encode_turns(tokenizer, TOOL_CHAT)
+    assert [i for s, t in pairs for i in s + t] == list(reference)
+    assert tokenizer.decode(pairs[0][1]) == '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n'
+    assert "<tool_response>" in tokenizer.decode(pairs[1][0])
+
+
+def test_templates_without_tool_formatting_refuse_tool_turns(tiny_model):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(DataError, match="need a template with tool formatting"):
+        TEMPLATES["llama3"].encode_turns(AutoTokenizer.from_pretrained(tiny_model), TOOL_CHAT)
