@@ -67,8 +67,7 @@ NOT_BUILT: dict[str, str] = {
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
     **{k: "the data engine (issue: Ray Data engine)" for k in (
-        "streaming", "buffer_size", "tool_format", "eval_on_each_dataset",
-        "data_shared_file_system")},
+        "streaming", "buffer_size", "tool_format", "data_shared_file_system")},
     **{k: "LoRA variants (issue: training stages and methods)" for k in (
         "use_rslora", "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
         "loraplus_lr_embedding", "create_new_adapter")},
@@ -237,6 +236,8 @@ def validate(cfg: RecipeConfig) -> list[str]:
         problems.append("dataset: required for training; name one or more datasets from dataset_info.json")
     if t.get("eval_strategy", "no") != "no" and not d.eval_dataset and not d.val_size:
         problems.append(f"eval_strategy: {t['eval_strategy']!r} needs data to evaluate on; set eval_dataset or val_size")
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        problems.append("eval_on_each_dataset: needs eval_dataset (a comma list of datasets to evaluate separately)")
     if d.val_size and d.eval_dataset:
         problems.append("val_size: set either val_size (hold out part of dataset) or eval_dataset, not both")
     if d.val_size < 0 or (d.val_size > 1 and d.val_size != int(d.val_size)):

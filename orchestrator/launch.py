@@ -28,7 +28,7 @@ class Prepared:
 
     cfg: RecipeConfig
     train_examples: list[dict]
-    eval_examples: list[dict] | None
+    eval_examples: dict[str, list[dict]]  # split name ("eval", or "eval_<dataset>" per dataset) -> examples
 
 
 def prepare(cfg: RecipeConfig, log=print) -> Prepared:
@@ -45,10 +45,15 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
         log(f"[rayft] {d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
-    evaluation = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read) if d.eval_dataset else None
+    evaluation = {}
+    if d.eval_dataset and d.eval_on_each_dataset:
+        names = [n.strip() for n in d.eval_dataset.split(",") if n.strip()]
+        evaluation = {f"eval_{name}": load_examples(name, d.dataset_dir, d.max_samples, **read) for name in names}
+    elif d.eval_dataset:
+        evaluation = {"eval": load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read)}
     if d.val_size:
-        train, evaluation = split_validation(train, d.val_size, seed)
-        log(f"[rayft] val_size={d.val_size}: {len(evaluation)} examples held out for evaluation")
+        train, evaluation["eval"] = split_validation(train, d.val_size, seed)
+        log(f"[rayft] val_size={d.val_size}: {len(evaluation['eval'])} examples held out for evaluation")
     return Prepared(cfg, train, evaluation)
 
 
@@ -93,8 +98,8 @@ def run_train(cfg: RecipeConfig, log=print):
         plan = plan_on_cluster(cfg, len(prepared.train_examples))
         quiet_ray_data()
         datasets = {"train": _tokenized(cfg, prepared.train_examples, "train", log)}
-        if prepared.eval_examples:
-            datasets["eval"] = _tokenized(cfg, prepared.eval_examples, "eval", log)
+        for split, examples in prepared.eval_examples.items():
+            datasets[split] = _tokenized(cfg, examples, split, log)
         if cfg.data.packing:  # the workers see packed sequences, so batches and steps count those
             plan = plan_on_cluster(cfg, datasets["train"].count())
         show_config(cfg, plan, log=log)

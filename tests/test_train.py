@@ -209,3 +209,37 @@ def test_pretraining_stage_learns_packed_text(tmp_path, tiny_model, ray_local):
     assert log[-1]["loss"] < log[0]["loss"] - 0.5, [r["loss"] for r in log]
     assert any("packed into" in line for line in lines)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_eval_on_each_dataset_reports_one_loss_per_dataset(tmp_path, tiny_model, ray_local):
+    out, result, log = train(tmp_path, tiny_model, "eval_dataset=demo_sft_eval,demo_sft", "eval_on_each_dataset=true",
+                             "max_samples=64", "eval_strategy=epoch", "num_train_epochs=1")
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_demo_sft_eval_loss"] > 0 and results["eval_demo_sft_loss"] > 0
+    assert results["eval_demo_sft_eval_loss"] != results["eval_demo_sft_loss"]
+
+
+@pytest.mark.unit
+def test_the_shard_loader_is_seeded_and_reshuffles_every_epoch():
+    from transformers import TrainingArguments as HFArgs
+
+    from rayft.data.collator import SupervisedCollator
+    from rayft.trainers.common import ShardTrainer
+
+    rows = [{"input_ids": [i], "labels": [i]} for i in range(32)]
+
+    def epochs(seed, shuffle=True):
+        trainer = ShardTrainer.__new__(ShardTrainer)  # only the loader is exercised: no model needed
+        trainer.args = HFArgs(output_dir="unused", per_device_train_batch_size=8, seed=seed, use_cpu=True,
+                              report_to="none")
+        trainer.train_dataset, trainer.data_collator, trainer.shuffle = rows, SupervisedCollator(0), shuffle
+        loader = trainer.get_train_dataloader()
+        return [[int(i) for batch in loader for i in batch["input_ids"][:, 0]] for _ in range(2)]
+
+    first, second = epochs(seed=7)
+    assert sorted(first) == sorted(second) == list(range(32))
+    assert first != second  # a new order every epoch
+    assert epochs(seed=7) == [first, second]  # and the same orders for the same seed
+    assert epochs(seed=8)[0] != first
+    assert epochs(seed=7, shuffle=False)[0] == list(range(32))  # disable_shuffling

@@ -23,6 +23,14 @@ def shard_rows(name: str) -> list[dict] | None:
     return [{k: row[k].tolist() for k in columns if k in row} for row in shard.iter_rows()]
 
 
+def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
+    """This worker's evaluation data: one shard, or one per eval dataset with eval_on_each_dataset."""
+    d = cfg.data
+    if d.eval_dataset and d.eval_on_each_dataset:
+        return {name.strip(): shard_rows(f"eval_{name.strip()}") for name in d.eval_dataset.split(",") if name.strip()}
+    return shard_rows("eval")
+
+
 def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:
     """The real TrainingArguments, built inside the worker with the planned device and DeepSpeed config."""
     if plan["deepspeed"] is not None:
@@ -58,6 +66,8 @@ class ShardTrainer(Seq2SeqTrainer):
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # Trainer names one of several eval datasets
+            dataset = self.eval_dataset[dataset]
         return self._loader(dataset, self.args.per_device_eval_batch_size, SequentialSampler(dataset))
 
     def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
@@ -79,7 +89,7 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     trainer.save_metrics("train", train_result.metrics)
-    if "eval_loss" in metrics:
+    if any(k.startswith("eval_") for k in metrics):
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
     trainer.save_state()
     if trainer.is_world_process_zero():

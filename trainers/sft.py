@@ -9,7 +9,7 @@ from transformers import PrinterCallback, set_seed
 from rayft.data.collator import SupervisedCollator
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.callbacks import LogCallback, say
-from rayft.trainers.common import ShardTrainer, finish, shard_rows, training_arguments
+from rayft.trainers.common import ShardTrainer, eval_shards, finish, shard_rows, training_arguments
 from rayft.trainers.model import apply_lora, load_model, load_tokenizer, trainable_summary
 
 
@@ -38,7 +38,7 @@ def fit_causal_lm(cfg: RecipeConfig, plan: dict) -> dict:
         model=model,
         args=args,
         train_dataset=shard_rows("train"),
-        eval_dataset=shard_rows("eval"),
+        eval_dataset=eval_shards(cfg),
         data_collator=SupervisedCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[LogCallback(args.output_dir), RayTrainReportCallback()],
