@@ -32,7 +32,10 @@ class Prepared:
 
 
 def prepare(cfg: RecipeConfig, log=print) -> Prepared:
-    """Refuses an occupied output_dir and reads + checks the datasets (raises ConfigError / DataError)."""
+    """Everything checked before Ray: output_dir, the datasets, and (for a local run) the resource request.
+
+    Raises ConfigError or DataError; touches no output and starts nothing.
+    """
     output_dir = Path(cfg.training["output_dir"])
     if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.training.get("overwrite_output_dir"):
         raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or "
@@ -54,6 +57,8 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if d.val_size:
         train, evaluation["eval"] = split_validation(train, d.val_size, seed)
         log(f"[rayft] val_size={d.val_size}: {len(evaluation['eval'])} examples held out for evaluation")
+    if cfg.ray.ray_address is None:
+        plan_on_cluster(cfg, len(train))  # this machine is the cluster rayft will start: refuse now, not after
     return Prepared(cfg, train, evaluation)
 
 
@@ -74,8 +79,6 @@ def show_config(cfg: RecipeConfig, plan: Plan, log=print) -> None:
 def run_plan(cfg: RecipeConfig, log=print) -> Plan:
     """`rayft plan`: validates config and data on the cluster and prints the plan, without training."""
     prepared = prepare(cfg, log=log)
-    if cfg.ray.ray_address is None:
-        plan_on_cluster(cfg, len(prepared.train_examples))  # refuse an impossible request before starting Ray
     with ray_session(cfg.ray, log=log):
         plan = plan_on_cluster(cfg, len(prepared.train_examples))
     if cfg.data.packing:
@@ -92,8 +95,6 @@ def run_train(cfg: RecipeConfig, log=print):
     from rayft.trainers.worker import train_loop_per_worker
 
     prepared = prepare(cfg, log=log)
-    if cfg.ray.ray_address is None:
-        plan_on_cluster(cfg, len(prepared.train_examples))  # refuse an impossible request before starting Ray at all
     with ray_session(cfg.ray, log=log):
         plan = plan_on_cluster(cfg, len(prepared.train_examples))
         quiet_ray_data()
