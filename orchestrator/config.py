@@ -219,14 +219,14 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
         ray=RayArguments(**by_section["ray"]),
         training=by_section["training"],
     )
-    problems = validate(cfg)
+    problems = validate(cfg, Path(base_dir))
     if problems:
         raise ConfigError(problems)
     cfg.notes = resolve(cfg, Path(base_dir))
     return cfg
 
 
-def validate(cfg: RecipeConfig) -> list[str]:
+def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.training
     problems = []
@@ -269,7 +269,7 @@ def validate(cfg: RecipeConfig) -> list[str]:
     if r.ray_num_workers < 1:
         problems.append(f"ray_num_workers: must be at least 1, got {r.ray_num_workers}")
     problems += _resource_problems(r.resources_per_worker)
-    problems += _deepspeed_problems(t.get("deepspeed"))
+    problems += _deepspeed_problems(t.get("deepspeed"), base_dir)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in t and t[key] < 1:
             problems.append(f"{key}: must be at least 1, got {t[key]}")
@@ -368,10 +368,10 @@ def _resource_problems(resources: Any) -> list[str]:
     ]
 
 
-def _deepspeed_problems(deepspeed: Any) -> list[str]:
+def _deepspeed_problems(deepspeed: Any, base_dir: Path) -> list[str]:
     if deepspeed is None or isinstance(deepspeed, dict) or deepspeed in DEEPSPEED_SHORTHANDS:
         return []
-    path = Path(deepspeed)
+    path = _under(base_dir, deepspeed)
     if not path.is_file():
         return [f"deepspeed: {deepspeed!r} is neither a shorthand ({', '.join(DEEPSPEED_SHORTHANDS)}) nor an existing JSON file"]
     try:
