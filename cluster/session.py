@@ -39,6 +39,10 @@ def ray_session(ray_args: RayArguments, log=print):
     if started_here:
         log("[rayft] starting a local Ray instance for this run")
         kwargs.setdefault("num_cpus", int(local_machine()[0].resources["CPU"]))
+        # Without a dashboard Ray Train's placement-group cleaner cannot query actor state and stays idle
+        # (it logs a warning). With one, Ray 2.60's cleaner can look up another Ray cluster running on
+        # the same machine, miss this run's controller there, and remove this run's placement group.
+        kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", **kwargs)
     elif not ray.is_initialized():
         log(f"[rayft] connecting to the Ray cluster at {ray_args.ray_address}")

@@ -1,0 +1,45 @@
+"""Runs the demo recipe on a fake two-node Ray cluster (two raylets on this machine); used by test_multinode.
+
+    python tests/multinode_run.py OUT_DIR MODEL_DIR key=value ...
+
+Prints one JSON line: {"status": "ok"|"refused", "message": ...}. Shuts down only the cluster it started.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from ray.cluster_utils import Cluster
+
+from rayft.data.errors import DataError
+from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.orchestrator.launch import run_train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(out: str, model: str, *overrides: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        import ray
+
+        ray.init(address=cluster.address)
+        cfg = parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", [
+            f"model_name_or_path={model}", f"output_dir={out}/out", f"ray_storage_path={out}/ray",
+            f"ray_address={cluster.address}", "max_steps=2", "deepspeed=z0", *overrides]), base_dir=ROOT)
+        try:
+            run_train(cfg)
+            print(json.dumps({"status": "ok"}))
+        except (ConfigError, DataError) as err:
+            print(json.dumps({"status": "refused", "message": str(err)}))
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
