@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft.data.errors import DataError
+from rayft.orchestrator.args import comma_list
 
 DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
@@ -57,7 +58,7 @@ def dataset_attrs(names: str, dataset_dir: str | Path) -> list[DatasetAttr]:
     """Looks up a comma list of dataset names; unknown names are reported with the nearest known one."""
     info = load_dataset_info(dataset_dir)
     attrs, problems = [], []
-    for name in (n.strip() for n in names.split(",") if n.strip()):
+    for name in comma_list(names):
         if name not in info:
             close = difflib.get_close_matches(name, list(info), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(info))})"

@@ -17,6 +17,7 @@ from rayft.data.pipeline import (
     token_stats,
     tokenize_cached,
 )
+from rayft.orchestrator.args import comma_list
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds
@@ -50,8 +51,8 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
         log(f"[rayft] {d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
     evaluation = {}
     if d.eval_dataset and d.eval_on_each_dataset:
-        names = [n.strip() for n in d.eval_dataset.split(",") if n.strip()]
-        evaluation = {f"eval_{name}": load_examples(name, d.dataset_dir, d.max_samples, **read) for name in names}
+        evaluation = {f"eval_{name}": load_examples(name, d.dataset_dir, d.max_samples, **read)
+                      for name in comma_list(d.eval_dataset)}
     elif d.eval_dataset:
         evaluation = {"eval": load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read)}
     if d.val_size:

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import Seq2SeqTrainer
 
-from rayft.orchestrator.args import TrainingArguments
+from rayft.orchestrator.args import TrainingArguments, comma_list
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
 
@@ -27,7 +27,7 @@ def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
     """This worker's evaluation data: one shard, or one per eval dataset with eval_on_each_dataset."""
     d = cfg.data
     if d.eval_dataset and d.eval_on_each_dataset:
-        return {name.strip(): shard_rows(f"eval_{name.strip()}") for name in d.eval_dataset.split(",") if name.strip()}
+        return {name: shard_rows(f"eval_{name}") for name in comma_list(d.eval_dataset)}
     return shard_rows("eval")
 
 

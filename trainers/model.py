@@ -2,7 +2,7 @@
 
 import torch
 
-from rayft.orchestrator.args import FinetuningArguments, ModelArguments
+from rayft.orchestrator.args import FinetuningArguments, ModelArguments, comma_list
 
 
 def load_tokenizer(model_args: ModelArguments):
@@ -48,7 +48,7 @@ def load_model(model_args: ModelArguments, use_gpu: bool):
 def lora_target_modules(model, lora_target: str) -> list[str]:
     """`all` means every linear layer but the output head; otherwise the comma list as given."""
     if lora_target.strip() != "all":
-        return [name.strip() for name in lora_target.split(",") if name.strip()]
+        return comma_list(lora_target)
     output_head = model.get_output_embeddings()
     names = {
         name.split(".")[-1]
@@ -68,9 +68,7 @@ def apply_lora(model, finetuning_args: FinetuningArguments):
         lora_alpha=finetuning_args.lora_alpha,
         lora_dropout=finetuning_args.lora_dropout,
         target_modules=lora_target_modules(model, finetuning_args.lora_target),
-        modules_to_save=[m.strip() for m in finetuning_args.additional_target.split(",")]
-        if finetuning_args.additional_target
-        else None,
+        modules_to_save=comma_list(finetuning_args.additional_target) or None,
     )
     return get_peft_model(model, config)
 
