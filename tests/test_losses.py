@@ -1,0 +1,108 @@
+"""Every preference loss, KTO and the reward model's loss against values worked out by hand from the formulas.
+
+Shared example pair: policy log-probs chosen -1.0, rejected -3.0; reference -2.0 and -2.5; so the DPO margin
+Δ = (-1 - -3) - (-2 - -2.5) = 1.5, and with β = 0.1, β·Δ = 0.15.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rayft.trainers import losses
+
+pytestmark = pytest.mark.unit
+
+BETA = 0.1
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def pair():
+    return t(-1.0), t(-3.0), t(-2.0), t(-2.5)
+
+
+def test_sigmoid_is_minus_log_sigmoid_of_beta_margin():
+    loss, chosen, rejected = losses.sigmoid_loss(*pair(), beta=BETA)
+    assert loss.item() == pytest.approx(0.620957047789532)  # log(1 + e^-0.15)
+    assert chosen.item() == pytest.approx(0.1)  # β·(-1 - -2)
+    assert rejected.item() == pytest.approx(-0.05)  # β·(-3 - -2.5)
+
+
+def test_sigmoid_label_smoothing_mixes_in_the_flipped_preference():
+    loss, _, _ = losses.sigmoid_loss(*pair(), beta=BETA, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(0.6509570477895321)  # 0.8·log(1+e^-0.15) + 0.2·log(1+e^0.15)
+
+
+def test_hinge_is_zero_once_the_margin_passes_one_over_beta():
+    assert losses.hinge_loss(*pair(), beta=BETA)[0].item() == pytest.approx(0.85)  # 1 - 0.15
+    assert losses.hinge_loss(*pair(), beta=1.0)[0].item() == 0.0  # 1 - 1.5 < 0
+
+
+def test_ipo_regresses_the_margin_to_one_over_two_beta():
+    assert losses.ipo_loss(*pair(), beta=BETA)[0].item() == pytest.approx(12.25)  # (1.5 - 5)²
+
+
+def test_kto_pair_values_each_side_against_the_other_sides_kl():
+    # chosen log-ratios [1, 0] -> KL 0.5; rejected log-ratios [-0.5, 1] -> KL 0.25
+    loss, _, _ = losses.kto_pair_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.5, -2.0), beta=BETA)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    first = (2 - sig(0.1 * (1 - 0.25)) - sig(0.1 * (0.5 + 0.5))) / 2
+    assert loss.tolist() == pytest.approx([first, 0.5093735354918604])
+    assert first == pytest.approx(0.4781397983212624)
+
+
+def test_orpo_is_nll_plus_beta_times_log_odds_ratio_loss():
+    loss, chosen, rejected = losses.orpo_loss(t(-0.5), t(-1.2), beta=BETA)
+    assert loss.item() == pytest.approx(0.5246553113482877)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-0.05, -0.12))
+
+
+def test_simpo_subtracts_the_target_margin_gamma():
+    loss, chosen, rejected = losses.simpo_loss(t(-0.5), t(-1.2), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(0.3411538747320879)  # -log σ(2·0.7 - 0.5)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-1.0, -2.4))
+
+
+def test_kto_weights_desirable_and_undesirable_examples_around_the_kl_reference_point():
+    # log-ratios [1, -1]; mismatched pairs' log-ratios [0.5, 0.1] -> KL 0.3
+    loss, rewards, kl = losses.kto_loss(t(-1.0, -4.0), t(-2.0, -3.0), torch.tensor([True, False]),
+                                        t(-3.0, -3.0), t(-3.5, -3.1), beta=BETA, chosen_weight=1.0,
+                                        rejected_weight=0.5)
+    assert kl.item() == pytest.approx(0.3)
+    assert loss.tolist() == pytest.approx([0.48250714233361025, 0.23377284680634064])
+    assert rewards.tolist() == pytest.approx([0.1, -0.1])
+
+
+def test_kto_clamps_a_negative_kl_estimate_to_zero():
+    _, _, kl = losses.kto_loss(t(-1.0), t(-2.0), torch.tensor([True]), t(-4.0), t(-3.0), beta=BETA)
+    assert kl.item() == 0.0
+
+
+def test_pairwise_ranking_loss():
+    assert losses.pairwise_ranking_loss(t(0.3), t(-0.4)).item() == pytest.approx(0.40318604888545784)
+
+
+def test_sequence_logps_sums_only_labelled_next_token_log_probs():
+    # vocabulary of 2; row 0 labels tokens 1 and 2 (positions 1, 2), row 1 only position 2
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]],
+                                     [[0.25, 0.75], [0.6, 0.4], [0.5, 0.5]]], dtype=torch.float64))
+    labels = torch.tensor([[-100, 1, 0], [-100, -100, 1]])
+    total, count = losses.sequence_logps(logits, labels)
+    assert total.tolist() == pytest.approx([math.log(0.5) + math.log(0.9), math.log(0.4)])
+    assert count.tolist() == [2, 1]
+
+
+def test_the_losses_pass_gradients_to_the_policy():
+    chosen = t(-1.0).requires_grad_()
+    for name, fn in losses.REFERENCE_LOSSES.items():
+        loss = fn(chosen, t(-3.0), t(-2.0), t(-2.5), beta=BETA)[0].sum()
+        (grad,) = torch.autograd.grad(loss, chosen)
+        assert grad.item() < 0, name  # raising the chosen log-prob lowers the loss
+    for name, fn in losses.REFERENCE_FREE_LOSSES.items():
+        kwargs = {"gamma": 0.5} if name == "simpo" else {}
+        loss = fn(chosen, t(-1.2), beta=BETA, **kwargs)[0].sum()
+        (grad,) = torch.autograd.grad(loss, chosen)
+        assert grad.item() < 0, name

@@ -1,0 +1,111 @@
+"""Preference and reward losses as pure functions of per-example log-probabilities or rewards.
+
+Each returns (per-example losses, chosen rewards, rejected rewards); the stage trainers average the
+losses and log the rewards. Formulas follow the papers named in each docstring.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from rayft.data.encode import IGNORE_INDEX
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the log-probabilities of each row's labelled tokens, and how many tokens were labelled.
+
+    Position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) add nothing.
+    """
+    labels = labels[:, 1:]
+    logits = logits[:, :-1]
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al., 2023): -log σ(β·Δ), Δ the policy's log-ratio margin over the reference's.
+
+    With label smoothing ε (conservative DPO) the preference is taken to be flipped with probability ε.
+    """
+    margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """SLiC-style hinge on the DPO margin (Zhao et al., 2023): max(0, 1 - β·Δ)."""
+    margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = torch.relu(1 - beta * margin)
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """IPO (Azar et al., 2023): (Δ - 1/(2β))², which regresses the margin instead of maximising it."""
+    margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = (margin - 1 / (2 * beta)) ** 2
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def kto_pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """KTO on preference pairs (Ethayarajh et al., 2024): each side is valued against the other side's KL.
+
+    The reference point of the chosen responses is the batch's (clamped, detached) rejected KL estimate
+    and vice versa; a pair's loss is the mean of its two halves.
+    """
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
+    rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+    losses = (2 - torch.sigmoid(beta * (chosen_ratio - rejected_kl))
+              - torch.sigmoid(beta * (chosen_kl - rejected_ratio))) / 2
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def orpo_loss(chosen_avg, rejected_avg, beta: float):
+    """ORPO (Hong et al., 2024): NLL of the chosen response + β · -log σ(log odds(chosen) - log odds(rejected)).
+
+    Inputs are length-normalised (per-token mean) log-probabilities; no reference model.
+    odds(y) = p / (1 - p), so log odds = logp - log(1 - exp(logp)).
+    """
+    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
+
+
+def simpo_loss(chosen_avg, rejected_avg, beta: float, gamma: float):
+    """SimPO (Meng et al., 2024): -log σ(β·avg logp(chosen) - β·avg logp(rejected) - γ); no reference model."""
+    losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
+    return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
+
+
+def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta: float,
+             chosen_weight: float = 1.0, rejected_weight: float = 1.0, kl: torch.Tensor | None = None):
+    """KTO (Ethayarajh et al., 2024) on unpaired examples tagged desirable or not.
+
+    A desirable response's value is σ(β(r - z)), an undesirable one's σ(β(z - r)), with r the policy's
+    log-ratio over the reference and z the reference point: the KL estimate from mismatched
+    prompt/response pairs (clamped at zero, no gradient). The loss is weight · (1 - value).
+    `kl` overrides the batch's own estimate (the trainer passes one averaged over all workers).
+    Returns (per-example losses, per-example rewards β·r, the KL estimate used).
+    """
+    if kl is None:
+        kl = (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    ratio = policy_logps - ref_logps
+    desirable = desirable.bool()
+    value = torch.where(desirable, torch.sigmoid(beta * (ratio - kl)), torch.sigmoid(beta * (kl - ratio)))
+    weight = torch.where(desirable, torch.full_like(ratio, chosen_weight), torch.full_like(ratio, rejected_weight))
+    return weight * (1 - value), (beta * ratio).detach(), kl
+
+
+def pairwise_ranking_loss(chosen_scores, rejected_scores):
+    """The reward model's Bradley-Terry loss: -log σ(r(chosen) - r(rejected))."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO's implicit rewards β·(log π - log π_ref) of each side, without gradient."""
+    return (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
+
+
+# stage dpo's pref_loss -> loss; the first four compare against a reference model
+REFERENCE_LOSSES = {"sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "kto_pair": kto_pair_loss}
+REFERENCE_FREE_LOSSES = {"orpo": orpo_loss, "simpo": simpo_loss}
