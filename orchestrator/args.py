@@ -135,6 +135,11 @@ class FinetuningArguments:
     pissa_iter: int = 16
     pissa_convert: bool = False
     create_new_adapter: bool = False
+    # OFT (orthogonal fine-tuning, through PEFT)
+    oft_rank: int = 0
+    oft_block_size: int = 32
+    oft_target: str = "all"
+    module_dropout: float = 0.0
     # RLHF
     pref_beta: float = 0.1
     pref_ftx: float = 0.0

@@ -1,4 +1,8 @@
-"""Model and tokenizer loading through `from_pretrained`, and the PEFT adapters put on top."""
+"""Model and tokenizer loading through `from_pretrained`, and what each fine-tuning type makes trainable.
+
+`FINETUNING` maps finetuning_type to the function that prepares a loaded model for training: a PEFT
+adapter (lora, oft), the last or first layers (freeze), or everything (full).
+"""
 
 import torch
 
@@ -21,59 +25,217 @@ def load_tokenizer(model_args: ModelArguments):
     return tokenizer
 
 
-def load_model(model_args: ModelArguments, use_gpu: bool):
-    """The causal LM in fp32 on CPU workers (bf16 matmuls are far slower there), auto dtype on GPU."""
-    from transformers import AutoModelForCausalLM
+def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
+    """fp32 on CPU workers (bf16 matmuls are far slower there), the checkpoint's own dtype on GPU;
+    bf16 weights throughout with pure_bf16."""
+    if pure_bf16:
+        if use_gpu and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("pure_bf16: this GPU has no bf16 support; remove pure_bf16 or use bf16-capable GPUs")
+        return torch.bfloat16
+    return "auto" if use_gpu else torch.float32
+
+
+def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = False, value_head: bool = False,
+               path: str | None = None, trainable: bool = True):
+    """The model at `path` (default model_name_or_path) through `from_pretrained`.
+
+    With `value_head` it is the sequence-classification form of the same checkpoint: the LM body plus a
+    scalar head (`score`) read at each sequence's last token, which is how stage rm scores a response.
+    A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        dtype="auto" if use_gpu else torch.float32,
+    kwargs = {"num_labels": 1} if value_head else {}
+    model = (AutoModelForSequenceClassification if value_head else AutoModelForCausalLM).from_pretrained(
+        path or model_args.model_name_or_path,
+        dtype=model_dtype(use_gpu, pure_bf16),
         attn_implementation=attn,
         revision=model_args.model_revision,
         cache_dir=model_args.cache_dir,
         token=model_args.hf_hub_token,
         trust_remote_code=model_args.trust_remote_code,
         low_cpu_mem_usage=model_args.low_cpu_mem_usage,
+        **kwargs,
     )
     # The KV cache only costs memory in training, and with one Transformers ignores packed position_ids
     # (neat_packing's block-diagonal mask).
     model.config.use_cache = False
-    if not model_args.disable_gradient_checkpointing:
+    if trainable and not model_args.disable_gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": model_args.use_reentrant_gc})
         model.enable_input_require_grads()
     return model
 
 
-def lora_target_modules(model, lora_target: str) -> list[str]:
+def linear_module_names(model) -> list[str]:
+    """The distinct names of the model's linear layers, but not the output head (or a value head)."""
+    heads = {id(model.get_output_embeddings()), id(getattr(model, "score", None))}
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and id(module) not in heads})
+
+
+def target_modules(model, target: str) -> list[str]:
     """`all` means every linear layer but the output head; otherwise the comma list as given."""
-    if lora_target.strip() != "all":
-        return comma_list(lora_target)
-    output_head = model.get_output_embeddings()
-    names = {
-        name.split(".")[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output_head
-    }
-    return sorted(names)
+    return linear_module_names(model) if target.strip() == "all" else comma_list(target)
 
 
-def apply_lora(model, finetuning_args: FinetuningArguments):
-    """Wraps `model` with a fresh, trainable LoRA adapter."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def task_type(model):
+    from peft import TaskType
 
+    return TaskType.SEQ_CLS if getattr(model, "score", None) is not None else TaskType.CAUSAL_LM
+
+
+def load_adapters(model, model_args: ModelArguments, finetuning_args: FinetuningArguments):
+    """Applies adapter_name_or_path: earlier adapters are merged into the weights; the last one is
+    trained further, or merged too when create_new_adapter asks for a fresh adapter on top.
+
+    Returns (model, whether an adapter was left to train).
+    """
+    from peft import PeftModel
+
+    adapters = comma_list(model_args.adapter_name_or_path)
+    if not adapters:
+        return model, False
+    to_merge = adapters if finetuning_args.create_new_adapter else adapters[:-1]
+    for adapter in to_merge:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if finetuning_args.create_new_adapter:
+        return model, False
+    return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True), True
+
+
+def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
+    """A trainable LoRA adapter: continued from adapter_name_or_path, or new (rsLoRA, DoRA, PiSSA init)."""
+    from peft import LoraConfig, get_peft_model
+
+    f = finetuning_args
+    if model_args is not None:
+        model, continued = load_adapters(model, model_args, f)
+        if continued:
+            return model
+    init = True
+    if f.pissa_init:
+        init = "pissa" if f.pissa_iter == -1 else f"pissa_niter_{f.pissa_iter}"
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=finetuning_args.lora_rank,
-        lora_alpha=finetuning_args.lora_alpha,
-        lora_dropout=finetuning_args.lora_dropout,
-        target_modules=lora_target_modules(model, finetuning_args.lora_target),
-        modules_to_save=comma_list(finetuning_args.additional_target) or None,
+        task_type=task_type(model),
+        r=f.lora_rank,
+        lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout,
+        target_modules=target_modules(model, f.lora_target),
+        modules_to_save=comma_list(f.additional_target) or None,
+        use_rslora=f.use_rslora,
+        use_dora=f.use_dora,
+        init_lora_weights=init,
     )
     return get_peft_model(model, config)
 
 
+def apply_oft(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
+    """A trainable OFT adapter: block-diagonal orthogonal rotations of the targeted layers' weights."""
+    from peft import OFTConfig, get_peft_model
+
+    f = finetuning_args
+    if model_args is not None:
+        model, continued = load_adapters(model, model_args, f)
+        if continued:
+            return model
+    config = OFTConfig(
+        task_type=task_type(model),
+        r=f.oft_rank,
+        oft_block_size=f.oft_block_size,
+        module_dropout=f.module_dropout,
+        target_modules=target_modules(model, f.oft_target),
+        modules_to_save=comma_list(f.additional_target) or None,
+    )
+    return get_peft_model(model, config)
+
+
+def layer_stack(model) -> tuple[str, int]:
+    """The name of the module list holding the transformer blocks, and how many blocks it has."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, count
+    raise ValueError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
+
+
+def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> list[str]:
+    """Parameter-name prefixes that freeze fine-tuning trains.
+
+    freeze_trainable_layers > 0 trains the last n blocks, < 0 the first n; freeze_trainable_modules picks
+    modules inside those blocks (all, or a comma list such as `mlp,self_attn`); freeze_extra_modules adds
+    modules outside the blocks (e.g. `embed_tokens,norm`). An unknown module name is an error.
+    """
+    f = finetuning_args
+    stack, count = layer_stack(model)
+    n = f.freeze_trainable_layers
+    layers = range(max(0, count - n), count) if n > 0 else range(min(-n, count))
+    modules = [""] if f.freeze_trainable_modules.strip() == "all" else comma_list(f.freeze_trainable_modules)
+    in_block = {name.split(".")[0] for name, _ in model.get_submodule(f"{stack}.0").named_modules() if name}
+    unknown = [m for m in modules if m and m not in in_block]
+    if unknown:
+        raise ValueError(f"freeze_trainable_modules: {unknown} are not modules of a block; choose from {sorted(in_block)}")
+    prefixes = [f"{stack}.{i}.{m}".rstrip(".") + "." for i in layers for m in modules]
+    outside = {}
+    for name, _ in model.named_modules():
+        if name and not name.startswith(stack + ".") and name != stack:
+            outside.setdefault(name.split(".")[-1], name)
+    for extra in comma_list(f.freeze_extra_modules):
+        if extra not in outside:
+            raise ValueError(f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
+                             f"choose from {sorted(outside)}")
+        prefixes.append(outside[extra] + ".")
+    return prefixes
+
+
+def apply_freeze(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
+    """Trains only the chosen blocks (and extra modules); every other weight is frozen."""
+    prefixes = freeze_trainable_prefixes(model, finetuning_args)
+    heads = ("score.",) if getattr(model, "score", None) is not None else ()  # a new value head must learn
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(tuple(prefixes) + heads))
+    return model
+
+
+def apply_full(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
+    """Trains every weight."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+FINETUNING = {"lora": apply_lora, "oft": apply_oft, "freeze": apply_freeze, "full": apply_full}
+
+
+def prepare_model(cfg, use_gpu: bool, value_head: bool = False):
+    """The model a stage trains: loaded, then made trainable as its finetuning_type says."""
+    f = cfg.finetuning
+    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, value_head=value_head)
+    return FINETUNING[f.finetuning_type](model, f, cfg.model)
+
+
+def load_reference(cfg, use_gpu: bool):
+    """A frozen reference model: ref_model (with ref_model_adapters merged) or a copy of the base model."""
+    from peft import PeftModel
+
+    f = cfg.finetuning
+    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, path=f.ref_model, trainable=False)
+    for adapter in comma_list(f.ref_model_adapters):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def parameter_count(param) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away from this process."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def trainable_counts(model) -> tuple[int, int]:
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(parameter_count(p) for p in model.parameters())
+
+
 def trainable_summary(model) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = trainable_counts(model)
     return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"

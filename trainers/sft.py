@@ -10,7 +10,7 @@ from rayft.data.collator import SupervisedCollator
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.callbacks import LogCallback, say
 from rayft.trainers.common import ShardTrainer, eval_shards, finish, shard_rows, training_arguments
-from rayft.trainers.model import apply_lora, load_model, load_tokenizer, trainable_summary
+from rayft.trainers.model import load_tokenizer, prepare_model, trainable_summary
 
 
 def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
@@ -30,7 +30,7 @@ def fit_causal_lm(cfg: RecipeConfig, plan: dict) -> dict:
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = apply_lora(load_model(cfg.model, plan["use_gpu"]), cfg.finetuning)
+    model = prepare_model(cfg, plan["use_gpu"])
     if args.process_index == 0:
         say(f"[rayft] {trainable_summary(model)}")
 

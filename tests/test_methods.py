@@ -1,0 +1,142 @@
+"""What each fine-tuning type trains, counted against the tiny model's shapes (no Ray needed).
+
+The tiny Qwen2 model: hidden 256, 4 blocks, q/o 256->256 (q with bias), k/v 256->128 (with bias),
+gate/up 256->682, down 682->256, two RMSNorms per block, tied 556-token embeddings.
+"""
+
+import pytest
+import torch
+
+from rayft.orchestrator.args import FinetuningArguments, ModelArguments
+from rayft.trainers import model as methods
+
+pytestmark = pytest.mark.unit
+
+# (in_features, out_features, has_bias) of every linear layer in one block
+LINEARS = {"q_proj": (256, 256, True), "k_proj": (256, 128, True), "v_proj": (256, 128, True),
+           "o_proj": (256, 256, False), "gate_proj": (256, 682, False), "up_proj": (256, 682, False),
+           "down_proj": (682, 256, False)}
+BLOCKS = 4
+BLOCK_PARAMS = sum(i * o + (o if b else 0) for i, o, b in LINEARS.values()) + 2 * 256
+
+
+def prepared(tiny_model, value_head=False, **finetuning):
+    f = FinetuningArguments(**finetuning)
+    if f.lora_alpha is None:
+        f.lora_alpha = 2 * f.lora_rank
+    m = ModelArguments(model_name_or_path=str(tiny_model), disable_gradient_checkpointing=True)
+    model = methods.load_model(m, use_gpu=False, pure_bf16=f.pure_bf16, value_head=value_head)
+    return methods.FINETUNING[f.finetuning_type](model, f, m)
+
+
+def trainable(model):
+    return methods.trainable_counts(model)[0]
+
+
+def trainable_names(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_lora_trains_rank_times_in_plus_out_per_targeted_layer(tiny_model):
+    expected = BLOCKS * sum(8 * (i + o) for i, o, _ in LINEARS.values())
+    assert trainable(prepared(tiny_model, lora_rank=8)) == expected == 147392
+
+
+def test_lora_on_named_targets_only(tiny_model):
+    model = prepared(tiny_model, lora_rank=4, lora_target="q_proj,v_proj")
+    assert trainable(model) == BLOCKS * (4 * (256 + 256) + 4 * (256 + 128))
+
+
+def test_rslora_keeps_the_count_and_scales_by_alpha_over_sqrt_rank(tiny_model):
+    model = prepared(tiny_model, lora_rank=16, lora_alpha=8, use_rslora=True)
+    assert trainable(model) == BLOCKS * sum(16 * (i + o) for i, o, _ in LINEARS.values())
+    q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert q.scaling["default"] == pytest.approx(8 / 16 ** 0.5)
+
+
+def test_dora_adds_one_magnitude_per_output_feature(tiny_model):
+    lora = BLOCKS * sum(8 * (i + o) for i, o, _ in LINEARS.values())
+    magnitudes = BLOCKS * sum(o for _, o, _ in LINEARS.values())
+    assert trainable(prepared(tiny_model, use_dora=True)) == lora + magnitudes
+
+
+def test_pissa_init_moves_the_principal_components_into_the_adapter(tiny_model):
+    base = methods.load_model(ModelArguments(model_name_or_path=str(tiny_model)), use_gpu=False)
+    model = prepared(tiny_model, pissa_init=True, pissa_iter=-1, lora_target="q_proj")
+    assert trainable(model) == BLOCKS * 8 * (256 + 256)
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():  # residual + adapter reproduce the original weights
+        assert torch.allclose(model(ids).logits, base(ids).logits, atol=1e-4)
+        q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+        assert q.lora_B["default"].weight.abs().sum() > 0  # unlike plain LoRA's zero-initialised B
+
+
+def test_oft_trains_a_skew_symmetric_block_per_block_of_input_features(tiny_model):
+    block = 2
+    per_block = block * (block - 1) // 2
+    expected = BLOCKS * sum(i // block * per_block for i, _, _ in LINEARS.values())
+    assert trainable(prepared(tiny_model, finetuning_type="oft", oft_block_size=block)) == expected
+
+
+@pytest.mark.parametrize("layers, trained", [(2, [2, 3]), (-1, [0]), (10, [0, 1, 2, 3])])
+def test_freeze_trains_the_last_or_first_blocks(tiny_model, layers, trained):
+    model = prepared(tiny_model, finetuning_type="freeze", freeze_trainable_layers=layers)
+    assert trainable(model) == len(trained) * BLOCK_PARAMS
+    assert {int(n.split(".")[2]) for n in trainable_names(model)} == set(trained)
+
+
+def test_freeze_modules_and_extra_modules(tiny_model):
+    model = prepared(tiny_model, finetuning_type="freeze", freeze_trainable_layers=1,
+                     freeze_trainable_modules="mlp", freeze_extra_modules="norm")
+    mlp = sum(i * o for name, (i, o, _) in LINEARS.items() if name.endswith(("gate_proj", "up_proj", "down_proj")))
+    assert trainable(model) == mlp + 256
+    assert all(".3.mlp." in n or n == "model.norm.weight" for n in trainable_names(model))
+
+
+def test_freeze_refuses_unknown_module_names(tiny_model):
+    with pytest.raises(ValueError, match="freeze_trainable_modules.*choose from"):
+        prepared(tiny_model, finetuning_type="freeze", freeze_trainable_modules="attention")
+    with pytest.raises(ValueError, match="freeze_extra_modules.*choose from"):
+        prepared(tiny_model, finetuning_type="freeze", freeze_extra_modules="vision_tower")
+
+
+def test_full_trains_everything(tiny_model):
+    model = prepared(tiny_model, finetuning_type="full")
+    total = BLOCKS * BLOCK_PARAMS + 556 * 256 + 256  # blocks, tied embeddings, final norm
+    assert methods.trainable_counts(model) == (total, total)
+
+
+def test_pure_bf16_loads_bf16_weights(tiny_model):
+    model = prepared(tiny_model, finetuning_type="full", pure_bf16=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_value_head_lora_also_trains_the_scalar_head(tiny_model):
+    model = prepared(tiny_model, value_head=True)
+    lora = BLOCKS * sum(8 * (i + o) for i, o, _ in LINEARS.values())
+    assert trainable(model) == lora + 256  # score: Linear(256 -> 1, no bias)
+    freeze = prepared(tiny_model, value_head=True, finetuning_type="freeze", freeze_trainable_layers=1)
+    assert trainable(freeze) == BLOCK_PARAMS + 256
+
+
+def test_continuing_and_stacking_adapters(tiny_model, tmp_path):
+    first = prepared(tiny_model, lora_rank=4)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    first.save_pretrained(tmp_path / "first")
+    m = ModelArguments(model_name_or_path=str(tiny_model), adapter_name_or_path=str(tmp_path / "first"),
+                       disable_gradient_checkpointing=True)
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        expected = first(ids).logits
+
+    continued = methods.apply_lora(methods.load_model(m, use_gpu=False), FinetuningArguments(lora_alpha=16), m)
+    assert trainable(continued) == BLOCKS * sum(4 * (i + o) for i, o, _ in LINEARS.values())  # rank 4, as saved
+    stacked = methods.apply_lora(methods.load_model(m, use_gpu=False),
+                                 FinetuningArguments(lora_alpha=16, create_new_adapter=True), m)
+    assert trainable(stacked) == BLOCKS * sum(8 * (i + o) for i, o, _ in LINEARS.values())  # a new rank-8 one
+    with torch.no_grad():
+        assert torch.allclose(continued(ids).logits, expected, atol=1e-5)
+        assert torch.allclose(stacked(ids).logits, expected, atol=1e-4)  # merged + a zero-initialised adapter
