@@ -37,3 +37,35 @@ class SupervisedCollator:
         if packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PairwiseCollator:
+    """Preference pairs (stages rm and dpo) as one batch: the chosen sequences, then the rejected ones.
+
+    One padded batch lets a single forward pass score both sides.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = SupervisedCollator(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+                for side in ("chosen", "rejected") for e in examples]
+        return self.pad(rows)
+
+
+class KTOCollator:
+    """KTO examples and their mismatched KL pairs, padded to one length; `kto_tag` marks desirable ones."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = SupervisedCollator(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": e[f"{prefix}input_ids"], "labels": e[f"{prefix}labels"]}
+                for prefix in ("", "kl_") for e in examples]
+        batch = self.pad(rows)
+        n = len(examples)
+        out = {key: value[:n] for key, value in batch.items()}
+        out.update({f"kl_{key}": value[n:] for key, value in batch.items()})
+        out["kto_tag"] = torch.tensor([bool(e["kto_tag"]) for e in examples])
+        return out

@@ -235,7 +235,14 @@ def token_stats(dataset) -> dict:
 
 
 def describe_example(row: dict, tokenizer) -> str:
-    """One decoded example with its label mask, printed before training."""
+    """One decoded example with its label mask, printed before training (both sides of a preference pair)."""
+    if "chosen_input_ids" in row:
+        return "\n".join(f"[{side}]\n" + describe_example(
+            {"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]}, tokenizer)
+            for side in ("chosen", "rejected"))
+    if "kto_tag" in row:
+        tag = "desirable" if row["kto_tag"] else "undesirable"
+        return f"kto_tag: {tag}\n" + describe_example({"input_ids": row["input_ids"], "labels": row["labels"]}, tokenizer)
     ids = [int(i) for i in row["input_ids"]]
     labels = [int(i) for i in row["labels"]]
     trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rayft.orchestrator.args import (
     SECTIONS,
+    comma_list,
     DataArguments,
     FinetuningArguments,
     GeneratingArguments,
@@ -68,27 +69,50 @@ NOT_BUILT: dict[str, str] = {
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
     **{k: "the data engine (issue: Ray Data engine)" for k in (
         "streaming", "buffer_size", "tool_format", "data_shared_file_system")},
-    **{k: "LoRA variants (issue: training stages and methods)" for k in (
-        "use_rslora", "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
-        "loraplus_lr_embedding", "create_new_adapter")},
-    **{k: "freeze fine-tuning (issue: training stages and methods)" for k in (
-        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
-    **{k: "preference and RL stages (issue: training stages and methods)" for k in (
-        "pref_beta", "pref_ftx", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
-        "kto_rejected_weight", "simpo_gamma", "ref_model", "ref_model_adapters", "reward_model",
-        "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm",
-        "ppo_target", "ppo_whiten_rewards")},
+    **{k: "PPO (issue: PPO stage)" for k in (
+        "reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
+        "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
     **{k: "generative evaluation and prediction (issue: after training)" for k in (
-        "predict_with_generate", "do_predict", "compute_accuracy", "eval_num_beams")},
+        "predict_with_generate", "do_predict", "eval_num_beams")},
     "adapter_folder": "loading adapters from a folder",
-    "adapter_name_or_path": "continuing from adapters (issue: training stages and methods)",
-    "pure_bf16": "pure bf16 training (issue: training stages and methods)",
     "train_from_scratch": "training from scratch",
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }
 
-BUILT_STAGES = {"pt", "sft"}
-BUILT_FINETUNING_TYPES = {"lora"}
+BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto"}
+BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+
+# Keys that only some settings read: key -> (does this config read it?, the settings that decide, what reads
+# it). Setting one that the config does not read is refused rather than silently ignored.
+_LORA, _OFT, _FREEZE = (lambda f: f.finetuning_type == "lora"), (lambda f: f.finetuning_type == "oft"), (
+    lambda f: f.finetuning_type == "freeze")
+_REFERENCE = lambda f: f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+ONLY_USED_WITH: dict[str, tuple] = {
+    **{k: (_LORA, ("finetuning_type",), "finetuning_type: lora") for k in (
+        "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora", "pissa_init",
+        "loraplus_lr_ratio")},
+    **{k: (_OFT, ("finetuning_type",), "finetuning_type: oft") for k in (
+        "oft_rank", "oft_block_size", "oft_target", "module_dropout")},
+    **{k: (_FREEZE, ("finetuning_type",), "finetuning_type: freeze") for k in (
+        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
+    **{k: (lambda f: f.finetuning_type in ("lora", "oft"), ("finetuning_type",), "finetuning_type: lora or oft")
+       for k in ("additional_target", "create_new_adapter")},
+    "pissa_iter": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
+    "pissa_convert": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
+    "loraplus_lr_embedding": (lambda f: f.loraplus_lr_ratio is not None, ("loraplus_lr_ratio",), "loraplus_lr_ratio set"),
+    "pref_loss": (lambda f: f.stage == "dpo", ("stage",), "stage: dpo"),
+    "pref_beta": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
+    "pref_ftx": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
+    "dpo_label_smoothing": (lambda f: f.stage == "dpo" and f.pref_loss == "sigmoid", ("stage", "pref_loss"),
+                            "stage: dpo with pref_loss: sigmoid"),
+    "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
+                    "stage: dpo with pref_loss: simpo"),
+    **{k: (lambda f: f.stage == "kto", ("stage",), "stage: kto") for k in ("kto_chosen_weight", "kto_rejected_weight")},
+    **{k: (_REFERENCE, ("stage", "pref_loss"), "a reference model (stage kto, or stage dpo with a pref_loss other "
+           "than orpo and simpo)") for k in ("ref_model", "ref_model_adapters")},
+    "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
+}
 DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload")
 
 
@@ -256,6 +280,28 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
         problems.append(f"lora_alpha: must be positive, got {f.lora_alpha}")
     if not 0.0 <= f.lora_dropout < 1.0:
         problems.append(f"lora_dropout: must be in [0, 1), got {f.lora_dropout}")
+    for key, (used, settings, by) in ONLY_USED_WITH.items():
+        if getattr(f, key) != _default(FinetuningArguments, key) and not used(f):
+            now = ", ".join(f"{name}: {getattr(f, name)!r}" for name in settings)
+            problems.append(f"{key} and {' and '.join(settings)}: {key} is only used with {by}, but here {now}; "
+                            f"remove {key} or change {' / '.join(settings)}")
+    if d.mask_history and d.train_on_prompt:
+        problems.append("mask_history and train_on_prompt: mask_history learns only the last response, "
+                        "train_on_prompt learns every prompt too; set one of them to false")
+    zero3 = _zero_stage(t.get("deepspeed"), base_dir) == 3
+    if len(comma_list(m.adapter_name_or_path)) > 1 and zero3:
+        problems.append("adapter_name_or_path and deepspeed: merging several adapters needs whole weights, which "
+                        "ZeRO-3 partitions; merge them beforehand or use ZeRO 0-2")
+    if f.pissa_convert and zero3:
+        problems.append("pissa_convert and deepspeed: converting PiSSA needs the whole adapter on one worker, "
+                        "which ZeRO-3 partitions; use ZeRO 0-2 or remove pissa_convert")
+    if m.adapter_name_or_path and f.finetuning_type not in ("lora", "oft"):
+        problems.append(f"adapter_name_or_path and finetuning_type: adapters continue lora or oft training, "
+                        f"not {f.finetuning_type!r}; merge them into the model first or use finetuning_type: lora")
+    if f.compute_accuracy and t.get("eval_strategy", "no") == "no" and not (d.eval_dataset or d.val_size):
+        problems.append("compute_accuracy: needs evaluation data; set eval_dataset or val_size")
+    if f.freeze_trainable_layers == 0:
+        problems.append("freeze_trainable_layers: 0 trains nothing; use a positive n (last n blocks) or a negative one (first n)")
     if (d.packing or d.neat_packing) and f.stage not in ("pt", "sft"):
         problems.append(f"packing: packs sequences for stages pt and sft, not {f.stage!r}; remove packing")
     if d.neat_packing and d.packing is False:
@@ -287,7 +333,10 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
-    f.use_ref_model = f.stage == "dpo" and f.pref_loss not in ("orpo", "simpo")
+    f.use_ref_model = f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+    if f.stage in ("dpo", "kto"):
+        notes.append(f"use_ref_model = {f.use_ref_model} (stage {f.stage}"
+                     + (f", pref_loss {f.pref_loss})" if f.stage == "dpo" else ")"))
     d = cfg.data
     if d.packing is None:
         d.packing = d.neat_packing or f.stage == "pt"
@@ -379,6 +428,20 @@ def _deepspeed_problems(deepspeed: Any, base_dir: Path) -> list[str]:
     except json.JSONDecodeError as err:
         return [f"deepspeed: {deepspeed} is not valid JSON: {err}"]
     return []
+
+
+def _zero_stage(spec: Any, base_dir: Path) -> int | None:
+    """The ZeRO stage of a recipe's deepspeed value (shorthand, dict or JSON path), None without one."""
+    if isinstance(spec, str) and spec in DEEPSPEED_SHORTHANDS:
+        return int(spec[1])
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(_under(base_dir, spec).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    if isinstance(spec, dict):
+        return int(spec.get("zero_optimization", {}).get("stage", 0))
+    return None
 
 
 def _training_arguments_problems(training: dict) -> list[str]:

@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "use_dora=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "use_galore=true", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("use_dora") and "not built" in p for p in found)
+    assert any(p.startswith("use_galore") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():
@@ -82,7 +82,7 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("use_dora", "true"), ("stage", "dpo"), ("finetuning_type", "full"),
+@pytest.mark.parametrize("key,value", [("stage", "ppo"), ("reward_model", "rm"), ("predict_with_generate", "true"),
                                        ("streaming", "true"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
@@ -90,8 +90,8 @@ def test_unbuilt_features_are_refused_by_name(key, value):
 
 
 def test_unbuilt_fields_at_their_default_are_accepted():
-    cfg = parse("use_dora=false", "pref_beta=0.1", "packing=null")
-    assert cfg.finetuning.use_dora is False
+    cfg = parse("use_galore=false", "ppo_epochs=4", "packing=null")
+    assert cfg.finetuning.use_galore is False
 
 
 def test_every_not_built_key_is_a_real_field():
@@ -110,11 +110,43 @@ def test_derived_values_are_computed_and_noted():
 def test_use_ref_model_follows_the_preference_loss():
     from rayft.orchestrator.config import resolve
 
-    for loss, expected in (("sigmoid", True), ("orpo", False), ("simpo", False)):
+    for stage, loss, expected in (("dpo", "sigmoid", True), ("dpo", "kto_pair", True), ("dpo", "orpo", False),
+                                  ("dpo", "simpo", False), ("kto", "sigmoid", True), ("rm", "sigmoid", False)):
         cfg = parse()
-        cfg.finetuning.stage, cfg.finetuning.pref_loss = "dpo", loss
+        cfg.finetuning.stage, cfg.finetuning.pref_loss = stage, loss
         resolve(cfg, ROOT)
-        assert cfg.finetuning.use_ref_model is expected, loss
+        assert cfg.finetuning.use_ref_model is expected, (stage, loss)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (("mask_history=true", "train_on_prompt=true"), ("mask_history", "train_on_prompt")),
+    (("stage=dpo", "pref_loss=orpo", "ref_model=some/model"), ("ref_model", "pref_loss", "orpo")),
+    (("stage=dpo", "pref_loss=simpo", "ref_model_adapters=adapter"), ("ref_model_adapters", "simpo")),
+    (("stage=sft", "pref_beta=0.2"), ("pref_beta", "stage", "'sft'")),
+    (("stage=dpo", "kto_chosen_weight=2.0"), ("kto_chosen_weight", "stage: kto")),
+    (("stage=dpo", "pref_loss=hinge", "dpo_label_smoothing=0.1"), ("dpo_label_smoothing", "pref_loss: sigmoid")),
+    (("finetuning_type=freeze", "lora_rank=16"), ("lora_rank", "finetuning_type", "'freeze'")),
+    (("finetuning_type=full", "freeze_trainable_layers=4"), ("freeze_trainable_layers", "finetuning_type")),
+    (("pissa_convert=true",), ("pissa_convert", "pissa_init")),
+    (("pissa_init=true", "pissa_convert=true", "deepspeed=z3"), ("pissa_convert", "deepspeed")),
+    (("finetuning_type=full", "adapter_name_or_path=a"), ("adapter_name_or_path", "finetuning_type")),
+    (("adapter_name_or_path=a,b", "deepspeed=z3"), ("adapter_name_or_path", "deepspeed")),
+    (("compute_accuracy=true",), ("compute_accuracy", "eval_dataset")),
+    (("stage=dpo", "compute_accuracy=true", "val_size=0.1"), ("compute_accuracy", "stage: sft")),
+    (("finetuning_type=freeze", "freeze_trainable_layers=0"), ("freeze_trainable_layers",)),
+])
+def test_inconsistent_settings_are_refused_naming_both_keys(overrides, names):
+    (problem,) = problems(*overrides)
+    assert all(name in problem for name in names), problem
+
+
+def test_consistent_method_settings_are_accepted():
+    parse("stage=dpo", "pref_loss=simpo", "simpo_gamma=1.0", "pref_beta=2.0", "pref_ftx=0.1")
+    parse("stage=kto", "kto_rejected_weight=1.5", "ref_model_adapters=a")
+    parse("finetuning_type=freeze", "freeze_trainable_layers=-2", "freeze_extra_modules=norm")
+    parse("finetuning_type=oft", "oft_block_size=16", "additional_target=lm_head")
+    parse("use_dora=true", "pissa_init=true", "pissa_iter=4", "pissa_convert=true", "loraplus_lr_ratio=16")
+    parse("stage=sft", "compute_accuracy=true", "val_size=0.1", "eval_strategy=steps")
 
 
 def test_use_ref_model_cannot_be_set():

@@ -1,12 +1,16 @@
 """Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
 
+from collections import defaultdict
+
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from transformers import Seq2SeqTrainer
+from transformers import PrinterCallback, Seq2SeqTrainer
 
 from rayft.orchestrator.args import TrainingArguments, comma_list
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
+from rayft.trainers.callbacks import LogCallback, say
+from rayft.trainers.model import trainable_summary
 
 
 def shard_rows(name: str) -> list[dict] | None:
@@ -19,8 +23,12 @@ def shard_rows(name: str) -> list[dict] | None:
         return None
     if shard is None:
         return None
-    columns = ("input_ids", "labels", "position_ids")
-    return [{k: row[k].tolist() for k in columns if k in row} for row in shard.iter_rows()]
+    return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items() if k not in COUNT_COLUMNS}
+            for row in shard.iter_rows()]
+
+
+# columns the pipeline adds for its token statistics; the trainers do not need them
+COUNT_COLUMNS = ("num_tokens", "num_trained", "truncated")
 
 
 def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
@@ -52,9 +60,22 @@ class ShardTrainer(Seq2SeqTrainer):
     processes (which the default accelerate-prepared loader would do).
     """
 
-    def __init__(self, *args, shuffle: bool = True, **kwargs):
+    def __init__(self, *args, shuffle: bool = True, finetuning=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.shuffle = shuffle
+        self.finetuning = finetuning
+
+    def create_optimizer(self, model=None):
+        """The default optimizer, or LoRA+ parameter groups when loraplus_lr_ratio is set."""
+        f = self.finetuning
+        if self.optimizer is not None or f is None or f.loraplus_lr_ratio is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = loraplus_groups(opt_model, self.args.learning_rate, f.loraplus_lr_ratio, f.loraplus_lr_embedding,
+                                 self.args.weight_decay, set(self.get_decay_parameter_names(opt_model)))
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def get_train_dataloader(self) -> DataLoader:
         if self.shuffle:
@@ -100,3 +121,86 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
             outputs.plot_loss(output_dir)
         outputs.write_model_card(output_dir, masked, metrics)
     return metrics
+
+
+def loraplus_groups(model, lr: float, ratio: float, embedding_lr: float, weight_decay: float,
+                    decay_names: set[str]) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): the B matrices learn `ratio` times faster than A; adapters on
+    embeddings use `embedding_lr`. Weight decay as the Trainer would apply it."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_embedding_" in name:
+            rate = embedding_lr
+        elif "lora_B" in name:
+            rate = lr * ratio
+        else:
+            rate = lr
+        groups[(rate, weight_decay if name in decay_names else 0.0)].append(param)
+    return [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
+
+
+class StatsTrainer(ShardTrainer):
+    """A ShardTrainer whose loss also yields statistics (rewards, accuracies) that are logged per step.
+
+    `compute_loss` records per-example values under the same keys on every step (an empty tensor when a
+    batch has none); `log` adds their means over the examples since the last log on all workers, with an
+    `eval_` prefix during evaluation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded = {"train": {}, "eval": {}}  # key -> [sum, count]
+
+    def record(self, stats: dict[str, torch.Tensor]) -> None:
+        recorded = self.recorded["train" if self.model.training else "eval"]
+        for key, value in stats.items():
+            value = value.detach().double().reshape(-1)
+            total = recorded.setdefault(key, [0.0, 0])
+            total[0] += value.sum().item()
+            total[1] += value.numel()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        recorded = self.recorded[mode]
+        if recorded:
+            keys = sorted(recorded)
+            totals = torch.tensor([recorded[k] for k in keys], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)  # every worker logs at the same step, with the same keys
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}": round(total / count, 6)
+                         for k, (total, count) in zip(keys, totals.tolist()) if count})
+            recorded.clear()
+        super().log(logs, start_time)
+
+
+def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer, collator,
+        trainer_cls: type = ShardTrainer, extra_metrics: dict | None = None, **trainer_kwargs) -> dict:
+    """Trains `model` on this worker's shard with `trainer_cls` and saves everything; returns the metrics."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    if args.process_index == 0:
+        say(f"[rayft] {cfg.finetuning.finetuning_type}: {trainable_summary(model)}")
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=shard_rows("train"),
+        eval_dataset=eval_shards(cfg),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[LogCallback(args.output_dir), RayTrainReportCallback()],
+        shuffle=not cfg.finetuning.disable_shuffling,
+        finetuning=cfg.finetuning,
+        **trainer_kwargs,
+    )
+    trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result.metrics.update(extra_metrics or {})
+    return finish(trainer, cfg, plan, train_result, tokenizer)

@@ -5,9 +5,12 @@ from pathlib import Path
 
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.callbacks import say
+from rayft.trainers.dpo import run_dpo
+from rayft.trainers.kto import run_kto
+from rayft.trainers.rm import run_rm
 from rayft.trainers.sft import run_pt, run_sft
 
-STAGES = {"pt": run_pt, "sft": run_sft}
+STAGES = {"pt": run_pt, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "kto": run_kto}
 PLACEMENT_FILE = "placement.json"
 
 

@@ -67,6 +67,38 @@ def story(rng: random.Random) -> dict:
                     f"Together they had {NUMBER_WORDS[a + b]} apples, and they shared them all."}
 
 
+REFUSALS = ["I do not know.", "Sorry, I cannot answer that.", "That is not something I can do."]
+
+
+def worse_answer(row: dict, rng: random.Random) -> str:
+    """A dispreferred response: a refusal, or the right answer with its words shuffled."""
+    if rng.random() < 0.5:
+        return rng.choice(REFUSALS)
+    words = row["output"].rstrip(".").split()
+    for _ in range(5):
+        rng.shuffle(words)
+        if " ".join(words) != row["output"].rstrip("."):
+            break
+    return " ".join(words) + "."
+
+
+def preference_pair(rng: random.Random, i: int) -> dict:
+    """An alpaca-style ranking row: the right answer is chosen over a worse one."""
+    row = MAKERS[i % len(MAKERS)](rng)
+    return {"instruction": row["instruction"], "input": row["input"], "chosen": row["output"],
+            "rejected": worse_answer(row, rng)}
+
+
+def kto_example(rng: random.Random, i: int) -> dict:
+    """A sharegpt-style row tagged desirable (the right answer) or not (a worse one), alternating."""
+    row = MAKERS[i % len(MAKERS)](rng)
+    prompt = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
+    desirable = i % 2 == 0
+    answer = row["output"] if desirable else worse_answer(row, rng)
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "label": desirable}
+
+
 def build(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [MAKERS[i % len(MAKERS)](rng) for i in range(n)]
@@ -77,3 +109,9 @@ if __name__ == "__main__":
     (HERE / "demo_sft_eval.json").write_text(json.dumps(build(40, seed=1), indent=1, ensure_ascii=False) + "\n")
     rng = random.Random(2)
     (HERE / "demo_pt.jsonl").write_text("".join(json.dumps(story(rng)) + "\n" for _ in range(200)))
+    rng = random.Random(3)
+    pairs = [preference_pair(rng, i) for i in range(160)]
+    (HERE / "demo_dpo.json").write_text(json.dumps(pairs, indent=1, ensure_ascii=False) + "\n")
+    rng = random.Random(4)
+    tagged = [kto_example(rng, i) for i in range(160)]
+    (HERE / "demo_kto.json").write_text(json.dumps(tagged, indent=1, ensure_ascii=False) + "\n")

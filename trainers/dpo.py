@@ -1,0 +1,70 @@
+"""Stage `dpo`: direct preference optimisation with any `pref_loss`, run inside every Ray Train worker.
+
+sigmoid, hinge, ipo and kto_pair compare the policy's log-ratios with a reference model's; orpo and simpo
+use length-normalised log-probabilities of the policy alone.
+"""
+
+from transformers import set_seed
+
+from rayft.data.collator import PairwiseCollator
+from rayft.orchestrator.config import RecipeConfig
+from rayft.trainers import losses
+from rayft.trainers.callbacks import say
+from rayft.trainers.common import StatsTrainer, fit, training_arguments
+from rayft.trainers.model import load_tokenizer, prepare_model
+from rayft.trainers.reference import Reference, held_parameters
+
+
+class DPOTrainer(StatsTrainer):
+    """Scores chosen and rejected responses in one forward pass and applies the configured preference loss."""
+
+    def __init__(self, *args, reference: Reference | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+        if reference is not None:
+            reference.place(self)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        f = self.finetuning
+        batch = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"])
+        n = len(logps) // 2
+        chosen, rejected = logps[:n], logps[n:]
+        chosen_avg, rejected_avg = chosen / counts[:n].clamp(min=1), rejected / counts[n:].clamp(min=1)
+        if f.pref_loss in losses.REFERENCE_FREE_LOSSES:
+            extra = {"gamma": f.simpo_gamma} if f.pref_loss == "simpo" else {}
+            per_pair, chosen_rewards, rejected_rewards = losses.REFERENCE_FREE_LOSSES[f.pref_loss](
+                chosen_avg, rejected_avg, beta=f.pref_beta, **extra)
+        else:
+            ref_logps, _ = losses.sequence_logps(self.reference.logits(self, model, **batch).float(), inputs["labels"])
+            extra = {"label_smoothing": f.dpo_label_smoothing} if f.pref_loss == "sigmoid" else {}
+            per_pair, chosen_rewards, rejected_rewards = losses.REFERENCE_LOSSES[f.pref_loss](
+                chosen, rejected, ref_logps[:n], ref_logps[n:], beta=f.pref_beta, **extra)
+        if f.pref_ftx > 0:
+            per_pair = per_pair - f.pref_ftx * chosen_avg  # an SFT term: the chosen responses' token NLL
+        self.record({
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "logps/chosen": chosen.detach(),
+            "logps/rejected": rejected.detach(),
+        })
+        loss = per_pair.mean()
+        return (loss, {}) if return_outputs else loss
+
+
+def run_dpo(cfg: RecipeConfig, plan: dict) -> dict:
+    """Preference optimisation on this worker's shard of chosen/rejected pairs; returns the final metrics."""
+    args = training_arguments(cfg, plan)
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = prepare_model(cfg, plan["use_gpu"])
+    reference = Reference(cfg, plan["use_gpu"]) if cfg.finetuning.use_ref_model else None
+    held = held_parameters(model, reference.model if reference else None)
+    if args.process_index == 0:
+        say(f"[rayft] pref_loss {cfg.finetuning.pref_loss}, reference: "
+            f"{reference.description if reference else 'none'}; parameters held: {held:,}")
+    metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
+                  trainer_cls=DPOTrainer, reference=reference, extra_metrics={"held_parameters": held})
+    return metrics
