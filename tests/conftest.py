@@ -25,3 +25,17 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def train_recipe(recipe_path, tmp_path, tiny_model, *overrides, log=print):
+    """Runs `rayft train` on a shipped recipe with the test's model and folders; returns (output_dir, loss records)."""
+    from rayft.orchestrator.config import load_recipe, parse_config
+    from rayft.orchestrator.launch import run_train
+    from rayft.trainers.callbacks import read_log
+
+    cfg = parse_config(load_recipe(recipe_path, [
+        f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
+        f"ray_storage_path={tmp_path / 'ray'}", *overrides]), base_dir=ROOT)
+    run_train(cfg, log=log)
+    out = Path(cfg.training["output_dir"])
+    return out, [r for r in read_log(out) if "loss" in r]

@@ -141,3 +141,31 @@ def test_continuing_and_stacking_adapters(tiny_model, tmp_path):
     with torch.no_grad():
         assert torch.allclose(continued(ids).logits, expected, atol=1e-5)
         assert torch.allclose(stacked(ids).logits, expected, atol=1e-4)  # merged + a zero-initialised adapter
+
+
+def test_pissa_convert_gives_a_plain_lora_adapter_for_the_original_base(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    model = prepared(tiny_model, pissa_init=True, pissa_iter=-1, lora_target="q_proj,down_proj")
+    methods.save_pissa_init(model, tmp_path)
+    with torch.no_grad():  # stands in for training
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    converted = methods.save_pissa_converted(model, tmp_path)
+    base = methods.load_model(ModelArguments(model_name_or_path=str(tiny_model)), use_gpu=False)
+    plain = PeftModel.from_pretrained(base, converted).eval()
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-4)
+    q = plain.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert q.lora_A["default"].weight.shape[0] == 16  # the converted adapter has twice the rank
+
+
+def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_model):
+    from rayft.trainers.common import loraplus_groups
+
+    model = prepared(tiny_model, lora_target="q_proj")
+    groups = loraplus_groups(model, lr=1e-4, ratio=16.0, embedding_lr=1e-6, weight_decay=0.0, decay_names=set())
+    by_rate = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in groups)
+    assert by_rate == [(pytest.approx(1e-4), BLOCKS * 8 * 256), (pytest.approx(16e-4), BLOCKS * 256 * 8)]  # A, B

@@ -10,7 +10,7 @@ from rayft.orchestrator.args import TrainingArguments, comma_list
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
 from rayft.trainers.callbacks import LogCallback, say
-from rayft.trainers.model import trainable_summary
+from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 
 
 def shard_rows(name: str) -> list[dict] | None:
@@ -115,6 +115,8 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     trainer.save_state()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
+        if cfg.finetuning.pissa_convert:  # ZeRO 0-2 only (validated): rank 0 holds the whole adapter
+            save_pissa_converted(trainer.accelerator.unwrap_model(trainer.model), output_dir)
         masked = cfg.to_dict(mask_secrets=True)
         outputs.save_config(output_dir, masked, plan)
         if cfg.finetuning.plot_loss:
@@ -201,6 +203,8 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
         **trainer_kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
+    if cfg.finetuning.pissa_convert and args.process_index == 0:
+        save_pissa_init(model, args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     train_result.metrics.update(extra_metrics or {})
     return finish(trainer, cfg, plan, train_result, tokenizer)

@@ -4,6 +4,8 @@
 adapter (lora, oft), the last or first layers (freeze), or everything (full).
 """
 
+from pathlib import Path
+
 import torch
 
 from rayft.orchestrator.args import FinetuningArguments, ModelArguments, comma_list
@@ -148,6 +150,25 @@ def apply_oft(model, finetuning_args: FinetuningArguments, model_args: ModelArgu
         modules_to_save=comma_list(f.additional_target) or None,
     )
     return get_peft_model(model, config)
+
+
+PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"
+
+
+def save_pissa_init(model, output_dir: str) -> None:
+    """Saves the PiSSA adapter as initialised, before training; pissa_convert needs it at the end."""
+    model.save_pretrained(str(Path(output_dir) / PISSA_INIT))
+
+
+def save_pissa_converted(model, output_dir: str) -> Path:
+    """Saves the trained PiSSA adapter as a plain LoRA adapter (twice the rank) for the original base model.
+
+    A PiSSA adapter alone only fits the residual base weights PiSSA left behind; the converted one loads
+    over the unchanged base model with `PeftModel.from_pretrained`.
+    """
+    out = Path(output_dir)
+    model.save_pretrained(str(out / PISSA_CONVERTED), path_initial_model_for_weight_conversion=str(out / PISSA_INIT))
+    return out / PISSA_CONVERTED
 
 
 def layer_stack(model) -> tuple[str, int]:

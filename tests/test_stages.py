@@ -1,0 +1,134 @@
+"""The stage x method matrix on a real local Ray cluster: rm, dpo (every pref_loss), kto; freeze and full.
+
+Preference runs evaluate on their own training pairs: pairwise accuracy there must rise well above the
+0.5 of chance. Every run uses rayft's own demo data and the tiny local model.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, train_recipe
+
+CONFIGS = ROOT / "configs"
+BASE_PARAMS = None  # filled from the tiny model's own count
+
+
+def results(out):
+    return json.loads((out / "all_results.json").read_text())
+
+
+def base_parameters(tiny_model) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+
+
+def lora_parameters(rank: int = 8) -> int:
+    # q 256->256, k/v 256->128, o 256->256, gate/up 256->682, down 682->256; 4 blocks (see test_methods)
+    return 4 * rank * (512 + 384 + 384 + 512 + 938 + 938 + 938)
+
+
+@pytest.mark.integration
+def test_reward_model_ranks_chosen_above_rejected(tmp_path, tiny_model, ray_local):
+    out, log = train_recipe(CONFIGS / "demo_rm_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
+                            "max_samples=96", "num_train_epochs=3")
+    assert results(out)["eval_accuracy"] >= 0.8  # on the training pairs; chance is 0.5
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], [r["loss"] for r in log]
+
+    # The value head is saved beside the adapter, and the adapter + head score a pair the right way round.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    head = load_file(out / "value_head.safetensors")
+    assert head["v_head.summary.weight"].shape == (1, 256)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model = PeftModel.from_pretrained(model, out).eval()
+    assert torch.equal(model.base_model.model.score.modules_to_save["default"].weight, head["v_head.summary.weight"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    pair = json.loads((ROOT / "data" / "demo" / "demo_dpo.json").read_text())[0]
+    scores = []
+    for response in (pair["chosen"], pair["rejected"]):
+        chat = [{"role": "user", "content": pair["instruction"]}, {"role": "assistant", "content": response}]
+        ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            scores.append(model(input_ids=ids).logits.item())
+    assert scores[0] > scores[1]
+
+
+@pytest.mark.integration
+def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local):
+    lines = []
+    out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
+                            "max_samples=96", "num_train_epochs=3", log=lines.append)
+    found = results(out)
+    assert found["eval_rewards/accuracies"] >= 0.8
+    assert found["held_parameters"] == base_parameters(tiny_model) + lora_parameters()  # no reference copy
+    assert log[-1]["loss"] < log[0]["loss"] - 0.1, [r["loss"] for r in log]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(log[-1])
+    assert (out / "adapter_model.safetensors").is_file()
+    assert any("[chosen]" in line and "[rejected]" in line for line in lines)  # the example shown before training
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loss, extra", [
+    ("hinge", ()), ("ipo", ("pref_beta=0.5",)), ("kto_pair", ()),
+    ("orpo", ()), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
+])
+def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local, loss, extra):
+    out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"pref_loss={loss}", *extra,
+                            "eval_dataset=demo_dpo", "max_samples=64", "num_train_epochs=3", "ray_num_workers=1",
+                            "deepspeed=z0")
+    found = results(out)
+    assert found["eval_rewards/accuracies"] >= 0.8, found
+    assert log[-1]["loss"] < log[0]["loss"], [r["loss"] for r in log]
+    reference_free = loss in ("orpo", "simpo")
+    assert found["held_parameters"] == base_parameters(tiny_model) + lora_parameters()
+    if not reference_free:  # the implicit rewards start at zero: policy and reference are equal at step 0
+        assert log[0]["rewards/margins"] == pytest.approx(0, abs=0.05)
+
+
+@pytest.mark.integration
+def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
+    out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3")
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05, [r["loss"] for r in log]
+    late = log[len(log) // 2:]
+    assert all(r["rewards/chosen"] > r["rewards/rejected"] for r in late), late
+    assert all(r["kl"] >= 0 for r in log)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, overrides", [
+    ("freeze", ("deepspeed=z2", "freeze_trainable_layers=2")),
+    ("full", ("deepspeed=z3",)),
+])
+def test_dpo_with_freeze_and_full_uses_a_frozen_reference_copy(tmp_path, tiny_model, ray_local, method, overrides):
+    lines = []
+    out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"finetuning_type={method}",
+                            *overrides, "eval_dataset=demo_dpo", "max_samples=64",
+                            "num_train_epochs=3", "learning_rate=2e-4", log=lines.append)
+    found = results(out)
+    assert found["eval_rewards/accuracies"] >= 0.8, found
+    assert found["held_parameters"] == 2 * base_parameters(tiny_model)  # policy + frozen reference
+    assert log[-1]["loss"] < log[0]["loss"], [r["loss"] for r in log]
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(out)  # a whole model, saved gathered under ZeRO-3 too
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = {n.split(".")[2] for (n, p), q in zip(tuned.named_parameters(), base.parameters())
+               if n.startswith("model.layers.") and not torch.equal(p, q)}
+    assert changed == ({"2", "3"} if method == "freeze" else {"0", "1", "2", "3"})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, overrides", [
+    ("freeze", ("deepspeed=z0", "freeze_trainable_layers=2", "freeze_extra_modules=norm")),
+    ("full", ("deepspeed=z2", "ray_num_workers=1", "learning_rate=5e-4")),
+])
+def test_sft_with_freeze_and_full(tmp_path, tiny_model, ray_local, method, overrides):
+    out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, f"finetuning_type={method}",
+                            "num_train_epochs=1", *overrides)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
