@@ -21,6 +21,7 @@ from rayft.orchestrator.args import comma_list
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds
+from rayft.trainers.model import module_problems
 
 
 @dataclass
@@ -43,6 +44,9 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
                            "set overwrite_output_dir: true"])
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
+    problems = module_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     d, seed = cfg.data, cfg.training.get("seed", 42)
     read = dict(log=log, seed=seed, token=cfg.model.hf_hub_token, stage=cfg.finetuning.stage, template=d.template)
     sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)

@@ -1,8 +1,10 @@
 """Runs the demo recipe on a fake two-node Ray cluster (two raylets on this machine); used by test_multinode.
 
-    python tests/multinode_run.py OUT_DIR MODEL_DIR key=value ...
+    python tests/multinode_run.py OUT_DIR MODEL_DIR RUNS_JSON
 
-Prints one JSON line: {"status": "ok"|"refused", "message": ...}. Shuts down only the cluster it started.
+RUNS_JSON maps a run name to its key=value overrides; each run writes under OUT_DIR/<name>/. Prints one
+JSON line per run: {"run": name, "status": "ok"|"refused", "message": ...}. One cluster serves every run;
+it shuts down only the cluster it started.
 """
 
 import json
@@ -18,7 +20,7 @@ from rayft.orchestrator.launch import run_train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main(out: str, model: str, *overrides: str) -> None:
+def main(out: str, model: str, runs: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
@@ -26,14 +28,15 @@ def main(out: str, model: str, *overrides: str) -> None:
         import ray
 
         ray.init(address=cluster.address)
-        cfg = parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", [
-            f"model_name_or_path={model}", f"output_dir={out}/out", f"ray_storage_path={out}/ray",
-            f"ray_address={cluster.address}", "max_steps=2", "deepspeed=z0", *overrides]), base_dir=ROOT)
-        try:
-            run_train(cfg)
-            print(json.dumps({"status": "ok"}))
-        except (ConfigError, DataError) as err:
-            print(json.dumps({"status": "refused", "message": str(err)}))
+        for name, overrides in json.loads(runs).items():
+            cfg = parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", [
+                f"model_name_or_path={model}", f"output_dir={out}/{name}/out", f"ray_storage_path={out}/{name}/ray",
+                f"ray_address={cluster.address}", "max_steps=2", "deepspeed=z0", *overrides]), base_dir=ROOT)
+            try:
+                run_train(cfg)
+                print(json.dumps({"run": name, "status": "ok"}), flush=True)
+            except (ConfigError, DataError) as err:
+                print(json.dumps({"run": name, "status": "refused", "message": str(err)}), flush=True)
     finally:
         import ray
 

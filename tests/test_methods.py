@@ -169,3 +169,46 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_model):
     groups = loraplus_groups(model, lr=1e-4, ratio=16.0, embedding_lr=1e-6, weight_decay=0.0, decay_names=set())
     by_rate = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in groups)
     assert by_rate == [(pytest.approx(1e-4), BLOCKS * 8 * 256), (pytest.approx(16e-4), BLOCKS * 256 * 8)]  # A, B
+
+
+def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_model, tmp_path):
+    from rayft.orchestrator.config import load_recipe, parse_config
+
+    from conftest import DEMO_RECIPE, ROOT
+
+    def found(*overrides):
+        cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}",
+                                                     f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
+        return methods.module_problems(cfg)
+
+    assert found() == [] and found("lora_target=q_proj,v_proj", "additional_target=lm_head") == []
+    (problem,) = found("lora_target=q_proj,query_key_value")
+    assert problem.startswith("lora_target: query_key_value not found in Qwen2ForCausalLM") and "gate_proj" in problem
+    assert found("finetuning_type=oft", "oft_target=qkv")[0].startswith("oft_target: qkv not found")
+    assert "freeze_trainable_modules" in found("finetuning_type=freeze", "freeze_trainable_modules=attn")[0]
+    assert found("stage=rm", "dataset=demo_dpo", "additional_target=score") == []
+    assert found(f"model_name_or_path={tmp_path}")[0].startswith("model_name_or_path: cannot read a model config")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
+    from rayft.orchestrator.config import load_recipe, parse_config
+
+    from conftest import DEMO_RECIPE, ROOT
+
+    adapter = prepared(tiny_model, lora_rank=4)
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    adapter.save_pretrained(tmp_path / "ref_adapter")
+    cfg = parse_config(load_recipe(DEMO_RECIPE, [
+        f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}", "stage=dpo", "dataset=demo_dpo",
+        f"ref_model={tiny_model}", f"ref_model_adapters={tmp_path / 'ref_adapter'}"]), base_dir=ROOT)
+    from rayft.trainers.reference import Reference
+
+    reference = Reference(cfg, use_gpu=False)
+    assert reference.model is not None and not any(p.requires_grad for p in reference.model.parameters())
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(reference.model(ids).logits, adapter(ids).logits, atol=1e-4)

@@ -108,36 +108,40 @@ def test_recipe_runs_unchanged_on_llamafactory_alpaca(tmp_path, tiny_model, ray_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("count", [40, 41])
-def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, ray_local, count):
+def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, ray_local):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayft.data.pipeline import tokenize
 
-    def collect_shard(loop_config):  # local, so Ray ships it by value to the workers
+    def collect_shards(loop_config):  # local, so Ray ships it by value to the workers
         import ray.train
 
         from rayft.trainers.common import shard_rows
 
-        rows = shard_rows("train")
         rank = ray.train.get_context().get_world_rank()
-        Path(loop_config["dir"], f"rank{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
+        for name in ("even", "odd"):
+            rows = shard_rows(name)
+            Path(loop_config["dir"], f"{name}{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
 
-    examples = [{"system": "", "messages": [{"role": "user", "content": f"question {i}"},
+    def examples(count):
+        return [{"system": "", "messages": [{"role": "user", "content": f"question {i}"},
                                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
-    dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=8)
+
+    datasets = {"even": tokenize(examples(40), str(tiny_model), "chatml", 64, False, batch_size=8),
+                "odd": tokenize(examples(41), str(tiny_model), "chatml", 64, False, batch_size=8)}
     TorchTrainer(
-        collect_shard, train_loop_config={"dir": str(tmp_path)}, datasets={"train": dataset},
+        collect_shards, train_loop_config={"dir": str(tmp_path)}, datasets=datasets,
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),
     ).fit()
-    shards = [{tuple(ids) for ids in json.loads((tmp_path / f"rank{r}.json").read_text())} for r in (0, 1)]
-    everything = {tuple(row["input_ids"]) for row in dataset.take_all()}
-    assert len(everything) == count
-    assert shards[0].isdisjoint(shards[1])
-    assert len(shards[0]) == len(shards[1]) == count // 2  # equal shards: an odd example out is left out
-    assert len(everything - shards[0] - shards[1]) == count % 2
+    for name, count in (("even", 40), ("odd", 41)):
+        shards = [{tuple(ids) for ids in json.loads((tmp_path / f"{name}{r}.json").read_text())} for r in (0, 1)]
+        everything = {tuple(row["input_ids"]) for row in datasets[name].take_all()}
+        assert len(everything) == count
+        assert shards[0].isdisjoint(shards[1])
+        assert len(shards[0]) == len(shards[1]) == count // 2  # equal shards: an odd example out is left out
+        assert len(everything - shards[0] - shards[1]) == count % 2
 
 
 @pytest.mark.unit
@@ -175,10 +179,11 @@ def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_
 
 
 @pytest.mark.integration
-def test_val_size_holds_out_data_and_evaluates_during_training(tmp_path, tiny_model, ray_local):
+def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_local):
     out, result, log = train(tmp_path, tiny_model, "val_size=32", "eval_strategy=steps", "eval_steps=7",
                              "num_train_epochs=2", "logging_steps=7", "compute_accuracy=true",
-                             "save_strategy=steps", "save_steps=7", "load_best_model_at_end=true")
+                             "save_strategy=steps", "save_steps=7", "save_total_limit=2",
+                             "load_best_model_at_end=true")
     evaluations = [r for r in read_log(out) if "eval_loss" in r]
     assert [r["step"] for r in evaluations][:2] == [7, 14]
     results = json.loads((out / "all_results.json").read_text())
@@ -190,17 +195,13 @@ def test_val_size_holds_out_data_and_evaluates_during_training(tmp_path, tiny_mo
     best = min(evaluations, key=lambda r: r["eval_loss"])
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")  # load_best_model_at_end
 
-
-@pytest.mark.integration
-def test_checkpoints_are_reported_to_ray_train_storage(tmp_path, tiny_model, ray_local):
-    out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", "save_strategy=steps", "save_steps=6",
-                             "save_total_limit=2")
+    # Checkpoints are reported to Ray Train's storage, which keeps save_total_limit of them.
     assert result.checkpoint is not None
     kept = [p for p in (tmp_path / "ray" / "demo-sft-lora").iterdir() if p.is_dir() and p.name.startswith("checkpoint")]
     assert len(kept) == 2  # CheckpointConfig(num_to_keep=save_total_limit)
     newest = Path(result.checkpoint.path) / "checkpoint"
     assert (newest / "adapter_model.safetensors").is_file() and (newest / "trainer_state.json").is_file()
-    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 16
+    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 28
 
 
 @pytest.mark.integration

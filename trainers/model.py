@@ -247,6 +247,45 @@ def load_reference(cfg, use_gpu: bool):
     return model.eval()
 
 
+def module_problems(cfg) -> list[str]:
+    """Module names in lora_target, oft_target, additional_target and the freeze keys that the model lacks.
+
+    Checked on the driver against an empty (meta-device) instance built from the model's config, so that
+    a typo fails before any worker starts rather than inside every worker.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m, f = cfg.model, cfg.finetuning
+    try:
+        config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
+                                            token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as err:
+        return [f"model_name_or_path: cannot read a model config from {m.model_name_or_path!r} ({err})"]
+    with init_empty_weights():
+        if f.stage == "rm":
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules()]
+    keys = {"lora": ("lora_target", "additional_target"), "oft": ("oft_target", "additional_target")}
+    problems = []
+    for key in keys.get(f.finetuning_type, ()):
+        value = getattr(f, key)
+        wanted = [] if value is None or value.strip() == "all" else comma_list(value)
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            problems.append(f"{key}: {', '.join(missing)} not found in {type(model).__name__}; its linear layers "
+                            f"are {', '.join(linear_module_names(model))}")
+    if f.finetuning_type == "freeze":
+        try:
+            freeze_trainable_prefixes(model, f)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
 def parameter_count(param) -> int:
     """Elements of a parameter, also when ZeRO-3 has partitioned it away from this process."""
     return getattr(param, "ds_numel", None) or param.numel()
