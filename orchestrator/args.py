@@ -232,6 +232,11 @@ class RayArguments:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ray_address: Optional[str] = None
     ray_init_kwargs: Optional[dict] = None
+    # rayft addition: how often Ray Train restarts the workers after a failure (-1: without limit); each
+    # restart resumes from the latest checkpoint reported to ray_storage_path
+    ray_max_failures: int = 0
+    # derived in orchestrator.config.resolve(), never set by the user: the recipe named a relative path
+    storage_was_relative: bool = field(default=False, init=False)
 
 
 @dataclass

@@ -152,11 +152,10 @@ class RecipeConfig:
         for name, section_cls in SECTIONS.items():
             if name == "training":
                 continue
-            names = {f.name for f in dataclasses.fields(section_cls) if f.init}
-            sections[name] = section_cls(**{k: v for k, v in flat.items() if k in names})
-        derived = {f.name for f in dataclasses.fields(FinetuningArguments) if not f.init}
-        for key in derived:
-            setattr(sections["finetuning"], key, flat[key])
+            fields = dataclasses.fields(section_cls)
+            sections[name] = section_cls(**{f.name: flat[f.name] for f in fields if f.init and f.name in flat})
+            for derived in (f for f in fields if not f.init):
+                setattr(sections[name], derived.name, flat[derived.name])
         training_names = _field_names(TrainingArguments)
         return cls(**sections, training={k: v for k, v in flat.items() if k in training_names})
 
@@ -312,6 +311,8 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
         problems.append(f"max_samples: must be a positive integer, got {d.max_samples}")
     if d.preprocessing_batch_size < 1:
         problems.append(f"preprocessing_batch_size: must be positive, got {d.preprocessing_batch_size}")
+    if r.ray_max_failures < -1:
+        problems.append(f"ray_max_failures: {r.ray_max_failures} is not a number of restarts; use 0 or more, or -1 for no limit")
     if r.ray_num_workers < 1:
         problems.append(f"ray_num_workers: must be at least 1, got {r.ray_num_workers}")
     problems += _resource_problems(r.resources_per_worker)
@@ -348,6 +349,10 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         t["deepspeed"] = json.loads(_under(base_dir, deepspeed).read_text())
         notes.append(f"deepspeed config read from {deepspeed} (it travels inside the job)")
     t["output_dir"] = str(_under(base_dir, t["output_dir"]))
+    if r.ray_address is None and os.environ.get("RAY_ADDRESS"):
+        r.ray_address = os.environ["RAY_ADDRESS"]
+        notes.append(f"ray_address = {r.ray_address} from RAY_ADDRESS (set for a `ray job submit` job): joining that cluster")
+    r.storage_was_relative = "://" not in r.ray_storage_path and not Path(r.ray_storage_path).expanduser().is_absolute()
     r.ray_storage_path = _absolute_storage(base_dir, r.ray_storage_path)
     cfg.data.dataset_dir = str(_under(base_dir, cfg.data.dataset_dir))
     if cfg.data.tokenized_path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
+from rayft.cluster.storage import latest_checkpoint
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
     describe_example,
@@ -39,7 +40,11 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     Raises ConfigError or DataError; touches no output and starts nothing.
     """
     output_dir = Path(cfg.training["output_dir"])
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.training.get("overwrite_output_dir"):
+    resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name)
+    if resume_from:
+        log(f"[rayft] run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
+            "(choose another ray_run_name for a fresh run)")
+    elif output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.training.get("overwrite_output_dir"):
         raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or "
                            "set overwrite_output_dir: true"])
     if output_dir.exists() and not output_dir.is_dir():
@@ -70,6 +75,11 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
 def plan_on_cluster(cfg: RecipeConfig, num_train_examples: int) -> Plan:
     """Plans against the connected cluster, or this machine when rayft starts its own Ray instance."""
     nodes = cluster_nodes() if cfg.ray.ray_address else local_machine()
+    if len(nodes) > 1 and cfg.ray.storage_was_relative:
+        raise ConfigError([
+            f"ray_storage_path: a relative path means a folder on each node's own disk ({cfg.ray.ray_storage_path} "
+            f"here), but this cluster has {len(nodes)} nodes, whose workers must all reach the checkpoints; "
+            "use a shared file system path or an s3:// / gs:// URI"])
     return make_plan(cfg, nodes, num_train_examples)
 
 
@@ -127,7 +137,7 @@ def run_train(cfg: RecipeConfig, log=print):
                 name=cfg.ray.ray_run_name,
                 storage_path=cfg.ray.ray_storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
-                failure_config=FailureConfig(max_failures=0),
+                failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
             ),
             datasets=datasets,
         )

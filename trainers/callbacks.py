@@ -26,9 +26,18 @@ class LogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.time()
-        if state.is_world_process_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a fresh log per run; resume rewrites it from the restored step
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if state.global_step == 0:
+            self.path.write_text("")  # a fresh run, a fresh log
+            return
+        # Resumed from a checkpoint: keep what was logged up to it, drop what came after it (those steps
+        # are trained again), and record the resumption.
+        kept = [r for r in read_log(self.path.parent) if r.get("step", 0) <= state.global_step]
+        kept.append({"step": state.global_step, "resumed_from_step": state.global_step})
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        say(f"[rayft] resumed at step {state.global_step}/{state.max_steps}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -1,6 +1,7 @@
 """Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -125,6 +126,21 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     return metrics
 
 
+def restored_checkpoint() -> str | None:
+    """The Trainer checkpoint to resume from when Ray Train restarts this run: after a worker failure, or
+    when a run with the same ray_run_name and storage is started again. None on a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = checkpoint.to_directory() if "://" in checkpoint.path else checkpoint.path
+    # RayTrainReportCallback stores the Trainer's checkpoint folder under `checkpoint/`
+    path = Path(local) / "checkpoint"
+    say(f"[rayft] resuming from the checkpoint reported to Ray Train: {checkpoint.path}")
+    return str(path)
+
+
 def loraplus_groups(model, lr: float, ratio: float, embedding_lr: float, weight_decay: float,
                     decay_names: set[str]) -> list[dict]:
     """LoRA+ (Hayou et al., 2024): the B matrices learn `ratio` times faster than A; adapters on
@@ -205,6 +221,6 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
     trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
     if cfg.finetuning.pissa_convert and args.process_index == 0:
         save_pissa_init(model, args.output_dir)
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=restored_checkpoint() or args.resume_from_checkpoint)
     train_result.metrics.update(extra_metrics or {})
     return finish(trainer, cfg, plan, train_result, tokenizer)
