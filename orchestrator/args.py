@@ -235,6 +235,9 @@ class RayArguments:
     # rayft addition: how often Ray Train restarts the workers after a failure (-1: without limit); each
     # restart resumes from the latest checkpoint reported to ray_storage_path
     ray_max_failures: int = 0
+    # rayft addition: runtime_env of the job `rayft submit` starts (pip, env_vars, ...); the working
+    # directory and its excludes are added
+    ray_runtime_env: Optional[dict] = None
     # derived in orchestrator.config.resolve(), never set by the user: the recipe named a relative path
     storage_was_relative: bool = field(default=False, init=False)
 

@@ -1,4 +1,4 @@
-"""The `rayft` command: train, plan and tiny-model, each reading one YAML recipe plus key=value overrides."""
+"""The `rayft` command: train, plan, submit (as a Ray job), status, logs and tiny-model."""
 
 import argparse
 import json
@@ -19,6 +19,18 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+    submit = sub.add_parser("submit", help="validate a recipe here, then run it as a job on a Ray cluster")
+    submit.add_argument("recipe", help="YAML recipe, relative to the working directory")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+    submit.add_argument("--address", required=True, help="the cluster's job API, e.g. http://HEAD:8265")
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting, without following")
+    for name, help_text in (("status", "print a job's status"), ("logs", "print a job's logs")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://HEAD:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=("qwen2", "llama"), default="qwen2")
@@ -27,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "tiny-model":
         return _tiny_model(args)
+    if args.command in ("status", "logs"):
+        return _job(args)
     try:
+        if args.command == "submit":
+            return _submit(args)
         cfg = parse_config(load_recipe(args.recipe, args.overrides))
         if args.command == "plan":
             from rayft.orchestrator.launch import run_plan
@@ -56,6 +72,30 @@ def _summarise(cfg, result) -> None:
     for path in sorted(output_dir.iterdir()):
         print(f"    {path.name}{'/' if path.is_dir() else ''}")
     print(f"  Ray results                {result.path}")
+
+
+def _submit(args) -> int:
+    from rayft.orchestrator import submit
+
+    raw = load_recipe(Path(args.working_dir) / args.recipe, args.overrides)
+    submit.require_absolute_outputs(raw)
+    cfg = parse_config(raw, base_dir=args.working_dir)
+    _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir, wait=not args.no_wait)
+    return 0 if status in ("SUCCEEDED", "PENDING") else 1
+
+
+def _job(args) -> int:
+    from rayft.orchestrator import submit
+
+    jobs = submit.client(args.address)
+    if args.command == "status":
+        status = str(jobs.get_job_status(args.job_id)).split(".")[-1]
+        print(status)
+        return 1 if status in ("FAILED", "STOPPED") else 0
+    if args.follow:
+        return 0 if submit.follow(jobs, args.job_id) == "SUCCEEDED" else 1
+    print(jobs.get_job_logs(args.job_id), end="")
+    return 0
 
 
 def _tiny_model(args) -> int:

@@ -51,6 +51,10 @@ def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:
     kwargs = dict(cfg.training)
     kwargs.update(deepspeed=plan["deepspeed"], use_cpu=not plan["use_gpu"], remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step
+    if not cfg.model.disable_gradient_checkpointing:
+        # Plain DDP looking for unused parameters marks checkpointed (re-run) layers ready twice; the
+        # Trainer would turn the search off itself had it enabled checkpointing (rayft does, in load_model).
+        kwargs.setdefault("ddp_find_unused_parameters", False)
     return TrainingArguments(**kwargs)
 
 

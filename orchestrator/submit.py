@@ -1,0 +1,80 @@
+"""`rayft submit`, `status` and `logs`: a recipe run as a Ray job through the cluster's job API.
+
+The recipe is validated here first; the working directory is uploaded without virtual environments,
+caches of compiled ops and outputs; inside the job, `rayft train` joins the cluster through RAY_ADDRESS.
+"""
+
+import shlex
+import time
+from pathlib import Path
+
+from rayft.orchestrator.config import ConfigError, RecipeConfig
+
+# Never uploaded with the working directory: environments, compiled ops, outputs, version control.
+UPLOAD_EXCLUDES = [".venv", ".git", ".cache/torch_extensions", "saves", "**/__pycache__", "*.egg-info",
+                   ".pytest_cache", "benchmarks/results"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def runtime_env(cfg: RecipeConfig, working_dir: str) -> dict:
+    """The job's runtime_env: the recipe's `ray_runtime_env`, plus the working directory and the excludes."""
+    env = dict(cfg.ray.ray_runtime_env or {})
+    env.setdefault("working_dir", working_dir)
+    env["excludes"] = list(dict.fromkeys([*env.get("excludes", []), *UPLOAD_EXCLUDES]))
+    return env
+
+
+def entrypoint(recipe: str, overrides: list[str]) -> str:
+    """The job's command: the same `rayft train` a user would type, through the job's Python."""
+    return shlex.join(["python", "-m", "rayft.orchestrator.cli", "train", recipe, *overrides])
+
+
+def output_problems(raw: dict) -> list[str]:
+    """A job runs in a temporary copy of the working directory: relative output paths would vanish with it."""
+    problems = []
+    for key in ("output_dir", "ray_storage_path"):
+        value = str(raw.get(key) or ("./saves" if key == "ray_storage_path" else ""))
+        if value and "://" not in value and not Path(value).expanduser().is_absolute():
+            problems.append(f"{key}: {value!r} is relative, so the job would write it inside its temporary copy of "
+                            "the working directory; give an absolute path on storage the cluster shares, or a URI")
+    return problems
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, working_dir: str = ".",
+           wait: bool = True, log=print) -> tuple[str, str]:
+    """Submits the job; returns (job id, final status), or (job id, "PENDING") without `wait`."""
+    jobs = client(address)
+    job_id = jobs.submit_job(entrypoint=entrypoint(recipe, overrides), runtime_env=runtime_env(cfg, working_dir),
+                             metadata={"rayft_run_name": cfg.ray.ray_run_name or ""})
+    log(f"[rayft] submitted job {job_id} to {address}")
+    if not wait:
+        log(f"[rayft] follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address {address}")
+        return job_id, "PENDING"
+    return job_id, follow(jobs, job_id, log)
+
+
+def follow(jobs, job_id: str, log=print, poll_seconds: float = 1.0) -> str:
+    """Prints the job's log as it grows until the job ends; returns its final status."""
+    shown = 0
+    while True:
+        status = str(jobs.get_job_status(job_id)).split(".")[-1]
+        text = jobs.get_job_logs(job_id)
+        if len(text) > shown:
+            log(text[shown:].rstrip("\n"))
+            shown = len(text)
+        if status in TERMINAL:
+            log(f"[rayft] job {job_id} {status}")
+            return status
+        time.sleep(poll_seconds)
+
+
+def require_absolute_outputs(raw: dict) -> None:
+    problems = output_problems(raw)
+    if problems:
+        raise ConfigError(problems)

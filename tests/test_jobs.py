@@ -1,0 +1,138 @@
+"""Job submission end to end: a head node started with `ray start --head` and token authentication on
+127.0.0.1, a recipe submitted with `ray job submit` and with `rayft submit`, and a failing job.
+
+Only the processes of the head node this test started are stopped (never `ray stop`).
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SMALL_RUN = ["max_steps=4", "ray_num_workers=1", "deepspeed=null", "logging_steps=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_of(*markers: str) -> list[int]:
+    """The head node's processes (their command lines name its temp dir or GCS port) and their descendants."""
+    children, roots = {}, []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+        if any(marker.encode() in cmdline for marker in markers):
+            roots.append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    temp_dir = tempfile.mkdtemp(prefix="rfj", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    dashboard, gcs = free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        yield address, env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in processes_of(temp_dir, f":{gcs}\x00"):  # /proc cmdlines are NUL-separated
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def rayft(*args, env, timeout=600):
+    return subprocess.run([str(BIN / "rayft"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def outputs(tmp_path, tiny_model, name):
+    return [f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / name}",
+            f"ray_storage_path={tmp_path / 'ray'}", f"ray_run_name={name}", *SMALL_RUN]
+
+
+def assert_trained(out: Path):
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
+
+
+def test_ray_job_submit_runs_a_recipe_unchanged(head_node, tmp_path, tiny_model):
+    address, env = head_node
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache/torch_extensions", ".git", "saves"]}),
+         "--", "python", "-m", "rayft.orchestrator.cli", "train", "configs/demo_sft_lora.yaml",
+         *outputs(tmp_path, tiny_model, "by-ray-job-submit")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "joining that cluster" in proc.stdout  # rayft took RAY_ADDRESS instead of starting Ray
+    assert_trained(tmp_path / "by-ray-job-submit")
+
+
+def test_rayft_submit_follows_the_job_and_exits_with_its_status(head_node, tmp_path, tiny_model):
+    address, env = head_node
+    proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "by-rayft-submit"),
+                 "--address", address, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    assert "[rayft] step 4/4" in proc.stdout and f"job {job_id} SUCCEEDED" in proc.stdout
+    assert_trained(tmp_path / "by-rayft-submit")
+    status = rayft("status", job_id, "--address", address, env=env, timeout=60)
+    assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED")
+    assert "[rayft] step 4/4" in rayft("logs", job_id, "--address", address, env=env, timeout=60).stdout
+
+
+def test_a_failing_job_is_reported_failed_with_a_nonzero_exit(head_node, tmp_path, tiny_model):
+    address, env = head_node
+    proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
+                 "dataset=no_such_dataset", "--address", address, env=env)
+    assert proc.returncode == 1
+    assert "no_such_dataset" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_rayft_submit_refuses_relative_outputs_and_bad_recipes_before_submitting(tmp_path, tiny_model):
+    env = {**os.environ}
+    proc = rayft("submit", "configs/demo_sft_lora.yaml", "--address", "http://127.0.0.1:1", env=env, timeout=120)
+    assert proc.returncode == 2 and "output_dir: 'saves/demo-sft-lora' is relative" in proc.stderr
+    proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "x"), "lora_rnak=4",
+                 "--address", "http://127.0.0.1:1", env=env, timeout=120)
+    assert proc.returncode == 2 and "did you mean 'lora_rank'" in proc.stderr
