@@ -1,0 +1,59 @@
+"""The files in cluster/ parse, and say what rayft needs: Ray's schema for the launcher config, a valid
+recipe and runtime_env for the KubeRay job, a runtime_env example that fits `ray_runtime_env`."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayft.orchestrator.config import load_recipe, parse_config
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.unit
+CLUSTER = ROOT / "cluster"
+
+
+def test_the_launcher_config_is_valid_for_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(config))  # filled with the provider defaults, as `ray up` does; raises if invalid
+    assert config["provider"]["type"] == "aws"
+    assert any("torch==2.13.0" in c for c in config["setup_commands"])
+    assert config["head_node_type"] in config["available_node_types"]
+    with pytest.raises(Exception):  # the check can fail: a misspelt key is a schema violation
+        validate_config(prepare_config({**config, "max_workerz": 2}))
+
+
+def test_the_kuberay_job_runs_a_shipped_recipe_that_validates():
+    from ray.runtime_env import RuntimeEnv
+
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:5] == ["python", "-m", "rayft.orchestrator.cli", "train", "/app/configs/demo_sft_lora.yaml"]
+    recipe = ROOT / "configs" / Path(command[4]).name
+    overrides = command[5:]
+    cfg = parse_config(load_recipe(recipe, overrides), base_dir=ROOT)
+    assert cfg.ray.ray_num_workers == len(job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]) * 2
+    assert all(Path(v).is_absolute() for k, v in (o.split("=", 1) for o in overrides) if k in ("output_dir", "ray_storage_path"))
+    RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))  # raises on an invalid runtime_env
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == __import__("ray").__version__
+
+
+def test_the_runtime_env_example_is_a_valid_ray_runtime_env_key(tmp_path):
+    from ray.runtime_env import RuntimeEnv
+
+    from rayft.orchestrator.submit import runtime_env
+
+    example = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs" / "demo_sft_lora.yaml").read_text()), **example}))
+    cfg = parse_config(load_recipe(recipe, []), base_dir=ROOT)
+    env = runtime_env(cfg, str(ROOT))
+    RuntimeEnv(**env)
+    assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"] and "data/*.parquet.tmp" in env["excludes"]
+    assert json.dumps(env)  # travels to the job API as JSON
