@@ -7,16 +7,48 @@ import json
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
-def latest_checkpoint(storage_path: str, run_name: str | None) -> str | None:
+def filesystem(name: str | None):
+    """The pyarrow file system `ray_storage_filesystem` names (s3, or gs/gcs), or None for Ray's choice.
+
+    Credentials come from the environment as usual for each cloud (instance roles, env vars, ...).
+    """
+    if name is None:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem() if name == "s3" else pyarrow.fs.GcsFileSystem()
+
+
+def _resolve(storage_path: str, fs_name: str | None = None):
+    import pyarrow.fs
+
+    if fs_name is not None:
+        return filesystem(fs_name), storage_path.split("://", 1)[-1]
+    if "://" in storage_path:
+        return pyarrow.fs.FileSystem.from_uri(storage_path)
+    return pyarrow.fs.LocalFileSystem(), storage_path
+
+
+def upload_outputs(output_dir: str, storage_path: str, run_name: str, fs_name: str | None = None) -> str:
+    """Copies the finished run's output_dir to `<storage>/<run_name>/output`, where every node and the user
+    can reach it (output_dir itself is on the disk of rank 0's node). Returns the destination."""
+    import pyarrow.fs
+
+    fs, root = _resolve(storage_path, fs_name)
+    destination = f"{root.rstrip('/')}/{run_name}/output"
+    fs.create_dir(destination, recursive=True)
+    pyarrow.fs.copy_files(output_dir, destination, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)
+    return f"{storage_path.rstrip('/')}/{run_name}/output"
+
+
+def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | None = None) -> str | None:
     """The latest checkpoint an earlier run named `run_name` reported to `storage_path`, or None."""
     import pyarrow.fs
 
     if not run_name:
         return None  # Ray names an unnamed run uniquely: nothing to resume
-    if "://" in storage_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), storage_path
+    fs, root = _resolve(storage_path, fs_name)
     snapshot = f"{root.rstrip('/')}/{run_name}/{SNAPSHOT_FILE}"
     if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.NotFound:
         return None

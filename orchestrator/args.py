@@ -231,6 +231,7 @@ class RayArguments:
     resources_per_worker: Optional[Union[dict, str]] = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ray_address: Optional[str] = None
+    ray_storage_filesystem: Optional[Literal["s3", "gs", "gcs"]] = None
     ray_init_kwargs: Optional[dict] = None
     # rayft addition: how often Ray Train restarts the workers after a failure (-1: without limit); each
     # restart resumes from the latest checkpoint reported to ray_storage_path

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
-from rayft.cluster.storage import latest_checkpoint
+from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
     describe_example,
@@ -40,7 +40,7 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     Raises ConfigError or DataError; touches no output and starts nothing.
     """
     output_dir = Path(cfg.training["output_dir"])
-    resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name)
+    resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
     if resume_from:
         log(f"[rayft] run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
             "(choose another ray_run_name for a fresh run)")
@@ -136,6 +136,7 @@ def run_train(cfg: RecipeConfig, log=print):
             run_config=RunConfig(
                 name=cfg.ray.ray_run_name,
                 storage_path=cfg.ray.ray_storage_path,
+                storage_filesystem=filesystem(cfg.ray.ray_storage_filesystem),
                 checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
                 failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
             ),

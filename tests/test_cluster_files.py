@@ -57,3 +57,35 @@ def test_the_runtime_env_example_is_a_valid_ray_runtime_env_key(tmp_path):
     RuntimeEnv(**env)
     assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"] and "data/*.parquet.tmp" in env["excludes"]
     assert json.dumps(env)  # travels to the job API as JSON
+
+
+def test_only_a_checkpoint_ray_train_recorded_counts_for_resuming(tmp_path):
+    from rayft.cluster.storage import SNAPSHOT_FILE, latest_checkpoint, upload_outputs
+
+    run = tmp_path / "run"
+    (run / "checkpoint_2026-01-01_00-00-01").mkdir(parents=True)  # written, or half-written, but not recorded
+    assert latest_checkpoint(str(tmp_path), "run") is None
+    assert latest_checkpoint(str(tmp_path), None) is None
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": None}))
+    assert latest_checkpoint(str(tmp_path), "run") is None
+    (run / SNAPSHOT_FILE).write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01", "metrics": {}}}))
+    assert latest_checkpoint(str(tmp_path), "run") == f"{tmp_path}/run/checkpoint_2026-01-01_00-00-01"
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "adapter_model.safetensors").write_bytes(b"weights")
+    (out / "sub" / "x.json").write_text("{}")
+    assert upload_outputs(str(out), str(tmp_path / "storage"), "run") == f"{tmp_path}/storage/run/output"
+    assert (tmp_path / "storage" / "run" / "output" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "storage" / "run" / "output" / "sub" / "x.json").is_file()
+
+
+def test_storage_filesystem_names_a_pyarrow_filesystem():
+    import pyarrow.fs
+
+    from rayft.cluster.storage import filesystem
+
+    assert filesystem(None) is None
+    assert isinstance(filesystem("s3"), pyarrow.fs.S3FileSystem)
+    assert isinstance(filesystem("gs"), pyarrow.fs.GcsFileSystem)

@@ -48,6 +48,9 @@ def test_placement_strategy_decides_the_node_of_each_worker(two_node_runs, strat
     assert [w["rank"] for w in placement] == [0, 1]
     assert len({w["node_id"] for w in placement}) == distinct_nodes
     assert len({w["node_ip"] for w in placement}) == 1  # one machine: only the node id tells nodes apart
+    # on a cluster rank 0 copies the outputs to the shared storage, under the run's name
+    (copy,) = (out / strategy / "ray").glob("*/output/adapter_model.safetensors")
+    assert copy.read_bytes() == (out / strategy / "out" / "adapter_model.safetensors").read_bytes()
 
 
 def test_an_unsatisfiable_request_is_refused_with_the_clusters_nodes(two_node_runs):

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from rayft.cluster.storage import upload_outputs
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.callbacks import say
 from rayft.trainers.dpo import run_dpo
@@ -16,9 +17,17 @@ PLACEMENT_FILE = "placement.json"
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point handed to TorchTrainer; `loop_config` holds the resolved recipe and the plan as dicts."""
+    import ray.train
+
     cfg = RecipeConfig.from_dict(loop_config["recipe"])
     record_placement(cfg.training["output_dir"])
     STAGES[cfg.finetuning.stage](cfg, loop_config["plan"])
+    context = ray.train.get_context()
+    if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
+        # on a cluster, output_dir is on rank 0's own disk: copy it once to the storage every node shares
+        where = upload_outputs(cfg.training["output_dir"], cfg.ray.ray_storage_path, context.get_experiment_name(),
+                               cfg.ray.ray_storage_filesystem)
+        say(f"[rayft] outputs copied to {where}")
 
 
 def record_placement(output_dir: str) -> list[dict]:
