@@ -14,6 +14,7 @@ from rayft.orchestrator.config import ConfigError, RecipeConfig
 UPLOAD_EXCLUDES = [".venv", ".git", ".cache/torch_extensions", "saves", "**/__pycache__", "*.egg-info",
                    ".pytest_cache", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_RETRIES = 12
 
 
 def runtime_env(cfg: RecipeConfig, working_dir: str) -> dict:
@@ -50,8 +51,17 @@ def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, w
            wait: bool = True, log=print) -> tuple[str, str]:
     """Submits the job; returns (job id, final status), or (job id, "PENDING") without `wait`."""
     jobs = client(address)
-    job_id = jobs.submit_job(entrypoint=entrypoint(recipe, overrides), runtime_env=runtime_env(cfg, working_dir),
-                             metadata={"rayft_run_name": cfg.ray.ray_run_name or ""})
+    for attempt in range(AGENT_RETRIES + 1):
+        try:
+            job_id = jobs.submit_job(entrypoint=entrypoint(recipe, overrides),
+                                     runtime_env=runtime_env(cfg, working_dir),
+                                     metadata={"rayft_run_name": cfg.ray.ray_run_name or ""})
+            break
+        except RuntimeError as err:  # a head that has just started answers before its job agent is ready
+            if "No available agent" not in str(err) or attempt == AGENT_RETRIES:
+                raise
+            log("[rayft] the cluster's job agent is not ready yet; retrying in 5 s")
+            time.sleep(5)
     log(f"[rayft] submitted job {job_id} to {address}")
     if not wait:
         log(f"[rayft] follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address {address}")

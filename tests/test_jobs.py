@@ -64,10 +64,15 @@ def head_node():
     dashboard, gcs = free_port(), free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                    # ports of their own: the test session's local Ray instance holds the default ones
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                    f"--ray-client-server-port={free_port()}"], env=env, check=True, capture_output=True,
                    timeout=120)
     address = f"http://127.0.0.1:{dashboard}"
     try:
+        wait_until_jobs_are_accepted(address, env)
         yield address, env
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -78,6 +83,19 @@ def head_node():
                     pass
             time.sleep(2)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_until_jobs_are_accepted(address: str, env: dict, timeout: float = 120) -> None:
+    """A new head's job API answers before its agent can take jobs ("No available agent"): wait for that."""
+    deadline = time.time() + timeout
+    while True:
+        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "echo", "ready"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(proc.stdout[-2000:] + proc.stderr[-2000:])
+        time.sleep(2)
 
 
 def rayft(*args, env, timeout=600):

@@ -106,50 +106,52 @@ def load_adapters(model, model_args: ModelArguments, finetuning_args: Finetuning
     return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True), True
 
 
-def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
-    """A trainable LoRA adapter: continued from adapter_name_or_path, or new (rsLoRA, DoRA, PiSSA init)."""
-    from peft import LoraConfig, get_peft_model
+def new_or_continued_adapter(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None,
+                             config_for):
+    """The adapter of adapter_name_or_path trained further, or a new one from `config_for(model)`."""
+    from peft import get_peft_model
 
-    f = finetuning_args
     if model_args is not None:
-        model, continued = load_adapters(model, model_args, f)
+        model, continued = load_adapters(model, model_args, finetuning_args)
         if continued:
             return model
+    return get_peft_model(model, config_for(model))
+
+
+def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
+    """A trainable LoRA adapter: continued from adapter_name_or_path, or new (rsLoRA, DoRA, PiSSA init)."""
+    from peft import LoraConfig
+
+    f = finetuning_args
     init = True
     if f.pissa_init:
         init = "pissa" if f.pissa_iter == -1 else f"pissa_niter_{f.pissa_iter}"
-    config = LoraConfig(
-        task_type=task_type(model),
+    return new_or_continued_adapter(model, f, model_args, lambda base: LoraConfig(
+        task_type=task_type(base),
         r=f.lora_rank,
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,
-        target_modules=target_modules(model, f.lora_target),
+        target_modules=target_modules(base, f.lora_target),
         modules_to_save=comma_list(f.additional_target) or None,
         use_rslora=f.use_rslora,
         use_dora=f.use_dora,
         init_lora_weights=init,
-    )
-    return get_peft_model(model, config)
+    ))
 
 
 def apply_oft(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
     """A trainable OFT adapter: block-diagonal orthogonal rotations of the targeted layers' weights."""
-    from peft import OFTConfig, get_peft_model
+    from peft import OFTConfig
 
     f = finetuning_args
-    if model_args is not None:
-        model, continued = load_adapters(model, model_args, f)
-        if continued:
-            return model
-    config = OFTConfig(
-        task_type=task_type(model),
+    return new_or_continued_adapter(model, f, model_args, lambda base: OFTConfig(
+        task_type=task_type(base),
         r=f.oft_rank,
         oft_block_size=f.oft_block_size,
         module_dropout=f.module_dropout,
-        target_modules=target_modules(model, f.oft_target),
+        target_modules=target_modules(base, f.oft_target),
         modules_to_save=comma_list(f.additional_target) or None,
-    )
-    return get_peft_model(model, config)
+    ))
 
 
 PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"
