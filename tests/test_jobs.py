@@ -127,25 +127,30 @@ def test_ray_job_submit_runs_a_recipe_unchanged(head_node, tmp_path, tiny_model)
     assert_trained(tmp_path / "by-ray-job-submit")
 
 
-def test_rayft_submit_follows_the_job_and_exits_with_its_status(head_node, tmp_path, tiny_model):
+def test_rayft_submit_no_wait_then_logs_follow_and_status(head_node, tmp_path, tiny_model):
     address, env = head_node
     proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "by-rayft-submit"),
-                 "--address", address, env=env)
+                 "--address", address, "--no-wait", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
-    assert "[rayft] step 4/4" in proc.stdout and f"job {job_id} SUCCEEDED" in proc.stdout
+    assert f"rayft logs {job_id}" in proc.stdout  # says how to follow it
+    followed = rayft("logs", job_id, "--address", address, "--follow", env=env)
+    assert followed.returncode == 0, followed.stdout[-3000:]
+    assert "[rayft] step 4/4" in followed.stdout and f"job {job_id} SUCCEEDED" in followed.stdout
     assert_trained(tmp_path / "by-rayft-submit")
     status = rayft("status", job_id, "--address", address, env=env, timeout=60)
     assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED")
-    assert "[rayft] step 4/4" in rayft("logs", job_id, "--address", address, env=env, timeout=60).stdout
 
 
-def test_a_failing_job_is_reported_failed_with_a_nonzero_exit(head_node, tmp_path, tiny_model):
+def test_a_failing_job_is_followed_to_failed_with_a_nonzero_exit(head_node, tmp_path, tiny_model):
     address, env = head_node
     proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
-                 "dataset=no_such_dataset", "--address", address, env=env)
+                 "dataset=no_such_dataset", "--address", address, env=env)  # waits, printing the job's log
     assert proc.returncode == 1
     assert "no_such_dataset" in proc.stdout and "FAILED" in proc.stdout
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    status = rayft("status", job_id, "--address", address, env=env, timeout=60)
+    assert (status.returncode, status.stdout.strip()) == (1, "FAILED")
 
 
 def test_rayft_submit_refuses_relative_outputs_and_bad_recipes_before_submitting(tmp_path, tiny_model):
