@@ -68,7 +68,7 @@ NOT_BUILT: dict[str, str] = {
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
     **{k: "the data engine (issue: Ray Data engine)" for k in (
-        "streaming", "buffer_size", "tool_format", "data_shared_file_system")},
+        "streaming", "buffer_size", "tool_format")},
     **{k: "PPO (issue: PPO stage)" for k in (
         "reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
         "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},

@@ -154,14 +154,23 @@ def quiet_ray_data() -> None:
     context.enable_operator_progress_bars = False
 
 
+def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
+    """Where split `split`'s tokenised data is cached, and whether that is a folder the user named (strict).
+
+    The automatic cache lives under ray_storage_path; Ray Data reads it from any node, so on a cluster it
+    is used only when data_shared_file_system says that path is shared by every node.
+    """
+    d, r = cfg.data, cfg.ray
+    if d.tokenized_path:
+        return Path(d.tokenized_path) / split, True
+    if "://" not in r.ray_storage_path and (r.ray_address is None or d.data_shared_file_system):
+        return Path(r.ray_storage_path) / ".tokenized", False
+    return None, False
+
+
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
     d = cfg.data
-    if d.tokenized_path:
-        cache_dir, strict = Path(d.tokenized_path) / split, True
-    elif cfg.ray.ray_address is None and "://" not in cfg.ray.ray_storage_path:
-        cache_dir, strict = Path(cfg.ray.ray_storage_path) / ".tokenized", False  # automatic, local runs only
-    else:
-        cache_dir, strict = None, False
+    cache_dir, strict = tokenized_cache(cfg, split)
     dataset, reused = tokenize_cached(
         examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
         d.preprocessing_batch_size, d.packing, d.neat_packing, cache_dir, strict, overwrite=d.overwrite_cache,

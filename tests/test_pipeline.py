@@ -81,3 +81,21 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
     dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=4, stage=stage)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
+
+
+@pytest.mark.unit
+def test_the_automatic_cache_is_used_on_a_cluster_only_with_a_shared_file_system(tmp_path):
+    from rayft.orchestrator.config import load_recipe, parse_config
+    from rayft.orchestrator.launch import tokenized_cache
+
+    from conftest import DEMO_RECIPE, ROOT
+
+    def where(*overrides):
+        cfg = parse_config(load_recipe(DEMO_RECIPE, [f"ray_storage_path={tmp_path}", *overrides]), base_dir=ROOT)
+        return tokenized_cache(cfg, "train")
+
+    assert where() == (tmp_path / ".tokenized", False)  # a local run
+    assert where("ray_address=10.0.0.1:6379") == (None, False)  # a cluster: the path may be one node's own
+    assert where("ray_address=10.0.0.1:6379", "data_shared_file_system=true") == (tmp_path / ".tokenized", False)
+    assert where("ray_storage_path=s3://bucket/runs") == (None, False)
+    assert where(f"tokenized_path={tmp_path / 'tok'}") == (tmp_path / "tok" / "train", True)
