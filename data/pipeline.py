@@ -4,7 +4,9 @@
 `tokenize` returns a materialised Ray Dataset that TorchTrainer splits into one shard per worker.
 """
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +163,23 @@ def encode_text_batch(batch: dict, tokenizer_path: str, cutoff_len: int, concate
     }
 
 
-def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
-             train_on_prompt: bool, batch_size: int, packing: bool = False, neat_packing: bool = False,
-             mask_history: bool = False, stage: str = "sft"):
+@dataclass(frozen=True)
+class EncodingSettings:
+    """Every setting that changes what tokenisation produces from the same examples and tokenizer.
+
+    The whole of it keys the tokenisation cache, so a setting added here can never let a stale cache be reused.
+    """
+
+    template: str | None
+    cutoff_len: int
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    packing: bool = False
+    neat_packing: bool = False
+    stage: str = "sft"
+
+
+def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int):
     """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset.
 
     Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
@@ -173,49 +189,46 @@ def tokenize(examples: list[dict], tokenizer_path: str, template: str | None, cu
     """
     import ray.data
 
+    s = settings
+    packing = s.packing
     dataset = ray.data.from_items(examples, override_num_blocks=max(1, min(len(examples) // batch_size + 1, 64)))
-    if stage == "pt":
+    if s.stage == "pt":
         # plain packing of text is concatenation; neat packing keeps documents apart, packed below
         dataset = dataset.map_batches(encode_text_batch, batch_size=batch_size, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, cutoff_len=cutoff_len, concatenate=packing and not neat_packing))
-        packing = neat_packing
-    elif stage in ("rm", "dpo", "kto"):
-        encode = encode_kto_batch if stage == "kto" else encode_pairwise_batch
+            tokenizer_path=tokenizer_path, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
+        packing = s.neat_packing
+    elif s.stage in ("rm", "dpo", "kto"):
+        encode = encode_kto_batch if s.stage == "kto" else encode_pairwise_batch
         dataset = dataset.map_batches(encode, batch_size=batch_size, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len))
+            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len))
     else:
         dataset = dataset.map_batches(encode_batch, batch_size=batch_size, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, template=template, cutoff_len=cutoff_len,
-            train_on_prompt=train_on_prompt, mask_history=mask_history))
+            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len,
+            train_on_prompt=s.train_on_prompt, mask_history=s.mask_history))
     if packing:
         dataset = dataset.map_batches(pack_batch, batch_size=batch_size,
-                                      fn_kwargs=dict(cutoff_len=cutoff_len, neat=neat_packing))
+                                      fn_kwargs=dict(cutoff_len=s.cutoff_len, neat=s.neat_packing))
     return dataset.materialize()
 
 
-def tokenize_cached(examples: list[dict], tokenizer_path: str, template: str | None, cutoff_len: int,
-                    train_on_prompt: bool, batch_size: int, packing: bool, neat_packing: bool,
-                    cache_dir: Path | None, strict: bool, overwrite: bool, mask_history: bool = False,
-                    stage: str = "sft"):
+def tokenize_cached(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int,
+                    cache_dir: Path | None, strict: bool, overwrite: bool):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
     With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
     other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
     """
-    settings = dict(template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-                    packing=packing, neat_packing=neat_packing, mask_history=mask_history, stage=stage,
-                    encoding_version=ENCODING_VERSION)
-    key = cache.cache_key(examples, tokenizer_path, settings)
+    recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
+    key = cache.cache_key(examples, tokenizer_path, recorded)
     if cache_dir is not None and not strict:
         cache_dir = cache_dir / key
     if cache_dir is not None and not overwrite:
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_path, template, cutoff_len, train_on_prompt, batch_size,
-                       packing=packing, neat_packing=neat_packing, mask_history=mask_history, stage=stage)
+    dataset = tokenize(examples, tokenizer_path, settings, batch_size)
     if cache_dir is not None:
-        cache.save(dataset, cache_dir, key, settings)
+        cache.save(dataset, cache_dir, key, recorded)
     return dataset, False
 
 

@@ -11,6 +11,7 @@ from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
+    EncodingSettings,
     describe_example,
     load_datasets,
     load_examples,
@@ -171,10 +172,11 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
     d = cfg.data
     cache_dir, strict = tokenized_cache(cfg, split)
-    dataset, reused = tokenize_cached(
-        examples, cfg.model.model_name_or_path, d.template, d.cutoff_len, d.train_on_prompt,
-        d.preprocessing_batch_size, d.packing, d.neat_packing, cache_dir, strict, overwrite=d.overwrite_cache,
-        mask_history=d.mask_history, stage=cfg.finetuning.stage)
+    settings = EncodingSettings(template=d.template, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
+                                mask_history=d.mask_history, packing=d.packing, neat_packing=d.neat_packing,
+                                stage=cfg.finetuning.stage)
+    dataset, reused = tokenize_cached(examples, cfg.model.model_name_or_path, settings, d.preprocessing_batch_size,
+                                      cache_dir, strict, overwrite=d.overwrite_cache)
     if reused:
         log(f"[rayft] {split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rayft.data.errors import DataError
-from rayft.data.pipeline import load_examples, token_stats, tokenize_cached
+from rayft.data.pipeline import EncodingSettings, load_examples, token_stats, tokenize_cached
 
 from conftest import ROOT
 
@@ -18,8 +18,8 @@ def examples():
 
 
 def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
-    return tokenize_cached(examples, str(tiny_model), "chatml", cutoff_len, False, 16, packing, packing,
-                           cache_dir, strict, overwrite)
+    settings = EncodingSettings("chatml", cutoff_len, packing=packing, neat_packing=packing)
+    return tokenize_cached(examples, str(tiny_model), settings, 16, cache_dir, strict, overwrite)
 
 
 def rows(dataset):
@@ -78,7 +78,7 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
     else:
         examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
                      "kto_tag": i % 2 == 0} for i in range(6)]
-    dataset = tokenize(examples, str(tiny_model), "chatml", 64, False, batch_size=4, stage=stage)
+    dataset = tokenize(examples, str(tiny_model), EncodingSettings("chatml", 64, stage=stage), batch_size=4)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
 
@@ -99,3 +99,22 @@ def test_the_automatic_cache_is_used_on_a_cluster_only_with_a_shared_file_system
     assert where("ray_address=10.0.0.1:6379", "data_shared_file_system=true") == (tmp_path / ".tokenized", False)
     assert where("ray_storage_path=s3://bucket/runs") == (None, False)
     assert where(f"tokenized_path={tmp_path / 'tok'}") == (tmp_path / "tok" / "train", True)
+
+
+@pytest.mark.unit
+def test_every_encoding_setting_changes_the_cache_key():
+    import dataclasses
+
+    from rayft.data import cache
+
+    examples = [{"system": "", "messages": [{"role": "user", "content": "q"}]}]
+    base = EncodingSettings("chatml", 64)
+    other = {"template": "qwen", "cutoff_len": 128, "train_on_prompt": True, "mask_history": True,
+             "packing": True, "neat_packing": True, "stage": "pt"}
+    assert set(other) == {f.name for f in dataclasses.fields(EncodingSettings)}
+
+    def key(settings):
+        return cache.cache_key(examples, "no/such/tokenizer", dataclasses.asdict(settings))
+
+    for name, value in other.items():
+        assert key(dataclasses.replace(base, **{name: value})) != key(base), name

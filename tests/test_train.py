@@ -112,7 +112,7 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayft.data.pipeline import tokenize
+    from rayft.data.pipeline import EncodingSettings, tokenize
 
     def collect_shards(loop_config):  # local, so Ray ships it by value to the workers
         import ray.train
@@ -128,8 +128,9 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
         return [{"system": "", "messages": [{"role": "user", "content": f"question {i}"},
                                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
 
-    datasets = {"even": tokenize(examples(40), str(tiny_model), "chatml", 64, False, batch_size=8),
-                "odd": tokenize(examples(41), str(tiny_model), "chatml", 64, False, batch_size=8)}
+    settings = EncodingSettings("chatml", 64)
+    datasets = {"even": tokenize(examples(40), str(tiny_model), settings, batch_size=8),
+                "odd": tokenize(examples(41), str(tiny_model), settings, batch_size=8)}
     TorchTrainer(
         collect_shards, train_loop_config={"dir": str(tmp_path)}, datasets=datasets,
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
