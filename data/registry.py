@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft.data.errors import DataError
-from rayft.orchestrator.args import comma_list
+
+
+def comma_list(value: str | None) -> list[str]:
+    """The items of a comma-separated recipe value (dataset, eval_dataset, lora_target, ...), trimmed.
+
+    It lives here, in a module without heavy imports, because Ray Data's task workers import this file.
+    """
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
 
 DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",

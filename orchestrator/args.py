@@ -214,11 +214,6 @@ class GeneratingArguments:
     skip_special_tokens: bool = True
 
 
-def comma_list(value: str | None) -> list[str]:
-    """The items of a comma-separated recipe value (dataset, eval_dataset, lora_target, ...), trimmed."""
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
-
-
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 

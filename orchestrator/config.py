@@ -18,9 +18,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rayft.data.registry import comma_list
 from rayft.orchestrator.args import (
     SECTIONS,
-    comma_list,
     DataArguments,
     FinetuningArguments,
     GeneratingArguments,

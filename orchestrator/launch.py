@@ -19,7 +19,7 @@ from rayft.data.pipeline import (
     token_stats,
     tokenize_cached,
 )
-from rayft.orchestrator.args import comma_list
+from rayft.data.registry import comma_list
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds

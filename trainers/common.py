@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import PrinterCallback, Seq2SeqTrainer
 
-from rayft.orchestrator.args import TrainingArguments, comma_list
+from rayft.data.registry import comma_list
+from rayft.orchestrator.args import TrainingArguments
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
 from rayft.trainers.callbacks import LogCallback, say

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from rayft.orchestrator.args import FinetuningArguments, ModelArguments, comma_list
+from rayft.data.registry import comma_list
+from rayft.orchestrator.args import FinetuningArguments, ModelArguments
 
 
 def load_tokenizer(model_args: ModelArguments):
