@@ -1,4 +1,4 @@
-"""The `rayft` command: train, plan, submit (as a Ray job), status, logs and tiny-model."""
+"""The `rayft` command: train, sweep, plan, submit (as a Ray job), status, logs and tiny-model."""
 
 import argparse
 import json
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "run a distributed fine-tuning job"),
+                            ("sweep", "search the recipe's sweep section with Ray Tune, each trial a training run"),
                             ("plan", "validate a recipe and its data on the cluster and print the plan")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="YAML recipe")
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "submit":
             return _submit(args)
+        if args.command == "sweep":
+            from rayft.orchestrator.sweep import run_sweep
+
+            run_sweep(load_recipe(args.recipe, args.overrides))
+            return 0
         cfg = parse_config(load_recipe(args.recipe, args.overrides))
         if args.command == "plan":
             from rayft.orchestrator.launch import run_plan

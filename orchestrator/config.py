@@ -213,7 +213,8 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
             problems.append(f"{key}: {RESERVED_KEYS[key]}")
             continue
         if key == "sweep":
-            problems.append("sweep: hyperparameter sweeps (`rayft sweep`) are not built yet; remove the sweep section")
+            problems.append("sweep: this recipe describes a sweep; run it with `rayft sweep`, or remove the sweep "
+                            "section to train once")
             continue
         section = known.get(key)
         if section is None:
@@ -223,7 +224,10 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
             continue
         expected = _type_hints(SECTIONS[section])[key]
         if not type_matches(value, expected):
-            problems.append(f"{key}: {value!r} is a {type(value).__name__}, expected {describe_type(expected)}")
+            hint = ""
+            if isinstance(value, bool) and type_matches("no", expected):
+                hint = f" (YAML reads no / off / yes / on as booleans: quote the word, e.g. {key}: \"no\")"
+            problems.append(f"{key}: {value!r} is a {type(value).__name__}, expected {describe_type(expected)}{hint}")
             continue
         by_section[section][key] = value
 

@@ -105,45 +105,70 @@ def run_plan(cfg: RecipeConfig, log=print) -> Plan:
 
 def run_train(cfg: RecipeConfig, log=print):
     """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run."""
+    prepared = prepare(cfg, log=log)
+    with ray_session(cfg.ray, log=log):
+        plan_on_cluster(cfg, len(prepared.train_examples))  # the connected cluster can hold the workers
+        datasets = tokenize_splits(cfg, prepared, log=log)
+        return launch(cfg, plan_on_data(cfg, prepared, datasets), datasets, log=log)
+
+
+def tokenize_splits(cfg: RecipeConfig, prepared: Prepared, log=print) -> dict:
+    """Tokenises every split with Ray Data on the connected cluster: split name -> materialised Dataset."""
+    quiet_ray_data()
+    datasets = {"train": _tokenized(cfg, prepared.train_examples, "train", log)}
+    for split, examples in prepared.eval_examples.items():
+        datasets[split] = _tokenized(cfg, examples, split, log)
+    return datasets
+
+
+def plan_on_data(cfg: RecipeConfig, prepared: Prepared, datasets: dict) -> Plan:
+    """The plan for the tokenised data: with packing the workers see packed sequences, and steps count those."""
+    return plan_on_cluster(cfg, datasets["train"].count() if cfg.data.packing else len(prepared.train_examples))
+
+
+def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, log=print, sweep_metric: str | None = None):
+    """Runs the TorchTrainer for a planned run on tokenised datasets; returns Ray Train's Result.
+
+    `sweep_metric` is set when the run is a trial of `rayft sweep`: every logged record is then reported,
+    and those carrying the metric reach Ray Tune's scheduler. (The sweep's driver has built DeepSpeed's op.)
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayft.trainers.worker import train_loop_per_worker
 
-    prepared = prepare(cfg, log=log)
-    with ray_session(cfg.ray, log=log):
-        plan = plan_on_cluster(cfg, len(prepared.train_examples))
-        quiet_ray_data()
-        datasets = {"train": _tokenized(cfg, prepared.train_examples, "train", log)}
-        for split, examples in prepared.eval_examples.items():
-            datasets[split] = _tokenized(cfg, examples, split, log)
-        if cfg.data.packing:  # the workers see packed sequences, so batches and steps count those
-            plan = plan_on_cluster(cfg, datasets["train"].count())
-        show_config(cfg, plan, log=log)
-        if plan.deepspeed is not None and not plan.use_gpu:
-            ds.prebuild_cpu_ops(log=log)
+    show_config(cfg, plan, log=log)
+    callbacks = []
+    if sweep_metric is not None:
+        from rayft.orchestrator.sweep import MetricReport
 
-        t = cfg.training
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict()},
-            torch_config=TorchConfig(backend=plan.backend),
-            scaling_config=ScalingConfig(
-                num_workers=plan.num_workers,
-                use_gpu=plan.use_gpu,
-                resources_per_worker=plan.resources_per_worker,
-                placement_strategy=plan.placement_strategy,
-            ),
-            run_config=RunConfig(
-                name=cfg.ray.ray_run_name,
-                storage_path=cfg.ray.ray_storage_path,
-                storage_filesystem=filesystem(cfg.ray.ray_storage_filesystem),
-                checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
-                failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
-            ),
-            datasets=datasets,
-        )
-        return trainer.fit()
+        plan.report_every_log = True
+        callbacks.append(MetricReport(sweep_metric))
+    elif plan.deepspeed is not None and not plan.use_gpu:
+        ds.prebuild_cpu_ops(log=log)
+
+    t = cfg.training
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict()},
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.resources_per_worker,
+            placement_strategy=plan.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.ray.ray_run_name,
+            storage_path=cfg.ray.ray_storage_path,
+            storage_filesystem=filesystem(cfg.ray.ray_storage_filesystem),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
+            failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()
 
 
 def quiet_ray_data() -> None:

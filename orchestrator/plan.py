@@ -37,6 +37,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     notes: list[str] = field(default_factory=list)
+    report_every_log: bool = False  # a sweep's trial reports each logged record, for its scheduler
 
     def to_dict(self) -> dict:
         return asdict(self)

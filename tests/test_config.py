@@ -50,6 +50,8 @@ def test_wrong_type_names_key_value_and_expected_type():
     assert problem == "lora_rank: 'eight' is a str, expected an integer"
     (problem,) = problems("placement_strategy=BALANCED")
     assert "placement_strategy: 'BALANCED'" in problem and "'STRICT_SPREAD'" in problem
+    (problem,) = problems("save_strategy=no")  # YAML's boolean `no`, a common trap on the command line
+    assert problem.startswith("save_strategy: False is a bool") and 'quote the word, e.g. save_strategy: "no"' in problem
 
 
 def test_all_problems_are_reported_together():
@@ -209,7 +211,15 @@ def test_config_round_trips_across_the_worker_boundary():
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_validates(recipe):
-    cfg = parse_config(load_recipe(recipe, []), base_dir=ROOT)
+    raw = load_recipe(recipe, [])
+    if "sweep" in raw:  # a sweep recipe: its section and every trial's recipe are checked
+        from rayft.orchestrator.sweep import check_sweep
+
+        sweep = check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        assert len(sweep.configs) >= 2
+        cfg = sweep.base
+    else:
+        cfg = parse_config(raw, base_dir=ROOT)
     assert cfg.model.model_name_or_path and cfg.data.dataset
 
 

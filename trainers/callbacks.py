@@ -51,6 +51,25 @@ class LogCallback(TrainerCallback):
         say(f"[rayft] step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}")
 
 
+class ReportEveryLog(TrainerCallback):
+    """Reports every logged record to Ray Train, so that a sweep's scheduler sees each measurement.
+
+    Every rank logs the same records (the Trainer averages losses over ranks before logging), and every
+    rank must call ray.train.report the same number of times. The record names the run's placement group:
+    a trial the scheduler stops is killed with its Train controller, whose placement group outlives it,
+    and the sweep's driver removes it by this id.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import ray.train
+        import ray.util
+
+        if logs:
+            group = ray.util.get_current_placement_group()
+            ray.train.report({**logs, "step": state.global_step, "total_steps": state.max_steps,
+                              "placement_group": group.id.hex() if group else None})
+
+
 def read_log(output_dir: str) -> list[dict]:
     path = Path(output_dir) / "trainer_log.jsonl"
     if not path.is_file():

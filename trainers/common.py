@@ -11,7 +11,7 @@ from rayft.data.registry import comma_list
 from rayft.orchestrator.args import TrainingArguments
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
-from rayft.trainers.callbacks import LogCallback, say
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 
 
@@ -218,7 +218,8 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
         eval_dataset=eval_shards(cfg),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LogCallback(args.output_dir), RayTrainReportCallback()],
+        callbacks=[LogCallback(args.output_dir), RayTrainReportCallback(),
+                   *([ReportEveryLog()] if plan["report_every_log"] else [])],
         shuffle=not cfg.finetuning.disable_shuffling,
         finetuning=cfg.finetuning,
         **trainer_kwargs,

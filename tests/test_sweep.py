@@ -1,0 +1,258 @@
+"""`rayft sweep`: the search space, the checks before any trial starts, and real sweeps on a local Ray cluster."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayft.cluster.storage import latest_checkpoint
+from rayft.orchestrator.config import ConfigError, load_recipe
+from rayft.orchestrator.plan import Node
+from rayft.orchestrator.sweep import (
+    SweepSpec,
+    best_row,
+    concurrency,
+    expand_points,
+    parse_sweep,
+    run_sweep,
+    stop_reason,
+)
+from rayft.trainers.callbacks import read_log
+
+from conftest import ROOT
+
+SFT_SWEEP = ROOT / "configs" / "sweep_sft_lora.yaml"
+DPO_SWEEP = ROOT / "configs" / "sweep_dpo_beta.yaml"
+
+
+def sweep_recipe(path, tmp_path, tiny_model, *overrides) -> dict:
+    return load_recipe(path, [f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'sweep'}",
+                              f"ray_storage_path={tmp_path / 'ray'}", *overrides])
+
+
+def results(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "sweep_results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- the space and the checks (no Ray)
+
+@pytest.mark.unit
+def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly():
+    spec = parse_sweep({"parameters": {
+        "lora_rank": {"grid": [8, 16]}, "learning_rate": {"loguniform": [1e-5, 1e-3]},
+        "pref_beta": {"choice": [0.05, 0.1]}, "lora_dropout": {"uniform": [0.0, 0.2]},
+        "cutoff_len": {"randint": [64, 128]}}, "num_samples": 3}, seed=7)
+    points = expand_points(spec)
+    assert len(points) == 6
+    assert [p["lora_rank"] for p in points] == [8, 16] * 3
+    assert all(1e-5 <= p["learning_rate"] <= 1e-3 and p["pref_beta"] in (0.05, 0.1)
+               and 0.0 <= p["lora_dropout"] <= 0.2 and 64 <= p["cutoff_len"] < 128
+               and isinstance(p["cutoff_len"], int) for p in points)
+    assert len({p["learning_rate"] for p in points}) == 6  # sampled anew for every trial
+    again = parse_sweep({"parameters": spec.parameters, "num_samples": 3}, seed=7)
+    assert expand_points(again) == points  # same seed, same trials
+    assert list(points[0]) == ["lora_rank", "learning_rate", "pref_beta", "lora_dropout", "cutoff_len"]
+    # loguniform spreads over the decades: the log of the samples is uniform, not the samples
+    many = expand_points(parse_sweep({"parameters": {"learning_rate": {"loguniform": [1e-6, 1e-2]}},
+                                      "num_samples": 400}, seed=0))
+    below = sum(1 for p in many if p["learning_rate"] < 1e-4) / len(many)
+    assert 0.4 < below < 0.6, below
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("section, message", [
+    ({"parameters": {"lora_rnak": {"grid": [8]}}}, "did you mean 'lora_rank'"),
+    ({"parameters": {"output_dir": {"grid": ["a", "b"]}}}, "sets output_dir for each trial itself"),
+    ({"parameters": {"lora_rank": [8, 16]}}, "must be one of {grid"),
+    ({"parameters": {"learning_rate": {"loguniform": [0, 1e-3]}}}, "low must be positive"),
+    ({"parameters": {"learning_rate": {"uniform": [1e-3, 1e-5]}}}, "low < high"),
+    ({"parameters": {"lora_rank": {"randint": [4, 16.5]}}}, "must be integers"),
+    ({"parameters": {"lora_rank": {"grid": []}}}, "non-empty list"),
+    ({"parameters": {"lora_rank": {"grid": [8]}}, "schedular": "asha"}, "did you mean 'scheduler'"),
+    ({"parameters": {"lora_rank": {"grid": [8]}}, "mode": "lowest"}, "sweep.mode"),
+    ({"parameters": {"lora_rank": {"grid": [8]}}, "num_samples": 0}, "num_samples: must be at least 1"),
+    ({"num_samples": 2}, "sweep.parameters: required"),
+])
+def test_a_bad_sweep_section_names_the_key_and_the_fix(section, message):
+    with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("(", "\\(")):
+        parse_sweep(section, seed=0)
+
+
+@pytest.mark.unit
+def test_an_invalid_point_stops_the_sweep_before_any_trial_with_its_values(tmp_path, tiny_model):
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model)
+    raw["sweep"]["parameters"] = {"lora_rank": {"grid": [0, 8]}, "learning_rate": {"grid": [1e-3]}}
+    with pytest.raises(ConfigError) as err:
+        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    assert "trial_000 (lora_rank=0, learning_rate=0.001): lora_rank: must be a positive integer" in str(err.value)
+    assert "trial_001" not in str(err.value)  # the valid point is not reported
+    assert "the sweep did not start" in str(err.value)
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "ray").exists()  # nothing reserved or written
+
+
+@pytest.mark.unit
+def test_asha_on_an_eval_metric_needs_evaluation_during_training(tmp_path, tiny_model):
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "eval_strategy='no'", "sweep.scheduler=asha")
+    with pytest.raises(ConfigError, match="eval_strategy is 'no'"):
+        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "eval_strategy='no'", "eval_dataset=null")
+    with pytest.raises(ConfigError, match="measured on evaluation data"):
+        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+
+
+@pytest.mark.unit
+def test_an_occupied_output_dir_of_something_else_is_refused_and_left_alone(tmp_path, tiny_model):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "model.safetensors").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lambda *_: None)
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.unit
+def test_concurrency_is_what_the_cluster_holds_and_more_is_refused():
+    two_nodes = [Node("a", "1", {"CPU": 4.0}), Node("b", "1", {"CPU": 4.0, "GPU": 2.0})]
+    spec = SweepSpec(parameters={})
+    assert concurrency(spec, {"CPU": 2.0}, two_nodes) == 4
+    assert concurrency(spec, {"CPU": 2.0, "GPU": 1.0}, two_nodes) == 2
+    assert concurrency(SweepSpec(parameters={}, max_concurrent_trials=1), {"CPU": 2.0}, two_nodes) == 1
+    with pytest.raises(ConfigError, match="holds the workers of 4 trial"):
+        concurrency(SweepSpec(parameters={}, max_concurrent_trials=5), {"CPU": 2.0}, two_nodes)
+
+
+@pytest.mark.unit
+def test_stop_reasons_and_the_best_trial():
+    assert stop_reason("TERMINATED", 24, 24, None, "asha", False) == "completed"
+    assert stop_reason("TERMINATED", 8, 24, None, "asha", False) == "stopped early at step 8/24 by asha"
+    assert stop_reason("TERMINATED", 8, 24, None, "fifo", True) == "stopped at step 8/24: time budget spent"
+    assert stop_reason("ERROR", None, None, "OSError: bad weights", "fifo", False) == "failed: OSError: bad weights"
+    rows = [{"trial": "a", "eval_loss": 2.0}, {"trial": "b", "eval_loss": 1.5}, {"trial": "c", "eval_loss": None},
+            {"trial": "d", "eval_loss": math.nan}]
+    assert best_row(rows, "eval_loss", "min")["trial"] == "b"
+    assert best_row(rows, "eval_loss", "max")["trial"] == "a"
+    assert best_row([{"trial": "x", "eval_loss": None}], "eval_loss", "min") is None
+
+
+@pytest.mark.unit
+def test_train_refuses_a_recipe_with_a_sweep_section(tmp_path, tiny_model):
+    from rayft.orchestrator.config import parse_config
+
+    with pytest.raises(ConfigError, match="run it with `rayft sweep`"):
+        parse_config(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
+
+
+# ---------------------------------------------------------------- real sweeps on a local Ray cluster
+
+def finished_trials(sweep_dir: Path) -> dict[str, str]:
+    """Trials whose run completed: name -> the text of their trainer_log.jsonl."""
+    return {p.parent.name: (p.parent / "trainer_log.jsonl").read_text()
+            for p in sorted((sweep_dir / "trials").glob("*/all_results.json"))}
+
+
+@pytest.mark.slow
+def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_trains(tmp_path, tiny_model, ray_local):
+    from rayft.orchestrator.config import parse_config
+    from rayft.orchestrator.launch import run_train
+
+    address = ray_local._private.worker._global_node.address
+    sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
+    command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(SFT_SWEEP),
+               f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
+               f"ray_address={address}", "max_steps=16", "save_strategy=steps", "save_steps=4"]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it once a trial has finished and another has a checkpoint to continue from
+        deadline, interrupted = time.time() + 400, None
+        while time.time() < deadline and interrupted is None:
+            done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
+            interrupted = next((f"trial_{i:03d}" for i in range(4) if f"trial_{i:03d}" not in done and
+                                latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")), None) if done else None
+            time.sleep(0.5)
+        assert interrupted, "no trial finished while another had a checkpoint"
+    finally:
+        driver.send_signal(signal.SIGKILL)  # no clean-up: Ray ends the dead driver's trials and their workers
+        driver.wait()
+    finished_before = finished_trials(sweep_dir)
+
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming sweep 'sweep-sft-lora'" in again.stdout
+    rows = results(sweep_dir)
+    assert [r["trial"] for r in rows] == [f"trial_{i:03d}" for i in range(4)]
+    assert [(int(r["lora_rank"]), float(r["learning_rate"])) for r in rows] == [
+        (4, 3e-4), (4, 3e-3), (16, 3e-4), (16, 3e-3)]
+    assert all(r["stop_reason"] == "completed" and r["step"] == "16" for r in rows), rows
+    for name, log in finished_before.items():  # no finished trial ran again
+        assert finished_trials(sweep_dir)[name] == log, name
+    if interrupted not in finished_before:  # it continued from its checkpoint rather than from step 0
+        assert any("resumed_from_step" in r for r in read_log(sweep_dir / "trials" / interrupted)), interrupted
+    assert (sweep_dir / "sweep_eval_loss.png").stat().st_size > 10_000
+
+    best = min(rows, key=lambda r: float(r["eval_loss"]))
+    recipe = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert "sweep" not in recipe and recipe["lora_rank"] == int(best["lora_rank"])
+    assert recipe["learning_rate"] == pytest.approx(float(best["learning_rate"]))
+    run_train(parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT), log=lambda *_: None)
+    trained = read_log(sweep_dir / "best")
+    assert (sweep_dir / "best" / "adapter_model.safetensors").is_file()
+    assert [r["eval_loss"] for r in trained if "eval_loss" in r][-1] == pytest.approx(float(best["eval_loss"]), rel=1e-3)
+
+
+@pytest.mark.integration
+def test_dpo_sweep_over_pref_beta(tmp_path, tiny_model, ray_local):
+    lines = []
+    rows = run_sweep(sweep_recipe(DPO_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lines.append)
+    metric = "eval_rewards/accuracies"
+    assert [r["pref_beta"] for r in rows] == [0.05, 0.1, 0.2]
+    assert all(r["stop_reason"] == "completed" and 0.0 <= r[metric] <= 1.0 for r in rows), rows
+    for row in rows:  # each trial is a whole run with its own outputs and its own beta
+        out = tmp_path / "sweep" / "trials" / row["trial"]
+        assert yaml.safe_load((out / "training_args.yaml").read_text())["pref_beta"] == row["pref_beta"]
+        assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
+    best = max(rows, key=lambda r: r[metric])  # the first of equals wins, as in best_row
+    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["pref_beta"] == best["pref_beta"]
+    assert any(line.startswith("[rayft] sweep results:") and "trial_002" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4")
+    raw["sweep"] = {"parameters": {"learning_rate": {"loguniform": [1.0e-5, 1.0e-2]},
+                                   "lora_rank": {"choice": [4, 8, 16]}},
+                    "num_samples": 8, "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "seed": 3}
+    rows = run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    assert len(rows) == 8 and all(r["status"] == "TERMINATED" for r in rows), rows
+    stopped = [r for r in rows if r["stop_reason"].startswith("stopped early")]
+    assert stopped and any(r["stop_reason"] == "completed" for r in rows), rows
+    assert sum(r["step"] for r in rows) < 8 * 12
+    for row in stopped:  # the trial really stopped there: its own log ends before the last step
+        steps = [r["step"] for r in read_log(tmp_path / "sweep" / "trials" / row["trial"]) if "loss" in r]
+        assert max(steps) < 12, (row, steps)
+    finished = [r for r in rows if r["stop_reason"] == "completed"]
+    assert min(r["eval_loss"] for r in finished) <= min(r["eval_loss"] for r in stopped)
+
+
+@pytest.mark.integration
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, ray_local):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: found only when a worker loads the weights
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=4", "eval_steps=4", "logging_steps=2")
+    raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]}}
+    rows = run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    good, bad = rows
+    assert good["stop_reason"] == "completed" and good["status"] == "TERMINATED"
+    assert bad["status"] == "ERROR" and bad["stop_reason"].startswith("failed: ") and bad["eval_loss"] is None
+    with (tmp_path / "sweep" / "sweep_results.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "ERROR"]
+    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["model_name_or_path"] == str(tiny_model)
