@@ -179,36 +179,42 @@ class EncodingSettings:
     stage: str = "sft"
 
 
-def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int):
-    """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset.
+def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int,
+             stream_tasks: int | None = None):
+    """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset,
+    or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
 
     Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
 
     Materialising before training matters: the workers then read blocks from the object store and need
     no CPU of their own for preprocessing, so a cluster whose CPUs all go to workers cannot deadlock.
+    A stream is tokenised while the workers train, and Ray Train gives Ray Data only the CPUs its workers
+    do not hold, which may be none: streaming tasks reserve no CPU and at most `stream_tasks` run at once
+    (one per worker), so they share the machine with the training the way in-process tokenising would.
     """
     import ray.data
 
     s = settings
     packing = s.packing
+    options = {} if stream_tasks is None else {"num_cpus": 0, "concurrency": stream_tasks}
     dataset = ray.data.from_items(examples, override_num_blocks=max(1, min(len(examples) // batch_size + 1, 64)))
     if s.stage == "pt":
         # plain packing of text is concatenation; neat packing keeps documents apart, packed below
-        dataset = dataset.map_batches(encode_text_batch, batch_size=batch_size, fn_kwargs=dict(
+        dataset = dataset.map_batches(encode_text_batch, batch_size=batch_size, **options, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
         packing = s.neat_packing
     elif s.stage in ("rm", "dpo", "kto"):
         encode = encode_kto_batch if s.stage == "kto" else encode_pairwise_batch
-        dataset = dataset.map_batches(encode, batch_size=batch_size, fn_kwargs=dict(
+        dataset = dataset.map_batches(encode, batch_size=batch_size, **options, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len))
     else:
-        dataset = dataset.map_batches(encode_batch, batch_size=batch_size, fn_kwargs=dict(
+        dataset = dataset.map_batches(encode_batch, batch_size=batch_size, **options, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len,
             train_on_prompt=s.train_on_prompt, mask_history=s.mask_history))
     if packing:
-        dataset = dataset.map_batches(pack_batch, batch_size=batch_size,
+        dataset = dataset.map_batches(pack_batch, batch_size=batch_size, **options,
                                       fn_kwargs=dict(cutoff_len=s.cutoff_len, neat=s.neat_packing))
-    return dataset.materialize()
+    return dataset.materialize() if stream_tasks is None else dataset
 
 
 def tokenize_cached(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int,

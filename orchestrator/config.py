@@ -47,10 +47,10 @@ NOT_BUILT: dict[str, str] = {
     **{k: "quantised training (QLoRA)" for k in (
         "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
         "quantization_device_map", "ref_model_quantization_bit", "reward_model_quantization_bit")},
-    **{k: "model export (`rayft export`)" for k in (
-        "export_dir", "export_size", "export_device", "export_quantization_bit",
-        "export_quantization_dataset", "export_quantization_nsamples", "export_quantization_maxlen",
-        "export_legacy_format", "export_hub_model_id")},
+    **{k: "quantised export" for k in (
+        "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
+        "export_quantization_maxlen")},
+    "export_hub_model_id": "pushing an export to the hub",
     **{k: "the GaLore optimizer" for k in (
         "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
         "galore_proj_type", "galore_layerwise")},
@@ -67,8 +67,7 @@ NOT_BUILT: dict[str, str] = {
         "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
-    **{k: "the data engine (issue: Ray Data engine)" for k in (
-        "streaming", "buffer_size", "tool_format")},
+    "tool_format": "tool formats other than the template's own (qwen / chatml have tool formatting)",
     **{k: "PPO (issue: PPO stage)" for k in (
         "reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
         "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
@@ -203,8 +202,12 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
         raise ConfigError([f"could not merge the overrides: {err}"]) from None
 
 
-def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
-    """Type-checks, validates and resolves a merged recipe; raises ConfigError with every problem found."""
+def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: bool = True) -> RecipeConfig:
+    """Type-checks, validates and resolves a merged recipe; raises ConfigError with every problem found.
+
+    `for_training=False` (`rayft export`) does not ask for the keys only a training run needs (dataset,
+    output_dir).
+    """
     problems: list[str] = []
     known = _all_keys()
     by_section: dict[str, dict] = {name: {} for name in SECTIONS}
@@ -247,6 +250,8 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".") -> RecipeConfig:
         training=by_section["training"],
     )
     problems = validate(cfg, Path(base_dir))
+    if not for_training:
+        problems = [p for p in problems if not p.startswith(("dataset: required", "output_dir: required"))]
     if problems:
         raise ConfigError(problems)
     cfg.notes = resolve(cfg, Path(base_dir))
@@ -309,6 +314,19 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
         problems.append(f"packing: packs sequences for stages pt and sft, not {f.stage!r}; remove packing")
     if d.neat_packing and d.packing is False:
         problems.append("neat_packing: needs packing; remove packing: false or neat_packing: true")
+    if d.streaming and t.get("max_steps", -1) <= 0:
+        problems.append("streaming: a streamed dataset has no length to count epochs by; set max_steps")
+    if d.streaming and 0 < d.val_size < 1:
+        problems.append(f"val_size: with streaming, hold out a whole number of examples (e.g. 100), not a "
+                        f"fraction ({d.val_size})")
+    if d.streaming and d.tokenized_path:
+        problems.append("tokenized_path and streaming: saving the tokenised data materialises it, which streaming "
+                        "avoids; remove one of them")
+    if d.buffer_size != _default(DataArguments, "buffer_size") and not d.streaming:
+        problems.append("buffer_size and streaming: buffer_size is the shuffle buffer of a streamed dataset, but "
+                        "streaming is off; remove buffer_size or set streaming: true")
+    if d.buffer_size < 1:
+        problems.append(f"buffer_size: must be at least 1 example, got {d.buffer_size}")
     if d.cutoff_len < 8:
         problems.append(f"cutoff_len: must be at least 8 tokens, got {d.cutoff_len}")
     if d.max_samples is not None and d.max_samples < 1:
@@ -352,7 +370,10 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_SHORTHANDS:
         t["deepspeed"] = json.loads(_under(base_dir, deepspeed).read_text())
         notes.append(f"deepspeed config read from {deepspeed} (it travels inside the job)")
-    t["output_dir"] = str(_under(base_dir, t["output_dir"]))
+    if t.get("output_dir"):
+        t["output_dir"] = str(_under(base_dir, t["output_dir"]))
+    if cfg.model.export_dir:
+        cfg.model.export_dir = str(_under(base_dir, cfg.model.export_dir))
     if r.ray_address is None and os.environ.get("RAY_ADDRESS"):
         r.ray_address = os.environ["RAY_ADDRESS"]
         notes.append(f"ray_address = {r.ray_address} from RAY_ADDRESS (set for a `ray job submit` job): joining that cluster")

@@ -17,6 +17,7 @@ from rayft.data.pipeline import (
     load_examples,
     load_tokenizer,
     token_stats,
+    tokenize,
     tokenize_cached,
 )
 from rayft.data.registry import comma_list
@@ -123,7 +124,8 @@ def tokenize_splits(cfg: RecipeConfig, prepared: Prepared, log=print) -> dict:
 
 def plan_on_data(cfg: RecipeConfig, prepared: Prepared, datasets: dict) -> Plan:
     """The plan for the tokenised data: with packing the workers see packed sequences, and steps count those."""
-    return plan_on_cluster(cfg, datasets["train"].count() if cfg.data.packing else len(prepared.train_examples))
+    packed = cfg.data.packing and not cfg.data.streaming  # a stream is not counted: streaming requires max_steps
+    return plan_on_cluster(cfg, datasets["train"].count() if packed else len(prepared.train_examples))
 
 
 def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, log=print, sweep_metric: str | None = None):
@@ -196,10 +198,18 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
 
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str, log):
     d = cfg.data
-    cache_dir, strict = tokenized_cache(cfg, split)
     settings = EncodingSettings(template=d.template, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
                                 mask_history=d.mask_history, packing=d.packing, neat_packing=d.neat_packing,
                                 stage=cfg.finetuning.stage)
+    if d.streaming and split == "train":
+        dataset = tokenize(examples, cfg.model.model_name_or_path, settings, d.preprocessing_batch_size,
+                           stream_tasks=cfg.ray.ray_num_workers)
+        log(f"[rayft] train data: {len(examples)} examples, streamed: tokenised as the workers read them, never "
+            f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
+        log("[rayft] first training example:\n" + describe_example(dataset.take(1)[0],
+                                                                     load_tokenizer(cfg.model.model_name_or_path)))
+        return dataset
+    cache_dir, strict = tokenized_cache(cfg, split)
     dataset, reused = tokenize_cached(examples, cfg.model.model_name_or_path, settings, d.preprocessing_batch_size,
                                       cache_dir, strict, overwrite=d.overwrite_cache)
     if reused:

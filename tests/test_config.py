@@ -85,10 +85,20 @@ def test_override_without_equals_is_refused():
 
 
 @pytest.mark.parametrize("key,value", [("stage", "ppo"), ("reward_model", "rm"), ("predict_with_generate", "true"),
-                                       ("streaming", "true"), ("quantization_bit", "4"), ("use_galore", "true")])
+                                       ("tool_format", "llama3"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
+
+
+def test_streaming_needs_max_steps_a_count_for_val_size_and_no_saved_tokens():
+    assert problems("streaming=true") == [
+        "streaming: a streamed dataset has no length to count epochs by; set max_steps"]
+    found = problems("streaming=true", "max_steps=10", "val_size=0.1", "tokenized_path=tok")
+    assert len(found) == 2 and "whole number of examples" in found[0] and "materialises" in found[1]
+    assert problems("buffer_size=64")[0].startswith("buffer_size and streaming: buffer_size is the shuffle buffer")
+    cfg = parse("streaming=true", "max_steps=10", "val_size=20", "buffer_size=64")
+    assert cfg.data.streaming and cfg.data.buffer_size == 64
 
 
 def test_unbuilt_fields_at_their_default_are_accepted():
@@ -218,6 +228,10 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
         sweep = check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
         assert len(sweep.configs) >= 2
         cfg = sweep.base
+    elif "export_dir" in raw:  # an export recipe: a model and its adapters, no training data
+        cfg = parse_config(raw, base_dir=ROOT, for_training=False)
+        assert cfg.model.export_dir and cfg.model.adapter_name_or_path
+        return
     else:
         cfg = parse_config(raw, base_dir=ROOT)
     assert cfg.model.model_name_or_path and cfg.data.dataset

@@ -118,3 +118,34 @@ def test_every_encoding_setting_changes_the_cache_key():
 
     for name, value in other.items():
         assert key(dataclasses.replace(base, **{name: value})) != key(base), name
+
+
+def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_share(tiny_model, ray_local,
+                                                                                      examples):
+    import threading
+
+    from ray.data.dataset import MaterializedDataset
+
+    from rayft.data.pipeline import tokenize
+    from rayft.trainers.common import StreamedShard
+
+    settings = EncodingSettings("chatml", 256)
+    lazy = tokenize(examples, str(tiny_model), settings, 16, stream_tasks=2)
+    assert not isinstance(lazy, MaterializedDataset)
+    everything = rows(tokenize(examples, str(tiny_model), settings, 16))
+    shards = [StreamedShard(split, buffer_size=8, seed=1) for split in lazy.streaming_split(2, equal=True)]
+    epochs = []
+    for _ in range(2):  # split iterators are read at the same time, as the workers read them
+        seen = [None, None]
+        readers = [threading.Thread(target=lambda i=i: seen.__setitem__(i, list(shards[i]))) for i in range(2)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=120)
+        assert len(seen[0]) == len(seen[1]) == len(examples) // 2  # equal shares: no worker runs out first
+        assert set(seen[0][0]) == {"input_ids", "labels"}  # the count columns are left out
+        assert isinstance(seen[0][0]["input_ids"], list)
+        ids = [tuple(r["input_ids"]) for r in seen[0] + seen[1]]
+        assert sorted(ids) == everything  # together the shares are the whole dataset, each row once
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]  # each pass reads through the buffer with another seed

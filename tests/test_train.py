@@ -89,8 +89,9 @@ def test_demo_recipe_two_workers_zero2(tmp_path, tiny_model, ray_local):
 @pytest.mark.integration
 @pytest.mark.parametrize("overrides", [
     ("deepspeed=z3",),
-    ("neat_packing=true", "cutoff_len=128", "per_device_train_batch_size=2"),
-], ids=["zero3", "neat-packing"])  # ZeRO-0 and one-worker runs are in test_stages.py
+    ("neat_packing=true", "cutoff_len=128", "per_device_train_batch_size=2", "streaming=true", "max_steps=40",
+     "buffer_size=32"),
+], ids=["zero3", "neat-packing-streamed"])  # ZeRO-0 and one-worker runs are in test_stages.py
 def test_recipe_variants_train(tmp_path, tiny_model, ray_local, overrides):
     out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", *overrides)
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]

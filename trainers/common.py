@@ -4,7 +4,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from transformers import PrinterCallback, Seq2SeqTrainer
 
 from rayft.data.registry import comma_list
@@ -31,6 +31,38 @@ def shard_rows(name: str) -> list[dict] | None:
 
 # columns the pipeline adds for its token statistics; the trainers do not need them
 COUNT_COLUMNS = ("num_tokens", "num_trained", "truncated")
+
+
+class StreamedShard(IterableDataset):
+    """This worker's share of a streamed dataset: rows as Ray Data produces them, shuffled through a buffer.
+
+    Each pass (epoch) reads the stream again with another shuffle seed. Ray Train splits a stream into equal
+    shares, so no worker runs out of batches while the others still train.
+    """
+
+    def __init__(self, shard, buffer_size: int | None, seed: int):
+        self.shard, self.buffer_size, self.seed, self.epoch = shard, buffer_size, seed, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        batches = self.shard.iter_batches(
+            batch_size=min(256, self.buffer_size or 256), batch_format="numpy",
+            local_shuffle_buffer_size=self.buffer_size, local_shuffle_seed=self.seed + self.epoch)
+        for batch in batches:
+            columns = [k for k in batch if k not in COUNT_COLUMNS]
+            for i in range(len(batch[columns[0]])):
+                yield {k: batch[k][i].tolist() for k in columns}
+
+
+def train_shard(cfg: RecipeConfig) -> list[dict] | StreamedShard:
+    """This worker's training data: its whole shard as a list, or a stream when the recipe streams."""
+    import ray.train
+
+    d = cfg.data
+    if not d.streaming:
+        return shard_rows("train")
+    return StreamedShard(ray.train.get_dataset_shard("train"), None if cfg.finetuning.disable_shuffling else d.buffer_size,
+                         cfg.training.get("data_seed") or cfg.training.get("seed", 42))
 
 
 def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
@@ -84,6 +116,8 @@ class ShardTrainer(Seq2SeqTrainer):
         return self.optimizer
 
     def get_train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_dataset, IterableDataset):  # a stream shuffles itself, through its buffer
+            return self._loader(self.train_dataset, self.args.per_device_train_batch_size, sampler=None)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.args.data_seed or self.args.seed)
             sampler = RandomSampler(self.train_dataset, generator=generator)  # reshuffles every epoch
@@ -214,7 +248,7 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=shard_rows("train"),
+        train_dataset=train_shard(cfg),
         eval_dataset=eval_shards(cfg),
         data_collator=collator,
         processing_class=tokenizer,
