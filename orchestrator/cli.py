@@ -1,4 +1,4 @@
-"""The `rayft` command: train, sweep, plan, submit (as a Ray job), status, logs and tiny-model."""
+"""The `rayft` command: train, sweep, plan, export, submit (as a Ray job), status, logs and tiny-model."""
 
 import argparse
 import json
@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "run a distributed fine-tuning job"),
                             ("sweep", "search the recipe's sweep section with Ray Tune, each trial a training run"),
-                            ("plan", "validate a recipe and its data on the cluster and print the plan")):
+                            ("plan", "validate a recipe and its data on the cluster and print the plan"),
+                            ("export", "merge adapter_name_or_path into the base model and save it to export_dir")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "submit":
             return _submit(args)
+        if args.command == "export":
+            from rayft.orchestrator.export import run_export
+
+            run_export(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+            return 0
         if args.command == "sweep":
             from rayft.orchestrator.sweep import run_sweep
 
