@@ -6,22 +6,24 @@ from rayft.data.encode import IGNORE_INDEX
 
 
 class SupervisedCollator:
-    """Pads input_ids with the pad token, labels with IGNORE_INDEX, and builds the attention mask.
+    """Pads input_ids with the pad token, labels with `label_pad_id` (IGNORE_INDEX: padding is not learned),
+    and builds the attention mask.
 
     Packed examples carry position_ids; they get no attention mask, so that Transformers derives the
     block-diagonal mask from the position_ids (neat_packing) instead of one causal mask over the row.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, label_pad_id: int = IGNORE_INDEX):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_id = label_pad_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(examples), longest), self.label_pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
         packed = "position_ids" in examples[0]
         # padding continues as a sequence of its own: its labels are ignored and nothing attends to it

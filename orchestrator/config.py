@@ -325,6 +325,9 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
     if d.buffer_size != _default(DataArguments, "buffer_size") and not d.streaming:
         problems.append("buffer_size and streaming: buffer_size is the shuffle buffer of a streamed dataset, but "
                         "streaming is off; remove buffer_size or set streaming: true")
+    if not d.ignore_pad_token_for_loss and f.stage not in ("pt", "sft"):
+        problems.append(f"ignore_pad_token_for_loss: false makes stages pt and sft learn padding; stage {f.stage!r} "
+                        "compares sequences and never learns padding; remove ignore_pad_token_for_loss")
     if d.buffer_size < 1:
         problems.append(f"buffer_size: must be at least 1 example, got {d.buffer_size}")
     if d.cutoff_len < 8:

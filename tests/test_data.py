@@ -1,6 +1,7 @@
 """Registry, alpaca conversion, malformed data, templates and supervised encoding (no Ray)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,8 +12,10 @@ from rayft.data.errors import DataError
 from rayft.data.pipeline import encode_batch, load_examples
 from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
 from rayft.data.templates import TEMPLATES, JinjaTemplate, get_template
+from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.trainers.sft import supervised_collator
 
-from conftest import ROOT, SHARED_DATA
+from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
 
 pytestmark = pytest.mark.unit
 
@@ -134,6 +137,20 @@ def test_collator_pads_to_the_longest_in_the_batch():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    learned = SupervisedCollator(pad_token_id=0, label_pad_id=0)([{"input_ids": [5, 6], "labels": [5, 6]},
+                                                                  {"input_ids": [8], "labels": [8]}])
+    assert learned["labels"].tolist() == [[5, 6], [8, 0]]  # ignore_pad_token_for_loss: false learns padding
+
+
+def test_ignore_pad_token_for_loss_reaches_the_collator_of_pt_and_sft_only():
+    tokenizer = SimpleNamespace(pad_token_id=3)
+    learn_padding = parse_config(load_recipe(DEMO_RECIPE, ["ignore_pad_token_for_loss=false"]), base_dir=ROOT)
+    assert supervised_collator(learn_padding, tokenizer).label_pad_id == 3
+    assert supervised_collator(parse_config(load_recipe(DEMO_RECIPE, []), base_dir=ROOT),
+                               tokenizer).label_pad_id == IGNORE_INDEX
+    with pytest.raises(ConfigError, match="ignore_pad_token_for_loss: false makes stages pt and sft"):
+        parse_config(load_recipe(ROOT / "configs" / "demo_dpo_lora.yaml", ["ignore_pad_token_for_loss=false"]),
+                     base_dir=ROOT)
 
 
 CHATS = [

@@ -7,6 +7,7 @@ Both train next-token prediction on this worker's shard; what differs is prepare
 from transformers import set_seed
 
 from rayft.data.collator import SupervisedCollator
+from rayft.data.encode import IGNORE_INDEX
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.common import fit, training_arguments
 from rayft.trainers.metrics import token_accuracy_hooks
@@ -20,7 +21,7 @@ def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = prepare_model(cfg, plan["use_gpu"])
     hooks = token_accuracy_hooks() if cfg.finetuning.compute_accuracy else {}
-    return fit(cfg, plan, args, model, tokenizer, SupervisedCollator(tokenizer.pad_token_id), **hooks)
+    return fit(cfg, plan, args, model, tokenizer, supervised_collator(cfg, tokenizer), **hooks)
 
 
 def run_pt(cfg: RecipeConfig, plan: dict) -> dict:
@@ -29,4 +30,10 @@ def run_pt(cfg: RecipeConfig, plan: dict) -> dict:
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = prepare_model(cfg, plan["use_gpu"])
-    return fit(cfg, plan, args, model, tokenizer, SupervisedCollator(tokenizer.pad_token_id))
+    return fit(cfg, plan, args, model, tokenizer, supervised_collator(cfg, tokenizer))
+
+
+def supervised_collator(cfg: RecipeConfig, tokenizer) -> SupervisedCollator:
+    """Padding is left out of the loss unless ignore_pad_token_for_loss is false (then pad tokens are learned)."""
+    label_pad = IGNORE_INDEX if cfg.data.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    return SupervisedCollator(tokenizer.pad_token_id, label_pad_id=label_pad)
