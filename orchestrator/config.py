@@ -73,6 +73,14 @@ NOT_BUILT: dict[str, str] = {
         "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
     **{k: "generative evaluation and prediction (issue: after training)" for k in (
         "predict_with_generate", "do_predict", "eval_num_beams")},
+    **{k: "generation (prediction and chat, issue: after training)" for k in (
+        "do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length", "max_new_tokens",
+        "repetition_penalty", "length_penalty")},
+    **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
+    "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
+    "preprocessing_num_workers": "a process count for preprocessing (Ray Data spreads tokenisation over the "
+                                 "cluster itself; preprocessing_batch_size sets its batches)",
+    **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "adapter_folder": "loading adapters from a folder",
     "train_from_scratch": "training from scratch",
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
