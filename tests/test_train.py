@@ -230,6 +230,28 @@ def test_eval_on_each_dataset_reports_one_loss_per_dataset(tmp_path, tiny_model,
 
 
 @pytest.mark.unit
+def test_resuming_from_the_final_checkpoint_trains_no_further_step(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+    from transformers import Seq2SeqTrainingArguments as HFArgs
+
+    from rayft.data.collator import SupervisedCollator
+    from rayft.trainers.common import ShardTrainer
+
+    rows = [{"input_ids": [i + 5, i + 6, i + 7], "labels": [i + 5, i + 6, i + 7]} for i in range(32)]
+
+    def trainer():
+        args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=3,
+                      use_cpu=True, report_to="none", disable_tqdm=True)
+        return ShardTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args, train_dataset=rows,
+                            data_collator=SupervisedCollator(0))
+
+    assert trainer().train().global_step == 3
+    resumed = trainer()
+    assert resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3")).global_step == 3
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+@pytest.mark.unit
 def test_the_shard_loader_is_seeded_and_reshuffles_every_epoch():
     from transformers import TrainingArguments as HFArgs
 

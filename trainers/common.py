@@ -115,6 +115,14 @@ class ShardTrainer(Seq2SeqTrainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _run_epoch(self, *args, **kwargs):
+        # A run resumed from its final checkpoint (killed after saving the last step, before finishing) has
+        # nothing left to train; Transformers would still run one more optimizer step past max_steps.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def get_train_dataloader(self) -> DataLoader:
         if isinstance(self.train_dataset, IterableDataset):  # a stream shuffles itself, through its buffer
             return self._loader(self.train_dataset, self.args.per_device_train_batch_size, sampler=None)
