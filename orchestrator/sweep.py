@@ -426,8 +426,7 @@ def run_sweep(raw: dict, base_dir: str = ".", log=print):
             f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
         for trial in trials:
             log(f"[rayft]   {trial.name}: {describe(trial.params)}")
-        (output_dir / TRIALS_FILE).write_text(json.dumps(
-            {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}, indent=1))
+        (output_dir / TRIALS_FILE).write_text(json.dumps(_trials_record(run_name, trials), indent=1))
         if any(p.deepspeed is not None and not p.use_gpu for p in plans):
             ds.prebuild_cpu_ops(log=log)  # once here: trials building it at the same time would crash
 
@@ -454,13 +453,17 @@ def run_sweep(raw: dict, base_dir: str = ".", log=print):
     return rows
 
 
+def _trials_record(run_name: str, trials: list[Trial]) -> dict:
+    """What sweep_trials.json holds: the sweep's name and every trial's values, to recognise it on a rerun."""
+    return {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
+
+
 def _check_output_dir(output_dir: Path, trials: list[Trial], run_name: str) -> bool:
     """Whether this is the resumption of an interrupted sweep; refuses to mix in another sweep's outputs."""
     record = output_dir / TRIALS_FILE
     if record.is_file():
         earlier = json.loads(record.read_text())
-        same = earlier == {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
-        if not same:
+        if earlier != _trials_record(run_name, trials):
             raise ConfigError([f"output_dir: {output_dir} holds sweep {earlier.get('run_name')!r} with other trials; "
                                "rerun that sweep unchanged to resume it, or choose another output_dir"])
         return True

@@ -120,6 +120,16 @@ def test_an_occupied_output_dir_of_something_else_is_refused_and_left_alone(tmp_
 
 
 @pytest.mark.unit
+def test_an_output_dir_holding_another_sweep_is_refused_and_left_alone(tmp_path, tiny_model):
+    (tmp_path / "sweep").mkdir()
+    record = json.dumps({"run_name": "sweep-sft-lora", "trials": [{"name": "trial_000", "params": {"lora_rank": 2}}]})
+    (tmp_path / "sweep" / "sweep_trials.json").write_text(record)
+    with pytest.raises(ConfigError, match="holds sweep 'sweep-sft-lora' with other trials"):
+        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lambda *_: None)
+    assert (tmp_path / "sweep" / "sweep_trials.json").read_text() == record
+
+
+@pytest.mark.unit
 def test_concurrency_is_what_the_cluster_holds_and_more_is_refused():
     two_nodes = [Node("a", "1", {"CPU": 4.0}), Node("b", "1", {"CPU": 4.0, "GPU": 2.0})]
     spec = SweepSpec(parameters={})
