@@ -6,6 +6,7 @@ results (a table, best_config.yaml, a plot) are written to the sweep's output_di
 
 import csv
 import dataclasses
+import difflib
 import itertools
 import json
 import math
@@ -59,8 +60,6 @@ class Trial:
 
 def parse_sweep(section, seed: int) -> SweepSpec:
     """Checks the `sweep:` section; raises ConfigError naming every problem."""
-    import difflib
-
     if not isinstance(section, dict):
         raise ConfigError([f"sweep: must be a mapping with at least `parameters`, not {section!r}"])
     known = {f.name: f for f in dataclasses.fields(SweepSpec) if f.name != "notes"}
@@ -108,8 +107,6 @@ def _space_problems(parameters: dict) -> list[str]:
         if key in SET_PER_TRIAL:
             problems.append(f"{where}: the sweep sets {key} for each trial itself; it cannot be searched")
         elif key not in known:
-            import difflib
-
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             problems.append(f"{where}: not a recipe key" + (f"; did you mean {close[0]!r}?" if close else ""))
         if not isinstance(space, dict) or len(space) != 1 or next(iter(space)) not in SAMPLERS:
