@@ -61,3 +61,14 @@ def encode_pairwise(prompt_pairs: list[tuple[list[int], list[int]]], prompt: lis
         out[f"{name}_input_ids"] = context + response[:keep_response]
         out[f"{name}_labels"] = [IGNORE_INDEX] * len(context) + response[:keep_response]
     return out
+
+
+def encode_prompt(pairs: list[tuple[list[int], list[int]]], cutoff_len: int) -> tuple[list[int], int]:
+    """The ids a model generates the last response from: every earlier turn whole, then the last prompt.
+
+    A prompt longer than `cutoff_len` keeps its last `cutoff_len` tokens, which hold the question being
+    answered and the assistant's header that generation continues from. Returns the ids and how many
+    tokens were cut.
+    """
+    ids = [token for source, target in pairs[:-1] for token in source + target] + pairs[-1][0]
+    return ids[-cutoff_len:], max(len(ids) - cutoff_len, 0)

@@ -13,7 +13,7 @@ import numpy as np
 
 from rayft.data import cache
 from rayft.data.converters import convert_rows
-from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_supervised
+from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
 from rayft.data.registry import STAGE_DATA, dataset_attrs, kind, read_rows
@@ -86,6 +86,25 @@ def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_
         "num_trained": np.asarray([sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded],
                                   dtype=np.int64),
         "truncated": np.asarray([e["truncated"] for e in encoded], dtype=np.int64),
+    }
+
+
+def encode_prompt_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int,
+                        default_system: str | None) -> dict:
+    """Ray Data map_batches function for generation: each example's prompt ids (everything before its last
+    response), that response as the label text, and how many prompt tokens cutoff_len cut."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    chat_template = get_template(template)
+    prompts = [
+        encode_prompt(chat_template.encode_turns(tokenizer, {"system": system or default_system,
+                                                             "messages": list(messages)}), cutoff_len)
+        for system, messages in zip(batch["system"], batch["messages"])
+    ]
+    return {
+        "index": batch["index"],
+        "prompt_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
+        "label": np.asarray([messages[-1]["content"] for messages in batch["messages"]], dtype=object),
+        "truncated": np.asarray([cut for _, cut in prompts], dtype=np.int64),
     }
 
 

@@ -117,6 +117,8 @@ class FinetuningArguments:
     disable_shuffling: bool = False
     plot_loss: bool = False
     include_effective_tokens_per_second: bool = False
+    # rayft addition: where `report_to: mlflow` writes; unset means a local file store in output_dir/mlruns
+    mlflow_tracking_uri: Optional[str] = None
     # freeze
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"

@@ -1,4 +1,5 @@
-"""The `rayft` command: train, sweep, plan, export, submit (as a Ray job), status, logs and tiny-model."""
+"""The `rayft` command: train (or predict), sweep, plan, export, chat, submit (as a Ray job), status, logs and
+tiny-model."""
 
 import argparse
 import json
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 from rayft.data.errors import DataError
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.orchestrator.config import ConfigError, is_prediction, load_recipe, parse_config
 
 USAGE_ERROR = 2
 
@@ -14,10 +15,12 @@ USAGE_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run a distributed fine-tuning job"),
+    for name, help_text in (("train", "run a distributed fine-tuning job (or generation, with do_train: false "
+                                      "and predict_with_generate)"),
                             ("sweep", "search the recipe's sweep section with Ray Tune, each trial a training run"),
                             ("plan", "validate a recipe and its data on the cluster and print the plan"),
-                            ("export", "merge adapter_name_or_path into the base model and save it to export_dir")):
+                            ("export", "merge adapter_name_or_path into the base model and save it to export_dir"),
+                            ("chat", "talk to the model plus adapter_name_or_path in the terminal")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_export(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
             return 0
+        if args.command == "chat":
+            from rayft.orchestrator.chat import run_chat
+
+            run_chat(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+            return 0
         if args.command == "sweep":
             from rayft.orchestrator.sweep import run_sweep
 
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             from rayft.orchestrator.launch import run_plan
 
             run_plan(cfg)
+            return 0
+        if is_prediction(cfg.training):
+            from rayft.orchestrator.predict import run_predict
+
+            run_predict(cfg)
             return 0
         from rayft.orchestrator.launch import run_train
 

@@ -71,11 +71,6 @@ NOT_BUILT: dict[str, str] = {
     **{k: "PPO (issue: PPO stage)" for k in (
         "reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
         "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
-    **{k: "generative evaluation and prediction (issue: after training)" for k in (
-        "predict_with_generate", "do_predict", "eval_num_beams")},
-    **{k: "generation (prediction and chat, issue: after training)" for k in (
-        "do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length", "max_new_tokens",
-        "repetition_penalty", "length_penalty")},
     **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
     "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
     "preprocessing_num_workers": "a process count for preprocessing (Ray Data spreads tokenisation over the "
@@ -87,6 +82,9 @@ NOT_BUILT: dict[str, str] = {
 }
 
 BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto"}
+# `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
+BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
+GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
 BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 
@@ -257,7 +255,7 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
         ray=RayArguments(**by_section["ray"]),
         training=by_section["training"],
     )
-    problems = validate(cfg, Path(base_dir))
+    problems = validate(cfg, Path(base_dir), for_training)
     if not for_training:
         problems = [p for p in problems if not p.startswith(("dataset: required", "output_dir: required"))]
     if problems:
@@ -266,7 +264,7 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
     return cfg
 
 
-def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
+def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool = True) -> list[str]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.training
     problems = []
@@ -355,8 +353,70 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path(".")) -> list[str]:
             problems.append(f"{key}: must be at least 1, got {t[key]}")
     if t.get("learning_rate", 1.0) <= 0:
         problems.append(f"learning_rate: must be positive, got {t['learning_rate']}")
+    problems += _run_kind_problems(cfg, for_training)
     if not problems:
         problems += _training_arguments_problems(t)
+    return problems
+
+
+def report_targets(report_to: Any) -> list[str]:
+    """The trackers a `report_to` value names (a string, a comma list or a list; "none" names none)."""
+    names = comma_list(report_to) if isinstance(report_to, str) or report_to is None else list(report_to)
+    return [name for name in names if name != "none"]
+
+
+def is_prediction(training: dict) -> bool:
+    """A recipe that generates instead of training: do_train false with predict_with_generate."""
+    return training.get("do_train", True) is False and bool(training.get("predict_with_generate"))
+
+
+def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[str]:
+    """Checks that depend on what the recipe runs: training, or generation for evaluation and prediction.
+
+    A recipe for `rayft chat` or `rayft export` (`for_training=False`) may hold generation settings.
+    """
+    d, f, g, t = cfg.data, cfg.finetuning, cfg.generating, cfg.training
+    problems = []
+    training = t.get("do_train", True) is not False and for_training
+    if t.get("predict_with_generate") and training:
+        problems.append("predict_with_generate: generation runs in a recipe of its own after training (as in "
+                        "LLaMA-Factory); set do_train: false and adapter_name_or_path to the trained output_dir")
+    if t.get("do_predict") and not t.get("predict_with_generate"):
+        problems.append("do_predict: rayft predicts by generating; set predict_with_generate: true")
+    if is_prediction(t):
+        if not (t.get("do_predict") or t.get("do_eval")):
+            problems.append("predict_with_generate: set do_predict: true (predictions and scores) or do_eval: true "
+                            "(scores only)")
+        if not d.eval_dataset:
+            problems.append("eval_dataset: required for prediction; name the datasets to generate answers for")
+        if d.dataset:
+            problems.append("dataset: prediction reads no training data; name the data to generate for in "
+                            "eval_dataset and remove dataset")
+        if f.stage != "sft":
+            problems.append(f"stage: prediction generates with a stage sft model; set stage: sft, not {f.stage!r}")
+        if t.get("deepspeed") is not None:
+            problems.append("deepspeed: prediction runs one whole model per worker, without DeepSpeed; remove "
+                            "deepspeed")
+        if cfg.ray.placement_strategy != "PACK":
+            problems.append("placement_strategy: Ray Data places the generation actors wherever they fit; remove "
+                            "placement_strategy")
+        if d.packing or d.neat_packing or d.streaming:
+            problems.append("packing / neat_packing / streaming: prediction generates for one example at a time "
+                            "in order; remove them")
+    elif for_training and not training:
+        problems.append("do_train: false leaves nothing to run; add do_predict: true and predict_with_generate: "
+                        "true to generate, or remove do_train")
+    elif training:
+        changed = [k for k in GENERATION_KEYS if getattr(g, k) != _default(GeneratingArguments, k)]
+        changed += ["eval_num_beams"] if d.eval_num_beams is not None else []
+        problems += [f"{k}: generation settings are read by prediction (do_train: false with do_predict and "
+                     f"predict_with_generate) and by `rayft chat`, not by training; remove {k}" for k in changed]
+    targets = report_targets(t.get("report_to"))
+    problems += [f"report_to: {name!r} is not built in rayft (built: {', '.join(BUILT_TRACKERS)})"
+                 for name in targets if name not in BUILT_TRACKERS]
+    if f.mlflow_tracking_uri and "mlflow" not in targets:
+        problems.append("mlflow_tracking_uri: only read with report_to: mlflow; add mlflow to report_to or remove "
+                        "mlflow_tracking_uri")
     return problems
 
 

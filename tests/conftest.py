@@ -39,3 +39,25 @@ def train_recipe(recipe_path, tmp_path, tiny_model, *overrides, log=print):
     run_train(cfg, log=log)
     out = Path(cfg.training["output_dir"])
     return out, [r for r in read_log(out) if "loss" in r]
+
+
+SECRET = "hf_rayft_test_secret_value"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, tiny_model, ray_local):
+    """The demo recipe trained once (2 workers, ZeRO-2, trackers on, a hub token set) for the tests that
+    check a run's outputs, its logs and what comes after training: (output_dir, Result, loss records,
+    driver log lines)."""
+    from rayft.orchestrator.config import load_recipe, parse_config
+    from rayft.orchestrator.launch import run_train
+    from rayft.trainers.callbacks import read_log
+
+    tmp_path = tmp_path_factory.mktemp("demo")
+    cfg = parse_config(load_recipe(DEMO_RECIPE, [
+        f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}",
+        f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]"]), base_dir=ROOT)
+    driver_lines = []
+    result = run_train(cfg, log=driver_lines.append)
+    out = Path(cfg.training["output_dir"])
+    return out, result, [r for r in read_log(out) if "loss" in r], driver_lines

@@ -84,7 +84,7 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("stage", "ppo"), ("reward_model", "rm"), ("predict_with_generate", "true"),
+@pytest.mark.parametrize("key,value", [("stage", "ppo"), ("reward_model", "rm"), ("report_to", "comet_ml"),
                                        ("tool_format", "llama3"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
@@ -239,13 +239,13 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
         sweep = check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
         assert len(sweep.configs) >= 2
         cfg = sweep.base
-    elif "export_dir" in raw:  # an export recipe: a model and its adapters, no training data
+    elif "export_dir" in raw or "output_dir" not in raw:  # export or chat: a model and its adapters, no data
         cfg = parse_config(raw, base_dir=ROOT, for_training=False)
-        assert cfg.model.export_dir and cfg.model.adapter_name_or_path
+        assert cfg.model.adapter_name_or_path and (cfg.model.export_dir or cfg.generating.max_new_tokens)
         return
     else:
         cfg = parse_config(raw, base_dir=ROOT)
-    assert cfg.model.model_name_or_path and cfg.data.dataset
+    assert cfg.model.model_name_or_path and (cfg.data.dataset or cfg.data.eval_dataset)
 
 
 def test_cli_refuses_a_typo_before_any_ray_work_and_creates_nothing(tmp_path):

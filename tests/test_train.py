@@ -10,9 +10,7 @@ from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
 from rayft.orchestrator.launch import prepare, run_train
 from rayft.trainers.callbacks import read_log
 
-from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
-
-SECRET = "hf_rayft_test_secret_value"
+from conftest import DEMO_RECIPE, ROOT, SECRET, SHARED_DATA
 
 
 def recipe(tmp_path, tiny_model, *overrides):
@@ -51,9 +49,8 @@ def test_an_occupied_output_dir_is_refused_and_left_alone(tmp_path, tiny_model):
 
 
 @pytest.mark.integration
-def test_demo_recipe_two_workers_zero2(tmp_path, tiny_model, ray_local):
-    driver_lines = []
-    out, result, log = train(tmp_path, tiny_model, f"hf_hub_token={SECRET}", log=driver_lines.append)
+def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
+    out, result, log, driver_lines = demo_run
 
     # The loss falls clearly: the last logged loss is at most 75% of the first.
     assert len(log) >= 8
@@ -68,14 +65,14 @@ def test_demo_recipe_two_workers_zero2(tmp_path, tiny_model, ray_local):
     results = json.loads((out / "all_results.json").read_text())
     assert {"train_runtime", "train_samples_per_second", "train_loss"} <= set(results)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
-    assert (tmp_path / "ray" / "demo-sft-lora").is_dir()
+    assert (out.parent / "ray" / "demo-sft-lora").is_dir()
 
     # The adapter loads over the base model through PEFT and changes its logits.
     base, tuned = logits(tiny_model), logits(tiny_model, out)
     assert (base - tuned).abs().max() > 1e-2
 
-    # The secret reached the workers but no output and no log line.
-    for path in out.iterdir():
+    # The secret reached the workers but no output (trackers' files included) and no log line.
+    for path in out.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path.name
     assert SECRET not in "\n".join(driver_lines) and "demo_sft" in "\n".join(driver_lines)

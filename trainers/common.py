@@ -11,6 +11,7 @@ from rayft.data.registry import comma_list
 from rayft.orchestrator.args import TrainingArguments
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
+from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 
@@ -84,6 +85,9 @@ def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:
     kwargs = dict(cfg.training)
     kwargs.update(deepspeed=plan["deepspeed"], use_cpu=not plan["use_gpu"], remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step
+    import ray.train
+
+    kwargs.setdefault("run_name", ray.train.get_context().get_experiment_name())  # the trackers' run name
     if not cfg.model.disable_gradient_checkpointing:
         # Plain DDP looking for unused parameters marks checkpointed (re-run) layers ready twice; the
         # Trainer would turn the search off itself had it enabled checkpointing (rayft does, in load_model).
@@ -161,6 +165,7 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     if any(k.startswith("eval_") for k in metrics):
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
     trainer.save_state()
+    close_trackers(trainer)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         if cfg.finetuning.pissa_convert:  # ZeRO 0-2 only (validated): rank 0 holds the whole adapter
@@ -253,6 +258,7 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
 
     if args.process_index == 0:
         say(f"[rayft] {cfg.finetuning.finetuning_type}: {trainable_summary(model)}")
+    prepare_trackers(cfg, args.output_dir)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -267,6 +273,7 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
         **trainer_kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
+    adapt_trackers(trainer)
     if cfg.finetuning.pissa_convert and args.process_index == 0:
         save_pissa_init(model, args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=restored_checkpoint() or args.resume_from_checkpoint)

@@ -88,6 +88,19 @@ def task_type(model):
     return TaskType.SEQ_CLS if getattr(model, "score", None) is not None else TaskType.CAUSAL_LM
 
 
+def load_for_generation(model_args: ModelArguments, use_gpu: bool):
+    """The base model with every adapter of adapter_name_or_path merged into it, ready to generate."""
+    from peft import PeftModel
+
+    model = load_model(model_args, use_gpu, trainable=False)
+    for adapter in comma_list(model_args.adapter_name_or_path):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.config.use_cache = True  # generation reuses the keys and values of earlier tokens
+    if use_gpu:
+        model = model.to("cuda")
+    return model.eval()
+
+
 def load_adapters(model, model_args: ModelArguments, finetuning_args: FinetuningArguments):
     """Applies adapter_name_or_path: earlier adapters are merged into the weights; the last one is
     trained further, or merged too when create_new_adapter asks for a fresh adapter on top.

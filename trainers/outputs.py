@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from rayft.data.registry import comma_list
 from rayft.trainers.callbacks import read_log
 
 CONFIG_FILE = "training_args.yaml"
@@ -21,8 +22,13 @@ def save_config(output_dir: str, masked_config: dict, plan: dict) -> Path:
     return path
 
 
-def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) -> list[Path]:
-    """training_loss.png (and one plot per other key present) from trainer_log.jsonl."""
+# What `plot_loss` draws, each with its eval_ series beside it where the run evaluated: the loss of every
+# stage, the reward accuracy and margin of the preference stages, rm's accuracy, kto's KL estimate.
+PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "kl")
+
+
+def plot_loss(output_dir: str, keys: tuple[str, ...] = PLOTTED) -> list[Path]:
+    """training_<key>.png for every key of `keys` that trainer_log.jsonl holds (train and eval series)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,44 +37,61 @@ def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) ->
     records = read_log(output_dir)
     written = []
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if not points:
+        series = {name: [(r["step"], r[name]) for r in records if name in r] for name in (key, f"eval_{key}")}
+        if not any(series.values()):
             continue
-        steps, values = zip(*points)
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
+        for name, points in series.items():
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.set_title(f"{key} of {Path(output_dir).name}")
         ax.grid(alpha=0.3)
-        path = Path(output_dir) / f"training_{key}.png"
+        ax.legend()
+        path = Path(output_dir) / f"training_{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
 
 
+# Hyperparameters the model card lists when the recipe has them (secrets never: the config is masked).
+CARD_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+             "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "cutoff_len", "template",
+             "packing", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "freeze_trainable_layers",
+             "pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
+             "seed", "ray_num_workers", "deepspeed")
+_STAGE_KEYS = {"pref_loss": ("dpo",), "pref_beta": ("dpo", "kto"), "pref_ftx": ("dpo", "kto"),
+               "simpo_gamma": ("dpo",), "kto_chosen_weight": ("kto",), "kto_rejected_weight": ("kto",)}
+_METHOD_KEYS = {"lora_rank": "lora", "lora_alpha": "lora", "lora_dropout": "lora", "lora_target": "lora",
+                "freeze_trainable_layers": "freeze"}
+
+
 def write_model_card(output_dir: str, masked_config: dict, metrics: dict) -> Path:
     """README.md beside the model: base model, stage, method, data, key hyperparameters, final metrics."""
     c = masked_config
-    hyper = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-             "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "cutoff_len", "lora_rank",
-             "lora_alpha", "lora_dropout", "lora_target", "seed", "ray_num_workers", "deepspeed"]
+    stage, method = c.get("stage"), c.get("finetuning_type")
+    datasets = comma_list(c.get("dataset")) + comma_list(c.get("eval_dataset"))
+    shown = [k for k in CARD_KEYS if c.get(k) is not None and stage in _STAGE_KEYS.get(k, (stage,))
+             and _METHOD_KEYS.get(k, method) == method]
     lines = [
         "---",
         f"base_model: {c.get('model_name_or_path')}",
-        "library_name: peft" if c.get("finetuning_type") == "lora" else "library_name: transformers",
-        "tags: [rayft, " + f"{c.get('stage')}, {c.get('finetuning_type')}]",
+        f"library_name: {'peft' if method in ('lora', 'oft') else 'transformers'}",
+        "tags:", "- rayft", f"- {stage}", f"- {method}",
+        *(["datasets:", *[f"- {name}" for name in dict.fromkeys(datasets)]] if datasets else []),
         "---",
         "",
         f"# {Path(output_dir).name}",
         "",
-        f"Fine-tuned from `{c.get('model_name_or_path')}` by rayft: stage `{c.get('stage')}`, "
-        f"method `{c.get('finetuning_type')}`, on `{c.get('dataset')}`.",
+        f"Fine-tuned from `{c.get('model_name_or_path')}` by rayft: stage `{stage}`, method `{method}`, on "
+        f"`{c.get('dataset')}`" + (f", evaluated on `{c.get('eval_dataset')}`." if c.get("eval_dataset") else "."),
         "",
         "## Hyperparameters",
         "",
-        *[f"- {k}: `{json.dumps(c[k]) if isinstance(c.get(k), dict) else c.get(k)}`" for k in hyper if k in c],
+        *[f"- {k}: `{json.dumps(c[k]) if isinstance(c[k], (dict, list)) else c[k]}`" for k in shown],
         "",
         "## Results",
         "",

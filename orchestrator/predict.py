@@ -1,0 +1,101 @@
+"""Generative evaluation and prediction (`do_train: false` with `predict_with_generate`).
+
+Ray Data spreads the prompts over `ray_num_workers` generation actors, each holding the model with its
+adapters merged; the driver gathers the answers in the dataset's order, scores them and writes the files.
+"""
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from rayft.cluster.session import cluster_nodes, local_machine, ray_session
+from rayft.data.errors import DataError
+from rayft.data.pipeline import encode_prompt_batch, load_examples
+from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.orchestrator.plan import placement_problems, worker_resources
+from rayft.trainers.metrics import similarity_scores
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+
+
+def run_predict(cfg: RecipeConfig, log=print) -> dict:
+    """Generates an answer for every example of eval_dataset; returns the scores (also written to
+    `{predict|eval}_results.json`; with do_predict every answer goes to generated_predictions.jsonl)."""
+    d, t = cfg.data, cfg.training
+    output_dir = Path(t["output_dir"])
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not t.get("overwrite_output_dir"):
+        raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or set "
+                           "overwrite_output_dir: true"])
+    examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log, seed=t.get("seed", 42),
+                             token=cfg.model.hf_hub_token, stage="sft", template=d.template)
+    if not examples:
+        raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
+    if cfg.ray.ray_address is None:
+        _resources(cfg, local_machine())  # refuse an impossible request before Ray starts
+    prefix = "predict" if t.get("do_predict") else "eval"
+    with ray_session(cfg.ray, log=log):
+        resources = _resources(cfg, cluster_nodes())
+        start = time.time()
+        rows = generate(cfg, examples, resources, log)
+        runtime = time.time() - start
+    scores = similarity_scores([r["predict"] for r in rows], [r["label"] for r in rows])
+    metrics = {**{f"{prefix}_{k}": round(v, 4) for k, v in scores.items()}, f"{prefix}_samples": len(rows),
+               f"{prefix}_runtime": round(runtime, 3), f"{prefix}_samples_per_second": round(len(rows) / runtime, 3)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if prefix == "predict":
+        with (output_dir / PREDICTIONS_FILE).open("w") as f:
+            for row in rows:
+                f.write(json.dumps({k: row[k] for k in ("prompt", "predict", "label")}, ensure_ascii=False) + "\n")
+    (output_dir / f"{prefix}_results.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+    for key, value in metrics.items():
+        log(f"  {key:32s} {value}")
+    log(f"[rayft] {prefix} results in {output_dir}")
+    return metrics
+
+
+def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print) -> list[dict]:
+    """Prompts are encoded by Ray Data tasks and answered by one actor per worker; rows in dataset order."""
+    import ray.data
+
+    from rayft.orchestrator.launch import quiet_ray_data
+    from rayft.trainers.generate import Generator
+
+    quiet_ray_data()
+    d, r, g = cfg.data, cfg.ray, cfg.generating
+    batch_size = cfg.training.get("per_device_eval_batch_size", 8)
+    items = [{"index": i, "system": e.get("system") or "", "messages": e["messages"]} for i, e in enumerate(examples)]
+    prompts = ray.data.from_items(items).map_batches(encode_prompt_batch, batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
+        tokenizer_path=cfg.model.model_name_or_path, template=d.template, cutoff_len=d.cutoff_len,
+        default_system=g.default_system))
+    # one block per generation batch, so that every actor gets work
+    prompts = prompts.repartition(max(r.ray_num_workers, math.ceil(len(examples) / batch_size))).materialize()
+    truncated = sum(row["truncated"] > 0 for row in prompts.select_columns(["truncated"]).iter_rows())
+    if truncated:
+        log(f"[rayft] {truncated} prompts are longer than cutoff_len={d.cutoff_len}; they keep their last tokens")
+    use_gpu = resources.get("GPU", 0) > 0
+    log(f"[rayft] generating for {len(examples)} examples with {r.ray_num_workers} worker(s) of {resources}, "
+        f"{batch_size} prompts per batch")
+    answers = prompts.drop_columns(["truncated"]).map_batches(
+        Generator, batch_size=batch_size, concurrency=r.ray_num_workers, batch_format="numpy",
+        fn_constructor_kwargs={"recipe": cfg.to_dict(mask_secrets=False), "use_gpu": use_gpu},
+        num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+        resources={k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")} or None,
+        memory=resources.get("memory"))
+    rows = sorted(answers.take_all(), key=lambda row: row["index"])
+    for worker, count in sorted(Counter(str(row["worker"]) for row in rows).items()):
+        log(f"[rayft] worker {worker} (node/pid) answered {count} prompts")
+    return [{k: (str(v) if k != "index" else int(v)) for k, v in row.items()} for row in rows]
+
+
+def _resources(cfg: RecipeConfig, nodes) -> dict:
+    """One generation actor's resources, refused when the cluster cannot hold ray_num_workers of them."""
+    r = cfg.ray
+    has_gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
+    bundle = worker_resources(r.resources_per_worker, has_gpu)
+    problems = placement_problems(bundle, r.ray_num_workers, "PACK", nodes)
+    if problems:
+        raise ConfigError(problems)
+    return bundle

@@ -1,0 +1,71 @@
+"""After the demo run (the session's `demo_run`): its trackers read back, and prediction with its adapter."""
+
+import json
+
+import pytest
+
+from rayft.orchestrator.config import load_recipe, parse_config
+from rayft.orchestrator.predict import run_predict
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.integration
+PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"
+
+
+def test_trackers_hold_the_loss_series_of_rank_zero(demo_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, log, _ = demo_run
+    losses = [(r["step"], r["loss"]) for r in log]
+
+    # TensorBoard: one writer (rank 0's), with the loss of every logged step
+    (run_dir,) = (out / "runs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(s, round(v, 4)) for s, v in losses]
+
+    # MLflow: one run named after ray_run_name in the local file store, with the loss series and the
+    # final metrics
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((out / "mlruns").as_uri())
+    (run,) = client.search_runs(["0"])
+    assert run.info.run_name == "demo-sft-lora" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, round(m.value, 4)) for m in history] == [(s, round(v, 4)) for s, v in losses]
+    assert run.data.metrics["train_loss"] == pytest.approx(json.loads((out / "all_results.json").read_text())["train_loss"])
+
+    # Weights & Biases: one offline run, closed, with the run's name
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in wandb_run.iterdir())
+
+
+def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_model, ray_local):
+    out = demo_run[0]
+    cfg = parse_config(load_recipe(PREDICT_RECIPE, [
+        f"model_name_or_path={tiny_model}", f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'predict'}",
+        "max_samples=20", "per_device_eval_batch_size=4"]), base_dir=ROOT)
+    lines = []
+    metrics = run_predict(cfg, log=lines.append)
+
+    examples = json.loads((ROOT / "data" / "demo" / "demo_sft_eval.json").read_text())[:20]
+    rows = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(set(row) == {"prompt", "predict", "label"} for row in rows)
+    # in the dataset's order, though two actors answered batches of four in whatever order they finished
+    assert [row["label"] for row in rows] == [e["output"] for e in examples]
+    assert all(e["instruction"] in row["prompt"] and row["prompt"].endswith("<|im_start|>assistant\n")
+               for e, row in zip(examples, rows))
+    assert "generating for 20 examples with 2 worker(s)" in "\n".join(lines)
+    shares = [line for line in lines if "(node/pid) answered" in line]
+    assert len(shares) == 2, lines  # both generation actors had work
+
+    results = json.loads((tmp_path / "predict" / "predict_results.json").read_text())
+    assert results == metrics and results["predict_samples"] == 20
+    assert set(results) >= {"predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_bleu-4"}
+    # the trained adapter answers in the demo's words: clearly above what unrelated text would score
+    assert results["predict_rouge-1"] > 20 and results["predict_bleu-4"] > 10, results
+    from rayft.trainers.metrics import similarity_scores
+
+    rescored = similarity_scores([r["predict"] for r in rows], [r["label"] for r in rows])
+    assert results["predict_rouge-l"] == pytest.approx(rescored["rouge-l"], abs=1e-3)

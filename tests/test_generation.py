@@ -1,0 +1,133 @@
+"""Generation after training without Ray: ROUGE/BLEU, prompts, generation settings, recipe rules, plots,
+the model card, and `rayft chat` driven through its standard input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rayft.data.encode import encode_prompt
+from rayft.orchestrator.args import GeneratingArguments
+from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.trainers.generate import cut_at_stop, generation_kwargs, stop_token_ids
+from rayft.trainers.metrics import similarity_scores
+from rayft.trainers.outputs import plot_loss, write_model_card
+
+from conftest import DEMO_RECIPE, ROOT
+from test_export import trained_like_adapter
+
+pytestmark = pytest.mark.unit
+PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"
+CHAT_RECIPE = ROOT / "configs" / "chat_lora.yaml"
+
+
+def test_scores_match_hand_computed_values_in_english():
+    # "the cat" against "the cat sat": ROUGE-1 P=2/2 R=2/3 F=0.8; ROUGE-2 P=1/1 R=1/2 F=2/3; ROUGE-L as ROUGE-1.
+    # BLEU-4 over characters: every n-gram of the 7 characters occurs in the 11 of the label, so the score is
+    # the brevity penalty exp(1 - 11/7).
+    scores = similarity_scores(["the cat"], ["the cat sat"])
+    assert scores == pytest.approx({"rouge-1": 80.0, "rouge-2": 200 / 3, "rouge-l": 80.0, "bleu-4": 56.4718}, abs=1e-3)
+
+
+def test_scores_segment_chinese_into_words():
+    # jieba: 我/爱/北京 against 我/爱/北京/天安门. ROUGE-1 F = 2*(1*3/4)/(1+3/4) = 6/7; ROUGE-2: 2 of 2 bigrams,
+    # 2 of 3, F=0.8. Characters instead of words would give ROUGE-1 F = 8/11. BLEU-4: exp(1 - 7/4).
+    scores = similarity_scores(["我爱北京"], ["我爱北京天安门"])
+    assert scores == pytest.approx({"rouge-1": 600 / 7, "rouge-2": 80.0, "rouge-l": 600 / 7, "bleu-4": 47.2367}, abs=1e-3)
+
+
+def test_scores_average_over_examples_and_an_empty_answer_scores_zero():
+    scores = similarity_scores(["the cat sat", ""], ["the cat sat", "a dog"])
+    assert scores == pytest.approx({"rouge-1": 50.0, "rouge-2": 50.0, "rouge-l": 50.0, "bleu-4": 50.0})
+    with pytest.raises(ValueError):
+        similarity_scores(["one"], ["one", "two"])
+
+
+def test_prompt_is_every_earlier_turn_then_the_last_question_and_keeps_its_end():
+    pairs = [([1, 2], [3]), ([4, 5, 6], [7, 8])]
+    assert encode_prompt(pairs, cutoff_len=100) == ([1, 2, 3, 4, 5, 6], 0)
+    assert encode_prompt(pairs, cutoff_len=4) == ([3, 4, 5, 6], 2)
+
+
+def test_generation_settings(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    stops = stop_token_ids(tokenizer, "chatml")
+    assert stops[0] == tokenizer.eos_token_id and tokenizer.convert_ids_to_tokens(stops[-1]) == "<|im_end|>"
+    greedy = generation_kwargs(GeneratingArguments(do_sample=False, max_new_tokens=16), stops, 0)
+    assert greedy["max_new_tokens"] == 16 and "max_length" not in greedy and "temperature" not in greedy
+    sampled = generation_kwargs(GeneratingArguments(max_new_tokens=0, max_length=64, top_k=5), stops, 0, num_beams=3)
+    assert sampled["max_length"] == 64 and sampled["top_k"] == 5 and sampled["num_beams"] == 3
+    assert cut_at_stop([5, 6, stops[-1], 0, 0], stops) == [5, 6, stops[-1]] and cut_at_stop([5, 6], stops) == [5, 6]
+
+
+def problems(recipe, *overrides, for_training=True):
+    try:
+        parse_config(load_recipe(recipe, list(overrides)), base_dir=ROOT, for_training=for_training)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def test_prediction_recipe_rules():
+    assert problems(PREDICT_RECIPE) == []
+    assert problems(DEMO_RECIPE, "predict_with_generate=true")[0].startswith(
+        "predict_with_generate: generation runs in a recipe of its own after training")
+    assert problems(PREDICT_RECIPE, "predict_with_generate=false")[0].startswith("do_predict: rayft predicts by generating")
+    found = problems(PREDICT_RECIPE, "dataset=demo_sft", "deepspeed=z2", "stage=dpo", "placement_strategy=SPREAD")
+    assert [p.split(":")[0] for p in found] == ["dataset", "stage", "deepspeed", "placement_strategy"], found
+    assert problems(PREDICT_RECIPE, "eval_dataset=null")[0].startswith("eval_dataset: required for prediction")
+    assert problems(DEMO_RECIPE, "do_train=false")[0].startswith("do_train: false leaves nothing to run")
+    # generation settings are read by prediction and chat only; a training recipe may not set them
+    assert problems(DEMO_RECIPE, "temperature=0.3", "eval_num_beams=2") == [
+        f"{k}: generation settings are read by prediction (do_train: false with do_predict and predict_with_generate) "
+        f"and by `rayft chat`, not by training; remove {k}" for k in ("temperature", "eval_num_beams")]
+    assert problems(CHAT_RECIPE, for_training=False) == []
+
+
+def test_trackers_rules():
+    assert problems(DEMO_RECIPE, "report_to=[tensorboard,mlflow,wandb]") == []
+    assert problems(DEMO_RECIPE, "report_to=none") == []
+    assert problems(DEMO_RECIPE, "report_to=[tensorboard,neptune]") == [
+        "report_to: 'neptune' is not built in rayft (built: tensorboard, mlflow, wandb)"]
+    assert problems(DEMO_RECIPE, "mlflow_tracking_uri=http://localhost:5000")[0].startswith(
+        "mlflow_tracking_uri: only read with report_to: mlflow")
+
+
+def test_plots_cover_every_stage_metric_with_its_eval_series(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5, "rewards/margins": 0.1 * s} for s in (1, 2, 3)]
+    records.append({"step": 3, "eval_loss": 0.4, "eval_rewards/accuracies": 0.75})
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = plot_loss(str(tmp_path))
+    assert [p.name for p in written] == ["training_loss.png", "training_rewards_accuracies.png",
+                                         "training_rewards_margins.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_model_card_records_the_run_without_secrets(tmp_path):
+    cfg = parse_config(load_recipe(DEMO_RECIPE, ["hf_hub_token=hf_card_secret", "eval_dataset=demo_sft_eval",
+                                                 f"output_dir={tmp_path}"]), base_dir=ROOT)
+    card = write_model_card(str(tmp_path), cfg.to_dict(mask_secrets=True), {"train_loss": 1.25, "eval_loss": 1.5}).read_text()
+    assert "base_model: " + cfg.model.model_name_or_path in card and "library_name: peft" in card
+    assert "datasets:\n- demo_sft\n- demo_sft_eval" in card and "stage `sft`, method `lora`" in card
+    assert "- lora_rank: `8`" in card and "- learning_rate: `0.002`" in card and "- deepspeed: `z2`" in card
+    assert "- train_loss: 1.25" in card and "- eval_loss: 1.5" in card
+    assert "pref_beta" not in card and "hf_card_secret" not in card
+
+
+def test_chat_answers_streamed_and_exits_cleanly(tmp_path, tiny_model):
+    adapter = trained_like_adapter(tiny_model, tmp_path / "adapter", seed=3)
+    session = "What is one plus four?\n/clear\nDescribe a white crow.\n/exit\nnever read\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "rayft.orchestrator.cli", "chat", str(CHAT_RECIPE), f"model_name_or_path={tiny_model}",
+         f"adapter_name_or_path={adapter}", "do_sample=false", "max_new_tokens=12"],
+        input=session, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith(f"[rayft] chatting with {tiny_model} with {adapter}")
+    answers = [line.split("Assistant: ", 1)[1] for line in out.splitlines() if "Assistant: " in line]
+    assert len(answers) == 2 and all(answers), out
+    assert "[rayft] conversation cleared" in out and out.rstrip().endswith("[rayft] bye")
+    assert "never read" not in out

@@ -1,0 +1,86 @@
+"""Generation with a fine-tuned model: the settings `model.generate` takes, and the Ray Data actor that
+answers batches of prompts for `do_predict` (each actor holds one whole model)."""
+
+import os
+
+import numpy as np
+import torch
+
+from rayft.orchestrator.args import GeneratingArguments
+from rayft.orchestrator.config import RecipeConfig
+from rayft.trainers.model import load_for_generation, load_tokenizer
+
+
+def stop_token_ids(tokenizer, template_name: str | None) -> list[int]:
+    """The eos token, plus the template's end-of-turn marker where that is one token of the vocabulary
+    (`<|im_end|>` for chatml and qwen, `<|eot_id|>` for llama3, ...): a chat model ends its answer with it."""
+    from rayft.data.templates import TEMPLATES
+
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = TEMPLATES.get(template_name) if template_name else None
+    if template is not None:
+        marker = template.assistant.split("{content}")[-1].strip()
+        ids = tokenizer.encode(marker, add_special_tokens=False) if marker else []
+        if len(ids) == 1 and ids[0] not in stops:
+            stops.append(ids[0])
+    return stops
+
+
+def generation_kwargs(g: GeneratingArguments, stops: list[int], pad_id: int, num_beams: int | None = None) -> dict:
+    """Keyword arguments for `model.generate` from the generation settings.
+
+    max_new_tokens, when positive, bounds the answer and max_length is not passed; without sampling the
+    sampling settings are left out (greedy or beam search ignores them).
+    """
+    kwargs = dict(do_sample=g.do_sample, num_beams=num_beams or g.num_beams, repetition_penalty=g.repetition_penalty,
+                  length_penalty=g.length_penalty, eos_token_id=stops, pad_token_id=pad_id)
+    if g.max_new_tokens > 0:
+        kwargs["max_new_tokens"] = g.max_new_tokens
+    else:
+        kwargs["max_length"] = g.max_length
+    if g.do_sample:
+        kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    return kwargs
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """An answer's ids up to and including its first stop token (what follows is padding)."""
+    for position, token in enumerate(ids):
+        if token in stops:
+            return ids[: position + 1]
+    return ids
+
+
+class Generator:
+    """A Ray Data actor: answers a batch of prompts (`prompt_ids`) with the base model plus merged adapters."""
+
+    def __init__(self, recipe: dict, use_gpu: bool):
+        cfg = RecipeConfig.from_dict(recipe)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_for_generation(cfg.model, use_gpu)
+        self.stops = stop_token_ids(self.tokenizer, cfg.data.template)
+        self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id, cfg.data.eval_num_beams)
+        self.skip_special_tokens = cfg.generating.skip_special_tokens
+        torch.manual_seed(cfg.training.get("seed", 42))
+        import ray
+
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}/{os.getpid()}"  # node id: nodes may share an IP
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
+        longest, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
+        # left padding: every prompt ends where its answer begins
+        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
+        answers = [cut_at_stop(row.tolist(), self.stops) for row in output[:, longest:]]
+        return {
+            "index": batch["index"],
+            "prompt": np.asarray(self.tokenizer.batch_decode(prompts, skip_special_tokens=False), dtype=object),
+            "predict": np.asarray(self.tokenizer.batch_decode(answers, skip_special_tokens=self.skip_special_tokens),
+                                  dtype=object),
+            "label": batch["label"],
+            "worker": np.asarray([self.name] * len(prompts), dtype=object),
+        }

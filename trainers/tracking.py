@@ -1,0 +1,61 @@
+"""Experiment tracking from rank 0: TensorBoard, MLflow (a local file store unless told) and W&B offline.
+
+Transformers' own integration callbacks do the logging; rayft only points them somewhere and closes them
+after the final evaluation, so every metric of a run, eval included, lands in one tracker run.
+"""
+
+import os
+from pathlib import Path
+
+from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+from rayft.orchestrator.config import RecipeConfig, report_targets
+
+
+def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
+    """Settings the tracking libraries read when a run starts; called in the worker before the Trainer."""
+    targets = report_targets(cfg.training.get("report_to"))
+    if "wandb" in targets:
+        # W&B takes its mode and folder from the environment when its run starts. rayft runs it offline:
+        # `wandb sync output_dir/wandb/offline-run-*` uploads a run later from a machine that may.
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_DIR"] = output_dir
+        os.environ.setdefault("WANDB_PROJECT", "rayft")
+    if "mlflow" in targets:
+        import mlflow
+
+        uri = cfg.finetuning.mlflow_tracking_uri or mlflow_file_store(output_dir)
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store for those who opt in; it is the store that needs no server
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        mlflow.set_tracking_uri(uri)
+
+
+def mlflow_file_store(output_dir: str) -> str:
+    """The default MLflow tracking URI: a file store in output_dir/mlruns."""
+    return (Path(output_dir) / "mlruns").resolve().as_uri()
+
+
+class MLflowUntilClosed(MLflowCallback):
+    """MLflow's callback, but the run stays open after training so that the final evaluation lands in it."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        pass
+
+
+def adapt_trackers(trainer) -> None:
+    """Swaps the Trainer's MLflow callback for one that `close_trackers` ends."""
+    if trainer.pop_callback(MLflowCallback) is not None:
+        trainer.add_callback(MLflowUntilClosed())
+
+
+def close_trackers(trainer) -> None:
+    """Ends the tracker runs once every metric is logged; their files are complete afterwards."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, MLflowCallback) and callback._initialized and callback._ml_flow.active_run():
+            callback._ml_flow.end_run()
+        elif isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            callback.tb_writer.close()
+            callback.tb_writer = None
+        elif isinstance(callback, WandbCallback) and callback._wandb is not None and callback._wandb.run is not None:
+            callback._wandb.finish()
