@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from rayft.trainers.callbacks import read_log
+
 from conftest import ROOT, train_recipe
 
 CONFIGS = ROOT / "configs"
@@ -70,6 +72,10 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(log[-1])
     assert (out / "adapter_model.safetensors").is_file()
     assert any("[chosen]" in line and "[rejected]" in line for line in lines)  # the example shown before training
+    # plot_loss draws the preference statistics too, and the final evaluation lands in the log beside them
+    assert {"training_loss.png", "training_rewards_accuracies.png", "training_rewards_margins.png"} <= {
+        p.name for p in out.glob("*.png")}
+    assert any("eval_rewards/accuracies" in r for r in read_log(out))
 
 
 @pytest.mark.integration
