@@ -18,6 +18,7 @@ from rayft.orchestrator.plan import placement_problems, worker_resources
 from rayft.trainers.metrics import similarity_scores
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
+ACTOR_START_TIMEOUT_S = 600  # a cluster that cannot start the generation actors in this time fails the run
 
 
 def run_predict(cfg: RecipeConfig, log=print) -> dict:
@@ -78,8 +79,12 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print
     use_gpu = resources.get("GPU", 0) > 0
     log(f"[rayft] generating for {len(examples)} examples with {r.ray_num_workers} worker(s) of {resources}, "
         f"{batch_size} prompts per batch")
+    # Every actor loads its model before the first batch is handed out, and holds one batch at a time: else
+    # the first actor ready can take every batch of a small dataset while the others still load.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     answers = prompts.drop_columns(["truncated"]).map_batches(
-        Generator, batch_size=batch_size, concurrency=r.ray_num_workers, batch_format="numpy",
+        Generator, batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=r.ray_num_workers, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs={"recipe": cfg.to_dict(mask_secrets=False), "use_gpu": use_gpu},
         num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
         resources={k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")} or None,
