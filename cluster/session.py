@@ -9,10 +9,12 @@ from rayft.orchestrator.plan import Node
 
 def local_machine() -> list[Node]:
     """This machine as the single node a local Ray instance would have, read before Ray starts."""
+    import psutil
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    resources = {"CPU": float(cpus)}
+    # Ray gives tasks and actors what its object store leaves of the memory: about 70% by default
+    resources = {"CPU": float(cpus), "memory": 0.7 * psutil.virtual_memory().available}
     if torch.cuda.is_available():
         resources["GPU"] = float(torch.cuda.device_count())
     return [Node(node_id="local", ip="127.0.0.1", resources=resources)]
@@ -52,3 +54,23 @@ def ray_session(ray_args: RayArguments, log=print):
     finally:
         if started_here:
             ray.shutdown()
+
+
+def ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def gpu_memory_bytes() -> int:
+    """The memory of one GPU of the connected cluster, read by a one-GPU task (the smallest if they differ
+    is not known: rayft plans with the first GPU it is given)."""
+    import ray
+
+    @ray.remote(num_gpus=1)
+    def read() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(read.remote(), timeout=300)

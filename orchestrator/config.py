@@ -118,7 +118,7 @@ ONLY_USED_WITH: dict[str, tuple] = {
            "than orpo and simpo)") for k in ("ref_model", "ref_model_adapters")},
     "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
 }
-DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload")
+DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload", "auto")  # auto: the memory planner picks
 
 
 class ConfigError(ValueError):
@@ -533,6 +533,8 @@ def _deepspeed_problems(deepspeed: Any, base_dir: Path) -> list[str]:
 
 def _zero_stage(spec: Any, base_dir: Path) -> int | None:
     """The ZeRO stage of a recipe's deepspeed value (shorthand, dict or JSON path), None without one."""
+    if spec == "auto":
+        return None  # decided by the memory planner
     if isinstance(spec, str) and spec in DEEPSPEED_SHORTHANDS:
         return int(spec[1])
     if isinstance(spec, str):

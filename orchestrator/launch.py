@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayft.cluster.session import cluster_nodes, local_machine, ray_session
+from rayft.cluster.session import cluster_nodes, gpu_memory_bytes, local_machine, ray_is_up, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
@@ -24,7 +24,7 @@ from rayft.data.registry import comma_list
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds
-from rayft.trainers.model import module_problems
+from rayft.trainers.model import model_shape, module_problems
 
 
 @dataclass
@@ -82,7 +82,10 @@ def plan_on_cluster(cfg: RecipeConfig, num_train_examples: int) -> Plan:
             f"ray_storage_path: a relative path means a folder on each node's own disk ({cfg.ray.ray_storage_path} "
             f"here), but this cluster has {len(nodes)} nodes, whose workers must all reach the checkpoints; "
             "use a shared file system path or an s3:// / gs:// URI"])
-    return make_plan(cfg, nodes, num_train_examples)
+    gpu_memory = None
+    if cfg.training.get("deepspeed") == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
+        gpu_memory = gpu_memory_bytes() if cfg.ray.ray_address or ray_is_up() else None
+    return make_plan(cfg, nodes, num_train_examples, shape=model_shape(cfg), gpu_memory=gpu_memory)
 
 
 def show_config(cfg: RecipeConfig, plan: Plan, log=print) -> None:

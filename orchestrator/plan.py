@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.orchestrator.memory import GB, MemorySettings, ModelShape, estimate, pick_deepspeed
 from rayft.trainers import deepspeed as ds
 
 
@@ -37,6 +38,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     notes: list[str] = field(default_factory=list)
+    memory_per_worker: dict | None = None  # the memory planner's estimate: part -> bytes, with "budget"
     report_every_log: bool = False  # a sweep's trial reports each logged record, for its scheduler
 
     def to_dict(self) -> dict:
@@ -54,6 +56,12 @@ class Plan:
             f"{self.gradient_accumulation_steps} accumulation = {self.global_batch_size} global",
             f"optimizer steps    {self.steps_per_epoch} per epoch, {self.total_steps} in total",
         ]
+        if self.memory_per_worker:
+            parts = {k: v for k, v in self.memory_per_worker.items() if k != "budget" and v}
+            budget = self.memory_per_worker.get("budget")
+            lines.append(f"memory per worker  {sum(parts.values()) / GB:.2f} GB estimated"
+                         + (f" of {budget / GB:.2f} GB" if budget else "") + ": "
+                         + ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items()))
         return "\n".join(lines + [f"note               {n}" for n in self.notes])
 
 
@@ -96,8 +104,13 @@ def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node
             f"resources_per_worker, or choose another placement_strategy"]
 
 
-def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int) -> Plan:
-    """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit."""
+def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, shape: ModelShape | None = None,
+              gpu_memory: int | None = None) -> Plan:
+    """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit.
+
+    With the model's `shape` the plan carries the memory planner's estimate per worker, and `deepspeed:
+    auto` is decided against the memory each worker gets (`gpu_memory` per GPU, or its share of its node's).
+    """
     r, t = cfg.ray, cfg.training
     has_gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
     bundle = worker_resources(r.resources_per_worker, has_gpu)
@@ -116,13 +129,44 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int) -> 
     steps_per_epoch = max(batches // accumulation, 1)
     max_steps = t.get("max_steps", -1)
     total = max_steps if max_steps > 0 else math.ceil(t.get("num_train_epochs", 3.0) * steps_per_epoch)
-    deepspeed = ds.materialize(t.get("deepspeed"))
     notes = []
+    memory = None
+    if shape is not None or t.get("deepspeed") == "auto":
+        if shape is None:
+            raise ConfigError(["deepspeed: auto needs the model's shape; the planner could not read the model"])
+        budget = worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory)
+        settings = memory_settings(cfg, use_gpu, per_device)
+        spec = t.get("deepspeed")
+        if spec == "auto":
+            if budget is None:
+                raise ConfigError(["deepspeed: auto needs the memory a worker gets: set resources_per_worker.memory "
+                                   "(bytes) or choose a deepspeed shorthand (z0 ... z3_offload)"])
+            spec, tried = pick_deepspeed(shape, settings, budget)
+            if spec is None:
+                raise ConfigError([f"deepspeed: auto found no DeepSpeed setup that fits {budget / GB:.2f} GB per "
+                                   "worker; add workers, lower per_device_train_batch_size or cutoff_len, or use "
+                                   "LoRA. Estimates per worker: " + "; ".join(tried)])
+            notes.append(f"deepspeed: auto chose {spec}, the first that fits ({'; '.join(tried)})")
+        chosen = ds.materialize(spec)
+        settings = memory_settings(cfg, use_gpu, per_device, ds.zero_stage(chosen), tuple(ds.offload_targets(chosen)))
+        found = estimate(shape, settings)
+        memory = {**found.parts, **{f"host: {k}": v for k, v in found.host_parts.items()}, "budget": budget}
+        if budget is not None and found.device > budget:
+            notes.append(f"memory: the estimate ({found.device / GB:.2f} GB) exceeds what a worker gets "
+                         f"({budget / GB:.2f} GB); consider deepspeed: auto")
+        deepspeed = chosen
+    else:
+        deepspeed = ds.materialize(t.get("deepspeed"))
     if num_train_examples % r.ray_num_workers:
         dropped = num_train_examples % r.ray_num_workers
         notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")
     if not use_gpu:
         notes.append("CPU workers: use_cpu=True and the gloo process group")
+        idle = sum(n.resources.get("CPU", 0) for n in nodes) - bundle.get("CPU", 0) * r.ray_num_workers
+        if r.resources_per_worker is None and idle >= 1:
+            # Ray caps a worker's threads (OMP_NUM_THREADS) at its CPUs: a CPU no worker holds does no training
+            notes.append(f"{idle:g} CPU(s) of the cluster are held by no worker, and each worker computes on its "
+                         "own CPUs only; set resources_per_worker.CPU (e.g. the node's CPUs / workers per node)")
     return Plan(
         num_workers=r.ray_num_workers,
         resources_per_worker=bundle,
@@ -140,7 +184,33 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int) -> 
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         notes=notes,
+        memory_per_worker=memory,
     )
+
+
+def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stage: int | None = None,
+                    offload: tuple[str, ...] = ()) -> MemorySettings:
+    """The settings of a recipe that change a worker's memory."""
+    f, m, t = cfg.finetuning, cfg.model, cfg.training
+    return MemorySettings(
+        num_workers=cfg.ray.ray_num_workers, zero_stage=zero_stage, offload=offload, use_gpu=use_gpu,
+        mixed_precision=use_gpu and bool(t.get("bf16") or t.get("fp16")) and not f.pure_bf16,
+        per_device_batch_size=per_device, cutoff_len=cfg.data.cutoff_len,
+        gradient_checkpointing=not m.disable_gradient_checkpointing,
+        reference_copy=bool(f.use_ref_model) and f.finetuning_type in ("freeze", "full"),
+        eager_attention=m.flash_attn == "disabled" or not use_gpu)
+
+
+def worker_budget(bundle: dict, num_workers: int, nodes: list[Node], use_gpu: bool, gpu_memory: int | None) -> int | None:
+    """The memory one worker may use: its GPU's, or its `memory` resource, or an equal share of the memory of
+    the node that would hold the most workers (None when unknown)."""
+    if use_gpu:
+        return gpu_memory
+    if bundle.get("memory"):
+        return int(bundle["memory"])
+    shares = [n.resources["memory"] / min(num_workers, bundles_per_node(bundle, n))
+              for n in nodes if n.resources.get("memory") and bundles_per_node(bundle, n) > 0]
+    return int(min(shares)) if shares else None
 
 
 def _scaled(bundle: dict, count: int) -> dict:

@@ -43,7 +43,8 @@ class LogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "total_steps": state.max_steps, **logs,
-                  "epoch": logs.get("epoch", state.epoch), "elapsed_seconds": round(time.time() - self.start, 3)}
+                  "epoch": logs.get("epoch", state.epoch), "elapsed_seconds": round(time.time() - self.start, 3),
+                  "timestamp": round(time.time(), 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -161,6 +161,9 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     metrics = dict(train_result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
+    peaks = peak_memory()
+    metrics.update(peaks)
+    train_result.metrics.update(peaks)
     trainer.save_metrics("train", train_result.metrics)
     if any(k.startswith("eval_") for k in metrics):
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
@@ -176,6 +179,24 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
             outputs.plot_loss(output_dir)
         outputs.write_model_card(output_dir, masked, metrics)
     return metrics
+
+
+def peak_memory() -> dict[str, float]:
+    """The highest resident memory of any worker process so far (and of any GPU), in GB: what the memory
+    planner's estimate is checked against. Every rank must call it (it gathers from all of them)."""
+    import resource
+
+    mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3]  # Linux reports KiB
+    if torch.cuda.is_available():
+        mine.append(torch.cuda.max_memory_allocated() / 1024**3)
+    every = [mine]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+    peaks = {"peak_rss_gb": round(max(m[0] for m in every), 3)}
+    if len(mine) > 1:
+        peaks["peak_gpu_gb"] = round(max(m[1] for m in every), 3)
+    return peaks
 
 
 def restored_checkpoint() -> str | None:
@@ -278,4 +299,6 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
         save_pissa_init(model, args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=restored_checkpoint() or args.resume_from_checkpoint)
     train_result.metrics.update(extra_metrics or {})
+    # before saving, which under ZeRO-3 gathers the whole model on rank 0
+    train_result.metrics.update({f"training_{k}": v for k, v in peak_memory().items()})
     return finish(trainer, cfg, plan, train_result, tokenizer)

@@ -263,27 +263,54 @@ def load_reference(cfg, use_gpu: bool):
     return model.eval()
 
 
+def empty_model(cfg):
+    """The model built from its config on the meta device: its modules and shapes, no weights, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = cfg.model
+    config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
+                                        token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
+    with init_empty_weights():
+        if cfg.finetuning.stage == "rm":
+            config.num_labels = 1
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def model_shape(cfg):
+    """The counts the memory planner needs, from the empty model made trainable as finetuning_type says.
+
+    Adapters named in adapter_name_or_path are counted as a new adapter of the recipe's settings.
+    """
+    from accelerate import init_empty_weights
+
+    from rayft.orchestrator.memory import ModelShape
+
+    model = empty_model(cfg)
+    config = model.config
+    with init_empty_weights():
+        trainable = FINETUNING[cfg.finetuning.finetuning_type](model, cfg.finetuning, None)
+    unique = {id(p): p for p in trainable.parameters()}.values()  # tied weights once
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in trainable.modules())
+    return ModelShape(
+        total_params=sum(p.numel() for p in unique), trainable_params=sum(p.numel() for p in unique if p.requires_grad),
+        largest_layer_params=largest, hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, vocab_size=config.vocab_size)
+
+
 def module_problems(cfg) -> list[str]:
     """Module names in lora_target, oft_target, additional_target and the freeze keys that the model lacks.
 
     Checked on the driver against an empty (meta-device) instance built from the model's config, so that
     a typo fails before any worker starts rather than inside every worker.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     m, f = cfg.model, cfg.finetuning
     try:
-        config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
-                                            token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
+        model = empty_model(cfg)
     except (OSError, ValueError) as err:
         return [f"model_name_or_path: cannot read a model config from {m.model_name_or_path!r} ({err})"]
-    with init_empty_weights():
-        if f.stage == "rm":
-            config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
     names = [name for name, _ in model.named_modules()]
     keys = {"lora": ("lora_target", "additional_target"), "oft": ("oft_target", "additional_target")}
     problems = []
