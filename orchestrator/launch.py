@@ -46,11 +46,8 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if resume_from:
         log(f"[rayft] run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
             "(choose another ray_run_name for a fresh run)")
-    elif output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.training.get("overwrite_output_dir"):
-        raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or "
-                           "set overwrite_output_dir: true"])
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
+    # a resumed run finds its own earlier outputs there
+    refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.training.get("overwrite_output_dir", False))
     problems = module_problems(cfg)
     if problems:
         raise ConfigError(problems)
@@ -72,6 +69,15 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
     if cfg.ray.ray_address is None:
         plan_on_cluster(cfg, len(train))  # this machine is the cluster rayft will start: refuse now, not after
     return Prepared(cfg, train, evaluation)
+
+
+def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
+    """An existing, non-empty output_dir (or a file in its place) is refused unless overwrite_output_dir."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError([f"output_dir: {output_dir} is a file, not a folder"])
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or "
+                           "set overwrite_output_dir: true"])
 
 
 def plan_on_cluster(cfg: RecipeConfig, num_train_examples: int) -> Plan:

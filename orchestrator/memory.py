@@ -5,7 +5,7 @@ mixed-precision full fine-tuning under ZeRO-2 and ZeRO-3 the model states come f
 estimators. Figures are bytes; every estimate names its parts so that a refusal can show them.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GB = 1024**3
 # Resident memory of a CPU worker before its model loads: Python, PyTorch, Transformers, PEFT, DeepSpeed and
@@ -156,8 +156,8 @@ def pick_deepspeed(shape: ModelShape, base: MemorySettings, budget: int) -> tupl
     tried = []
     for name in AUTO_ORDER:
         stage, _, offload = name.partition("_")
-        settings = _with(base, int(stage[1]), ("optimizer", "param") if offload and stage == "z3" else
-                         ("optimizer",) if offload else ())
+        settings = replace(base, zero_stage=int(stage[1]), offload=("optimizer", "param") if offload and stage == "z3"
+                           else ("optimizer",) if offload else ())
         if offload and not base.use_gpu:
             continue  # offloading to the host frees nothing on a CPU worker
         found = estimate(shape, settings)
@@ -167,8 +167,3 @@ def pick_deepspeed(shape: ModelShape, base: MemorySettings, budget: int) -> tupl
             return name, tried
     return None, tried
 
-
-def _with(base: MemorySettings, zero_stage: int, offload: tuple[str, ...]) -> MemorySettings:
-    from dataclasses import replace
-
-    return replace(base, zero_stage=zero_stage, offload=offload)

@@ -132,29 +132,8 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     notes = []
     memory = None
     if shape is not None or t.get("deepspeed") == "auto":
-        if shape is None:
-            raise ConfigError(["deepspeed: auto needs the model's shape; the planner could not read the model"])
-        budget = worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory)
-        settings = memory_settings(cfg, use_gpu, per_device)
-        spec = t.get("deepspeed")
-        if spec == "auto":
-            if budget is None:
-                raise ConfigError(["deepspeed: auto needs the memory a worker gets: set resources_per_worker.memory "
-                                   "(bytes) or choose a deepspeed shorthand (z0 ... z3_offload)"])
-            spec, tried = pick_deepspeed(shape, settings, budget)
-            if spec is None:
-                raise ConfigError([f"deepspeed: auto found no DeepSpeed setup that fits {budget / GB:.2f} GB per "
-                                   "worker; add workers, lower per_device_train_batch_size or cutoff_len, or use "
-                                   "LoRA. Estimates per worker: " + "; ".join(tried)])
-            notes.append(f"deepspeed: auto chose {spec}, the first that fits ({'; '.join(tried)})")
-        chosen = ds.materialize(spec)
-        settings = memory_settings(cfg, use_gpu, per_device, ds.zero_stage(chosen), tuple(ds.offload_targets(chosen)))
-        found = estimate(shape, settings)
-        memory = {**found.parts, **{f"host: {k}": v for k, v in found.host_parts.items()}, "budget": budget}
-        if budget is not None and found.device > budget:
-            notes.append(f"memory: the estimate ({found.device / GB:.2f} GB) exceeds what a worker gets "
-                         f"({budget / GB:.2f} GB); consider deepspeed: auto")
-        deepspeed = chosen
+        deepspeed, memory = plan_memory(cfg, shape, worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory),
+                                        use_gpu, per_device, notes)
     else:
         deepspeed = ds.materialize(t.get("deepspeed"))
     if num_train_examples % r.ray_num_workers:
@@ -186,6 +165,32 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         notes=notes,
         memory_per_worker=memory,
     )
+
+
+def plan_memory(cfg: RecipeConfig, shape: ModelShape | None, budget: int | None, use_gpu: bool, per_device: int,
+                notes: list[str]) -> tuple[dict | None, dict]:
+    """The DeepSpeed config (`auto` decided against `budget` bytes per worker) and the memory estimate by part;
+    what was decided and why is appended to `notes`."""
+    if shape is None:
+        raise ConfigError(["deepspeed: auto needs the model's shape; the planner could not read the model"])
+    spec = cfg.training.get("deepspeed")
+    if spec == "auto":
+        if budget is None:
+            raise ConfigError(["deepspeed: auto needs the memory a worker gets: set resources_per_worker.memory "
+                               "(bytes) or choose a deepspeed shorthand (z0 ... z3_offload)"])
+        spec, tried = pick_deepspeed(shape, memory_settings(cfg, use_gpu, per_device), budget)
+        if spec is None:
+            raise ConfigError([f"deepspeed: auto found no DeepSpeed setup that fits {budget / GB:.2f} GB per worker; "
+                               "add workers, lower per_device_train_batch_size or cutoff_len, or use LoRA. Estimates "
+                               "per worker: " + "; ".join(tried)])
+        notes.append(f"deepspeed: auto chose {spec}, the first that fits ({'; '.join(tried)})")
+    chosen = ds.materialize(spec)
+    found = estimate(shape, memory_settings(cfg, use_gpu, per_device, ds.zero_stage(chosen),
+                                            tuple(ds.offload_targets(chosen))))
+    if budget is not None and found.device > budget:
+        notes.append(f"memory: the estimate ({found.device / GB:.2f} GB) exceeds what a worker gets "
+                     f"({budget / GB:.2f} GB); consider deepspeed: auto")
+    return chosen, {**found.parts, **{f"host: {k}": v for k, v in found.host_parts.items()}, "budget": budget}
 
 
 def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stage: int | None = None,

@@ -14,6 +14,7 @@ from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.data.errors import DataError
 from rayft.data.pipeline import encode_prompt_batch, load_examples
 from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
 from rayft.trainers.metrics import similarity_scores
 
@@ -26,9 +27,7 @@ def run_predict(cfg: RecipeConfig, log=print) -> dict:
     `{predict|eval}_results.json`; with do_predict every answer goes to generated_predictions.jsonl)."""
     d, t = cfg.data, cfg.training
     output_dir = Path(t["output_dir"])
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not t.get("overwrite_output_dir"):
-        raise ConfigError([f"output_dir: {output_dir} exists and is not empty; choose another output_dir or set "
-                           "overwrite_output_dir: true"])
+    refuse_occupied(output_dir, t.get("overwrite_output_dir", False))
     examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log, seed=t.get("seed", 42),
                              token=cfg.model.hf_hub_token, stage="sft", template=d.template)
     if not examples:
@@ -61,7 +60,6 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print
     """Prompts are encoded by Ray Data tasks and answered by one actor per worker; rows in dataset order."""
     import ray.data
 
-    from rayft.orchestrator.launch import quiet_ray_data
     from rayft.trainers.generate import Generator
 
     quiet_ray_data()
