@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = parse_config(load_recipe(args.recipe, args.overrides))
         if args.command == "plan":
+            if is_prediction(cfg.training):
+                from rayft.orchestrator.predict import plan_predict
+
+                plan_predict(cfg)
+                return 0
             from rayft.orchestrator.launch import run_plan
 
             run_plan(cfg)

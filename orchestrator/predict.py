@@ -22,18 +22,38 @@ PREDICTIONS_FILE = "generated_predictions.jsonl"
 ACTOR_START_TIMEOUT_S = 600  # a cluster that cannot start the generation actors in this time fails the run
 
 
-def run_predict(cfg: RecipeConfig, log=print) -> dict:
-    """Generates an answer for every example of eval_dataset; returns the scores (also written to
-    `{predict|eval}_results.json`; with do_predict every answer goes to generated_predictions.jsonl)."""
+def prepare_predict(cfg: RecipeConfig, log=print) -> list[dict]:
+    """Everything checked before Ray: output_dir, the examples of eval_dataset, and (for a local run) the
+    actors' resources. Returns the examples."""
     d, t = cfg.data, cfg.training
-    output_dir = Path(t["output_dir"])
-    refuse_occupied(output_dir, t.get("overwrite_output_dir", False))
+    refuse_occupied(Path(t["output_dir"]), t.get("overwrite_output_dir", False))
     examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log, seed=t.get("seed", 42),
                              token=cfg.model.hf_hub_token, stage="sft", template=d.template)
     if not examples:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
     if cfg.ray.ray_address is None:
         _resources(cfg, local_machine())  # refuse an impossible request before Ray starts
+    return examples
+
+
+def plan_predict(cfg: RecipeConfig, log=print) -> dict:
+    """`rayft plan` for a prediction recipe: the checks, then the generation actors the cluster will hold."""
+    examples = prepare_predict(cfg, log)
+    with ray_session(cfg.ray, log=log):
+        resources = _resources(cfg, cluster_nodes())
+    batch_size = cfg.training.get("per_device_eval_batch_size", 8)
+    log(f"[rayft] prediction plan: {len(examples)} examples of {cfg.data.eval_dataset}, {cfg.ray.ray_num_workers} "
+        f"generation worker(s) of {resources}, {batch_size} prompts per batch, up to "
+        f"{cfg.generating.max_new_tokens} new tokens each")
+    return resources
+
+
+def run_predict(cfg: RecipeConfig, log=print) -> dict:
+    """Generates an answer for every example of eval_dataset; returns the scores (also written to
+    `{predict|eval}_results.json`; with do_predict every answer goes to generated_predictions.jsonl)."""
+    t = cfg.training
+    output_dir = Path(t["output_dir"])
+    examples = prepare_predict(cfg, log)
     prefix = "predict" if t.get("do_predict") else "eval"
     with ray_session(cfg.ray, log=log):
         resources = _resources(cfg, cluster_nodes())

@@ -19,7 +19,15 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rayft.orchestrator.config import ConfigError, RecipeConfig, describe_type, mask, parse_config, type_matches
+from rayft.orchestrator.config import (
+    ConfigError,
+    RecipeConfig,
+    describe_type,
+    is_prediction,
+    mask,
+    parse_config,
+    type_matches,
+)
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Keys the sweep sets for every trial itself: each trial has its own outputs and its own Ray Train run.
@@ -366,6 +374,9 @@ def check_sweep(raw: dict, base_dir: str = ".", log=print) -> Sweep:
     if "sweep" not in raw:
         raise ConfigError(["sweep: this recipe has no sweep section; add one (see the README) or use `rayft train`"])
     base_cfg = parse_config({k: v for k, v in raw.items() if k != "sweep"}, base_dir=base_dir)
+    if is_prediction(base_cfg.training):
+        raise ConfigError(["do_train: a sweep trains every trial; this recipe generates (do_train: false with "
+                           "predict_with_generate); run it with `rayft train`, or sweep a training recipe"])
     spec = parse_sweep(raw["sweep"], seed=base_cfg.training.get("seed", 42))
     output_dir = Path(base_cfg.training["output_dir"])
     run_name = base_cfg.ray.ray_run_name or f"sweep-{output_dir.name}"

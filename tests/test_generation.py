@@ -131,3 +131,17 @@ def test_chat_answers_streamed_and_exits_cleanly(tmp_path, tiny_model):
     assert len(answers) == 2 and all(answers), out
     assert "[rayft] conversation cleared" in out and out.rstrip().endswith("[rayft] bye")
     assert "never read" not in out
+
+
+def test_plan_and_sweep_know_a_prediction_recipe(tmp_path):
+    from rayft.orchestrator.sweep import check_sweep
+
+    raw = load_recipe(PREDICT_RECIPE, [f"output_dir={tmp_path / 'out'}"])
+    raw["sweep"] = {"parameters": {"temperature": {"grid": [0.5, 1.0]}}}
+    with pytest.raises(ConfigError, match="a sweep trains every trial; this recipe generates"):
+        check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    done = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "plan", str(PREDICT_RECIPE),
+                           f"output_dir={tmp_path / 'out'}", "ray_num_workers=64"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # refused before Ray starts, with the resources named, not a crash in the training planner
+    assert done.returncode == 2 and "64 workers need" in done.stderr, done.stderr[-2000:]
