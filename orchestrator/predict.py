@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.data.errors import DataError
-from rayft.data.pipeline import encode_prompt_batch, load_examples
+from rayft.data.pipeline import encode_prompt_batch, load_examples, on_examples
 from rayft.orchestrator.config import ConfigError, RecipeConfig
 from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
@@ -85,10 +85,13 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print
     quiet_ray_data()
     d, r, g = cfg.data, cfg.ray, cfg.generating
     batch_size = cfg.training.get("per_device_eval_batch_size", 8)
-    items = [{"index": i, "system": e.get("system") or "", "messages": e["messages"]} for i, e in enumerate(examples)]
-    prompts = ray.data.from_items(items).map_batches(encode_prompt_batch, batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
-        tokenizer_path=cfg.model.model_name_or_path, template=d.template, cutoff_len=d.cutoff_len,
-        default_system=g.default_system))
+    # as in training's tokenisation, each example travels as one JSON string (data.pipeline.on_examples)
+    items = [{"example": json.dumps({"index": i, "system": e.get("system") or "", "messages": e["messages"]},
+                                    ensure_ascii=False)} for i, e in enumerate(examples)]
+    prompts = ray.data.from_items(items).map_batches(
+        on_examples(encode_prompt_batch), batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
+            tokenizer_path=cfg.model.model_name_or_path, template=d.template, cutoff_len=d.cutoff_len,
+            default_system=g.default_system))
     # one block per generation batch, so that every actor gets work
     prompts = prompts.repartition(max(r.ray_num_workers, math.ceil(len(examples) / batch_size))).materialize()
     truncated = sum(row["truncated"] > 0 for row in prompts.select_columns(["truncated"]).iter_rows())

@@ -11,9 +11,9 @@ from rayft.data.registry import comma_list
 from rayft.orchestrator.args import TrainingArguments
 from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs
-from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
+from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 
 
 def shard_rows(name: str) -> list[dict] | None:
