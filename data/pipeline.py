@@ -109,6 +109,22 @@ def encode_prompt_batch(batch: dict, tokenizer_path: str, template: str | None, 
     }
 
 
+def encode_query_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+    """Ray Data map_batches function for stage ppo: the prompt each example asks (everything before its last
+    response, whose text PPO does not read); the policy writes the responses in its rollouts."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    chat_template = get_template(template)
+    prompts = [encode_prompt(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
+                             cutoff_len)
+               for system, messages in zip(batch["system"], batch["messages"])]
+    return {
+        "input_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
+        "num_tokens": np.asarray([len(ids) for ids, _ in prompts], dtype=np.int64),
+        "num_trained": np.zeros(len(prompts), dtype=np.int64),
+        "truncated": np.asarray([cut for _, cut in prompts], dtype=np.int64),
+    }
+
+
 def encode_pairwise_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
     """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
     tokenizer = load_tokenizer(tokenizer_path)
@@ -241,6 +257,9 @@ def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettin
         dataset = dataset.map_batches(on_examples(encode_text_batch), batch_size=batch_size, **options, fn_kwargs=dict(
             tokenizer_path=tokenizer_path, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
         packing = s.neat_packing
+    elif s.stage == "ppo":
+        dataset = dataset.map_batches(on_examples(encode_query_batch), batch_size=batch_size, **options, fn_kwargs=dict(
+            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len))
     elif s.stage in ("rm", "dpo", "kto"):
         encode = encode_kto_batch if s.stage == "kto" else encode_pairwise_batch
         dataset = dataset.map_batches(on_examples(encode), batch_size=batch_size, **options, fn_kwargs=dict(
@@ -301,6 +320,8 @@ def describe_example(row: dict, tokenizer) -> str:
         tag = "desirable" if row["kto_tag"] else "undesirable"
         return f"kto_tag: {tag}\n" + describe_example({"input_ids": row["input_ids"], "labels": row["labels"]}, tokenizer)
     ids = [int(i) for i in row["input_ids"]]
+    if "labels" not in row:  # a PPO prompt: the policy writes the response
+        return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}"
     labels = [int(i) for i in row["labels"]]
     trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     return "\n".join([

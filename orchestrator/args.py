@@ -236,6 +236,11 @@ class RayArguments:
     # rayft addition: runtime_env of the job `rayft submit` starts (pip, env_vars, ...); the working
     # directory and its excludes are added
     ray_runtime_env: Optional[dict] = None
+    # rayft addition (stage ppo, reward_model_type full): how many Ray actors serve the reward model (and, for
+    # freeze or full fine-tuning, the reference model) apart from the training workers; 0 keeps them inside
+    # every worker. Each actor holds reward_model_resources (default: what a worker holds).
+    reward_model_workers: int = 0
+    reward_model_resources: Optional[Union[dict, str]] = None
     # derived in orchestrator.config.resolve(), never set by the user: the recipe named a relative path
     storage_was_relative: bool = field(default=False, init=False)
 

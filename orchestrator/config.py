@@ -68,9 +68,6 @@ NOT_BUILT: dict[str, str] = {
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
     "tool_format": "tool formats other than the template's own (qwen / chatml have tool formatting)",
-    **{k: "PPO (issue: PPO stage)" for k in (
-        "reward_model", "reward_model_adapters", "reward_model_type", "ppo_buffer_size", "ppo_epochs",
-        "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
     **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
     "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
     "preprocessing_num_workers": "a process count for preprocessing (Ray Data spreads tokenisation over the "
@@ -81,7 +78,7 @@ NOT_BUILT: dict[str, str] = {
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }
 
-BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto"}
+BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
 BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
@@ -92,7 +89,9 @@ REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 # it). Setting one that the config does not read is refused rather than silently ignored.
 _LORA, _OFT, _FREEZE = (lambda f: f.finetuning_type == "lora"), (lambda f: f.finetuning_type == "oft"), (
     lambda f: f.finetuning_type == "freeze")
-_REFERENCE = lambda f: f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+_REFERENCE = lambda f: (f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+                        or (f.stage == "ppo" and f.finetuning_type in ("freeze", "full")))
+_PPO = lambda f: f.stage == "ppo"
 ONLY_USED_WITH: dict[str, tuple] = {
     **{k: (_LORA, ("finetuning_type",), "finetuning_type: lora") for k in (
         "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora", "pissa_init",
@@ -114,8 +113,14 @@ ONLY_USED_WITH: dict[str, tuple] = {
     "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
                     "stage: dpo with pref_loss: simpo"),
     **{k: (lambda f: f.stage == "kto", ("stage",), "stage: kto") for k in ("kto_chosen_weight", "kto_rejected_weight")},
-    **{k: (_REFERENCE, ("stage", "pref_loss"), "a reference model (stage kto, or stage dpo with a pref_loss other "
-           "than orpo and simpo)") for k in ("ref_model", "ref_model_adapters")},
+    **{k: (_REFERENCE, ("stage", "pref_loss", "finetuning_type"), "a reference model (stage kto, stage dpo with a "
+           "pref_loss other than orpo and simpo, or stage ppo with freeze or full fine-tuning; PPO with adapters "
+           "uses the base model without them)") for k in ("ref_model", "ref_model_adapters")},
+    **{k: (_PPO, ("stage",), "stage: ppo") for k in (
+        "reward_model", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
+        "ppo_whiten_rewards")},
+    "reward_model_adapters": (lambda f: f.stage == "ppo" and f.reward_model_type == "full",
+                              ("stage", "reward_model_type"), "stage: ppo with reward_model_type: full"),
     "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
 }
 DEEPSPEED_SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload", "auto")  # auto: the memory planner picks
@@ -354,6 +359,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     if t.get("learning_rate", 1.0) <= 0:
         problems.append(f"learning_rate: must be positive, got {t['learning_rate']}")
     problems += _run_kind_problems(cfg, for_training)
+    problems += _ppo_problems(cfg, base_dir)
     if not problems:
         problems += _training_arguments_problems(t)
     return problems
@@ -406,7 +412,7 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[str]:
     elif for_training and not training:
         problems.append("do_train: false leaves nothing to run; add do_predict: true and predict_with_generate: "
                         "true to generate, or remove do_train")
-    elif training:
+    elif training and f.stage != "ppo":  # PPO generates its rollouts with them
         changed = [k for k in GENERATION_KEYS if getattr(g, k) != _default(GeneratingArguments, k)]
         changed += ["eval_num_beams"] if d.eval_num_beams is not None else []
         problems += [f"{k}: generation settings are read by prediction (do_train: false with do_predict and "
@@ -420,6 +426,84 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[str]:
     return problems
 
 
+def _ppo_problems(cfg: RecipeConfig, base_dir: Path) -> list[str]:
+    """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
+    d, f, r, t = cfg.data, cfg.finetuning, cfg.ray, cfg.training
+    if f.stage != "ppo":
+        return [f"{key}: only read by stage ppo (reward model actors); remove {key}"
+                for key in ("reward_model_workers", "reward_model_resources") if getattr(r, key) not in (0, None)]
+    problems = []
+    kind = f.reward_model_type
+    if not f.reward_model:
+        problems.append("reward_model: stage ppo needs a reward model: the output_dir of a `stage: rm` run "
+                        "(reward_model_type: lora), a reward model folder (full), or an http(s) URL (api)")
+    elif kind == "api" and not f.reward_model.startswith(("http://", "https://")):
+        problems.append(f"reward_model: with reward_model_type: api it is the URL of the reward endpoint "
+                        f"(http:// or https://), not {f.reward_model!r}")
+    if kind == "lora" and f.finetuning_type != "lora":
+        problems.append(f"reward_model_type and finetuning_type: a lora reward model is an adapter on the "
+                        f"policy's own base, so the policy must be trained with finetuning_type: lora, not "
+                        f"{f.finetuning_type!r}; or use reward_model_type: full")
+    if r.reward_model_workers < 0:
+        problems.append(f"reward_model_workers: must be 0 (reward model inside each worker) or more, got "
+                        f"{r.reward_model_workers}")
+    if r.reward_model_workers and kind != "full":
+        problems.append(f"reward_model_workers: a separate group of reward actors serves a whole reward model "
+                        f"(reward_model_type: full), not {kind!r}; set reward_model_type: full (for an rm adapter: "
+                        "reward_model = its base model and reward_model_adapters = the adapter) or remove "
+                        "reward_model_workers")
+    if r.reward_model_resources is not None and not r.reward_model_workers:
+        problems.append("reward_model_resources: only read with reward_model_workers > 0; remove it or set "
+                        "reward_model_workers")
+    problems += [p.replace("resources_per_worker", "reward_model_resources")
+                 for p in _resource_problems(r.reward_model_resources)]
+    for key in ("ppo_epochs", "ppo_buffer_size"):
+        if getattr(f, key) < 1:
+            problems.append(f"{key}: must be at least 1, got {getattr(f, key)}")
+    if f.ppo_target <= 0:
+        problems.append(f"ppo_target: the KL target must be positive, got {f.ppo_target}")
+    not_built = {
+        "deepspeed": t.get("deepspeed") is not None,
+        "streaming": d.streaming,
+        "eval_dataset": bool(d.eval_dataset or d.val_size or t.get("eval_strategy", "no") != "no"),
+        "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
+        "pissa_convert": f.pissa_convert,
+        "optim": t.get("optim", "adamw_torch") not in ("adamw_torch", "adamw_torch_fused"),
+    }
+    what = {"deepspeed": "DeepSpeed ZeRO for PPO (the PPO loop trains with DDP)",
+            "streaming": "streamed prompts for PPO", "eval_dataset": "evaluation during PPO (eval_dataset, "
+            "val_size, eval_strategy)", "loraplus_lr_ratio": "LoRA+ for PPO", "pissa_convert": "PiSSA conversion "
+            "for PPO", "optim": "optimizers other than AdamW for PPO"}
+    problems += [f"{key}: {what[key]} is not built in rayft yet; remove {key}" for key, used in not_built.items() if used]
+    g = cfg.generating
+    if g.num_beams != 1:
+        problems.append(f"num_beams: PPO samples its rollouts one sequence per prompt; remove num_beams ({g.num_beams})")
+    return problems
+
+
+def reward_model_problems(cfg: RecipeConfig) -> list[str]:
+    """What is missing from a ppo recipe's reward model folders; checked by the driver before Ray starts (a
+    shipped recipe may name the output of a run that has not happened yet)."""
+    f = cfg.finetuning
+    if f.stage != "ppo" or f.reward_model_type == "api":
+        return []
+    problems = []
+    folder = Path(f.reward_model)
+    if f.reward_model_type == "lora" and not all((folder / name).is_file() for name in (
+            "adapter_config.json", "value_head.safetensors")):
+        problems.append(f"reward_model: {folder} holds no reward adapter (adapter_config.json and "
+                        "value_head.safetensors, what a `stage: rm` run with finetuning_type: lora saves); run "
+                        "that stage first, or point reward_model at such a run's output_dir")
+    if f.reward_model_type == "full" and folder.is_absolute() and not (folder / "config.json").is_file():
+        problems.append(f"reward_model: {folder} holds no model (config.json); point it at a model folder, e.g. "
+                        "the output_dir of a `stage: rm` run with full fine-tuning, or the base model with the rm "
+                        "adapter in reward_model_adapters")
+    for adapter in comma_list(f.reward_model_adapters):
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            problems.append(f"reward_model_adapters: {adapter} holds no adapter (adapter_config.json)")
+    return problems
+
+
 def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     """Computes every derived value in one place; returns the log lines that say what was derived."""
     notes = []
@@ -427,7 +511,7 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
-    f.use_ref_model = f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+    f.use_ref_model = (f.stage in ("kto", "ppo")) or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
     if f.stage in ("dpo", "kto"):
         notes.append(f"use_ref_model = {f.use_ref_model} (stage {f.stage}"
                      + (f", pref_loss {f.pref_loss})" if f.stage == "dpo" else ")"))
@@ -437,6 +521,13 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         notes.append(f"packing = {d.packing} (on for stage pt and for neat_packing, off otherwise)")
     if isinstance(r.resources_per_worker, str):
         r.resources_per_worker = json.loads(r.resources_per_worker)
+    if isinstance(r.reward_model_resources, str):
+        r.reward_model_resources = json.loads(r.reward_model_resources)
+    if f.stage == "ppo" and f.reward_model_type in ("lora", "full") and f.reward_model:
+        reward_path = _under(base_dir, f.reward_model)
+        if reward_path.exists():
+            f.reward_model = str(reward_path)
+        f.reward_model_adapters = ",".join(str(_under(base_dir, a)) for a in comma_list(f.reward_model_adapters)) or None
     deepspeed = t.get("deepspeed")
     if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_SHORTHANDS:
         t["deepspeed"] = json.loads(_under(base_dir, deepspeed).read_text())

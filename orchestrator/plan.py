@@ -40,6 +40,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     memory_per_worker: dict | None = None  # the memory planner's estimate: part -> bytes, with "budget"
     report_every_log: bool = False  # a sweep's trial reports each logged record, for its scheduler
+    reward_actors: list[str] = field(default_factory=list)  # names of the reward model's actors (stage ppo)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +105,24 @@ def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node
             f"resources_per_worker, or choose another placement_strategy"]
 
 
+def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node]) -> list[str]:
+    """Why the reward model's actors (reward_model_workers) cannot run beside the training workers."""
+    r = cfg.ray
+    if not r.reward_model_workers:
+        return []
+    actor = dict(r.reward_model_resources or worker_bundle)
+    needed = {k: actor.get(k, 0) * r.reward_model_workers + worker_bundle.get(k, 0) * r.ray_num_workers
+              for k in set(actor) | set(worker_bundle)}
+    totals = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in needed}
+    short = {k: v for k, v in needed.items() if v > totals[k] + 1e-9}
+    if sum(bundles_per_node(actor, n) for n in nodes) < r.reward_model_workers or short:
+        return [f"reward_model_resources: {r.reward_model_workers} reward actor(s) of {actor} beside "
+                f"{r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, but the cluster has "
+                f"{ {k: totals[k] for k in needed} }; lower reward_model_workers, reward_model_resources or "
+                "resources_per_worker"]
+    return []
+
+
 def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, shape: ModelShape | None = None,
               gpu_memory: int | None = None) -> Plan:
     """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit.
@@ -115,6 +134,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     has_gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
     bundle = worker_resources(r.resources_per_worker, has_gpu)
     problems = placement_problems(bundle, r.ray_num_workers, r.placement_strategy, nodes)
+    problems += reward_actor_problems(cfg, bundle, nodes)
     examples_per_worker = num_train_examples // r.ray_num_workers
     if num_train_examples and examples_per_worker == 0:
         problems.append(f"dataset: {num_train_examples} examples cannot feed {r.ray_num_workers} workers; "
@@ -125,7 +145,9 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     use_gpu = bundle.get("GPU", 0) > 0
     per_device = t.get("per_device_train_batch_size", 8)
     accumulation = t.get("gradient_accumulation_steps", 1)
-    batches = math.ceil(examples_per_worker / per_device)
+    # a PPO step generates for ppo_buffer_size x per_device x accumulation prompts, then learns from them
+    rollouts = cfg.finetuning.ppo_buffer_size if cfg.finetuning.stage == "ppo" else 1
+    batches = math.ceil(examples_per_worker / (per_device * rollouts))
     steps_per_epoch = max(batches // accumulation, 1)
     max_steps = t.get("max_steps", -1)
     total = max_steps if max_steps > 0 else math.ceil(t.get("num_train_epochs", 3.0) * steps_per_epoch)
@@ -136,6 +158,10 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
                                         use_gpu, per_device, notes)
     else:
         deepspeed = ds.materialize(t.get("deepspeed"))
+    if cfg.finetuning.stage == "ppo":
+        f = cfg.finetuning
+        notes.append(f"ppo: each step answers {per_device * accumulation * rollouts} prompts per worker, then makes "
+                     f"{f.ppo_epochs} epoch(s) x {rollouts} optimizer update(s) on them")
     if num_train_examples % r.ray_num_workers:
         dropped = num_train_examples % r.ray_num_workers
         notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")

@@ -84,7 +84,7 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("stage", "ppo"), ("reward_model", "rm"), ("report_to", "comet_ml"),
+@pytest.mark.parametrize("key,value", [("use_badam", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
                                        ("tool_format", "llama3"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
