@@ -3,7 +3,9 @@
 Every check that a user's input can fail runs before a Ray instance is started or resources reserved.
 """
 
+import contextlib
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from rayft.data.pipeline import (
     tokenize_cached,
 )
 from rayft.data.registry import comma_list
-from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.orchestrator.config import ConfigError, RecipeConfig, reward_model_problems
 from rayft.orchestrator.plan import Plan, make_plan
 from rayft.trainers import deepspeed as ds
 from rayft.trainers.model import model_shape, module_problems
@@ -48,7 +50,7 @@ def prepare(cfg: RecipeConfig, log=print) -> Prepared:
             "(choose another ray_run_name for a fresh run)")
     # a resumed run finds its own earlier outputs there
     refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.training.get("overwrite_output_dir", False))
-    problems = module_problems(cfg)
+    problems = module_problems(cfg) + reward_model_problems(cfg)
     if problems:
         raise ConfigError(problems)
     d, seed = cfg.data, cfg.training.get("seed", 42)
@@ -159,27 +161,62 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, log=print, sweep_metri
         ds.prebuild_cpu_ops(log=log)
 
     t = cfg.training
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict()},
-        torch_config=TorchConfig(backend=plan.backend),
-        scaling_config=ScalingConfig(
-            num_workers=plan.num_workers,
-            use_gpu=plan.use_gpu,
-            resources_per_worker=plan.resources_per_worker,
-            placement_strategy=plan.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=cfg.ray.ray_run_name,
-            storage_path=cfg.ray.ray_storage_path,
-            storage_filesystem=filesystem(cfg.ray.ray_storage_filesystem),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
-            failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-    )
-    return trainer.fit()
+    with reward_actors(cfg, plan, log=log) as names:
+        plan.reward_actors = names
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict()},
+            torch_config=TorchConfig(backend=plan.backend),
+            scaling_config=ScalingConfig(
+                num_workers=plan.num_workers,
+                use_gpu=plan.use_gpu,
+                resources_per_worker=plan.resources_per_worker,
+                placement_strategy=plan.placement_strategy,
+            ),
+            run_config=RunConfig(
+                name=cfg.ray.ray_run_name,
+                storage_path=cfg.ray.ray_storage_path,
+                storage_filesystem=filesystem(cfg.ray.ray_storage_filesystem),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.get("save_total_limit")),
+                failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
+                callbacks=callbacks,
+            ),
+            datasets=datasets,
+        )
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def reward_actors(cfg: RecipeConfig, plan: Plan, log=print):
+    """Starts the reward model's own group of Ray actors (reward_model_workers) for the run, waits until each
+    has loaded its model, yields their names, and stops them when the run ends. Yields [] without a group."""
+    count = cfg.ray.reward_model_workers
+    if not count:
+        yield []
+        return
+    import ray
+
+    from rayft.trainers.rewards import RewardServer
+
+    bundle = dict(cfg.ray.reward_model_resources or plan.resources_per_worker)
+    options = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0)}
+    if "memory" in bundle:
+        options["memory"] = bundle.pop("memory")
+    if bundle:
+        options["resources"] = bundle
+    with_reference = cfg.finetuning.finetuning_type in ("freeze", "full")
+    names = [f"rayft-reward-{uuid.uuid4().hex[:8]}-{i}" for i in range(count)]
+    server = ray.remote(RewardServer)
+    actors = [server.options(name=name, **options).remote(cfg.to_dict(mask_secrets=False), options["num_gpus"] > 0,
+                                                          with_reference) for name in names]
+    try:
+        for name, where in zip(names, ray.get([actor.where.remote() for actor in actors])):
+            log(f"[rayft] reward actor {name} on node {where['node_id']} (pid {where['pid']})"
+                + (", with the reference model" if with_reference else ""))
+        yield names
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def quiet_ray_data() -> None:

@@ -61,3 +61,12 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     result = run_train(cfg, log=driver_lines.append)
     out = Path(cfg.training["output_dir"])
     return out, result, [r for r in read_log(out) if "loss" in r], driver_lines
+
+
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory, tiny_model, ray_local):
+    """configs/demo_rm_lora.yaml trained once (evaluated on its own pairs): the reward model test_stages
+    checks and the PPO tests score with. (output_dir, loss records)."""
+    tmp_path = tmp_path_factory.mktemp("rm")
+    return train_recipe(ROOT / "configs" / "demo_rm_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
+                        "max_samples=96", "num_train_epochs=3")

@@ -62,7 +62,14 @@ def test_whiten_and_the_kl_controllers():
     assert control.update(9.0, 1000) == pytest.approx(0.2 * 1.02)  # error 0.5, clipped to 0.2, x 1000/10000
     assert control.update(3.0, 1000) == pytest.approx(0.2 * 1.02 * 0.98)
     assert control.update(6.6, 10_000) == pytest.approx(0.2 * 1.02 * 0.98 * 1.1)
-    assert rl.FixedKLController(0.1).update(100.0, 10_000) == 0.1
+
+
+def test_running_moments_match_the_moments_of_everything_seen():
+    moments, seen = rl.RunningMoments(), torch.tensor([1.0, 3.0, 2.0, 10.0, -4.0, 0.5])
+    moments.update(seen[:2])
+    moments.update(seen[2:])
+    assert moments.mean == pytest.approx(seen.mean().item())
+    assert moments.std == pytest.approx(seen.std(unbiased=False).item())
 
 
 class _Endpoint:

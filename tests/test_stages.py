@@ -33,9 +33,8 @@ def lora_parameters(rank: int = 8) -> int:
 
 
 @pytest.mark.integration
-def test_reward_model_ranks_chosen_above_rejected(tmp_path, tiny_model, ray_local):
-    out, log = train_recipe(CONFIGS / "demo_rm_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
-                            "max_samples=96", "num_train_epochs=3")
+def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
+    out, log = reward_run
     assert results(out)["eval_accuracy"] >= 0.8  # on the training pairs; chance is 0.5
     assert log[-1]["loss"] < 0.5 * log[0]["loss"], [r["loss"] for r in log]
 

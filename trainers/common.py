@@ -168,7 +168,7 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
     if any(k.startswith("eval_") for k in metrics):
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
     trainer.save_state()
-    close_trackers(trainer)
+    close_trackers(trainer.callback_handler.callbacks)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         if cfg.finetuning.pissa_convert:  # ZeRO 0-2 only (validated): rank 0 holds the whole adapter

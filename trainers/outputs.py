@@ -23,8 +23,9 @@ def save_config(output_dir: str, masked_config: dict, plan: dict) -> Path:
 
 
 # What `plot_loss` draws, each with its eval_ series beside it where the run evaluated: the loss of every
-# stage, the reward accuracy and margin of the preference stages, rm's accuracy, kto's KL estimate.
-PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "kl")
+# stage, the reward accuracy and margin of the preference stages, rm's accuracy, kto's and ppo's KL estimate,
+# ppo's mean reward.
+PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "kl", "reward")
 
 
 def plot_loss(output_dir: str, keys: tuple[str, ...] = PLOTTED) -> list[Path]:

@@ -2,7 +2,7 @@
 and value losses, and the KL coefficient controllers (Ziegler et al., 2019; Schulman et al., 2017).
 
 Shapes: [batch, response tokens]; `mask` is 1 on response tokens and 0 on padding after them. These are the
-pieces the PPO stage (issue "PPO") is built from; `stage: ppo` is refused until that stage exists.
+pieces `trainers/ppo.py` is built from.
 """
 
 from dataclasses import dataclass
@@ -83,10 +83,24 @@ class AdaptiveKLController:
 
 
 @dataclass
-class FixedKLController:
-    """A constant KL coefficient (ppo_target unset)."""
+class RunningMoments:
+    """The mean and standard deviation of every score seen so far (ppo_score_norm), merged batch by batch
+    (Chan et al.'s parallel update); starts at mean 0, std 1."""
 
-    value: float
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-24
 
-    def update(self, current_kl: float, samples: int) -> float:
-        return self.value
+    def update(self, values: torch.Tensor) -> None:
+        values = values.double()
+        n, batch_mean = values.numel(), values.mean().item()
+        batch_var = values.var(unbiased=False).item() if n > 1 else 0.0
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-12) ** 0.5

@@ -49,9 +49,18 @@ def adapt_trackers(trainer) -> None:
         trainer.add_callback(MLflowUntilClosed())
 
 
-def close_trackers(trainer) -> None:
-    """Ends the tracker runs once every metric is logged; their files are complete afterwards."""
-    for callback in trainer.callback_handler.callbacks:
+def tracker_callbacks(report_to: list[str]) -> list:
+    """The Trainer's tracker callbacks for `report_to`, MLflow's being one that `close_trackers` ends; for
+    a training loop of rayft's own (stage ppo) that drives Transformers' callbacks itself."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    return [MLflowUntilClosed() if cls is MLflowCallback else cls()
+            for cls in get_reporting_integration_callbacks(report_to)]
+
+
+def close_trackers(callbacks: list) -> None:
+    """Ends the tracker runs of these callbacks once every metric is logged; their files are complete afterwards."""
+    for callback in callbacks:
         if isinstance(callback, MLflowCallback) and callback._initialized and callback._ml_flow.active_run():
             callback._ml_flow.end_run()
         elif isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:

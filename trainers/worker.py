@@ -8,10 +8,11 @@ from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers.callbacks import say
 from rayft.trainers.dpo import run_dpo
 from rayft.trainers.kto import run_kto
+from rayft.trainers.ppo import run_ppo
 from rayft.trainers.rm import run_rm
 from rayft.trainers.sft import run_pt, run_sft
 
-STAGES = {"pt": run_pt, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "kto": run_kto}
+STAGES = {"pt": run_pt, "sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo, "kto": run_kto}
 PLACEMENT_FILE = "placement.json"
 
 
