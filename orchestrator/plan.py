@@ -162,6 +162,9 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         f = cfg.finetuning
         notes.append(f"ppo: each step answers {per_device * accumulation * rollouts} prompts per worker, then makes "
                      f"{f.ppo_epochs} epoch(s) x {rollouts} optimizer update(s) on them")
+        if f.reward_model_type == "full" and not r.reward_model_workers and memory is not None:
+            notes.append("memory: the estimate leaves out the full reward model each worker also holds (about the "
+                         "weights of one more model); reward_model_workers moves it to actors of its own")
     if num_train_examples % r.ray_num_workers:
         dropped = num_train_examples % r.ray_num_workers
         notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")

@@ -195,6 +195,9 @@ def validate_trials(trials: list[Trial], base_dir: Path) -> list[RecipeConfig]:
 
 
 def default_metric(cfg: RecipeConfig) -> str:
+    """PPO's mean reward (maximised); otherwise the evaluation loss where the recipe evaluates, else the loss."""
+    if cfg.finetuning.stage == "ppo":
+        return "reward"
     return "eval_loss" if (cfg.data.eval_dataset or cfg.data.val_size) else "loss"
 
 
@@ -203,6 +206,8 @@ def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     t = cfg.training
     evaluates = bool(cfg.data.eval_dataset or cfg.data.val_size)
     problems = []
+    if cfg.finetuning.stage == "ppo" and spec.metric == "reward" and spec.mode == "min":
+        problems.append("sweep.mode: 'reward' is PPO's mean reward, which a sweep maximises; set mode: max")
     if spec.metric.startswith("eval_") and not evaluates:
         problems.append(f"sweep.metric: {spec.metric!r} is measured on evaluation data, which this recipe has "
                         "none of; set eval_dataset or val_size, or choose a training metric such as 'loss'")
@@ -377,6 +382,9 @@ def check_sweep(raw: dict, base_dir: str = ".", log=print) -> Sweep:
     if is_prediction(base_cfg.training):
         raise ConfigError(["do_train: a sweep trains every trial; this recipe generates (do_train: false with "
                            "predict_with_generate); run it with `rayft train`, or sweep a training recipe"])
+    if base_cfg.ray.reward_model_workers:
+        raise ConfigError(["reward_model_workers: a sweep does not start a reward actor group per trial (the trials' "
+                           "resources would not count it); keep the reward model inside the workers for a sweep"])
     spec = parse_sweep(raw["sweep"], seed=base_cfg.training.get("seed", 42))
     output_dir = Path(base_cfg.training["output_dir"])
     run_name = base_cfg.ray.ray_run_name or f"sweep-{output_dir.name}"
@@ -384,6 +392,8 @@ def check_sweep(raw: dict, base_dir: str = ".", log=print) -> Sweep:
         log(f"[rayft] derived: ray_run_name = {run_name} (from output_dir; trials are named {run_name}-trial_NNN)")
     if spec.metric is None:
         spec.metric = default_metric(base_cfg)
+        if spec.metric == "reward" and "mode" not in raw["sweep"]:
+            spec.mode = "max"
         log(f"[rayft] derived: sweep.metric = {spec.metric} ({spec.mode})")
     problems = metric_problems(spec, base_cfg)
     if problems:

@@ -86,6 +86,23 @@ def test_a_ppo_step_counts_its_rollout_batch_and_the_reward_actors_must_fit():
     assert make_plan(cfg, node, 128).num_workers == 2
 
 
+@pytest.mark.unit
+def test_a_ppo_sweep_maximises_the_reward_and_keeps_the_reward_model_in_the_workers(tmp_path):
+    from rayft.orchestrator.sweep import check_sweep
+
+    def sweep(*overrides):
+        raw = load_recipe(PPO_RECIPE, [f"output_dir={tmp_path / 'sweep'}", "sweep.parameters.learning_rate.grid=[1e-3,2e-3]",
+                                       "reward_model=http://127.0.0.1:1", "reward_model_type=api", *overrides])
+        return check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+
+    checked = sweep()
+    assert (checked.spec.metric, checked.spec.mode, len(checked.configs)) == ("reward", "max", 2)
+    with pytest.raises(ConfigError, match="sweep.mode: 'reward' is PPO's mean reward"):
+        sweep("sweep.metric=reward", "sweep.mode=min")
+    with pytest.raises(ConfigError, match="reward_model_workers: a sweep does not start"):
+        sweep("reward_model_type=full", "reward_model_workers=1")
+
+
 def write_rm_adapter(tiny_model: Path, folder: Path) -> Path:
     """A reward adapter as `stage: rm` saves one (LoRA + score head, value_head.safetensors), untrained but
     not zero, so that scores differ between texts."""
