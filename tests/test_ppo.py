@@ -176,6 +176,7 @@ def ppo_run(tmp_path, tiny_model, *overrides) -> tuple[Path, list[dict]]:
 
 def assert_reward_rises(records: list[dict]) -> None:
     rewards = [r["reward"] for r in records]
+    print("rewards per step:", [round(r, 2) for r in rewards])
     assert len(rewards) == 16
     assert mean(rewards[-4:]) >= mean(rewards[:4]) + REWARD_MARGIN, rewards
 
@@ -213,10 +214,18 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
 
 @pytest.mark.integration
 def test_ppo_with_a_full_reward_model_in_the_workers(tmp_path, tiny_model, reward_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     rm_dir, _ = reward_run
-    _, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
-                         f"reward_model_adapters={rm_dir}")
+    out, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
+                           f"reward_model_adapters={rm_dir}", "report_to=tensorboard")
     assert_reward_rises(records)
+    (run_dir,) = (out / "runs").iterdir()  # the tracker sees every logged step, as trainer_log.jsonl does
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = events.Scalars("train/reward")
+    assert [e.step for e in logged] == [r["step"] for r in records]
+    assert [e.value for e in logged] == pytest.approx([r["reward"] for r in records], rel=1e-5)
 
 
 @pytest.mark.integration
