@@ -51,6 +51,14 @@ def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
     return ids
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left, so that every prompt ends where its answer begins, and their mask."""
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 class Generator:
     """A Ray Data actor: answers a batch of prompts (`prompt_ids`) with the base model plus merged adapters."""
 
@@ -69,10 +77,8 @@ class Generator:
 
     def __call__(self, batch: dict) -> dict:
         prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
-        longest, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
-        # left padding: every prompt ends where its answer begins
-        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        input_ids, attention_mask = left_padded(prompts, self.tokenizer.pad_token_id, self.device)
+        longest = input_ids.shape[1]
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
         answers = [cut_at_stop(row.tolist(), self.stops) for row in output[:, longest:]]

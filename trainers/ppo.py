@@ -21,7 +21,7 @@ from rayft.orchestrator.config import RecipeConfig
 from rayft.trainers import outputs, rl
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
 from rayft.trainers.common import peak_memory, restored_checkpoint, shard_rows, training_arguments
-from rayft.trainers.generate import cut_at_stop, generation_kwargs, stop_token_ids
+from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import load_reference, load_tokenizer, prepare_model, trainable_summary
 from rayft.trainers.rewards import (
     ActorReference,
@@ -29,7 +29,10 @@ from rayft.trainers.rewards import (
     AdapterReward,
     ApiReward,
     ModelReward,
+    model_logprobs,
+    positions,
     response_logprobs,
+    right_padded,
 )
 from rayft.trainers.tracking import close_trackers, prepare_trackers, tracker_callbacks
 
@@ -55,11 +58,6 @@ class PolicyWithValueHead(torch.nn.Module):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                           output_hidden_states=True)
         return out.logits, self.v_head(out.hidden_states[-1].to(self.v_head.weight.dtype)).squeeze(-1)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at each row's first real token (prompts are left-padded), as generation uses."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -112,16 +110,13 @@ class PPOTrainer:
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         """Answers `prompts` with the policy and measures everything PPO needs about the answers."""
         pad = self.tokenizer.pad_token_id
-        longest = max(map(len, prompts))
-        prompt_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
-        prompt_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        prompt_ids, prompt_mask = left_padded(prompts, pad, self.device)
+        longest = prompt_ids.shape[1]
         self.model.eval()
         generated = self.model.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                                                **self.generate_kwargs)
         responses = [cut_at_stop(row.tolist(), self.stops) for row in generated[:, longest:]]
-        width = max(map(len, responses))
-        response_ids = torch.tensor([r + [pad] * (width - len(r)) for r in responses], device=self.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses], device=self.device)
+        response_ids, mask = right_padded(responses, pad, self.device)
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)
         logits, values = self.model(input_ids, attention_mask)
@@ -303,12 +298,9 @@ class AdapterOff:
     def __init__(self, policy):
         self.policy = policy
 
-    @torch.no_grad()
     def __call__(self, input_ids, attention_mask, prompt_length: int, temperature: float) -> torch.Tensor:
         with self.policy.disable_adapter():
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=positions(attention_mask)).logits
-        return response_logprobs(logits, input_ids, prompt_length, temperature)
+            return model_logprobs(self.policy, input_ids, attention_mask, prompt_length, temperature)
 
 
 class FrozenCopy:
@@ -318,11 +310,8 @@ class FrozenCopy:
         self.model = load_reference(cfg, use_gpu).to(device)
         self.description = f"a frozen copy of {cfg.finetuning.ref_model or cfg.model.model_name_or_path}"
 
-    @torch.no_grad()
     def __call__(self, input_ids, attention_mask, prompt_length: int, temperature: float) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=positions(attention_mask)).logits
-        return response_logprobs(logits, input_ids, prompt_length, temperature)
+        return model_logprobs(self.model, input_ids, attention_mask, prompt_length, temperature)
 
 
 def reward_and_reference(cfg: RecipeConfig, plan: dict, policy, tokenizer, device):

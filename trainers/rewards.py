@@ -1,8 +1,10 @@
-"""Scores from a reward model behind an HTTP endpoint (`reward_model_type: api`), with a timeout, retries
-with exponential backoff, and a clear error when the endpoint stays down.
+"""PPO's reward models, each a callable from answered prompts (texts and token ids) to one score each:
+an rm adapter on the policy's base (lora), a whole model (full) in the worker or on a Ray actor of the
+reward group, or an HTTP endpoint (api), plus the reference log-probabilities the reward actors also serve.
 
-The request follows LLaMA-Factory's: POST {"model": "model", "messages": [text, ...]} as JSON, answered
-with {"scores": [float, ...]}, one score per text in order.
+The api request follows LLaMA-Factory's: POST {"model": "model", "messages": [text, ...]} as JSON, answered
+with {"scores": [float, ...]}, one score per text in order; with a timeout, retries with exponential
+backoff, and a clear error when the endpoint stays down.
 """
 
 import json
@@ -47,11 +49,9 @@ def api_scores(url: str, texts: list[str], timeout: float = 30.0, retries: int =
     return [float(s) for s in scores]
 
 
-def last_token_positions(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+def last_token_positions(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Each row's last token that is not padding (right padding), as Transformers' sequence classifiers
     read it; the scalar head of a reward model is applied there."""
-    if pad_id is None:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     return (positions * (input_ids != pad_id)).argmax(dim=-1)
 
@@ -112,12 +112,25 @@ def load_reward_model(cfg, use_gpu: bool):
     return model.to("cuda" if use_gpu else "cpu").eval(), tokenizer
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at each row's first real token (prompts are left-padded), as generation uses."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_length: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities of the response tokens (after `prompt_length`) under `logits` / temperature."""
     predicted = logits[:, prompt_length - 1:-1].float() / temperature
     tokens = input_ids[:, prompt_length:]
     return torch.log_softmax(predicted, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                   temperature: float) -> torch.Tensor:
+    """The log-probabilities `model` (a reference) gives the responses of a batch of answered prompts."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
+    return response_logprobs(logits, input_ids, prompt_length, temperature)
 
 
 class AdapterReward:
@@ -176,12 +189,10 @@ class RewardServer:
         self.calls += 1
         return self.reward(texts, []).tolist()
 
-    @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, prompt_length: int, temperature: float):
         ids = torch.as_tensor(input_ids, device=self.device)
         mask = torch.as_tensor(attention_mask, device=self.device)
-        logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        return response_logprobs(logits, ids, prompt_length, temperature).cpu().numpy()
+        return model_logprobs(self.reference, ids, mask, prompt_length, temperature).cpu().numpy()
 
 
 class ActorReward:
