@@ -359,7 +359,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     if t.get("learning_rate", 1.0) <= 0:
         problems.append(f"learning_rate: must be positive, got {t['learning_rate']}")
     problems += _run_kind_problems(cfg, for_training)
-    problems += _ppo_problems(cfg, base_dir)
+    problems += _ppo_problems(cfg)
     if not problems:
         problems += _training_arguments_problems(t)
     return problems
@@ -426,7 +426,7 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[str]:
     return problems
 
 
-def _ppo_problems(cfg: RecipeConfig, base_dir: Path) -> list[str]:
+def _ppo_problems(cfg: RecipeConfig) -> list[str]:
     """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
     d, f, r, t = cfg.data, cfg.finetuning, cfg.ray, cfg.training
     if f.stage != "ppo":
@@ -478,6 +478,10 @@ def _ppo_problems(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     g = cfg.generating
     if g.num_beams != 1:
         problems.append(f"num_beams: PPO samples its rollouts one sequence per prompt; remove num_beams ({g.num_beams})")
+    unread = [k for k in ("default_system", "skip_special_tokens", "length_penalty")
+              if getattr(g, k) != _default(GeneratingArguments, k)] + (["eval_num_beams"] if d.eval_num_beams else [])
+    problems += [f"{k}: not read by PPO's rollouts (prompts keep their dataset's system prompt; answers are scored "
+                 f"with their special tokens); remove {k}" for k in unread]
     return problems
 
 
