@@ -34,9 +34,9 @@ from rayft.trainers.rewards import (
     response_logprobs,
     right_padded,
 )
+from rayft.trainers.rm import VALUE_HEAD_FILE
 from rayft.trainers.tracking import close_trackers, prepare_trackers, tracker_callbacks
 
-VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_FILE = "ppo_state.pt"
 REWARD_ACTORS_FILE = "reward_actors.json"
 # TRL's PPO defaults, which LLaMA-Factory keeps: the value loss weight, both clip ranges, GAE's γ and λ, and

@@ -145,7 +145,9 @@ class AdapterReward:
 
         policy.load_adapter(adapter_dir, adapter_name="reward", is_trainable=False)
         policy.set_adapter("default")
-        head = load_file(str(Path(adapter_dir) / "value_head.safetensors"))
+        from rayft.trainers.rm import VALUE_HEAD_FILE
+
+        head = load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE))
         self.weight = head["v_head.summary.weight"].to(device)
         self.bias = head["v_head.summary.bias"].to(device)
         self.policy, self.pad_id, self.device = policy, pad_id, device
