@@ -54,7 +54,7 @@ def ensure_tiny_model() -> None:
 
 
 def ensure_deepspeed_ops() -> None:
-    run(PYTHON, "-c", "from rayft.trainers.deepspeed import prebuild_cpu_ops; prebuild_cpu_ops()")
+    run(PYTHON, "-c", "from rayft.trainers.deepspeed_ops import prebuild_cpu_ops; prebuild_cpu_ops()")
 
 
 def main(argv: list[str]) -> int:

@@ -26,17 +26,18 @@ def sized_model(name: str, hidden_size: int, num_layers: int) -> Path:
     return out
 
 
-def rayft_run(overrides: list[str], out_dir: Path, log=lambda *_: None) -> dict:
+def rayft_run(overrides: list[str], out_dir: Path) -> dict:
     """Trains the demo recipe with `overrides` through rayft's driver (a local Ray instance of its own);
     returns all_results.json, the logged records and the driver's start time."""
-    from rayft.orchestrator.config import load_recipe, parse_config
     from rayft.orchestrator.launch import run_train
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
     from rayft.trainers.callbacks import read_log
 
     started = time.time()
     cfg = parse_config(load_recipe(DEMO_RECIPE, [f"output_dir={out_dir}", f"ray_storage_path={out_dir}-ray",
                                                  "plot_loss=false", "ray_run_name=null", *overrides]), base_dir=ROOT)
-    run_train(cfg, log=log)
+    run_train(cfg)
     return {"results": json.loads((out_dir / "all_results.json").read_text()), "log": read_log(out_dir),
             "started": started, "cfg": cfg}
 

@@ -28,11 +28,12 @@ def main() -> None:
     import ray
 
     from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize
+    from rayft.data.tokenizer import TokenizerSpec
 
     name, folder = ("alpaca_en_demo", SHARED) if (SHARED / "dataset_info.json").is_file() else ("demo_sft", ROOT / "data" / "demo")
-    examples = load_examples(name, str(folder), None, log=lambda *_: None) * args.copies
+    examples = load_examples(name, str(folder), None) * args.copies
     print(f"{len(examples)} examples ({name} x {args.copies}), batches of {args.batch_size}, cutoff_len {args.cutoff_len}")
-    encode = dict(tokenizer_path=str(TINY), template="qwen", cutoff_len=args.cutoff_len, train_on_prompt=False)
+    encode = dict(tokenizer_spec=TokenizerSpec(str(TINY)), template="qwen", cutoff_len=args.cutoff_len, train_on_prompt=False)
     rows = []
 
     datasets.disable_progress_bars()
@@ -53,7 +54,7 @@ def main() -> None:
 
         quiet_ray_data()
         start = time.perf_counter()
-        dataset = tokenize(examples, str(TINY), EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
+        dataset = tokenize(examples, TokenizerSpec(str(TINY)), EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
                            args.batch_size)
         seconds = time.perf_counter() - start
         stats = token_stats(dataset)

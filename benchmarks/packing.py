@@ -25,7 +25,7 @@ def encoded_rows(model_dir: Path, dataset: str, cutoff_len: int, count: int) -> 
     dataset_dir = SHARED if (SHARED / "dataset_info.json").is_file() and dataset != "demo_sft" else ROOT / "data" / "demo"
     if dataset_dir == ROOT / "data" / "demo":
         dataset = "demo_sft"
-    examples = load_examples(dataset, str(dataset_dir), count, log=lambda _: None)
+    examples = load_examples(dataset, str(dataset_dir), count)
     print(f"dataset {dataset} from {dataset_dir}: {len(examples)} examples")
     return encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
                         str(model_dir), "qwen", cutoff_len, train_on_prompt=False)

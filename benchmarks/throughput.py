@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, rayft_run, sized_model, table, write
 
 
@@ -39,7 +38,7 @@ def plain_trainer(model_dir: Path, steps: int, batch: int, cutoff_len: int, out_
     from rayft.data.pipeline import encode_batch, load_examples
 
     start = time.time()
-    examples = load_examples("demo_sft", str(ROOT / "data" / "demo"), None, log=lambda *_: None)
+    examples = load_examples("demo_sft", str(ROOT / "data" / "demo"), None)
     encoded = encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
                            str(model_dir), "chatml", cutoff_len, train_on_prompt=False)
     rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(encoded["input_ids"], encoded["labels"])]

@@ -48,9 +48,9 @@ def main() -> None:
     parser.add_argument("--stages", default="z0,z2,z3")
     args = parser.parse_args()
 
-    from rayft.orchestrator.plan import make_plan
     from rayft.cluster.session import local_machine
-    from rayft.trainers.deepspeed import prebuild_cpu_ops
+    from rayft.orchestrator.plan import make_plan
+    from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
     from rayft.trainers.model import model_shape
 
     prebuild_cpu_ops()

@@ -1,17 +1,20 @@
 """Connecting to a Ray cluster (or starting a local one) and reading its nodes for the planner."""
 
 import contextlib
+import logging
 import os
 
-from rayft.orchestrator.args import RayArguments
-from rayft.orchestrator.plan import Node
+import psutil
+import ray
+import torch
+
+from rayft.recipe.logs import logger
+from rayft.recipe.plan import Node
+from rayft.recipe.schema import RayArguments
 
 
 def local_machine() -> list[Node]:
     """This machine as the single node a local Ray instance would have, read before Ray starts."""
-    import psutil
-    import torch
-
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # Ray gives tasks and actors what its object store leaves of the memory: about 70% by default
     resources = {"CPU": float(cpus), "memory": 0.7 * psutil.virtual_memory().available}
@@ -22,8 +25,6 @@ def local_machine() -> list[Node]:
 
 def cluster_nodes() -> list[Node]:
     """The alive nodes of the connected cluster with their total resources, identified by node id."""
-    import ray
-
     return [
         Node(node_id=n["NodeID"], ip=n["NodeManagerAddress"], resources=dict(n["Resources"]))
         for n in ray.nodes()
@@ -32,14 +33,19 @@ def cluster_nodes() -> list[Node]:
 
 
 @contextlib.contextmanager
-def ray_session(ray_args: RayArguments, log=print):
-    """Connects to `ray_address`, or starts a local Ray instance that is stopped again on exit."""
-    import ray
-
+def ray_session(ray_args: RayArguments):
+    """Connects to `ray_address`, or starts a local Ray instance that is stopped again on exit; yields the
+    cluster's nodes. A process that has already connected (a test session, a sweep's trial) keeps its connection."""
     kwargs = dict(ray_args.ray_init_kwargs or {})
+    # below --verbose, Ray's own start-up lines and its task workers' warnings stay off the console
+    verbose = logger.isEnabledFor(logging.DEBUG)
+    kwargs.setdefault("logging_level", logging.DEBUG if verbose else logging.ERROR)
+    # Below --verbose the workers' own output (Ray's internal actors, library warnings) stays in Ray's log files;
+    # rank 0's rayft messages reach the driver through its progress board.
+    kwargs.setdefault("log_to_driver", verbose)
     started_here = ray_args.ray_address is None and not ray.is_initialized()
     if started_here:
-        log("[rayft] starting a local Ray instance for this run")
+        logger.info("starting a local Ray instance for this run")
         kwargs.setdefault("num_cpus", int(local_machine()[0].resources["CPU"]))
         # Without a dashboard Ray Train's placement-group cleaner cannot query actor state and stays idle
         # (it logs a warning). With one, Ray 2.60's cleaner can look up another Ray cluster running on
@@ -47,7 +53,7 @@ def ray_session(ray_args: RayArguments, log=print):
         kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", **kwargs)
     elif not ray.is_initialized():
-        log(f"[rayft] connecting to the Ray cluster at {ray_args.ray_address}")
+        logger.info(f"connecting to the Ray cluster at {ray_args.ray_address}")
         ray.init(address=ray_args.ray_address, **kwargs)
     try:
         yield cluster_nodes()
@@ -56,20 +62,12 @@ def ray_session(ray_args: RayArguments, log=print):
             ray.shutdown()
 
 
-def ray_is_up() -> bool:
-    import ray
-
-    return ray.is_initialized()
-
-
 def gpu_memory_bytes() -> int:
     """The memory of one GPU of the connected cluster, read by a one-GPU task (the smallest if they differ
     is not known: rayft plans with the first GPU it is given)."""
-    import ray
-
     @ray.remote(num_gpus=1)
     def read() -> int:
-        import torch
+        import torch  # runs in the remote GPU task, not here
 
         return torch.cuda.get_device_properties(0).total_memory
 

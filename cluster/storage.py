@@ -2,6 +2,8 @@
 
 import json
 
+import pyarrow.fs
+
 # Ray Train V2 records the run's reported checkpoints in this file and restores from it when a run with the
 # same name and storage starts again; a checkpoint enters it only once fully written.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -14,13 +16,11 @@ def filesystem(name: str | None):
     """
     if name is None:
         return None
-    import pyarrow.fs
 
     return pyarrow.fs.S3FileSystem() if name == "s3" else pyarrow.fs.GcsFileSystem()
 
 
 def _resolve(storage_path: str, fs_name: str | None = None):
-    import pyarrow.fs
 
     if fs_name is not None:
         return filesystem(fs_name), storage_path.split("://", 1)[-1]
@@ -32,7 +32,6 @@ def _resolve(storage_path: str, fs_name: str | None = None):
 def upload_outputs(output_dir: str, storage_path: str, run_name: str, fs_name: str | None = None) -> str:
     """Copies the finished run's output_dir to `<storage>/<run_name>/output`, where every node and the user
     can reach it (output_dir itself is on the disk of rank 0's node). Returns the destination."""
-    import pyarrow.fs
 
     fs, root = _resolve(storage_path, fs_name)
     destination = f"{root.rstrip('/')}/{run_name}/output"
@@ -44,7 +43,6 @@ def upload_outputs(output_dir: str, storage_path: str, run_name: str, fs_name: s
 
 def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | None = None) -> str | None:
     """The latest checkpoint an earlier run named `run_name` reported to `storage_path`, or None."""
-    import pyarrow.fs
 
     if not run_name:
         return None  # Ray names an unnamed run uniquely: nothing to resume

@@ -11,24 +11,26 @@ import os
 import shutil
 from pathlib import Path
 
+import ray.data
+
 from rayft.data.errors import DataError
+from rayft.data.tokenizer import TokenizerSpec
 
 META_FILE = "rayft_tokenized.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def cache_key(examples: list[dict], tokenizer_path: str, settings: dict) -> str:
-    """A hash of the examples, the tokenizer (its files, or its name when not local) and `settings`."""
+def cache_key(examples: list[dict], tokenizer: TokenizerSpec, settings: dict) -> str:
+    """A hash of the examples, the tokenizer (its files, or its name and revision when not local) and `settings`."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    folder = Path(tokenizer_path)
+    digest.update(json.dumps({**settings, "tokenizer": tokenizer.identity()}, sort_keys=True).encode())
+    folder = Path(tokenizer.path)
     if folder.is_dir():
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 digest.update(name.encode() + (folder / name).read_bytes())
-    else:
-        digest.update(tokenizer_path.encode())
+
     for example in examples:
         digest.update(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:24]
@@ -40,7 +42,6 @@ def load(folder: Path, key: str, strict: bool):
     A folder made from other inputs is an error when `strict` (the user named it with tokenized_path),
     so that neither stale data is trained on nor the user's folder overwritten.
     """
-    import ray.data
 
     meta_path = folder / META_FILE
     if not meta_path.is_file():

@@ -10,6 +10,7 @@ import json
 
 from rayft.data.errors import DataError
 from rayft.data.registry import DatasetAttr
+from rayft.recipe.logs import logger
 
 
 class RowError(ValueError):
@@ -103,7 +104,7 @@ def text(row: dict, attr: DatasetAttr) -> dict:
 CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt}
 
 
-def convert_rows(rows: list, attr: DatasetAttr, log=print, stage: str = "sft") -> list[dict]:
+def convert_rows(rows: list, attr: DatasetAttr, stage: str = "sft") -> list[dict]:
     """Converts every row; bad rows are skipped and counted, and a dataset of only bad rows is an error.
 
     Stage `pt` reads plain text; the other stages read conversations in the dataset's formatting.
@@ -120,7 +121,7 @@ def convert_rows(rows: list, attr: DatasetAttr, log=print, stage: str = "sft") -
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         if not examples:
             raise DataError(f"dataset {attr.name!r}: every one of its {len(rows)} rows is malformed: {shown}{more}")
-        log(f"[rayft] dataset {attr.name!r}: skipped {len(bad)} of {len(rows)} malformed rows: {shown}{more}")
+        logger.info(f"dataset {attr.name!r}: skipped {len(bad)} of {len(rows)} malformed rows: {shown}{more}")
     return examples
 
 

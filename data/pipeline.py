@@ -5,12 +5,13 @@
 """
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.data
 
 from rayft.data import cache
 from rayft.data.converters import convert_rows
@@ -19,14 +20,15 @@ from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
 from rayft.data.registry import STAGE_DATA, dataset_attrs, kind, read_rows
 from rayft.data.templates import TEMPLATES, get_template, supports_tools
+from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
 
-def load_examples(names: str, dataset_dir: str, max_samples: int | None, log=print, **read_kwargs) -> list[dict]:
+def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
     """Reads and converts the comma list of datasets `names` into internal examples, concatenated in order."""
-    return [e for dataset in load_datasets(names, dataset_dir, max_samples, log, **read_kwargs) for e in dataset]
+    return [e for dataset in load_datasets(names, dataset_dir, max_samples, **read_kwargs) for e in dataset]
 
 
-def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=print, seed: int = 42,
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = 42,
                   token: str | None = None, stage: str = "sft", template: str | None = None) -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
 
@@ -41,7 +43,7 @@ def load_datasets(names: str, dataset_dir: str, max_samples: int | None, log=pri
         rows = read_rows(attr, dataset_dir, seed=seed, token=token)
         if max_samples is not None:
             rows = rows[:max_samples]
-        converted = convert_rows(rows, attr, log=log, stage=stage)
+        converted = convert_rows(rows, attr, stage=stage)
         with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
         if with_tools and not supports_tools(template):
             able = ", ".join(n for n in TEMPLATES if supports_tools(n))
@@ -59,21 +61,10 @@ def _has_tool_turns(example: dict) -> bool:
 ENCODING_VERSION = 1
 
 
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str):
-    """The tokenizer at `path`, loaded once per process (Ray Data workers reuse it across batches)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int,
+def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int,
                  train_on_prompt: bool, mask_history: bool = False) -> dict:
     """Ray Data map_batches function: one batch of internal examples -> input_ids, labels, truncated."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = get_template(template)
     encoded = [
         encode_supervised(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
@@ -90,11 +81,11 @@ def encode_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_
     }
 
 
-def encode_prompt_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int,
+def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int,
                         default_system: str | None) -> dict:
     """Ray Data map_batches function for generation: each example's prompt ids (everything before its last
     response), that response as the label text, and how many prompt tokens cutoff_len cut."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = get_template(template)
     prompts = [
         encode_prompt(chat_template.encode_turns(tokenizer, {"system": system or default_system,
@@ -109,10 +100,10 @@ def encode_prompt_batch(batch: dict, tokenizer_path: str, template: str | None, 
     }
 
 
-def encode_query_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
     """Ray Data map_batches function for stage ppo: the prompt each example asks (everything before its last
     response, whose text PPO does not read); the policy writes the responses in its rollouts."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = get_template(template)
     prompts = [encode_prompt(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
                              cutoff_len)
@@ -125,9 +116,9 @@ def encode_query_batch(batch: dict, tokenizer_path: str, template: str | None, c
     }
 
 
-def encode_pairwise_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
     """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = get_template(template)
     encoded = []
     for system, messages, chosen, rejected in zip(batch["system"], batch["messages"], batch["chosen"],
@@ -147,13 +138,13 @@ def encode_pairwise_batch(batch: dict, tokenizer_path: str, template: str | None
     return out
 
 
-def encode_kto_batch(batch: dict, tokenizer_path: str, template: str | None, cutoff_len: int) -> dict:
+def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
     """Ray Data map_batches function for KTO: each example, its tag, and a mismatched pair for the KL term.
 
     The KL example pairs example i's prompt with the response of example i-1 of the same batch (itself
     when the batch has one example), as KTO's reference-point estimate needs unrelated completions.
     """
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = get_template(template)
     count = len(batch["messages"])
     out = {k: [] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels")}
@@ -175,13 +166,13 @@ def encode_kto_batch(batch: dict, tokenizer_path: str, template: str | None, cut
     return out
 
 
-def encode_text_batch(batch: dict, tokenizer_path: str, cutoff_len: int, concatenate: bool) -> dict:
+def encode_text_batch(batch: dict, tokenizer_spec: TokenizerSpec, cutoff_len: int, concatenate: bool) -> dict:
     """Ray Data map_batches function for pre-training: each text + EOS, every token learned.
 
     With `concatenate`, the batch's documents are joined and cut into cutoff_len blocks, so nothing is
     lost to truncation; otherwise each document is truncated to cutoff_len.
     """
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_spec)
     documents = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in batch["text"]]
     if concatenate:
         flat = [token for document in documents for token in document]
@@ -227,7 +218,7 @@ def on_examples(encode):
     return run
 
 
-def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int,
+def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, batch_size: int,
              stream_tasks: int | None = None):
     """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset,
     or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
@@ -240,8 +231,6 @@ def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettin
     do not hold, which may be none: streaming tasks reserve no CPU and at most `stream_tasks` run at once
     (one per worker), so they share the machine with the training the way in-process tokenising would.
     """
-    import ray
-    import ray.data
 
     s = settings
     packing = s.packing
@@ -255,18 +244,18 @@ def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettin
     if s.stage == "pt":
         # plain packing of text is concatenation; neat packing keeps documents apart, packed below
         dataset = dataset.map_batches(on_examples(encode_text_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
+            tokenizer_spec=tokenizer_spec, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
         packing = s.neat_packing
     elif s.stage == "ppo":
         dataset = dataset.map_batches(on_examples(encode_query_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len))
+            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len))
     elif s.stage in ("rm", "dpo", "kto"):
         encode = encode_kto_batch if s.stage == "kto" else encode_pairwise_batch
         dataset = dataset.map_batches(on_examples(encode), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len))
+            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len))
     else:
         dataset = dataset.map_batches(on_examples(encode_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_path=tokenizer_path, template=s.template, cutoff_len=s.cutoff_len,
+            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len,
             train_on_prompt=s.train_on_prompt, mask_history=s.mask_history))
     if packing:
         dataset = dataset.map_batches(pack_batch, batch_size=batch_size, **options,
@@ -274,7 +263,7 @@ def tokenize(examples: list[dict], tokenizer_path: str, settings: EncodingSettin
     return dataset.materialize() if stream_tasks is None else dataset
 
 
-def tokenize_cached(examples: list[dict], tokenizer_path: str, settings: EncodingSettings, batch_size: int,
+def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, batch_size: int,
                     cache_dir: Path | None, strict: bool, overwrite: bool):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
@@ -282,14 +271,14 @@ def tokenize_cached(examples: list[dict], tokenizer_path: str, settings: Encodin
     other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
     """
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
-    key = cache.cache_key(examples, tokenizer_path, recorded)
+    key = cache.cache_key(examples, tokenizer_spec, recorded)
     if cache_dir is not None and not strict:
         cache_dir = cache_dir / key
     if cache_dir is not None and not overwrite:
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_path, settings, batch_size)
+    dataset = tokenize(examples, tokenizer_spec, settings, batch_size)
     if cache_dir is not None:
         cache.save(dataset, cache_dir, key, recorded)
     return dataset, False

@@ -6,16 +6,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow
+import pyarrow.csv
+import pyarrow.parquet
+
 from rayft.data.errors import DataError
-
-
-def comma_list(value: str | None) -> list[str]:
-    """The items of a comma-separated recipe value (dataset, eval_dataset, lora_target, ...), trimmed.
-
-    It lives here, in a module without heavy imports, because Ray Data's task workers import this file.
-    """
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
-
+from rayft.recipe.values import comma_list
 
 DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
@@ -123,7 +119,7 @@ def read_rows(attr: DatasetAttr, dataset_dir: str | Path, seed: int = 42, token:
 
 
 def _hub_rows(attr: DatasetAttr, token: str | None) -> list:
-    import datasets
+    import datasets  # heavy; only datasets from the hub go through it
 
     try:
         loaded = datasets.load_dataset(attr.hf_hub_url, name=attr.subset, data_dir=attr.folder,
@@ -182,19 +178,16 @@ def _read_jsonl(path: Path, name: str) -> list:
 
 
 def _read_csv(path: Path, name: str) -> list:
-    import pyarrow.csv
 
     return pyarrow.csv.read_csv(path).to_pylist()
 
 
 def _read_parquet(path: Path, name: str) -> list:
-    import pyarrow.parquet
 
     return pyarrow.parquet.read_table(path).to_pylist()
 
 
 def _read_arrow(path: Path, name: str) -> list:
-    import pyarrow
 
     with pyarrow.memory_map(str(path)) as source:
         try:

@@ -7,20 +7,21 @@ It runs in the driver's own process (no Ray): one user, one model. `/clear` forg
 import sys
 from threading import Thread
 
+import torch
+from transformers import TextIteratorStreamer
+
 from rayft.data.encode import encode_prompt
 from rayft.data.templates import get_template
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.trainers.generate import generation_kwargs, stop_token_ids
+from rayft.trainers.model import load_for_generation, load_tokenizer
 
 COMMANDS = "/clear forgets the conversation, /exit ends the chat"
 
 
 def run_chat(cfg: RecipeConfig, stdin=sys.stdin, out=sys.stdout) -> None:
     """Reads user turns from `stdin` and streams each answer to `out`, keeping the conversation's history."""
-    import torch
-    from transformers import TextIteratorStreamer
 
-    from rayft.trainers.generate import generation_kwargs, stop_token_ids
-    from rayft.trainers.model import load_for_generation, load_tokenizer
 
     use_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(cfg.model)
@@ -28,7 +29,7 @@ def run_chat(cfg: RecipeConfig, stdin=sys.stdin, out=sys.stdout) -> None:
     template = get_template(cfg.data.template)
     stops = stop_token_ids(tokenizer, cfg.data.template)
     settings = generation_kwargs(cfg.generating, stops, tokenizer.pad_token_id)
-    torch.manual_seed(cfg.training.get("seed", 42))
+    torch.manual_seed(cfg.args.seed)
     adapters = f" with {cfg.model.adapter_name_or_path}" if cfg.model.adapter_name_or_path else ""
     out.write(f"[rayft] chatting with {cfg.model.model_name_or_path}{adapters}; {COMMANDS}\n")
     history: list[dict] = []

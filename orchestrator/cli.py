@@ -1,5 +1,5 @@
-"""The `rayft` command: train (or predict), sweep, plan, export, chat, submit (as a Ray job), status, logs and
-tiny-model."""
+"""The `rayft` command: train (or predict), sweep, plan, export, chat, submit (as a Ray job), status, logs, keys and
+tiny-model. Every error a user can cause ends the command with one message per problem and exit status 2."""
 
 import argparse
 import json
@@ -7,101 +7,124 @@ import sys
 from pathlib import Path
 
 from rayft.data.errors import DataError
-from rayft.orchestrator.config import ConfigError, is_prediction, load_recipe, parse_config
+from rayft.recipe.config import RecipeConfig, parse_config
+from rayft.recipe.derive import is_prediction
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.logs import DEFAULT, QUIET, VERBOSE, configure, logger
+from rayft.recipe.problems import ConfigError
+from rayft.recipe.schema import describe_keys
 
 USAGE_ERROR = 2
 
+# The commands that read a recipe, with their help text. The driver's modules are imported by the command that
+# runs (below): each pulls in Ray, torch and Transformers, which `rayft keys` or `rayft status` do not need.
+RECIPE_COMMANDS = {
+    "train": "run a distributed fine-tuning job (or generation, with do_train: false and predict_with_generate)",
+    "sweep": "search the recipe's sweep section with Ray Tune, each trial a training run",
+    "plan": "validate a recipe and its data on the cluster and print the plan",
+    "export": "merge adapter_name_or_path into the base model and save it to export_dir",
+    "chat": "talk to the model plus adapter_name_or_path in the terminal",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run a distributed fine-tuning job (or generation, with do_train: false "
-                                      "and predict_with_generate)"),
-                            ("sweep", "search the recipe's sweep section with Ray Tune, each trial a training run"),
-                            ("plan", "validate a recipe and its data on the cluster and print the plan"),
-                            ("export", "merge adapter_name_or_path into the base model and save it to export_dir"),
-                            ("chat", "talk to the model plus adapter_name_or_path in the terminal")):
-        p = sub.add_parser(name, help=help_text)
+    args = parser().parse_args(argv)
+    configure(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
+    if args.command == "tiny-model":
+        return _tiny_model(args)
+    if args.command == "keys":
+        return _keys(args)
+    if args.command in ("status", "logs"):
+        return _job(args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError) as err:
+        print(f"rayft: {_one_report(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, with --verbose / --quiet on every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="show everything, libraries' output included")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="show only warnings and errors")
+    root = argparse.ArgumentParser(prog="rayft", description=__doc__, parents=[common])
+    sub = root.add_subparsers(dest="command", required=True)
+    for name, help_text in RECIPE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
-    submit = sub.add_parser("submit", help="validate a recipe here, then run it as a job on a Ray cluster")
+    submit = sub.add_parser("submit", help="validate a recipe here, then run it as a job on a Ray cluster",
+                            parents=[common])
     submit.add_argument("recipe", help="YAML recipe, relative to the working directory")
     submit.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     submit.add_argument("--address", required=True, help="the cluster's job API, e.g. http://HEAD:8265")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting, without following")
     for name, help_text in (("status", "print a job's status"), ("logs", "print a job's logs")):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("job_id")
         p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://HEAD:8265")
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-    tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs")
+    keys = sub.add_parser("keys", help="list the recipe keys with type, default and help", parents=[common])
+    keys.add_argument("which", nargs="?", help="a section (model, data, finetuning, generating, ray, training) or "
+                                               "a key; all keys when left out")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs",
+                          parents=[common])
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=("qwen2", "llama"), default="qwen2")
     tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return root
 
-    if args.command == "tiny-model":
-        return _tiny_model(args)
-    if args.command in ("status", "logs"):
-        return _job(args)
-    try:
-        if args.command == "submit":
-            return _submit(args)
-        if args.command == "export":
-            from rayft.orchestrator.export import run_export
 
-            run_export(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
-            return 0
-        if args.command == "chat":
-            from rayft.orchestrator.chat import run_chat
+def _train(args) -> int:
+    cfg = parse_config(load_recipe(args.recipe, args.overrides))
+    if is_prediction(cfg):
+        from rayft.orchestrator.predict import run_predict
 
-            run_chat(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
-            return 0
-        if args.command == "sweep":
-            from rayft.orchestrator.sweep import run_sweep
+        run_predict(cfg)
+        return 0
+    from rayft.orchestrator.launch import run_train
 
-            run_sweep(load_recipe(args.recipe, args.overrides))
-            return 0
-        cfg = parse_config(load_recipe(args.recipe, args.overrides))
-        if args.command == "plan":
-            if is_prediction(cfg.training):
-                from rayft.orchestrator.predict import plan_predict
-
-                plan_predict(cfg)
-                return 0
-            from rayft.orchestrator.launch import run_plan
-
-            run_plan(cfg)
-            return 0
-        if is_prediction(cfg.training):
-            from rayft.orchestrator.predict import run_predict
-
-            run_predict(cfg)
-            return 0
-        from rayft.orchestrator.launch import run_train
-
-        result = run_train(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"rayft: {err}", file=sys.stderr)
-        return USAGE_ERROR
+    result = run_train(cfg)
     _summarise(cfg, result)
     return 0
 
 
-def _summarise(cfg, result) -> None:
-    output_dir = Path(cfg.training["output_dir"])
-    results_file = output_dir / "all_results.json"
-    metrics = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    print("\n[rayft] training finished")
-    for key in ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
-        if key in metrics:
-            print(f"  {key:26s} {metrics[key]:.4f}")
-    print(f"  outputs                    {output_dir}")
-    for path in sorted(output_dir.iterdir()):
-        print(f"    {path.name}{'/' if path.is_dir() else ''}")
-    print(f"  Ray results                {result.path}")
+def _plan(args) -> int:
+    cfg = parse_config(load_recipe(args.recipe, args.overrides))
+    if is_prediction(cfg):
+        from rayft.orchestrator.predict import plan_predict
+
+        plan_predict(cfg)
+        return 0
+    from rayft.orchestrator.launch import run_plan
+
+    run_plan(cfg)
+    return 0
+
+
+def _sweep(args) -> int:
+    from rayft.orchestrator.sweep import run_sweep
+
+    run_sweep(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def _export(args) -> int:
+    from rayft.orchestrator.export import run_export
+
+    run_export(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+    return 0
+
+
+def _chat(args) -> int:
+    from rayft.orchestrator.chat import run_chat
+
+    run_chat(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+    return 0
 
 
 def _submit(args) -> int:
@@ -112,6 +135,39 @@ def _submit(args) -> int:
     cfg = parse_config(raw, base_dir=args.working_dir)
     _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir, wait=not args.no_wait)
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
+
+
+COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit}
+
+
+def _one_report(err: Exception) -> str:
+    """One problem on one line; several as a header and one line each."""
+    problems = getattr(err, "messages", None)
+    if problems and len(problems) == 1:
+        return problems[0]
+    return str(err)
+
+
+def _summarise(cfg: RecipeConfig, result) -> None:
+    output_dir = Path(cfg.args.output_dir)
+    results_file = output_dir / "all_results.json"
+    metrics = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    shown = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("train_loss", "eval_loss", "train_runtime",
+                                                               "train_samples_per_second") if key in metrics)
+    logger.info(f"training finished: {shown}")
+    files = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in sorted(output_dir.iterdir()))
+    logger.info(f"outputs in {output_dir}: {files}")
+    logger.info(f"Ray results in {result.path}")
+
+
+def _keys(args) -> int:
+    text = describe_keys(args.which)
+    if text is None:
+        print(f"rayft: keys: {args.which!r} is neither a section nor a recipe key; run `rayft keys` for all of them",
+              file=sys.stderr)
+        return USAGE_ERROR
+    print(text)
+    return 0
 
 
 def _job(args) -> int:
@@ -129,12 +185,12 @@ def _job(args) -> int:
 
 
 def _tiny_model(args) -> int:
-    import rayft.data
+    import rayft.data  # the demo data's folder; like the commands above, imported only by the command that runs
     from rayft.trainers.tiny_model import write_tiny_model
 
     demo = Path(rayft.data.__file__).parent / "demo"
     out = write_tiny_model(args.out_dir, sorted(demo.glob("demo_*.json")), family=args.family, seed=args.seed)
-    print(f"[rayft] tiny {args.family} model and tokenizer written to {out}")
+    logger.info(f"tiny {args.family} model and tokenizer written to {out}")
     return 0
 
 

@@ -5,12 +5,18 @@ It runs in the driver's own process (no Ray): merging is one pass over the weigh
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from rayft.data.registry import comma_list
-from rayft.orchestrator.config import ConfigError, RecipeConfig, mask
+import torch
+from peft import PeftModel
 
-VALUE_HEAD_FILE = "value_head.safetensors"
+from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.values import VALUE_HEAD_FILE, comma_list, mask
+from rayft.trainers.model import load_model
 
 
 def export_problems(cfg: RecipeConfig) -> list[str]:
@@ -18,52 +24,50 @@ def export_problems(cfg: RecipeConfig) -> list[str]:
     m = cfg.model
     problems = []
     if not m.export_dir:
-        problems.append("export_dir: required by `rayft export`; set the folder the merged model is written to")
+        problems.append(Problem("export_dir", "required by `rayft export`; set the folder the merged model is written to"))
     elif Path(m.export_dir).exists() and any(Path(m.export_dir).iterdir()):
-        problems.append(f"export_dir: {m.export_dir} exists and is not empty; choose another folder (an export "
-                        "never writes over existing files)")
+        problems.append(Problem("export_dir", f"{m.export_dir} exists and is not empty; choose another folder (an export "
+                        "never writes over existing files)"))
     if m.export_legacy_format:
-        problems.append("export_legacy_format: Transformers 5 saves safetensors only; remove export_legacy_format "
-                        "(every current loader reads safetensors)")
+        problems.append(Problem("export_legacy_format", "Transformers 5 saves safetensors only; remove export_legacy_format "
+                        "(every current loader reads safetensors)"))
     if m.export_size < 1:
-        problems.append(f"export_size: the largest shard in GB must be at least 1, got {m.export_size}")
+        problems.append(Problem("export_size", f"the largest shard in GB must be at least 1, got {m.export_size}"))
     if cfg.finetuning.finetuning_type not in ("lora", "oft") and m.adapter_name_or_path:
-        problems.append("adapter_name_or_path: adapters are merged for finetuning_type lora or oft; a freeze or "
-                        "full run saves a whole model already, export it by pointing model_name_or_path at it")
+        problems.append(Problem("adapter_name_or_path", "adapters are merged for finetuning_type lora or oft; a freeze or "
+                        "full run saves a whole model already, export it by pointing model_name_or_path at it"))
     for adapter in comma_list(m.adapter_name_or_path):
         if not (Path(adapter) / "adapter_config.json").is_file():
-            problems.append(f"adapter_name_or_path: {adapter} holds no adapter_config.json; name a folder a LoRA "
-                            "or OFT run wrote (its output_dir)")
+            problems.append(Problem("adapter_name_or_path", f"{adapter} holds no adapter_config.json; name a folder a LoRA "
+                            "or OFT run wrote (its output_dir)"))
     return problems
 
 
-def run_export(cfg: RecipeConfig, log=print) -> Path:
+def run_export(cfg: RecipeConfig) -> Path:
     """Loads the base model, merges every adapter of adapter_name_or_path in order, and saves the result
     with its tokenizer to export_dir in shards of at most export_size GB."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     problems = export_problems(cfg)
     if problems:
         raise ConfigError(problems)
     m = cfg.model
     device = "cuda" if m.export_device == "auto" and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, dtype="auto", device_map=device)
+    # the checkpoint's own dtype: an export keeps the precision the model was published in
+    model = load_model(m, use_gpu=device == "cuda", trainable=False, dtype="auto").to(device)
     adapters = comma_list(m.adapter_name_or_path)
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        log(f"[rayft] merged the adapter {adapter}")
+        logger.info(f"merged the adapter {adapter}")
     out = Path(m.export_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=f"{m.export_size}GB")
-    tokenizer_from = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file() else \
-        m.model_name_or_path
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out)
+    spec = TokenizerSpec.of(m)
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():  # the run saved its tokenizer
+        spec = replace(spec, path=adapters[-1], revision="main")
+    load_tokenizer(spec).save_pretrained(out)
     if adapters and (Path(adapters[-1]) / VALUE_HEAD_FILE).is_file():  # a reward model's head travels along
         shutil.copy2(Path(adapters[-1]) / VALUE_HEAD_FILE, out / VALUE_HEAD_FILE)
     _write_card(out, cfg, adapters)
-    log(f"[rayft] exported a plain Hugging Face model to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    logger.info(f"exported a plain Hugging Face model to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return out
 
 

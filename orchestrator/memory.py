@@ -7,7 +7,8 @@ estimators. Figures are bytes; every estimate names its parts so that a refusal 
 
 from dataclasses import dataclass, field, replace
 
-GB = 1024**3
+from rayft.recipe.values import GB
+
 # Resident memory of a CPU worker before its model loads: Python, PyTorch, Transformers, PEFT, DeepSpeed and
 # the Ray Train worker (measured on the development machine: benchmarks/zero_memory.py prints it).
 CPU_RUNTIME_BYTES = int(0.75 * GB)
@@ -137,6 +138,7 @@ def _deepspeed_states(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
     """Mixed-precision full fine-tuning under ZeRO-2 / ZeRO-3: DeepSpeed's own estimators, one worker per GPU."""
     offload_optimizer, offload_param = "optimizer" in s.offload, "param" in s.offload
     if s.zero_stage == 2:
+        # heavy; only mixed-precision ZeRO-2/3 estimates use DeepSpeed's estimators
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
         _, gpu = estimate_zero2_model_states_mem_needs(shape.total_params, num_gpus_per_node=s.num_workers,

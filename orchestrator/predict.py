@@ -10,24 +10,30 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import ray.data
+
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.data.errors import DataError
 from rayft.data.pipeline import encode_prompt_batch, load_examples, on_examples
-from rayft.orchestrator.config import ConfigError, RecipeConfig
+from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.problems import ConfigError
+from rayft.trainers.generate import Generator
 from rayft.trainers.metrics import similarity_scores
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 ACTOR_START_TIMEOUT_S = 600  # a cluster that cannot start the generation actors in this time fails the run
 
 
-def prepare_predict(cfg: RecipeConfig, log=print) -> list[dict]:
+def prepare_predict(cfg: RecipeConfig) -> list[dict]:
     """Everything checked before Ray: output_dir, the examples of eval_dataset, and (for a local run) the
     actors' resources. Returns the examples."""
-    d, t = cfg.data, cfg.training
-    refuse_occupied(Path(t["output_dir"]), t.get("overwrite_output_dir", False))
-    examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, log=log, seed=t.get("seed", 42),
+    d, t = cfg.data, cfg.args
+    refuse_occupied(Path(t.output_dir), t.overwrite_output_dir)
+    examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, seed=t.seed,
                              token=cfg.model.hf_hub_token, stage="sft", template=d.template)
     if not examples:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
@@ -36,29 +42,29 @@ def prepare_predict(cfg: RecipeConfig, log=print) -> list[dict]:
     return examples
 
 
-def plan_predict(cfg: RecipeConfig, log=print) -> dict:
+def plan_predict(cfg: RecipeConfig) -> dict:
     """`rayft plan` for a prediction recipe: the checks, then the generation actors the cluster will hold."""
-    examples = prepare_predict(cfg, log)
-    with ray_session(cfg.ray, log=log):
+    examples = prepare_predict(cfg)
+    with ray_session(cfg.ray):
         resources = _resources(cfg, cluster_nodes())
-    batch_size = cfg.training.get("per_device_eval_batch_size", 8)
-    log(f"[rayft] prediction plan: {len(examples)} examples of {cfg.data.eval_dataset}, {cfg.ray.ray_num_workers} "
+    batch_size = cfg.args.per_device_eval_batch_size
+    logger.info(f"prediction plan: {len(examples)} examples of {cfg.data.eval_dataset}, {cfg.ray.ray_num_workers} "
         f"generation worker(s) of {resources}, {batch_size} prompts per batch, up to "
         f"{cfg.generating.max_new_tokens} new tokens each")
     return resources
 
 
-def run_predict(cfg: RecipeConfig, log=print) -> dict:
+def run_predict(cfg: RecipeConfig) -> dict:
     """Generates an answer for every example of eval_dataset; returns the scores (also written to
     `{predict|eval}_results.json`; with do_predict every answer goes to generated_predictions.jsonl)."""
-    t = cfg.training
-    output_dir = Path(t["output_dir"])
-    examples = prepare_predict(cfg, log)
-    prefix = "predict" if t.get("do_predict") else "eval"
-    with ray_session(cfg.ray, log=log):
+    t = cfg.args
+    output_dir = Path(t.output_dir)
+    examples = prepare_predict(cfg)
+    prefix = "predict" if t.do_predict else "eval"
+    with ray_session(cfg.ray):
         resources = _resources(cfg, cluster_nodes())
         start = time.time()
-        rows = generate(cfg, examples, resources, log)
+        rows = generate(cfg, examples, resources)
         runtime = time.time() - start
     scores = similarity_scores([r["predict"] for r in rows], [r["label"] for r in rows])
     metrics = {**{f"{prefix}_{k}": round(v, 4) for k, v in scores.items()}, f"{prefix}_samples": len(rows),
@@ -71,34 +77,32 @@ def run_predict(cfg: RecipeConfig, log=print) -> dict:
     (output_dir / f"{prefix}_results.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
     for key, value in metrics.items():
-        log(f"  {key:32s} {value}")
-    log(f"[rayft] {prefix} results in {output_dir}")
+        logger.info(f"  {key:32s} {value}")
+    logger.info(f"{prefix} results in {output_dir}")
     return metrics
 
 
-def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print) -> list[dict]:
+def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[dict]:
     """Prompts are encoded by Ray Data tasks and answered by one actor per worker; rows in dataset order."""
-    import ray.data
 
-    from rayft.trainers.generate import Generator
 
     quiet_ray_data()
     d, r, g = cfg.data, cfg.ray, cfg.generating
-    batch_size = cfg.training.get("per_device_eval_batch_size", 8)
+    batch_size = cfg.args.per_device_eval_batch_size
     # as in training's tokenisation, each example travels as one JSON string (data.pipeline.on_examples)
     items = [{"example": json.dumps({"index": i, "system": e.get("system") or "", "messages": e["messages"]},
                                     ensure_ascii=False)} for i, e in enumerate(examples)]
     prompts = ray.data.from_items(items).map_batches(
         on_examples(encode_prompt_batch), batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
-            tokenizer_path=cfg.model.model_name_or_path, template=d.template, cutoff_len=d.cutoff_len,
+            tokenizer_spec=TokenizerSpec.of(cfg.model), template=d.template, cutoff_len=d.cutoff_len,
             default_system=g.default_system))
     # one block per generation batch, so that every actor gets work
     prompts = prompts.repartition(max(r.ray_num_workers, math.ceil(len(examples) / batch_size))).materialize()
     truncated = sum(row["truncated"] > 0 for row in prompts.select_columns(["truncated"]).iter_rows())
     if truncated:
-        log(f"[rayft] {truncated} prompts are longer than cutoff_len={d.cutoff_len}; they keep their last tokens")
+        logger.info(f"{truncated} prompts are longer than cutoff_len={d.cutoff_len}; they keep their last tokens")
     use_gpu = resources.get("GPU", 0) > 0
-    log(f"[rayft] generating for {len(examples)} examples with {r.ray_num_workers} worker(s) of {resources}, "
+    logger.info(f"generating for {len(examples)} examples with {r.ray_num_workers} worker(s) of {resources}, "
         f"{batch_size} prompts per batch")
     # Every actor loads its model before the first batch is handed out, and holds one batch at a time: else
     # the first actor ready can take every batch of a small dataset while the others still load.
@@ -112,7 +116,7 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict, log=print
         memory=resources.get("memory"))
     rows = sorted(answers.take_all(), key=lambda row: row["index"])
     for worker, count in sorted(Counter(str(row["worker"]) for row in rows).items()):
-        log(f"[rayft] worker {worker} (node/pid) answered {count} prompts")
+        logger.info(f"worker {worker} (node/pid) answered {count} prompts")
     return [{k: (str(v) if k != "index" else int(v)) for k, v in row.items()} for row in rows]
 
 

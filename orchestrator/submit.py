@@ -8,7 +8,11 @@ import shlex
 import time
 from pathlib import Path
 
-from rayft.orchestrator.config import ConfigError, RecipeConfig
+from ray.job_submission import JobSubmissionClient
+
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.problems import ConfigError, Problem
 
 # Never uploaded with the working directory: environments, compiled ops, outputs, version control.
 UPLOAD_EXCLUDES = [".venv", ".git", ".cache/torch_extensions", "saves", "**/__pycache__", "*.egg-info",
@@ -36,19 +40,18 @@ def output_problems(raw: dict) -> list[str]:
     for key in ("output_dir", "ray_storage_path"):
         value = str(raw.get(key) or ("./saves" if key == "ray_storage_path" else ""))
         if value and "://" not in value and not Path(value).expanduser().is_absolute():
-            problems.append(f"{key}: {value!r} is relative, so the job would write it inside its temporary copy of "
-                            "the working directory; give an absolute path on storage the cluster shares, or a URI")
+            problems.append(Problem(key, f"{value!r} is relative, so the job would write it inside its temporary copy of "
+                            "the working directory; give an absolute path on storage the cluster shares, or a URI"))
     return problems
 
 
 def client(address: str):
-    from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
 
 
 def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, working_dir: str = ".",
-           wait: bool = True, log=print) -> tuple[str, str]:
+           wait: bool = True) -> tuple[str, str]:
     """Submits the job; returns (job id, final status), or (job id, "PENDING") without `wait`."""
     jobs = client(address)
     for attempt in range(AGENT_RETRIES + 1):
@@ -60,26 +63,26 @@ def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, w
         except RuntimeError as err:  # a head that has just started answers before its job agent is ready
             if "No available agent" not in str(err) or attempt == AGENT_RETRIES:
                 raise
-            log("[rayft] the cluster's job agent is not ready yet; retrying in 5 s")
+            logger.info("the cluster's job agent is not ready yet; retrying in 5 s")
             time.sleep(5)
-    log(f"[rayft] submitted job {job_id} to {address}")
+    logger.info(f"submitted job {job_id} to {address}")
     if not wait:
-        log(f"[rayft] follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address {address}")
+        logger.info(f"follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address {address}")
         return job_id, "PENDING"
-    return job_id, follow(jobs, job_id, log)
+    return job_id, follow(jobs, job_id)
 
 
-def follow(jobs, job_id: str, log=print, poll_seconds: float = 1.0) -> str:
+def follow(jobs, job_id: str, poll_seconds: float = 1.0) -> str:
     """Prints the job's log as it grows until the job ends; returns its final status."""
     shown = 0
     while True:
         status = str(jobs.get_job_status(job_id)).split(".")[-1]
         text = jobs.get_job_logs(job_id)
         if len(text) > shown:
-            log(text[shown:].rstrip("\n"))
+            print(text[shown:].rstrip("\n"), flush=True)  # the job's own output, as it wrote it
             shown = len(text)
         if status in TERMINAL:
-            log(f"[rayft] job {job_id} {status}")
+            logger.info(f"job {job_id} {status}")
             return status
         time.sleep(poll_seconds)
 

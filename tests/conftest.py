@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny local model (built once per session) and one local Ray instance for integration tests."""
+"""Shared fixtures: a tiny local model (built once per session), one local Ray instance for integration tests,
+and what the rayft logger says during a test."""
 
+import contextlib
+import logging
 from pathlib import Path
 
 import pytest
+
+from rayft.recipe.logs import logger
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
@@ -27,16 +32,47 @@ def ray_local():
     ray.shutdown()
 
 
-def train_recipe(recipe_path, tmp_path, tiny_model, *overrides, log=print):
+class _Lines(logging.Handler):
+    def __init__(self, lines: list):
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def captured_log():
+    """Every message of the rayft logger (debug included) while the block runs, as a list of strings."""
+    lines: list[str] = []
+    handler, level = _Lines(lines), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def rayft_log():
+    """What the rayft logger says during the test (driver side, every level)."""
+    with captured_log() as lines:
+        yield lines
+
+
+def train_recipe(recipe_path, tmp_path, tiny_model, *overrides):
     """Runs `rayft train` on a shipped recipe with the test's model and folders; returns (output_dir, loss records)."""
-    from rayft.orchestrator.config import load_recipe, parse_config
     from rayft.orchestrator.launch import run_train
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
     from rayft.trainers.callbacks import read_log
 
     cfg = parse_config(load_recipe(recipe_path, [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
         f"ray_storage_path={tmp_path / 'ray'}", *overrides]), base_dir=ROOT)
-    run_train(cfg, log=log)
+    run_train(cfg)
     out = Path(cfg.training["output_dir"])
     return out, [r for r in read_log(out) if "loss" in r]
 
@@ -49,16 +85,17 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     """The demo recipe trained once (2 workers, ZeRO-2, trackers on, a hub token set) for the tests that
     check a run's outputs, its logs and what comes after training: (output_dir, Result, loss records,
     driver log lines)."""
-    from rayft.orchestrator.config import load_recipe, parse_config
     from rayft.orchestrator.launch import run_train
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
     from rayft.trainers.callbacks import read_log
 
     tmp_path = tmp_path_factory.mktemp("demo")
     cfg = parse_config(load_recipe(DEMO_RECIPE, [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}",
         f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]"]), base_dir=ROOT)
-    driver_lines = []
-    result = run_train(cfg, log=driver_lines.append)
+    with captured_log() as driver_lines:
+        result = run_train(cfg)
     out = Path(cfg.training["output_dir"])
     return out, result, [r for r in read_log(out) if "loss" in r], driver_lines
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from ray.cluster_utils import Cluster
 
 from rayft.data.errors import DataError
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
 from rayft.orchestrator.launch import run_train
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

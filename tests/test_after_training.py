@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
-from rayft.orchestrator.config import load_recipe, parse_config
-from rayft.orchestrator.predict import run_predict
-
 from conftest import ROOT
+
+from rayft.orchestrator.predict import run_predict
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
 
 pytestmark = pytest.mark.integration
 PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"
@@ -41,13 +41,13 @@ def test_trackers_hold_the_loss_series_of_rank_zero(demo_run, monkeypatch):
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in wandb_run.iterdir())
 
 
-def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_model, ray_local):
+def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_model, ray_local, rayft_log):
     out = demo_run[0]
     cfg = parse_config(load_recipe(PREDICT_RECIPE, [
         f"model_name_or_path={tiny_model}", f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'predict'}",
         "max_samples=20", "per_device_eval_batch_size=4"]), base_dir=ROOT)
-    lines = []
-    metrics = run_predict(cfg, log=lines.append)
+    lines = rayft_log
+    metrics = run_predict(cfg)
 
     examples = json.loads((ROOT / "data" / "demo" / "demo_sft_eval.json").read_text())[:20]
     rows = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()]
@@ -74,6 +74,6 @@ def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_mode
     cfg = parse_config(load_recipe(PREDICT_RECIPE, [
         f"model_name_or_path={tiny_model}", f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
         "max_samples=20", "do_predict=false", "do_eval=true"]), base_dir=ROOT)
-    scores = run_predict(cfg, log=lambda *_: None)
+    scores = run_predict(cfg)
     assert scores["eval_rouge-l"] == pytest.approx(results["predict_rouge-l"], abs=1e-3)  # greedy: same answers
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["all_results.json", "eval_results.json"]

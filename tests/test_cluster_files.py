@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from rayft.orchestrator.config import load_recipe, parse_config
-
 from conftest import ROOT
+
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
 
 pytestmark = pytest.mark.unit
 CLUSTER = ROOT / "cluster"

@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
 
 from rayft.data.collator import SupervisedCollator
 from rayft.data.converters import convert_rows
@@ -12,10 +13,11 @@ from rayft.data.errors import DataError
 from rayft.data.pipeline import encode_batch, load_examples
 from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
 from rayft.data.templates import TEMPLATES, JinjaTemplate, get_template
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
 from rayft.trainers.sft import supervised_collator
-
-from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
+from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.unit
 
@@ -45,11 +47,11 @@ def test_custom_columns_from_dataset_info():
     assert example["messages"][-1]["content"] == "Because."
 
 
-def test_malformed_rows_are_skipped_and_counted():
-    logged = []
+def test_malformed_rows_are_skipped_and_counted(rayft_log):
+    logged = rayft_log
     rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "no output"},
             {"instruction": "empty", "output": "  "}, ["not", "an", "object"]]
-    examples = convert_rows(rows, DatasetAttr(name="demo"), log=logged.append)
+    examples = convert_rows(rows, DatasetAttr(name="demo"))
     assert len(examples) == 1
     (line,) = logged
     assert "skipped 3 of 4" in line
@@ -97,9 +99,9 @@ def test_max_samples_and_comma_lists():
     assert len(examples) == 6
 
 
-def test_demo_datasets_load_without_skips():
-    logged = []
-    assert len(load_examples("demo_sft", str(DEMO_DIR), None, log=logged.append)) == 256
+def test_demo_datasets_load_without_skips(rayft_log):
+    logged = rayft_log
+    assert len(load_examples("demo_sft", str(DEMO_DIR), None)) == 256
     assert logged == []
 
 
@@ -185,7 +187,7 @@ def test_encode_batch_labels_only_the_response(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_batch({"system": [CHATS[0]["system"]], "messages": [CHATS[0]["messages"]]},
-                       str(tiny_model), "chatml", cutoff_len=256, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), "chatml", cutoff_len=256, train_on_prompt=False)
     labels = [int(i) for i in out["labels"][0] if i != IGNORE_INDEX]
     assert tokenizer.decode(labels) == "One plus two is three.<|im_end|>\n"
     assert out["num_trained"][0] == len(labels) and out["num_tokens"][0] == len(out["input_ids"][0])
@@ -210,13 +212,13 @@ def test_sharegpt_with_openai_style_tags_and_system_column():
     assert example["system"] == "S" and example["messages"][1] == {"role": "assistant", "content": "a"}
 
 
-def test_sharegpt_bad_role_order_is_reported_with_its_row():
-    logged = []
+def test_sharegpt_bad_role_order_is_reported_with_its_row(rayft_log):
+    logged = rayft_log
     attr = DatasetAttr(name="chat", formatting="sharegpt")
     good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     swapped = {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
     odd = {"conversations": [{"from": "human", "value": "q"}]}
-    examples = convert_rows([good, swapped, odd], attr, log=logged.append)
+    examples = convert_rows([good, swapped, odd], attr)
     assert len(examples) == 1
     assert "row 1: message 0 has role 'gpt'" in logged[0] and "row 2: 1 messages" in logged[0]
 
@@ -229,15 +231,15 @@ def test_tool_call_data_needs_a_template_with_tool_formatting(tiny_model):
     assert len(examples) > 200 and any(m["role"] == "function" for e in examples for m in e["messages"])
     batch = examples[:16]
     out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
-                       str(tiny_model), "qwen", cutoff_len=1024, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), "qwen", cutoff_len=1024, train_on_prompt=False)
     assert all(n > 0 for n in out["num_trained"])
 
 
 @pytest.fixture(scope="module")
 def family_tokenizers():
-    from rayft.trainers.tiny_model import build_tokenizer, corpus_from
-
     from reference_templates import FAMILIES
+
+    from rayft.trainers.tiny_model import build_tokenizer, corpus_from
 
     texts = corpus_from(sorted(DEMO_DIR.glob("demo_*.json")))
     return {name: build_tokenizer(texts, **spec) for name, spec in FAMILIES.items()}
@@ -413,7 +415,7 @@ def test_llamafactory_supervised_datasets_encode_unchanged(tiny_model, name):
     assert len(examples) > 50
     batch = examples[:16]
     out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
-                       str(tiny_model), "qwen", cutoff_len=512, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), "qwen", cutoff_len=512, train_on_prompt=False)
     assert all(n > 0 for n in out["num_trained"]) and all(n <= 512 for n in out["num_tokens"])
 
 
@@ -426,20 +428,20 @@ def test_pretraining_text_is_concatenated_into_blocks_or_truncated(tiny_model):
     texts = ["one two three four five six", "seven eight", "nine"]
     documents = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
     flat = [t for d in documents for t in d]
-    blocks = encode_text_batch({"text": texts}, str(tiny_model), cutoff_len=5, concatenate=True)
+    blocks = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), cutoff_len=5, concatenate=True)
     assert [b.tolist() for b in blocks["input_ids"]] == [flat[i:i + 5] for i in range(0, len(flat), 5)]
     assert all((i == l).all() for i, l in zip(blocks["input_ids"], blocks["labels"]))
     assert blocks["truncated"].sum() == 0
-    cut = encode_text_batch({"text": texts}, str(tiny_model), cutoff_len=5, concatenate=False)
+    cut = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), cutoff_len=5, concatenate=False)
     assert [c.tolist() for c in cut["input_ids"]] == [d[:5] for d in documents]
     assert cut["truncated"].tolist() == [len(d) - len(d[:5]) for d in documents]
 
 
-def test_pretraining_rows_need_their_text_column(tmp_path):
+def test_pretraining_rows_need_their_text_column(tmp_path, rayft_log):
     write_dataset(tmp_path, "pt", '{"text": "a story"}\n{"body": "no text"}\n{"text": ""}\n', file_name="pt.jsonl",
                   entry={"columns": {"prompt": "text"}})
-    logged = []
-    assert load_examples("pt", str(tmp_path), None, log=logged.append, stage="pt") == [{"text": "a story"}]
+    logged = rayft_log
+    assert load_examples("pt", str(tmp_path), None, stage="pt") == [{"text": "a story"}]
     assert "row 1: missing column 'text'" in logged[0] and "row 2: column 'text' must be non-empty" in logged[0]
 
 
@@ -467,7 +469,7 @@ PREFERENCE = [{"conversations": [{"from": "human", "value": "What is two plus tw
                "chosen": {"from": "gpt", "value": "Four."}, "rejected": {"from": "gpt", "value": "Five."}}]
 
 
-def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model):
+def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model, rayft_log):
     from transformers import AutoTokenizer
 
     from rayft.data.pipeline import encode_pairwise_batch
@@ -476,13 +478,13 @@ def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model):
                                                     "chosen": {"from": "human", "value": "x"},
                                                     "rejected": {"from": "gpt", "value": "y"}}],
                   entry={"formatting": "sharegpt", "ranking": True})
-    logged = []
-    (example,) = load_examples("prefs", str(tmp_path), None, log=logged.append, stage="dpo")
+    logged = rayft_log
+    (example,) = load_examples("prefs", str(tmp_path), None, stage="dpo")
     assert example["chosen"] == "Four." and example["rejected"] == "Five." and len(example["messages"]) == 1
     assert "row 1: message chosen has role 'human'" in logged[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_pairwise_batch({k: [example[k]] for k in ("system", "messages", "chosen", "rejected")},
-                                str(tiny_model), "chatml", 256)
+                                TokenizerSpec(str(tiny_model)), "chatml", 256)
     chosen = [int(t) for t in out["chosen_labels"][0] if t != IGNORE_INDEX]
     assert tokenizer.decode(chosen) == "Four.<|im_end|>\n"
     assert tokenizer.decode(out["rejected_input_ids"][0]) == (
@@ -496,7 +498,7 @@ def test_alpaca_preference_rows():
                        "rejected": "bad"}
 
 
-def test_kto_rows_and_mismatched_kl_pairs(tiny_model):
+def test_kto_rows_and_mismatched_kl_pairs(tiny_model, rayft_log):
     from transformers import AutoTokenizer
 
     from rayft.data.pipeline import encode_kto_batch
@@ -508,12 +510,12 @@ def test_kto_rows_and_mismatched_kl_pairs(tiny_model):
              "label": i % 2 == 0} for i in range(3)] + [{"messages": [{"role": "user", "content": "q"},
                                                                    {"role": "assistant", "content": "a"}],
                                                       "label": "yes"}]
-    logged = []
-    examples = convert_rows(rows, attr, log=logged.append)
+    logged = rayft_log
+    examples = convert_rows(rows, attr)
     assert [e["kto_tag"] for e in examples] == [True, False, True] and "must be true or false" in logged[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_kto_batch({k: [e[k] for e in examples] for k in ("system", "messages", "kto_tag")},
-                           str(tiny_model), "chatml", 256)
+                           TokenizerSpec(str(tiny_model)), "chatml", 256)
     learned = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["labels"]]
     kl = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["kl_labels"]]
     assert learned == [f"a{i}<|im_end|>\n" for i in range(3)]
@@ -529,10 +531,10 @@ def test_llamafactory_preference_and_kto_demos_load_for_their_stages(tiny_model)
     kto = load_examples("kto_en_demo", str(SHARED_DATA), None, stage="kto")
     assert len(prefs) > 100 and len(kto) > 100 and {e["kto_tag"] for e in kto} == {True, False}
     pairs = encode_pairwise_batch({k: [e[k] for e in prefs[:8]] for k in ("system", "messages", "chosen", "rejected")},
-                                  str(tiny_model), "qwen", 512)
+                                  TokenizerSpec(str(tiny_model)), "qwen", 512)
     assert all(len(c) <= 512 for c in pairs["chosen_input_ids"])
     tagged = encode_kto_batch({k: [e[k] for e in kto[:8]] for k in ("system", "messages", "kto_tag")},
-                              str(tiny_model), "qwen", 512)
+                              TokenizerSpec(str(tiny_model)), "qwen", 512)
     assert len(tagged["kl_input_ids"]) == 8
 
 

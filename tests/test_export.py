@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
-
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
-from rayft.orchestrator.export import run_export
-
 from conftest import ROOT
+
+from rayft.orchestrator.export import run_export
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
 
 pytestmark = pytest.mark.unit
 EXPORT_RECIPE = ROOT / "configs" / "export_lora.yaml"
@@ -44,7 +45,7 @@ def test_merged_export_gives_the_logits_of_base_plus_adapters(tmp_path, tiny_mod
     cfg = parse_config(load_recipe(EXPORT_RECIPE, [
         f"model_name_or_path={tiny_model}", f"adapter_name_or_path={first},{second}",
         f"export_dir={export_dir}"]), base_dir=ROOT, for_training=False)
-    run_export(cfg, log=lambda *_: None)
+    run_export(cfg)
 
     expected = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     expected = PeftModel.from_pretrained(expected, first).merge_and_unload()
@@ -68,8 +69,8 @@ def test_export_refuses_an_occupied_folder_and_bad_settings_before_loading(tmp_p
         f"export_dir={tmp_path / 'merged'}", "export_size=0", "export_legacy_format=true"]),
         base_dir=ROOT, for_training=False)
     with pytest.raises(ConfigError) as err:
-        run_export(cfg, log=lambda *_: None)
-    found = err.value.problems
+        run_export(cfg)
+    found = err.value.messages
     assert len(found) == 4 and "not empty" in found[0] and "safetensors only" in found[1]
     assert "export_size" in found[2] and "holds no adapter_config.json" in found[3]
     assert (tmp_path / "merged" / "keep.txt").read_text() == "precious"

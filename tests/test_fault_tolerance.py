@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_RECIPE, ROOT
 
 from rayft.cluster.storage import latest_checkpoint
 from rayft.trainers.callbacks import read_log
-
-from conftest import DEMO_RECIPE, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -6,16 +6,17 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DEMO_RECIPE, ROOT
+from test_export import trained_like_adapter
 
 from rayft.data.encode import encode_prompt
-from rayft.orchestrator.args import GeneratingArguments
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
+from rayft.recipe.schema import GeneratingArguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, stop_token_ids
 from rayft.trainers.metrics import similarity_scores
 from rayft.trainers.outputs import plot_loss, write_model_card
-
-from conftest import DEMO_RECIPE, ROOT
-from test_export import trained_like_adapter
 
 pytestmark = pytest.mark.unit
 PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"
@@ -67,7 +68,7 @@ def problems(recipe, *overrides, for_training=True):
     try:
         parse_config(load_recipe(recipe, list(overrides)), base_dir=ROOT, for_training=for_training)
     except ConfigError as err:
-        return err.problems
+        return err.messages
     return []
 
 
@@ -134,12 +135,12 @@ def test_chat_answers_streamed_and_exits_cleanly(tmp_path, tiny_model):
 
 
 def test_plan_and_sweep_know_a_prediction_recipe(tmp_path):
-    from rayft.orchestrator.sweep import check_sweep
+    from rayft.orchestrator.sweep_spec import check_sweep
 
     raw = load_recipe(PREDICT_RECIPE, [f"output_dir={tmp_path / 'out'}"])
     raw["sweep"] = {"parameters": {"temperature": {"grid": [0.5, 1.0]}}}
     with pytest.raises(ConfigError, match="a sweep trains every trial; this recipe generates"):
-        check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        check_sweep(raw, base_dir=ROOT)
     done = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "plan", str(PREDICT_RECIPE),
                            f"output_dir={tmp_path / 'out'}", "ray_num_workers=64"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -4,8 +4,8 @@ apply, and `deepspeed: auto` choosing (or refusing) against the memory a worker 
 from dataclasses import replace
 
 import pytest
+from conftest import DEMO_RECIPE, ROOT
 
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
 from rayft.orchestrator.memory import (
     CPU_RUNTIME_BYTES,
     CUDA_RUNTIME_BYTES,
@@ -15,10 +15,12 @@ from rayft.orchestrator.memory import (
     estimate,
     pick_deepspeed,
 )
-from rayft.orchestrator.plan import Node, make_plan, worker_budget
-from rayft.trainers.model import model_shape
-
-from conftest import DEMO_RECIPE, ROOT
+from rayft.orchestrator.plan import make_plan, worker_budget
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.plan import Node
+from rayft.recipe.problems import ConfigError
+from rayft.orchestrator.probe import model_shape
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ gate/up 256->682, down 682->256, two RMSNorms per block, tied embeddings.
 import pytest
 import torch
 
-from rayft.orchestrator.args import FinetuningArguments, ModelArguments
+from rayft.recipe.schema import FinetuningArguments, ModelArguments
 from rayft.trainers import model as methods
 
 pytestmark = pytest.mark.unit
@@ -172,14 +172,21 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_model):
 
 
 def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_model, tmp_path):
-    from rayft.orchestrator.config import load_recipe, parse_config
-
     from conftest import DEMO_RECIPE, ROOT
+
+    from rayft.orchestrator.probe import probe_model
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.problems import ConfigError
 
     def found(*overrides):
         cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}",
                                                      f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
-        return methods.module_problems(cfg)
+        try:
+            probe_model(cfg)
+        except ConfigError as err:
+            return err.messages
+        return []
 
     assert found() == [] and found("lora_target=q_proj,v_proj", "additional_target=lm_head") == []
     (problem,) = found("lora_target=q_proj,query_key_value")
@@ -192,9 +199,10 @@ def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_mode
 
 
 def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
-    from rayft.orchestrator.config import load_recipe, parse_config
-
     from conftest import DEMO_RECIPE, ROOT
+
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
 
     adapter = prepared(tiny_model, lora_rank=4)
     with torch.no_grad():

@@ -11,7 +11,6 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow

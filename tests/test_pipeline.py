@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from rayft.data.errors import DataError
 from rayft.data.pipeline import EncodingSettings, load_examples, token_stats, tokenize_cached
-
-from conftest import ROOT
+from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def examples():
 
 def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
     settings = EncodingSettings("chatml", cutoff_len, packing=packing, neat_packing=packing)
-    return tokenize_cached(examples, str(tiny_model), settings, 16, cache_dir, strict, overwrite)
+    return tokenize_cached(examples, TokenizerSpec(str(tiny_model)), settings, 16, cache_dir, strict, overwrite)
 
 
 def rows(dataset):
@@ -78,17 +78,18 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
     else:
         examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
                      "kto_tag": i % 2 == 0} for i in range(6)]
-    dataset = tokenize(examples, str(tiny_model), EncodingSettings("chatml", 64, stage=stage), batch_size=4)
+    dataset = tokenize(examples, TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 64, stage=stage), batch_size=4)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
 
 
 @pytest.mark.unit
 def test_the_automatic_cache_is_used_on_a_cluster_only_with_a_shared_file_system(tmp_path):
-    from rayft.orchestrator.config import load_recipe, parse_config
-    from rayft.orchestrator.launch import tokenized_cache
-
     from conftest import DEMO_RECIPE, ROOT
+
+    from rayft.orchestrator.launch import tokenized_cache
+    from rayft.recipe.config import parse_config
+    from rayft.recipe.loading import load_recipe
 
     def where(*overrides):
         cfg = parse_config(load_recipe(DEMO_RECIPE, [f"ray_storage_path={tmp_path}", *overrides]), base_dir=ROOT)
@@ -114,7 +115,7 @@ def test_every_encoding_setting_changes_the_cache_key():
     assert set(other) == {f.name for f in dataclasses.fields(EncodingSettings)}
 
     def key(settings):
-        return cache.cache_key(examples, "no/such/tokenizer", dataclasses.asdict(settings))
+        return cache.cache_key(examples, TokenizerSpec("no/such/tokenizer"), dataclasses.asdict(settings))
 
     for name, value in other.items():
         assert key(dataclasses.replace(base, **{name: value})) != key(base), name
@@ -130,9 +131,9 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
     from rayft.trainers.common import StreamedShard
 
     settings = EncodingSettings("chatml", 256)
-    lazy = tokenize(examples, str(tiny_model), settings, 16, stream_tasks=2)
+    lazy = tokenize(examples, TokenizerSpec(str(tiny_model)), settings, 16, stream_tasks=2)
     assert not isinstance(lazy, MaterializedDataset)
-    everything = rows(tokenize(examples, str(tiny_model), settings, 16))
+    everything = rows(tokenize(examples, TokenizerSpec(str(tiny_model)), settings, 16))
     shards = [StreamedShard(split, buffer_size=8, seed=1) for split in lazy.streaming_split(2, equal=True)]
     epochs = []
     for _ in range(2):  # split iterators are read at the same time, as the workers read them

@@ -1,12 +1,14 @@
 """The pure planner: placement feasibility under each strategy, device choice and batch arithmetic."""
 
 import pytest
-
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
-from rayft.orchestrator.plan import Node, bundles_per_node, make_plan, placement_problems, worker_resources
-from rayft.trainers import deepspeed as ds
-
 from conftest import DEMO_RECIPE, ROOT
+
+from rayft.orchestrator.plan import bundles_per_node, make_plan, placement_problems, worker_resources
+from rayft.recipe import deepspeed as ds
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.plan import Node
+from rayft.recipe.problems import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -36,13 +38,13 @@ def test_placement_feasibility_per_strategy(strategy, count, feasible):
 
 
 def test_a_refusal_names_the_clusters_resources():
-    (problem,) = placement_problems({"CPU": 2}, 3, "STRICT_PACK", THREE_NODES)
+    (problem,) = map(str, placement_problems({"CPU": 2}, 3, "STRICT_PACK", THREE_NODES))
     assert "STRICT_PACK needs all 3 workers on one node" in problem
     assert "node aaaaaaaaaaaa (10.0.0.1): CPU=4" in problem and "CPU=2" in problem
 
 
 def test_a_gpu_on_a_cluster_without_gpus_is_refused():
-    (problem,) = placement_problems({"GPU": 1}, 1, "PACK", THREE_NODES)
+    (problem,) = map(str, placement_problems({"GPU": 1}, 1, "PACK", THREE_NODES))
     assert "no GPUs" in problem
 
 
@@ -55,7 +57,7 @@ def test_default_worker_resources_follow_the_cluster():
 def test_plan_for_the_demo_recipe():
     plan = make_plan(cfg(), [Node("n", "ip", {"CPU": 2.0})], num_train_examples=256)
     assert plan.resources_per_worker == {"CPU": 1} and not plan.use_gpu and plan.backend == "gloo"
-    assert plan.zero_stage == 2 and plan.offload == []
+    assert plan.zero_stage == 2 and plan.offload == ()
     assert plan.examples_per_worker == 128
     assert plan.global_batch_size == 16
     assert plan.steps_per_epoch == 16 and plan.total_steps == 48
@@ -73,7 +75,7 @@ def test_plan_batch_arithmetic_with_accumulation_and_max_steps():
 def test_plan_on_a_gpu_cluster_uses_nccl():
     plan = make_plan(cfg("deepspeed=z3_offload"), [Node("n", "ip", {"CPU": 16.0, "GPU": 4.0})], 64)
     assert plan.use_gpu and plan.backend == "nccl" and plan.resources_per_worker == {"GPU": 1}
-    assert plan.zero_stage == 3 and plan.offload == ["optimizer", "param"]
+    assert plan.zero_stage == 3 and plan.offload == ("optimizer", "param")
 
 
 def test_plan_refuses_more_workers_than_fit():

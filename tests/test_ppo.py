@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config, reward_model_problems
-from rayft.trainers.callbacks import read_log
-
 from conftest import ROOT, train_recipe
+
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
+from rayft.recipe.rules import reward_model_problems
+from rayft.trainers.callbacks import read_log
 
 PPO_RECIPE = ROOT / "configs" / "demo_ppo_lora.yaml"
 # The stated margin: the mean reward of a run's last four steps exceeds that of its first four by this much.
@@ -25,7 +27,7 @@ def ppo_problems(*overrides) -> list[str]:
     try:
         parse_config(load_recipe(PPO_RECIPE, list(overrides)), base_dir=ROOT)
     except ConfigError as err:
-        return err.problems
+        return err.messages
     return []
 
 
@@ -55,24 +57,25 @@ def parse_problems(*overrides) -> list[str]:
     try:
         parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", list(overrides)), base_dir=ROOT)
     except ConfigError as err:
-        return err.problems
+        return err.messages
     return []
 
 
 @pytest.mark.unit
 def test_the_reward_model_folders_are_checked_before_ray(tmp_path):
     cfg = parse_config(load_recipe(PPO_RECIPE, [f"reward_model={tmp_path}"]), base_dir=ROOT)
-    (problem,) = reward_model_problems(cfg)
+    (problem,) = map(str, reward_model_problems(cfg))
     assert problem.startswith(f"reward_model: {tmp_path} holds no reward adapter")
     cfg = parse_config(load_recipe(PPO_RECIPE, [f"reward_model={tmp_path}", "reward_model_type=full",
                                                 "finetuning_type=full", f"reward_model_adapters={tmp_path}"]),
                        base_dir=ROOT)
-    assert [p.split(":")[0] for p in reward_model_problems(cfg)] == ["reward_model", "reward_model_adapters"]
+    assert [p.key for p in reward_model_problems(cfg)] == ["reward_model", "reward_model_adapters"]
 
 
 @pytest.mark.unit
 def test_a_ppo_step_counts_its_rollout_batch_and_the_reward_actors_must_fit():
-    from rayft.orchestrator.plan import Node, make_plan
+    from rayft.orchestrator.plan import make_plan
+    from rayft.recipe.plan import Node
 
     node = [Node("n1", "10.0.0.1", {"CPU": 4.0})]
     cfg = parse_config(load_recipe(PPO_RECIPE, ["max_steps=-1", "num_train_epochs=1", "ppo_buffer_size=2",
@@ -90,12 +93,12 @@ def test_a_ppo_step_counts_its_rollout_batch_and_the_reward_actors_must_fit():
 
 @pytest.mark.unit
 def test_a_ppo_sweep_maximises_the_reward_and_keeps_the_reward_model_in_the_workers(tmp_path):
-    from rayft.orchestrator.sweep import check_sweep
+    from rayft.orchestrator.sweep_spec import check_sweep
 
     def sweep(*overrides):
         raw = load_recipe(PPO_RECIPE, [f"output_dir={tmp_path / 'sweep'}", "sweep.parameters.learning_rate.grid=[1e-3,2e-3]",
                                        "reward_model=http://127.0.0.1:1", "reward_model_type=api", *overrides])
-        return check_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        return check_sweep(raw, base_dir=ROOT)
 
     checked = sweep()
     assert (checked.spec.metric, checked.spec.mode, len(checked.configs)) == ("reward", "max", 2)

@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, train_recipe
 
 from rayft.trainers.callbacks import read_log
-
-from conftest import ROOT, train_recipe
 
 CONFIGS = ROOT / "configs"
 BASE_PARAMS = None  # filled from the tiny model's own count
@@ -60,10 +59,10 @@ def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
 
 
 @pytest.mark.integration
-def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local):
-    lines = []
+def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local, rayft_log):
+    lines = rayft_log
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
-                            "max_samples=96", "num_train_epochs=3", log=lines.append)
+                            "max_samples=96", "num_train_epochs=3")
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8
     assert found["held_parameters"] == base_parameters(tiny_model) + lora_parameters()  # no reference copy
@@ -109,11 +108,11 @@ def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     ("freeze", ("deepspeed=z2", "freeze_trainable_layers=2")),
     ("full", ("deepspeed=z3",)),
 ])
-def test_dpo_with_freeze_and_full_uses_a_frozen_reference_copy(tmp_path, tiny_model, ray_local, method, overrides):
-    lines = []
+def test_dpo_with_freeze_and_full_uses_a_frozen_reference_copy(tmp_path, tiny_model, ray_local, method, overrides, rayft_log):
+    lines = rayft_log
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"finetuning_type={method}",
                             *overrides, "eval_dataset=demo_dpo", "max_samples=64",
-                            "num_train_epochs=3", "learning_rate=2e-4", log=lines.append)
+                            "num_train_epochs=3", "learning_rate=2e-4")
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8, found
     assert found["held_parameters"] == 2 * base_parameters(tiny_model)  # policy + frozen reference

@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -13,22 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from rayft.cluster.storage import latest_checkpoint
-from rayft.orchestrator.config import ConfigError, load_recipe
-from rayft.orchestrator.plan import Node
-from rayft.orchestrator.sweep import (
-    SweepSpec,
-    best_row,
-    concurrency,
-    expand_points,
-    parse_sweep,
-    run_sweep,
-    stop_reason,
-)
+from rayft.orchestrator.sweep import run_sweep
+from rayft.orchestrator.sweep_results import best_row, stop_reason
+from rayft.orchestrator.sweep_spec import SweepSpec, concurrency, expand_points, parse_sweep
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.plan import Node
+from rayft.recipe.problems import ConfigError
 from rayft.trainers.callbacks import read_log
-
-from conftest import ROOT
 
 SFT_SWEEP = ROOT / "configs" / "sweep_sft_lora.yaml"
 DPO_SWEEP = ROOT / "configs" / "sweep_dpo_beta.yaml"
@@ -93,7 +86,7 @@ def test_an_invalid_point_stops_the_sweep_before_any_trial_with_its_values(tmp_p
     raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model)
     raw["sweep"]["parameters"] = {"lora_rank": {"grid": [0, 8]}, "learning_rate": {"grid": [1e-3]}}
     with pytest.raises(ConfigError) as err:
-        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        run_sweep(raw, base_dir=ROOT)
     assert "trial_000 (lora_rank=0, learning_rate=0.001): lora_rank: must be a positive integer" in str(err.value)
     assert "trial_001" not in str(err.value)  # the valid point is not reported
     assert "the sweep did not start" in str(err.value)
@@ -104,10 +97,10 @@ def test_an_invalid_point_stops_the_sweep_before_any_trial_with_its_values(tmp_p
 def test_asha_on_an_eval_metric_needs_evaluation_during_training(tmp_path, tiny_model):
     raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "eval_strategy='no'", "sweep.scheduler=asha")
     with pytest.raises(ConfigError, match="eval_strategy is 'no'"):
-        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        run_sweep(raw, base_dir=ROOT)
     raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "eval_strategy='no'", "eval_dataset=null")
     with pytest.raises(ConfigError, match="measured on evaluation data"):
-        run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+        run_sweep(raw, base_dir=ROOT)
 
 
 @pytest.mark.unit
@@ -115,7 +108,7 @@ def test_an_occupied_output_dir_of_something_else_is_refused_and_left_alone(tmp_
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "model.safetensors").write_bytes(b"precious")
     with pytest.raises(ConfigError, match="exists and is not empty"):
-        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lambda *_: None)
+        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["model.safetensors"]
 
 
@@ -125,7 +118,7 @@ def test_an_output_dir_holding_another_sweep_is_refused_and_left_alone(tmp_path,
     record = json.dumps({"run_name": "sweep-sft-lora", "trials": [{"name": "trial_000", "params": {"lora_rank": 2}}]})
     (tmp_path / "sweep" / "sweep_trials.json").write_text(record)
     with pytest.raises(ConfigError, match="holds sweep 'sweep-sft-lora' with other trials"):
-        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lambda *_: None)
+        run_sweep(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
     assert (tmp_path / "sweep" / "sweep_trials.json").read_text() == record
 
 
@@ -155,7 +148,7 @@ def test_stop_reasons_and_the_best_trial():
 
 @pytest.mark.unit
 def test_train_refuses_a_recipe_with_a_sweep_section(tmp_path, tiny_model):
-    from rayft.orchestrator.config import parse_config
+    from rayft.recipe.config import parse_config
 
     with pytest.raises(ConfigError, match="run it with `rayft sweep`"):
         parse_config(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
@@ -171,8 +164,8 @@ def finished_trials(sweep_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_trains(tmp_path, tiny_model, ray_local):
-    from rayft.orchestrator.config import parse_config
     from rayft.orchestrator.launch import run_train
+    from rayft.recipe.config import parse_config
 
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
@@ -211,16 +204,16 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
     recipe = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
     assert "sweep" not in recipe and recipe["lora_rank"] == int(best["lora_rank"])
     assert recipe["learning_rate"] == pytest.approx(float(best["learning_rate"]))
-    run_train(parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT), log=lambda *_: None)
+    run_train(parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT))
     trained = read_log(sweep_dir / "best")
     assert (sweep_dir / "best" / "adapter_model.safetensors").is_file()
     assert [r["eval_loss"] for r in trained if "eval_loss" in r][-1] == pytest.approx(float(best["eval_loss"]), rel=1e-3)
 
 
 @pytest.mark.integration
-def test_dpo_sweep_over_pref_beta(tmp_path, tiny_model, ray_local):
-    lines = []
-    rows = run_sweep(sweep_recipe(DPO_SWEEP, tmp_path, tiny_model), base_dir=ROOT, log=lines.append)
+def test_dpo_sweep_over_pref_beta(tmp_path, tiny_model, ray_local, rayft_log):
+    lines = rayft_log
+    rows = run_sweep(sweep_recipe(DPO_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
     metric = "eval_rewards/accuracies"
     assert [r["pref_beta"] for r in rows] == [0.05, 0.1, 0.2]
     assert all(r["stop_reason"] == "completed" and 0.0 <= r[metric] <= 1.0 for r in rows), rows
@@ -239,7 +232,7 @@ def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
     raw["sweep"] = {"parameters": {"learning_rate": {"loguniform": [1.0e-5, 1.0e-2]},
                                    "lora_rank": {"choice": [4, 8, 16]}},
                     "num_samples": 8, "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "seed": 3}
-    rows = run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    rows = run_sweep(raw, base_dir=ROOT)
     assert len(rows) == 8 and all(r["status"] == "TERMINATED" for r in rows), rows
     stopped = [r for r in rows if r["stop_reason"].startswith("stopped early")]
     assert stopped and any(r["stop_reason"] == "completed" for r in rows), rows
@@ -260,7 +253,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated: found only when a worker loads the weights
     raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=4", "eval_steps=4", "logging_steps=2")
     raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]}}
-    rows = run_sweep(raw, base_dir=ROOT, log=lambda *_: None)
+    rows = run_sweep(raw, base_dir=ROOT)
     good, bad = rows
     assert good["stop_reason"] == "completed" and good["status"] == "TERMINATED"
     assert bad["status"] == "ERROR" and bad["stop_reason"].startswith("failed: ") and bad["eval_loss"] is None

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rayft.orchestrator.config import ConfigError, load_recipe, parse_config
-from rayft.orchestrator.launch import prepare, run_train
-from rayft.trainers.callbacks import read_log
-
 from conftest import DEMO_RECIPE, ROOT, SECRET, SHARED_DATA
+
+from rayft.orchestrator.launch import prepare, run_train
+from rayft.recipe.config import parse_config
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.problems import ConfigError
+from rayft.trainers.callbacks import read_log
+from rayft.data.tokenizer import TokenizerSpec
 
 
 def recipe(tmp_path, tiny_model, *overrides):
@@ -19,9 +21,9 @@ def recipe(tmp_path, tiny_model, *overrides):
         f"ray_storage_path={tmp_path / 'ray'}", *overrides]), base_dir=ROOT)
 
 
-def train(tmp_path, tiny_model, *overrides, log=print):
+def train(tmp_path, tiny_model, *overrides):
     cfg = recipe(tmp_path, tiny_model, *overrides)
-    result = run_train(cfg, log=log)
+    result = run_train(cfg)
     return Path(cfg.training["output_dir"]), result, [r for r in read_log(cfg.training["output_dir"]) if "loss" in r]
 
 
@@ -127,8 +129,8 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
                                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
 
     settings = EncodingSettings("chatml", 64)
-    datasets = {"even": tokenize(examples(40), str(tiny_model), settings, batch_size=8),
-                "odd": tokenize(examples(41), str(tiny_model), settings, batch_size=8)}
+    datasets = {"even": tokenize(examples(40), TokenizerSpec(str(tiny_model)), settings, batch_size=8),
+                "odd": tokenize(examples(41), TokenizerSpec(str(tiny_model)), settings, batch_size=8)}
     TorchTrainer(
         collect_shards, train_loop_config={"dir": str(tmp_path)}, datasets=datasets,
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
@@ -165,11 +167,11 @@ def test_cli_refuses_an_impossible_request_before_starting_ray(tmp_path, tiny_mo
 
 
 @pytest.mark.integration
-def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_local):
+def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_local, rayft_log):
     from rayft.orchestrator.launch import run_plan
 
-    lines = []
-    plan = run_plan(recipe(tmp_path, tiny_model, "hf_hub_token=hf_plan_secret"), log=lines.append)
+    lines = rayft_log
+    plan = run_plan(recipe(tmp_path, tiny_model, "hf_hub_token=hf_plan_secret"))
     text = "\n".join(lines)
     assert plan.total_steps == 48 and plan.zero_stage == 2 and plan.global_batch_size == 16
     assert "ZeRO-2" in text and "8 per device x 2 workers x 1 accumulation = 16 global" in text
@@ -204,13 +206,13 @@ def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_lo
 
 
 @pytest.mark.integration
-def test_pretraining_stage_learns_packed_text(tmp_path, tiny_model, ray_local):
+def test_pretraining_stage_learns_packed_text(tmp_path, tiny_model, ray_local, rayft_log):
     cfg = parse_config(load_recipe(ROOT / "configs" / "demo_pt_lora.yaml", [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
         f"ray_storage_path={tmp_path / 'ray'}", "num_train_epochs=1"]), base_dir=ROOT)
     assert cfg.data.packing is True  # derived for stage pt
-    lines = []
-    run_train(cfg, log=lines.append)
+    lines = rayft_log
+    run_train(cfg)
     log = [r for r in read_log(tmp_path / "out") if "loss" in r]
     assert log[-1]["loss"] < log[0]["loss"] - 0.5, [r["loss"] for r in log]
     assert any("packed into" in line for line in lines)

@@ -1,31 +1,34 @@
-"""Trainer callbacks: the `trainer_log.jsonl` record and progress lines (rank 0), and Ray reporting."""
+"""Trainer callbacks: the `trainer_log.jsonl` record and the driver's progress (rank 0), and Ray reporting."""
 
 import json
-import sys
 import time
 from pathlib import Path
 
+import ray
+import ray.train
+import ray.util
+from ray.tune.integration.ray_train import TuneReportCallback
 from transformers import TrainerCallback
 
-
-def say(message: str) -> None:
-    """Prints one line from a worker exactly once.
-
-    Ray Train patches `print` to go to its logger and, when sys.stdout is wrapped, to stdout as well;
-    writing to the process's real stdout takes exactly one of those paths.
-    """
-    print(message, file=sys.__stdout__, flush=True)
+from rayft.recipe.logs import logger
 
 
 class LogCallback(TrainerCallback):
-    """Appends one JSON line per logging step to output_dir/trainer_log.jsonl and prints progress."""
+    """Appends one JSON line per logging step to output_dir/trainer_log.jsonl, logs it (at debug level: the
+    driver shows a progress bar), and posts it to the driver's progress board when there is one."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, progress: str | None = None):
         self.path = Path(output_dir) / "trainer_log.jsonl"
         self.start = time.time()
+        self.first_step = 0
+        self.board = None
+        self.progress = progress
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.time()
+        self.first_step = state.global_step
+        if self.progress and state.is_world_process_zero:
+            self.board = ray.get_actor(self.progress)
         if not state.is_world_process_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,7 @@ class LogCallback(TrainerCallback):
         kept = [r for r in read_log(self.path.parent) if r.get("step", 0) <= state.global_step]
         kept.append({"step": state.global_step, "resumed_from_step": state.global_step})
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        say(f"[rayft] resumed at step {state.global_step}/{state.max_steps}")
+        logger.info(f"resumed at step {state.global_step}/{state.max_steps}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -47,9 +50,11 @@ class LogCallback(TrainerCallback):
                   "timestamp": round(time.time(), 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            self.board.post.remote({**record, "steps_this_run": state.global_step - self.first_step})
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in logs.items() if k != "epoch")
-        say(f"[rayft] step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}")
+        logger.debug(f"step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}")
 
 
 class ReportEveryLog(TrainerCallback):
@@ -62,9 +67,6 @@ class ReportEveryLog(TrainerCallback):
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import ray.train
-        import ray.util
-
         if logs:
             group = ray.util.get_current_placement_group()
             ray.train.report({**logs, "step": state.global_step, "total_steps": state.max_steps,
@@ -76,3 +78,20 @@ def read_log(output_dir: str) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricReport(TuneReportCallback):
+    """Hands a sweep trial's Ray Train reports that carry the sweep's metric on to Tune's scheduler.
+
+    Checkpoint reports are left out: they repeat the last metrics at the save step, and Ray Train keeps the
+    checkpoint itself. Reports without the metric (e.g. training-loss records when the metric is eval_loss)
+    would fail Tune's check that every result carries the metric.
+    """
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)

@@ -1,24 +1,28 @@
 """Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
 
+import resource
 from collections import defaultdict
 from pathlib import Path
 
+import ray.train
 import torch
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from transformers import PrinterCallback, Seq2SeqTrainer
 
-from rayft.data.registry import comma_list
-from rayft.orchestrator.args import TrainingArguments
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger, quiet_import
+from rayft.recipe.plan import Plan
+from rayft.recipe.schema import TrainingArguments
+from rayft.recipe.values import comma_list
 from rayft.trainers import outputs
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 
 
 def shard_rows(name: str) -> list[dict] | None:
     """This worker's shard of dataset `name` from Ray Data, as a list of plain examples (None if absent)."""
-    import ray.train
 
     try:
         shard = ray.train.get_dataset_shard(name)
@@ -57,13 +61,12 @@ class StreamedShard(IterableDataset):
 
 def train_shard(cfg: RecipeConfig) -> list[dict] | StreamedShard:
     """This worker's training data: its whole shard as a list, or a stream when the recipe streams."""
-    import ray.train
 
     d = cfg.data
     if not d.streaming:
         return shard_rows("train")
     return StreamedShard(ray.train.get_dataset_shard("train"), None if cfg.finetuning.disable_shuffling else d.buffer_size,
-                         cfg.training.get("data_seed") or cfg.training.get("seed", 42))
+                         cfg.args.data_seed or cfg.args.seed)
 
 
 def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
@@ -74,18 +77,18 @@ def eval_shards(cfg: RecipeConfig) -> list[dict] | dict[str, list[dict]] | None:
     return shard_rows("eval")
 
 
-def training_arguments(cfg: RecipeConfig, plan: dict) -> TrainingArguments:
+def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
     """The real TrainingArguments, built inside the worker with the planned device and DeepSpeed config."""
-    if plan["deepspeed"] is not None:
-        import deepspeed
+    if plan.deepspeed is not None:
+        with quiet_import():
+            import deepspeed  # heavy (about 2 s); only runs with a DeepSpeed config import it
 
         # Ray already made the torch process group; DeepSpeed must adopt it before ZeRO-3 builds the
         # model partitioned, or its batch-size check sees a world of one.
-        deepspeed.init_distributed(dist_backend=plan["backend"])
+        deepspeed.init_distributed(dist_backend=plan.backend)
     kwargs = dict(cfg.training)
-    kwargs.update(deepspeed=plan["deepspeed"], use_cpu=not plan["use_gpu"], remove_unused_columns=False)
+    kwargs.update(deepspeed=plan.deepspeed, use_cpu=not plan.use_gpu, remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step
-    import ray.train
 
     kwargs.setdefault("run_name", ray.train.get_context().get_experiment_name())  # the trackers' run name
     if not cfg.model.disable_gradient_checkpointing:
@@ -154,7 +157,7 @@ class ShardTrainer(Seq2SeqTrainer):
         )
 
 
-def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> dict:
+def finish(trainer, cfg: RecipeConfig, plan: Plan, train_result, tokenizer) -> dict:
     """Saves model, tokenizer, metrics, plots, config and model card; returns the final metrics."""
     output_dir = trainer.args.output_dir
     trainer.save_model()  # every rank calls it: under ZeRO-3 the weights are gathered first
@@ -184,7 +187,6 @@ def finish(trainer, cfg: RecipeConfig, plan: dict, train_result, tokenizer) -> d
 def peak_memory() -> dict[str, float]:
     """The highest resident memory of any worker process so far (and of any GPU), in GB: what the memory
     planner's estimate is checked against. Every rank must call it (it gathers from all of them)."""
-    import resource
 
     mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3]  # Linux reports KiB
     if torch.cuda.is_available():
@@ -202,7 +204,6 @@ def peak_memory() -> dict[str, float]:
 def restored_checkpoint() -> str | None:
     """The Trainer checkpoint to resume from when Ray Train restarts this run: after a worker failure, or
     when a run with the same ray_run_name and storage is started again. None on a fresh run."""
-    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -210,7 +211,7 @@ def restored_checkpoint() -> str | None:
     local = checkpoint.to_directory() if "://" in checkpoint.path else checkpoint.path
     # RayTrainReportCallback stores the Trainer's checkpoint folder under `checkpoint/`
     path = Path(local) / "checkpoint"
-    say(f"[rayft] resuming from the checkpoint reported to Ray Train: {checkpoint.path}")
+    logger.info(f"resuming from the checkpoint reported to Ray Train: {checkpoint.path}")
     return str(path)
 
 
@@ -272,13 +273,12 @@ class StatsTrainer(ShardTrainer):
         super().log(logs, start_time)
 
 
-def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer, collator,
+def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer, collator,
         trainer_cls: type = ShardTrainer, extra_metrics: dict | None = None, **trainer_kwargs) -> dict:
     """Trains `model` on this worker's shard with `trainer_cls` and saves everything; returns the metrics."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback
 
     if args.process_index == 0:
-        say(f"[rayft] {cfg.finetuning.finetuning_type}: {trainable_summary(model)}")
+        logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}")
     prepare_trackers(cfg, args.output_dir)
     trainer = trainer_cls(
         model=model,
@@ -287,8 +287,8 @@ def fit(cfg: RecipeConfig, plan: dict, args: TrainingArguments, model, tokenizer
         eval_dataset=eval_shards(cfg),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LogCallback(args.output_dir), RayTrainReportCallback(),
-                   *([ReportEveryLog()] if plan["report_every_log"] else [])],
+        callbacks=[LogCallback(args.output_dir, plan.progress_board), RayTrainReportCallback(),
+                   *([ReportEveryLog()] if plan.report_every_log else [])],
         shuffle=not cfg.finetuning.disable_shuffling,
         finetuning=cfg.finetuning,
         **trainer_kwargs,

@@ -7,9 +7,10 @@ use length-normalised log-probabilities of the policy alone.
 from transformers import set_seed
 
 from rayft.data.collator import PairwiseCollator
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.plan import Plan
 from rayft.trainers import losses
-from rayft.trainers.callbacks import say
 from rayft.trainers.common import StatsTrainer, fit, training_arguments
 from rayft.trainers.model import load_tokenizer, prepare_model
 from rayft.trainers.reference import Reference, held_parameters
@@ -54,16 +55,16 @@ class DPOTrainer(StatsTrainer):
         return (loss, {}) if return_outputs else loss
 
 
-def run_dpo(cfg: RecipeConfig, plan: dict) -> dict:
+def run_dpo(cfg: RecipeConfig, plan: Plan) -> dict:
     """Preference optimisation on this worker's shard of chosen/rejected pairs; returns the final metrics."""
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = prepare_model(cfg, plan["use_gpu"])
-    reference = Reference(cfg, plan["use_gpu"]) if cfg.finetuning.use_ref_model else None
+    model = prepare_model(cfg, plan.use_gpu)
+    reference = Reference(cfg, plan.use_gpu) if cfg.finetuning.use_ref_model else None
     held = held_parameters(model, reference.model if reference else None)
     if args.process_index == 0:
-        say(f"[rayft] pref_loss {cfg.finetuning.pref_loss}, reference: "
+        logger.info(f"pref_loss {cfg.finetuning.pref_loss}, reference: "
             f"{reference.description if reference else 'none'}; parameters held: {held:,}")
     metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
                   trainer_cls=DPOTrainer, reference=reference, extra_metrics={"held_parameters": held})

@@ -4,17 +4,18 @@ answers batches of prompts for `do_predict` (each actor holds one whole model)."
 import os
 
 import numpy as np
+import ray
 import torch
 
-from rayft.orchestrator.args import GeneratingArguments
-from rayft.orchestrator.config import RecipeConfig
+from rayft.data.templates import TEMPLATES
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.schema import GeneratingArguments
 from rayft.trainers.model import load_for_generation, load_tokenizer
 
 
 def stop_token_ids(tokenizer, template_name: str | None) -> list[int]:
     """The eos token, plus the template's end-of-turn marker where that is one token of the vocabulary
     (`<|im_end|>` for chatml and qwen, `<|eot_id|>` for llama3, ...): a chat model ends its answer with it."""
-    from rayft.data.templates import TEMPLATES
 
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     template = TEMPLATES.get(template_name) if template_name else None
@@ -70,8 +71,7 @@ class Generator:
         self.stops = stop_token_ids(self.tokenizer, cfg.data.template)
         self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id, cfg.data.eval_num_beams)
         self.skip_special_tokens = cfg.generating.skip_special_tokens
-        torch.manual_seed(cfg.training.get("seed", 42))
-        import ray
+        torch.manual_seed(cfg.args.seed)
 
         self.name = f"{ray.get_runtime_context().get_node_id()[:8]}/{os.getpid()}"  # node id: nodes may share an IP
 

@@ -8,9 +8,10 @@ import torch
 from transformers import set_seed
 
 from rayft.data.collator import KTOCollator
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.plan import Plan
 from rayft.trainers import losses
-from rayft.trainers.callbacks import say
 from rayft.trainers.common import StatsTrainer, fit, training_arguments
 from rayft.trainers.model import load_tokenizer, prepare_model
 from rayft.trainers.reference import Reference, held_parameters
@@ -48,15 +49,15 @@ class KTOTrainer(StatsTrainer):
         return (loss, {}) if return_outputs else loss
 
 
-def run_kto(cfg: RecipeConfig, plan: dict) -> dict:
+def run_kto(cfg: RecipeConfig, plan: Plan) -> dict:
     """KTO on this worker's shard of tagged examples; returns the final metrics."""
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = prepare_model(cfg, plan["use_gpu"])
-    reference = Reference(cfg, plan["use_gpu"])
+    model = prepare_model(cfg, plan.use_gpu)
+    reference = Reference(cfg, plan.use_gpu)
     held = held_parameters(model, reference.model)
     if args.process_index == 0:
-        say(f"[rayft] kto reference: {reference.description}; parameters held: {held:,}")
+        logger.info(f"kto reference: {reference.description}; parameters held: {held:,}")
     return fit(cfg, plan, args, model, tokenizer, KTOCollator(tokenizer.pad_token_id),
                trainer_cls=KTOTrainer, reference=reference, extra_metrics={"held_parameters": held})

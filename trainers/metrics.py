@@ -1,5 +1,7 @@
 """Evaluation metrics: token accuracy for sft's `compute_accuracy`, and ROUGE / BLEU of generated answers."""
 
+import logging
+
 import numpy as np
 import torch
 
@@ -28,9 +30,7 @@ def token_accuracy_hooks() -> dict:
 
 def words(text: str) -> list[str]:
     """Words as jieba segments them: Chinese into words, other text at spaces and punctuation."""
-    import logging
-
-    import jieba
+    import jieba  # heavy dictionaries; only prediction's scores segment text
 
     jieba.setLogLevel(logging.WARNING)  # it announces loading its dictionary on first use
     return [w for w in jieba.cut(text) if w.strip()]
@@ -49,6 +49,7 @@ def similarity_scores(predictions: list[str], labels: list[str]) -> dict[str, fl
     These are the figures LLaMA-Factory reports for predict_with_generate (BLEU with smoothing method 3 of
     Chen and Cherry, 2014); an empty prediction or label scores 0 on ROUGE.
     """
+    # only prediction scores answers; both libraries load models or corpora on import
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_score import rouge_scorer
 

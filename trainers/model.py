@@ -7,25 +7,19 @@ adapter (lora, oft), the last or first layers (freeze), or everything (full).
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, OFTConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rayft.data.registry import comma_list
-from rayft.orchestrator.args import FinetuningArguments, ModelArguments
+from rayft.data import tokenizer as data_tokenizer
+from rayft.data.tokenizer import TokenizerSpec
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.schema import FinetuningArguments, ModelArguments
+from rayft.recipe.values import comma_list
 
 
 def load_tokenizer(model_args: ModelArguments):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        use_fast=model_args.use_fast_tokenizer,
-        revision=model_args.model_revision,
-        cache_dir=model_args.cache_dir,
-        token=model_args.hf_hub_token,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """The tokenizer of the recipe's model keys, through the one loader Ray Data's tasks use too."""
+    return data_tokenizer.load_tokenizer(TokenizerSpec.of(model_args))
 
 
 def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
@@ -39,20 +33,20 @@ def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
 
 
 def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = False, value_head: bool = False,
-               path: str | None = None, trainable: bool = True):
+               path: str | None = None, trainable: bool = True, dtype: torch.dtype | str | None = None):
     """The model at `path` (default model_name_or_path) through `from_pretrained`.
 
     With `value_head` it is the sequence-classification form of the same checkpoint: the LM body plus a
     scalar head (`score`) read at each sequence's last token, which is how stage rm scores a response.
-    A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing.
+    A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing. `dtype` overrides
+    the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
     kwargs = {"num_labels": 1} if value_head else {}
     model = (AutoModelForSequenceClassification if value_head else AutoModelForCausalLM).from_pretrained(
         path or model_args.model_name_or_path,
-        dtype=model_dtype(use_gpu, pure_bf16),
+        dtype=dtype or model_dtype(use_gpu, pure_bf16),
         attn_implementation=attn,
         revision=model_args.model_revision,
         cache_dir=model_args.cache_dir,
@@ -83,19 +77,17 @@ def target_modules(model, target: str) -> list[str]:
 
 
 def task_type(model):
-    from peft import TaskType
 
     return TaskType.SEQ_CLS if getattr(model, "score", None) is not None else TaskType.CAUSAL_LM
 
 
 def load_for_generation(model_args: ModelArguments, use_gpu: bool):
     """The base model with every adapter of adapter_name_or_path merged into it, ready to generate."""
-    from peft import PeftModel
 
     model = load_model(model_args, use_gpu, trainable=False)
     for adapter in comma_list(model_args.adapter_name_or_path):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.config.use_cache = True  # generation reuses the keys and values of earlier tokens
+    model.config.use_cache = model_args.use_cache  # on by default: generation reuses earlier keys and values
     if use_gpu:
         model = model.to("cuda")
     return model.eval()
@@ -107,7 +99,6 @@ def load_adapters(model, model_args: ModelArguments, finetuning_args: Finetuning
 
     Returns (model, whether an adapter was left to train).
     """
-    from peft import PeftModel
 
     adapters = comma_list(model_args.adapter_name_or_path)
     if not adapters:
@@ -123,7 +114,6 @@ def load_adapters(model, model_args: ModelArguments, finetuning_args: Finetuning
 def new_or_continued_adapter(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None,
                              config_for):
     """The adapter of adapter_name_or_path trained further, or a new one from `config_for(model)`."""
-    from peft import get_peft_model
 
     if model_args is not None:
         model, continued = load_adapters(model, model_args, finetuning_args)
@@ -134,7 +124,6 @@ def new_or_continued_adapter(model, finetuning_args: FinetuningArguments, model_
 
 def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
     """A trainable LoRA adapter: continued from adapter_name_or_path, or new (rsLoRA, DoRA, PiSSA init)."""
-    from peft import LoraConfig
 
     f = finetuning_args
     init = True
@@ -155,7 +144,6 @@ def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArg
 
 def apply_oft(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
     """A trainable OFT adapter: block-diagonal orthogonal rotations of the targeted layers' weights."""
-    from peft import OFTConfig
 
     f = finetuning_args
     return new_or_continued_adapter(model, f, model_args, lambda base: OFTConfig(
@@ -211,7 +199,8 @@ def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> li
     in_block = {name.split(".")[0] for name, _ in model.get_submodule(f"{stack}.0").named_modules() if name}
     unknown = [m for m in modules if m and m not in in_block]
     if unknown:
-        raise ValueError(f"freeze_trainable_modules: {unknown} are not modules of a block; choose from {sorted(in_block)}")
+        raise ConfigError([Problem("freeze_trainable_modules", f"{unknown} are not modules of a block; choose from "
+                                                               f"{sorted(in_block)}")])
     prefixes = [f"{stack}.{i}.{m}".rstrip(".") + "." for i in layers for m in modules]
     outside = {}
     for name, _ in model.named_modules():
@@ -219,8 +208,8 @@ def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> li
             outside.setdefault(name.split(".")[-1], name)
     for extra in comma_list(f.freeze_extra_modules):
         if extra not in outside:
-            raise ValueError(f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
-                             f"choose from {sorted(outside)}")
+            raise ConfigError([Problem("freeze_extra_modules", f"{extra!r} is not a module outside the blocks; "
+                                                               f"choose from {sorted(outside)}")])
         prefixes.append(outside[extra] + ".")
     return prefixes
 
@@ -253,7 +242,6 @@ def prepare_model(cfg, use_gpu: bool, value_head: bool = False):
 
 def load_reference(cfg, use_gpu: bool):
     """A frozen reference model: ref_model (with ref_model_adapters merged) or a copy of the base model."""
-    from peft import PeftModel
 
     f = cfg.finetuning
     model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, path=f.ref_model, trainable=False)
@@ -261,72 +249,6 @@ def load_reference(cfg, use_gpu: bool):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.requires_grad_(False)
     return model.eval()
-
-
-def empty_model(cfg):
-    """The model built from its config on the meta device: its modules and shapes, no weights, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    m = cfg.model
-    config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
-                                        token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
-    with init_empty_weights():
-        if cfg.finetuning.stage == "rm":
-            config.num_labels = 1
-            return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForCausalLM.from_config(config)
-
-
-def model_shape(cfg):
-    """The counts the memory planner needs, from the empty model made trainable as finetuning_type says.
-
-    Adapters named in adapter_name_or_path are counted as a new adapter of the recipe's settings.
-    """
-    from accelerate import init_empty_weights
-
-    from rayft.orchestrator.memory import ModelShape
-
-    model = empty_model(cfg)
-    config = model.config
-    with init_empty_weights():
-        trainable = FINETUNING[cfg.finetuning.finetuning_type](model, cfg.finetuning, None)
-    unique = {id(p): p for p in trainable.parameters()}.values()  # tied weights once
-    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in trainable.modules())
-    return ModelShape(
-        total_params=sum(p.numel() for p in unique), trainable_params=sum(p.numel() for p in unique if p.requires_grad),
-        largest_layer_params=largest, hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, vocab_size=config.vocab_size)
-
-
-def module_problems(cfg) -> list[str]:
-    """Module names in lora_target, oft_target, additional_target and the freeze keys that the model lacks.
-
-    Checked on the driver against an empty (meta-device) instance built from the model's config, so that
-    a typo fails before any worker starts rather than inside every worker.
-    """
-    m, f = cfg.model, cfg.finetuning
-    try:
-        model = empty_model(cfg)
-    except (OSError, ValueError) as err:
-        return [f"model_name_or_path: cannot read a model config from {m.model_name_or_path!r} ({err})"]
-    names = [name for name, _ in model.named_modules()]
-    keys = {"lora": ("lora_target", "additional_target"), "oft": ("oft_target", "additional_target")}
-    problems = []
-    for key in keys.get(f.finetuning_type, ()):
-        value = getattr(f, key)
-        wanted = [] if value is None or value.strip() == "all" else comma_list(value)
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            problems.append(f"{key}: {', '.join(missing)} not found in {type(model).__name__}; its linear layers "
-                            f"are {', '.join(linear_module_names(model))}")
-    if f.finetuning_type == "freeze":
-        try:
-            freeze_trainable_prefixes(model, f)
-        except ValueError as err:
-            problems.append(str(err))
-    return problems
 
 
 def parameter_count(param) -> int:

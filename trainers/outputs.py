@@ -5,19 +5,21 @@ from pathlib import Path
 
 import yaml
 
-from rayft.data.registry import comma_list
+from rayft.recipe.plan import Plan
+from rayft.recipe.values import comma_list
 from rayft.trainers.callbacks import read_log
 
 CONFIG_FILE = "training_args.yaml"
 
 
-def save_config(output_dir: str, masked_config: dict, plan: dict) -> Path:
+def save_config(output_dir: str, masked_config: dict, plan: Plan) -> Path:
     """Writes the resolved recipe (secrets already masked) and the plan it ran with."""
     path = Path(output_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in masked_config.items()}
-    body["_plan"] = {k: plan[k] for k in ("num_workers", "resources_per_worker", "placement_strategy",
-                                          "zero_stage", "offload", "global_batch_size", "total_steps")}
+    shown = ("num_workers", "resources_per_worker", "placement_strategy", "zero_stage", "offload", "global_batch_size",
+             "total_steps")
+    body["_plan"] = {k: list(v) if isinstance(v, tuple) else v for k, v in plan.to_dict().items() if k in shown}
     path.write_text(yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
     return path
 
@@ -30,7 +32,7 @@ PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "kl", "r
 
 def plot_loss(output_dir: str, keys: tuple[str, ...] = PLOTTED) -> list[Path]:
     """training_<key>.png for every key of `keys` that trainer_log.jsonl holds (train and eval series)."""
-    import matplotlib
+    import matplotlib  # optional output (plot_loss), and its backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

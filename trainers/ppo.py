@@ -13,13 +13,22 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
+import ray.train.torch
 import torch
+from peft import PeftModel
+from ray.train.huggingface.transformers import RayTrainReportCallback
+from safetensors.torch import save_file
 from transformers import get_scheduler, set_seed
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.derive import reference_kind
+from rayft.recipe.logs import logger
+from rayft.recipe.plan import Plan
+from rayft.recipe.values import VALUE_HEAD_FILE
 from rayft.trainers import outputs, rl
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog, say
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.common import peak_memory, restored_checkpoint, shard_rows, training_arguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import load_reference, load_tokenizer, prepare_model, trainable_summary
@@ -34,7 +43,6 @@ from rayft.trainers.rewards import (
     response_logprobs,
     right_padded,
 )
-from rayft.trainers.rm import VALUE_HEAD_FILE
 from rayft.trainers.tracking import close_trackers, prepare_trackers, tracker_callbacks
 
 STATE_FILE = "ppo_state.pt"
@@ -77,7 +85,7 @@ class Rollout:
 class PPOTrainer:
     """PPO over this worker's prompts: rollout, score, advantages, `ppo_epochs` of clipped updates."""
 
-    def __init__(self, cfg: RecipeConfig, plan: dict, args, model: PolicyWithValueHead, tokenizer, reward, reference,
+    def __init__(self, cfg: RecipeConfig, plan: Plan, args, model: PolicyWithValueHead, tokenizer, reward, reference,
                  device):
         self.cfg, self.plan, self.args, self.tokenizer, self.reward, self.reference = cfg, plan, args, tokenizer, reward, reference
         self.device, self.model = device, model
@@ -93,16 +101,15 @@ class PPOTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            eps=args.adam_epsilon, weight_decay=args.weight_decay)
-        total = plan["total_steps"]
+        total = plan.total_steps
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, args.get_warmup_steps(total), total)
         self.state = TrainerState(max_steps=total, logging_steps=args.logging_steps, save_steps=args.save_steps,
                                   is_world_process_zero=args.process_index == 0,
                                   is_local_process_zero=args.local_process_index == 0)
         self.control = TrainerControl()
-        callbacks = [LogCallback(args.output_dir), *tracker_callbacks(args.report_to)]
-        from ray.train.huggingface.transformers import RayTrainReportCallback
+        callbacks = [LogCallback(args.output_dir, plan.progress_board), *tracker_callbacks(args.report_to)]
 
-        callbacks += [RayTrainReportCallback(), *([ReportEveryLog()] if plan["report_every_log"] else [])]
+        callbacks += [RayTrainReportCallback(), *([ReportEveryLog()] if plan.report_every_log else [])]
         self.callbacks = CallbackHandler(callbacks, model.policy, tokenizer, self.optimizer, self.scheduler)
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ class PPOTrainer:
         while self.state.global_step < self.state.max_steps:
             stats = self.learn(self.rollout(next(batches)))
             self.state.global_step += 1
-            self.state.epoch = self.state.global_step / max(plan["steps_per_epoch"], 1)
+            self.state.epoch = self.state.global_step / max(plan.steps_per_epoch, 1)
             window.append(stats)
             step = self.state.global_step
             if step % args.logging_steps == 0 or step == self.state.max_steps:
@@ -243,8 +250,8 @@ class PPOTrainer:
         self.kl_control.value = state["kl_coef"]
         vars(self.score_moments).update(state["score_moments"])
         self.state.global_step, self.state.log_history = state["global_step"], state["log_history"]
-        self.state.epoch = self.state.global_step / max(self.plan["steps_per_epoch"], 1)
-        say(f"[rayft] ppo resumes at step {self.state.global_step} from {folder}")
+        self.state.epoch = self.state.global_step / max(self.plan.steps_per_epoch, 1)
+        logger.info(f"ppo resumes at step {self.state.global_step} from {folder}")
 
 
 def prompt_stream(prompts: list[list[int]], seed: int):
@@ -277,8 +284,6 @@ def averaged(stats: dict[str, float]) -> dict[str, float]:
 def save_policy(model: PolicyWithValueHead, folder: Path) -> None:
     """The policy as `from_pretrained` loads it (the adapter alone for lora and oft) and its value head in
     value_head.safetensors (LLaMA-Factory's layout)."""
-    from peft import PeftModel
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model.policy, PeftModel):
@@ -314,37 +319,34 @@ class FrozenCopy:
         return model_logprobs(self.model, input_ids, attention_mask, prompt_length, temperature)
 
 
-def reward_and_reference(cfg: RecipeConfig, plan: dict, policy, tokenizer, device):
+def reward_and_reference(cfg: RecipeConfig, plan: Plan, policy, tokenizer, device):
     """The reward function and the reference this worker uses, in this process or on the reward actors."""
     f = cfg.finetuning
-    actors = plan.get("reward_actors") or []
+    actors = plan.reward_actors
     if actors:
-        import ray.train
-
         reward = ActorReward(actors, ray.train.get_context().get_world_rank())
-        return reward, ActorReference(reward) if f.finetuning_type in ("freeze", "full") else AdapterOff(policy)
+        return reward, ActorReference(reward) if reference_kind(cfg) == "actor" else AdapterOff(policy)
     reward = {"lora": lambda: AdapterReward(policy, f.reward_model, tokenizer.pad_token_id, device),
-              "full": lambda: ModelReward(cfg, plan["use_gpu"]),
+              "full": lambda: ModelReward(cfg, plan.use_gpu),
               "api": lambda: ApiReward(f.reward_model)}[f.reward_model_type]()
-    reference = FrozenCopy(cfg, plan["use_gpu"], device) if f.finetuning_type in ("freeze", "full") else AdapterOff(policy)
+    reference = FrozenCopy(cfg, plan.use_gpu, device) if reference_kind(cfg) == "copy" else AdapterOff(policy)
     return reward, reference
 
 
-def run_ppo(cfg: RecipeConfig, plan: dict) -> dict:
+def run_ppo(cfg: RecipeConfig, plan: Plan) -> dict:
     """PPO on this worker's shard of prompts; saves the policy and its value head; returns the final metrics."""
-    import ray.train.torch
 
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(cfg.model)
-    policy = prepare_model(cfg, plan["use_gpu"])
+    policy = prepare_model(cfg, plan.use_gpu)
     reward, reference = reward_and_reference(cfg, plan, policy, tokenizer, device)
     model = PolicyWithValueHead(policy).to(device)
     if args.process_index == 0:
-        say(f"[rayft] {cfg.finetuning.finetuning_type}: {trainable_summary(policy)}; value head "
+        logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(policy)}; value head "
             f"{sum(p.numel() for p in model.v_head.parameters())} params")
-        say(f"[rayft] ppo reward: {reward.description}; reference: {reference.description}")
+        logger.info(f"ppo reward: {reward.description}; reference: {reference.description}")
     prepare_trackers(cfg, args.output_dir)
     trainer = PPOTrainer(cfg, plan, args, model, tokenizer, reward, reference, device)
     prompts = [[int(t) for t in row["input_ids"]] for row in shard_rows("train")]
@@ -355,7 +357,7 @@ def run_ppo(cfg: RecipeConfig, plan: dict) -> dict:
     return finish(trainer, cfg, plan, tokenizer, metrics)
 
 
-def finish(trainer: PPOTrainer, cfg: RecipeConfig, plan: dict, tokenizer, metrics: dict) -> dict:
+def finish(trainer: PPOTrainer, cfg: RecipeConfig, plan: Plan, tokenizer, metrics: dict) -> dict:
     """Saves policy, value head, tokenizer, metrics, plots, config and model card on rank 0; returns the metrics."""
     args = trainer.args
     last = {k: v for record in trainer.state.log_history for k, v in record.items() if k not in ("step", "epoch")}

@@ -8,21 +8,16 @@ import copy
 
 import torch
 
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.derive import reference_kind
 from rayft.trainers.model import load_reference, parameter_count
-
-
-def needs_copy(cfg: RecipeConfig) -> bool:
-    """Whether the reference must be a model of its own rather than the policy without its adapter."""
-    f = cfg.finetuning
-    return f.finetuning_type not in ("lora", "oft") or f.ref_model is not None or f.ref_model_adapters is not None
 
 
 class Reference:
     """Reference-model logits, computed without gradient."""
 
     def __init__(self, cfg: RecipeConfig, use_gpu: bool):
-        self.model = load_reference(cfg, use_gpu) if needs_copy(cfg) else None
+        self.model = load_reference(cfg, use_gpu) if reference_kind(cfg) == "copy" else None
         self.description = ("a frozen copy" if self.model is not None
                             else "the policy with its adapter disabled (no second copy of the weights)")
 
@@ -34,7 +29,7 @@ class Reference:
         if trainer.is_deepspeed_enabled:
             config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
             if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
-                import deepspeed
+                import deepspeed  # heavy; only a ZeRO-3 reference needs it
 
                 self.model, *_ = deepspeed.initialize(model=self.model, config=inference_config(config, self.model))
                 self.model.eval()

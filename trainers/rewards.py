@@ -8,11 +8,21 @@ backoff, and a clear error when the endpoint stays down.
 """
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
+from pathlib import Path
 
+import ray
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.values import VALUE_HEAD_FILE, comma_list
+from rayft.trainers.model import load_model, load_reference, load_tokenizer
 
 
 class RewardAPIError(RuntimeError):
@@ -94,12 +104,8 @@ def load_reward_model(cfg, use_gpu: bool):
     """The reward model at reward_model as its sequence-classification form, with reward_model_adapters
     merged into it, and its tokenizer: a `stage: rm` run's full model, or a base model plus an rm adapter
     (whose `score` head the adapter carries)."""
-    from dataclasses import replace
 
-    from peft import PeftModel
 
-    from rayft.data.registry import comma_list
-    from rayft.trainers.model import load_model, load_tokenizer
 
     f = cfg.finetuning
     model_args = replace(cfg.model, model_name_or_path=f.reward_model)
@@ -139,13 +145,10 @@ class AdapterReward:
     sequences directly (the adapter was trained on the same base and tokenizer)."""
 
     def __init__(self, policy, adapter_dir: str, pad_id: int, device):
-        from pathlib import Path
 
-        from safetensors.torch import load_file
 
         policy.load_adapter(adapter_dir, adapter_name="reward", is_trainable=False)
         policy.set_adapter("default")
-        from rayft.trainers.rm import VALUE_HEAD_FILE
 
         head = load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE))
         self.weight = head["v_head.summary.weight"].to(device)
@@ -171,8 +174,6 @@ class RewardServer:
     and, for freeze or full PPO, gives the reference model's log-probabilities of answered prompts."""
 
     def __init__(self, recipe: dict, use_gpu: bool, with_reference: bool):
-        from rayft.orchestrator.config import RecipeConfig
-        from rayft.trainers.model import load_reference
 
         cfg = RecipeConfig.from_dict(recipe)
         self.device = "cuda" if use_gpu else "cpu"
@@ -181,9 +182,7 @@ class RewardServer:
         self.calls = 0
 
     def where(self) -> dict:
-        import os
 
-        import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "calls": self.calls}
 
@@ -202,26 +201,22 @@ class ActorReward:
     the reference) to its actor (worker rank modulo the group's size) and waits for the answer."""
 
     def __init__(self, actor_names: list[str], rank: int):
-        import ray
 
         self.actors = [ray.get_actor(name) for name in actor_names]
         self.actor = self.actors[rank % len(self.actors)]
         self.description = f"reward actor {rank % len(self.actors)} of {len(self.actors)} ({actor_names[rank % len(self.actors)]})"
 
     def __call__(self, texts: list[str], sequences: list[list[int]]) -> torch.Tensor:
-        import ray
 
         return torch.tensor(ray.get(self.actor.score.remote(texts)))
 
     def reference(self, input_ids, attention_mask, prompt_length: int, temperature: float) -> torch.Tensor:
-        import ray
 
         answer = self.actor.reference_logprobs.remote(input_ids.cpu().numpy(), attention_mask.cpu().numpy(),
                                                       prompt_length, temperature)
         return torch.as_tensor(ray.get(answer))
 
     def where(self) -> list[dict]:
-        import ray
 
         return ray.get([actor.where.remote() for actor in self.actors])
 

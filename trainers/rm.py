@@ -8,15 +8,17 @@ adapter or model, as LLaMA-Factory and TRL's value-head models store it.
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import set_seed
 
 from rayft.data.collator import PairwiseCollator
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.plan import Plan
+from rayft.recipe.values import VALUE_HEAD_FILE
 from rayft.trainers import losses
 from rayft.trainers.common import StatsTrainer, fit, training_arguments
 from rayft.trainers.model import load_tokenizer, prepare_model
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class RewardTrainer(StatsTrainer):
@@ -33,12 +35,12 @@ class RewardTrainer(StatsTrainer):
         return (loss, {}) if return_outputs else loss
 
 
-def run_rm(cfg: RecipeConfig, plan: dict) -> dict:
+def run_rm(cfg: RecipeConfig, plan: Plan) -> dict:
     """Trains the reward model on this worker's shard of preference pairs; returns the final metrics."""
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = prepare_model(cfg, plan["use_gpu"], value_head=True)
+    model = prepare_model(cfg, plan.use_gpu, value_head=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not padding
     metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
                   trainer_cls=RewardTrainer)
@@ -49,8 +51,6 @@ def run_rm(cfg: RecipeConfig, plan: dict) -> dict:
 
 def save_value_head(output_dir: str) -> Path:
     """Copies the trained `score` head out of the saved adapter or model into value_head.safetensors."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     out = Path(output_dir)
     for path in sorted(out.glob("*.safetensors")):  # the adapter, the model, or the model's shards

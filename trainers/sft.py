@@ -8,28 +8,29 @@ from transformers import set_seed
 
 from rayft.data.collator import SupervisedCollator
 from rayft.data.encode import IGNORE_INDEX
-from rayft.orchestrator.config import RecipeConfig
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.plan import Plan
 from rayft.trainers.common import fit, training_arguments
 from rayft.trainers.metrics import token_accuracy_hooks
 from rayft.trainers.model import load_tokenizer, prepare_model
 
 
-def run_sft(cfg: RecipeConfig, plan: dict) -> dict:
+def run_sft(cfg: RecipeConfig, plan: Plan) -> dict:
     """Supervised fine-tuning on templated conversations; returns the final metrics."""
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = prepare_model(cfg, plan["use_gpu"])
+    model = prepare_model(cfg, plan.use_gpu)
     hooks = token_accuracy_hooks() if cfg.finetuning.compute_accuracy else {}
     return fit(cfg, plan, args, model, tokenizer, supervised_collator(cfg, tokenizer), **hooks)
 
 
-def run_pt(cfg: RecipeConfig, plan: dict) -> dict:
+def run_pt(cfg: RecipeConfig, plan: Plan) -> dict:
     """(Continued) pre-training on plain text, packed by default; returns the final metrics."""
     args = training_arguments(cfg, plan)
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = prepare_model(cfg, plan["use_gpu"])
+    model = prepare_model(cfg, plan.use_gpu)
     return fit(cfg, plan, args, model, tokenizer, supervised_collator(cfg, tokenizer))
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 CHATML_JINJA = (
     "{% for message in messages %}"
@@ -38,8 +40,6 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: li
                     eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>", bos_token: str | None = None,
                     chat_template: str = CHATML_JINJA):
     """A byte-level BPE tokenizer trained on `texts`; ChatML special tokens and chat template by default."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -61,7 +61,6 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: li
 def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, num_layers: int = 4,
                 seed: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None):
     """A randomly initialised Qwen2- or Llama-style causal LM of a few million parameters."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
     config = config_cls(

@@ -7,14 +7,20 @@ after the final evaluation, so every metric of a run, eval included, lands in on
 import os
 from pathlib import Path
 
-from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+from transformers.integrations import (
+    MLflowCallback,
+    TensorBoardCallback,
+    WandbCallback,
+    get_reporting_integration_callbacks,
+)
 
-from rayft.orchestrator.config import RecipeConfig, report_targets
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.derive import report_targets
 
 
 def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
     """Settings the tracking libraries read when a run starts; called in the worker before the Trainer."""
-    targets = report_targets(cfg.training.get("report_to"))
+    targets = report_targets(cfg.args.report_to)
     if "wandb" in targets:
         # W&B takes its mode and folder from the environment when its run starts. rayft runs it offline:
         # `wandb sync output_dir/wandb/offline-run-*` uploads a run later from a machine that may.
@@ -22,7 +28,7 @@ def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
         os.environ["WANDB_DIR"] = output_dir
         os.environ.setdefault("WANDB_PROJECT", "rayft")
     if "mlflow" in targets:
-        import mlflow
+        import mlflow  # optional tracker, imported only when report_to names it
 
         uri = cfg.finetuning.mlflow_tracking_uri or mlflow_file_store(output_dir)
         if uri.startswith("file:"):
@@ -52,7 +58,6 @@ def adapt_trackers(trainer) -> None:
 def tracker_callbacks(report_to: list[str]) -> list:
     """The Trainer's tracker callbacks for `report_to`, MLflow's being one that `close_trackers` ends; for
     a training loop of rayft's own (stage ppo) that drives Transformers' callbacks itself."""
-    from transformers.integrations import get_reporting_integration_callbacks
 
     return [MLflowUntilClosed() if cls is MLflowCallback else cls()
             for cls in get_reporting_integration_callbacks(report_to)]

@@ -1,11 +1,16 @@
-"""The function every Ray Train worker runs: rebuild the config from plain data, run the stage."""
+"""The function every Ray Train worker runs: rebuild the config and the plan from plain data, run the stage."""
 
 import json
 from pathlib import Path
 
+import ray
+import ray.train
+import torch.distributed as dist
+
 from rayft.cluster.storage import upload_outputs
-from rayft.orchestrator.config import RecipeConfig
-from rayft.trainers.callbacks import say
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import QUIET, configure, logger, relay_to, verbosity_of
+from rayft.recipe.plan import Plan
 from rayft.trainers.dpo import run_dpo
 from rayft.trainers.kto import run_kto
 from rayft.trainers.ppo import run_ppo
@@ -17,18 +22,23 @@ PLACEMENT_FILE = "placement.json"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point handed to TorchTrainer; `loop_config` holds the resolved recipe and the plan as dicts."""
-    import ray.train
-
-    cfg = RecipeConfig.from_dict(loop_config["recipe"])
-    record_placement(cfg.training["output_dir"])
-    STAGES[cfg.finetuning.stage](cfg, loop_config["plan"])
+    """Entry point handed to TorchTrainer; `loop_config` holds the resolved recipe and the plan as plain data,
+    and the driver's log level."""
     context = ray.train.get_context()
+    cfg = RecipeConfig.from_dict(loop_config["recipe"])
+    plan = Plan.from_dict(loop_config["plan"])
+    # rank 0 speaks at the driver's level, through the driver's progress board when it has one; the others warn
+    rank_zero = context.get_world_rank() == 0
+    configure(verbosity_of(loop_config["log_level"]) if rank_zero else QUIET)
+    if rank_zero and plan.progress_board:
+        relay_to(ray.get_actor(plan.progress_board).post.remote)
+    record_placement(cfg.args.output_dir)
+    STAGES[cfg.finetuning.stage](cfg, plan)
     if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
         # on a cluster, output_dir is on rank 0's own disk: copy it once to the storage every node shares
-        where = upload_outputs(cfg.training["output_dir"], cfg.ray.ray_storage_path, context.get_experiment_name(),
+        where = upload_outputs(cfg.args.output_dir, cfg.ray.ray_storage_path, context.get_experiment_name(),
                                cfg.ray.ray_storage_filesystem)
-        say(f"[rayft] outputs copied to {where}")
+        logger.info(f"outputs copied to {where}")
 
 
 def record_placement(output_dir: str) -> list[dict]:
@@ -36,10 +46,6 @@ def record_placement(output_dir: str) -> list[dict]:
 
     Nodes are identified by id: several nodes may share one IP (e.g. a test cluster on one machine).
     """
-    import ray
-    import ray.train
-    import torch.distributed as dist
-
     context = ray.train.get_context()
     mine = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
             "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
@@ -50,7 +56,9 @@ def record_placement(output_dir: str) -> list[dict]:
         placement = [mine]
     if mine["rank"] == 0:
         for worker in placement:
-            say(f"[rayft] worker rank {worker['rank']} on node {worker['node_id']} ({worker['node_ip']})")
+            logger.debug(f"worker rank {worker['rank']} on node {worker['node_id']} ({worker['node_ip']})")
+        nodes = len({worker["node_id"] for worker in placement})
+        logger.info(f"{len(placement)} worker(s) on {nodes} node(s); ranks and nodes in {PLACEMENT_FILE}")
         path = Path(output_dir) / PLACEMENT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(placement, indent=1))

@@ -1,9 +1,14 @@
 """DeepSpeed ZeRO configurations: the shorthands a recipe may name, and what a config says about itself.
 
+Pure data, shared by the planner on the driver and the workers that hand the config to the Trainer.
+
 Values left as "auto" are filled in by Hugging Face's Trainer from the training arguments.
 """
 
 import copy
+
+# The values a recipe's `deepspeed` key may name instead of a JSON file; auto: the memory planner picks one.
+SHORTHANDS = ("z0", "z1", "z2", "z3", "z2_offload", "z3_offload", "auto")
 
 _COMMON = {
     "train_batch_size": "auto",
@@ -62,22 +67,3 @@ def offload_targets(config: dict | None) -> list[str]:
         for target in ("optimizer", "param")
         if zero.get(f"offload_{target}", {}).get("device", "none") not in ("none", None)
     ]
-
-
-def prebuild_cpu_ops(log=print) -> None:
-    """Compiles DeepSpeed's shared-memory collective op once, before CPU workers start.
-
-    Without a GPU, DeepSpeed JIT-compiles this op on first use; two workers compiling it at once crash,
-    so the driver builds it into the shared torch extensions cache first (about a minute, then cached).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not builder.is_compatible(verbose=False):
-        return
-    log("[rayft] preparing DeepSpeed's CPU shared-memory op (compiled once, then cached)")
-    builder.load(verbose=False)

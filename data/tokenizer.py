@@ -1,0 +1,42 @@
+"""The one tokenizer loader: Ray Data's tokenisation tasks, the workers, export, chat and prediction all call it,
+so every model key (revision, token, cache_dir, trust_remote_code, use_fast_tokenizer) reaches every one of them."""
+
+import functools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Where a tokenizer comes from: plain, hashable data that travels to Ray Data's tasks."""
+
+    path: str
+    revision: str = "main"
+    cache_dir: str | None = None
+    token: str | None = None
+    trust_remote_code: bool = False
+    use_fast: bool = True
+
+    @classmethod
+    def of(cls, model_args) -> "TokenizerSpec":
+        """The tokenizer of a recipe's model keys (`ModelArguments`)."""
+        m = model_args
+        return cls(path=m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir, token=m.hf_hub_token,
+                   trust_remote_code=m.trust_remote_code, use_fast=m.use_fast_tokenizer)
+
+    def identity(self) -> dict:
+        """What names this tokenizer in a cache key: everything but the secret token."""
+        return {"path": self.path, "revision": self.revision, "use_fast": self.use_fast}
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: TokenizerSpec):
+    """The tokenizer of `spec`, loaded once per process (Ray Data's task workers reuse it across batches); a
+    tokenizer without a pad token pads with its EOS token."""
+    from transformers import AutoTokenizer  # heavy; Ray Data tasks that only read or pack never load it
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, cache_dir=spec.cache_dir,
+                                              token=spec.token, trust_remote_code=spec.trust_remote_code,
+                                              use_fast=spec.use_fast)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,85 @@
+"""The model probe: the model built once per run on the meta device (no weights), for the driver's checks of
+module names and for the memory planner's shape."""
+
+from dataclasses import dataclass
+
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rayft.orchestrator.memory import ModelShape
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.values import comma_list
+from rayft.trainers.model import FINETUNING, freeze_trainable_prefixes, linear_module_names
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the driver learns from the empty model: its shape for the planner."""
+
+    shape: ModelShape
+
+
+def probe_model(cfg: RecipeConfig) -> Probe:
+    """Builds the empty model once; raises ConfigError when the model cannot be read or a module name is wrong."""
+    try:
+        model = empty_model(cfg)
+    except (OSError, ValueError) as err:
+        raise ConfigError([Problem("model_name_or_path", f"cannot read a model config from "
+                                                         f"{cfg.model.model_name_or_path!r} ({' '.join(str(err).split())})")]) from None
+    problems = module_problems(cfg, model)
+    if problems:
+        raise ConfigError(problems)
+    return Probe(shape=model_shape(cfg, model))
+
+
+def empty_model(cfg: RecipeConfig):
+    """The model built from its config on the meta device: its modules and shapes, no weights, no memory."""
+    m = cfg.model
+    config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
+                                        token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
+    with init_empty_weights():
+        if cfg.finetuning.stage == "rm":
+            config.num_labels = 1
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def model_shape(cfg: RecipeConfig, model=None) -> ModelShape:
+    """The counts the memory planner needs, from the empty model made trainable as finetuning_type says.
+
+    Adapters named in adapter_name_or_path are counted as a new adapter of the recipe's settings.
+    """
+    model = model if model is not None else empty_model(cfg)
+    config = model.config
+    with init_empty_weights():
+        trainable = FINETUNING[cfg.finetuning.finetuning_type](model, cfg.finetuning, None)
+    unique = {id(p): p for p in trainable.parameters()}.values()  # tied weights once
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in trainable.modules())
+    return ModelShape(
+        total_params=sum(p.numel() for p in unique), trainable_params=sum(p.numel() for p in unique if p.requires_grad),
+        largest_layer_params=largest, hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, vocab_size=config.vocab_size)
+
+
+def module_problems(cfg: RecipeConfig, model) -> list[Problem]:
+    """Module names in lora_target, oft_target, additional_target and the freeze keys that `model` (empty)
+    lacks, so that a typo fails on the driver rather than inside every worker."""
+    f = cfg.finetuning
+    names = [name for name, _ in model.named_modules()]
+    keys = {"lora": ("lora_target", "additional_target"), "oft": ("oft_target", "additional_target")}
+    problems = []
+    for key in keys.get(f.finetuning_type, ()):
+        value = getattr(f, key)
+        wanted = [] if value is None or value.strip() == "all" else comma_list(value)
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            problems.append(Problem(key, f"{', '.join(missing)} not found in {type(model).__name__}; its linear "
+                                         f"layers are {', '.join(linear_module_names(model))}"))
+    if f.finetuning_type == "freeze":
+        try:
+            freeze_trainable_prefixes(model, f)
+        except ConfigError as err:
+            problems += err.problems
+    return problems

@@ -1,0 +1,143 @@
+"""A sweep's results: each trial's row (last and best metric, steps, status, why it stopped), the table, the CSV,
+the plot of every trial's metric, and best_config.yaml, a recipe `rayft train` runs unchanged."""
+
+import csv
+import math
+from pathlib import Path
+
+import yaml
+
+from rayft.orchestrator.sweep_spec import SweepSpec, Trial, describe
+from rayft.recipe.values import mask
+from rayft.trainers.callbacks import read_log
+
+TRIALS_FILE = "sweep_trials.json"
+
+RESULTS_FILE = "sweep_results.csv"
+
+BEST_CONFIG_FILE = "best_config.yaml"
+
+
+def stop_reason(status: str, step: int | None, total: int | None, error: str | None, scheduler: str,
+                budget_spent: bool) -> str:
+    if status == "ERROR":
+        return f"failed: {error}"
+    if step is None:
+        return "stopped before its first report"
+    if total is not None and step >= total:
+        return "completed"
+    if budget_spent and scheduler == "fifo":
+        return f"stopped at step {step}/{total}: time budget spent"
+    return f"stopped early at step {step}/{total} by {scheduler}"
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    """The trial whose last reported metric is best (ties: the earlier trial)."""
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    if not scored:
+        return None
+    return (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+
+
+def write_results(output_dir: Path, rows: list[dict], histories: dict[str, list[tuple]], metric: str) -> Path:
+    """sweep_results.csv and the plot of each trial's metric against steps; returns the CSV's path."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path = output_dir / RESULTS_FILE
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_histories(output_dir, histories, metric)
+    return path
+
+
+def plot_histories(output_dir: Path, histories: dict[str, list[tuple]], metric: str) -> Path:
+    import matplotlib  # the backend must be chosen before pyplot loads, and only the sweep's end plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(histories.items()):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial")
+    ax.grid(alpha=0.3)
+    if histories:
+        ax.legend(fontsize=7)
+    path = output_dir / f"sweep_{metric.replace('/', '_')}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[format_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_best_config(output_dir: Path, raw: dict, best: dict, params: dict, metric: str, run_name: str) -> Path:
+    """A plain recipe (no sweep section) with the best trial's values, that `rayft train` runs as it is."""
+    recipe = {k: v for k, v in raw.items() if k != "sweep"}
+    recipe.update(params)
+    recipe.update(output_dir=str(output_dir / "best"), ray_run_name=f"{run_name}-best")
+    path = output_dir / BEST_CONFIG_FILE
+    header = (f"# Best trial of sweep {run_name!r}: {best['trial']} ({describe(params)}), "
+              f"{metric} = {format_cell(best[metric])}.\n# Train it with: rayft train {path}\n")
+    masked = mask(recipe)
+    if masked != recipe:
+        header += "# Secrets are masked (***): pass them again as key=value overrides.\n"
+    path.write_text(header + yaml.safe_dump(masked, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def finished_records(output_dir: str, metric: str) -> list[dict] | None:
+    """The metric records of a trial whose run completed before the sweep was interrupted, else None."""
+
+    out = Path(output_dir)
+    if not (out / "all_results.json").is_file():
+        return None
+    records = [r for r in read_log(out) if metric in r]
+    return records or None
+
+
+def result_rows(grid, trials: list[Trial], spec: SweepSpec, budget_spent: bool) -> tuple[list[dict], dict]:
+    rows, histories = [], {}
+    by_index = {result.config["trial"]: result for result in grid}
+    for index, trial in enumerate(trials):
+        result = by_index.get(index)
+        metrics = dict(result.metrics or {}) if result is not None else {}
+        error = str(result.error).strip().splitlines()[-1][:300] if result is not None and result.error else None
+        status = "ERROR" if error else ("TERMINATED" if result is not None else "NOT STARTED")
+        frame = result.metrics_dataframe if result is not None else None
+        history = []
+        if frame is not None and spec.metric in frame and "step" in frame:
+            history = [(int(s), float(v)) for s, v in zip(frame["step"], frame[spec.metric]) if v == v]
+        histories[trial.name] = history
+        step = metrics.get("step")
+        rows.append({
+            "trial": trial.name, **trial.params,
+            spec.metric: metrics.get(spec.metric),
+            f"best_{spec.metric}": (min if spec.mode == "min" else max)(v for _, v in history) if history else None,
+            "step": step, "total_steps": metrics.get("total_steps"),
+            "status": status,
+            "stop_reason": stop_reason(status, step, metrics.get("total_steps"), error, spec.scheduler, budget_spent),
+        })
+    return rows, histories
+
+
+def trials_record(run_name: str, trials: list[Trial]) -> dict:
+    """What sweep_trials.json holds: the sweep's name and every trial's values, to recognise it on a rerun."""
+    return {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}

@@ -1,0 +1,271 @@
+"""A sweep's specification: the `sweep:` section, the points of its space, each trial's checked recipe, its metric
+and how many trials the cluster runs at once. Pure: nothing here touches Ray or the file system's outputs."""
+
+import dataclasses
+import difflib
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from rayft.recipe.config import RecipeConfig, parse_config
+from rayft.recipe.derive import is_prediction
+from rayft.recipe.loading import describe_type, type_matches
+from rayft.recipe.logs import logger
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.schema import key_sections
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+# Keys the sweep sets for every trial itself: each trial has its own outputs and its own Ray Train run.
+SET_PER_TRIAL = ("output_dir", "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_address",
+                 "overwrite_output_dir")
+
+
+@dataclass
+class SweepSpec:
+    """The recipe's `sweep:` section."""
+
+    parameters: dict
+    num_samples: int = 1
+    metric: Optional[str] = None  # default: eval_loss with evaluation data, else the training loss
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: Optional[int] = None  # asha: optimizer steps before a trial can be stopped (default: the
+    # interval at which the metric is measured)
+    reduction_factor: float = 4.0  # asha: Ray Tune's default
+    max_concurrent_trials: Optional[int] = None  # default: as many trials as the cluster fits at once
+    time_budget_s: Optional[float] = None  # stop every trial when the sweep has run this long
+    seed: Optional[int] = None  # for sampling the space; default: the recipe's seed
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Trial:
+    """One point of the space: its name, the values it sets, and its full recipe (plain data)."""
+
+    name: str
+    params: dict
+    recipe: dict
+
+
+def parse_sweep(section, seed: int) -> SweepSpec:
+    """Checks the `sweep:` section; raises ConfigError naming every problem."""
+    if not isinstance(section, dict):
+        raise ConfigError([Problem("sweep", f"must be a mapping with at least `parameters`, not {section!r}")])
+    known = {f.name: f for f in dataclasses.fields(SweepSpec) if f.name != "notes"}
+    problems = []
+    for key, value in section.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            problems.append(f"sweep.{key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else
+                                                            f" (known: {', '.join(known)})"))
+        elif not type_matches(value, SweepSpec.__annotations__[key] if key != "parameters" else dict):
+            problems.append(f"sweep.{key}: {value!r} is a {type(value).__name__}, expected "
+                            f"{describe_type(SweepSpec.__annotations__[key])}")
+    if "parameters" not in section:
+        problems.append(Problem("sweep.parameters", "required; map recipe keys to a space, e.g. lora_rank: {grid: [8, 16]}"))
+    if problems:
+        raise ConfigError(problems)
+    spec = SweepSpec(**section)
+    problems += _space_problems(spec.parameters)
+    if spec.num_samples < 1:
+        problems.append(Problem("sweep.num_samples", f"must be at least 1, got {spec.num_samples}"))
+    if spec.grace_period is not None and spec.grace_period < 1:
+        problems.append(Problem("sweep.grace_period", f"must be at least 1 step, got {spec.grace_period}"))
+    if spec.reduction_factor <= 1:
+        problems.append(Problem("sweep.reduction_factor", f"must be above 1, got {spec.reduction_factor}"))
+    if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
+        problems.append(Problem("sweep.max_concurrent_trials", f"must be at least 1, got {spec.max_concurrent_trials}"))
+    if spec.time_budget_s is not None and spec.time_budget_s <= 0:
+        problems.append(Problem("sweep.time_budget_s", f"must be positive, got {spec.time_budget_s}"))
+    if problems:
+        raise ConfigError(problems)
+    if spec.seed is None:
+        spec.seed = seed
+    return spec
+
+
+def _space_problems(parameters: dict) -> list[str]:
+    known = key_sections()
+    problems = []
+    if not parameters:
+        problems.append(Problem("sweep.parameters", "empty; name at least one recipe key to search over"))
+    for key, space in parameters.items():
+        where = f"sweep.parameters.{key}"
+        if key in SET_PER_TRIAL:
+            problems.append(Problem(where, f"the sweep sets {key} for each trial itself; it cannot be searched"))
+        elif key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            problems.append(Problem(where, "not a recipe key" + (f"; did you mean {close[0]!r}?" if close else "")))
+        if not isinstance(space, dict) or len(space) != 1 or next(iter(space)) not in SAMPLERS:
+            problems.append(Problem(where, f"must be one of {{grid: [..]}}, {{choice: [..]}}, {{uniform: [low, high]}}, "
+                            f"{{loguniform: [low, high]}}, {{randint: [low, high]}}; got {space!r}"))
+            continue
+        kind, values = next(iter(space.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                problems.append(f"{where}.{kind}: must be a non-empty list of values, got {values!r}")
+            continue
+        numbers = isinstance(values, list) and len(values) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numbers or not values[0] < values[1]:
+            problems.append(f"{where}.{kind}: must be [low, high] with low < high, got {values!r}")
+        elif kind == "loguniform" and values[0] <= 0:
+            problems.append(f"{where}.loguniform: low must be positive, got {values[0]}")
+        elif kind == "randint" and not all(isinstance(v, int) for v in values):
+            problems.append(f"{where}.randint: low and high must be integers (high excluded), got {values!r}")
+    return problems
+
+
+def expand_points(spec: SweepSpec) -> list[dict]:
+    """Every trial's values: the grid's product, repeated num_samples times, other keys sampled (seeded)."""
+    rng = random.Random(spec.seed)
+    grid_keys = [k for k, space in spec.parameters.items() if "grid" in space]
+    combos = list(itertools.product(*(spec.parameters[k]["grid"] for k in grid_keys)))
+    points = []
+    for _ in range(spec.num_samples):
+        for combo in combos:
+            grid = dict(zip(grid_keys, combo))
+            points.append({k: grid[k] if k in grid else _sample(space, rng) for k, space in spec.parameters.items()})
+    return points
+
+
+def _sample(space: dict, rng: random.Random):
+    kind, values = next(iter(space.items()))
+    if kind == "choice":
+        return rng.choice(values)
+    if kind == "uniform":
+        return rng.uniform(*values)
+    if kind == "loguniform":
+        return math.exp(rng.uniform(math.log(values[0]), math.log(values[1])))
+    return rng.randrange(*values)  # randint: high excluded, as in Ray Tune
+
+
+def trial_name(index: int) -> str:
+    return f"trial_{index:03d}"
+
+
+def describe(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def make_trials(raw: dict, spec: SweepSpec, output_dir: Path, run_name: str) -> list[Trial]:
+    """Each trial's recipe: the base recipe, the point's values, and its own output_dir and run name."""
+    base = {k: v for k, v in raw.items() if k != "sweep"}
+    trials = []
+    for index, params in enumerate(expand_points(spec)):
+        name = trial_name(index)
+        recipe = {**base, **params, "output_dir": str(output_dir / "trials" / name),
+                  "ray_run_name": f"{run_name}-{name}", "overwrite_output_dir": True}
+        trials.append(Trial(name, params, recipe))
+    return trials
+
+
+def validate_trials(trials: list[Trial], base_dir: Path) -> list[RecipeConfig]:
+    """Parses every trial's recipe; raises one ConfigError naming each bad trial with its values."""
+    configs, problems = [], []
+    for trial in trials:
+        try:
+            configs.append(parse_config(trial.recipe, base_dir=base_dir))
+        except ConfigError as err:
+            problems += [f"{trial.name} ({describe(trial.params)}): {p}" for p in err.problems]
+    if problems:
+        raise ConfigError(problems + ["the sweep did not start; change the space in the recipe's sweep section"])
+    return configs
+
+
+def default_metric(cfg: RecipeConfig) -> str:
+    """PPO's mean reward (maximised); otherwise the evaluation loss where the recipe evaluates, else the loss."""
+    if cfg.finetuning.stage == "ppo":
+        return "reward"
+    return "eval_loss" if (cfg.data.eval_dataset or cfg.data.val_size) else "loss"
+
+
+def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
+    """Whether the trials will report the metric while they train, as the scheduler needs."""
+    t = cfg.args
+    evaluates = bool(cfg.data.eval_dataset or cfg.data.val_size)
+    problems = []
+    if cfg.finetuning.stage == "ppo" and spec.metric == "reward" and spec.mode == "min":
+        problems.append(Problem("sweep.mode", "'reward' is PPO's mean reward, which a sweep maximises; set mode: max"))
+    if spec.metric.startswith("eval_") and not evaluates:
+        problems.append(Problem("sweep.metric", f"{spec.metric!r} is measured on evaluation data, which this recipe has "
+                        "none of; set eval_dataset or val_size, or choose a training metric such as 'loss'"))
+    elif spec.scheduler == "asha" and spec.metric.startswith("eval_") and t.eval_strategy == "no":
+        problems.append(Problem("sweep.scheduler", f"asha compares trials by {spec.metric!r} during training, but "
+                        "eval_strategy is 'no' (evaluation only at the end); set eval_strategy: steps and eval_steps"))
+    return problems
+
+
+def report_interval(cfg: RecipeConfig, metric: str, steps_per_epoch: int) -> int:
+    """How many optimizer steps apart the metric is measured (ASHA's default grace period)."""
+    t = cfg.args
+    if metric.startswith("eval_"):
+        if t.eval_strategy == "epoch":
+            return steps_per_epoch
+        return int(t.eval_steps or t.logging_steps)
+    if t.logging_strategy == "epoch":
+        return steps_per_epoch
+    return int(t.logging_steps)
+
+
+def fitting_trials(per_trial: dict, nodes) -> int:
+    """How many trials, each needing `per_trial` resources in total, the cluster holds at once."""
+    fits = [math.floor(sum(n.resources.get(k, 0.0) for n in nodes) / v + 1e-9) for k, v in per_trial.items() if v > 0]
+    return min(fits) if fits else 1
+
+
+def concurrency(spec: SweepSpec, per_trial: dict, nodes) -> int:
+    """max_concurrent_trials: the user's, unless the cluster cannot hold that many trials' workers at once."""
+    fits = fitting_trials(per_trial, nodes)
+    if spec.max_concurrent_trials is None:
+        return max(fits, 1)
+    if spec.max_concurrent_trials > fits:
+        raise ConfigError([
+            Problem("sweep.max_concurrent_trials", f"{spec.max_concurrent_trials} trials at once need "
+            f"{ {k: v * spec.max_concurrent_trials for k, v in per_trial.items()} }, but the cluster holds the "
+            f"workers of {fits} trial(s) at once; lower max_concurrent_trials (or leave it unset)")])
+    return spec.max_concurrent_trials
+
+
+@dataclass
+class Sweep:
+    """A checked sweep: the base recipe's config, the spec with derived values filled in, and the trials."""
+
+    base: RecipeConfig
+    spec: SweepSpec
+    run_name: str
+    output_dir: Path
+    trials: list[Trial]
+    configs: list[RecipeConfig]
+
+
+def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
+    """Everything about a sweep that can be checked without Ray: its section, its metric, every trial's recipe."""
+    if "sweep" not in raw:
+        raise ConfigError([Problem("sweep", "this recipe has no sweep section; add one (see the README) or use `rayft train`")])
+    base_cfg = parse_config({k: v for k, v in raw.items() if k != "sweep"}, base_dir=base_dir)
+    if is_prediction(base_cfg):
+        raise ConfigError([Problem("do_train", "a sweep trains every trial; this recipe generates (do_train: false with "
+                           "predict_with_generate); run it with `rayft train`, or sweep a training recipe")])
+    if base_cfg.ray.reward_model_workers:
+        raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial (the trials' "
+                           "resources would not count it); keep the reward model inside the workers for a sweep")])
+    spec = parse_sweep(raw["sweep"], seed=base_cfg.args.seed)
+    output_dir = Path(base_cfg.args.output_dir)
+    run_name = base_cfg.ray.ray_run_name or f"sweep-{output_dir.name}"
+    if not base_cfg.ray.ray_run_name:
+        logger.info(Problem("derived", f"ray_run_name = {run_name} (from output_dir; trials are named {run_name}-trial_NNN)"))
+    if spec.metric is None:
+        spec.metric = default_metric(base_cfg)
+        if spec.metric == "reward" and "mode" not in raw["sweep"]:
+            spec.mode = "max"
+        logger.info(Problem("derived", f"sweep.metric = {spec.metric} ({spec.mode})"))
+    problems = metric_problems(spec, base_cfg)
+    if problems:
+        raise ConfigError(problems)
+    trials = make_trials(raw, spec, output_dir, run_name)
+    return Sweep(base_cfg, spec, run_name, output_dir, trials, validate_trials(trials, Path(base_dir)))

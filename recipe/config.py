@@ -1,0 +1,159 @@
+"""Turns a YAML recipe plus `key=value` overrides into a validated, typed `RecipeConfig`.
+
+Every problem is collected into one `ConfigError`; nothing here touches Ray or the file system's outputs.
+"""
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayft.recipe.derive import resolve
+from rayft.recipe.loading import describe_type, type_matches
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.rules import NOT_BUILT, RESERVED_KEYS, validate
+from rayft.recipe.schema import (
+    SECTIONS,
+    DataArguments,
+    FinetuningArguments,
+    GeneratingArguments,
+    ModelArguments,
+    RayArguments,
+    TrainingArguments,
+    default_of,
+    field_names,
+    key_sections,
+    type_hints,
+)
+from rayft.recipe.values import mask
+
+
+@dataclass
+class RecipeConfig:
+    """The resolved recipe: one instance of each argument section."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    generating: GeneratingArguments
+    ray: RayArguments
+    training: dict  # the recipe's keyword arguments of TrainingArguments; built for real inside each worker
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was derived, for the run log
+
+    @property
+    def args(self) -> "TrainingView":
+        """The training keys with Hugging Face's defaults filled in, read as attributes (`cfg.args.seed`)."""
+        return TrainingView(self.training)
+
+    def changed_keys(self) -> dict:
+        """The keys whose value differs from the schema's default (secrets masked), in section order."""
+        changed = {}
+        for name, cls in SECTIONS.items():
+            values = self.training if name == "training" else dataclasses.asdict(getattr(self, name))
+            for f in dataclasses.fields(cls):
+                if f.init and f.name in values and values[f.name] != default_of(cls, f.name):
+                    changed[f.name] = values[f.name]
+        return mask(changed)
+
+    def to_dict(self, mask_secrets: bool = True) -> dict:
+        """The flat key -> value form a recipe is written in (secrets masked unless told otherwise)."""
+        flat: dict[str, Any] = {}
+        for name in ("model", "data", "finetuning", "generating", "ray"):
+            section = getattr(self, name)
+            flat.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
+        flat.update(self.training)
+        return mask(flat) if mask_secrets else flat
+
+    @classmethod
+    def from_dict(cls, flat: dict) -> "RecipeConfig":
+        """Rebuilds a config from `to_dict(mask_secrets=False)` (on the worker side of the boundary)."""
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            if name == "training":
+                continue
+            fields = dataclasses.fields(section_cls)
+            sections[name] = section_cls(**{f.name: flat[f.name] for f in fields if f.init and f.name in flat})
+            for derived in (f for f in fields if not f.init):
+                setattr(sections[name], derived.name, flat[derived.name])
+        training_names = field_names(TrainingArguments)
+        return cls(**sections, training={k: v for k, v in flat.items() if k in training_names})
+
+
+class TrainingView:
+    """A read-only view of the training keys: the recipe's value, or Hugging Face's default for the key."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict):
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        if key in self._values:
+            return self._values[key]
+        if key not in _TRAINING_FIELDS:
+            raise AttributeError(f"{key!r} is not a training key")
+        return default_of(TrainingArguments, key)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("the training keys are read-only; derived values are set in recipe.derive.resolve")
+
+
+_TRAINING_FIELDS = field_names(TrainingArguments)
+
+
+def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: bool = True) -> RecipeConfig:
+    """Type-checks, validates and resolves a merged recipe; raises ConfigError with every problem found.
+
+    `for_training=False` (`rayft export`) does not ask for the keys only a training run needs (dataset,
+    output_dir).
+    """
+    problems: list[Problem] = []
+    known = key_sections()
+    by_section: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        if key in RESERVED_KEYS:
+            problems.append(Problem(key, f"{RESERVED_KEYS[key]}"))
+            continue
+        if key == "sweep":
+            problems.append(Problem("sweep", "this recipe describes a sweep; run it with `rayft sweep`, or remove the sweep "
+                            "section to train once"))
+            continue
+        section = known.get(key)
+        if section is None:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(Problem(key, f"unknown key{hint}"))
+            continue
+        expected = type_hints(SECTIONS[section])[key]
+        if not type_matches(value, expected):
+            hint = ""
+            if isinstance(value, bool) and type_matches("no", expected):
+                hint = f" (YAML reads no / off / yes / on as booleans: quote the word, e.g. {key}: \"no\")"
+            problems.append(Problem(key, f"{value!r} is a {type(value).__name__}, expected {describe_type(expected)}{hint}"))
+            continue
+        by_section[section][key] = value
+
+    for key, feature in NOT_BUILT.items():
+        section = known[key]
+        if key in by_section[section] and by_section[section][key] != default_of(SECTIONS[section], key):
+            problems.append(Problem(key, f"{feature} is not built in rayft yet; remove {key} from the recipe"))
+    if problems:
+        raise ConfigError(problems)
+
+    cfg = RecipeConfig(
+        model=ModelArguments(**by_section["model"]),
+        data=DataArguments(**by_section["data"]),
+        finetuning=FinetuningArguments(**by_section["finetuning"]),
+        generating=GeneratingArguments(**by_section["generating"]),
+        ray=RayArguments(**by_section["ray"]),
+        training=by_section["training"],
+    )
+    problems = validate(cfg, Path(base_dir), for_training)
+    if problems:
+        raise ConfigError(problems)
+    cfg.notes = resolve(cfg, Path(base_dir))
+    return cfg
+
+

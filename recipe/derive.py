@@ -1,0 +1,120 @@
+"""Derived values, each decided in one place: the reference model, packing, lora_alpha, absolute paths.
+
+Every part of rayft that needs one of these decisions calls the function here instead of deciding again.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from rayft.recipe.deepspeed import SHORTHANDS
+from rayft.recipe.values import comma_list
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module
+    from rayft.recipe.config import RecipeConfig
+
+# Preference losses that compare the policy with nothing but itself.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+ReferenceKind = Literal["none", "adapter_off", "copy", "actor"]
+
+
+def uses_reference(finetuning) -> bool:
+    """Whether the stage compares the policy with a reference model at all (kto, ppo, dpo but orpo / simpo)."""
+    f = finetuning
+    return f.stage in ("kto", "ppo") or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+
+
+def reference_kind(cfg: "RecipeConfig") -> ReferenceKind:
+    """What the reference model is, for the loader, the memory planner, PPO and the launcher alike.
+
+    - "none": the stage has no reference;
+    - "adapter_off": the policy with its LoRA/OFT adapter switched off (no second copy of the weights);
+    - "copy": a frozen copy in every worker (freeze / full policies, or an explicit ref_model or
+      ref_model_adapters), partitioned under ZeRO-3;
+    - "actor": a frozen copy on the reward model's actors (stage ppo with reward_model_workers).
+    """
+    f = cfg.finetuning
+    if not uses_reference(f):
+        return "none"
+    separate = f.finetuning_type not in ("lora", "oft") or f.ref_model is not None or f.ref_model_adapters is not None
+    if not separate:
+        return "adapter_off"
+    if f.stage == "ppo" and cfg.ray.reward_model_workers:
+        return "actor"
+    return "copy"
+
+
+def report_targets(report_to: Any) -> list[str]:
+    """The trackers a `report_to` value names (a string, a comma list or a list; "none" names none)."""
+    names = comma_list(report_to) if isinstance(report_to, str) or report_to is None else list(report_to)
+    return [name for name in names if name != "none"]
+
+
+def is_prediction(cfg: "RecipeConfig") -> bool:
+    """A recipe that generates instead of training: do_train false with predict_with_generate."""
+    return cfg.args.do_train is False and bool(cfg.args.predict_with_generate)
+
+
+
+
+def resolve(cfg: "RecipeConfig", base_dir: Path) -> list[str]:
+    """Computes every derived value in one place; returns the log lines that say what was derived."""
+    notes = []
+    f, r, t = cfg.finetuning, cfg.ray, cfg.training
+    if f.lora_alpha is None:
+        f.lora_alpha = 2 * f.lora_rank
+        notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
+    f.use_ref_model = uses_reference(f)
+    if f.use_ref_model:
+        notes.append(f"reference model: {reference_kind(cfg)} (stage {f.stage}"
+                     + (f", pref_loss {f.pref_loss}" if f.stage == "dpo" else "")
+                     + f", finetuning_type {f.finetuning_type})")
+    d = cfg.data
+    if d.packing is None:
+        d.packing = d.neat_packing or f.stage == "pt"
+        notes.append(f"packing = {d.packing} (on for stage pt and for neat_packing, off otherwise)")
+    if isinstance(r.resources_per_worker, str):
+        r.resources_per_worker = json.loads(r.resources_per_worker)
+    if isinstance(r.reward_model_resources, str):
+        r.reward_model_resources = json.loads(r.reward_model_resources)
+    if f.stage == "ppo" and f.reward_model_type in ("lora", "full") and f.reward_model:
+        reward_path = under(base_dir, f.reward_model)
+        if reward_path.exists():
+            f.reward_model = str(reward_path)
+        f.reward_model_adapters = ",".join(str(under(base_dir, a)) for a in comma_list(f.reward_model_adapters)) or None
+    deepspeed = t.get("deepspeed")
+    if isinstance(deepspeed, str) and deepspeed not in SHORTHANDS:
+        t["deepspeed"] = json.loads(under(base_dir, deepspeed).read_text())
+        notes.append(f"deepspeed config read from {deepspeed} (it travels inside the job)")
+    if t.get("output_dir"):
+        t["output_dir"] = str(under(base_dir, t["output_dir"]))
+    if cfg.model.export_dir:
+        cfg.model.export_dir = str(under(base_dir, cfg.model.export_dir))
+    if r.ray_address is None and os.environ.get("RAY_ADDRESS"):
+        r.ray_address = os.environ["RAY_ADDRESS"]
+        notes.append(f"ray_address = {r.ray_address} from RAY_ADDRESS (set for a `ray job submit` job): joining that cluster")
+    r.storage_was_relative = "://" not in r.ray_storage_path and not Path(r.ray_storage_path).expanduser().is_absolute()
+    r.ray_storage_path = absolute_storage(base_dir, r.ray_storage_path)
+    cfg.data.dataset_dir = str(under(base_dir, cfg.data.dataset_dir))
+    if cfg.data.tokenized_path:
+        cfg.data.tokenized_path = str(under(base_dir, cfg.data.tokenized_path))
+    model_path = under(base_dir, cfg.model.model_name_or_path)
+    if model_path.exists():
+        cfg.model.model_name_or_path = str(model_path)
+    return notes
+
+
+def under(base_dir: Path, path: str) -> Path:
+    """`path` made absolute against `base_dir` (the folder rayft was started from)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def absolute_storage(base_dir: Path, storage: str) -> str:
+    """A storage path made absolute; a URI (s3://, gs://) stays as it is."""
+    if "://" in storage:
+        return storage
+    return str(under(base_dir, storage))
+
+

@@ -1,0 +1,73 @@
+"""The plan's types: a cluster node as the planner sees it, and the frozen `Plan` of one run.
+
+`orchestrator/plan.py` decides a Plan; the workers receive it as plain data and rebuild it as the same type.
+"""
+
+from dataclasses import asdict, dataclass
+
+from rayft.recipe.values import GB
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node of the cluster and the resources it has in total."""
+
+    node_id: str
+    ip: str
+    resources: dict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver decided for one run. Built once, never changed; workers rebuild it with `from_dict`."""
+
+    num_workers: int
+    resources_per_worker: dict
+    placement_strategy: str
+    use_gpu: bool
+    backend: str
+    deepspeed: dict | None
+    zero_stage: int | None
+    offload: tuple[str, ...]
+    num_train_examples: int
+    examples_per_worker: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    notes: tuple[str, ...] = ()
+    memory_per_worker: dict | None = None  # the memory planner's estimate: part -> bytes, with "budget"
+    report_every_log: bool = False  # a sweep's trial reports each logged record, for its scheduler
+    reward_actors: tuple[str, ...] = ()  # names of the reward model's actors (stage ppo, reward_model_workers)
+    progress_board: str | None = None  # name of the driver's progress actor that rank 0 posts its records to
+
+    def to_dict(self) -> dict:
+        """Plain data for the trip to the workers (and training_args.yaml)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """The same Plan again, from `to_dict`'s output."""
+        return cls(**{**data, "notes": tuple(data["notes"]), "offload": tuple(data["offload"]),
+                      "reward_actors": tuple(data["reward_actors"])})
+
+    def summary(self) -> str:
+        stage = "off" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+        offload = f" (offload: {', '.join(self.offload)})" if self.offload else ""
+        lines = [
+            f"workers            {self.num_workers} x {self.resources_per_worker}, strategy {self.placement_strategy}",
+            f"device             {'cuda' if self.use_gpu else 'cpu'}, process group {self.backend}",
+            f"deepspeed          {stage}{offload}",
+            f"examples           {self.num_train_examples} ({self.examples_per_worker} per worker)",
+            f"batch size         {self.per_device_batch_size} per device x {self.num_workers} workers x "
+            f"{self.gradient_accumulation_steps} accumulation = {self.global_batch_size} global",
+            f"optimizer steps    {self.steps_per_epoch} per epoch, {self.total_steps} in total",
+        ]
+        if self.memory_per_worker:
+            parts = {k: v for k, v in self.memory_per_worker.items() if k != "budget" and v}
+            budget = self.memory_per_worker.get("budget")
+            lines.append(f"memory per worker  {sum(parts.values()) / GB:.2f} GB estimated"
+                         + (f" of {budget / GB:.2f} GB" if budget else "") + ": "
+                         + ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items()))
+        return "\n".join(lines + [f"note               {n}" for n in self.notes])

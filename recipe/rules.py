@@ -1,0 +1,398 @@
+"""The rules a recipe's values must follow together. Each returns `Problem`s (key, fix); none edits another's.
+
+Key-by-key type checks happen while loading (config.py); these see the typed sections.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rayft.recipe.deepspeed import SHORTHANDS
+from rayft.recipe.derive import is_prediction, report_targets, under, uses_reference
+from rayft.recipe.problems import Problem
+from rayft.recipe.schema import DataArguments, FinetuningArguments, GeneratingArguments, TrainingArguments, default_of
+from rayft.recipe.values import VALUE_HEAD_FILE, comma_list
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module
+    from rayft.recipe.config import RecipeConfig
+
+RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
+# Fields from the seeds whose feature rayft has not built yet, with what they belong to.
+# Setting one to a non-default value is refused by name; it is never silently ignored.
+NOT_BUILT: dict[str, str] = {
+    **{k: "multimodal training" for k in (
+        "image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps",
+        "video_maxlen", "media_dir", "train_mm_proj_only")},
+    **{k: "vLLM inference" for k in (
+        "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
+    "infer_backend": "vLLM inference",
+    **{k: "quantised training (QLoRA)" for k in (
+        "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
+        "quantization_device_map", "ref_model_quantization_bit", "reward_model_quantization_bit")},
+    **{k: "quantised export" for k in (
+        "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
+        "export_quantization_maxlen")},
+    "export_hub_model_id": "pushing an export to the hub",
+    **{k: "the GaLore optimizer" for k in (
+        "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+        "galore_proj_type", "galore_layerwise")},
+    **{k: "the APOLLO optimizer" for k in (
+        "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
+        "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
+    **{k: "the BAdam optimizer" for k in (
+        "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
+        "badam_update_ratio", "badam_mask_mode", "badam_verbose")},
+    **{k: "SwanLab tracking" for k in (
+        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
+        "swanlab_api_key")},
+    **{k: "model patches" for k in (
+        "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
+        "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
+        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
+    "tool_format": "tool formats other than the template's own (qwen / chatml have tool formatting)",
+    **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
+    "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
+    "preprocessing_num_workers": "a process count for preprocessing (Ray Data spreads tokenisation over the "
+                                 "cluster itself; preprocessing_batch_size sets its batches)",
+    **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
+    "adapter_folder": "loading adapters from a folder",
+    "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
+    "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",
+    "train_from_scratch": "training from scratch",
+    "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
+}
+
+BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
+# `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
+BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
+GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
+BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
+
+# Keys that only some settings read: key -> (does this config read it?, the settings that decide, what reads
+# it). Setting one that the config does not read is refused rather than silently ignored.
+_LORA, _OFT, _FREEZE = (lambda f: f.finetuning_type == "lora"), (lambda f: f.finetuning_type == "oft"), (
+    lambda f: f.finetuning_type == "freeze")
+# ref_model is read wherever a reference is used, except by PPO with an adapter, whose reference is its base
+_REFERENCE = lambda f: uses_reference(f) and not (f.stage == "ppo" and f.finetuning_type in ("lora", "oft"))
+_PPO = lambda f: f.stage == "ppo"
+ONLY_USED_WITH: dict[str, tuple] = {
+    **{k: (_LORA, ("finetuning_type",), "finetuning_type: lora") for k in (
+        "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora", "pissa_init",
+        "loraplus_lr_ratio")},
+    **{k: (_OFT, ("finetuning_type",), "finetuning_type: oft") for k in (
+        "oft_rank", "oft_block_size", "oft_target", "module_dropout")},
+    **{k: (_FREEZE, ("finetuning_type",), "finetuning_type: freeze") for k in (
+        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
+    **{k: (lambda f: f.finetuning_type in ("lora", "oft"), ("finetuning_type",), "finetuning_type: lora or oft")
+       for k in ("additional_target", "create_new_adapter")},
+    "pissa_iter": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
+    "pissa_convert": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
+    "loraplus_lr_embedding": (lambda f: f.loraplus_lr_ratio is not None, ("loraplus_lr_ratio",), "loraplus_lr_ratio set"),
+    "pref_loss": (lambda f: f.stage == "dpo", ("stage",), "stage: dpo"),
+    "pref_beta": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
+    "pref_ftx": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
+    "dpo_label_smoothing": (lambda f: f.stage == "dpo" and f.pref_loss == "sigmoid", ("stage", "pref_loss"),
+                            "stage: dpo with pref_loss: sigmoid"),
+    "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
+                    "stage: dpo with pref_loss: simpo"),
+    **{k: (lambda f: f.stage == "kto", ("stage",), "stage: kto") for k in ("kto_chosen_weight", "kto_rejected_weight")},
+    **{k: (_REFERENCE, ("stage", "pref_loss", "finetuning_type"), "a reference model (stage kto, stage dpo with a "
+           "pref_loss other than orpo and simpo, or stage ppo with freeze or full fine-tuning; PPO with adapters "
+           "uses the base model without them)") for k in ("ref_model", "ref_model_adapters")},
+    **{k: (_PPO, ("stage",), "stage: ppo") for k in (
+        "reward_model", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
+        "ppo_whiten_rewards")},
+    "reward_model_adapters": (lambda f: f.stage == "ppo" and f.reward_model_type == "full",
+                              ("stage", "reward_model_type"), "stage: ppo with reward_model_type: full"),
+    "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
+}
+
+
+def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
+    """Checks the values against each other; returns every problem found (does not modify cfg)."""
+    m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.args
+    problems = []
+    if not m.model_name_or_path:
+        problems.append(Problem("model_name_or_path", "required; set it to a local model folder or a hub id"))
+    if for_training and t.do_train is not False and not d.dataset:
+        problems.append(Problem("dataset", "required for training; name one or more datasets from dataset_info.json"))
+    if t.eval_strategy != "no" and not d.eval_dataset and not d.val_size:
+        problems.append(Problem("eval_strategy", f"{t.eval_strategy!r} needs data to evaluate on; set eval_dataset or val_size"))
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        problems.append(Problem("eval_on_each_dataset", "needs eval_dataset (a comma list of datasets to evaluate separately)"))
+    if d.val_size and d.eval_dataset:
+        problems.append(Problem("val_size", "set either val_size (hold out part of dataset) or eval_dataset, not both"))
+    if d.val_size < 0 or (d.val_size > 1 and d.val_size != int(d.val_size)):
+        problems.append(Problem("val_size", f"{d.val_size} must be a fraction in [0, 1) or a whole number of examples"))
+    if for_training and not t.output_dir:
+        problems.append(Problem("output_dir", "required; set the folder the model, logs and metrics are written to"))
+    if f.stage not in BUILT_STAGES:
+        problems.append(Problem("stage", f"{f.stage!r} is not built in rayft yet (built: {sorted(BUILT_STAGES)})"))
+    if f.finetuning_type not in BUILT_FINETUNING_TYPES:
+        problems.append(
+            Problem("finetuning_type", f"{f.finetuning_type!r} is not built in rayft yet (built: {sorted(BUILT_FINETUNING_TYPES)})")
+        )
+    if f.lora_rank < 1:
+        problems.append(Problem("lora_rank", f"must be a positive integer, got {f.lora_rank}"))
+    if f.lora_alpha is not None and f.lora_alpha <= 0:
+        problems.append(Problem("lora_alpha", f"must be positive, got {f.lora_alpha}"))
+    if not 0.0 <= f.lora_dropout < 1.0:
+        problems.append(Problem("lora_dropout", f"must be in [0, 1), got {f.lora_dropout}"))
+    for key, (used, settings, by) in ONLY_USED_WITH.items():
+        if getattr(f, key) != default_of(FinetuningArguments, key) and not used(f):
+            now = ", ".join(f"{name}: {getattr(f, name)!r}" for name in settings)
+            problems.append(Problem(f"{key} and {' and '.join(settings)}", f"{key} is only used with {by}, but here {now}; "
+                            f"remove {key} or change {' / '.join(settings)}"))
+    if d.mask_history and d.train_on_prompt:
+        problems.append(Problem("mask_history and train_on_prompt", "mask_history learns only the last response, "
+                        "train_on_prompt learns every prompt too; set one of them to false"))
+    zero3 = _zero_stage(t.deepspeed, base_dir) == 3
+    if len(comma_list(m.adapter_name_or_path)) > 1 and zero3:
+        problems.append(Problem("adapter_name_or_path and deepspeed", "merging several adapters needs whole weights, which "
+                        "ZeRO-3 partitions; merge them beforehand or use ZeRO 0-2"))
+    if f.pissa_convert and zero3:
+        problems.append(Problem("pissa_convert and deepspeed", "converting PiSSA needs the whole adapter on one worker, "
+                        "which ZeRO-3 partitions; use ZeRO 0-2 or remove pissa_convert"))
+    if m.adapter_name_or_path and f.finetuning_type not in ("lora", "oft"):
+        problems.append(Problem("adapter_name_or_path and finetuning_type", f"adapters continue lora or oft training, "
+                        f"not {f.finetuning_type!r}; merge them into the model first or use finetuning_type: lora"))
+    if f.compute_accuracy and t.eval_strategy == "no" and not (d.eval_dataset or d.val_size):
+        problems.append(Problem("compute_accuracy", "needs evaluation data; set eval_dataset or val_size"))
+    if f.freeze_trainable_layers == 0:
+        problems.append(Problem("freeze_trainable_layers", "0 trains nothing; use a positive n (last n blocks) or a negative one (first n)"))
+    if (d.packing or d.neat_packing) and f.stage not in ("pt", "sft"):
+        problems.append(Problem("packing", f"packs sequences for stages pt and sft, not {f.stage!r}; remove packing"))
+    if d.neat_packing and d.packing is False:
+        problems.append(Problem("neat_packing", "needs packing; remove packing: false or neat_packing: true"))
+    if d.streaming and t.max_steps <= 0:
+        problems.append(Problem("streaming", "a streamed dataset has no length to count epochs by; set max_steps"))
+    if d.streaming and 0 < d.val_size < 1:
+        problems.append(Problem("val_size", f"with streaming, hold out a whole number of examples (e.g. 100), not a "
+                        f"fraction ({d.val_size})"))
+    if d.streaming and d.tokenized_path:
+        problems.append(Problem("tokenized_path and streaming", "saving the tokenised data materialises it, which streaming "
+                        "avoids; remove one of them"))
+    if d.buffer_size != default_of(DataArguments, "buffer_size") and not d.streaming:
+        problems.append(Problem("buffer_size and streaming", "buffer_size is the shuffle buffer of a streamed dataset, but "
+                        "streaming is off; remove buffer_size or set streaming: true"))
+    if not d.ignore_pad_token_for_loss and f.stage not in ("pt", "sft"):
+        problems.append(Problem("ignore_pad_token_for_loss", f"false makes stages pt and sft learn padding; stage {f.stage!r} "
+                        "compares sequences and never learns padding; remove ignore_pad_token_for_loss"))
+    if d.buffer_size < 1:
+        problems.append(Problem("buffer_size", f"must be at least 1 example, got {d.buffer_size}"))
+    if d.cutoff_len < 8:
+        problems.append(Problem("cutoff_len", f"must be at least 8 tokens, got {d.cutoff_len}"))
+    if d.max_samples is not None and d.max_samples < 1:
+        problems.append(Problem("max_samples", f"must be a positive integer, got {d.max_samples}"))
+    if d.preprocessing_batch_size < 1:
+        problems.append(Problem("preprocessing_batch_size", f"must be positive, got {d.preprocessing_batch_size}"))
+    if r.ray_max_failures < -1:
+        problems.append(Problem("ray_max_failures", f"{r.ray_max_failures} is not a number of restarts; use 0 or more, or -1 for no limit"))
+    if r.ray_num_workers < 1:
+        problems.append(Problem("ray_num_workers", f"must be at least 1, got {r.ray_num_workers}"))
+    problems += resource_problems("resources_per_worker", r.resources_per_worker)
+    problems += _deepspeed_problems(t.deepspeed, base_dir)
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            problems.append(Problem(key, f"must be at least 1, got {getattr(t, key)}"))
+    if t.learning_rate <= 0:
+        problems.append(Problem("learning_rate", f"must be positive, got {t.learning_rate}"))
+    problems += _run_kind_problems(cfg, for_training)
+    problems += _ppo_problems(cfg)
+    if not problems:
+        problems += _training_arguments_problems(cfg.training)
+    return problems
+
+
+def _run_kind_problems(cfg: "RecipeConfig", for_training: bool) -> list[Problem]:
+    """Checks that depend on what the recipe runs: training, or generation for evaluation and prediction.
+
+    A recipe for `rayft chat` or `rayft export` (`for_training=False`) may hold generation settings.
+    """
+    d, f, g, t = cfg.data, cfg.finetuning, cfg.generating, cfg.args
+    problems = []
+    training = t.do_train is not False and for_training
+    if t.predict_with_generate and training:
+        problems.append(Problem("predict_with_generate", "generation runs in a recipe of its own after training (as in "
+                        "LLaMA-Factory); set do_train: false and adapter_name_or_path to the trained output_dir"))
+    if t.do_predict and not t.predict_with_generate:
+        problems.append(Problem("do_predict", "rayft predicts by generating; set predict_with_generate: true"))
+    if is_prediction(cfg):
+        if not (t.do_predict or t.do_eval):
+            problems.append(Problem("predict_with_generate", "set do_predict: true (predictions and scores) or do_eval: true "
+                            "(scores only)"))
+        if not d.eval_dataset:
+            problems.append(Problem("eval_dataset", "required for prediction; name the datasets to generate answers for"))
+        if d.dataset:
+            problems.append(Problem("dataset", "prediction reads no training data; name the data to generate for in "
+                            "eval_dataset and remove dataset"))
+        if f.stage != "sft":
+            problems.append(Problem("stage", f"prediction generates with a stage sft model; set stage: sft, not {f.stage!r}"))
+        if t.deepspeed is not None:
+            problems.append(Problem("deepspeed", "prediction runs one whole model per worker, without DeepSpeed; remove "
+                            "deepspeed"))
+        if cfg.ray.placement_strategy != "PACK":
+            problems.append(Problem("placement_strategy", "Ray Data places the generation actors wherever they fit; remove "
+                            "placement_strategy"))
+        if d.packing or d.neat_packing or d.streaming:
+            problems.append(Problem("packing / neat_packing / streaming", "prediction generates for one example at a time "
+                            "in order; remove them"))
+    elif for_training and not training:
+        problems.append(Problem("do_train", "false leaves nothing to run; add do_predict: true and predict_with_generate: "
+                        "true to generate, or remove do_train"))
+    elif training and f.stage != "ppo":  # PPO generates its rollouts with them
+        changed = [k for k in GENERATION_KEYS if getattr(g, k) != default_of(GeneratingArguments, k)]
+        changed += ["eval_num_beams"] if d.eval_num_beams is not None else []
+        problems += [Problem(k, f"generation settings are read by prediction (do_train: false with do_predict and "
+                     f"predict_with_generate) and by `rayft chat`, not by training; remove {k}") for k in changed]
+    targets = report_targets(t.report_to)
+    problems += [Problem("report_to", f"{name!r} is not built in rayft (built: {', '.join(BUILT_TRACKERS)})")
+                 for name in targets if name not in BUILT_TRACKERS]
+    if f.mlflow_tracking_uri and "mlflow" not in targets:
+        problems.append(Problem("mlflow_tracking_uri", "only read with report_to: mlflow; add mlflow to report_to or remove "
+                        "mlflow_tracking_uri"))
+    return problems
+
+
+def _ppo_problems(cfg: "RecipeConfig") -> list[Problem]:
+    """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
+    d, f, r, t = cfg.data, cfg.finetuning, cfg.ray, cfg.args
+    if f.stage != "ppo":
+        return [Problem(key, f"only read by stage ppo (reward model actors); remove {key}")
+                for key in ("reward_model_workers", "reward_model_resources") if getattr(r, key) not in (0, None)]
+    problems = []
+    kind = f.reward_model_type
+    if not f.reward_model:
+        problems.append(Problem("reward_model", "stage ppo needs a reward model: the output_dir of a `stage: rm` run "
+                        "(reward_model_type: lora), a reward model folder (full), or an http(s) URL (api)"))
+    elif kind == "api" and not f.reward_model.startswith(("http://", "https://")):
+        problems.append(Problem("reward_model", f"with reward_model_type: api it is the URL of the reward endpoint "
+                        f"(http:// or https://), not {f.reward_model!r}"))
+    if kind == "lora" and f.finetuning_type != "lora":
+        problems.append(Problem("reward_model_type and finetuning_type", f"a lora reward model is an adapter on the "
+                        f"policy's own base, so the policy must be trained with finetuning_type: lora, not "
+                        f"{f.finetuning_type!r}; or use reward_model_type: full"))
+    if r.reward_model_workers < 0:
+        problems.append(Problem("reward_model_workers", f"must be 0 (reward model inside each worker) or more, got "
+                        f"{r.reward_model_workers}"))
+    if r.reward_model_workers and kind != "full":
+        problems.append(Problem("reward_model_workers", f"a separate group of reward actors serves a whole reward model "
+                        f"(reward_model_type: full), not {kind!r}; set reward_model_type: full (for an rm adapter: "
+                        "reward_model = its base model and reward_model_adapters = the adapter) or remove "
+                        "reward_model_workers"))
+    if r.reward_model_resources is not None and not r.reward_model_workers:
+        problems.append(Problem("reward_model_resources", "only read with reward_model_workers > 0; remove it or set "
+                        "reward_model_workers"))
+    problems += resource_problems("reward_model_resources", r.reward_model_resources)
+    for key in ("ppo_epochs", "ppo_buffer_size"):
+        if getattr(f, key) < 1:
+            problems.append(Problem(key, f"must be at least 1, got {getattr(f, key)}"))
+    if f.ppo_target <= 0:
+        problems.append(Problem("ppo_target", f"the KL target must be positive, got {f.ppo_target}"))
+    not_built = {
+        "deepspeed": t.deepspeed is not None,
+        "streaming": d.streaming,
+        "eval_dataset": bool(d.eval_dataset or d.val_size or t.eval_strategy != "no"),
+        "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
+        "pissa_convert": f.pissa_convert,
+        "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
+    }
+    what = {"deepspeed": "DeepSpeed ZeRO for PPO (the PPO loop trains with DDP)",
+            "streaming": "streamed prompts for PPO", "eval_dataset": "evaluation during PPO (eval_dataset, "
+            "val_size, eval_strategy)", "loraplus_lr_ratio": "LoRA+ for PPO", "pissa_convert": "PiSSA conversion "
+            "for PPO", "optim": "optimizers other than AdamW for PPO"}
+    problems += [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}") for key, used in not_built.items() if used]
+    g = cfg.generating
+    if g.num_beams != 1:
+        problems.append(Problem("num_beams", f"PPO samples its rollouts one sequence per prompt; remove num_beams ({g.num_beams})"))
+    unread = [k for k in ("default_system", "skip_special_tokens", "length_penalty")
+              if getattr(g, k) != default_of(GeneratingArguments, k)] + (["eval_num_beams"] if d.eval_num_beams else [])
+    problems += [Problem(k, f"not read by PPO's rollouts (prompts keep their dataset's system prompt; answers are scored "
+                 f"with their special tokens); remove {k}") for k in unread]
+    return problems
+
+
+def reward_model_problems(cfg: "RecipeConfig") -> list[Problem]:
+    """What is missing from a ppo recipe's reward model folders; checked by the driver before Ray starts (a
+    shipped recipe may name the output of a run that has not happened yet)."""
+    f = cfg.finetuning
+    if f.stage != "ppo" or f.reward_model_type == "api":
+        return []
+    problems = []
+    folder = Path(f.reward_model)
+    if f.reward_model_type == "lora" and not all((folder / name).is_file() for name in (
+            "adapter_config.json", VALUE_HEAD_FILE)):
+        problems.append(Problem("reward_model", f"{folder} holds no reward adapter (adapter_config.json and "
+                        "value_head.safetensors, what a `stage: rm` run with finetuning_type: lora saves); run "
+                        "that stage first, or point reward_model at such a run's output_dir"))
+    if f.reward_model_type == "full" and folder.is_absolute() and not (folder / "config.json").is_file():
+        problems.append(Problem("reward_model", f"{folder} holds no model (config.json); point it at a model folder, e.g. "
+                        "the output_dir of a `stage: rm` run with full fine-tuning, or the base model with the rm "
+                        "adapter in reward_model_adapters"))
+    for adapter in comma_list(f.reward_model_adapters):
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            problems.append(Problem("reward_model_adapters", f"{adapter} holds no adapter (adapter_config.json)"))
+    return problems
+
+
+def resource_problems(key: str, resources: Any) -> list[Problem]:
+    """What is wrong with a resources mapping (or its JSON text) given as `key`."""
+    if resources is None:
+        return []
+    if isinstance(resources, str):
+        try:
+            resources = json.loads(resources)
+        except json.JSONDecodeError as err:
+            return [Problem(key, f"{resources!r} is not valid JSON ({err.msg}); write e.g. '{{\"CPU\": 2}}'")]
+    if not isinstance(resources, dict) or not resources:
+        return [Problem(key, "must be a non-empty mapping of resource name to amount, e.g. {CPU: 2}")]
+    return [
+        Problem(key, f"{name} must be a non-negative number, got {amount!r}")
+        for name, amount in resources.items()
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0
+    ]
+
+
+def _deepspeed_problems(deepspeed: Any, base_dir: Path) -> list[Problem]:
+    if deepspeed is None or isinstance(deepspeed, dict) or deepspeed in SHORTHANDS:
+        return []
+    path = under(base_dir, deepspeed)
+    if not path.is_file():
+        return [Problem("deepspeed", f"{deepspeed!r} is neither a shorthand ({', '.join(SHORTHANDS)}) nor an existing JSON file")]
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return [Problem("deepspeed", f"{deepspeed} is not valid JSON: {err}")]
+    return []
+
+
+def _zero_stage(spec: Any, base_dir: Path) -> int | None:
+    """The ZeRO stage of a recipe's deepspeed value (shorthand, dict or JSON path), None without one."""
+    if spec == "auto":
+        return None  # decided by the memory planner
+    if isinstance(spec, str) and spec in SHORTHANDS:
+        return int(spec[1])
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(under(base_dir, spec).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    if isinstance(spec, dict):
+        return int(spec.get("zero_optimization", {}).get("stage", 0))
+    return None
+
+
+def _training_arguments_problems(training: dict) -> list[Problem]:
+    """Lets Hugging Face's own __post_init__ checks run on the driver, without DeepSpeed or a device."""
+    kwargs = dict(training)
+    kwargs["deepspeed"] = None
+    kwargs["use_cpu"] = True
+    kwargs.setdefault("output_dir", "unused")
+    try:
+        TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        return [Problem("training arguments", " ".join(str(err).split()))]
+    return []
+
+

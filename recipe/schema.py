@@ -1,0 +1,390 @@
+"""The typed argument schema of a rayft recipe: one dataclass per concern, flat keys as in LLaMA-Factory.
+
+Field names and defaults follow LLaMA-Factory's argument reference; rayft's own additions are marked.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from transformers import Seq2SeqTrainingArguments
+
+
+def arg(default: Any, help: str) -> Any:
+    """A recipe key: its default and the one line `rayft keys` prints for it."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = arg(None, "Local folder or hub id of the base model (required).")
+    adapter_name_or_path: Optional[str] = arg(
+        None, "Comma list of adapter folders: earlier ones are merged, the last is trained further.")
+    adapter_folder: Optional[str] = arg(None, "LLaMA-Factory's folder of adapters to load (not built).")
+    cache_dir: Optional[str] = arg(None, "Where hub downloads of the model and tokenizer are cached.")
+    use_fast_tokenizer: bool = arg(True, "Load the fast (Rust) tokenizer.")
+    resize_vocab: bool = arg(False, "Resize the embeddings to the tokenizer's vocabulary (not built).")
+    split_special_tokens: bool = arg(False, "Tokenise special tokens as text (not built).")
+    new_special_tokens: Optional[str] = arg(None, "Special tokens to add to the tokenizer (not built).")
+    model_revision: str = arg(
+        "main", "Branch, tag or commit of the model on the hub; the tokenizer and the token cache follow it.")
+    low_cpu_mem_usage: bool = arg(True, "Load weights without a second full copy in memory.")
+    rope_scaling: Optional[Literal["linear", "dynamic", "yarn", "llama3"]] = arg(
+        None, "RoPE scaling for longer contexts (not built).")
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = arg(
+        "auto", "Attention kernel: auto, disabled (eager), sdpa or fa2 (FlashAttention-2, GPUs only).")
+    shift_attn: bool = arg(False, "LongLoRA's shifted sparse attention (not built).")
+    mixture_of_depths: Optional[Literal["convert", "load"]] = arg(None, "Mixture-of-depths conversion (not built).")
+    use_unsloth: bool = arg(False, "Unsloth's patched kernels (not built).")
+    use_unsloth_gc: bool = arg(False, "Unsloth's gradient checkpointing (not built).")
+    enable_liger_kernel: bool = arg(False, "Liger's fused kernels (not built).")
+    moe_aux_loss_coef: Optional[float] = arg(
+        None, "Weight of a mixture-of-experts router's auxiliary loss (not built).")
+    disable_gradient_checkpointing: bool = arg(
+        False, "Keep every activation instead of recomputing them in the backward pass.")
+    use_reentrant_gc: bool = arg(True, "Use the re-entrant variant of gradient checkpointing.")
+    upcast_layernorm: bool = arg(False, "Keep layer norms in fp32 (not built).")
+    upcast_lmhead_output: bool = arg(False, "Compute the output head's logits in fp32 (not built).")
+    train_from_scratch: bool = arg(False, "Initialise the weights randomly instead of loading them (not built).")
+    infer_backend: Literal["huggingface", "vllm"] = arg(
+        "huggingface", "Generation engine: huggingface (vllm is not built).")
+    offload_folder: str = arg("offload", "Where weights that do not fit are offloaded at inference (not built).")
+    use_cache: bool = arg(
+        True, "Keep the KV cache at generation (training turns it off; rayft's prediction and chat turn it on).")
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = arg(
+        "auto", "Weight dtype at inference (not built: fp32 on CPU, the checkpoint's dtype on GPU).")
+    hf_hub_token: Optional[str] = arg(
+        None, "Hugging Face token for gated or private models (masked in logs and saved configs).")
+    ms_hub_token: Optional[str] = arg(None, "ModelScope token (ModelScope is not built; masked).")
+    om_hub_token: Optional[str] = arg(None, "Modelers token (Modelers is not built; masked).")
+    print_param_status: bool = arg(
+        False, "Print every parameter's trainable status (not built: rayft logs the counts).")
+    trust_remote_code: bool = arg(
+        False, "Run the model repository's own Python code (only for repositories you trust).")
+    # quantisation
+    quantization_method: Literal["bitsandbytes", "hqq", "eetq"] = arg(
+        "bitsandbytes", "Quantisation library (QLoRA is not built).")
+    quantization_bit: Optional[int] = arg(None, "Load the base model in 4 or 8 bits (QLoRA is not built).")
+    quantization_type: Literal["fp4", "nf4"] = arg("nf4", "4-bit data type, nf4 or fp4 (QLoRA is not built).")
+    double_quantization: bool = arg(True, "Quantise the quantisation constants too (QLoRA is not built).")
+    quantization_device_map: Optional[Literal["auto"]] = arg(None, "Device map of a quantised model (not built).")
+    # multimodal processor
+    image_max_pixels: int = arg(768 * 768, "Largest image size in pixels (multimodal: not built).")
+    image_min_pixels: int = arg(32 * 32, "Smallest image size in pixels (multimodal: not built).")
+    video_max_pixels: int = arg(256 * 256, "Largest video frame size in pixels (multimodal: not built).")
+    video_min_pixels: int = arg(16 * 16, "Smallest video frame size in pixels (multimodal: not built).")
+    video_fps: float = arg(2.0, "Frames per second sampled from a video (multimodal: not built).")
+    video_maxlen: int = arg(128, "Most frames sampled from a video (multimodal: not built).")
+    # vLLM
+    vllm_maxlen: int = arg(4096, "vLLM's longest sequence (vLLM is not built).")
+    vllm_gpu_util: float = arg(0.9, "Share of GPU memory vLLM may use (vLLM is not built).")
+    vllm_enforce_eager: bool = arg(False, "Disable vLLM's CUDA graphs (vLLM is not built).")
+    vllm_max_lora_rank: int = arg(32, "Largest LoRA rank vLLM serves (vLLM is not built).")
+    vllm_config: Optional[Union[dict, str]] = arg(None, "Further vLLM engine settings (vLLM is not built).")
+    # export
+    export_dir: Optional[str] = arg(None, "Folder `rayft export` writes the merged model to.")
+    export_size: int = arg(5, "Largest safetensors shard of an export, in GB.")
+    export_device: Literal["cpu", "auto"] = arg("cpu", "Device that merges adapters at export: cpu or auto.")
+    export_quantization_bit: Optional[int] = arg(None, "Quantise the export (not built).")
+    export_quantization_dataset: Optional[str] = arg(None, "Calibration data of a quantised export (not built).")
+    export_quantization_nsamples: int = arg(128, "Calibration examples of a quantised export (not built).")
+    export_quantization_maxlen: int = arg(1024, "Calibration length of a quantised export (not built).")
+    export_legacy_format: bool = arg(
+        False, "Save .bin weights instead of safetensors (refused: Transformers 5 writes safetensors).")
+    export_hub_model_id: Optional[str] = arg(None, "Push the export to this hub repository (not built).")
+
+
+@dataclass
+class DataArguments:
+    template: Optional[str] = arg(
+        None, "Chat template that turns conversations into tokens (qwen, llama3, chatml, default, ...).")
+    dataset: Optional[str] = arg(None, "Comma list of training datasets named in dataset_info.json.")
+    eval_dataset: Optional[str] = arg(None, "Comma list of evaluation datasets named in dataset_info.json.")
+    eval_on_each_dataset: bool = arg(False, "Evaluate every dataset of eval_dataset separately.")
+    dataset_dir: str = arg("data", "Folder holding dataset_info.json and the data files.")
+    media_dir: Optional[str] = arg(None, "Folder of images and videos (multimodal: not built).")
+    data_shared_file_system: bool = arg(
+        False, "Every node sees ray_storage_path: use the automatic token cache on a cluster too.")
+    cutoff_len: int = arg(2048, "Longest sequence in tokens; longer examples are truncated.")
+    train_on_prompt: bool = arg(False, "Learn the prompt tokens too, not only the responses.")
+    mask_history: bool = arg(False, "Learn only the last response of a conversation.")
+    streaming: bool = arg(False, "Tokenise while training instead of before (needs max_steps).")
+    buffer_size: int = arg(16384, "Shuffle buffer of a streamed dataset, in examples.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = arg(
+        "concat", "How several datasets are mixed: concat, interleave_under or interleave_over.")
+    interleave_probs: Optional[str] = arg(
+        None, "Comma list of sampling probabilities for interleaving, one per dataset.")
+    overwrite_cache: bool = arg(False, "Tokenise again even when a cache of the same inputs exists.")
+    preprocessing_batch_size: int = arg(1000, "Examples per Ray Data tokenisation batch (and per packing group).")
+    preprocessing_num_workers: Optional[int] = arg(
+        None, "Processes for preprocessing (refused: Ray Data spreads tokenisation itself).")
+    max_samples: Optional[int] = arg(None, "Use at most this many examples of each dataset.")
+    eval_num_beams: Optional[int] = arg(None, "Beams at evaluation generation (prediction reads num_beams).")
+    ignore_pad_token_for_loss: bool = arg(
+        True, "Leave padding out of the loss (false learns it; stages pt and sft only).")
+    val_size: float = arg(0.0, "Hold out this fraction (or count) of the training data for evaluation.")
+    packing: Optional[bool] = arg(
+        None, "Pack several examples into each sequence (default on for stage pt and neat_packing).")
+    neat_packing: bool = arg(False, "Pack without attention across example boundaries.")
+    tool_format: Optional[str] = arg(None, "Tool-call format other than the template's own (not built).")
+    tokenized_path: Optional[str] = arg(None, "Folder that keeps the tokenised data; reused when its inputs match.")
+
+
+@dataclass
+class FinetuningArguments:
+    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto"] = arg("sft", "What to train: pt, sft, rm, dpo, kto or ppo.")
+    finetuning_type: Literal["lora", "oft", "freeze", "full"] = arg("lora", "How: lora, oft, freeze or full.")
+    pure_bf16: bool = arg(False, "Train with bf16 weights throughout, without fp32 master weights.")
+    use_llama_pro: bool = arg(False, "LLaMA Pro's block expansion (not built).")
+    use_adam_mini: bool = arg(False, "The Adam-mini optimizer (not built).")
+    freeze_vision_tower: bool = arg(True, "Freeze a multimodal model's vision tower (not built).")
+    freeze_multi_modal_projector: bool = arg(True, "Freeze a multimodal model's projector (not built).")
+    train_mm_proj_only: bool = arg(False, "Train only the multimodal projector (not built).")
+    compute_accuracy: bool = arg(False, "Report token accuracy on the evaluation data (stage sft).")
+    disable_shuffling: bool = arg(False, "Keep the dataset's order instead of reshuffling every epoch.")
+    plot_loss: bool = arg(False, "Draw the loss (and the stage's statistics) to PNG files after training.")
+    include_effective_tokens_per_second: bool = arg(False, "Report effective tokens per second (not built).")
+    # rayft addition: where `report_to: mlflow` writes; unset means a local file store in output_dir/mlruns
+    mlflow_tracking_uri: Optional[str] = arg(
+        None, "rayft: where report_to mlflow writes (default: a file store in output_dir/mlruns).")
+    # freeze
+    freeze_trainable_layers: int = arg(2, "Blocks freeze training trains: the last n (n > 0) or the first n (n < 0).")
+    freeze_trainable_modules: str = arg(
+        "all", "Modules inside those blocks: all, or a comma list such as mlp,self_attn.")
+    freeze_extra_modules: Optional[str] = arg(
+        None, "Modules outside the blocks that freeze training also trains (e.g. embed_tokens,norm).")
+    # LoRA
+    additional_target: Optional[str] = arg(None, "Comma list of modules trained whole and saved beside the adapter.")
+    lora_alpha: Optional[int] = arg(None, "LoRA scaling numerator (default 2 x lora_rank).")
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA path.")
+    lora_rank: int = arg(8, "Rank of the LoRA matrices.")
+    lora_target: str = arg("all", "Modules that get LoRA: all (every linear layer but the head) or a comma list.")
+    loraplus_lr_ratio: Optional[float] = arg(None, "LoRA+: the B matrices learn this many times faster than A.")
+    loraplus_lr_embedding: float = arg(1e-6, "LoRA+: learning rate of adapters on embeddings.")
+    use_rslora: bool = arg(False, "Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    use_dora: bool = arg(False, "Weight-decomposed LoRA (DoRA).")
+    pissa_init: bool = arg(False, "Initialise LoRA from the principal singular vectors (PiSSA).")
+    pissa_iter: int = arg(16, "Iterations of PiSSA's fast SVD (-1: exact SVD).")
+    pissa_convert: bool = arg(
+        False, "Also save the trained PiSSA adapter as a plain LoRA adapter for the original model.")
+    create_new_adapter: bool = arg(False, "Merge every adapter_name_or_path and train a new adapter on top.")
+    # OFT (orthogonal fine-tuning, through PEFT)
+    oft_rank: int = arg(0, "OFT: number of orthogonal blocks (0: set by oft_block_size).")
+    oft_block_size: int = arg(32, "OFT: size of each orthogonal block.")
+    oft_target: str = arg("all", "Modules that get OFT: all or a comma list.")
+    module_dropout: float = arg(0.0, "OFT: probability of dropping a whole block rotation.")
+    # RLHF
+    pref_beta: float = arg(0.1, "Preference losses' beta (DPO temperature, ORPO/SimPO weight, KTO beta).")
+    pref_ftx: float = arg(0.0, "Weight of an added SFT loss on the chosen responses.")
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = arg(
+        "sigmoid", "DPO's loss: sigmoid, hinge, ipo, kto_pair, orpo or simpo.")
+    dpo_label_smoothing: float = arg(0.0, "Share of preferences assumed flipped (sigmoid loss).")
+    kto_chosen_weight: float = arg(1.0, "KTO's weight of desirable examples.")
+    kto_rejected_weight: float = arg(1.0, "KTO's weight of undesirable examples.")
+    simpo_gamma: float = arg(0.5, "SimPO's target reward margin.")
+    ppo_buffer_size: int = arg(1, "PPO: batches of rollouts collected per optimizer step.")
+    ppo_epochs: int = arg(4, "PPO: passes over each rollout batch.")
+    ppo_score_norm: bool = arg(False, "PPO: normalise reward scores with running moments.")
+    ppo_target: float = arg(6.0, "PPO: target KL of the adaptive KL controller.")
+    ppo_whiten_rewards: bool = arg(False, "PPO: whiten the rewards before computing advantages.")
+    ref_model: Optional[str] = arg(
+        None, "Reference model folder (default: the base model, or the policy without its adapter).")
+    ref_model_adapters: Optional[str] = arg(None, "Adapters merged into the reference model.")
+    ref_model_quantization_bit: Optional[int] = arg(None, "Quantise the reference model (not built).")
+    reward_model: Optional[str] = arg(
+        None, "PPO's reward model: an rm run's output_dir (lora), a model folder (full) or a URL (api).")
+    reward_model_adapters: Optional[str] = arg(None, "Adapters merged into a full reward model.")
+    reward_model_quantization_bit: Optional[int] = arg(None, "Quantise the reward model (not built).")
+    reward_model_type: Literal["lora", "full", "api"] = arg("lora", "PPO's reward model kind: lora, full or api.")
+    # GaLore
+    use_galore: bool = arg(False, "The GaLore optimizer (not built).")
+    galore_target: str = arg("all", "GaLore's target modules (not built).")
+    galore_rank: int = arg(16, "GaLore's rank (not built).")
+    galore_update_interval: int = arg(200, "GaLore's projection update interval (not built).")
+    galore_scale: float = arg(0.25, "GaLore's scale (not built).")
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = arg(
+        "std", "GaLore's projection type (not built).")
+    galore_layerwise: bool = arg(False, "GaLore layer by layer (not built).")
+    # APOLLO
+    use_apollo: bool = arg(False, "The APOLLO optimizer (not built).")
+    apollo_target: str = arg("all", "APOLLO's target modules (not built).")
+    apollo_rank: int = arg(16, "APOLLO's rank (not built).")
+    apollo_update_interval: int = arg(200, "APOLLO's projection update interval (not built).")
+    apollo_scale: float = arg(32.0, "APOLLO's scale (not built).")
+    apollo_proj: Literal["svd", "random"] = arg("random", "APOLLO's projection (not built).")
+    apollo_proj_type: Literal["std", "right", "left"] = arg("std", "APOLLO's projection type (not built).")
+    apollo_scale_type: Literal["channel", "tensor"] = arg("channel", "APOLLO's scale type (not built).")
+    apollo_layerwise: bool = arg(False, "APOLLO layer by layer (not built).")
+    apollo_scale_front: bool = arg(False, "APOLLO's scale in front (not built).")
+    # BAdam
+    use_badam: bool = arg(False, "The BAdam optimizer (not built).")
+    badam_mode: Literal["layer", "ratio"] = arg("layer", "BAdam's mode (not built).")
+    badam_start_block: Optional[int] = arg(None, "BAdam's first block (not built).")
+    badam_switch_mode: Optional[Literal["ascending", "descending", "random", "fixed"]] = arg(
+        "ascending", "BAdam's block switching (not built).")
+    badam_switch_interval: Optional[int] = arg(50, "BAdam's switch interval (not built).")
+    badam_update_ratio: float = arg(0.05, "BAdam's update ratio (not built).")
+    badam_mask_mode: Literal["adjacent", "scatter"] = arg("adjacent", "BAdam's mask mode (not built).")
+    badam_verbose: int = arg(0, "BAdam's verbosity (not built).")
+    # SwanLab
+    use_swanlab: bool = arg(False, "SwanLab tracking (not built).")
+    swanlab_project: str = arg("llamafactory", "SwanLab project (not built).")
+    swanlab_workspace: Optional[str] = arg(None, "SwanLab workspace (not built).")
+    swanlab_run_name: Optional[str] = arg(None, "SwanLab run name (not built).")
+    swanlab_mode: Literal["cloud", "local"] = arg("cloud", "SwanLab mode (not built).")
+    swanlab_api_key: Optional[str] = arg(None, "SwanLab API key (not built; masked).")
+    # derived in recipe.derive.resolve(), never set by the user
+    use_ref_model: bool = field(default=False, init=False,
+                                metadata={"help": "Derived: whether the stage compares with a reference model."})
+
+
+@dataclass
+class GeneratingArguments:
+    do_sample: bool = arg(True, "Sample (true) or decode greedily (false).")
+    temperature: float = arg(0.95, "Sampling temperature.")
+    top_p: float = arg(0.7, "Nucleus sampling: keep the smallest set of tokens with this probability.")
+    top_k: int = arg(50, "Sample among the k most likely tokens.")
+    num_beams: int = arg(1, "Beams of beam search (1: none).")
+    max_length: int = arg(1024, "Longest prompt plus answer, in tokens (max_new_tokens wins when set).")
+    max_new_tokens: int = arg(1024, "Most tokens generated per answer.")
+    repetition_penalty: float = arg(1.0, "Penalty on tokens already generated (1: none).")
+    length_penalty: float = arg(1.0, "Beam search's preference for longer answers.")
+    default_system: Optional[str] = arg(None, "System prompt for examples that have none (prediction and chat).")
+    skip_special_tokens: bool = arg(True, "Leave special tokens out of decoded answers.")
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RayArguments:
+    ray_run_name: Optional[str] = arg(
+        None, "Name of the Ray Train run; a rerun with the same name resumes from its checkpoints.")
+    ray_storage_path: str = arg(
+        "./saves", "Where Ray keeps checkpoints and results: a folder, or an s3:// / gs:// URI.")
+    ray_num_workers: int = arg(1, "Training workers (one process each).")
+    resources_per_worker: Optional[Union[dict, str]] = arg(
+        None, "Resources of each worker, e.g. {CPU: 2} or {GPU: 1} (default: one GPU, else one CPU).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = arg(
+        "PACK", "How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")
+    ray_address: Optional[str] = arg(
+        None, "Address of a running Ray cluster (default: start a local one; RAY_ADDRESS inside a job).")
+    ray_storage_filesystem: Optional[Literal["s3", "gs", "gcs"]] = arg(
+        None, "pyarrow file system for a ray_storage_path without a scheme: s3, gs or gcs.")
+    ray_init_kwargs: Optional[dict] = arg(None, "Further keyword arguments of ray.init.")
+    ray_max_failures: int = arg(
+        0, "rayft: restarts after a worker or node failure, each from the latest checkpoint (-1: no limit).")
+    ray_runtime_env: Optional[dict] = arg(
+        None, "rayft: runtime_env of the job `rayft submit` starts (pip, env_vars, ...).")
+    # rayft addition (stage ppo, reward_model_type full): how many Ray actors serve the reward model (and, for
+    # freeze or full fine-tuning, the reference model) apart from the training workers; 0 keeps them inside
+    # every worker. Each actor holds reward_model_resources (default: what a worker holds).
+    reward_model_workers: int = arg(
+        0, "rayft, stage ppo: Ray actors that serve a full reward model (0: inside every worker).")
+    reward_model_resources: Optional[Union[dict, str]] = arg(
+        None, "rayft, stage ppo: resources of each reward actor (default: a worker's).")
+    # derived in recipe.derive.resolve(), never set by the user: the recipe named a relative path
+    storage_was_relative: bool = field(default=False, init=False,
+                                       metadata={"help": "Derived: the recipe named a relative ray_storage_path."})
+
+
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """Hugging Face's Seq2SeqTrainingArguments plus the keys rayft adds (and rayft's default for do_train)."""
+
+    # a recipe trains unless it says do_train: false (Transformers' own default is for scripts that check it)
+    do_train: bool = field(default=True, metadata={"help": "Train; false with predict_with_generate generates."})
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an existing, non-empty output_dir."}
+    )
+
+
+# Sections in the order their keys are looked up; a key belongs to exactly one of them.
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "finetuning": FinetuningArguments,
+    "generating": GeneratingArguments,
+    "ray": RayArguments,
+    "training": TrainingArguments,
+}
+
+
+def field_names(cls: type) -> set[str]:
+    """The names of a section's fields."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def default_of(cls: type, key: str) -> Any:
+    """The schema's default of `key` in section `cls`."""
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def type_hints(cls: type) -> dict:
+    """The resolved annotations of a section's fields (cached)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def key_sections() -> dict[str, str]:
+    """Every settable key -> the section it belongs to (first section wins on a shared name)."""
+    keys: dict[str, str] = {}
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.init and not f.name.startswith("_"):
+                keys.setdefault(f.name, name)
+    return keys
+
+
+DEFAULT_SEED = default_of(TrainingArguments, "seed")
+
+
+def describe_keys(which: str | None = None) -> str | None:
+    """`rayft keys`: every settable key of a section (or one key, or all) with its type, default and help text.
+    None when `which` is neither a section nor a key."""
+    if which in SECTIONS:
+        chosen = {which: SECTIONS[which]}
+    elif which is None:
+        chosen = SECTIONS
+    else:
+        section = key_sections().get(which)
+        if section is None:
+            return None
+        chosen = {section: SECTIONS[section]}
+    lines = []
+    for name, cls in chosen.items():
+        hints = type_hints(cls)
+        fields = [f for f in dataclasses.fields(cls) if f.init and (which in (None, name) or f.name == which)]
+        lines.append(f"[{name}]")
+        for f in fields:
+            default = default_of(cls, f.name)
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            lines.append(f"  {f.name}  ({_type_name(hints[f.name])}, default {default!r})")
+            if help_text:
+                lines.append(f"      {help_text}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    """A short name for an annotation: `int`, `str | None`, `one of 'a', 'b'`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))

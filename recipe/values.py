@@ -1,0 +1,31 @@
+"""Small helpers over recipe values that every layer uses, Ray Data's task workers included (no heavy imports)."""
+
+from typing import Any
+
+SECRET_KEYS = {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key", "hub_token"}
+MASK = "***"
+# The reward model's value head beside its weights (LLaMA-Factory's layout): stage rm writes it, PPO and export read it.
+VALUE_HEAD_FILE = "value_head.safetensors"
+GB = 1024**3
+
+
+def comma_list(value: str | None) -> list[str]:
+    """The items of a comma-separated recipe value (dataset, eval_dataset, lora_target, ...), trimmed."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def is_secret(key: str) -> bool:
+    """Secret by name: the known token keys and anything ending in token or api_key (any case)."""
+    key = key.lower()
+    return key in SECRET_KEYS or key.endswith("token") or key.endswith("api_key")
+
+
+def mask(value: Any, key: str = "") -> Any:
+    """Returns a copy of `value` with every secret-named entry (at any depth) replaced by `***`."""
+    if isinstance(value, dict):
+        return {k: mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v, key) for v in value]
+    if key and is_secret(key) and value is not None:
+        return MASK
+    return value
