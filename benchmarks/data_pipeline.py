@@ -33,7 +33,7 @@ def main() -> None:
     name, folder = ("alpaca_en_demo", SHARED) if (SHARED / "dataset_info.json").is_file() else ("demo_sft", ROOT / "data" / "demo")
     examples = load_examples(name, str(folder), None) * args.copies
     print(f"{len(examples)} examples ({name} x {args.copies}), batches of {args.batch_size}, cutoff_len {args.cutoff_len}")
-    encode = dict(tokenizer_spec=TokenizerSpec(str(TINY)), template="qwen", cutoff_len=args.cutoff_len, train_on_prompt=False)
+    encode = dict(tokenizer_spec=TokenizerSpec(str(TINY)), settings=EncodingSettings("qwen", args.cutoff_len))
     rows = []
 
     datasets.disable_progress_bars()
@@ -55,7 +55,7 @@ def main() -> None:
         quiet_ray_data()
         start = time.perf_counter()
         dataset = tokenize(examples, TokenizerSpec(str(TINY)), EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
-                           args.batch_size)
+                           encode_batch, args.batch_size)
         seconds = time.perf_counter() - start
         stats = token_stats(dataset)
     finally:

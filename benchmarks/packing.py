@@ -15,7 +15,8 @@ import torch
 
 from rayft.data.collator import SupervisedCollator
 from rayft.data.packing import pack_batch
-from rayft.data.pipeline import encode_batch, load_examples
+from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
+from rayft.data.tokenizer import TokenizerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "llamafactory"
@@ -28,7 +29,7 @@ def encoded_rows(model_dir: Path, dataset: str, cutoff_len: int, count: int) -> 
     examples = load_examples(dataset, str(dataset_dir), count)
     print(f"dataset {dataset} from {dataset_dir}: {len(examples)} examples")
     return encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
-                        str(model_dir), "qwen", cutoff_len, train_on_prompt=False)
+                        TokenizerSpec(str(model_dir)), EncodingSettings("qwen", cutoff_len))
 
 
 def rows_for(batch: dict, mode: str, cutoff_len: int) -> list[dict]:

@@ -35,12 +35,13 @@ def plain_trainer(model_dir: Path, steps: int, batch: int, cutoff_len: int, out_
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from rayft.data.collator import SupervisedCollator
-    from rayft.data.pipeline import encode_batch, load_examples
+    from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
+    from rayft.data.tokenizer import TokenizerSpec
 
     start = time.time()
     examples = load_examples("demo_sft", str(ROOT / "data" / "demo"), None)
     encoded = encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
-                           str(model_dir), "chatml", cutoff_len, train_on_prompt=False)
+                           TokenizerSpec(str(model_dir)), EncodingSettings("chatml", cutoff_len))
     rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(encoded["input_ids"], encoded["labels"])]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False

@@ -104,12 +104,12 @@ def text(row: dict, attr: DatasetAttr) -> dict:
 CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt}
 
 
-def convert_rows(rows: list, attr: DatasetAttr, stage: str = "sft") -> list[dict]:
+def convert_rows(rows: list, attr: DatasetAttr, as_text: bool = False) -> list[dict]:
     """Converts every row; bad rows are skipped and counted, and a dataset of only bad rows is an error.
 
-    Stage `pt` reads plain text; the other stages read conversations in the dataset's formatting.
+    `as_text` (stage pt) reads plain text; otherwise rows are conversations in the dataset's formatting.
     """
-    converter = text if stage == "pt" else CONVERTERS[attr.formatting]
+    converter = text if as_text else CONVERTERS[attr.formatting]
     examples, bad = [], []
     for index, row in enumerate(rows):
         try:

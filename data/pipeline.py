@@ -18,7 +18,7 @@ from rayft.data.converters import convert_rows
 from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
-from rayft.data.registry import STAGE_DATA, dataset_attrs, kind, read_rows
+from rayft.data.registry import dataset_attrs, kind, read_rows
 from rayft.data.templates import TEMPLATES, get_template, supports_tools
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
@@ -29,21 +29,22 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_
 
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = 42,
-                  token: str | None = None, stage: str = "sft", template: str | None = None) -> list[list[dict]]:
+                  token: str | None = None, data: str = "supervised", template: str | None = None,
+                  stage: str = "sft") -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
 
-    Rows with tools or tool-call turns are refused here unless `template` can format them.
+    `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text). Rows
+    with tools or tool-call turns are refused here unless `template` can format them.
     """
     datasets = []
     for attr in dataset_attrs(names, dataset_dir):
-        needed = STAGE_DATA.get(stage)
-        if needed is not None and kind(attr) != needed:
+        if data != "text" and kind(attr) != data:
             raise DataError(f"dataset {attr.name!r} holds {kind(attr)} data, but stage {stage!r} trains on "
-                            f"{needed} data; choose a {needed} dataset or the stage made for this one")
+                            f"{data} data; choose a {data} dataset or the stage made for this one")
         rows = read_rows(attr, dataset_dir, seed=seed, token=token)
         if max_samples is not None:
             rows = rows[:max_samples]
-        converted = convert_rows(rows, attr, stage=stage)
+        converted = convert_rows(rows, attr, as_text=data == "text")
         with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
         if with_tools and not supports_tools(template):
             able = ", ".join(n for n in TEMPLATES if supports_tools(n))
@@ -61,14 +62,13 @@ def _has_tool_turns(example: dict) -> bool:
 ENCODING_VERSION = 1
 
 
-def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int,
-                 train_on_prompt: bool, mask_history: bool = False) -> dict:
-    """Ray Data map_batches function: one batch of internal examples -> input_ids, labels, truncated."""
+def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
+    """Ray Data map_batches function of supervised data: one batch of examples -> input_ids, labels, truncated."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(template)
+    chat_template = get_template(settings.template)
     encoded = [
         encode_supervised(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
-                          cutoff_len, train_on_prompt, mask_history)
+                          settings.cutoff_len, settings.train_on_prompt, settings.mask_history)
         for system, messages in zip(batch["system"], batch["messages"])
     ]
     return {
@@ -100,13 +100,13 @@ def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: st
     }
 
 
-def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
+def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for stage ppo: the prompt each example asks (everything before its last
     response, whose text PPO does not read); the policy writes the responses in its rollouts."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(template)
+    chat_template = get_template(settings.template)
     prompts = [encode_prompt(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
-                             cutoff_len)
+                             settings.cutoff_len)
                for system, messages in zip(batch["system"], batch["messages"])]
     return {
         "input_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
@@ -116,10 +116,11 @@ def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str
     }
 
 
-def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
+def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(template)
+    chat_template = get_template(settings.template)
+    cutoff_len = settings.cutoff_len
     encoded = []
     for system, messages, chosen, rejected in zip(batch["system"], batch["messages"], batch["chosen"],
                                                   batch["rejected"]):
@@ -138,14 +139,14 @@ def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: 
     return out
 
 
-def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int) -> dict:
+def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for KTO: each example, its tag, and a mismatched pair for the KL term.
 
     The KL example pairs example i's prompt with the response of example i-1 of the same batch (itself
     when the batch has one example), as KTO's reference-point estimate needs unrelated completions.
     """
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(template)
+    chat_template = get_template(settings.template)
     count = len(batch["messages"])
     out = {k: [] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels")}
     truncated = []
@@ -154,7 +155,7 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str |
         mismatched = messages[:-1] + [dict(batch["messages"][(i - 1) % count][-1])]
         for prefix, chat in (("", messages), ("kl_", mismatched)):
             pairs = chat_template.encode_turns(tokenizer, {"system": batch["system"][i], "messages": chat})
-            encoded = encode_supervised(pairs, cutoff_len, train_on_prompt=False, mask_history=True)
+            encoded = encode_supervised(pairs, settings.cutoff_len, train_on_prompt=False, mask_history=True)
             out[f"{prefix}input_ids"].append(np.asarray(encoded["input_ids"], dtype=np.int64))
             out[f"{prefix}labels"].append(np.asarray(encoded["labels"], dtype=np.int64))
             if not prefix:
@@ -166,12 +167,13 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str |
     return out
 
 
-def encode_text_batch(batch: dict, tokenizer_spec: TokenizerSpec, cutoff_len: int, concatenate: bool) -> dict:
+def encode_text_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for pre-training: each text + EOS, every token learned.
 
-    With `concatenate`, the batch's documents are joined and cut into cutoff_len blocks, so nothing is
-    lost to truncation; otherwise each document is truncated to cutoff_len.
+    With packing (but not neat packing, which keeps documents apart) the batch's documents are joined and cut
+    into cutoff_len blocks, so nothing is lost to truncation; otherwise each document is truncated to cutoff_len.
     """
+    cutoff_len, concatenate = settings.cutoff_len, settings.packing and not settings.neat_packing
     tokenizer = load_tokenizer(tokenizer_spec)
     documents = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in batch["text"]]
     if concatenate:
@@ -205,6 +207,12 @@ class EncodingSettings:
     neat_packing: bool = False
     stage: str = "sft"
 
+    @property
+    def packs_after_encoding(self) -> bool:
+        """Whether encoded sequences are packed: pt's encoder already concatenates text unless neat packing
+        keeps its documents apart."""
+        return self.neat_packing if self.stage == "pt" else self.packing
+
 
 def on_examples(encode):
     """`encode` (a batch function over example columns) for batches of JSON-encoded examples."""
@@ -218,10 +226,10 @@ def on_examples(encode):
     return run
 
 
-def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, batch_size: int,
-             stream_tasks: int | None = None):
-    """Tokenises (and packs) `examples` with Ray Data tasks over the cluster; returns a materialised Dataset,
-    or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
+def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
+             batch_size: int, stream_tasks: int | None = None):
+    """Tokenises (and packs) `examples` with the stage's `encoder` in Ray Data tasks over the cluster; returns a
+    materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
 
     Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
 
@@ -233,7 +241,6 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     """
 
     s = settings
-    packing = s.packing
     options = {} if stream_tasks is None else {"num_cpus": 0, "concurrency": stream_tasks}
     # Each example travels as one JSON string: Arrow moves a string column far faster than nested messages,
     # and a few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
@@ -241,30 +248,16 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = [{"example": json.dumps(e, ensure_ascii=False)} for e in examples]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 2 * cpus)))
-    if s.stage == "pt":
-        # plain packing of text is concatenation; neat packing keeps documents apart, packed below
-        dataset = dataset.map_batches(on_examples(encode_text_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_spec=tokenizer_spec, cutoff_len=s.cutoff_len, concatenate=s.packing and not s.neat_packing))
-        packing = s.neat_packing
-    elif s.stage == "ppo":
-        dataset = dataset.map_batches(on_examples(encode_query_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len))
-    elif s.stage in ("rm", "dpo", "kto"):
-        encode = encode_kto_batch if s.stage == "kto" else encode_pairwise_batch
-        dataset = dataset.map_batches(on_examples(encode), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len))
-    else:
-        dataset = dataset.map_batches(on_examples(encode_batch), batch_size=batch_size, **options, fn_kwargs=dict(
-            tokenizer_spec=tokenizer_spec, template=s.template, cutoff_len=s.cutoff_len,
-            train_on_prompt=s.train_on_prompt, mask_history=s.mask_history))
-    if packing:
+    dataset = dataset.map_batches(on_examples(encoder), batch_size=batch_size, **options,
+                                  fn_kwargs=dict(tokenizer_spec=tokenizer_spec, settings=s))
+    if s.packs_after_encoding:
         dataset = dataset.map_batches(pack_batch, batch_size=batch_size, **options,
                                       fn_kwargs=dict(cutoff_len=s.cutoff_len, neat=s.neat_packing))
     return dataset.materialize() if stream_tasks is None else dataset
 
 
-def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, batch_size: int,
-                    cache_dir: Path | None, strict: bool, overwrite: bool):
+def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
+                    batch_size: int, cache_dir: Path | None, strict: bool, overwrite: bool):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
     With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
@@ -278,7 +271,7 @@ def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, setting
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_spec, settings, batch_size)
+    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size)
     if cache_dir is not None:
         cache.save(dataset, cache_dir, key, recorded)
     return dataset, False

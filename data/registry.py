@@ -99,10 +99,6 @@ def kind(attr: DatasetAttr) -> str:
     return "kto" if "kto_tag" in attr.columns else "supervised"
 
 
-# The kind of data each stage trains on (pt reads any dataset's prompt column as text).
-STAGE_DATA = {"sft": "supervised", "rm": "preference", "dpo": "preference", "kto": "kto", "ppo": "supervised"}
-
-
 def read_rows(attr: DatasetAttr, dataset_dir: str | Path, seed: int = 42, token: str | None = None) -> list:
     """Every raw row of the dataset, from a local file or folder or through `datasets.load_dataset`.
 

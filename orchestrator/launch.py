@@ -41,6 +41,7 @@ from rayft.recipe.values import comma_list
 from rayft.trainers.callbacks import MetricReport
 from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
 from rayft.trainers.rewards import RewardServer
+from rayft.trainers.stages import STAGES
 from rayft.trainers.worker import train_loop_per_worker
 
 
@@ -69,7 +70,8 @@ def prepare(cfg: RecipeConfig) -> Prepared:
         raise ConfigError(problems)
     probe = probe_model(cfg)
     d, seed = cfg.data, cfg.args.seed
-    read = dict(seed=seed, token=cfg.model.hf_hub_token, stage=cfg.finetuning.stage, template=d.template)
+    read = dict(seed=seed, token=cfg.model.hf_hub_token, data=STAGES[cfg.finetuning.stage].data,
+                stage=cfg.finetuning.stage, template=d.template)
     sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
@@ -260,16 +262,16 @@ def encoding_settings(cfg: RecipeConfig) -> EncodingSettings:
 
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str):
     d = cfg.data
-    spec = TokenizerSpec.of(cfg.model)
+    spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
     if d.streaming and split == "train":
-        dataset = tokenize(examples, spec, encoding_settings(cfg), d.preprocessing_batch_size,
+        dataset = tokenize(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
                            stream_tasks=cfg.ray.ray_num_workers)
         logger.info(f"train data: {len(examples)} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
-    dataset, reused = tokenize_cached(examples, spec, encoding_settings(cfg), d.preprocessing_batch_size,
+    dataset, reused = tokenize_cached(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
                                       cache_dir, strict, overwrite=d.overwrite_cache)
     if reused:
         logger.info(f"{split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")

@@ -16,6 +16,7 @@ from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import key_sections
+from rayft.trainers.stages import sweep_metric
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -177,13 +178,6 @@ def validate_trials(trials: list[Trial], base_dir: Path) -> list[RecipeConfig]:
     return configs
 
 
-def default_metric(cfg: RecipeConfig) -> str:
-    """PPO's mean reward (maximised); otherwise the evaluation loss where the recipe evaluates, else the loss."""
-    if cfg.finetuning.stage == "ppo":
-        return "reward"
-    return "eval_loss" if (cfg.data.eval_dataset or cfg.data.val_size) else "loss"
-
-
 def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     """Whether the trials will report the metric while they train, as the scheduler needs."""
     t = cfg.args
@@ -260,7 +254,7 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
     if not base_cfg.ray.ray_run_name:
         logger.info(Problem("derived", f"ray_run_name = {run_name} (from output_dir; trials are named {run_name}-trial_NNN)"))
     if spec.metric is None:
-        spec.metric = default_metric(base_cfg)
+        spec.metric = sweep_metric(base_cfg)
         if spec.metric == "reward" and "mode" not in raw["sweep"]:
             spec.mode = "max"
         logger.info(Problem("derived", f"sweep.metric = {spec.metric} ({spec.mode})"))

@@ -27,7 +27,9 @@ def ray_local():
     """A local Ray instance owned by the test session (never `ray stop`: other Ray processes are not ours)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # no task of the suite may reach a model hub: tokenizers load from folders or a prepared hub cache
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
 

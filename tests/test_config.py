@@ -372,3 +372,12 @@ def test_tiny_model_cli_writes_a_model_that_loads_through_from_pretrained(tmp_pa
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_the_stage_table_has_an_entry_for_every_stage_the_schema_accepts():
+    import typing
+
+    from rayft.recipe.rules import BUILT_STAGES
+    from rayft.trainers.stages import STAGES
+
+    assert set(STAGES) == BUILT_STAGES == set(typing.get_args(A.type_hints(A.FinetuningArguments)["stage"]))

@@ -10,14 +10,14 @@ from rayft.data.collator import SupervisedCollator
 from rayft.data.converters import convert_rows
 from rayft.data.encode import IGNORE_INDEX, encode_supervised, split_budget
 from rayft.data.errors import DataError
-from rayft.data.pipeline import encode_batch, load_examples
+from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
 from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
 from rayft.data.templates import TEMPLATES, JinjaTemplate, get_template
+from rayft.data.tokenizer import TokenizerSpec
 from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.problems import ConfigError
 from rayft.trainers.sft import supervised_collator
-from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +91,7 @@ def test_a_dataset_of_the_wrong_kind_for_the_stage_is_refused(tmp_path):
     with pytest.raises(DataError, match="holds preference data, but stage 'sft' trains on supervised data"):
         load_examples("pairs", str(tmp_path), None)
     with pytest.raises(DataError, match="holds supervised data, but stage 'dpo'"):
-        load_examples("demo_sft", str(DEMO_DIR), None, stage="dpo")
+        load_examples("demo_sft", str(DEMO_DIR), None, data="preference", stage="dpo")
 
 
 def test_max_samples_and_comma_lists():
@@ -187,7 +187,7 @@ def test_encode_batch_labels_only_the_response(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_batch({"system": [CHATS[0]["system"]], "messages": [CHATS[0]["messages"]]},
-                       TokenizerSpec(str(tiny_model)), "chatml", cutoff_len=256, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 256))
     labels = [int(i) for i in out["labels"][0] if i != IGNORE_INDEX]
     assert tokenizer.decode(labels) == "One plus two is three.<|im_end|>\n"
     assert out["num_trained"][0] == len(labels) and out["num_tokens"][0] == len(out["input_ids"][0])
@@ -231,7 +231,7 @@ def test_tool_call_data_needs_a_template_with_tool_formatting(tiny_model):
     assert len(examples) > 200 and any(m["role"] == "function" for e in examples for m in e["messages"])
     batch = examples[:16]
     out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
-                       TokenizerSpec(str(tiny_model)), "qwen", cutoff_len=1024, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), EncodingSettings("qwen", 1024))
     assert all(n > 0 for n in out["num_trained"])
 
 
@@ -415,7 +415,7 @@ def test_llamafactory_supervised_datasets_encode_unchanged(tiny_model, name):
     assert len(examples) > 50
     batch = examples[:16]
     out = encode_batch({"system": [e["system"] for e in batch], "messages": [e["messages"] for e in batch]},
-                       TokenizerSpec(str(tiny_model)), "qwen", cutoff_len=512, train_on_prompt=False)
+                       TokenizerSpec(str(tiny_model)), EncodingSettings("qwen", 512))
     assert all(n > 0 for n in out["num_trained"]) and all(n <= 512 for n in out["num_tokens"])
 
 
@@ -428,11 +428,11 @@ def test_pretraining_text_is_concatenated_into_blocks_or_truncated(tiny_model):
     texts = ["one two three four five six", "seven eight", "nine"]
     documents = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
     flat = [t for d in documents for t in d]
-    blocks = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), cutoff_len=5, concatenate=True)
+    blocks = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), EncodingSettings(None, 5, packing=True, stage="pt"))
     assert [b.tolist() for b in blocks["input_ids"]] == [flat[i:i + 5] for i in range(0, len(flat), 5)]
     assert all((i == l).all() for i, l in zip(blocks["input_ids"], blocks["labels"]))
     assert blocks["truncated"].sum() == 0
-    cut = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), cutoff_len=5, concatenate=False)
+    cut = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), EncodingSettings(None, 5, stage="pt"))
     assert [c.tolist() for c in cut["input_ids"]] == [d[:5] for d in documents]
     assert cut["truncated"].tolist() == [len(d) - len(d[:5]) for d in documents]
 
@@ -441,13 +441,13 @@ def test_pretraining_rows_need_their_text_column(tmp_path, rayft_log):
     write_dataset(tmp_path, "pt", '{"text": "a story"}\n{"body": "no text"}\n{"text": ""}\n', file_name="pt.jsonl",
                   entry={"columns": {"prompt": "text"}})
     logged = rayft_log
-    assert load_examples("pt", str(tmp_path), None, stage="pt") == [{"text": "a story"}]
+    assert load_examples("pt", str(tmp_path), None, data="text") == [{"text": "a story"}]
     assert "row 1: missing column 'text'" in logged[0] and "row 2: column 'text' must be non-empty" in logged[0]
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
 def test_llamafactory_c4_demo_reads_as_pretraining_text():
-    examples = load_examples("c4_demo", str(SHARED_DATA), None, stage="pt")
+    examples = load_examples("c4_demo", str(SHARED_DATA), None, data="text")
     assert len(examples) == 300 and all(len(e["text"]) > 20 for e in examples)
 
 
@@ -479,12 +479,12 @@ def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model, rayft
                                                     "rejected": {"from": "gpt", "value": "y"}}],
                   entry={"formatting": "sharegpt", "ranking": True})
     logged = rayft_log
-    (example,) = load_examples("prefs", str(tmp_path), None, stage="dpo")
+    (example,) = load_examples("prefs", str(tmp_path), None, data="preference")
     assert example["chosen"] == "Four." and example["rejected"] == "Five." and len(example["messages"]) == 1
     assert "row 1: message chosen has role 'human'" in logged[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_pairwise_batch({k: [example[k]] for k in ("system", "messages", "chosen", "rejected")},
-                                TokenizerSpec(str(tiny_model)), "chatml", 256)
+                                TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 256))
     chosen = [int(t) for t in out["chosen_labels"][0] if t != IGNORE_INDEX]
     assert tokenizer.decode(chosen) == "Four.<|im_end|>\n"
     assert tokenizer.decode(out["rejected_input_ids"][0]) == (
@@ -515,7 +515,7 @@ def test_kto_rows_and_mismatched_kl_pairs(tiny_model, rayft_log):
     assert [e["kto_tag"] for e in examples] == [True, False, True] and "must be true or false" in logged[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = encode_kto_batch({k: [e[k] for e in examples] for k in ("system", "messages", "kto_tag")},
-                           TokenizerSpec(str(tiny_model)), "chatml", 256)
+                           TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 256))
     learned = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["labels"]]
     kl = [tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX]) for labels in out["kl_labels"]]
     assert learned == [f"a{i}<|im_end|>\n" for i in range(3)]
@@ -527,14 +527,14 @@ def test_kto_rows_and_mismatched_kl_pairs(tiny_model, rayft_log):
 def test_llamafactory_preference_and_kto_demos_load_for_their_stages(tiny_model):
     from rayft.data.pipeline import encode_kto_batch, encode_pairwise_batch
 
-    prefs = load_examples("dpo_en_demo", str(SHARED_DATA), None, stage="dpo")
-    kto = load_examples("kto_en_demo", str(SHARED_DATA), None, stage="kto")
+    prefs = load_examples("dpo_en_demo", str(SHARED_DATA), None, data="preference")
+    kto = load_examples("kto_en_demo", str(SHARED_DATA), None, data="kto")
     assert len(prefs) > 100 and len(kto) > 100 and {e["kto_tag"] for e in kto} == {True, False}
     pairs = encode_pairwise_batch({k: [e[k] for e in prefs[:8]] for k in ("system", "messages", "chosen", "rejected")},
-                                  TokenizerSpec(str(tiny_model)), "qwen", 512)
+                                  TokenizerSpec(str(tiny_model)), EncodingSettings("qwen", 512))
     assert all(len(c) <= 512 for c in pairs["chosen_input_ids"])
     tagged = encode_kto_batch({k: [e[k] for e in kto[:8]] for k in ("system", "messages", "kto_tag")},
-                              TokenizerSpec(str(tiny_model)), "qwen", 512)
+                              TokenizerSpec(str(tiny_model)), EncodingSettings("qwen", 512))
     assert len(tagged["kl_input_ids"]) == 8
 
 

@@ -16,11 +16,12 @@ from rayft.orchestrator.memory import (
     pick_deepspeed,
 )
 from rayft.orchestrator.plan import make_plan, worker_budget
+from rayft.orchestrator.probe import model_shape
 from rayft.recipe.config import parse_config
+from rayft.recipe.derive import reference_kind
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
-from rayft.orchestrator.probe import model_shape
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +116,20 @@ def test_the_plan_carries_the_estimate_and_auto_refuses_what_fits_nowhere():
         make_plan(c, [Node("n", "ip", {"CPU": 2.0, "memory": 1.0 * GB})], 256, shape=shape)
     lora = cfg()
     assert model_shape(lora).trainable_params < shape.total_params // 10
+
+
+def test_the_memory_plan_counts_the_reference_copy_that_ref_model_loads_for_lora():
+    dpo, node = ROOT / "configs" / "demo_dpo_lora.yaml", [Node("n", "ip", {"CPU": 2.0, "memory": 8.0 * GB})]
+
+    def reference(*overrides):
+        c = parse_config(load_recipe(dpo, list(overrides)), base_dir=ROOT)
+        plan = make_plan(c, node, 64, shape=model_shape(c))
+        return reference_kind(c), plan.memory_per_worker.get("reference", 0), model_shape(c).total_params
+
+    kind, held, _ = reference()
+    assert (kind, held) == ("adapter_off", 0)  # the policy without its adapter: no second copy
+    kind, held, params = reference(f"ref_model={ROOT / '.cache' / 'models' / 'tiny-qwen2'}")
+    assert kind == "copy" and held == params * 4  # a frozen fp32 copy in every worker
+    kind, held, params = reference("ref_model_adapters=x", "deepspeed=z3")
+    assert kind == "copy" and held == params * 4 // 2  # ZeRO-3 partitions it over the 2 workers
+    assert reference("pref_loss=orpo")[:2] == ("none", 0)

@@ -8,7 +8,7 @@ from conftest import ROOT
 from rayft.data.collator import SupervisedCollator
 from rayft.data.encode import IGNORE_INDEX
 from rayft.data.packing import first_fit_decreasing, pack_batch
-from rayft.data.pipeline import encode_batch, load_examples
+from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
 from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.unit
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 def encoded(tiny_model, count, cutoff_len=256):
     examples = load_examples("demo_sft", str(ROOT / "data" / "demo"), count)
     return encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
-                        TokenizerSpec(str(tiny_model)), "chatml", cutoff_len, train_on_prompt=False)
+                        TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", cutoff_len))
 
 
 def test_first_fit_decreasing_respects_capacity_and_keeps_every_item():

@@ -1,12 +1,15 @@
 """The Ray Data side of the data path: tokenisation tasks and the keyed Parquet cache."""
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
 from rayft.data.errors import DataError
-from rayft.data.pipeline import EncodingSettings, load_examples, token_stats, tokenize_cached
+from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize, tokenize_cached
 from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.integration
@@ -19,7 +22,8 @@ def examples():
 
 def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
     settings = EncodingSettings("chatml", cutoff_len, packing=packing, neat_packing=packing)
-    return tokenize_cached(examples, TokenizerSpec(str(tiny_model)), settings, 16, cache_dir, strict, overwrite)
+    return tokenize_cached(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, cache_dir, strict,
+                           overwrite)
 
 
 def rows(dataset):
@@ -70,7 +74,7 @@ def test_the_automatic_cache_is_keyed_on_inputs(tmp_path, tiny_model, ray_local,
 @pytest.mark.parametrize("stage,columns", [("dpo", {"chosen_input_ids", "rejected_labels"}),
                                            ("kto", {"kl_input_ids", "kto_tag"})])
 def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_local, stage, columns):
-    from rayft.data.pipeline import tokenize
+    from rayft.trainers.stages import STAGES
 
     message = [{"role": "user", "content": "q"}]
     if stage == "dpo":
@@ -78,7 +82,8 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
     else:
         examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
                      "kto_tag": i % 2 == 0} for i in range(6)]
-    dataset = tokenize(examples, TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 64, stage=stage), batch_size=4)
+    dataset = tokenize(examples, TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 64, stage=stage),
+                       STAGES[stage].encoder, batch_size=4)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
 
@@ -131,9 +136,9 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
     from rayft.trainers.common import StreamedShard
 
     settings = EncodingSettings("chatml", 256)
-    lazy = tokenize(examples, TokenizerSpec(str(tiny_model)), settings, 16, stream_tasks=2)
+    lazy = tokenize(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, stream_tasks=2)
     assert not isinstance(lazy, MaterializedDataset)
-    everything = rows(tokenize(examples, TokenizerSpec(str(tiny_model)), settings, 16))
+    everything = rows(tokenize(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16))
     shards = [StreamedShard(split, buffer_size=8, seed=1) for split in lazy.streaming_split(2, equal=True)]
     epochs = []
     for _ in range(2):  # split iterators are read at the same time, as the workers read them
@@ -150,3 +155,42 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
         assert sorted(ids) == everything  # together the shares are the whole dataset, each row once
         epochs.append(ids)
     assert epochs[0] != epochs[1]  # each pass reads through the buffer with another seed
+
+
+def hub_cache(tmp_path, tiny_model, repo="rayft-test/gated-tokenizer", revision="v1") -> Path:
+    """A Hugging Face hub cache holding `repo`'s tokenizer only at `revision` (no `main`), as a download of a
+    revision-pinned, gated model leaves it; read offline, it loads only when the revision reaches the loader."""
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / revision).write_text(commit)
+    shutil.copytree(tiny_model, folder / "snapshots" / commit, ignore=shutil.ignore_patterns("*.safetensors"))
+    return tmp_path / "hub"
+
+
+def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path, tiny_model, ray_local, examples):
+    cache_dir, repo = hub_cache(tmp_path, tiny_model), "rayft-test/gated-tokenizer"
+    pinned = TokenizerSpec(repo, revision="v1", cache_dir=str(cache_dir), token="hf_secret_for_the_tasks")
+    settings = EncodingSettings("chatml", 256)
+    # the tasks load the tokenizer from the hub cache at revision v1 (the ray_local cluster has no hub access)
+    dataset = tokenize(examples[:8], pinned, settings, encode_batch, batch_size=4)
+    local = tokenize(examples[:8], TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
+    assert rows(dataset) == rows(local)
+    with pytest.raises(Exception, match="main|revision|offline|not found|couldn't"):
+        rows(tokenize(examples[:8], replace(pinned, revision="main"), settings, encode_batch, batch_size=4))
+    # the cache key tells revisions apart, and never holds the token
+    from rayft.data import cache
+
+    key = cache.cache_key(examples, pinned, {})
+    assert key != cache.cache_key(examples, replace(pinned, revision="v2"), {})
+    assert key == cache.cache_key(examples, replace(pinned, token="another"), {})
+
+
+@pytest.mark.unit
+def test_the_recipe_keys_make_the_tokenizer_spec():
+    from rayft.recipe.schema import ModelArguments
+
+    spec = TokenizerSpec.of(ModelArguments(model_name_or_path="org/m", model_revision="v1", cache_dir="/c",
+                                           hf_hub_token="t", trust_remote_code=True, use_fast_tokenizer=False))
+    assert spec == TokenizerSpec("org/m", revision="v1", cache_dir="/c", token="t", trust_remote_code=True,
+                                 use_fast=False)

@@ -108,8 +108,7 @@ def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     ("freeze", ("deepspeed=z2", "freeze_trainable_layers=2")),
     ("full", ("deepspeed=z3",)),
 ])
-def test_dpo_with_freeze_and_full_uses_a_frozen_reference_copy(tmp_path, tiny_model, ray_local, method, overrides, rayft_log):
-    lines = rayft_log
+def test_dpo_with_freeze_and_full_uses_a_frozen_reference_copy(tmp_path, tiny_model, ray_local, method, overrides):
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"finetuning_type={method}",
                             *overrides, "eval_dataset=demo_dpo", "max_samples=64",
                             "num_train_epochs=3", "learning_rate=2e-4")

@@ -223,7 +223,7 @@ def test_dpo_sweep_over_pref_beta(tmp_path, tiny_model, ray_local, rayft_log):
         assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
     best = max(rows, key=lambda r: r[metric])  # the first of equals wins, as in best_row
     assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["pref_beta"] == best["pref_beta"]
-    assert any(line.startswith("[rayft] sweep results:") and "trial_002" in line for line in lines)
+    assert any(line.startswith("sweep results:") and "trial_002" in line for line in lines)
 
 
 @pytest.mark.slow

@@ -11,13 +11,8 @@ from rayft.cluster.storage import upload_outputs
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import QUIET, configure, logger, relay_to, verbosity_of
 from rayft.recipe.plan import Plan
-from rayft.trainers.dpo import run_dpo
-from rayft.trainers.kto import run_kto
-from rayft.trainers.ppo import run_ppo
-from rayft.trainers.rm import run_rm
-from rayft.trainers.sft import run_pt, run_sft
+from rayft.trainers.stages import STAGES
 
-STAGES = {"pt": run_pt, "sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo, "kto": run_kto}
 PLACEMENT_FILE = "placement.json"
 
 
@@ -33,7 +28,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank_zero and plan.progress_board:
         relay_to(ray.get_actor(plan.progress_board).post.remote)
     record_placement(cfg.args.output_dir)
-    STAGES[cfg.finetuning.stage](cfg, plan)
+    STAGES[cfg.finetuning.stage].run(cfg, plan)
     if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
         # on a cluster, output_dir is on rank 0's own disk: copy it once to the storage every node shares
         where = upload_outputs(cfg.args.output_dir, cfg.ray.ray_storage_path, context.get_experiment_name(),
