@@ -1,7 +1,7 @@
 """Sets up everything rayft needs on a machine with only Python, then runs the demo or the test suite.
 
     python3 bootstrap.py demo   # local 2-worker LoRA SFT run on the project's demo data
-    python3 bootstrap.py test   # the whole test suite
+    python3 bootstrap.py test   # the linter (ruff), then the whole test suite
 
 Set-up is idempotent: the virtual environment (.venv), the pinned install, the tiny local model and
 DeepSpeed's CPU op are each made once and reused while their inputs are unchanged.
@@ -67,6 +67,10 @@ def main(argv: list[str]) -> int:
     ensure_deepspeed_ops()
     if argv[0] == "demo":
         return subprocess.run([VENV / "bin" / "rayft", "train", "configs/demo_sft_lora.yaml"], cwd=ROOT).returncode
+    lint = subprocess.run([PYTHON, "-m", "ruff", "check", "."], cwd=ROOT).returncode
+    if lint:
+        print("bootstrap: ruff found problems (above); the suite does not pass with them", file=sys.stderr)
+        return lint
     code = subprocess.run([PYTHON, "-m", "pytest", "tests"], cwd=ROOT).returncode
     if code == PYTEST_NO_TESTS:
         print("bootstrap: pytest collected no tests; that is a failure, not a pass", file=sys.stderr)

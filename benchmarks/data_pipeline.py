@@ -30,9 +30,11 @@ def main() -> None:
     from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize
     from rayft.data.tokenizer import TokenizerSpec
 
-    name, folder = ("alpaca_en_demo", SHARED) if (SHARED / "dataset_info.json").is_file() else ("demo_sft", ROOT / "data" / "demo")
+    shared = (SHARED / "dataset_info.json").is_file()
+    name, folder = ("alpaca_en_demo", SHARED) if shared else ("demo_sft", ROOT / "data" / "demo")
     examples = load_examples(name, str(folder), None) * args.copies
-    print(f"{len(examples)} examples ({name} x {args.copies}), batches of {args.batch_size}, cutoff_len {args.cutoff_len}")
+    print(f"{len(examples)} examples ({name} x {args.copies}), batches of {args.batch_size}, cutoff_len "
+          f"{args.cutoff_len}")
     encode = dict(tokenizer_spec=TokenizerSpec(str(TINY)), settings=EncodingSettings("qwen", args.cutoff_len))
     rows = []
 
@@ -54,7 +56,8 @@ def main() -> None:
 
         quiet_ray_data()
         start = time.perf_counter()
-        dataset = tokenize(examples, TokenizerSpec(str(TINY)), EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
+        dataset = tokenize(examples, TokenizerSpec(str(TINY)),
+                           EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
                            encode_batch, args.batch_size)
         seconds = time.perf_counter() - start
         stats = token_stats(dataset)
@@ -66,7 +69,8 @@ def main() -> None:
     rows[1]["vs datasets.map"] = round(rows[0]["seconds"] / rows[1]["seconds"], 3)
     print()
     print(table(rows, ["pipeline", "seconds", "rows/s", "tokens/s", "vs datasets.map"]))
-    print(f"\nwritten to {write('data_pipeline', {'args': vars(args), 'examples': len(examples), 'tokens': tokens, 'rows': rows})}")
+    print("\nwritten to "
+          f"{write('data_pipeline', {'args': vars(args), 'examples': len(examples), 'tokens': tokens, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ SHARED = ROOT.parent / "shared" / "data" / "llamafactory"
 
 
 def encoded_rows(model_dir: Path, dataset: str, cutoff_len: int, count: int) -> dict:
-    dataset_dir = SHARED if (SHARED / "dataset_info.json").is_file() and dataset != "demo_sft" else ROOT / "data" / "demo"
+    shared = (SHARED / "dataset_info.json").is_file() and dataset != "demo_sft"
+    dataset_dir = SHARED if shared else ROOT / "data" / "demo"
     if dataset_dir == ROOT / "data" / "demo":
         dataset = "demo_sft"
     examples = load_examples(dataset, str(dataset_dir), count)
@@ -34,10 +35,10 @@ def encoded_rows(model_dir: Path, dataset: str, cutoff_len: int, count: int) -> 
 
 def rows_for(batch: dict, mode: str, cutoff_len: int) -> list[dict]:
     if mode == "unpacked":
-        return [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"])]
     packed = pack_batch(batch, cutoff_len, neat=mode == "neat_packing")
-    return [{"input_ids": i, "labels": l, "position_ids": p}
-            for i, l, p in zip(packed["input_ids"], packed["labels"], packed["position_ids"])]
+    return [{"input_ids": i, "labels": lab, "position_ids": p}
+            for i, lab, p in zip(packed["input_ids"], packed["labels"], packed["position_ids"])]
 
 
 def measure(model_dir: Path, rows: list[dict], tokens_per_batch: int, steps: int) -> dict:

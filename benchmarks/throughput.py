@@ -42,7 +42,8 @@ def plain_trainer(model_dir: Path, steps: int, batch: int, cutoff_len: int, out_
     examples = load_examples("demo_sft", str(ROOT / "data" / "demo"), None)
     encoded = encode_batch({"system": [e["system"] for e in examples], "messages": [e["messages"] for e in examples]},
                            TokenizerSpec(str(model_dir)), EncodingSettings("chatml", cutoff_len))
-    rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(encoded["input_ids"], encoded["labels"])]
+    rows = [{"input_ids": i.tolist(), "labels": lab.tolist()}
+            for i, lab in zip(encoded["input_ids"], encoded["labels"])]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     records = []
@@ -97,18 +98,21 @@ def main() -> None:
         plain = plain_trainer(model_dir, args.steps, args.batch, args.cutoff_len, Path(tmp) / "plain")
         rows.append({"run": "plain Trainer", **figures(plain["started"], plain["log"], flops_per_token, peak)})
         run = rayft_run([f"model_name_or_path={model_dir}", "finetuning_type=full", "deepspeed=null",
-                         "ray_num_workers=1", "resources_per_worker.CPU=2", f"max_steps={args.steps}", f"per_device_train_batch_size={args.batch}",
+                         "ray_num_workers=1", "resources_per_worker.CPU=2", f"max_steps={args.steps}",
+                         f"per_device_train_batch_size={args.batch}",
                          f"cutoff_len={args.cutoff_len}", "logging_steps=1", "learning_rate=1e-4",
                          "lr_scheduler_type=constant", "warmup_steps=0", "disable_gradient_checkpointing=true",
                          "include_num_input_tokens_seen=non_padding"], Path(tmp) / "rayft")
         rows.append({"run": "rayft, 1 worker", **figures(run["started"], run["log"], flops_per_token, peak)})
     plain_row, rayft_row = rows
     rayft_row["tokens/s vs plain"] = round(rayft_row["tokens/s"] / plain_row["tokens/s"], 3)
-    rayft_row["first step later by (s)"] = round(rayft_row["first step after (s)"] - plain_row["first step after (s)"], 2)
+    later = rayft_row["first step after (s)"] - plain_row["first step after (s)"]
+    rayft_row["first step later by (s)"] = round(later, 2)
     print()
     print(table(rows, ["run", "first step after (s)", "tokens/s", "MFU", "final loss", "tokens/s vs plain",
                        "first step later by (s)"]))
-    print(f"\nwritten to {write('throughput', {'args': vars(args), 'params': params, 'matmul_peak_flops': peak, 'rows': rows})}")
+    print("\nwritten to "
+          f"{write('throughput', {'args': vars(args), 'params': params, 'matmul_peak_flops': peak, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def main() -> None:
                          "training peak GB": run["results"]["training_peak_rss_gb"], "peak GB (with saving)": measured,
                          "estimate GB": round(estimated, 3), "estimate / measured": round(estimated / measured, 3),
                          "parts": {k: round(v / GB, 3) for k, v in plan.memory_per_worker.items() if v}})
-            print(table(rows[-1:], ["deepspeed", "training peak GB", "peak GB (with saving)", "estimate GB"]), flush=True)
+            columns = ["deepspeed", "training peak GB", "peak GB (with saving)", "estimate GB"]
+            print(table(rows[-1:], columns), flush=True)
     zero0 = next((r for r in rows if r["deepspeed"] == "z0"), None)
     for r in rows:
         if zero0:

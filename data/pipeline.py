@@ -162,7 +162,7 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Enco
                 truncated.append(encoded["truncated"])
     out["kto_tag"] = np.asarray(batch["kto_tag"], dtype=bool)
     out["num_tokens"] = np.asarray([len(ids) for ids in out["input_ids"]], dtype=np.int64)
-    out["num_trained"] = np.asarray([int((l != IGNORE_INDEX).sum()) for l in out["labels"]], dtype=np.int64)
+    out["num_trained"] = np.asarray([int((labels != IGNORE_INDEX).sum()) for labels in out["labels"]], dtype=np.int64)
     out["truncated"] = np.asarray(truncated, dtype=np.int64)
     return out
 
@@ -300,7 +300,8 @@ def describe_example(row: dict, tokenizer) -> str:
             for side in ("chosen", "rejected"))
     if "kto_tag" in row:
         tag = "desirable" if row["kto_tag"] else "undesirable"
-        return f"kto_tag: {tag}\n" + describe_example({"input_ids": row["input_ids"], "labels": row["labels"]}, tokenizer)
+        shown = describe_example({"input_ids": row["input_ids"], "labels": row["labels"]}, tokenizer)
+        return f"kto_tag: {tag}\n" + shown
     ids = [int(i) for i in row["input_ids"]]
     if "labels" not in row:  # a PPO prompt: the policy writes the response
         return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}"

@@ -51,7 +51,8 @@ class DatasetAttr:
 def load_dataset_info(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / "dataset_info.json"
     if not path.is_file():
-        raise DataError(f"dataset_dir: no dataset_info.json in {dataset_dir}; point dataset_dir at the folder holding it")
+        raise DataError(f"dataset_dir: no dataset_info.json in {dataset_dir}; point dataset_dir at the folder holding "
+                        "it")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

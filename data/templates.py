@@ -31,7 +31,8 @@ class ToolFormat:
             call = json.loads(content)
             name, arguments = call["name"], call.get("arguments", {})
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"a function_call turn must be JSON with name and arguments, got {content[:80]!r}") from None
+            raise DataError(f"a function_call turn must be JSON with name and arguments, got "
+                            f"{content[:80]!r}") from None
         if isinstance(arguments, str):  # some datasets store the arguments JSON-encoded once more
             arguments = json.loads(arguments)
         return self.call.format(name=name, arguments=json.dumps(arguments, ensure_ascii=False))

@@ -24,22 +24,25 @@ def export_problems(cfg: RecipeConfig) -> list[str]:
     m = cfg.model
     problems = []
     if not m.export_dir:
-        problems.append(Problem("export_dir", "required by `rayft export`; set the folder the merged model is written to"))
+        problems.append(Problem("export_dir", "required by `rayft export`; set the folder the merged model is "
+                                              "written to"))
     elif Path(m.export_dir).exists() and any(Path(m.export_dir).iterdir()):
-        problems.append(Problem("export_dir", f"{m.export_dir} exists and is not empty; choose another folder (an export "
-                        "never writes over existing files)"))
+        problems.append(Problem("export_dir", f"{m.export_dir} exists and is not empty; choose another folder (an "
+                                              "export never writes over existing files)"))
     if m.export_legacy_format:
-        problems.append(Problem("export_legacy_format", "Transformers 5 saves safetensors only; remove export_legacy_format "
-                        "(every current loader reads safetensors)"))
+        problems.append(Problem("export_legacy_format", "Transformers 5 saves safetensors only; remove "
+                                                        "export_legacy_format (every current loader reads "
+                                                        "safetensors)"))
     if m.export_size < 1:
         problems.append(Problem("export_size", f"the largest shard in GB must be at least 1, got {m.export_size}"))
     if cfg.finetuning.finetuning_type not in ("lora", "oft") and m.adapter_name_or_path:
-        problems.append(Problem("adapter_name_or_path", "adapters are merged for finetuning_type lora or oft; a freeze or "
-                        "full run saves a whole model already, export it by pointing model_name_or_path at it"))
+        problems.append(Problem("adapter_name_or_path", "adapters are merged for finetuning_type lora or oft; a "
+                                                        "freeze or full run saves a whole model already, export it "
+                                                        "by pointing model_name_or_path at it"))
     for adapter in comma_list(m.adapter_name_or_path):
         if not (Path(adapter) / "adapter_config.json").is_file():
-            problems.append(Problem("adapter_name_or_path", f"{adapter} holds no adapter_config.json; name a folder a LoRA "
-                            "or OFT run wrote (its output_dir)"))
+            problems.append(Problem("adapter_name_or_path", f"{adapter} holds no adapter_config.json; name a folder a "
+                                                            "LoRA or OFT run wrote (its output_dir)"))
     return problems
 
 

@@ -95,8 +95,8 @@ def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError([Problem("output_dir", f"{output_dir} is a file, not a folder")])
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError([Problem("output_dir", f"{output_dir} exists and is not empty; choose another output_dir "
-                                                 "or set overwrite_output_dir: true")])
+        raise ConfigError([Problem("output_dir", f"{output_dir} exists and is not empty; choose another output_dir or "
+                                                 "set overwrite_output_dir: true")])
 
 
 def check_cluster(cfg: RecipeConfig, nodes: list[Node]) -> None:

@@ -68,7 +68,8 @@ class MemoryEstimate:
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v)
         offloaded = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.host_parts.items() if v)
-        return f"{self.device / GB:.2f} GB ({shown})" + (f" + host {self.host / GB:.2f} GB ({offloaded})" if offloaded else "")
+        host = f" + host {self.host / GB:.2f} GB ({offloaded})" if offloaded else ""
+        return f"{self.device / GB:.2f} GB ({shown})" + host
 
 
 def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:

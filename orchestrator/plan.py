@@ -49,7 +49,7 @@ def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node
         return []
     described = "; ".join(f"node {n.node_id[:12]} ({n.ip}): {_short(n.resources)}" for n in nodes)
     return [Problem("resources", f"{reason}. The cluster has {described}. Lower ray_num_workers or "
-            f"resources_per_worker, or choose another placement_strategy")]
+                                 "resources_per_worker, or choose another placement_strategy")]
 
 
 def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node]) -> list[str]:
@@ -64,9 +64,10 @@ def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[No
     short = {k: v for k, v in needed.items() if v > totals[k] + 1e-9}
     if sum(bundles_per_node(actor, n) for n in nodes) < r.reward_model_workers or short:
         return [Problem("reward_model_resources", f"{r.reward_model_workers} reward actor(s) of {actor} beside "
-                f"{r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, but the cluster has "
-                f"{ {k: totals[k] for k in needed} }; lower reward_model_workers, reward_model_resources or "
-                "resources_per_worker")]
+                                                  f"{r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, "
+                                                  f"but the cluster has { {k: totals[k] for k in needed} }; lower "
+                                                  "reward_model_workers, reward_model_resources or "
+                                                  "resources_per_worker")]
     return []
 
 
@@ -96,7 +97,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     examples_per_worker = num_train_examples // r.ray_num_workers
     if num_train_examples and examples_per_worker == 0:
         problems.append(Problem("dataset", f"{num_train_examples} examples cannot feed {r.ray_num_workers} workers; "
-                        "lower ray_num_workers or add data"))
+                                           "lower ray_num_workers or add data"))
     if problems:
         raise ConfigError(problems)
 
@@ -112,7 +113,8 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     notes = []
     memory = None
     if shape is not None or t.deepspeed == "auto":
-        deepspeed, memory = plan_memory(cfg, shape, worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory),
+        budget = worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory)
+        deepspeed, memory = plan_memory(cfg, shape, budget,
                                         use_gpu, per_device, notes)
     else:
         deepspeed = ds.materialize(t.deepspeed)
@@ -166,13 +168,15 @@ def plan_memory(cfg: RecipeConfig, shape: ModelShape | None, budget: int | None,
     spec = cfg.args.deepspeed
     if spec == "auto":
         if budget is None:
-            raise ConfigError([Problem("deepspeed", "auto needs the memory a worker gets: set resources_per_worker.memory "
-                               "(bytes) or choose a deepspeed shorthand (z0 ... z3_offload)")])
+            raise ConfigError([Problem("deepspeed", "auto needs the memory a worker gets: set "
+                                                    "resources_per_worker.memory (bytes) or choose a deepspeed "
+                                                    "shorthand (z0 ... z3_offload)")])
         spec, tried = pick_deepspeed(shape, memory_settings(cfg, use_gpu, per_device), budget)
         if spec is None:
+            estimates = "; ".join(tried)
             raise ConfigError([Problem("deepspeed", f"auto found no DeepSpeed setup that fits {budget / GB:.2f} GB per "
                                                     "worker; add workers, lower per_device_train_batch_size or "
-                                                    "cutoff_len, or use LoRA. Estimates per worker: " + "; ".join(tried))])
+                                                    f"cutoff_len, or use LoRA. Estimates per worker: {estimates}")])
         notes.append(f"deepspeed: auto chose {spec}, the first that fits ({'; '.join(tried)})")
     chosen = ds.materialize(spec)
     found = estimate(shape, memory_settings(cfg, use_gpu, per_device, ds.zero_stage(chosen),
@@ -180,7 +184,8 @@ def plan_memory(cfg: RecipeConfig, shape: ModelShape | None, budget: int | None,
     if budget is not None and found.device > budget:
         notes.append(f"memory: the estimate ({found.device / GB:.2f} GB) exceeds what a worker gets "
                      f"({budget / GB:.2f} GB); consider deepspeed: auto")
-    return chosen, {**found.parts, **{Problem("host", f"{k}"): v for k, v in found.host_parts.items()}, "budget": budget}
+    host = {f"host: {k}": v for k, v in found.host_parts.items()}
+    return chosen, {**found.parts, **host, "budget": budget}
 
 
 def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stage: int | None = None,
@@ -196,7 +201,8 @@ def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stag
         eager_attention=m.flash_attn == "disabled" or not use_gpu)
 
 
-def worker_budget(bundle: dict, num_workers: int, nodes: list[Node], use_gpu: bool, gpu_memory: int | None) -> int | None:
+def worker_budget(bundle: dict, num_workers: int, nodes: list[Node], use_gpu: bool,
+                  gpu_memory: int | None) -> int | None:
     """The memory one worker may use: its GPU's, or its `memory` resource, or an equal share of the memory of
     the node that would hold the most workers (None when unknown)."""
     if use_gpu:

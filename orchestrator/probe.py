@@ -25,8 +25,9 @@ def probe_model(cfg: RecipeConfig) -> Probe:
     try:
         model = empty_model(cfg)
     except (OSError, ValueError) as err:
-        raise ConfigError([Problem("model_name_or_path", f"cannot read a model config from "
-                                                         f"{cfg.model.model_name_or_path!r} ({' '.join(str(err).split())})")]) from None
+        raise ConfigError([Problem("model_name_or_path", "cannot read a model config from "
+                                                         f"{cfg.model.model_name_or_path!r} "
+                                                         f"({' '.join(str(err).split())})")]) from None
     problems = module_problems(cfg, model)
     if problems:
         raise ConfigError(problems)

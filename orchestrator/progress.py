@@ -81,7 +81,8 @@ class ProgressBar:
             shown = {k: record[k] for k in ("loss", "learning_rate", "reward", "eval_loss")
                      if isinstance(record.get(k), (int, float))}
             if record.get("elapsed_seconds"):
-                shown["samples/s"] = record.get("steps_this_run", step) * self.global_batch_size / record["elapsed_seconds"]
+                samples = record.get("steps_this_run", step) * self.global_batch_size
+                shown["samples/s"] = samples / record["elapsed_seconds"]
             if self.bar is not None:
                 self.bar.total = total
                 self.bar.update(max(0, step - self.bar.n))

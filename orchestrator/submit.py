@@ -40,8 +40,9 @@ def output_problems(raw: dict) -> list[str]:
     for key in ("output_dir", "ray_storage_path"):
         value = str(raw.get(key) or ("./saves" if key == "ray_storage_path" else ""))
         if value and "://" not in value and not Path(value).expanduser().is_absolute():
-            problems.append(Problem(key, f"{value!r} is relative, so the job would write it inside its temporary copy of "
-                            "the working directory; give an absolute path on storage the cluster shares, or a URI"))
+            problems.append(Problem(key, f"{value!r} is relative, so the job would write it inside its temporary copy "
+                                         "of the working directory; give an absolute path on storage the cluster "
+                                         "shares, or a URI"))
     return problems
 
 
@@ -67,7 +68,8 @@ def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, w
             time.sleep(5)
     logger.info(f"submitted job {job_id} to {address}")
     if not wait:
-        logger.info(f"follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address {address}")
+        logger.info(f"follow it with: rayft status {job_id} --address {address}; rayft logs {job_id} --address "
+                    f"{address}")
         return job_id, "PENDING"
     return job_id, follow(jobs, job_id)
 

@@ -93,7 +93,8 @@ def run_sweep(raw: dict, base_dir: str = "."):
         concurrent = concurrency(spec, per_trial, nodes)
         if spec.scheduler == "asha" and spec.grace_period is None:
             spec.grace_period = report_interval(configs[0], spec.metric, plans[0].steps_per_epoch)
-            logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} is measured)"))
+            logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} "
+                                           "is measured)"))
         logger.info(f"sweep {run_name!r}: {len(trials)} trials, {concurrent} at a time "
             f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
         for trial in trials:
@@ -119,8 +120,8 @@ def run_sweep(raw: dict, base_dir: str = "."):
     else:
         params = next(t.params for t in trials if t.name == best["trial"])
         path = write_best_config(output_dir, raw, best, params, spec.metric, run_name)
-        logger.info(Problem("best", f"{best['trial']} ({describe(params)}) with {spec.metric} = {format_cell(best[spec.metric])}; "
-            f"recipe written to {path}"))
+        logger.info(Problem("best", f"{best['trial']} ({describe(params)}) with {spec.metric} = "
+                                    f"{format_cell(best[spec.metric])}; recipe written to {path}"))
     logger.info(f"results table: {output_dir / RESULTS_FILE}; trial outputs under {output_dir / 'trials'}")
     return rows
 
@@ -131,12 +132,13 @@ def _check_output_dir(output_dir: Path, trials: list[Trial], run_name: str) -> b
     if record.is_file():
         earlier = json.loads(record.read_text())
         if earlier != trials_record(run_name, trials):
-            raise ConfigError([Problem("output_dir", f"{output_dir} holds sweep {earlier.get('run_name')!r} with other trials; "
-                               "rerun that sweep unchanged to resume it, or choose another output_dir")])
+            raise ConfigError([Problem("output_dir", f"{output_dir} holds sweep {earlier.get('run_name')!r} with "
+                                                     "other trials; rerun that sweep unchanged to resume it, or "
+                                                     "choose another output_dir")])
         return True
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ConfigError([Problem("output_dir", f"{output_dir} exists and is not empty; a sweep writes its trials there, "
-                           "choose another output_dir")])
+        raise ConfigError([Problem("output_dir", f"{output_dir} exists and is not empty; a sweep writes its trials "
+                                                 "there, choose another output_dir")])
     output_dir.mkdir(parents=True, exist_ok=True)
     return False
 
@@ -184,13 +186,13 @@ class _Progress(tune.Callback):
         value = result.get(self.metric)
         shown = f"{value:.4g}" if isinstance(value, float) else value
         logger.info(Problem("sweep", f"{_name(trial)} step {result.get('step')}/{result.get('total_steps')} "
-                    f"{self.metric}={shown}"))
+                                     f"{self.metric}={shown}"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         if last.get("step") is not None and last.get("step") < last.get("total_steps", 0):
-            logger.info(Problem("sweep", f"{_name(trial)} stopped at step {last['step']}/{last['total_steps']} "
-                        f"by {self.scheduler}"))
+            logger.info(Problem("sweep", f"{_name(trial)} stopped at step {last['step']}/{last['total_steps']} by "
+                                         f"{self.scheduler}"))
         else:
             logger.info(Problem("sweep", f"{_name(trial)} finished"))
         release_placement_group(last)

@@ -67,7 +67,8 @@ def parse_sweep(section, seed: int) -> SweepSpec:
             problems.append(f"sweep.{key}: {value!r} is a {type(value).__name__}, expected "
                             f"{describe_type(SweepSpec.__annotations__[key])}")
     if "parameters" not in section:
-        problems.append(Problem("sweep.parameters", "required; map recipe keys to a space, e.g. lora_rank: {grid: [8, 16]}"))
+        problems.append(Problem("sweep.parameters", "required; map recipe keys to a space, e.g. lora_rank: "
+                                                    "{grid: [8, 16]}"))
     if problems:
         raise ConfigError(problems)
     spec = SweepSpec(**section)
@@ -102,8 +103,9 @@ def _space_problems(parameters: dict) -> list[str]:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             problems.append(Problem(where, "not a recipe key" + (f"; did you mean {close[0]!r}?" if close else "")))
         if not isinstance(space, dict) or len(space) != 1 or next(iter(space)) not in SAMPLERS:
-            problems.append(Problem(where, f"must be one of {{grid: [..]}}, {{choice: [..]}}, {{uniform: [low, high]}}, "
-                            f"{{loguniform: [low, high]}}, {{randint: [low, high]}}; got {space!r}"))
+            problems.append(Problem(where, "must be one of {grid: [..]}, {choice: [..]}, {uniform: [low, "
+                                           "high]}, {loguniform: [low, high]}, {randint: [low, high]}; got "
+                                           f"{space!r}"))
             continue
         kind, values = next(iter(space.items()))
         if kind in ("grid", "choice"):
@@ -186,11 +188,13 @@ def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     if cfg.finetuning.stage == "ppo" and spec.metric == "reward" and spec.mode == "min":
         problems.append(Problem("sweep.mode", "'reward' is PPO's mean reward, which a sweep maximises; set mode: max"))
     if spec.metric.startswith("eval_") and not evaluates:
-        problems.append(Problem("sweep.metric", f"{spec.metric!r} is measured on evaluation data, which this recipe has "
-                        "none of; set eval_dataset or val_size, or choose a training metric such as 'loss'"))
+        problems.append(Problem("sweep.metric", f"{spec.metric!r} is measured on evaluation data, which this recipe "
+                                                "has none of; set eval_dataset or val_size, or choose a training "
+                                                "metric such as 'loss'"))
     elif spec.scheduler == "asha" and spec.metric.startswith("eval_") and t.eval_strategy == "no":
         problems.append(Problem("sweep.scheduler", f"asha compares trials by {spec.metric!r} during training, but "
-                        "eval_strategy is 'no' (evaluation only at the end); set eval_strategy: steps and eval_steps"))
+                                                   "eval_strategy is 'no' (evaluation only at the end); set "
+                                                   "eval_strategy: steps and eval_steps"))
     return problems
 
 
@@ -218,10 +222,11 @@ def concurrency(spec: SweepSpec, per_trial: dict, nodes) -> int:
     if spec.max_concurrent_trials is None:
         return max(fits, 1)
     if spec.max_concurrent_trials > fits:
+        needed = {k: v * spec.max_concurrent_trials for k, v in per_trial.items()}
         raise ConfigError([
-            Problem("sweep.max_concurrent_trials", f"{spec.max_concurrent_trials} trials at once need "
-            f"{ {k: v * spec.max_concurrent_trials for k, v in per_trial.items()} }, but the cluster holds the "
-            f"workers of {fits} trial(s) at once; lower max_concurrent_trials (or leave it unset)")])
+            Problem("sweep.max_concurrent_trials", f"{spec.max_concurrent_trials} trials at once need {needed}, "
+                                                   f"but the cluster holds the workers of {fits} trial(s) at once; "
+                                                   "lower max_concurrent_trials (or leave it unset)")])
     return spec.max_concurrent_trials
 
 
@@ -240,19 +245,23 @@ class Sweep:
 def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
     """Everything about a sweep that can be checked without Ray: its section, its metric, every trial's recipe."""
     if "sweep" not in raw:
-        raise ConfigError([Problem("sweep", "this recipe has no sweep section; add one (see the README) or use `rayft train`")])
+        raise ConfigError([Problem("sweep", "this recipe has no sweep section; add one (see the README) or use "
+                                            "`rayft train`")])
     base_cfg = parse_config({k: v for k, v in raw.items() if k != "sweep"}, base_dir=base_dir)
     if is_prediction(base_cfg):
-        raise ConfigError([Problem("do_train", "a sweep trains every trial; this recipe generates (do_train: false with "
-                           "predict_with_generate); run it with `rayft train`, or sweep a training recipe")])
+        raise ConfigError([Problem("do_train", "a sweep trains every trial; this recipe generates (do_train: false "
+                                               "with predict_with_generate); run it with `rayft train`, or sweep a "
+                                               "training recipe")])
     if base_cfg.ray.reward_model_workers:
-        raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial (the trials' "
-                           "resources would not count it); keep the reward model inside the workers for a sweep")])
+        raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial "
+                                                           "(the trials' resources would not count it); keep the "
+                                                           "reward model inside the workers for a sweep")])
     spec = parse_sweep(raw["sweep"], seed=base_cfg.args.seed)
     output_dir = Path(base_cfg.args.output_dir)
     run_name = base_cfg.ray.ray_run_name or f"sweep-{output_dir.name}"
     if not base_cfg.ray.ray_run_name:
-        logger.info(Problem("derived", f"ray_run_name = {run_name} (from output_dir; trials are named {run_name}-trial_NNN)"))
+        logger.info(Problem("derived", f"ray_run_name = {run_name} (from output_dir; trials are named "
+                                       f"{run_name}-trial_NNN)"))
     if spec.metric is None:
         spec.metric = sweep_metric(base_cfg)
         if spec.metric == "reward" and "mode" not in raw["sweep"]:

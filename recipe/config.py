@@ -117,8 +117,8 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
             problems.append(Problem(key, f"{RESERVED_KEYS[key]}"))
             continue
         if key == "sweep":
-            problems.append(Problem("sweep", "this recipe describes a sweep; run it with `rayft sweep`, or remove the sweep "
-                            "section to train once"))
+            problems.append(Problem("sweep", "this recipe describes a sweep; run it with `rayft sweep`, or remove "
+                                             "the sweep section to train once"))
             continue
         section = known.get(key)
         if section is None:
@@ -131,7 +131,8 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
             hint = ""
             if isinstance(value, bool) and type_matches("no", expected):
                 hint = f" (YAML reads no / off / yes / on as booleans: quote the word, e.g. {key}: \"no\")"
-            problems.append(Problem(key, f"{value!r} is a {type(value).__name__}, expected {describe_type(expected)}{hint}"))
+            problems.append(Problem(key, f"{value!r} is a {type(value).__name__}, expected "
+                                         f"{describe_type(expected)}{hint}"))
             continue
         by_section[section][key] = value
 

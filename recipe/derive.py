@@ -93,7 +93,8 @@ def resolve(cfg: "RecipeConfig", base_dir: Path) -> list[str]:
         cfg.model.export_dir = str(under(base_dir, cfg.model.export_dir))
     if r.ray_address is None and os.environ.get("RAY_ADDRESS"):
         r.ray_address = os.environ["RAY_ADDRESS"]
-        notes.append(f"ray_address = {r.ray_address} from RAY_ADDRESS (set for a `ray job submit` job): joining that cluster")
+        notes.append(f"ray_address = {r.ray_address} from RAY_ADDRESS (set for a `ray job submit` job): joining that "
+                     "cluster")
     r.storage_was_relative = "://" not in r.ray_storage_path and not Path(r.ray_storage_path).expanduser().is_absolute()
     r.ray_storage_path = absolute_storage(base_dir, r.ray_storage_path)
     cfg.data.dataset_dir = str(under(base_dir, cfg.data.dataset_dir))

@@ -88,7 +88,8 @@ ONLY_USED_WITH: dict[str, tuple] = {
        for k in ("additional_target", "create_new_adapter")},
     "pissa_iter": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
     "pissa_convert": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
-    "loraplus_lr_embedding": (lambda f: f.loraplus_lr_ratio is not None, ("loraplus_lr_ratio",), "loraplus_lr_ratio set"),
+    "loraplus_lr_embedding": (lambda f: f.loraplus_lr_ratio is not None, ("loraplus_lr_ratio",),
+                              "loraplus_lr_ratio set"),
     "pref_loss": (lambda f: f.stage == "dpo", ("stage",), "stage: dpo"),
     "pref_beta": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
     "pref_ftx": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
@@ -118,9 +119,11 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
     if for_training and t.do_train is not False and not d.dataset:
         problems.append(Problem("dataset", "required for training; name one or more datasets from dataset_info.json"))
     if t.eval_strategy != "no" and not d.eval_dataset and not d.val_size:
-        problems.append(Problem("eval_strategy", f"{t.eval_strategy!r} needs data to evaluate on; set eval_dataset or val_size"))
+        problems.append(Problem("eval_strategy", f"{t.eval_strategy!r} needs data to evaluate on; set eval_dataset or "
+                                                 "val_size"))
     if d.eval_on_each_dataset and not d.eval_dataset:
-        problems.append(Problem("eval_on_each_dataset", "needs eval_dataset (a comma list of datasets to evaluate separately)"))
+        problems.append(Problem("eval_on_each_dataset", "needs eval_dataset (a comma list of datasets to evaluate "
+                                                        "separately)"))
     if d.val_size and d.eval_dataset:
         problems.append(Problem("val_size", "set either val_size (hold out part of dataset) or eval_dataset, not both"))
     if d.val_size < 0 or (d.val_size > 1 and d.val_size != int(d.val_size)):
@@ -131,7 +134,8 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
         problems.append(Problem("stage", f"{f.stage!r} is not built in rayft yet (built: {sorted(BUILT_STAGES)})"))
     if f.finetuning_type not in BUILT_FINETUNING_TYPES:
         problems.append(
-            Problem("finetuning_type", f"{f.finetuning_type!r} is not built in rayft yet (built: {sorted(BUILT_FINETUNING_TYPES)})")
+            Problem("finetuning_type", f"{f.finetuning_type!r} is not built in rayft yet (built: "
+                                       f"{sorted(BUILT_FINETUNING_TYPES)})")
         )
     if f.lora_rank < 1:
         problems.append(Problem("lora_rank", f"must be a positive integer, got {f.lora_rank}"))
@@ -142,25 +146,32 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
     for key, (used, settings, by) in ONLY_USED_WITH.items():
         if getattr(f, key) != default_of(FinetuningArguments, key) and not used(f):
             now = ", ".join(f"{name}: {getattr(f, name)!r}" for name in settings)
-            problems.append(Problem(f"{key} and {' and '.join(settings)}", f"{key} is only used with {by}, but here {now}; "
-                            f"remove {key} or change {' / '.join(settings)}"))
+            problems.append(Problem(f"{key} and {' and '.join(settings)}", f"{key} is only used with {by}, but here "
+                                                                           f"{now}; remove {key} or change "
+                                                                           f"{' / '.join(settings)}"))
     if d.mask_history and d.train_on_prompt:
         problems.append(Problem("mask_history and train_on_prompt", "mask_history learns only the last response, "
-                        "train_on_prompt learns every prompt too; set one of them to false"))
+                                                                    "train_on_prompt learns every prompt too; set "
+                                                                    "one of them to false"))
     zero3 = _zero_stage(t.deepspeed, base_dir) == 3
     if len(comma_list(m.adapter_name_or_path)) > 1 and zero3:
-        problems.append(Problem("adapter_name_or_path and deepspeed", "merging several adapters needs whole weights, which "
-                        "ZeRO-3 partitions; merge them beforehand or use ZeRO 0-2"))
+        problems.append(Problem("adapter_name_or_path and deepspeed", "merging several adapters needs whole weights, "
+                                                                      "which ZeRO-3 partitions; merge them "
+                                                                      "beforehand or use ZeRO 0-2"))
     if f.pissa_convert and zero3:
-        problems.append(Problem("pissa_convert and deepspeed", "converting PiSSA needs the whole adapter on one worker, "
-                        "which ZeRO-3 partitions; use ZeRO 0-2 or remove pissa_convert"))
+        problems.append(Problem("pissa_convert and deepspeed", "converting PiSSA needs the whole adapter on one "
+                                                               "worker, which ZeRO-3 partitions; use ZeRO 0-2 or "
+                                                               "remove pissa_convert"))
     if m.adapter_name_or_path and f.finetuning_type not in ("lora", "oft"):
-        problems.append(Problem("adapter_name_or_path and finetuning_type", f"adapters continue lora or oft training, "
-                        f"not {f.finetuning_type!r}; merge them into the model first or use finetuning_type: lora"))
+        problems.append(Problem("adapter_name_or_path and finetuning_type", "adapters continue lora or oft training, "
+                                                                            f"not {f.finetuning_type!r}; merge them "
+                                                                            "into the model first or use "
+                                                                            "finetuning_type: lora"))
     if f.compute_accuracy and t.eval_strategy == "no" and not (d.eval_dataset or d.val_size):
         problems.append(Problem("compute_accuracy", "needs evaluation data; set eval_dataset or val_size"))
     if f.freeze_trainable_layers == 0:
-        problems.append(Problem("freeze_trainable_layers", "0 trains nothing; use a positive n (last n blocks) or a negative one (first n)"))
+        problems.append(Problem("freeze_trainable_layers", "0 trains nothing; use a positive n (last n blocks) or a "
+                                                           "negative one (first n)"))
     if (d.packing or d.neat_packing) and f.stage not in ("pt", "sft"):
         problems.append(Problem("packing", f"packs sequences for stages pt and sft, not {f.stage!r}; remove packing"))
     if d.neat_packing and d.packing is False:
@@ -168,17 +179,19 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
     if d.streaming and t.max_steps <= 0:
         problems.append(Problem("streaming", "a streamed dataset has no length to count epochs by; set max_steps"))
     if d.streaming and 0 < d.val_size < 1:
-        problems.append(Problem("val_size", f"with streaming, hold out a whole number of examples (e.g. 100), not a "
-                        f"fraction ({d.val_size})"))
+        problems.append(Problem("val_size", "with streaming, hold out a whole number of examples (e.g. 100), not a "
+                                            f"fraction ({d.val_size})"))
     if d.streaming and d.tokenized_path:
-        problems.append(Problem("tokenized_path and streaming", "saving the tokenised data materialises it, which streaming "
-                        "avoids; remove one of them"))
+        problems.append(Problem("tokenized_path and streaming", "saving the tokenised data materialises it, which "
+                                                                "streaming avoids; remove one of them"))
     if d.buffer_size != default_of(DataArguments, "buffer_size") and not d.streaming:
-        problems.append(Problem("buffer_size and streaming", "buffer_size is the shuffle buffer of a streamed dataset, but "
-                        "streaming is off; remove buffer_size or set streaming: true"))
+        problems.append(Problem("buffer_size and streaming", "buffer_size is the shuffle buffer of a streamed "
+                                                             "dataset, but streaming is off; remove buffer_size or "
+                                                             "set streaming: true"))
     if not d.ignore_pad_token_for_loss and f.stage not in ("pt", "sft"):
-        problems.append(Problem("ignore_pad_token_for_loss", f"false makes stages pt and sft learn padding; stage {f.stage!r} "
-                        "compares sequences and never learns padding; remove ignore_pad_token_for_loss"))
+        problems.append(Problem("ignore_pad_token_for_loss", "false makes stages pt and sft learn padding; stage "
+                                                             f"{f.stage!r} compares sequences and never learns "
+                                                             "padding; remove ignore_pad_token_for_loss"))
     if d.buffer_size < 1:
         problems.append(Problem("buffer_size", f"must be at least 1 example, got {d.buffer_size}"))
     if d.cutoff_len < 8:
@@ -188,7 +201,8 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
     if d.preprocessing_batch_size < 1:
         problems.append(Problem("preprocessing_batch_size", f"must be positive, got {d.preprocessing_batch_size}"))
     if r.ray_max_failures < -1:
-        problems.append(Problem("ray_max_failures", f"{r.ray_max_failures} is not a number of restarts; use 0 or more, or -1 for no limit"))
+        problems.append(Problem("ray_max_failures", f"{r.ray_max_failures} is not a number of restarts; use 0 or "
+                                                    "more, or -1 for no limit"))
     if r.ray_num_workers < 1:
         problems.append(Problem("ray_num_workers", f"must be at least 1, got {r.ray_num_workers}"))
     problems += resource_problems("resources_per_worker", r.resources_per_worker)
@@ -214,44 +228,48 @@ def _run_kind_problems(cfg: "RecipeConfig", for_training: bool) -> list[Problem]
     problems = []
     training = t.do_train is not False and for_training
     if t.predict_with_generate and training:
-        problems.append(Problem("predict_with_generate", "generation runs in a recipe of its own after training (as in "
-                        "LLaMA-Factory); set do_train: false and adapter_name_or_path to the trained output_dir"))
+        problems.append(Problem("predict_with_generate", "generation runs in a recipe of its own after training (as "
+                                                         "in LLaMA-Factory); set do_train: false and "
+                                                         "adapter_name_or_path to the trained output_dir"))
     if t.do_predict and not t.predict_with_generate:
         problems.append(Problem("do_predict", "rayft predicts by generating; set predict_with_generate: true"))
     if is_prediction(cfg):
         if not (t.do_predict or t.do_eval):
-            problems.append(Problem("predict_with_generate", "set do_predict: true (predictions and scores) or do_eval: true "
-                            "(scores only)"))
+            problems.append(Problem("predict_with_generate", "set do_predict: true (predictions and scores) or "
+                                                             "do_eval: true (scores only)"))
         if not d.eval_dataset:
-            problems.append(Problem("eval_dataset", "required for prediction; name the datasets to generate answers for"))
+            problems.append(Problem("eval_dataset", "required for prediction; name the datasets to generate answers "
+                                                    "for"))
         if d.dataset:
             problems.append(Problem("dataset", "prediction reads no training data; name the data to generate for in "
-                            "eval_dataset and remove dataset"))
+                                               "eval_dataset and remove dataset"))
         if f.stage != "sft":
-            problems.append(Problem("stage", f"prediction generates with a stage sft model; set stage: sft, not {f.stage!r}"))
+            problems.append(Problem("stage", "prediction generates with a stage sft model; set stage: sft, not "
+                                             f"{f.stage!r}"))
         if t.deepspeed is not None:
-            problems.append(Problem("deepspeed", "prediction runs one whole model per worker, without DeepSpeed; remove "
-                            "deepspeed"))
+            problems.append(Problem("deepspeed", "prediction runs one whole model per worker, without DeepSpeed; "
+                                                 "remove deepspeed"))
         if cfg.ray.placement_strategy != "PACK":
-            problems.append(Problem("placement_strategy", "Ray Data places the generation actors wherever they fit; remove "
-                            "placement_strategy"))
+            problems.append(Problem("placement_strategy", "Ray Data places the generation actors wherever they fit; "
+                                                          "remove placement_strategy"))
         if d.packing or d.neat_packing or d.streaming:
-            problems.append(Problem("packing / neat_packing / streaming", "prediction generates for one example at a time "
-                            "in order; remove them"))
+            problems.append(Problem("packing / neat_packing / streaming", "prediction generates for one example at a "
+                                                                          "time in order; remove them"))
     elif for_training and not training:
-        problems.append(Problem("do_train", "false leaves nothing to run; add do_predict: true and predict_with_generate: "
-                        "true to generate, or remove do_train"))
+        problems.append(Problem("do_train", "false leaves nothing to run; add do_predict: true and "
+                                            "predict_with_generate: true to generate, or remove do_train"))
     elif training and f.stage != "ppo":  # PPO generates its rollouts with them
         changed = [k for k in GENERATION_KEYS if getattr(g, k) != default_of(GeneratingArguments, k)]
         changed += ["eval_num_beams"] if d.eval_num_beams is not None else []
-        problems += [Problem(k, f"generation settings are read by prediction (do_train: false with do_predict and "
-                     f"predict_with_generate) and by `rayft chat`, not by training; remove {k}") for k in changed]
+        problems += [Problem(k, "generation settings are read by prediction (do_train: false with do_predict and "
+                                f"predict_with_generate) and by `rayft chat`, not by training; remove {k}")
+                     for k in changed]
     targets = report_targets(t.report_to)
     problems += [Problem("report_to", f"{name!r} is not built in rayft (built: {', '.join(BUILT_TRACKERS)})")
                  for name in targets if name not in BUILT_TRACKERS]
     if f.mlflow_tracking_uri and "mlflow" not in targets:
-        problems.append(Problem("mlflow_tracking_uri", "only read with report_to: mlflow; add mlflow to report_to or remove "
-                        "mlflow_tracking_uri"))
+        problems.append(Problem("mlflow_tracking_uri", "only read with report_to: mlflow; add mlflow to report_to or "
+                                                       "remove mlflow_tracking_uri"))
     return problems
 
 
@@ -265,25 +283,29 @@ def _ppo_problems(cfg: "RecipeConfig") -> list[Problem]:
     kind = f.reward_model_type
     if not f.reward_model:
         problems.append(Problem("reward_model", "stage ppo needs a reward model: the output_dir of a `stage: rm` run "
-                        "(reward_model_type: lora), a reward model folder (full), or an http(s) URL (api)"))
+                                                "(reward_model_type: lora), a reward model folder (full), or an "
+                                                "http(s) URL (api)"))
     elif kind == "api" and not f.reward_model.startswith(("http://", "https://")):
-        problems.append(Problem("reward_model", f"with reward_model_type: api it is the URL of the reward endpoint "
-                        f"(http:// or https://), not {f.reward_model!r}"))
+        problems.append(Problem("reward_model", "with reward_model_type: api it is the URL of the reward endpoint "
+                                                f"(http:// or https://), not {f.reward_model!r}"))
     if kind == "lora" and f.finetuning_type != "lora":
-        problems.append(Problem("reward_model_type and finetuning_type", f"a lora reward model is an adapter on the "
-                        f"policy's own base, so the policy must be trained with finetuning_type: lora, not "
-                        f"{f.finetuning_type!r}; or use reward_model_type: full"))
+        problems.append(Problem("reward_model_type and finetuning_type", "a lora reward model is an adapter on the "
+                                                                         "policy's own base, so the policy must be "
+                                                                         "trained with finetuning_type: lora, not "
+                                                                         f"{f.finetuning_type!r}; or use "
+                                                                         "reward_model_type: full"))
     if r.reward_model_workers < 0:
-        problems.append(Problem("reward_model_workers", f"must be 0 (reward model inside each worker) or more, got "
-                        f"{r.reward_model_workers}"))
+        problems.append(Problem("reward_model_workers", "must be 0 (reward model inside each worker) or more, got "
+                                                        f"{r.reward_model_workers}"))
     if r.reward_model_workers and kind != "full":
-        problems.append(Problem("reward_model_workers", f"a separate group of reward actors serves a whole reward model "
-                        f"(reward_model_type: full), not {kind!r}; set reward_model_type: full (for an rm adapter: "
-                        "reward_model = its base model and reward_model_adapters = the adapter) or remove "
-                        "reward_model_workers"))
+        problems.append(Problem("reward_model_workers", "a separate group of reward actors serves a whole reward "
+                                                        f"model (reward_model_type: full), not {kind!r}; set "
+                                                        "reward_model_type: full (for an rm adapter: reward_model = "
+                                                        "its base model and reward_model_adapters = the adapter) or "
+                                                        "remove reward_model_workers"))
     if r.reward_model_resources is not None and not r.reward_model_workers:
         problems.append(Problem("reward_model_resources", "only read with reward_model_workers > 0; remove it or set "
-                        "reward_model_workers"))
+                                                          "reward_model_workers"))
     problems += resource_problems("reward_model_resources", r.reward_model_resources)
     for key in ("ppo_epochs", "ppo_buffer_size"):
         if getattr(f, key) < 1:
@@ -302,14 +324,16 @@ def _ppo_problems(cfg: "RecipeConfig") -> list[Problem]:
             "streaming": "streamed prompts for PPO", "eval_dataset": "evaluation during PPO (eval_dataset, "
             "val_size, eval_strategy)", "loraplus_lr_ratio": "LoRA+ for PPO", "pissa_convert": "PiSSA conversion "
             "for PPO", "optim": "optimizers other than AdamW for PPO"}
-    problems += [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}") for key, used in not_built.items() if used]
+    problems += [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
+                 for key, used in not_built.items() if used]
     g = cfg.generating
     if g.num_beams != 1:
-        problems.append(Problem("num_beams", f"PPO samples its rollouts one sequence per prompt; remove num_beams ({g.num_beams})"))
+        problems.append(Problem("num_beams", "PPO samples its rollouts one sequence per prompt; remove num_beams "
+                                             f"({g.num_beams})"))
     unread = [k for k in ("default_system", "skip_special_tokens", "length_penalty")
               if getattr(g, k) != default_of(GeneratingArguments, k)] + (["eval_num_beams"] if d.eval_num_beams else [])
-    problems += [Problem(k, f"not read by PPO's rollouts (prompts keep their dataset's system prompt; answers are scored "
-                 f"with their special tokens); remove {k}") for k in unread]
+    problems += [Problem(k, "not read by PPO's rollouts (prompts keep their dataset's system prompt; answers are "
+                            f"scored with their special tokens); remove {k}") for k in unread]
     return problems
 
 
@@ -324,12 +348,13 @@ def reward_model_problems(cfg: "RecipeConfig") -> list[Problem]:
     if f.reward_model_type == "lora" and not all((folder / name).is_file() for name in (
             "adapter_config.json", VALUE_HEAD_FILE)):
         problems.append(Problem("reward_model", f"{folder} holds no reward adapter (adapter_config.json and "
-                        "value_head.safetensors, what a `stage: rm` run with finetuning_type: lora saves); run "
-                        "that stage first, or point reward_model at such a run's output_dir"))
+                                                "value_head.safetensors, what a `stage: rm` run with "
+                                                "finetuning_type: lora saves); run that stage first, or point "
+                                                "reward_model at such a run's output_dir"))
     if f.reward_model_type == "full" and folder.is_absolute() and not (folder / "config.json").is_file():
-        problems.append(Problem("reward_model", f"{folder} holds no model (config.json); point it at a model folder, e.g. "
-                        "the output_dir of a `stage: rm` run with full fine-tuning, or the base model with the rm "
-                        "adapter in reward_model_adapters"))
+        problems.append(Problem("reward_model", f"{folder} holds no model (config.json); point it at a model folder, "
+                                                "e.g. the output_dir of a `stage: rm` run with full fine-tuning, or "
+                                                "the base model with the rm adapter in reward_model_adapters"))
     for adapter in comma_list(f.reward_model_adapters):
         if not (Path(adapter) / "adapter_config.json").is_file():
             problems.append(Problem("reward_model_adapters", f"{adapter} holds no adapter (adapter_config.json)"))
@@ -359,7 +384,8 @@ def _deepspeed_problems(deepspeed: Any, base_dir: Path) -> list[Problem]:
         return []
     path = under(base_dir, deepspeed)
     if not path.is_file():
-        return [Problem("deepspeed", f"{deepspeed!r} is neither a shorthand ({', '.join(SHORTHANDS)}) nor an existing JSON file")]
+        return [Problem("deepspeed", f"{deepspeed!r} is neither a shorthand ({', '.join(SHORTHANDS)}) nor an existing "
+                                     "JSON file")]
     try:
         json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

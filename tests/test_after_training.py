@@ -34,7 +34,8 @@ def test_trackers_hold_the_loss_series_of_rank_zero(demo_run, monkeypatch):
     assert run.info.run_name == "demo-sft-lora" and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, round(m.value, 4)) for m in history] == [(s, round(v, 4)) for s, v in losses]
-    assert run.data.metrics["train_loss"] == pytest.approx(json.loads((out / "all_results.json").read_text())["train_loss"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert run.data.metrics["train_loss"] == pytest.approx(results["train_loss"])
 
     # Weights & Biases: one offline run, closed, with the run's name
     (wandb_run,) = (out / "wandb").glob("offline-run-*")
@@ -50,7 +51,8 @@ def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_mode
     metrics = run_predict(cfg)
 
     examples = json.loads((ROOT / "data" / "demo" / "demo_sft_eval.json").read_text())[:20]
-    rows = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()]
+    predictions = (tmp_path / "predict" / "generated_predictions.jsonl").read_text()
+    rows = [json.loads(line) for line in predictions.splitlines()]
     assert len(rows) == 20 and all(set(row) == {"prompt", "predict", "label"} for row in rows)
     # in the dataset's order, though two actors answered batches of four in whatever order they finished
     assert [row["label"] for row in rows] == [e["output"] for e in examples]

@@ -24,7 +24,7 @@ def test_the_launcher_config_is_valid_for_rays_schema():
     assert config["provider"]["type"] == "aws"
     assert any("torch==2.13.0" in c for c in config["setup_commands"])
     assert config["head_node_type"] in config["available_node_types"]
-    with pytest.raises(Exception):  # the check can fail: a misspelt key is a schema violation
+    with pytest.raises(Exception, match="max_workerz"):  # the check can fail: a misspelt key is a schema violation
         validate_config(prepare_config({**config, "max_workerz": 2}))
 
 
@@ -38,8 +38,10 @@ def test_the_kuberay_job_runs_a_shipped_recipe_that_validates():
     recipe = ROOT / "configs" / Path(command[4]).name
     overrides = command[5:]
     cfg = parse_config(load_recipe(recipe, overrides), base_dir=ROOT)
-    assert cfg.ray.ray_num_workers == len(job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]) * 2
-    assert all(Path(v).is_absolute() for k, v in (o.split("=", 1) for o in overrides) if k in ("output_dir", "ray_storage_path"))
+    worker_group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert cfg.ray.ray_num_workers == len(worker_group["template"]["spec"]["containers"]) * 2
+    paths = [v for k, v in (o.split("=", 1) for o in overrides) if k in ("output_dir", "ray_storage_path")]
+    assert all(Path(v).is_absolute() for v in paths)
     RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))  # raises on an invalid runtime_env
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == __import__("ray").__version__
 
@@ -51,7 +53,8 @@ def test_the_runtime_env_example_is_a_valid_ray_runtime_env_key(tmp_path):
 
     example = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs" / "demo_sft_lora.yaml").read_text()), **example}))
+    demo = yaml.safe_load((ROOT / "configs" / "demo_sft_lora.yaml").read_text())
+    recipe.write_text(yaml.safe_dump({**demo, **example}))
     cfg = parse_config(load_recipe(recipe, []), base_dir=ROOT)
     env = runtime_env(cfg, str(ROOT))
     RuntimeEnv(**env)

@@ -46,7 +46,8 @@ def test_wrong_type_names_key_value_and_expected_type():
     (problem,) = problems("placement_strategy=BALANCED")
     assert "placement_strategy: 'BALANCED'" in problem and "'STRICT_SPREAD'" in problem
     (problem,) = problems("save_strategy=no")  # YAML's boolean `no`, a common trap on the command line
-    assert problem.startswith("save_strategy: False is a bool") and 'quote the word, e.g. save_strategy: "no"' in problem
+    assert problem.startswith("save_strategy: False is a bool")
+    assert 'quote the word, e.g. save_strategy: "no"' in problem
 
 
 def test_all_problems_are_reported_together():

@@ -428,9 +428,10 @@ def test_pretraining_text_is_concatenated_into_blocks_or_truncated(tiny_model):
     texts = ["one two three four five six", "seven eight", "nine"]
     documents = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
     flat = [t for d in documents for t in d]
-    blocks = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), EncodingSettings(None, 5, packing=True, stage="pt"))
+    blocks = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)),
+                               EncodingSettings(None, 5, packing=True, stage="pt"))
     assert [b.tolist() for b in blocks["input_ids"]] == [flat[i:i + 5] for i in range(0, len(flat), 5)]
-    assert all((i == l).all() for i, l in zip(blocks["input_ids"], blocks["labels"]))
+    assert all((i == lab).all() for i, lab in zip(blocks["input_ids"], blocks["labels"]))
     assert blocks["truncated"].sum() == 0
     cut = encode_text_batch({"text": texts}, TokenizerSpec(str(tiny_model)), EncodingSettings(None, 5, stage="pt"))
     assert [c.tolist() for c in cut["input_ids"]] == [d[:5] for d in documents]
@@ -560,7 +561,8 @@ def test_qwen_tool_formatting_matches_qwens_jinja_template(family_tokenizers):
                                               chat_template=QWEN_TOOLS, tokenize=True, return_dict=True)["input_ids"]
     pairs = TEMPLATES["qwen"].encode_turns(tokenizer, TOOL_CHAT)
     assert [i for s, t in pairs for i in s + t] == list(reference)
-    assert tokenizer.decode(pairs[0][1]) == '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n'
+    assert tokenizer.decode(pairs[0][1]) == (
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n')
     assert "<tool_response>" in tokenizer.decode(pairs[1][0])
 
 

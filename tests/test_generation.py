@@ -35,7 +35,8 @@ def test_scores_segment_chinese_into_words():
     # jieba: 我/爱/北京 against 我/爱/北京/天安门. ROUGE-1 F = 2*(1*3/4)/(1+3/4) = 6/7; ROUGE-2: 2 of 2 bigrams,
     # 2 of 3, F=0.8. Characters instead of words would give ROUGE-1 F = 8/11. BLEU-4: exp(1 - 7/4).
     scores = similarity_scores(["我爱北京"], ["我爱北京天安门"])
-    assert scores == pytest.approx({"rouge-1": 600 / 7, "rouge-2": 80.0, "rouge-l": 600 / 7, "bleu-4": 47.2367}, abs=1e-3)
+    expected = {"rouge-1": 600 / 7, "rouge-2": 80.0, "rouge-l": 600 / 7, "bleu-4": 47.2367}
+    assert scores == pytest.approx(expected, abs=1e-3)
 
 
 def test_scores_average_over_examples_and_an_empty_answer_scores_zero():
@@ -76,7 +77,8 @@ def test_prediction_recipe_rules():
     assert problems(PREDICT_RECIPE) == []
     assert problems(DEMO_RECIPE, "predict_with_generate=true")[0].startswith(
         "predict_with_generate: generation runs in a recipe of its own after training")
-    assert problems(PREDICT_RECIPE, "predict_with_generate=false")[0].startswith("do_predict: rayft predicts by generating")
+    assert problems(PREDICT_RECIPE, "predict_with_generate=false")[0].startswith("do_predict: rayft predicts by "
+                                                                                 "generating")
     found = problems(PREDICT_RECIPE, "dataset=demo_sft", "deepspeed=z2", "stage=dpo", "placement_strategy=SPREAD")
     assert [p.split(":")[0] for p in found] == ["dataset", "stage", "deepspeed", "placement_strategy"], found
     assert problems(PREDICT_RECIPE, "eval_dataset=null")[0].startswith("eval_dataset: required for prediction")
@@ -110,7 +112,8 @@ def test_plots_cover_every_stage_metric_with_its_eval_series(tmp_path):
 def test_model_card_records_the_run_without_secrets(tmp_path):
     cfg = parse_config(load_recipe(DEMO_RECIPE, ["hf_hub_token=hf_card_secret", "eval_dataset=demo_sft_eval",
                                                  f"output_dir={tmp_path}"]), base_dir=ROOT)
-    card = write_model_card(str(tmp_path), cfg.to_dict(mask_secrets=True), {"train_loss": 1.25, "eval_loss": 1.5}).read_text()
+    metrics = {"train_loss": 1.25, "eval_loss": 1.5}
+    card = write_model_card(str(tmp_path), cfg.to_dict(mask_secrets=True), metrics).read_text()
     assert "base_model: " + cfg.model.model_name_or_path in card and "library_name: peft" in card
     assert "datasets:\n- demo_sft\n- demo_sft_eval" in card and "stage `sft`, method `lora`" in card
     assert "- lora_rank: `8`" in card and "- learning_rate: `0.002`" in card and "- deepspeed: `z2`" in card

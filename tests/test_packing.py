@@ -43,10 +43,10 @@ def test_pack_batch_masks_the_first_label_of_every_example(tiny_model):
 
 def test_packing_raises_the_share_of_real_tokens_per_batch(tiny_model):
     batch = encoded(tiny_model, 64)
-    rows = [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"])]
     packed = pack_batch(batch, cutoff_len=256, neat=True)
-    packed_rows = [{"input_ids": i, "labels": l, "position_ids": p}
-                   for i, l, p in zip(packed["input_ids"], packed["labels"], packed["position_ids"])]
+    packed_rows = [{"input_ids": i, "labels": lab, "position_ids": p}
+                   for i, lab, p in zip(packed["input_ids"], packed["labels"], packed["position_ids"])]
     collate = SupervisedCollator(pad_token_id=0)
 
     def real_share(examples, size):

@@ -143,7 +143,8 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
     epochs = []
     for _ in range(2):  # split iterators are read at the same time, as the workers read them
         seen = [None, None]
-        readers = [threading.Thread(target=lambda i=i: seen.__setitem__(i, list(shards[i]))) for i in range(2)]
+        readers = [threading.Thread(target=lambda i=i, seen=seen: seen.__setitem__(i, list(shards[i])))
+                   for i in range(2)]
         for reader in readers:
             reader.start()
         for reader in readers:

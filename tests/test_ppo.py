@@ -46,7 +46,8 @@ def test_a_ppo_recipe_reads_generation_settings_and_refuses_what_ppo_cannot_use(
                          "default_system=hi")
     assert [p.split(":")[0] for p in found] == ["ppo_epochs", "deepspeed", "eval_dataset", "num_beams",
                                                  "default_system"]
-    assert ppo_problems("reward_model_adapters=x")[0].startswith("reward_model_adapters and stage and reward_model_type")
+    assert ppo_problems("reward_model_adapters=x")[0].startswith("reward_model_adapters and stage and "
+                                                                 "reward_model_type")
     # PPO keys in another stage, and the actor group outside PPO
     assert parse_problems("ppo_epochs=2")[0].startswith("ppo_epochs and stage: ppo_epochs is only used with stage: ppo")
     assert parse_problems("reward_model_workers=1") == ["reward_model_workers: only read by stage ppo (reward "
@@ -96,7 +97,8 @@ def test_a_ppo_sweep_maximises_the_reward_and_keeps_the_reward_model_in_the_work
     from rayft.orchestrator.sweep_spec import check_sweep
 
     def sweep(*overrides):
-        raw = load_recipe(PPO_RECIPE, [f"output_dir={tmp_path / 'sweep'}", "sweep.parameters.learning_rate.grid=[1e-3,2e-3]",
+        raw = load_recipe(PPO_RECIPE, [f"output_dir={tmp_path / 'sweep'}",
+                                       "sweep.parameters.learning_rate.grid=[1e-3,2e-3]",
                                        "reward_model=http://127.0.0.1:1", "reward_model_type=api", *overrides])
         return check_sweep(raw, base_dir=ROOT)
 
@@ -137,7 +139,8 @@ def test_lora_full_and_actor_rewards_and_references_agree(tiny_model, tmp_path):
     cfg = parse_config(load_recipe(PPO_RECIPE, [f"model_name_or_path={tiny_model}", f"reward_model={adapter}"]),
                        base_dir=ROOT)
     tokenizer = load_tokenizer(cfg.model)
-    texts = ["<|im_start|>user\nWhat is one plus four?<|im_end|>\n<|im_start|>assistant\nOne plus four is five.<|im_end|>",
+    texts = ["<|im_start|>user\nWhat is one plus four?<|im_end|>\n"
+             "<|im_start|>assistant\nOne plus four is five.<|im_end|>",
              "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nred",
              "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nI do not know.<|im_end|>"]
     sequences = [tokenizer.encode(t, add_special_tokens=False) for t in texts]

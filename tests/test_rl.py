@@ -126,7 +126,8 @@ def test_a_failing_endpoint_is_retried_with_backoff(endpoint):
 @pytest.mark.parametrize("endpoint", [{"stall": 2.0}], indirect=True)
 def test_an_endpoint_that_times_out_is_a_clear_error(endpoint):
     waits = []
-    with pytest.raises(RewardAPIError, match=r"did not answer after 2 tries \(timeout 0.3 s each; last error: .*timed out"):
+    expected = r"did not answer after 2 tries \(timeout 0.3 s each; last error: .*timed out"
+    with pytest.raises(RewardAPIError, match=expected):
         api_scores(endpoint.url, ["abc"], timeout=0.3, retries=1, sleep=waits.append)
     assert waits == [1.0]
 

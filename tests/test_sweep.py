@@ -177,8 +177,9 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
         deadline, interrupted = time.time() + 400, None
         while time.time() < deadline and interrupted is None:
             done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
-            interrupted = next((f"trial_{i:03d}" for i in range(4) if f"trial_{i:03d}" not in done and
-                                latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")), None) if done else None
+            waiting = [f"trial_{i:03d}" for i in range(4) if f"trial_{i:03d}" not in done and
+                       latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
+            interrupted = waiting[0] if done and waiting else None
             time.sleep(0.5)
         assert interrupted, "no trial finished while another had a checkpoint"
     finally:
@@ -207,7 +208,8 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
     run_train(parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT))
     trained = read_log(sweep_dir / "best")
     assert (sweep_dir / "best" / "adapter_model.safetensors").is_file()
-    assert [r["eval_loss"] for r in trained if "eval_loss" in r][-1] == pytest.approx(float(best["eval_loss"]), rel=1e-3)
+    last_eval = [r["eval_loss"] for r in trained if "eval_loss" in r][-1]
+    assert last_eval == pytest.approx(float(best["eval_loss"]), rel=1e-3)
 
 
 @pytest.mark.integration
@@ -259,4 +261,5 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     assert bad["status"] == "ERROR" and bad["stop_reason"].startswith("failed: ") and bad["eval_loss"] is None
     with (tmp_path / "sweep" / "sweep_results.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "ERROR"]
-    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["model_name_or_path"] == str(tiny_model)
+    best = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
+    assert best["model_name_or_path"] == str(tiny_model)

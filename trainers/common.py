@@ -65,7 +65,8 @@ def train_shard(cfg: RecipeConfig) -> list[dict] | StreamedShard:
     d = cfg.data
     if not d.streaming:
         return shard_rows("train")
-    return StreamedShard(ray.train.get_dataset_shard("train"), None if cfg.finetuning.disable_shuffling else d.buffer_size,
+    buffer = None if cfg.finetuning.disable_shuffling else d.buffer_size
+    return StreamedShard(ray.train.get_dataset_shard("train"), buffer,
                          cfg.args.data_seed or cfg.args.seed)
 
 

@@ -69,7 +69,8 @@ class Generator:
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_for_generation(cfg.model, use_gpu)
         self.stops = stop_token_ids(self.tokenizer, cfg.data.template)
-        self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id, cfg.data.eval_num_beams)
+        self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id,
+                                        cfg.data.eval_num_beams)
         self.skip_special_tokens = cfg.generating.skip_special_tokens
         torch.manual_seed(cfg.args.seed)
 

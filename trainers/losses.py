@@ -66,7 +66,8 @@ def orpo_loss(chosen_avg, rejected_avg, beta: float):
     Inputs are length-normalised (per-token mean) log-probabilities; no reference model.
     odds(y) = p / (1 - p), so log odds = logp - log(1 - exp(logp)).
     """
-    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
+    log_odds = (chosen_avg - rejected_avg) - (
+        torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
     losses = -chosen_avg - beta * F.logsigmoid(log_odds)
     return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
 

@@ -208,8 +208,8 @@ def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> li
             outside.setdefault(name.split(".")[-1], name)
     for extra in comma_list(f.freeze_extra_modules):
         if extra not in outside:
-            raise ConfigError([Problem("freeze_extra_modules", f"{extra!r} is not a module outside the blocks; "
-                                                               f"choose from {sorted(outside)}")])
+            raise ConfigError([Problem("freeze_extra_modules", f"{extra!r} is not a module outside the blocks; choose "
+                                                               f"from {sorted(outside)}")])
         prefixes.append(outside[extra] + ".")
     return prefixes
 

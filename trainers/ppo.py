@@ -87,7 +87,8 @@ class PPOTrainer:
 
     def __init__(self, cfg: RecipeConfig, plan: Plan, args, model: PolicyWithValueHead, tokenizer, reward, reference,
                  device):
-        self.cfg, self.plan, self.args, self.tokenizer, self.reward, self.reference = cfg, plan, args, tokenizer, reward, reference
+        self.cfg, self.plan, self.args, self.tokenizer = cfg, plan, args, tokenizer
+        self.reward, self.reference = reward, reference
         self.device, self.model = device, model
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model

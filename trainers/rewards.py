@@ -46,14 +46,16 @@ def api_scores(url: str, texts: list[str], timeout: float = 30.0, retries: int =
         except urllib.error.HTTPError as err:
             last_error = f"HTTP {err.code}"
             if err.code < 500:  # the request is wrong; asking again will not help
-                raise RewardAPIError(f"reward_model: the reward API at {url} refused the request ({last_error})") from None
+                raise RewardAPIError(f"reward_model: the reward API at {url} refused the request "
+                                     f"({last_error})") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
             last_error = str(getattr(err, "reason", err))
     else:
         raise RewardAPIError(f"reward_model: the reward API at {url} did not answer after {retries + 1} tries "
                              f"(timeout {timeout:g} s each; last error: {last_error}); check that it is running")
     scores = answer.get("scores") if isinstance(answer, dict) else None
-    if not isinstance(scores, list) or len(scores) != len(texts) or not all(isinstance(s, (int, float)) for s in scores):
+    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) for s in scores)
+    if not numbers or len(scores) != len(texts):
         raise RewardAPIError(f"reward_model: the reward API at {url} must answer {{\"scores\": [one number per text]}} "
                              f"for {len(texts)} texts; it answered {str(answer)[:200]}")
     return [float(s) for s in scores]
@@ -204,7 +206,8 @@ class ActorReward:
 
         self.actors = [ray.get_actor(name) for name in actor_names]
         self.actor = self.actors[rank % len(self.actors)]
-        self.description = f"reward actor {rank % len(self.actors)} of {len(self.actors)} ({actor_names[rank % len(self.actors)]})"
+        index = rank % len(self.actors)
+        self.description = f"reward actor {index} of {len(self.actors)} ({actor_names[index]})"
 
     def __call__(self, texts: list[str], sequences: list[list[int]]) -> torch.Tensor:
 
