@@ -1,6 +1,7 @@
 """The model probe: the model built once per run on the meta device (no weights), for the driver's checks of
 module names and for the memory planner's shape."""
 
+import threading
 from dataclasses import dataclass
 
 from accelerate import init_empty_weights
@@ -13,6 +14,11 @@ from rayft.recipe.values import comma_list
 from rayft.trainers.model import FINETUNING, freeze_trainable_prefixes, linear_module_names
 
 
+# accelerate's init_empty_weights patches torch.nn.Module for the whole process while it is active; two probes
+# in two threads (runs started side by side in one driver) would leave the patch in place when they interleave.
+_EMPTY_WEIGHTS = threading.Lock()
+
+
 @dataclass(frozen=True)
 class Probe:
     """What the driver learns from the empty model: its shape for the planner."""
@@ -22,6 +28,11 @@ class Probe:
 
 def probe_model(cfg: RecipeConfig) -> Probe:
     """Builds the empty model once; raises ConfigError when the model cannot be read or a module name is wrong."""
+    with _EMPTY_WEIGHTS:
+        return _probe(cfg)
+
+
+def _probe(cfg: RecipeConfig) -> Probe:
     try:
         model = empty_model(cfg)
     except (OSError, ValueError) as err:

@@ -84,9 +84,9 @@ SECRET = "hf_rayft_test_secret_value"
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_model, ray_local):
-    """The demo recipe trained once (2 workers, ZeRO-2, trackers on, a hub token set) for the tests that
-    check a run's outputs, its logs and what comes after training: (output_dir, Result, loss records,
-    driver log lines)."""
+    """The demo recipe trained once (2 workers, ZeRO-2, trackers on, a hub token set, a final evaluation on each
+    of two datasets) for the tests that check a run's outputs, its logs and what comes after training:
+    (output_dir, Result, loss records, driver log lines)."""
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
@@ -95,7 +95,8 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     tmp_path = tmp_path_factory.mktemp("demo")
     cfg = parse_config(load_recipe(DEMO_RECIPE, [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}",
-        f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]"]), base_dir=ROOT)
+        f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]", "eval_dataset=demo_sft_eval,demo_sft",
+        "eval_on_each_dataset=true"]), base_dir=ROOT)
     with captured_log() as driver_lines:
         result = run_train(cfg)
     out = Path(cfg.training["output_dir"])

@@ -169,15 +169,17 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
 
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
+    # two points, one trial at a time: the kill lands while trial_000 is done and trial_001 has a checkpoint
     command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(SFT_SWEEP),
                f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
-               f"ray_address={address}", "max_steps=16", "save_strategy=steps", "save_steps=4"]
+               f"ray_address={address}", "max_steps=16", "save_strategy=steps", "save_steps=4",
+               "sweep.parameters.learning_rate.grid=[3.0e-3]", "sweep.max_concurrent_trials=1"]
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it once a trial has finished and another has a checkpoint to continue from
         deadline, interrupted = time.time() + 400, None
         while time.time() < deadline and interrupted is None:
             done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
-            waiting = [f"trial_{i:03d}" for i in range(4) if f"trial_{i:03d}" not in done and
+            waiting = [f"trial_{i:03d}" for i in range(2) if f"trial_{i:03d}" not in done and
                        latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
             interrupted = waiting[0] if done and waiting else None
             time.sleep(0.5)
@@ -191,9 +193,8 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep 'sweep-sft-lora'" in again.stdout
     rows = results(sweep_dir)
-    assert [r["trial"] for r in rows] == [f"trial_{i:03d}" for i in range(4)]
-    assert [(int(r["lora_rank"]), float(r["learning_rate"])) for r in rows] == [
-        (4, 3e-4), (4, 3e-3), (16, 3e-4), (16, 3e-3)]
+    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"]
+    assert [(int(r["lora_rank"]), float(r["learning_rate"])) for r in rows] == [(4, 3e-3), (16, 3e-3)]
     assert all(r["stop_reason"] == "completed" and r["step"] == "16" for r in rows), rows
     for name, log in finished_before.items():  # no finished trial ran again
         assert finished_trials(sweep_dir)[name] == log, name
@@ -213,53 +214,52 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
 
 
 @pytest.mark.integration
-def test_dpo_sweep_over_pref_beta(tmp_path, tiny_model, ray_local, rayft_log):
-    lines = rayft_log
-    rows = run_sweep(sweep_recipe(DPO_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
-    metric = "eval_rewards/accuracies"
-    assert [r["pref_beta"] for r in rows] == [0.05, 0.1, 0.2]
-    assert all(r["stop_reason"] == "completed" and 0.0 <= r[metric] <= 1.0 for r in rows), rows
-    for row in rows:  # each trial is a whole run with its own outputs and its own beta
-        out = tmp_path / "sweep" / "trials" / row["trial"]
-        assert yaml.safe_load((out / "training_args.yaml").read_text())["pref_beta"] == row["pref_beta"]
-        assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
-    best = max(rows, key=lambda r: r[metric])  # the first of equals wins, as in best_row
-    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["pref_beta"] == best["pref_beta"]
-    assert any(line.startswith("sweep results:") and "trial_002" in line for line in lines)
-
-
-@pytest.mark.slow
-def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
-    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4")
-    raw["sweep"] = {"parameters": {"learning_rate": {"loguniform": [1.0e-5, 1.0e-2]},
-                                   "lora_rank": {"choice": [4, 8, 16]}},
-                    "num_samples": 8, "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "seed": 3}
-    rows = run_sweep(raw, base_dir=ROOT)
-    assert len(rows) == 8 and all(r["status"] == "TERMINATED" for r in rows), rows
-    stopped = [r for r in rows if r["stop_reason"].startswith("stopped early")]
-    assert stopped and any(r["stop_reason"] == "completed" for r in rows), rows
-    assert sum(r["step"] for r in rows) < 8 * 12
-    # What the trials really trained, from their own logs: a stopped trial may run a few steps past the
-    # decision before Tune's kill reaches it, but the sweep still trains less than 8 whole trials.
-    trained = [max(r["step"] for r in read_log(tmp_path / "sweep" / "trials" / row["trial"])) for row in rows]
-    assert sum(trained) < 8 * 12, trained
-    finished = [r for r in rows if r["stop_reason"] == "completed"]
-    assert min(r["eval_loss"] for r in finished) <= min(r["eval_loss"] for r in stopped)
-
-
-@pytest.mark.integration
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, ray_local):
+def test_dpo_sweep_over_pref_beta_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray_local, rayft_log):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated: found only when a worker loads the weights
-    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=4", "eval_steps=4", "logging_steps=2")
-    raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]}}
+    raw = sweep_recipe(DPO_SWEEP, tmp_path, tiny_model)
+    raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]},
+                                  "pref_beta": {"grid": [0.05, 0.2]}}
     rows = run_sweep(raw, base_dir=ROOT)
-    good, bad = rows
-    assert good["stop_reason"] == "completed" and good["status"] == "TERMINATED"
-    assert bad["status"] == "ERROR" and bad["stop_reason"].startswith("failed: ") and bad["eval_loss"] is None
+    metric = "eval_rewards/accuracies"
+    assert [(r["model_name_or_path"] == str(tiny_model), r["pref_beta"]) for r in rows] == [
+        (True, 0.05), (True, 0.2), (False, 0.05), (False, 0.2)]
+    good, bad = rows[:2], rows[2:]
+    assert all(r["stop_reason"] == "completed" and r["status"] == "TERMINATED" and 0.0 <= r[metric] <= 1.0
+               for r in good), good
+    for row in good:  # each trial is a whole run with its own outputs and its own beta
+        out = tmp_path / "sweep" / "trials" / row["trial"]
+        assert yaml.safe_load((out / "training_args.yaml").read_text())["pref_beta"] == row["pref_beta"]
+        assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
+    assert all(r["status"] == "ERROR" and r["stop_reason"].startswith("failed: ") and r[metric] is None
+               for r in bad), bad
     with (tmp_path / "sweep" / "sweep_results.csv").open() as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "ERROR"]
-    best = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
-    assert best["model_name_or_path"] == str(tiny_model)
+        assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "TERMINATED", "ERROR", "ERROR"]
+    best = max(good, key=lambda r: r[metric])  # the first of equals wins, as in best_row
+    recipe = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
+    assert (recipe["pref_beta"], recipe["model_name_or_path"]) == (best["pref_beta"], str(tiny_model))
+    assert any(line.startswith("sweep results:") and "trial_003" in line for line in rayft_log)
+
+
+@pytest.mark.slow
+def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
+    # one trial at a time, so the order the scheduler compares them in is fixed: a good learning rate first,
+    # then one too small to move the loss, which must stop at the first rung
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4")
+    raw["sweep"] = {"parameters": {"learning_rate": {"grid": [3.0e-3, 1.0e-6, 1.0e-3]}},
+                    "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 1}
+    rows = run_sweep(raw, base_dir=ROOT)
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert rows[0]["stop_reason"] == "completed" and rows[1]["stop_reason"].startswith("stopped early"), rows
+    stopped = [r for r in rows if r["stop_reason"].startswith("stopped early")]
+    assert sum(r["step"] for r in rows) < 3 * 12
+    # What the trials really trained, from their own logs: a stopped trial may run a few steps past the
+    # decision before Tune's kill reaches it, but the sweep still trains less than 3 whole trials.
+    trained = [max(r["step"] for r in read_log(tmp_path / "sweep" / "trials" / row["trial"])) for row in rows]
+    assert sum(trained) < 3 * 12, trained
+    finished = [r for r in rows if r["stop_reason"] == "completed"]
+    assert min(r["eval_loss"] for r in finished) <= min(r["eval_loss"] for r in stopped)
+
+
