@@ -30,8 +30,8 @@ def rayft_run(overrides: list[str], out_dir: Path) -> dict:
     """Trains the demo recipe with `overrides` through rayft's driver (a local Ray instance of its own);
     returns all_results.json, the logged records and the driver's start time."""
     from rayft.orchestrator.launch import run_train
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
     from rayft.trainers.callbacks import read_log
 
     started = time.time()

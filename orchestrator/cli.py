@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from rayft.data.errors import DataError
-from rayft.recipe.config import RecipeConfig, parse_config
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import is_prediction
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.logs import DEFAULT, QUIET, VERBOSE, configure, logger
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.schema import describe_keys
 

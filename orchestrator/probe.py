@@ -13,7 +13,6 @@ from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import comma_list
 from rayft.trainers.model import FINETUNING, freeze_trainable_prefixes, linear_module_names
 
-
 # accelerate's init_empty_weights patches torch.nn.Module for the whole process while it is active; two probes
 # in two threads (runs started side by side in one driver) would leave the patch in place when they interleave.
 _EMPTY_WEIGHTS = threading.Lock()

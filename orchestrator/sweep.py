@@ -9,8 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import ray
 from ray import tune
-from ray._raylet import PlacementGroupID
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
@@ -212,7 +212,7 @@ def release_placement_group(last_result: dict | None) -> None:
     group_id = (last_result or {}).get("placement_group")
     if not group_id:
         return
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
     if placement_group_table(group).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
         remove_placement_group(group)
 

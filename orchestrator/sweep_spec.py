@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from rayft.recipe.config import RecipeConfig, parse_config
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import is_prediction
 from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.logs import logger
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import key_sections
 from rayft.trainers.stages import sweep_metric

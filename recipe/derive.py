@@ -6,13 +6,11 @@ Every part of rayft that needs one of these decisions calls the function here in
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.values import comma_list
-
-if TYPE_CHECKING:  # annotations only: config.py imports this module
-    from rayft.recipe.config import RecipeConfig
 
 # Preference losses that compare the policy with nothing but itself.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -25,7 +23,7 @@ def uses_reference(finetuning) -> bool:
     return f.stage in ("kto", "ppo") or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
 
 
-def reference_kind(cfg: "RecipeConfig") -> ReferenceKind:
+def reference_kind(cfg: RecipeConfig) -> ReferenceKind:
     """What the reference model is, for the loader, the memory planner, PPO and the launcher alike.
 
     - "none": the stage has no reference;
@@ -51,14 +49,14 @@ def report_targets(report_to: Any) -> list[str]:
     return [name for name in names if name != "none"]
 
 
-def is_prediction(cfg: "RecipeConfig") -> bool:
+def is_prediction(cfg: RecipeConfig) -> bool:
     """A recipe that generates instead of training: do_train false with predict_with_generate."""
     return cfg.args.do_train is False and bool(cfg.args.predict_with_generate)
 
 
 
 
-def resolve(cfg: "RecipeConfig", base_dir: Path) -> list[str]:
+def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     """Computes every derived value in one place; returns the log lines that say what was derived."""
     notes = []
     f, r, t = cfg.finetuning, cfg.ray, cfg.training

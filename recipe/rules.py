@@ -6,16 +6,14 @@ Key-by-key type checks happen while loading (config.py); these see the typed sec
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.derive import is_prediction, report_targets, under, uses_reference
 from rayft.recipe.problems import Problem
 from rayft.recipe.schema import DataArguments, FinetuningArguments, GeneratingArguments, TrainingArguments, default_of
 from rayft.recipe.values import VALUE_HEAD_FILE, comma_list
-
-if TYPE_CHECKING:  # annotations only: config.py imports this module
-    from rayft.recipe.config import RecipeConfig
 
 RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
 # Fields from the seeds whose feature rayft has not built yet, with what they belong to.
@@ -110,7 +108,7 @@ ONLY_USED_WITH: dict[str, tuple] = {
 }
 
 
-def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
+def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.args
     problems = []
@@ -219,7 +217,7 @@ def validate(cfg: "RecipeConfig", base_dir: Path = Path("."), for_training: bool
     return problems
 
 
-def _run_kind_problems(cfg: "RecipeConfig", for_training: bool) -> list[Problem]:
+def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
     """Checks that depend on what the recipe runs: training, or generation for evaluation and prediction.
 
     A recipe for `rayft chat` or `rayft export` (`for_training=False`) may hold generation settings.
@@ -273,7 +271,7 @@ def _run_kind_problems(cfg: "RecipeConfig", for_training: bool) -> list[Problem]
     return problems
 
 
-def _ppo_problems(cfg: "RecipeConfig") -> list[Problem]:
+def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
     """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
     d, f, r, t = cfg.data, cfg.finetuning, cfg.ray, cfg.args
     if f.stage != "ppo":
@@ -337,7 +335,7 @@ def _ppo_problems(cfg: "RecipeConfig") -> list[Problem]:
     return problems
 
 
-def reward_model_problems(cfg: "RecipeConfig") -> list[Problem]:
+def reward_model_problems(cfg: RecipeConfig) -> list[Problem]:
     """What is missing from a ppo recipe's reward model folders; checked by the driver before Ray starts (a
     shipped recipe may name the output of a run that has not happened yet)."""
     f = cfg.finetuning

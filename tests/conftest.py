@@ -67,8 +67,8 @@ def rayft_log():
 def train_recipe(recipe_path, tmp_path, tiny_model, *overrides):
     """Runs `rayft train` on a shipped recipe with the test's model and folders; returns (output_dir, loss records)."""
     from rayft.orchestrator.launch import run_train
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
     from rayft.trainers.callbacks import read_log
 
     cfg = parse_config(load_recipe(recipe_path, [
@@ -88,8 +88,8 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     of two datasets) for the tests that check a run's outputs, its logs and what comes after training:
     (output_dir, Result, loss records, driver log lines)."""
     from rayft.orchestrator.launch import run_train
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
     from rayft.trainers.callbacks import read_log
 
     tmp_path = tmp_path_factory.mktemp("demo")

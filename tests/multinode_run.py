@@ -15,8 +15,8 @@ from ray.cluster_utils import Cluster
 
 from rayft.data.errors import DataError
 from rayft.orchestrator.launch import run_train
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

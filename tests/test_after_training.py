@@ -6,8 +6,8 @@ import pytest
 from conftest import ROOT
 
 from rayft.orchestrator.predict import run_predict
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 
 pytestmark = pytest.mark.integration
 PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"

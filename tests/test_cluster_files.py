@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 
 pytestmark = pytest.mark.unit
 CLUSTER = ROOT / "cluster"

@@ -10,8 +10,9 @@ import pytest
 from conftest import DEMO_RECIPE, ROOT
 
 from rayft.recipe import schema as A
-from rayft.recipe.config import RecipeConfig, parse_config
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.rules import NOT_BUILT
 from rayft.recipe.values import mask

@@ -14,8 +14,8 @@ from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
 from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
 from rayft.data.templates import TEMPLATES, JinjaTemplate, get_template
 from rayft.data.tokenizer import TokenizerSpec
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.trainers.sft import supervised_collator
 

@@ -8,8 +8,8 @@ import torch
 from conftest import ROOT
 
 from rayft.orchestrator.export import run_export
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 
 pytestmark = pytest.mark.unit

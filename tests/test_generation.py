@@ -10,8 +10,8 @@ from conftest import DEMO_RECIPE, ROOT
 from test_export import trained_like_adapter
 
 from rayft.data.encode import encode_prompt
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.schema import GeneratingArguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, stop_token_ids

@@ -17,9 +17,9 @@ from rayft.orchestrator.memory import (
 )
 from rayft.orchestrator.plan import make_plan, worker_budget
 from rayft.orchestrator.probe import model_shape
-from rayft.recipe.config import parse_config
 from rayft.recipe.derive import reference_kind
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
 

@@ -175,8 +175,8 @@ def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_mode
     from conftest import DEMO_RECIPE, ROOT
 
     from rayft.orchestrator.probe import probe_model
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
     from rayft.recipe.problems import ConfigError
 
     def found(*overrides):
@@ -201,8 +201,8 @@ def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_mode
 def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
     from conftest import DEMO_RECIPE, ROOT
 
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
 
     adapter = prepared(tiny_model, lora_rank=4)
     with torch.no_grad():

@@ -93,8 +93,8 @@ def test_the_automatic_cache_is_used_on_a_cluster_only_with_a_shared_file_system
     from conftest import DEMO_RECIPE, ROOT
 
     from rayft.orchestrator.launch import tokenized_cache
-    from rayft.recipe.config import parse_config
     from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
 
     def where(*overrides):
         cfg = parse_config(load_recipe(DEMO_RECIPE, [f"ray_storage_path={tmp_path}", *overrides]), base_dir=ROOT)

@@ -5,8 +5,8 @@ from conftest import DEMO_RECIPE, ROOT
 
 from rayft.orchestrator.plan import bundles_per_node, make_plan, placement_problems, worker_resources
 from rayft.recipe import deepspeed as ds
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, train_recipe
 
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.rules import reward_model_problems
 from rayft.trainers.callbacks import read_log

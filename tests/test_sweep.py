@@ -148,7 +148,7 @@ def test_stop_reasons_and_the_best_trial():
 
 @pytest.mark.unit
 def test_train_refuses_a_recipe_with_a_sweep_section(tmp_path, tiny_model):
-    from rayft.recipe.config import parse_config
+    from rayft.recipe.parse import parse_config
 
     with pytest.raises(ConfigError, match="run it with `rayft sweep`"):
         parse_config(sweep_recipe(SFT_SWEEP, tmp_path, tiny_model), base_dir=ROOT)
@@ -165,7 +165,7 @@ def finished_trials(sweep_dir: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_trains(tmp_path, tiny_model, ray_local):
     from rayft.orchestrator.launch import run_train
-    from rayft.recipe.config import parse_config
+    from rayft.recipe.parse import parse_config
 
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"

@@ -9,8 +9,8 @@ from conftest import DEMO_RECIPE, ROOT, SECRET, SHARED_DATA
 
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.launch import prepare, run_train
-from rayft.recipe.config import parse_config
 from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.trainers.callbacks import read_log
 

@@ -185,14 +185,9 @@ def finish(trainer, cfg: RecipeConfig, plan: Plan, train_result, tokenizer) -> d
     trainer.save_state()
     close_trackers(trainer.callback_handler.callbacks)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
         if cfg.finetuning.pissa_convert:  # ZeRO 0-2 only (validated): rank 0 holds the whole adapter
             save_pissa_converted(trainer.accelerator.unwrap_model(trainer.model), output_dir)
-        masked = cfg.to_dict(mask_secrets=True)
-        outputs.save_config(output_dir, masked, plan)
-        if cfg.finetuning.plot_loss:
-            outputs.plot_loss(output_dir)
-        outputs.write_model_card(output_dir, masked, metrics)
+        outputs.write_run_outputs(output_dir, cfg, plan, tokenizer, metrics)
     return metrics
 
 

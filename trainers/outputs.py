@@ -5,11 +5,23 @@ from pathlib import Path
 
 import yaml
 
+from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list
 from rayft.trainers.callbacks import read_log
 
 CONFIG_FILE = "training_args.yaml"
+
+
+def write_run_outputs(output_dir: str, cfg: RecipeConfig, plan: Plan, tokenizer, metrics: dict) -> None:
+    """Rank 0's finish line of every stage: the tokenizer, the resolved config with its plan (secrets masked),
+    the plots when plot_loss asks for them, and the model card."""
+    tokenizer.save_pretrained(output_dir)
+    masked = cfg.to_dict(mask_secrets=True)
+    save_config(output_dir, masked, plan)
+    if cfg.finetuning.plot_loss:
+        plot_loss(output_dir)
+    write_model_card(output_dir, masked, metrics)
 
 
 def save_config(output_dir: str, masked_config: dict, plan: Plan) -> Path:

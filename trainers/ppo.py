@@ -366,14 +366,9 @@ def finish(trainer: PPOTrainer, cfg: RecipeConfig, plan: Plan, tokenizer, metric
     if args.process_index == 0:
         out = Path(args.output_dir)
         save_policy(trainer.model, out)
-        tokenizer.save_pretrained(str(out))
         for name in ("train_results.json", "all_results.json"):
             (out / name).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        masked = cfg.to_dict(mask_secrets=True)
-        outputs.save_config(str(out), masked, plan)
-        if cfg.finetuning.plot_loss:
-            outputs.plot_loss(str(out))
-        outputs.write_model_card(str(out), masked, metrics)
+        outputs.write_run_outputs(str(out), cfg, plan, tokenizer, metrics)
     trainer.callbacks.on_train_end(args, trainer.state, trainer.control)
     close_trackers(trainer.callbacks.callbacks)
     return metrics
