@@ -26,8 +26,10 @@ PYTEST_NO_TESTS = 5
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 
-def run(*args, **kwargs) -> None:
-    print("+", " ".join(str(a) for a in args), flush=True)
+def run(*args, quiet: bool = False, **kwargs) -> None:
+    """Runs a set-up step, showing its command unless it is a check that usually has nothing to do."""
+    if not quiet:
+        print("+", " ".join(str(a) for a in args), flush=True)
     subprocess.run([str(a) for a in args], check=True, cwd=ROOT, **kwargs)
 
 
@@ -54,7 +56,11 @@ def ensure_tiny_model() -> None:
 
 
 def ensure_deepspeed_ops() -> None:
-    run(PYTHON, "-c", "from rayft.trainers.deepspeed_ops import prebuild_cpu_ops; prebuild_cpu_ops()")
+    # a quiet check once the op is built (it is kept per checkout); the first build takes about a minute
+    built = any(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("**/*.so"))
+    if not built:
+        print("+ building DeepSpeed's CPU shared-memory op once (about a minute)", flush=True)
+    run(PYTHON, "-c", "from rayft.trainers.deepspeed_ops import prebuild_cpu_ops; prebuild_cpu_ops()", quiet=True)
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -21,6 +22,7 @@ from rayft.data.packing import pack_batch
 from rayft.data.registry import dataset_attrs, kind, read_rows
 from rayft.data.templates import TEMPLATES, get_template, supports_tools
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+from rayft.recipe.values import DEFAULT_SEED
 
 
 def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
@@ -28,7 +30,7 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_
     return [e for dataset in load_datasets(names, dataset_dir, max_samples, **read_kwargs) for e in dataset]
 
 
-def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = 42,
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = DEFAULT_SEED,
                   token: str | None = None, data: str = "supervised", template: str | None = None,
                   stage: str = "sft") -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
@@ -214,20 +216,30 @@ class EncodingSettings:
         return self.neat_packing if self.stage == "pt" else self.packing
 
 
+# Up to this many examples the driver tokenises in its own process: that takes a fraction of a second, where
+# starting Ray Data's task workers (each importing Transformers and loading the tokenizer) costs about 3 s
+# (benchmarks/throughput.py prints the time to the first step).
+DRIVER_TOKENIZE_MAX = 2000
+
+
+def columns_of(examples: list[dict]) -> dict:
+    """The examples as one batch of columns (every key any example has; None where one lacks it)."""
+    keys = dict.fromkeys(key for example in examples for key in example)
+    return {key: [example.get(key) for example in examples] for key in keys}
+
+
 def on_examples(encode):
     """`encode` (a batch function over example columns) for batches of JSON-encoded examples."""
 
     def run(batch: dict, **kwargs) -> dict:
-        examples = [json.loads(text) for text in batch["example"]]
-        keys = dict.fromkeys(key for example in examples for key in example)
-        return encode({key: [example.get(key) for example in examples] for key in keys}, **kwargs)
+        return encode(columns_of([json.loads(text) for text in batch["example"]]), **kwargs)
 
     run.__name__ = run.__qualname__ = encode.__name__  # Ray Data names its operator after the function
     return run
 
 
 def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-             batch_size: int, stream_tasks: int | None = None):
+             batch_size: int, stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX):
     """Tokenises (and packs) `examples` with the stage's `encoder` in Ray Data tasks over the cluster; returns a
     materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
 
@@ -241,6 +253,8 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     """
 
     s = settings
+    if stream_tasks is None and len(examples) <= driver_max:
+        return _tokenize_here(examples, tokenizer_spec, settings, encoder, batch_size)
     options = {} if stream_tasks is None else {"num_cpus": 0, "concurrency": stream_tasks}
     # Each example travels as one JSON string: Arrow moves a string column far faster than nested messages,
     # and a few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
@@ -256,13 +270,37 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     return dataset.materialize() if stream_tasks is None else dataset
 
 
+def _tokenize_here(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
+                   batch_size: int):
+    """`tokenize` for a small dataset, in this process, batch by batch as the tasks would; a materialised Dataset."""
+    tables = []
+    for start in range(0, len(examples), batch_size):
+        batch = encoder(columns_of(examples[start:start + batch_size]), tokenizer_spec=tokenizer_spec,
+                        settings=settings)
+        if settings.packs_after_encoding:
+            batch = pack_batch(batch, cutoff_len=settings.cutoff_len, neat=settings.neat_packing)
+        tables.append(pa.table({key: _arrow(column) for key, column in batch.items()}))
+    return ray.data.from_arrow(tables).materialize()
+
+
+def _arrow(column) -> pa.Array:
+    """A column of an encoded batch as Arrow: token sequences become lists of int64."""
+    if isinstance(column, np.ndarray) and column.ndim == 1 and column.dtype != object:
+        return pa.array(column)
+    return pa.array([np.asarray(value).tolist() for value in column], type=pa.list_(pa.int64()))
+
+
 def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-                    batch_size: int, cache_dir: Path | None, strict: bool, overwrite: bool):
+                    batch_size: int, cache_dir: Path | None, strict: bool, overwrite: bool,
+                    driver_max: int = DRIVER_TOKENIZE_MAX):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
     With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
-    other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
+    other inputs is an error; otherwise `cache_dir` holds one automatic cache per key, which a dataset the
+    driver tokenises itself (up to `driver_max` examples) does without: tokenising it again is the faster.
     """
+    if not strict and len(examples) <= driver_max:
+        cache_dir = None
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
     key = cache.cache_key(examples, tokenizer_spec, recorded)
     if cache_dir is not None and not strict:
@@ -271,7 +309,7 @@ def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, setting
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size)
+    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max)
     if cache_dir is not None:
         cache.save(dataset, cache_dir, key, recorded)
     return dataset, False

@@ -11,7 +11,7 @@ import pyarrow.csv
 import pyarrow.parquet
 
 from rayft.data.errors import DataError
-from rayft.recipe.values import comma_list
+from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 DEFAULT_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
@@ -100,7 +100,7 @@ def kind(attr: DatasetAttr) -> str:
     return "kto" if "kto_tag" in attr.columns else "supervised"
 
 
-def read_rows(attr: DatasetAttr, dataset_dir: str | Path, seed: int = 42, token: str | None = None) -> list:
+def read_rows(attr: DatasetAttr, dataset_dir: str | Path, seed: int = DEFAULT_SEED, token: str | None = None) -> list:
     """Every raw row of the dataset, from a local file or folder or through `datasets.load_dataset`.
 
     `num_samples` then draws that many rows (without replacement while it can), seeded.

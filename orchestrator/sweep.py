@@ -144,7 +144,7 @@ def _check_output_dir(output_dir: Path, trials: list[Trial], run_name: str) -> b
 
 
 def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, recipes: list[dict], concurrent: int,
-           max_steps: int, resume: bool, log):
+           max_steps: int, resume: bool):
     # A trial's own process only drives its TorchTrainer: it reserves memory but no CPU, so the trials'
     # workers can have every CPU and no trial waits for CPUs its own driver holds.
     trainable = tune.with_resources(tune.with_parameters(run_trial, trials=recipes, metric=spec.metric),

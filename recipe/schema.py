@@ -349,8 +349,6 @@ def key_sections() -> dict[str, str]:
     return keys
 
 
-DEFAULT_SEED = default_of(TrainingArguments, "seed")
-
 
 def describe_keys(which: str | None = None) -> str | None:
     """`rayft keys`: every settable key of a section (or one key, or all) with its type, default and help text.

@@ -7,6 +7,9 @@ MASK = "***"
 # The reward model's value head beside its weights (LLaMA-Factory's layout): stage rm writes it, PPO and export read it.
 VALUE_HEAD_FILE = "value_head.safetensors"
 GB = 1024**3
+# Transformers' default `seed` (a test holds it equal to TrainingArguments'), for the data functions that Ray
+# Data's tasks import without the schema
+DEFAULT_SEED = 42
 
 
 def comma_list(value: str | None) -> list[str]:

@@ -383,3 +383,9 @@ def test_the_stage_table_has_an_entry_for_every_stage_the_schema_accepts():
     from rayft.trainers.stages import STAGES
 
     assert set(STAGES) == BUILT_STAGES == set(typing.get_args(A.type_hints(A.FinetuningArguments)["stage"]))
+
+
+def test_the_default_seed_is_transformers_own():
+    from rayft.recipe.values import DEFAULT_SEED
+
+    assert DEFAULT_SEED == A.default_of(A.TrainingArguments, "seed")

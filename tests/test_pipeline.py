@@ -5,6 +5,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -22,12 +23,19 @@ def examples():
 
 def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
     settings = EncodingSettings("chatml", cutoff_len, packing=packing, neat_packing=packing)
+    # driver_max=0: Ray Data's tasks tokenise even these few examples, and the automatic cache is used
     return tokenize_cached(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, cache_dir, strict,
-                           overwrite)
+                           overwrite, driver_max=0)
 
 
 def rows(dataset):
-    return sorted(tuple(r["input_ids"].tolist()) for r in dataset.take_all())
+    return sorted(tuple(np.asarray(r["input_ids"]).tolist()) for r in dataset.take_all())
+
+
+def every_column(dataset):
+    """Every row with every column, comparable across the ways a dataset was made."""
+    return sorted(json.dumps({k: np.asarray(v).tolist() for k, v in r.items()}, sort_keys=True)
+                  for r in dataset.take_all())
 
 
 def test_a_named_tokenized_path_is_written_then_reused(tmp_path, tiny_model, ray_local, examples):
@@ -82,10 +90,13 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
     else:
         examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
                      "kto_tag": i % 2 == 0} for i in range(6)]
-    dataset = tokenize(examples, TokenizerSpec(str(tiny_model)), EncodingSettings("chatml", 64, stage=stage),
-                       STAGES[stage].encoder, batch_size=4)
+    settings, spec = EncodingSettings("chatml", 64, stage=stage), TokenizerSpec(str(tiny_model))
+    dataset = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
+    # the driver tokenises a small dataset itself, into the same rows and statistics
+    here = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4)
+    assert every_column(here) == every_column(dataset) and token_stats(here) == token_stats(dataset)
 
 
 @pytest.mark.unit
@@ -174,11 +185,11 @@ def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path,
     pinned = TokenizerSpec(repo, revision="v1", cache_dir=str(cache_dir), token="hf_secret_for_the_tasks")
     settings = EncodingSettings("chatml", 256)
     # the tasks load the tokenizer from the hub cache at revision v1 (the ray_local cluster has no hub access)
-    dataset = tokenize(examples[:8], pinned, settings, encode_batch, batch_size=4)
+    dataset = tokenize(examples[:8], pinned, settings, encode_batch, batch_size=4, driver_max=0)
     local = tokenize(examples[:8], TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
     assert rows(dataset) == rows(local)
     with pytest.raises(Exception, match="main|revision|offline|not found|couldn't"):
-        rows(tokenize(examples[:8], replace(pinned, revision="main"), settings, encode_batch, batch_size=4))
+        tokenize(examples[:8], replace(pinned, revision="main"), settings, encode_batch, batch_size=4, driver_max=0)
     # the cache key tells revisions apart, and never holds the token
     from rayft.data import cache
 

@@ -177,7 +177,7 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it once a trial has finished and another has a checkpoint to continue from
         deadline, interrupted = time.time() + 400, None
-        while time.time() < deadline and interrupted is None:
+        while time.time() < deadline and interrupted is None and driver.poll() is None:
             done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
             waiting = [f"trial_{i:03d}" for i in range(2) if f"trial_{i:03d}" not in done and
                        latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
