@@ -5,15 +5,15 @@ Every check that a user's input can fail runs before a Ray instance is started o
 
 import contextlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2.api.config import LoggingConfig
 
 from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
@@ -196,7 +196,7 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
                 checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit),
                 failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
                 callbacks=callbacks,
-                logging_config=LoggingConfig(log_level="DEBUG" if logger.isEnabledFor(10) else "ERROR"),
+                logging_config=LoggingConfig(log_level="DEBUG" if logger.isEnabledFor(logging.DEBUG) else "ERROR"),
             ),
             datasets=datasets,
         )

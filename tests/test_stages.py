@@ -77,9 +77,10 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
 
 
 @pytest.mark.integration
+# sigmoid trains in test_dpo_with_lora_two_workers...; hinge shares ipo's path to the reference and orpo
+# simpo's length-normalised one (their formulas are held to hand-computed values in test_losses.py)
 @pytest.mark.parametrize("loss, extra", [
-    ("hinge", ()), ("ipo", ("pref_beta=0.5",)), ("kto_pair", ()),
-    ("orpo", ()), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
+    ("ipo", ("pref_beta=0.5",)), ("kto_pair", ()), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
 ])
 def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local, loss, extra):
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"pref_loss={loss}", *extra,
@@ -96,7 +97,8 @@ def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local,
 
 @pytest.mark.integration
 def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
-    out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3")
+    out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3",
+                            "learning_rate=1e-3")
     assert log[-1]["loss"] < log[0]["loss"] - 0.05, [r["loss"] for r in log]
     late = log[len(log) // 2:]
     assert all(r["rewards/chosen"] > r["rewards/rejected"] for r in late), late

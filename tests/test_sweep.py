@@ -163,10 +163,7 @@ def finished_trials(sweep_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_trains(tmp_path, tiny_model, ray_local):
-    from rayft.orchestrator.launch import run_train
-    from rayft.recipe.parse import parse_config
-
+def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_the_best_trials(tmp_path, tiny_model, ray_local):
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
     # two points, one trial at a time: the kill lands while trial_000 is done and trial_001 has a checkpoint
@@ -206,27 +203,30 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_tra
     recipe = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
     assert "sweep" not in recipe and recipe["lora_rank"] == int(best["lora_rank"])
     assert recipe["learning_rate"] == pytest.approx(float(best["learning_rate"]))
-    run_train(parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT))
-    trained = read_log(sweep_dir / "best")
-    assert (sweep_dir / "best" / "adapter_model.safetensors").is_file()
-    last_eval = [r["eval_loss"] for r in trained if "eval_loss" in r][-1]
-    assert last_eval == pytest.approx(float(best["eval_loss"]), rel=1e-3)
+    # best_config.yaml resolves to the best trial's own config, but for where its outputs go, so `rayft train`
+    # runs the best trial again (the resolved config, not a training run, is compared: the suite's budget)
+    from rayft.recipe.parse import parse_config
+
+    again = parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT).to_dict()
+    trial = yaml.safe_load((sweep_dir / "trials" / best["trial"] / "training_args.yaml").read_text())
+    per_run = {"output_dir", "ray_run_name", "ray_storage_path", "overwrite_output_dir", "_plan"}
+    differing = {k for k in set(again) | set(trial) if k not in per_run and again.get(k) != trial.get(k)}
+    assert differing == set(), differing
 
 
 @pytest.mark.integration
-def test_dpo_sweep_over_pref_beta_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray_local, rayft_log):
+def test_dpo_sweep_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray_local, rayft_log):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated: found only when a worker loads the weights
     raw = sweep_recipe(DPO_SWEEP, tmp_path, tiny_model)
     raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]},
-                                  "pref_beta": {"grid": [0.05, 0.2]}}
+                                  "pref_beta": {"grid": [0.2]}}
     rows = run_sweep(raw, base_dir=ROOT)
     metric = "eval_rewards/accuracies"
-    assert [(r["model_name_or_path"] == str(tiny_model), r["pref_beta"]) for r in rows] == [
-        (True, 0.05), (True, 0.2), (False, 0.05), (False, 0.2)]
-    good, bad = rows[:2], rows[2:]
+    assert [(r["model_name_or_path"] == str(tiny_model), r["pref_beta"]) for r in rows] == [(True, 0.2), (False, 0.2)]
+    good, bad = rows[:1], rows[1:]
     assert all(r["stop_reason"] == "completed" and r["status"] == "TERMINATED" and 0.0 <= r[metric] <= 1.0
                for r in good), good
     for row in good:  # each trial is a whole run with its own outputs and its own beta
@@ -236,23 +236,23 @@ def test_dpo_sweep_over_pref_beta_records_a_failing_trial_and_goes_on(tmp_path, 
     assert all(r["status"] == "ERROR" and r["stop_reason"].startswith("failed: ") and r[metric] is None
                for r in bad), bad
     with (tmp_path / "sweep" / "sweep_results.csv").open() as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "TERMINATED", "ERROR", "ERROR"]
+        assert [r["status"] for r in csv.DictReader(f)] == ["TERMINATED", "ERROR"]
     best = max(good, key=lambda r: r[metric])  # the first of equals wins, as in best_row
     recipe = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
     assert (recipe["pref_beta"], recipe["model_name_or_path"]) == (best["pref_beta"], str(tiny_model))
-    assert any(line.startswith("sweep results:") and "trial_003" in line for line in rayft_log)
+    assert any(line.startswith("sweep results:") and "trial_001" in line for line in rayft_log)
 
 
 @pytest.mark.slow
 def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
-    # one trial at a time, so the order the scheduler compares them in is fixed: a good learning rate first,
-    # then one too small to move the loss, which must stop at the first rung
+    # Two good learning rates run side by side; the third, too small to move the loss, starts when one of them
+    # has finished and so meets the scheduler's first rung after both: it must stop there.
     raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4")
-    raw["sweep"] = {"parameters": {"learning_rate": {"grid": [3.0e-3, 1.0e-6, 1.0e-3]}},
-                    "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 1}
+    raw["sweep"] = {"parameters": {"learning_rate": {"grid": [3.0e-3, 1.0e-3, 1.0e-6]}},
+                    "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 2}
     rows = run_sweep(raw, base_dir=ROOT)
     assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
-    assert rows[0]["stop_reason"] == "completed" and rows[1]["stop_reason"].startswith("stopped early"), rows
+    assert rows[0]["stop_reason"] == "completed" and rows[2]["stop_reason"].startswith("stopped early"), rows
     stopped = [r for r in rows if r["stop_reason"].startswith("stopped early")]
     assert sum(r["step"] for r in rows) < 3 * 12
     # What the trials really trained, from their own logs: a stopped trial may run a few steps past the
@@ -261,5 +261,3 @@ def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
     assert sum(trained) < 3 * 12, trained
     finished = [r for r in rows if r["stop_reason"] == "completed"]
     assert min(r["eval_loss"] for r in finished) <= min(r["eval_loss"] for r in stopped)
-
-
