@@ -163,7 +163,8 @@ def finished_trials(sweep_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_the_best_trials(tmp_path, tiny_model, ray_local):
+def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_the_best_trials(
+        tmp_path, tiny_model, ray_local):
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
     # two points, one trial at a time: the kill lands while trial_000 is done and trial_001 has a checkpoint
