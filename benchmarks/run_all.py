@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("throughput.py", "packing.py", "zero_memory.py", "data_pipeline.py")
+BENCHMARKS = ("throughput.py", "startup.py", "packing.py", "zero_memory.py", "data_pipeline.py")
 
 
 def main() -> int:
