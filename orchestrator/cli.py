@@ -46,11 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line, with --verbose / --quiet on every command."""
-    common = argparse.ArgumentParser(add_help=False)
-    loudness = common.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", action="store_true", help="show everything, libraries' output included")
-    loudness.add_argument("-q", "--quiet", action="store_true", help="show only warnings and errors")
-    root = argparse.ArgumentParser(prog="rayft", description=__doc__, parents=[common])
+    root = argparse.ArgumentParser(prog="rayft", description=__doc__, parents=[loudness_flags(False)])
+    # after the command too; its parser must not put back a default over `rayft -v train ...`
+    common = loudness_flags(argparse.SUPPRESS)
     sub = root.add_subparsers(dest="command", required=True)
     for name, help_text in RECIPE_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, parents=[common])
@@ -78,6 +76,16 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=("qwen2", "llama"), default="qwen2")
     tiny.add_argument("--seed", type=int, default=0)
     return root
+
+
+def loudness_flags(default) -> argparse.ArgumentParser:
+    """--verbose / --quiet, as a parent parser (a fresh one for each parser: parents share their actions)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    loudness = flags.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", default=default,
+                          help="show everything, libraries' output included")
+    loudness.add_argument("-q", "--quiet", action="store_true", default=default, help="show only warnings and errors")
+    return flags
 
 
 def _train(args) -> int:

@@ -111,3 +111,12 @@ def test_every_bad_input_is_one_line_with_exit_status_2(case, tmp_path, capsys, 
     assert "Traceback" not in err
     assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["model.safetensors"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["-v", "keys"], True, False), (["keys", "--verbose"], True, False), (["keys"], False, False),
+    (["-q", "plan", "r.yaml"], False, True), (["plan", "r.yaml", "k=v", "--quiet"], False, True),
+])
+def test_verbose_and_quiet_are_read_before_and_after_the_command(argv, verbose, quiet):
+    args = cli.parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
