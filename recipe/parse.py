@@ -12,17 +12,7 @@ from rayft.recipe.derive import resolve
 from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import NOT_BUILT, RESERVED_KEYS, validate
-from rayft.recipe.schema import (
-    SECTIONS,
-    DataArguments,
-    FinetuningArguments,
-    GeneratingArguments,
-    ModelArguments,
-    RayArguments,
-    default_of,
-    key_sections,
-    type_hints,
-)
+from rayft.recipe.schema import SECTIONS, default_of, key_sections, type_hints
 
 
 def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: bool = True) -> RecipeConfig:
@@ -65,14 +55,8 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
     if problems:
         raise ConfigError(problems)
 
-    cfg = RecipeConfig(
-        model=ModelArguments(**by_section["model"]),
-        data=DataArguments(**by_section["data"]),
-        finetuning=FinetuningArguments(**by_section["finetuning"]),
-        generating=GeneratingArguments(**by_section["generating"]),
-        ray=RayArguments(**by_section["ray"]),
-        training=by_section["training"],
-    )
+    sections = {name: cls(**by_section[name]) for name, cls in SECTIONS.items() if name != "training"}
+    cfg = RecipeConfig(**sections, training=by_section["training"])
     problems = validate(cfg, Path(base_dir), for_training)
     if problems:
         raise ConfigError(problems)
