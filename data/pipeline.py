@@ -218,7 +218,7 @@ class EncodingSettings:
 
 # Up to this many examples the driver tokenises in its own process: that takes a fraction of a second, where
 # starting Ray Data's task workers (each importing Transformers and loading the tokenizer) costs about 3 s
-# (benchmarks/throughput.py prints the time to the first step).
+# (benchmarks/startup.py measures both).
 DRIVER_TOKENIZE_MAX = 2000
 
 
@@ -299,19 +299,18 @@ def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, setting
     other inputs is an error; otherwise `cache_dir` holds one automatic cache per key, which a dataset the
     driver tokenises itself (up to `driver_max` examples) does without: tokenising it again is the faster.
     """
-    if not strict and len(examples) <= driver_max:
-        cache_dir = None
+    if cache_dir is None or (not strict and len(examples) <= driver_max):  # no cache: nothing to hash or keep
+        return tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max), False
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
     key = cache.cache_key(examples, tokenizer_spec, recorded)
-    if cache_dir is not None and not strict:
+    if not strict:
         cache_dir = cache_dir / key
-    if cache_dir is not None and not overwrite:
+    if not overwrite:
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
     dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max)
-    if cache_dir is not None:
-        cache.save(dataset, cache_dir, key, recorded)
+    cache.save(dataset, cache_dir, key, recorded)
     return dataset, False
 
 
