@@ -389,3 +389,18 @@ def test_the_default_seed_is_transformers_own():
     from rayft.recipe.values import DEFAULT_SEED
 
     assert DEFAULT_SEED == A.default_of(A.TrainingArguments, "seed")
+
+
+def test_rayft_keys_prints_type_default_and_help_for_every_key():
+    from rayft.recipe.schema import describe_keys
+
+    one = describe_keys("lora_rank")
+    assert one.splitlines() == ["[finetuning]", "  lora_rank  (int, default 8)", "      Rank of the LoRA matrices."]
+    ray = describe_keys("ray")
+    assert "ray_num_workers  (int, default 1)" in ray and "[training]" not in ray
+    everything = describe_keys()
+    ours = [f.name for name, cls in A.SECTIONS.items() if name != "training" for f in dataclasses.fields(cls) if f.init]
+    assert all(f"  {key}  (" in everything for key in ours)
+    assert all(f.metadata.get("help") for name, cls in A.SECTIONS.items() if name != "training"
+               for f in dataclasses.fields(cls))  # every key of ours has its line of help
+    assert describe_keys("lora_rnak") is None
