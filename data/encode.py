@@ -20,55 +20,74 @@ def split_budget(source_len: int, target_len: int, budget: int) -> tuple[int, in
 
 
 def encode_supervised(pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool,
-                      mask_history: bool = False) -> dict:
+                      mask_history: bool = False, efficient_eos: int | None = None) -> dict:
     """Concatenates the turns up to `cutoff_len` tokens; labels are IGNORE_INDEX on prompt tokens.
 
     With `mask_history` only the last response is learned, and the budget is spent from the last turn
-    backwards so that the turn being learned survives truncation.
+    backwards so that the turn being learned survives truncation. `efficient_eos` (the EOS id of templates
+    whose responses do not end with it) closes the sequence, and each later prompt's first label learns it.
     Returns input_ids, labels and `truncated` (how many tokens the cutoff dropped).
     """
-    input_ids, labels, remaining, dropped = [], [], cutoff_len, 0
+    input_ids, labels, dropped = [], [], 0
+    used = 1 if efficient_eos is not None else 0
     turns = list(reversed(pairs)) if mask_history else pairs
     for index, (source, target) in enumerate(turns):
-        if remaining <= 0:
+        if used >= cutoff_len:
             dropped += len(source) + len(target)
             continue
-        keep_source, keep_target = split_budget(len(source), len(target), remaining)
+        keep_source, keep_target = split_budget(len(source), len(target), cutoff_len - used)
         dropped += len(source) - keep_source + len(target) - keep_target
         source, target = source[:keep_source], target[:keep_target]
-        remaining -= keep_source + keep_target
-        learned = target if not mask_history or index == 0 else [IGNORE_INDEX] * len(target)
-        turn_labels = (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + learned
-        if mask_history:
-            input_ids, labels = source + target + input_ids, turn_labels + labels
+        used += keep_source + keep_target
+        if train_on_prompt:
+            source_labels = list(source)
+        elif efficient_eos is not None and index != 0:
+            source_labels = [efficient_eos] + [IGNORE_INDEX] * (len(source) - 1)
         else:
-            input_ids, labels = input_ids + source + target, labels + turn_labels
+            source_labels = [IGNORE_INDEX] * len(source)
+        learned = target if not mask_history or index == 0 else [IGNORE_INDEX] * len(target)
+        if mask_history:
+            input_ids, labels = source + target + input_ids, source_labels + learned + labels
+        else:
+            input_ids, labels = input_ids + source + target, labels + source_labels + learned
+    if efficient_eos is not None:
+        input_ids, labels = input_ids + [efficient_eos], labels + [efficient_eos]
     return {"input_ids": input_ids, "labels": labels, "truncated": dropped}
 
 
-def encode_pairwise(prompt_pairs: list[tuple[list[int], list[int]]], prompt: list[int], chosen: list[int],
-                    rejected: list[int], cutoff_len: int) -> dict:
+def encode_response(prompt: list[int], response: list[int], cutoff_len: int, efficient_eos: int | None = None
+                    ) -> dict:
+    """One prompt (all earlier turns) and one learned response, truncated together to `cutoff_len` (KTO)."""
+    response = response + [efficient_eos] if efficient_eos is not None else response
+    keep_prompt, keep_response = split_budget(len(prompt), len(response), cutoff_len)
+    return {"input_ids": prompt[:keep_prompt] + response[:keep_response],
+            "labels": [IGNORE_INDEX] * keep_prompt + response[:keep_response],
+            "truncated": len(prompt) - keep_prompt + len(response) - keep_response}
+
+
+def encode_pairwise(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int,
+                    efficient_eos: int | None = None) -> dict:
     """Chosen and rejected sequences over one shared, equally truncated prompt; only responses are learned.
 
-    `prompt_pairs` are the earlier turns, `prompt` the last prompt, `chosen`/`rejected` the two responses.
+    `prompt` holds every earlier turn; the budget is split between it and the longer response.
     """
-    context = [token for source, target in prompt_pairs for token in source + target] + prompt
-    keep_prompt, keep_response = split_budget(len(context), max(len(chosen), len(rejected)), cutoff_len)
-    out = {"truncated": (len(context) - keep_prompt) + max(len(chosen) - keep_response, 0)
+    if efficient_eos is not None:
+        chosen, rejected = chosen + [efficient_eos], rejected + [efficient_eos]
+    keep_prompt, keep_response = split_budget(len(prompt), max(len(chosen), len(rejected)), cutoff_len)
+    out = {"truncated": (len(prompt) - keep_prompt) + max(len(chosen) - keep_response, 0)
            + max(len(rejected) - keep_response, 0)}
-    context = context[:keep_prompt]
+    context = prompt[:keep_prompt]
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         out[f"{name}_input_ids"] = context + response[:keep_response]
         out[f"{name}_labels"] = [IGNORE_INDEX] * len(context) + response[:keep_response]
     return out
 
 
-def encode_prompt(pairs: list[tuple[list[int], list[int]]], cutoff_len: int) -> tuple[list[int], int]:
-    """The ids a model generates the last response from: every earlier turn whole, then the last prompt.
+def encode_prompt(prompt: list[int], cutoff_len: int) -> tuple[list[int], int]:
+    """The ids a model generates the last response from (every earlier turn, then the last prompt).
 
     A prompt longer than `cutoff_len` keeps its last `cutoff_len` tokens, which hold the question being
-    answered and the assistant's header that generation continues from. Returns the ids and how many
-    tokens were cut.
+    answered and the assistant's header that generation continues from (LLaMA-Factory keeps the first ones,
+    which cuts that header off). Returns the ids and how many tokens were cut.
     """
-    ids = [token for source, target in pairs[:-1] for token in source + target] + pairs[-1][0]
-    return ids[-cutoff_len:], max(len(ids) - cutoff_len, 0)
+    return prompt[-cutoff_len:], max(len(prompt) - cutoff_len, 0)

@@ -16,13 +16,13 @@ import ray.data
 
 from rayft.data import cache
 from rayft.data.converters import convert_rows
-from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_supervised
+from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_response, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.packing import pack_batch
 from rayft.data.registry import dataset_attrs, kind, read_rows
-from rayft.data.templates import TEMPLATES, get_template, supports_tools
+from rayft.data.templates import get_template, supports_tools, tool_refusal
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
-from rayft.recipe.values import DEFAULT_SEED
+from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 
 def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
@@ -32,7 +32,7 @@ def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = DEFAULT_SEED,
                   token: str | None = None, data: str = "supervised", template: str | None = None,
-                  stage: str = "sft") -> list[list[dict]]:
+                  stage: str = "sft", tool_format: str | None = None) -> list[list[dict]]:
     """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
 
     `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text). Rows
@@ -48,10 +48,9 @@ def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: i
             rows = rows[:max_samples]
         converted = convert_rows(rows, attr, as_text=data == "text")
         with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
-        if with_tools and not supports_tools(template):
-            able = ", ".join(n for n in TEMPLATES if supports_tools(n))
-            raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns, "
-                            f"which template {template!r} cannot format; use a template with tool formatting ({able})")
+        if with_tools and not supports_tools(template, tool_format):
+            raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns; "
+                            + tool_refusal(template))
         datasets.append(converted)
     return datasets
 
@@ -61,17 +60,19 @@ def _has_tool_turns(example: dict) -> bool:
 
 
 # Bump when encoding changes what it produces for the same inputs, so that old caches are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 
 def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function of supervised data: one batch of examples -> input_ids, labels, truncated."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(settings.template)
+    chat_template = settings.chat_template()
+    eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
+    discard = settings.mask_history and not settings.preserve_thinking
     encoded = [
-        encode_supervised(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
-                          settings.cutoff_len, settings.train_on_prompt, settings.mask_history)
-        for system, messages in zip(batch["system"], batch["messages"])
+        encode_supervised(chat_template.encode_turns(tokenizer, example, discard_history_thoughts=discard),
+                          settings.cutoff_len, settings.train_on_prompt, settings.mask_history, efficient_eos=eos)
+        for example in _examples(batch)
     ]
     return {
         "input_ids": [np.asarray(e["input_ids"], dtype=np.int64) for e in encoded],
@@ -83,17 +84,13 @@ def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Encoding
     }
 
 
-def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, template: str | None, cutoff_len: int,
-                        default_system: str | None) -> dict:
+def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for generation: each example's prompt ids (everything before its last
     response), that response as the label text, and how many prompt tokens cutoff_len cut."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(template)
-    prompts = [
-        encode_prompt(chat_template.encode_turns(tokenizer, {"system": system or default_system,
-                                                             "messages": list(messages)}), cutoff_len)
-        for system, messages in zip(batch["system"], batch["messages"])
-    ]
+    chat_template = settings.chat_template()
+    prompts = [encode_prompt(chat_template.encode_oneturn(tokenizer, example)[0], settings.cutoff_len)
+               for example in _examples(batch)]
     return {
         "index": batch["index"],
         "prompt_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
@@ -106,10 +103,9 @@ def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "En
     """Ray Data map_batches function for stage ppo: the prompt each example asks (everything before its last
     response, whose text PPO does not read); the policy writes the responses in its rollouts."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(settings.template)
-    prompts = [encode_prompt(chat_template.encode_turns(tokenizer, {"system": system, "messages": list(messages)}),
-                             settings.cutoff_len)
-               for system, messages in zip(batch["system"], batch["messages"])]
+    chat_template = settings.chat_template()
+    prompts = [encode_prompt(chat_template.encode_oneturn(tokenizer, example)[0], settings.cutoff_len)
+               for example in _examples(batch)]
     return {
         "input_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
         "num_tokens": np.asarray([len(ids) for ids, _ in prompts], dtype=np.int64),
@@ -121,17 +117,16 @@ def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "En
 def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(settings.template)
-    cutoff_len = settings.cutoff_len
+    chat_template = settings.chat_template()
+    eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
     encoded = []
-    for system, messages, chosen, rejected in zip(batch["system"], batch["messages"], batch["chosen"],
-                                                  batch["rejected"]):
-        turns = {}
-        for name, response in (("chosen", chosen), ("rejected", rejected)):
-            chat = list(messages) + [{"role": "assistant", "content": response}]
-            turns[name] = chat_template.encode_turns(tokenizer, {"system": system, "messages": chat})
-        *history, (prompt, chosen_ids) = turns["chosen"]
-        encoded.append(encode_pairwise(history, prompt, chosen_ids, turns["rejected"][-1][1], cutoff_len))
+    for example in _examples(batch):
+        ids = {}
+        for name in ("chosen", "rejected"):
+            chat = list(example["messages"]) + [{"role": "assistant", "content": example[name]}]
+            ids[name] = chat_template.encode_oneturn(tokenizer, {**example, "messages": chat})
+        prompt = ids["chosen"][0]
+        encoded.append(encode_pairwise(prompt, ids["chosen"][1], ids["rejected"][1], settings.cutoff_len, eos))
     out = {key: [np.asarray(e[key], dtype=np.int64) for e in encoded]
            for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
     out["num_tokens"] = np.asarray([len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in encoded])
@@ -148,16 +143,17 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Enco
     when the batch has one example), as KTO's reference-point estimate needs unrelated completions.
     """
     tokenizer = load_tokenizer(tokenizer_spec)
-    chat_template = get_template(settings.template)
-    count = len(batch["messages"])
+    chat_template = settings.chat_template()
+    eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
+    examples = _examples(batch)
     out = {k: [] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels")}
     truncated = []
-    for i in range(count):
-        messages = list(batch["messages"][i])
-        mismatched = messages[:-1] + [dict(batch["messages"][(i - 1) % count][-1])]
+    for i, example in enumerate(examples):
+        messages = list(example["messages"])
+        mismatched = messages[:-1] + [dict(examples[i - 1]["messages"][-1])]
         for prefix, chat in (("", messages), ("kl_", mismatched)):
-            pairs = chat_template.encode_turns(tokenizer, {"system": batch["system"][i], "messages": chat})
-            encoded = encode_supervised(pairs, settings.cutoff_len, train_on_prompt=False, mask_history=True)
+            prompt, response = chat_template.encode_oneturn(tokenizer, {**example, "messages": chat})
+            encoded = encode_response(prompt, response, settings.cutoff_len, eos)
             out[f"{prefix}input_ids"].append(np.asarray(encoded["input_ids"], dtype=np.int64))
             out[f"{prefix}labels"].append(np.asarray(encoded["labels"], dtype=np.int64))
             if not prefix:
@@ -208,6 +204,24 @@ class EncodingSettings:
     packing: bool = False
     neat_packing: bool = False
     stage: str = "sft"
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    default_system: str | None = None
+    tool_format: str | None = None
+
+    @classmethod
+    def of(cls, cfg) -> "EncodingSettings":
+        """The settings of a recipe (a RecipeConfig)."""
+        d = cfg.data
+        return cls(template=d.template, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
+                   mask_history=d.mask_history, packing=d.packing, neat_packing=d.neat_packing,
+                   stage=cfg.finetuning.stage, enable_thinking=d.enable_thinking,
+                   preserve_thinking=d.preserve_thinking, default_system=d.default_system, tool_format=d.tool_format)
+
+    def chat_template(self):
+        """The template with this recipe's thinking, default system prompt and tool format."""
+        return get_template(self.template, enable_thinking=self.enable_thinking, default_system=self.default_system,
+                            tool_format=self.tool_format, preserve_thinking=self.preserve_thinking)
 
     @property
     def packs_after_encoding(self) -> bool:
@@ -220,6 +234,12 @@ class EncodingSettings:
 # starting Ray Data's task workers (each importing Transformers and loading the tokenizer) costs about 3 s
 # (benchmarks/startup.py measures both).
 DRIVER_TOKENIZE_MAX = 2000
+
+
+def _examples(batch: dict) -> list[dict]:
+    """The rows of a batch of example columns, as the dicts templates encode (system, messages, tools, ...)."""
+    keys = list(batch)
+    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
 def columns_of(examples: list[dict]) -> dict:
@@ -239,7 +259,8 @@ def on_examples(encode):
 
 
 def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-             batch_size: int, stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX):
+             batch_size: int, stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX,
+             tasks: int | None = None):
     """Tokenises (and packs) `examples` with the stage's `encoder` in Ray Data tasks over the cluster; returns a
     materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
 
@@ -250,12 +271,15 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     A stream is tokenised while the workers train, and Ray Train gives Ray Data only the CPUs its workers
     do not hold, which may be none: streaming tasks reserve no CPU and at most `stream_tasks` run at once
     (one per worker), so they share the machine with the training the way in-process tokenising would.
+    `tasks` (preprocessing_num_workers) caps how many tokenising tasks run at once.
     """
 
     s = settings
     if stream_tasks is None and len(examples) <= driver_max:
         return _tokenize_here(examples, tokenizer_spec, settings, encoder, batch_size)
-    options = {} if stream_tasks is None else {"num_cpus": 0, "concurrency": stream_tasks}
+    options = {"concurrency": tasks} if tasks else {}
+    if stream_tasks is not None:
+        options = {"num_cpus": 0, "concurrency": min(stream_tasks, tasks or stream_tasks)}
     # Each example travels as one JSON string: Arrow moves a string column far faster than nested messages,
     # and a few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
     # (measured in benchmarks/data_pipeline.py).
@@ -267,7 +291,54 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     if s.packs_after_encoding:
         dataset = dataset.map_batches(pack_batch, batch_size=batch_size, **options,
                                       fn_kwargs=dict(cutoff_len=s.cutoff_len, neat=s.neat_packing))
-    return dataset.materialize() if stream_tasks is None else dataset
+    if stream_tasks is not None:
+        return dataset
+    try:
+        return dataset.materialize()
+    except Exception as err:  # a task's error on a row the driver's sample did not reach
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise DataError(str(cause)) from None
+
+
+SAMPLE_ROWS = 8
+
+
+def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: TokenizerSpec, settings: EncodingSettings,
+                   encoder, rows: int = SAMPLE_ROWS) -> None:
+    """Encodes the first `rows` examples of each dataset on the driver, as the workers will: an unknown template,
+    a missing special token or an unencodable row fails here, naming the dataset and row, before Ray starts."""
+    template = settings.chat_template()
+    if settings.stage != "pt":
+        try:
+            template.check_tokenizer(load_tokenizer(tokenizer_spec))
+        except DataError as err:
+            raise DataError(f"template: {err}") from None
+    for name, examples in zip(comma_list(names), datasets):
+        for row, example in enumerate(examples[:rows]):
+            last = example["messages"][-1] if example.get("messages") else {}
+            empty = [k for k in ("chosen", "rejected") if k in example and not str(example[k]).strip()]
+            if settings.stage == "sft" and last.get("role") == "assistant" and not str(last["content"]).strip():
+                empty.append("response")
+            if empty:
+                raise DataError(f"dataset {name!r} row {row}: the {' and '.join(empty)} is empty; a model learns "
+                                "nothing from it (fix or drop the row)")
+            try:
+                encoder(columns_of([example]), tokenizer_spec=tokenizer_spec, settings=settings)
+            except DataError as err:
+                raise DataError(f"dataset {name!r} row {row}: {err}") from None
+
+
+def user_error(err: BaseException) -> DataError | None:
+    """The DataError a Ray Data or Ray Train task raised on bad input, found in the chain of causes, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DataError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _tokenize_here(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
@@ -292,7 +363,7 @@ def _arrow(column) -> pa.Array:
 
 def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
                     batch_size: int, cache_dir: Path | None, strict: bool, overwrite: bool,
-                    driver_max: int = DRIVER_TOKENIZE_MAX):
+                    driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None):
     """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
 
     With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
@@ -300,7 +371,8 @@ def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, setting
     driver tokenises itself (up to `driver_max` examples) does without: tokenising it again is the faster.
     """
     if cache_dir is None or (not strict and len(examples) <= driver_max):  # no cache: nothing to hash or keep
-        return tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max), False
+        return tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max,
+                        tasks=tasks), False
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
     key = cache.cache_key(examples, tokenizer_spec, recorded)
     if not strict:
@@ -309,7 +381,7 @@ def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, setting
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max)
+    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max, tasks=tasks)
     cache.save(dataset, cache_dir, key, recorded)
     return dataset, False
 

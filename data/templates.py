@@ -1,85 +1,206 @@
-"""Chat templates: a small closed registry, plus the tokenizer's own Jinja template when `template` is unset.
+"""Chat templates: LLaMA-Factory 0.9.5's registry, read from `template_specs.json`, encoded as it encodes them.
 
-Both turn an example into (prompt_ids, response_ids) pairs, one per assistant turn, for label masking.
+A template is a set of slot lists (strings with `{{content}}`, named tokens, the tokenizer's bos/eos) per role.
+Each message becomes its own token ids, slot by slot, so the same examples become the same tokens as in
+LLaMA-Factory. `tools/lf_snapshot.py` regenerates the spec file from an installed LLaMA-Factory.
+With `template` unset, the tokenizer's own Jinja chat template is used (`JinjaTemplate`).
 """
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 from rayft.data.errors import DataError
+from rayft.data.tools import TOOL_FORMATS, describe_tools, parse_calls, write_calls
 
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How a template family writes tool definitions, tool calls and tool results (Qwen's XML-tag style)."""
-
-    tools_prompt: str  # appended to the system prompt; `{tools}` is one JSON tool definition per line
-    call: str  # a function turn; `{name}` and `{arguments}` (JSON) are replaced
-    result: str  # an observation turn, ending with the assistant's header like `user`
-
-    def describe(self, tools: str) -> str:
-        try:
-            parsed = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise DataError(f"tools: not valid JSON ({err.msg})") from None
-        parsed = parsed if isinstance(parsed, list) else [parsed]
-        wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in parsed]
-        return self.tools_prompt.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in wrapped))
-
-    def format_call(self, content: str) -> str:
-        try:
-            call = json.loads(content)
-            name, arguments = call["name"], call.get("arguments", {})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"a function_call turn must be JSON with name and arguments, got "
-                            f"{content[:80]!r}") from None
-        if isinstance(arguments, str):  # some datasets store the arguments JSON-encoded once more
-            arguments = json.loads(arguments)
-        return self.call.format(name=name, arguments=json.dumps(arguments, ensure_ascii=False))
+SPEC_FILE = Path(__file__).with_name("template_specs.json")
 
 
 @dataclass(frozen=True)
 class Template:
-    """A chat format written as string pieces; `{content}` is replaced by the message text.
-
-    Families without a system role (`system=None`) merge the system prompt into the first user message
-    with `system_in_user`. `prefix` opens the conversation (a BOS token); `suffix` closes a finished one.
-    """
+    """One registered template. `kind` is plain, llama2 (the system prompt goes inside the first user turn),
+    reasoning (responses carry a thought, empty when the data has none) or reasoning_close_only (an empty
+    thought is only the closing tag)."""
 
     name: str
-    user: str  # ends with the assistant's header, so that the header is part of the prompt
-    assistant: str  # the response and its end-of-turn marker, which the model must learn to emit
-    system: str | None = None
-    system_in_user: str = "{system}\n\n{content}"
-    default_system: str = ""
-    prefix: str = ""
-    suffix: str = ""
-    tools: ToolFormat | None = None
+    kind: str
+    prefix: tuple
+    system: tuple
+    user: tuple
+    assistant: tuple
+    observation: tuple
+    function: tuple
+    function_tools: str
+    tools: str
+    default_system: str
+    stop_words: tuple
+    thought_words: tuple
+    tool_call_words: tuple
+    efficient_eos: bool
+    replace_eos: bool
+    enable_thinking: bool | None
+    multimodal: bool
+    preserve_thinking: bool = False
 
-    def encode_turns(self, tokenizer, example: dict) -> list[tuple[list[int], list[int]]]:
-        system = example.get("system") or self.default_system
-        messages = example["messages"]
-        if self.tools is None:
-            _check_roles(messages, self.name)
-        elif example.get("tools"):
-            system = (system or self.default_system) + self.tools.describe(example["tools"])
-        pairs, opening = [], self.prefix
-        if system and self.system is not None:
-            opening += self.system.format(content=system)
-        for index, (user, assistant) in enumerate(zip(messages[0::2], messages[1::2])):
-            content = user["content"]
-            if index == 0 and system and self.system is None:
-                content = self.system_in_user.format(system=system, content=content)
-            ask = self.tools.result if user["role"] == "observation" else self.user
-            prompt = (opening if index == 0 else "") + ask.format(content=content)
-            if assistant["role"] == "function":
-                response = self.assistant.format(content=self.tools.format_call(assistant["content"]))
+    @property
+    def reasoning(self) -> bool:
+        return self.kind.startswith("reasoning")
+
+    # -- tokens -------------------------------------------------------------------------------------------
+    def eos_id(self, tokenizer) -> int:
+        """The end-of-sequence id this template trains: its first stop word where it replaces the EOS token."""
+        return _token_id(tokenizer, self.stop_words[0]) if self.replace_eos else tokenizer.eos_token_id
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Ids that end a generated reply: the EOS token and every stop word."""
+        ids = {tokenizer.eos_token_id, self.eos_id(tokenizer), *(_token_id(tokenizer, w) for w in self.stop_words)}
+        return sorted(i for i in ids if i is not None)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuses a tokenizer that lacks a token this template writes as one token (its stop words and named
+        tokens), which LLaMA-Factory would add to the vocabulary and so need `resize_vocab`."""
+        named = [s["token"] for slots in (self.prefix, self.system, self.user, self.assistant, self.observation,
+                                          self.function) for s in slots if isinstance(s, dict) and "token" in s]
+        missing = [t for t in dict.fromkeys([*self.stop_words, *named]) if _token_id(tokenizer, t) is None]
+        if missing:
+            raise DataError(f"template {self.name!r} needs the tokens {missing} as single tokens, and the tokenizer "
+                            "has none of them; use the template of the model's family")
+        if self.eos_id(tokenizer) is None:
+            raise DataError(f"template {self.name!r}: the tokenizer has no EOS token; set one in its "
+                            "tokenizer_config.json")
+
+    def thought_ids(self, tokenizer) -> list[int]:
+        return tokenizer.encode(self.empty_thought(), add_special_tokens=False)
+
+    def empty_thought(self) -> str:
+        open_tag, close_tag = self.thought_words
+        return close_tag if self.kind == "reasoning_close_only" else open_tag + close_tag
+
+    # -- encoding -----------------------------------------------------------------------------------------
+    def encode_messages(self, tokenizer, messages: list[dict], system: str | None, tools: str | None
+                        ) -> list[list[int]]:
+        """Token ids of each message; the first also carries the prefix and the system prompt (with tools)."""
+        system = system or self.default_system
+        tool_text = describe_tools(self.tools, tools) if tools else ""
+        encoded = []
+        for index, message in enumerate(messages):
+            slots, system_text = [], ""
+            if index == 0:
+                slots += self.prefix
+                if system or tools:
+                    if self.kind == "llama2":
+                        system_text = _fill(self.system, system + tool_text)[0]
+                    else:
+                        slots += _fill(self.system, system + tool_text)
+            role, content = message["role"], message["content"]
+            if role == "user":
+                slots += _fill(self.user, system_text + content)
+            elif role == "assistant":
+                slots += _fill(self.assistant, content)
+            elif role == "observation":
+                slots += _fill(self.observation, content)
+            elif role == "function":
+                slots += _fill(self.function, self._calls_text(content))
             else:
-                response = self.assistant.format(content=assistant["content"])
-            if index == len(messages) // 2 - 1:
-                response += self.suffix
-            pairs.append((_ids(tokenizer, prompt), _ids(tokenizer, response)))
-        return pairs
+                raise DataError(f"a message has role {role!r}; roles are user, assistant, observation, function")
+            encoded.append(self._ids(tokenizer, slots))
+        return encoded
+
+    def encode_turns(self, tokenizer, example: dict, discard_history_thoughts: bool = False
+                     ) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, response ids) of every turn of `example` ({system, messages, tools})."""
+        messages = [dict(m) for m in example["messages"]]
+        self._check_roles(messages, example.get("tools"))
+        if self.reasoning and self.enable_thinking is False:
+            for m in messages[1::2]:
+                m["content"] = self._without_thought(m["content"])
+        if self.reasoning and discard_history_thoughts:
+            for m in messages[1:-2:2]:
+                m["content"] = self._without_thought(m["content"])
+        encoded = self.encode_messages(tokenizer, messages, example.get("system"), example.get("tools"))
+        if self.reasoning:
+            turns = [len(messages) - 2] if discard_history_thoughts else range(0, len(messages), 2)
+            for i in turns:
+                if not self._has_thought(messages[i + 1]["content"]):
+                    if self.enable_thinking:  # an empty thought the model learns to write
+                        encoded[i + 1] = self.thought_ids(tokenizer) + encoded[i + 1]
+                    else:  # an empty thought given in the prompt
+                        encoded[i] = encoded[i] + self.thought_ids(tokenizer)
+        return list(zip(encoded[0::2], encoded[1::2]))
+
+    def encode_oneturn(self, tokenizer, example: dict) -> tuple[list[int], list[int]]:
+        """Every message before the last as one prompt, and the last (the response) on its own."""
+        messages = [dict(m) for m in example["messages"]]
+        self._check_roles(messages, example.get("tools"))
+        if self.reasoning:
+            if not self.preserve_thinking:
+                for m in messages[1:-2:2]:
+                    m["content"] = self._without_thought(m["content"])
+            if self.enable_thinking is False:
+                messages[-1]["content"] = self._without_thought(messages[-1]["content"])
+        encoded = self.encode_messages(tokenizer, messages, example.get("system"), example.get("tools"))
+        prompt, response = [t for ids in encoded[:-1] for t in ids], encoded[-1]
+        if self.reasoning and not self._has_thought(messages[-1]["content"]):
+            if self.enable_thinking:
+                response = self.thought_ids(tokenizer) + response
+            else:
+                prompt = prompt + self.thought_ids(tokenizer)
+        return prompt, response
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _ids(self, tokenizer, slots: list) -> list[int]:
+        ids = []
+        for slot in slots:
+            if isinstance(slot, str):
+                ids += tokenizer.encode(slot, add_special_tokens=False) if slot else []
+            elif "token" in slot:
+                ids.append(_token_id(tokenizer, slot["token"]))
+            elif slot["special"] == "bos_token":
+                ids += [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            elif slot["special"] == "eos_token":
+                ids.append(self.eos_id(tokenizer))
+            # any other name writes nothing, as in LLaMA-Factory (phi_small declares an <|endoftext|> prefix so)
+        return ids
+
+    def _calls_text(self, content: str) -> str:
+        """A function turn's text: its calls in the template's tool format, after any thought or free text."""
+        open_call, close_call = map(re.escape, self.tool_call_words)
+        wrapped = re.search(f"{open_call}(.*?){close_call}", content, re.DOTALL)
+        if wrapped:
+            return content.replace(wrapped.group(0), "") + write_calls(self.function_tools, parse_calls(wrapped[1]))
+        open_tag, close_tag = map(re.escape, self.thought_words)
+        thought = re.search(f"{open_tag}(.*?){close_tag}", content, re.DOTALL)
+        if thought:
+            calls = write_calls(self.function_tools, parse_calls(content.replace(thought.group(0), "")))
+            return thought.group(0) + calls
+        return write_calls(self.function_tools, parse_calls(content))
+
+    def _has_thought(self, content: str) -> bool:
+        return self.thought_words[0].strip() in content or self.thought_words[1].strip() in content
+
+    def _without_thought(self, content: str) -> str:
+        open_tag, close_tag = map(re.escape, self.thought_words)
+        return re.sub(f"{open_tag}(.*?){close_tag}", "", content, flags=re.DOTALL).lstrip("\n")
+
+    def _check_roles(self, messages: list[dict], tools: str | None) -> None:
+        uses_tools = tools or any(m["role"] in ("function", "observation") for m in messages)
+        if uses_tools and not (self.tools in TOOL_FORMATS and self.function_tools in TOOL_FORMATS):
+            raise DataError(tool_refusal(self.name))
+
+
+def _fill(slots: tuple, content: str) -> list:
+    return [s.replace("{{content}}", content, 1) if isinstance(s, str) else s for s in slots]
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the vocabulary has it as one token, else None."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return token_id
 
 
 @dataclass(frozen=True)
@@ -87,16 +208,28 @@ class JinjaTemplate:
     """The tokenizer's own chat template: turns are found by rendering growing prefixes of the chat."""
 
     name: str = "tokenizer"
+    efficient_eos: bool = False
+    reasoning: bool = False
 
-    def encode_turns(self, tokenizer, example: dict) -> list[tuple[list[int], list[int]]]:
+    def eos_id(self, tokenizer) -> int:
+        return tokenizer.eos_token_id
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        return [tokenizer.eos_token_id]
+
+    def check_tokenizer(self, tokenizer) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("template: unset, but the tokenizer has no chat_template; set template (e.g. chatml)")
+
+    def encode_turns(self, tokenizer, example: dict, discard_history_thoughts: bool = False
+                     ) -> list[tuple[list[int], list[int]]]:
+        self.check_tokenizer(tokenizer)
         chat = ([{"role": "system", "content": example["system"]}] if example.get("system") else [])
         pairs, done = [], ""
         messages = example["messages"]
-        _check_roles(messages, "the tokenizer's own")
-        if example.get("tools"):
-            raise DataError("tool definitions with the tokenizer's own template are not built; set template: qwen")
+        if example.get("tools") or {m["role"] for m in messages} - {"user", "assistant"}:
+            raise DataError("tool definitions and tool-call turns need a registered template with tool formatting "
+                            f"({', '.join(tool_templates()[:6])}, ...), not the tokenizer's own")
         for user, assistant in zip(messages[0::2], messages[1::2]):
             chat = chat + [user]
             with_header = _render(tokenizer, chat, add_generation_prompt=True)
@@ -105,88 +238,95 @@ class JinjaTemplate:
             if not (with_header.startswith(done) and full.startswith(with_header)):
                 raise DataError("the tokenizer's chat template does not render turns as prefixes of each other; "
                                 "set template to a registered one instead")
-            pairs.append((_ids(tokenizer, with_header[len(done):]), _ids(tokenizer, full[len(with_header):])))
+            prompt, response = with_header[len(done):], full[len(with_header):]
+            pairs.append((_plain_ids(tokenizer, prompt), _plain_ids(tokenizer, response)))
             done = full
         return pairs
 
-
-_CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
-_CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-_CHATML_ASSISTANT = "{content}<|im_end|>\n"
-_QWEN_TOOLS = ToolFormat(
-    tools_prompt="\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>",
-    call='<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>',
-    result="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
-)
-
-TEMPLATES = {
-    "default": Template(name="default", system="System: {content}\n", user="Human: {content}\nAssistant:",
-                        assistant=" {content}\n"),
-    "alpaca": Template(
-        name="alpaca",
-        system="{content}\n\n",
-        user="### Instruction:\n{content}\n\n### Response:\n",
-        assistant="{content}\n\n",
-        default_system="Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.",
-    ),
-    "chatml": Template(name="chatml", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT),
-    "qwen": Template(name="qwen", system=_CHATML_SYSTEM, user=_CHATML_USER, assistant=_CHATML_ASSISTANT,
-                     default_system="You are a helpful assistant.", tools=_QWEN_TOOLS),
-    "llama3": Template(
-        name="llama3",
-        prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant="{content}<|eot_id|>",
-    ),
-    "mistral": Template(name="mistral", prefix="<s>", user=" [INST] {content} [/INST]", assistant=" {content}</s>"),
-    "gemma": Template(
-        name="gemma",
-        prefix="<bos>",
-        user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
-        assistant="{content}<end_of_turn>\n",
-    ),
-    "phi": Template(
-        name="phi",
-        system="<|system|>\n{content}<|end|>\n",
-        user="<|user|>\n{content}<|end|>\n<|assistant|>\n",
-        assistant="{content}<|end|>\n",
-        suffix="<|endoftext|>",
-    ),
-}
+    def encode_oneturn(self, tokenizer, example: dict) -> tuple[list[int], list[int]]:
+        pairs = self.encode_turns(tokenizer, example)
+        return [t for source, target in pairs[:-1] for t in source + target] + pairs[-1][0], pairs[-1][1]
 
 
-def get_template(name: str | None):
-    """The registered template `name`, or the tokenizer's own Jinja template when `name` is None."""
+@cache
+def _specs() -> dict:
+    return json.loads(SPEC_FILE.read_text())["templates"]
+
+
+@cache
+def _registered(name: str) -> Template:
+    spec = _specs()[name]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return Template(name=name, **fields)
+
+
+def template_names(multimodal: bool = False) -> list[str]:
+    """Registered template names: text templates, or the multimodal ones."""
+    return sorted(n for n, s in _specs().items() if s["multimodal"] == multimodal)
+
+
+def get_template(name: str | None, enable_thinking: bool | None = True, default_system: str | None = None,
+                 tool_format: str | None = None, preserve_thinking: bool = False):
+    """Template `name` with the recipe's options, or the tokenizer's own Jinja template when `name` is None."""
     if name is None:
         return JinjaTemplate()
-    if name not in TEMPLATES:
-        raise DataError(f"template: {name!r} is not registered (known: {', '.join(sorted(TEMPLATES))}); "
-                        "or leave it unset to use the tokenizer's own chat template")
-    return TEMPLATES[name]
+    problem = template_problem(name, tool_format)
+    if problem:
+        raise DataError(problem)
+    template = _registered(name)
+    changes = {}
+    if template.reasoning:
+        changes.update(enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
+    if default_system is not None:
+        changes["default_system"] = default_system
+    if tool_format is not None:
+        eos = () if template.efficient_eos else ({"special": "eos_token"},)
+        changes.update(function=("{{content}}", *eos), function_tools=tool_format, tools=tool_format)
+    return dataclasses.replace(template, **changes) if changes else template
 
 
-def supports_tools(name: str | None) -> bool:
-    """Whether template `name` can format tool definitions, calls and results."""
-    return name in TEMPLATES and TEMPLATES[name].tools is not None
+def template_problem(name: str | None, tool_format: str | None = None) -> str | None:
+    """Why `name` (and `tool_format`) cannot be used, or None."""
+    if tool_format is not None and tool_format not in TOOL_FORMATS:
+        return f"tool_format: {tool_format!r} is not built; built tool formats: {', '.join(TOOL_FORMATS)}"
+    if name is None:
+        return None
+    if name not in _specs():
+        close = [n for n in template_names() if n.split("_")[0] == name.split("_")[0]][:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        return (f"template: {name!r} is not a LLaMA-Factory 0.9.5 template{hint}; `rayft keys template` lists "
+                "them, or leave it unset to use the tokenizer's own chat template")
+    if _specs()[name]["multimodal"]:
+        return (f"template: {name!r} is a multimodal template, and rayft trains text models only (not built); "
+                "use the text template of the family")
+    return None
 
 
-def _check_roles(messages: list[dict], name: str) -> None:
-    roles = {m["role"] for m in messages}
-    if roles - {"user", "assistant"}:
-        raise DataError(f"tool-call turns ({sorted(roles - {'user', 'assistant'})}) need a template with tool "
-                        f"formatting ({', '.join(n for n in TEMPLATES if supports_tools(n))}), not {name}")
+def supports_tools(name: str | None, tool_format: str | None = None) -> bool:
+    """Whether template `name` (with `tool_format` instead of its own) writes tools in a built tool format."""
+    spec = _specs().get(name) if name else None
+    if spec is None:
+        return False
+    if tool_format is not None:
+        return tool_format in TOOL_FORMATS
+    return spec["tools"] in TOOL_FORMATS and spec["function_tools"] in TOOL_FORMATS
+
+
+def tool_templates() -> list[str]:
+    return [n for n in template_names() if supports_tools(n)]
+
+
+def tool_refusal(name: str | None) -> str:
+    if name is None:
+        return "tool-call data needs a registered template (template: qwen, ...), not the tokenizer's own"
+    spec = _specs()[name]
+    return (f"template {name!r} writes tools in the {spec['tools']!r} format, which is not built (built: "
+            f"{', '.join(TOOL_FORMATS)}); set tool_format to one of those or use another template")
 
 
 def _render(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _plain_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)

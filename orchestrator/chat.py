@@ -11,7 +11,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from rayft.data.encode import encode_prompt
-from rayft.data.templates import get_template
+from rayft.data.pipeline import EncodingSettings
 from rayft.recipe.config import RecipeConfig
 from rayft.trainers.generate import generation_kwargs, stop_token_ids
 from rayft.trainers.model import load_for_generation, load_tokenizer
@@ -26,8 +26,8 @@ def run_chat(cfg: RecipeConfig, stdin=sys.stdin, out=sys.stdout) -> None:
     use_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(cfg.model)
     model = load_for_generation(cfg.model, use_gpu)
-    template = get_template(cfg.data.template)
-    stops = stop_token_ids(tokenizer, cfg.data.template)
+    template = EncodingSettings.of(cfg).chat_template()
+    stops = stop_token_ids(tokenizer, cfg)
     settings = generation_kwargs(cfg.generating, stops, tokenizer.pad_token_id)
     torch.manual_seed(cfg.args.seed)
     adapters = f" with {cfg.model.adapter_name_or_path}" if cfg.model.adapter_name_or_path else ""
@@ -47,8 +47,8 @@ def run_chat(cfg: RecipeConfig, stdin=sys.stdin, out=sys.stdout) -> None:
         if not text:
             continue
         turn = [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        example = {"system": cfg.generating.default_system, "messages": history + turn}
-        ids, cut = encode_prompt(template.encode_turns(tokenizer, example), cfg.data.cutoff_len)
+        ids, cut = encode_prompt(template.encode_oneturn(tokenizer, {"messages": history + turn})[0],
+                                 cfg.data.cutoff_len)
         if cut:
             out.write(f"[rayft] the conversation is longer than cutoff_len; its first {cut} tokens are left out\n")
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True,

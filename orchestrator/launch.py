@@ -19,7 +19,9 @@ from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
+    SAMPLE_ROWS,
     EncodingSettings,
+    check_encoding,
     describe_example,
     load_datasets,
     load_examples,
@@ -27,6 +29,7 @@ from rayft.data.pipeline import (
     tokenize,
     tokenize_cached,
 )
+from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.orchestrator.plan import check_placement, make_plan
 from rayft.orchestrator.probe import Probe, probe_model
@@ -66,13 +69,19 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     # a resumed run finds its own earlier outputs there
     refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
     problems = reward_model_problems(cfg)
+    template_refusal = template_problem(cfg.data.template, cfg.data.tool_format)
+    if template_refusal:
+        problems.append(Problem("template", template_refusal))
     if problems:
         raise ConfigError(problems)
     probe = probe_model(cfg)
     d, seed = cfg.data, cfg.args.seed
     read = dict(seed=seed, token=cfg.model.hf_hub_token, data=STAGES[cfg.finetuning.stage].data,
-                stage=cfg.finetuning.stage, template=d.template)
+                stage=cfg.finetuning.stage, template=d.template, tool_format=d.tool_format)
     sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
+    stage = STAGES[cfg.finetuning.stage]
+    spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
+    check_encoding(d.dataset, sources, spec, settings, stage.encoder)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
         logger.info(f"{d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
@@ -82,6 +91,9 @@ def prepare(cfg: RecipeConfig) -> Prepared:
                       for name in comma_list(d.eval_dataset)}
     elif d.eval_dataset:
         evaluation = {"eval": load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read)}
+    if d.eval_dataset:
+        check_encoding(d.eval_dataset, load_datasets(d.eval_dataset, d.dataset_dir, SAMPLE_ROWS, **read), spec,
+                       settings, stage.encoder)
     if d.val_size:
         train, evaluation["eval"] = split_validation(train, d.val_size, seed)
         logger.info(f"val_size={d.val_size}: {len(evaluation['eval'])} examples held out for evaluation")
@@ -254,10 +266,7 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
 
 def encoding_settings(cfg: RecipeConfig) -> EncodingSettings:
     """The recipe's settings that change what tokenisation produces."""
-    d = cfg.data
-    return EncodingSettings(template=d.template, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
-                            mask_history=d.mask_history, packing=d.packing, neat_packing=d.neat_packing,
-                            stage=cfg.finetuning.stage)
+    return EncodingSettings.of(cfg)
 
 
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str):
@@ -265,14 +274,15 @@ def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str):
     spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
     if d.streaming and split == "train":
         dataset = tokenize(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
-                           stream_tasks=cfg.ray.ray_num_workers)
+                           stream_tasks=cfg.ray.ray_num_workers, tasks=d.preprocessing_num_workers)
         logger.info(f"train data: {len(examples)} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
     dataset, reused = tokenize_cached(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
-                                      cache_dir, strict, overwrite=d.overwrite_cache)
+                                      cache_dir, strict, overwrite=d.overwrite_cache,
+                                      tasks=d.preprocessing_num_workers)
     if reused:
         logger.info(f"{split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)

@@ -130,6 +130,8 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")
     if not use_gpu:
         notes.append("CPU workers: use_cpu=True and the gloo process group")
+        if t.bf16 or t.fp16:
+            notes.append(f"precision: {'bf16' if t.bf16 else 'fp16'} is for GPUs; these CPU workers train in fp32")
         idle = sum(n.resources.get("CPU", 0) for n in nodes) - bundle.get("CPU", 0) * r.ray_num_workers
         if r.resources_per_worker is None and idle >= 1:
             # Ray caps a worker's threads (OMP_NUM_THREADS) at its CPUs: a CPU no worker holds does no training

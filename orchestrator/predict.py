@@ -14,7 +14,7 @@ import ray.data
 
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.data.errors import DataError
-from rayft.data.pipeline import encode_prompt_batch, load_examples, on_examples
+from rayft.data.pipeline import EncodingSettings, encode_prompt_batch, load_examples, on_examples
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
@@ -34,7 +34,8 @@ def prepare_predict(cfg: RecipeConfig) -> list[dict]:
     d, t = cfg.data, cfg.args
     refuse_occupied(Path(t.output_dir), t.overwrite_output_dir)
     examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, seed=t.seed,
-                             token=cfg.model.hf_hub_token, stage="sft", template=d.template)
+                             token=cfg.model.hf_hub_token, stage="sft", template=d.template,
+                             tool_format=d.tool_format)
     if not examples:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
     if cfg.ray.ray_address is None:
@@ -87,15 +88,14 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[d
 
 
     quiet_ray_data()
-    d, r, g = cfg.data, cfg.ray, cfg.generating
+    d, r = cfg.data, cfg.ray
     batch_size = cfg.args.per_device_eval_batch_size
     # as in training's tokenisation, each example travels as one JSON string (data.pipeline.on_examples)
     items = [{"example": json.dumps({"index": i, "system": e.get("system") or "", "messages": e["messages"]},
                                     ensure_ascii=False)} for i, e in enumerate(examples)]
     prompts = ray.data.from_items(items).map_batches(
         on_examples(encode_prompt_batch), batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
-            tokenizer_spec=TokenizerSpec.of(cfg.model), template=d.template, cutoff_len=d.cutoff_len,
-            default_system=g.default_system))
+            tokenizer_spec=TokenizerSpec.of(cfg.model), settings=EncodingSettings.of(cfg)))
     # one block per generation batch, so that every actor gets work
     prompts = prompts.repartition(max(r.ray_num_workers, math.ceil(len(examples) / batch_size))).materialize()
     truncated = sum(row["truncated"] > 0 for row in prompts.select_columns(["truncated"]).iter_rows())

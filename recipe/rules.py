@@ -13,7 +13,7 @@ from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.derive import is_prediction, report_targets, under, uses_reference
 from rayft.recipe.problems import Problem
 from rayft.recipe.schema import DataArguments, FinetuningArguments, GeneratingArguments, TrainingArguments, default_of
-from rayft.recipe.values import VALUE_HEAD_FILE, comma_list
+from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
 
 RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
 # Fields from the seeds whose feature rayft has not built yet, with what they belong to.
@@ -48,11 +48,36 @@ NOT_BUILT: dict[str, str] = {
         "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
-    "tool_format": "tool formats other than the template's own (qwen / chatml have tool formatting)",
+    **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
+        "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
+    **{k: "multimodal training" for k in (
+        "crop_to_patches", "image_do_pan_and_scan", "use_audio_in_video", "audio_sampling_rate",
+        "freeze_language_model")},
+    **{k: "SGLang inference (not installable here)" for k in (
+        "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
+    **{k: "KTransformers (needs its CUDA kernels)" for k in (
+        "use_kt", "kt_weight_path", "kt_expert_checkpoint_path", "kt_use_lora_experts", "kt_lora_expert_num",
+        "kt_lora_expert_intermediate_size")},
+    **{k: "FP8 training (needs Hopper or newer GPUs)" for k in ("fp8", "fp8_backend",
+                                                                "fp8_enable_fsdp_float8_all_gather")},
+    **{k: "the torch profiler" for k in (
+        "enable_torch_profiler", "profiler_output_dir", "profile_modules", "profiler_wait_steps",
+        "profiler_warmup_steps", "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
+        "profiler_profile_memory", "profiler_with_stack")},
+    **{k: "a torchrun rendezvous (Ray Train makes the process group; its address is Ray's)" for k in (
+        "master_addr", "master_port")},
+    "use_v1_kernels": "LLaMA-Factory's v1 kernels",
+    "use_kv_cache": "generation without the KV cache",
+    "pref_bco_weight": "BCO's loss beside DPO's",
+    "ld_alpha": "LD-DPO",
+    **{k: "ASFT's loss" for k in ("use_asft_loss", "asft_alpha")},
+    **{k: "EAFT's loss" for k in ("use_eaft_loss", "eaft_alpha")},
+    "use_muon": "the Muon optimizer",
+    "use_mca": "Megatron-Core training",
+    **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
+    **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
     "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
-    "preprocessing_num_workers": "a process count for preprocessing (Ray Data spreads tokenisation over the "
-                                 "cluster itself; preprocessing_batch_size sets its batches)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "adapter_folder": "loading adapters from a folder",
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
@@ -108,6 +133,35 @@ ONLY_USED_WITH: dict[str, tuple] = {
 }
 
 
+def llamafactory_key_problems(cfg: RecipeConfig) -> list[Problem]:
+    """Keys that LLaMA-Factory has and rayft maps onto other settings: the values the mapping can take."""
+    d, f, t = cfg.data, cfg.finetuning, cfg.args
+    problems = []
+    if t.warmup_ratio is not None:
+        if not 0 <= t.warmup_ratio < 1:
+            problems.append(Problem("warmup_ratio", f"must be a fraction in [0, 1), got {t.warmup_ratio}"))
+        if t.warmup_steps:
+            problems.append(Problem("warmup_ratio and warmup_steps", "set one of them: warmup_steps takes a count, "
+                                                                     "or a fraction below 1 as warmup_ratio does"))
+    if t.logging_dir is not None and "tensorboard" not in report_targets(t.report_to):
+        problems.append(Problem("logging_dir", "is where TensorBoard writes; add tensorboard to report_to or remove "
+                                               "logging_dir"))
+    if f.early_stopping_steps is not None:
+        if f.early_stopping_steps < 1:
+            problems.append(Problem("early_stopping_steps", f"must be a positive count, got {f.early_stopping_steps}"))
+        if t.eval_strategy == "no":
+            problems.append(Problem("early_stopping_steps", "counts evaluations without improvement; set "
+                                                            "eval_strategy (and eval_dataset or val_size)"))
+    if d.preprocessing_num_workers is not None and d.preprocessing_num_workers < 1:
+        problems.append(Problem("preprocessing_num_workers", f"must be at least 1, got {d.preprocessing_num_workers}"))
+    if d.tool_format is not None and d.tool_format not in TOOL_FORMAT_NAMES:
+        problems.append(Problem("tool_format", f"{d.tool_format!r} is not built; built: "
+                                               f"{', '.join(TOOL_FORMAT_NAMES)}"))
+    if f.use_dft_loss and f.stage != "sft":
+        problems.append(Problem("use_dft_loss", f"weighs supervised token losses (stage sft), not stage {f.stage!r}"))
+    return problems
+
+
 def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.args
@@ -147,6 +201,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
             problems.append(Problem(f"{key} and {' and '.join(settings)}", f"{key} is only used with {by}, but here "
                                                                            f"{now}; remove {key} or change "
                                                                            f"{' / '.join(settings)}"))
+    problems += llamafactory_key_problems(cfg)
     if d.mask_history and d.train_on_prompt:
         problems.append(Problem("mask_history and train_on_prompt", "mask_history learns only the last response, "
                                                                     "train_on_prompt learns every prompt too; set "
@@ -328,10 +383,10 @@ def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
     if g.num_beams != 1:
         problems.append(Problem("num_beams", "PPO samples its rollouts one sequence per prompt; remove num_beams "
                                              f"({g.num_beams})"))
-    unread = [k for k in ("default_system", "skip_special_tokens", "length_penalty")
+    unread = [k for k in ("skip_special_tokens", "length_penalty")
               if getattr(g, k) != default_of(GeneratingArguments, k)] + (["eval_num_beams"] if d.eval_num_beams else [])
-    problems += [Problem(k, "not read by PPO's rollouts (prompts keep their dataset's system prompt; answers are "
-                            f"scored with their special tokens); remove {k}") for k in unread]
+    problems += [Problem(k, "not read by PPO's rollouts (answers are scored with their special tokens); "
+                            f"remove {k}") for k in unread]
     return problems
 
 

@@ -63,14 +63,38 @@ class ModelArguments:
         False, "Print every parameter's trainable status (not built: rayft logs the counts).")
     trust_remote_code: bool = arg(
         False, "Run the model repository's own Python code (only for repositories you trust).")
+    use_kv_cache: bool = arg(True, "LLaMA-Factory's name for use_cache at generation (false: not built).")
+    use_v1_kernels: Optional[bool] = arg(False, "LLaMA-Factory's v1 fused kernels (not built).")
+    add_tokens: Optional[str] = arg(None, "Comma list of plain tokens to add to the vocabulary (not built).")
+    add_special_tokens: Optional[str] = arg(None, "Comma list of special tokens to add (not built).")
+    new_special_tokens_config: Optional[str] = arg(None, "YAML of new special tokens and their descriptions "
+                                                         "(not built).")
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = arg(
+        "noise_init", "How new special tokens' embeddings start (not built).")
+    # engines this machine cannot run
+    sglang_maxlen: int = arg(4096, "SGLang's longest sequence (SGLang inference: not built).")
+    sglang_mem_fraction: float = arg(0.7, "SGLang's memory share (not built).")
+    sglang_tp_size: int = arg(-1, "SGLang's tensor parallelism (not built).")
+    sglang_config: Optional[Union[dict, str]] = arg(None, "SGLang's engine settings (not built).")
+    sglang_lora_backend: Literal["triton", "flashinfer"] = arg("triton", "SGLang's LoRA kernels (not built).")
+    use_kt: bool = arg(False, "KTransformers' CPU-GPU hybrid MoE (not built).")
+    kt_weight_path: Optional[str] = arg(None, "KTransformers' weights (not built).")
+    kt_expert_checkpoint_path: Optional[str] = arg(None, "KTransformers' expert checkpoint (not built).")
+    kt_use_lora_experts: Optional[bool] = arg(None, "KTransformers' LoRA experts (not built).")
+    kt_lora_expert_num: Optional[int] = arg(None, "KTransformers' LoRA expert count (not built).")
+    kt_lora_expert_intermediate_size: Optional[int] = arg(None, "KTransformers' LoRA expert size (not built).")
     # quantisation
-    quantization_method: Literal["bitsandbytes", "hqq", "eetq"] = arg(
-        "bitsandbytes", "Quantisation library (QLoRA is not built).")
+    quantization_method: Literal["bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8"] = arg(
+        "bnb", "Quantisation library (QLoRA is not built).")
     quantization_bit: Optional[int] = arg(None, "Load the base model in 4 or 8 bits (QLoRA is not built).")
     quantization_type: Literal["fp4", "nf4"] = arg("nf4", "4-bit data type, nf4 or fp4 (QLoRA is not built).")
     double_quantization: bool = arg(True, "Quantise the quantisation constants too (QLoRA is not built).")
     quantization_device_map: Optional[Literal["auto"]] = arg(None, "Device map of a quantised model (not built).")
     # multimodal processor
+    crop_to_patches: bool = arg(False, "Crop images to patches (multimodal: not built).")
+    image_do_pan_and_scan: bool = arg(False, "Pan-and-scan images (multimodal: not built).")
+    use_audio_in_video: bool = arg(False, "Read a video's audio (multimodal: not built).")
+    audio_sampling_rate: int = arg(16000, "Audio sampling rate (multimodal: not built).")
     image_max_pixels: int = arg(768 * 768, "Largest image size in pixels (multimodal: not built).")
     image_min_pixels: int = arg(32 * 32, "Smallest image size in pixels (multimodal: not built).")
     video_max_pixels: int = arg(256 * 256, "Largest video frame size in pixels (multimodal: not built).")
@@ -79,7 +103,7 @@ class ModelArguments:
     video_maxlen: int = arg(128, "Most frames sampled from a video (multimodal: not built).")
     # vLLM
     vllm_maxlen: int = arg(4096, "vLLM's longest sequence (vLLM is not built).")
-    vllm_gpu_util: float = arg(0.9, "Share of GPU memory vLLM may use (vLLM is not built).")
+    vllm_gpu_util: float = arg(0.7, "Share of GPU memory vLLM may use (vLLM is not built).")
     vllm_enforce_eager: bool = arg(False, "Disable vLLM's CUDA graphs (vLLM is not built).")
     vllm_max_lora_rank: int = arg(32, "Largest LoRA rank vLLM serves (vLLM is not built).")
     vllm_config: Optional[Union[dict, str]] = arg(None, "Further vLLM engine settings (vLLM is not built).")
@@ -119,7 +143,7 @@ class DataArguments:
     overwrite_cache: bool = arg(False, "Tokenise again even when a cache of the same inputs exists.")
     preprocessing_batch_size: int = arg(1000, "Examples per Ray Data tokenisation batch (and per packing group).")
     preprocessing_num_workers: Optional[int] = arg(
-        None, "Processes for preprocessing (refused: Ray Data spreads tokenisation itself).")
+        None, "Most Ray Data tokenisation tasks at once (default: as many as the cluster's CPUs allow).")
     max_samples: Optional[int] = arg(None, "Use at most this many examples of each dataset.")
     eval_num_beams: Optional[int] = arg(None, "Beams at evaluation generation (prediction reads num_beams).")
     ignore_pad_token_for_loss: bool = arg(
@@ -128,7 +152,14 @@ class DataArguments:
     packing: Optional[bool] = arg(
         None, "Pack several examples into each sequence (default on for stage pt and neat_packing).")
     neat_packing: bool = arg(False, "Pack without attention across example boundaries.")
-    tool_format: Optional[str] = arg(None, "Tool-call format other than the template's own (not built).")
+    tool_format: Optional[str] = arg(
+        None, "Tool format instead of the template's own: default, qwen, glm4, llama3 or mistral.")
+    default_system: Optional[str] = arg(
+        None, "System prompt for examples that have none, instead of the template's (training, prediction, chat).")
+    enable_thinking: Optional[bool] = arg(
+        True, "Reasoning templates: learn an empty thought where a response has none (false: the thought is "
+              "given in the prompt and existing thoughts are removed).")
+    preserve_thinking: bool = arg(False, "Reasoning templates: keep the thoughts of earlier turns.")
     tokenized_path: Optional[str] = arg(None, "Folder that keeps the tokenised data; reused when its inputs match.")
 
 
@@ -203,7 +234,7 @@ class FinetuningArguments:
     galore_target: str = arg("all", "GaLore's target modules (not built).")
     galore_rank: int = arg(16, "GaLore's rank (not built).")
     galore_update_interval: int = arg(200, "GaLore's projection update interval (not built).")
-    galore_scale: float = arg(0.25, "GaLore's scale (not built).")
+    galore_scale: float = arg(2.0, "GaLore's scale (not built).")
     galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = arg(
         "std", "GaLore's projection type (not built).")
     galore_layerwise: bool = arg(False, "GaLore layer by layer (not built).")
@@ -228,6 +259,23 @@ class FinetuningArguments:
     badam_update_ratio: float = arg(0.05, "BAdam's update ratio (not built).")
     badam_mask_mode: Literal["adjacent", "scatter"] = arg("adjacent", "BAdam's mask mode (not built).")
     badam_verbose: int = arg(0, "BAdam's verbosity (not built).")
+    early_stopping_steps: Optional[int] = arg(
+        None, "Stop when the evaluation metric has not improved for this many evaluations.")
+    pref_bco_weight: float = arg(0.0, "Weight of BCO's loss added to DPO's (not built).")
+    ld_alpha: Optional[float] = arg(None, "LD-DPO's weight of the verbose tail of responses (not built).")
+    use_dft_loss: bool = arg(False, "Dynamic fine-tuning: weigh each token's loss by its probability (sft).")
+    use_asft_loss: bool = arg(False, "ASFT's anchored loss (not built).")
+    asft_alpha: float = arg(0.1, "ASFT's anchor weight (not built).")
+    use_eaft_loss: bool = arg(False, "EAFT's entropy-aware loss (not built).")
+    eaft_alpha: float = arg(1.0, "EAFT's weight (not built).")
+    use_muon: bool = arg(False, "The Muon optimizer for matrix parameters (not built).")
+    use_mca: bool = arg(False, "Megatron-Core adapter training (not built).")
+    use_hyper_parallel: bool = arg(False, "LLaMA-Factory's hyper-parallel training (not built).")
+    hyper_parallel_args: Optional[str] = arg(None, "Settings of hyper-parallel training (not built).")
+    freeze_language_model: bool = arg(False, "Freeze a multimodal model's language model (multimodal: not built).")
+    swanlab_logdir: Optional[str] = arg(None, "SwanLab's local folder (not built).")
+    swanlab_lark_webhook_url: Optional[str] = arg(None, "SwanLab's Lark notifications (not built).")
+    swanlab_lark_secret: Optional[str] = arg(None, "SwanLab's Lark secret (not built; masked).")
     # SwanLab
     use_swanlab: bool = arg(False, "SwanLab tracking (not built).")
     swanlab_project: str = arg("llamafactory", "SwanLab project (not built).")
@@ -251,7 +299,6 @@ class GeneratingArguments:
     max_new_tokens: int = arg(1024, "Most tokens generated per answer.")
     repetition_penalty: float = arg(1.0, "Penalty on tokens already generated (1: none).")
     length_penalty: float = arg(1.0, "Beam search's preference for longer answers.")
-    default_system: Optional[str] = arg(None, "System prompt for examples that have none (prediction and chat).")
     skip_special_tokens: bool = arg(True, "Leave special tokens out of decoded answers.")
 
 
@@ -300,6 +347,28 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow training into an existing, non-empty output_dir."}
     )
+    # keys of LLaMA-Factory's TrainingArguments on Transformers 5.6 that Transformers 5.23 dropped or never had
+    warmup_ratio: Optional[float] = field(default=None, metadata={
+        "help": "Warm-up as a fraction of the steps; becomes Transformers 5's warmup_steps (a float below 1)."})
+    logging_dir: Optional[str] = field(default=None, metadata={
+        "help": "Folder of the TensorBoard logs (default: output_dir/runs)."})
+    master_addr: Optional[str] = field(default=None, metadata={
+        "help": "torchrun's rendezvous address (refused: Ray Train sets up the process group)."})
+    master_port: Optional[str] = field(default=None, metadata={
+        "help": "torchrun's rendezvous port (refused: Ray Train sets up the process group)."})
+    fp8: bool = field(default=False, metadata={"help": "FP8 training (needs Hopper GPUs: not built)."})
+    fp8_backend: str = field(default="auto", metadata={"help": "FP8 backend (not built)."})
+    fp8_enable_fsdp_float8_all_gather: bool = field(default=False, metadata={"help": "FP8 all-gather (not built)."})
+    enable_torch_profiler: bool = field(default=False, metadata={"help": "Torch profiler traces (not built)."})
+    profiler_output_dir: Optional[str] = field(default=None, metadata={"help": "Profiler traces' folder (not built)."})
+    profile_modules: Optional[str] = field(default=None, metadata={"help": "Modules to profile (not built)."})
+    profiler_wait_steps: int = field(default=1, metadata={"help": "Profiler schedule (not built)."})
+    profiler_warmup_steps: int = field(default=1, metadata={"help": "Profiler schedule (not built)."})
+    profiler_active_steps: int = field(default=1, metadata={"help": "Profiler schedule (not built)."})
+    profiler_repeat: int = field(default=1, metadata={"help": "Profiler schedule (not built)."})
+    profiler_record_shapes: bool = field(default=True, metadata={"help": "Profiler option (not built)."})
+    profiler_profile_memory: bool = field(default=True, metadata={"help": "Profiler option (not built)."})
+    profiler_with_stack: bool = field(default=True, metadata={"help": "Profiler option (not built)."})
 
 
 # Sections in the order their keys are looked up; a key belongs to exactly one of them.

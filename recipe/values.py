@@ -32,3 +32,6 @@ def mask(value: Any, key: str = "") -> Any:
     if key and is_secret(key) and value is not None:
         return MASK
     return value
+
+# tool formats rayft writes (data/tools.py builds them; a test keeps the two lists equal)
+TOOL_FORMAT_NAMES = ("default", "qwen", "glm4", "llama3", "mistral")

@@ -1,6 +1,7 @@
 """Recipe loading, type checks, validation reports, derived values and secret masking (no Ray)."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_override_without_equals_is_refused():
 
 
 @pytest.mark.parametrize("key,value", [("use_badam", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
-                                       ("tool_format", "llama3"), ("quantization_bit", "4"), ("use_galore", "true")])
+                                       ("tool_format", "hermes"), ("quantization_bit", "4"), ("use_galore", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
@@ -282,71 +283,29 @@ def test_cli_refuses_a_typo_before_any_ray_work_and_creates_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# Defaults as the seeds (LLaMA-Factory's argument reference) give them, for every field rayft has.
-SEED_DEFAULTS = {
-    "pure_bf16": False, "stage": "sft", "finetuning_type": "lora", "use_llama_pro": False, "use_adam_mini": False,
-    "freeze_vision_tower": True, "freeze_multi_modal_projector": True, "train_mm_proj_only": False,
-    "compute_accuracy": False, "disable_shuffling": False, "plot_loss": False,
-    "include_effective_tokens_per_second": False,
-    "additional_target": None, "lora_alpha": None, "lora_dropout": 0.0, "lora_rank": 8, "lora_target": "all",
-    "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6, "use_rslora": False, "use_dora": False,
-    "pissa_init": False, "pissa_iter": 16, "pissa_convert": False, "create_new_adapter": False,
-    "pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid", "dpo_label_smoothing": 0.0,
-    "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0, "simpo_gamma": 0.5, "ppo_buffer_size": 1,
-    "ppo_epochs": 4, "ppo_score_norm": False, "ppo_target": 6.0, "ppo_whiten_rewards": False,
-    "ref_model": None, "ref_model_adapters": None, "ref_model_quantization_bit": None, "reward_model": None,
-    "reward_model_adapters": None, "reward_model_quantization_bit": None, "reward_model_type": "lora",
-    "freeze_trainable_layers": 2, "freeze_trainable_modules": "all", "freeze_extra_modules": None,
-    "use_apollo": False, "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200,
-    "apollo_scale": 32.0, "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
-    "apollo_layerwise": False, "apollo_scale_front": False,
-    "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
-    "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent", "badam_verbose": 0,
-    "use_galore": False, "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200,
-    "galore_scale": 0.25, "galore_proj_type": "std", "galore_layerwise": False,
-    "template": None, "dataset": None, "eval_dataset": None, "eval_on_each_dataset": False, "dataset_dir": "data",
-    "media_dir": None, "data_shared_file_system": False, "cutoff_len": 2048, "train_on_prompt": False,
-    "mask_history": False, "streaming": False, "buffer_size": 16384, "mix_strategy": "concat",
-    "interleave_probs": None, "overwrite_cache": False, "preprocessing_batch_size": 1000,
-    "preprocessing_num_workers": None, "max_samples": None, "eval_num_beams": None,
-    "ignore_pad_token_for_loss": True, "val_size": 0.0, "packing": None, "neat_packing": False,
-    "tool_format": None, "tokenized_path": None,
-    "model_name_or_path": None, "adapter_name_or_path": None, "adapter_folder": None, "cache_dir": None,
-    "use_fast_tokenizer": True, "resize_vocab": False, "split_special_tokens": False, "new_special_tokens": None,
-    "model_revision": "main", "low_cpu_mem_usage": True, "rope_scaling": None, "flash_attn": "auto",
-    "shift_attn": False, "mixture_of_depths": None, "use_unsloth": False, "use_unsloth_gc": False,
-    "enable_liger_kernel": False, "moe_aux_loss_coef": None, "disable_gradient_checkpointing": False,
-    "use_reentrant_gc": True, "upcast_layernorm": False, "upcast_lmhead_output": False,
-    "train_from_scratch": False, "infer_backend": "huggingface", "offload_folder": "offload", "use_cache": True,
-    "infer_dtype": "auto", "hf_hub_token": None, "ms_hub_token": None, "om_hub_token": None,
-    "print_param_status": False, "trust_remote_code": False,
-    "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32, "video_max_pixels": 256 * 256,
-    "video_min_pixels": 16 * 16, "video_fps": 2.0, "video_maxlen": 128,
-    "vllm_maxlen": 4096, "vllm_gpu_util": 0.9, "vllm_enforce_eager": False, "vllm_max_lora_rank": 32,
-    "vllm_config": None,
-    "quantization_method": "bitsandbytes", "quantization_bit": None, "quantization_type": "nf4",
-    "double_quantization": True, "quantization_device_map": None,
-    "export_dir": None, "export_size": 5, "export_device": "cpu", "export_quantization_bit": None,
-    "export_quantization_dataset": None, "export_quantization_nsamples": 128, "export_quantization_maxlen": 1024,
-    "export_legacy_format": False, "export_hub_model_id": None,
-    "do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 50, "num_beams": 1, "max_length": 1024,
-    "max_new_tokens": 1024, "repetition_penalty": 1.0, "length_penalty": 1.0, "default_system": None,
-    "skip_special_tokens": True,
-    "use_swanlab": False, "swanlab_project": "llamafactory", "swanlab_workspace": None, "swanlab_run_name": None,
-    "swanlab_mode": "cloud", "swanlab_api_key": None,
-    "ray_run_name": None, "ray_storage_path": "./saves", "ray_num_workers": 1, "placement_strategy": "PACK",
+# Where rayft's default differs from LLaMA-Factory 0.9.5's, and why (README, "From LLaMA-Factory").
+DEFAULT_DIFFERENCES = {
+    "do_train": "a recipe trains unless it says do_train: false",
+    "use_cache": "prediction and chat generate with the KV cache; training turns it off either way",
+    "gradient_checkpointing": "Transformers 5.23's own default (None) where 5.6 had False",
 }
 
 
-def test_every_seed_default_holds():
+def test_every_llamafactory_key_is_known_with_its_default():
+    """recipe/lf_keys.json is written by tools/lf_snapshot.py from an installed LLaMA-Factory 0.9.5."""
+    recorded = json.loads((ROOT / "recipe" / "lf_keys.json").read_text())
+    assert recorded["llamafactory"] == "0.9.5" and len(recorded["keys"]) > 340
+    known = A.key_sections()
+    assert [k for k in recorded["keys"] if k not in known] == []
     defaults = {}
     for cls in A.SECTIONS.values():
-        if cls is A.TrainingArguments:
-            continue
-        instance = cls()
-        defaults.update({f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)})
-    wrong = {k: (defaults[k], v) for k, v in SEED_DEFAULTS.items() if defaults.get(k, "missing") != v}
-    assert wrong == {}
+        for f in dataclasses.fields(cls):
+            value = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            value = value.value if hasattr(value, "value") else value
+            defaults.setdefault(f.name, list(value) if isinstance(value, tuple) else value)
+    differ = {k for k, v in recorded["keys"].items() if defaults[k] != v["default"]}
+    assert differ == set(DEFAULT_DIFFERENCES)
 
 
 def test_resources_per_worker_default_is_rayfts_documented_deviation():

@@ -10,6 +10,7 @@ from conftest import DEMO_RECIPE, ROOT
 from test_export import trained_like_adapter
 
 from rayft.data.encode import encode_prompt
+from rayft.data.templates import get_template
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
@@ -47,17 +48,19 @@ def test_scores_average_over_examples_and_an_empty_answer_scores_zero():
 
 
 def test_prompt_is_every_earlier_turn_then_the_last_question_and_keeps_its_end():
-    pairs = [([1, 2], [3]), ([4, 5, 6], [7, 8])]
-    assert encode_prompt(pairs, cutoff_len=100) == ([1, 2, 3, 4, 5, 6], 0)
-    assert encode_prompt(pairs, cutoff_len=4) == ([3, 4, 5, 6], 2)
+    prompt = [1, 2, 3, 4, 5, 6]  # every earlier turn, then the last question
+    assert encode_prompt(prompt, cutoff_len=100) == ([1, 2, 3, 4, 5, 6], 0)
+    assert encode_prompt(prompt, cutoff_len=4) == ([3, 4, 5, 6], 2)
 
 
 def test_generation_settings(tiny_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    stops = stop_token_ids(tokenizer, "chatml")
-    assert stops[0] == tokenizer.eos_token_id and tokenizer.convert_ids_to_tokens(stops[-1]) == "<|im_end|>"
+    stops = get_template("chatml").stop_ids(tokenizer)  # its stop words: <|im_end|> and <|im_start|>
+    assert sorted(tokenizer.convert_ids_to_tokens(stops)) == ["<|im_end|>", "<|im_start|>"]
+    cfg = parse_config(load_recipe(ROOT / "configs" / "chat_lora.yaml", []), base_dir=ROOT, for_training=False)
+    assert stop_token_ids(tokenizer, cfg) == stops
     greedy = generation_kwargs(GeneratingArguments(do_sample=False, max_new_tokens=16), stops, 0)
     assert greedy["max_new_tokens"] == 16 and "max_length" not in greedy and "temperature" not in greedy
     sampled = generation_kwargs(GeneratingArguments(max_new_tokens=0, max_length=64, top_k=5), stops, 0, num_beams=3)

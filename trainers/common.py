@@ -9,7 +9,7 @@ import ray.train
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
-from transformers import PrinterCallback, Seq2SeqTrainer
+from transformers import EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
@@ -100,6 +100,12 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
         deepspeed.init_distributed(dist_backend=plan.backend)
     kwargs = dict(cfg.training)
     kwargs.update(deepspeed=plan.deepspeed, use_cpu=not plan.use_gpu, remove_unused_columns=False)
+    if kwargs.get("warmup_ratio") is not None:  # LLaMA-Factory's key; Transformers 5 takes a fraction here
+        kwargs["warmup_steps"] = kwargs["warmup_ratio"]
+    if not plan.use_gpu:  # a GPU recipe's bf16 / fp16 on CPU workers: fp32, as the plan says
+        kwargs.update(bf16=False, fp16=False)
+    if cfg.finetuning.early_stopping_steps is not None:
+        kwargs.setdefault("metric_for_best_model", "loss")  # what early stopping watches unless told
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step
 
     kwargs.setdefault("run_name", ray.train.get_context().get_experiment_name())  # the trackers' run name
@@ -296,7 +302,9 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[LogCallback(args.output_dir, plan.progress_board), RayTrainReportCallback(),
-                   *([ReportEveryLog()] if plan.report_every_log else [])],
+                   *([ReportEveryLog()] if plan.report_every_log else []),
+                   *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
+                     if cfg.finetuning.early_stopping_steps is not None else [])],
         shuffle=not cfg.finetuning.disable_shuffling,
         finetuning=cfg.finetuning,
         **trainer_kwargs,

@@ -1,7 +1,7 @@
 """Stage `dpo`: direct preference optimisation with any `pref_loss`, run inside every Ray Train worker.
 
-sigmoid, hinge, ipo and kto_pair compare the policy's log-ratios with a reference model's; orpo and simpo
-use length-normalised log-probabilities of the policy alone.
+sigmoid, hinge, ipo and kto_pair compare the policy's log-ratios with a reference model's (ipo on per-token
+averages, as TRL and LLaMA-Factory compute it); orpo and simpo use per-token averages of the policy alone.
 """
 
 from transformers import set_seed
@@ -38,9 +38,12 @@ class DPOTrainer(StatsTrainer):
                 chosen_avg, rejected_avg, beta=f.pref_beta, **extra)
         else:
             ref_logps, _ = losses.sequence_logps(self.reference.logits(self, model, **batch).float(), inputs["labels"])
+            policy = logps
+            if f.pref_loss in losses.LENGTH_AVERAGED:  # TRL and LLaMA-Factory regress IPO's margin per token
+                policy, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
             extra = {"label_smoothing": f.dpo_label_smoothing} if f.pref_loss == "sigmoid" else {}
             per_pair, chosen_rewards, rejected_rewards = losses.REFERENCE_LOSSES[f.pref_loss](
-                chosen, rejected, ref_logps[:n], ref_logps[n:], beta=f.pref_beta, **extra)
+                policy[:n], policy[n:], ref_logps[:n], ref_logps[n:], beta=f.pref_beta, **extra)
         if f.pref_ftx > 0:
             per_pair = per_pair - f.pref_ftx * chosen_avg  # an SFT term: the chosen responses' token NLL
         self.record({

@@ -7,24 +7,17 @@ import numpy as np
 import ray
 import torch
 
-from rayft.data.templates import TEMPLATES
+from rayft.data.pipeline import EncodingSettings
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.schema import GeneratingArguments
 from rayft.trainers.model import load_for_generation, load_tokenizer
 
 
-def stop_token_ids(tokenizer, template_name: str | None) -> list[int]:
-    """The eos token, plus the template's end-of-turn marker where that is one token of the vocabulary
-    (`<|im_end|>` for chatml and qwen, `<|eot_id|>` for llama3, ...): a chat model ends its answer with it."""
-
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    template = TEMPLATES.get(template_name) if template_name else None
-    if template is not None:
-        marker = template.assistant.split("{content}")[-1].strip()
-        ids = tokenizer.encode(marker, add_special_tokens=False) if marker else []
-        if len(ids) == 1 and ids[0] not in stops:
-            stops.append(ids[0])
-    return stops
+def stop_token_ids(tokenizer, cfg: RecipeConfig) -> list[int]:
+    """The eos token and the template's stop words (`<|im_end|>` for chatml and qwen, `<|eot_id|>` and
+    `<|eom_id|>` for llama3, ...): a chat model ends its answer with one of them."""
+    stops = EncodingSettings.of(cfg).chat_template().stop_ids(tokenizer)
+    return [s for s in stops if s is not None]
 
 
 def generation_kwargs(g: GeneratingArguments, stops: list[int], pad_id: int, num_beams: int | None = None) -> dict:
@@ -68,7 +61,7 @@ class Generator:
         self.device = "cuda" if use_gpu else "cpu"
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_for_generation(cfg.model, use_gpu)
-        self.stops = stop_token_ids(self.tokenizer, cfg.data.template)
+        self.stops = stop_token_ids(self.tokenizer, cfg)
         self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id,
                                         cfg.data.eval_num_beams)
         self.skip_special_tokens = cfg.generating.skip_special_tokens

@@ -40,7 +40,10 @@ def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
 
 def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
-    """IPO (Azar et al., 2023): (Δ - 1/(2β))², which regresses the margin instead of maximising it."""
+    """IPO (Azar et al., 2023): (Δ - 1/(2β))², which regresses the margin instead of maximising it.
+
+    Callers pass per-token average log-probabilities: with sums Δ grows with length and the loss reaches the
+    hundreds where the target 1/(2β) is 5."""
     margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = (margin - 1 / (2 * beta)) ** 2
     return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
@@ -110,3 +113,5 @@ def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
 # stage dpo's pref_loss -> loss; the first four compare against a reference model
 REFERENCE_LOSSES = {"sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "kto_pair": kto_pair_loss}
 REFERENCE_FREE_LOSSES = {"orpo": orpo_loss, "simpo": simpo_loss}
+# losses computed on per-token average log-probabilities (policy and reference), not sums
+LENGTH_AVERAGED = frozenset({"ipo", "orpo", "simpo"})

@@ -93,7 +93,7 @@ class PPOTrainer:
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         f, g = cfg.finetuning, cfg.generating
-        self.stops = stop_token_ids(tokenizer, cfg.data.template)
+        self.stops = stop_token_ids(tokenizer, cfg)
         self.generate_kwargs = generation_kwargs(g, self.stops, tokenizer.pad_token_id)
         self.temperature = g.temperature if g.do_sample else 1.0  # rollouts sample from logits / temperature
         self.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * f.ppo_buffer_size

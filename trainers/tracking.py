@@ -21,6 +21,8 @@ from rayft.recipe.derive import report_targets
 def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
     """Settings the tracking libraries read when a run starts; called in the worker before the Trainer."""
     targets = report_targets(cfg.args.report_to)
+    if "tensorboard" in targets and cfg.args.logging_dir:  # Transformers 5 reads the folder from here only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.args.logging_dir
     if "wandb" in targets:
         # W&B takes its mode and folder from the environment when its run starts. rayft runs it offline:
         # `wandb sync output_dir/wandb/offline-run-*` uploads a run later from a machine that may.
