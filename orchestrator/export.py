@@ -33,6 +33,9 @@ def export_problems(cfg: RecipeConfig) -> list[str]:
         problems.append(Problem("export_legacy_format", "Transformers 5 saves safetensors only; remove "
                                                         "export_legacy_format (every current loader reads "
                                                         "safetensors)"))
+    if m.quantization_bit is not None:
+        problems.append(Problem("quantization_bit", "adapters merge into the full-precision base; remove "
+                                                    "quantization_bit and the export loads the base unquantised"))
     if m.export_size < 1:
         problems.append(Problem("export_size", f"the largest shard in GB must be at least 1, got {m.export_size}"))
     if cfg.finetuning.finetuning_type not in ("lora", "oft") and m.adapter_name_or_path:

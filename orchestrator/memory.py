@@ -47,6 +47,7 @@ class MemorySettings:
     gradient_checkpointing: bool
     reference_copy: bool  # a frozen copy of the model (dpo / kto with freeze or full fine-tuning)
     eager_attention: bool = False  # attention probabilities kept for the backward pass
+    quantization_bit: int | None = None  # QLoRA: the frozen base's linear layers in 4 or 8 bits
 
 
 @dataclass
@@ -86,6 +87,13 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
         grads = t * weight_bytes
         optimizer = t * 8 + (t * 4 if stage >= 1 or s.mixed_precision else 0)
         weights = p * weight_bytes
+        if s.quantization_bit:
+            # bitsandbytes quantises the decoder's linear layers; embeddings, norms, the output head and the
+            # adapters stay in the training precision. NF4 adds about half a bit per weight of block constants.
+            embeddings = shape.vocab_size * shape.hidden_size * 2
+            quantized = max(p - t - embeddings, 0)
+            bits = s.quantization_bit + (0.5 if s.quantization_bit == 4 else 0.25)
+            weights = int(quantized * bits / 8) + (p - quantized) * weight_bytes
         if stage >= 1:
             optimizer //= n
         if stage >= 2:
@@ -163,6 +171,8 @@ def pick_deepspeed(shape: ModelShape, base: MemorySettings, budget: int) -> tupl
                            else ("optimizer",) if offload else ())
         if offload and not base.use_gpu:
             continue  # offloading to the host frees nothing on a CPU worker
+        if base.quantization_bit and stage == "z3":
+            continue  # ZeRO-3 cannot partition bitsandbytes' quantised layers
         found = estimate(shape, settings)
         fits = found.device <= budget
         tried.append(f"{name}: {found.describe()} {'fits' if fits else 'exceeds'} {budget / GB:.2f} GB")

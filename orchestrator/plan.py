@@ -200,7 +200,7 @@ def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stag
         per_device_batch_size=per_device, cutoff_len=cfg.data.cutoff_len,
         gradient_checkpointing=not m.disable_gradient_checkpointing,
         reference_copy=reference_kind(cfg) == "copy",
-        eager_attention=m.flash_attn == "disabled" or not use_gpu)
+        eager_attention=m.flash_attn == "disabled" or not use_gpu, quantization_bit=m.quantization_bit)
 
 
 def worker_budget(bundle: dict, num_workers: int, nodes: list[Node], use_gpu: bool,

@@ -25,9 +25,9 @@ NOT_BUILT: dict[str, str] = {
     **{k: "vLLM inference" for k in (
         "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     "infer_backend": "vLLM inference",
-    **{k: "quantised training (QLoRA)" for k in (
-        "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-        "quantization_device_map", "ref_model_quantization_bit", "reward_model_quantization_bit")},
+    "quantization_device_map": "device maps for quantised models (each worker holds its model on its device)",
+    **{k: "quantised reference and reward models" for k in (
+        "ref_model_quantization_bit", "reward_model_quantization_bit")},
     **{k: "quantised export" for k in (
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},
@@ -162,6 +162,33 @@ def llamafactory_key_problems(cfg: RecipeConfig) -> list[Problem]:
     return problems
 
 
+QUANTIZED_FINETUNING = ("lora", "oft")
+
+
+def quantization_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
+    """QLoRA: a 4- or 8-bit bitsandbytes base under LoRA or OFT, trained with DDP or ZeRO-0/1/2."""
+    m, f, t = cfg.model, cfg.finetuning, cfg.args
+    if m.quantization_bit is None:
+        return []
+    problems = []
+    if m.quantization_bit not in (4, 8):
+        problems.append(Problem("quantization_bit", f"bitsandbytes loads 4 or 8 bits, got {m.quantization_bit}"))
+    if m.quantization_method != "bnb":
+        problems.append(Problem("quantization_method", f"{m.quantization_method!r} needs its own GPU kernels and is "
+                                                       "not built; use bnb (bitsandbytes, GPU and CPU)"))
+    if f.finetuning_type not in QUANTIZED_FINETUNING:
+        problems.append(Problem("quantization_bit and finetuning_type", "a quantised base model cannot be trained "
+                                                                        f"{f.finetuning_type}; use lora or oft"))
+    if f.pissa_init:
+        problems.append(Problem("quantization_bit and pissa_init", "PiSSA initialises from the full-precision "
+                                                                   "weights; remove one of them"))
+    if _zero_stage(t.deepspeed, base_dir) == 3:
+        problems.append(Problem("quantization_bit and deepspeed", "ZeRO-3 partitions weights, which bitsandbytes' "
+                                                                  "quantised layers cannot be; use z0, z1 or z2 (or "
+                                                                  "no deepspeed)"))
+    return problems
+
+
 def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.args
@@ -202,6 +229,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{now}; remove {key} or change "
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
+    problems += quantization_problems(cfg, base_dir)
     if d.mask_history and d.train_on_prompt:
         problems.append(Problem("mask_history and train_on_prompt", "mask_history learns only the last response, "
                                                                     "train_on_prompt learns every prompt too; set "

@@ -108,8 +108,10 @@ def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
 @pytest.mark.integration
 def test_dpo_with_full_fine_tuning_uses_a_frozen_reference_copy_under_zero3(tmp_path, tiny_model, ray_local):
     # (freeze shares this path: reference_kind is "copy" for both; test_sft_with_freeze_and_full trains freeze)
+    # ZeRO-3 from LLaMA-Factory's JSON config, "auto" values and all
+    ds3 = CONFIGS / "llamafactory" / "examples" / "deepspeed" / "ds_z3_config.json"
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "finetuning_type=full",
-                            "deepspeed=z3", "eval_dataset=demo_dpo", "max_samples=64",
+                            f"deepspeed={ds3}", "eval_dataset=demo_dpo", "max_samples=64",
                             "num_train_epochs=3", "learning_rate=2e-4")
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8, found

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_RECIPE, ROOT, SECRET, SHARED_DATA
+from conftest import DEMO_RECIPE, ROOT, SECRET
 
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.launch import prepare, run_train
@@ -96,16 +96,6 @@ def test_neat_packing_of_a_streamed_dataset_trains(tmp_path, tiny_model, ray_loc
                              "per_device_train_batch_size=2", "streaming=true", "max_steps=24", "buffer_size=32")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (logits(tiny_model) - logits(tiny_model, out)).abs().max() > 1e-3
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
-def test_recipe_runs_unchanged_on_llamafactory_alpaca(tmp_path, tiny_model, ray_local):
-    out, result, log = train(tmp_path, tiny_model, f"dataset_dir={SHARED_DATA}", "dataset=alpaca_en_demo",
-                             "max_samples=96", "cutoff_len=128", "num_train_epochs=1", "logging_steps=1")
-    assert len(log) == 6  # 96 examples / (8 per device x 2 workers)
-    assert log[-1]["loss"] < log[0]["loss"]
-    assert (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.integration

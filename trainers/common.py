@@ -291,7 +291,9 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
     """Trains `model` on this worker's shard with `trainer_cls` and saves everything; returns the metrics."""
 
     if args.process_index == 0:
-        logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}")
+        bits = cfg.model.quantization_bit
+        quantized = f", base model in {bits} bits (bitsandbytes)" if bits else ""
+        logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}{quantized}")
     prepare_trackers(cfg, args.output_dir)
     train_data, eval_data = worker_data(cfg)
     trainer = trainer_cls(

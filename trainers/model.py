@@ -44,6 +44,10 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
     kwargs = {"num_labels": 1} if value_head else {}
+    quantized = model_args.quantization_bit is not None and trainable
+    if quantized:
+        kwargs.update(quantization_config=bnb_config(model_args, model_dtype(use_gpu, pure_bf16)),
+                      device_map={"": torch.cuda.current_device() if use_gpu else "cpu"})
     model = (AutoModelForSequenceClassification if value_head else AutoModelForCausalLM).from_pretrained(
         path or model_args.model_name_or_path,
         dtype=dtype or model_dtype(use_gpu, pure_bf16),
@@ -58,10 +62,28 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     # The KV cache only costs memory in training, and with one Transformers ignores packed position_ids
     # (neat_packing's block-diagonal mask).
     model.config.use_cache = False
+    if quantized:  # frozen quantised base; norms in fp32 and input gradients for the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if trainable and not model_args.disable_gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": model_args.use_reentrant_gc})
         model.enable_input_require_grads()
     return model
+
+
+def bnb_config(model_args: ModelArguments, compute_dtype: torch.dtype | str):
+    """bitsandbytes' settings for a 4- or 8-bit base model (QLoRA); its layers run on GPUs and on CPUs."""
+    from transformers import BitsAndBytesConfig
+
+    if not isinstance(compute_dtype, torch.dtype):  # "auto" on GPUs: the widest 16-bit type they have
+        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    if model_args.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
+                              bnb_4bit_use_double_quant=model_args.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def linear_module_names(model) -> list[str]:
