@@ -4,7 +4,9 @@ Shared example pair: policy log-probs chosen -1.0, rejected -3.0; reference -2.0
 Δ = (-1 - -3) - (-2 - -2.5) = 1.5, and with β = 0.1, β·Δ = 0.15.
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +108,72 @@ def test_the_losses_pass_gradients_to_the_policy():
         loss = fn(chosen, t(-1.2), beta=BETA, **kwargs)[0].sum()
         (grad,) = torch.autograd.grad(loss, chosen)
         assert grad.item() < 0, name
+
+
+def test_dft_weighs_each_token_loss_by_its_probability():
+    # one sequence, vocabulary of 2; position 0 predicts token 1 with p = e^2/(e^0+e^2), position 1 is prompt
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 1.0], [0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[-100, 1, -100]])
+    p = math.exp(2) / (1 + math.exp(2))
+    loss = losses.dft_loss({"logits": logits}, labels)
+    assert loss.item() == pytest.approx(-math.log(p) * p)
+    loss.backward()  # the weight carries no gradient: d/dlogit of -p0*log p is -p0*(1-p) for the right token
+    assert logits.grad[0, 0, 1].item() == pytest.approx(-p * (1 - p))
+
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "losses.json").read_text())
+
+
+def golden_inputs():
+    g = {k: torch.tensor(v, dtype=torch.float64) for k, v in GOLDEN["inputs"].items()}
+    summed = (g["chosen"], g["rejected"], g["ref_chosen"], g["ref_rejected"])
+    tokens = (g["chosen_tokens"], g["rejected_tokens"], g["chosen_tokens"], g["rejected_tokens"])
+    return g, summed, tuple(s / n for s, n in zip(summed, tokens))
+
+
+@pytest.mark.parametrize("name, loss, averaged, extra", [
+    ("sigmoid", losses.sigmoid_loss, False, {}),
+    ("sigmoid_smoothed", losses.sigmoid_loss, False, {"label_smoothing": GOLDEN["label_smoothing"]}),
+    ("hinge", losses.hinge_loss, False, {}),
+    ("ipo", losses.ipo_loss, True, {}),
+])
+def test_reference_losses_match_trl(name, loss, averaged, extra):
+    """tests/golden/losses.json: TRL 0.24's dpo_loss (tools/lf_losses.py). IPO takes per-token averages, as TRL
+    and rayft's DPO trainer give it (losses.LENGTH_AVERAGED)."""
+    _, summed, per_token = golden_inputs()
+    got = loss(*(per_token if averaged else summed), beta=GOLDEN["beta"], **extra)[0]
+    assert got.tolist() == pytest.approx(GOLDEN[name])
+    assert ("ipo" in losses.LENGTH_AVERAGED) and averaged == (name == "ipo")
+
+
+def test_llamafactory_trains_sigmoid_when_asked_for_hinge_or_ipo_and_rayft_does_not():
+    _, summed, per_token = golden_inputs()
+    lf = pytest.approx(GOLDEN["llamafactory_hinge_and_ipo_train"])
+    assert losses.hinge_loss(*summed, beta=GOLDEN["beta"])[0].tolist() != lf
+    assert losses.ipo_loss(*per_token, beta=GOLDEN["beta"])[0].tolist() != lf
+
+
+@pytest.mark.parametrize("name", ["orpo", "simpo"])
+def test_reference_free_losses_match_llamafactory(name):
+    _, _, (chosen, rejected, _, _) = golden_inputs()
+    extra = {"gamma": GOLDEN["simpo_gamma"]} if name == "simpo" else {}
+    got = losses.REFERENCE_FREE_LOSSES[name](chosen, rejected, beta=GOLDEN["beta"], **extra)[0]
+    assert got.tolist() == pytest.approx(GOLDEN[name])
+
+
+def test_pref_ftx_and_the_reward_models_loss_match_llamafactory():
+    g, summed, (chosen_avg, _, _, _) = golden_inputs()
+    with_ftx = losses.sigmoid_loss(*summed, beta=GOLDEN["beta"])[0] - GOLDEN["pref_ftx"] * chosen_avg
+    assert with_ftx.tolist() == pytest.approx(GOLDEN["sigmoid_with_ftx"])
+    ranking = losses.pairwise_ranking_loss(g["chosen_scores"], g["rejected_scores"])
+    assert ranking.tolist() == pytest.approx(GOLDEN["rm"])
+
+
+def test_kto_matches_trl_with_weights_and_its_kl_estimate():
+    g, _, _ = golden_inputs()
+    desirable, undesirable = GOLDEN["kto_weights"]
+    per_example, _, kl = losses.kto_loss(g["kto_policy"], g["kto_ref"], g["kto_desirable"], g["kto_kl_policy"],
+                                         g["kto_kl_ref"], beta=GOLDEN["beta"], chosen_weight=desirable,
+                                         rejected_weight=undesirable)
+    assert kl.item() == pytest.approx(GOLDEN["kto_kl"]) and per_example.mean().item() == pytest.approx(
+        GOLDEN["kto_mean"])

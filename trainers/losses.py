@@ -22,6 +22,21 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def dft_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Dynamic fine-tuning (Wu et al., 2025): each labelled token's cross-entropy weighted by its own probability
+    (without gradient through the weight), summed over the batch's labelled tokens and averaged per token.
+
+    Has the signature of the Trainer's `compute_loss_func`.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    labels = labels[:, 1:].to(logits.device)
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    total = (-token_logps * token_logps.detach().exp() * mask).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    return total / count
+
+
 def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
     """DPO (Rafailov et al., 2023): -log σ(β·Δ), Δ the policy's log-ratio margin over the reference's.
 

@@ -11,6 +11,7 @@ from rayft.data.encode import IGNORE_INDEX
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
 from rayft.trainers.common import fit, training_arguments
+from rayft.trainers.losses import dft_loss
 from rayft.trainers.metrics import token_accuracy_hooks
 from rayft.trainers.model import load_tokenizer, prepare_model
 
@@ -22,6 +23,8 @@ def run_sft(cfg: RecipeConfig, plan: Plan) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = prepare_model(cfg, plan.use_gpu)
     hooks = token_accuracy_hooks() if cfg.finetuning.compute_accuracy else {}
+    if cfg.finetuning.use_dft_loss:
+        hooks["compute_loss_func"] = dft_loss
     return fit(cfg, plan, args, model, tokenizer, supervised_collator(cfg, tokenizer), **hooks)
 
 
