@@ -311,10 +311,7 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
     a missing special token or an unencodable row fails here, naming the dataset and row, before Ray starts."""
     template = settings.chat_template()
     if settings.stage != "pt":
-        try:
-            template.check_tokenizer(load_tokenizer(tokenizer_spec))
-        except DataError as err:
-            raise DataError(f"template: {err}") from None
+        template.check_tokenizer(load_tokenizer(tokenizer_spec))
     for name, examples in zip(comma_list(names), datasets):
         for row, example in enumerate(examples[:rows]):
             last = example["messages"][-1] if example.get("messages") else {}
@@ -332,12 +329,16 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
 
 def user_error(err: BaseException) -> DataError | None:
     """The DataError a Ray Data or Ray Train task raised on bad input, found in the chain of causes, or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
+    seen, pending = set(), [err]
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
         seen.add(id(err))
         if isinstance(err, DataError):
             return err
-        err = err.__cause__ or err.__context__
+        # Ray Train's errors hold the workers' own exceptions by rank
+        pending += [err.__cause__, err.__context__, *getattr(err, "worker_failures", {}).values()]
     return None
 
 

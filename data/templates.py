@@ -7,6 +7,7 @@ With `template` unset, the tokenizer's own Jinja chat template is used (`JinjaTe
 """
 
 import dataclasses
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -66,11 +67,11 @@ class Template:
                                           self.function) for s in slots if isinstance(s, dict) and "token" in s]
         missing = [t for t in dict.fromkeys([*self.stop_words, *named]) if _token_id(tokenizer, t) is None]
         if missing:
-            raise DataError(f"template {self.name!r} needs the tokens {missing} as single tokens, and the tokenizer "
-                            "has none of them; use the template of the model's family")
+            raise DataError(f"template: {self.name!r} writes {missing} as single tokens, which the tokenizer does not "
+                            "have; use the template of the model's family")
         if self.eos_id(tokenizer) is None:
-            raise DataError(f"template {self.name!r}: the tokenizer has no EOS token; set one in its "
-                            "tokenizer_config.json")
+            raise DataError(f"template: {self.name!r} needs an EOS token, which the tokenizer lacks; set one in "
+                            "its tokenizer_config.json")
 
     def thought_ids(self, tokenizer) -> list[int]:
         return tokenizer.encode(self.empty_thought(), add_special_tokens=False)
@@ -272,7 +273,7 @@ def get_template(name: str | None, enable_thinking: bool | None = True, default_
         return JinjaTemplate()
     problem = template_problem(name, tool_format)
     if problem:
-        raise DataError(problem)
+        raise DataError(f"template: {problem}")
     template = _registered(name)
     changes = {}
     if template.reasoning:
@@ -288,17 +289,17 @@ def get_template(name: str | None, enable_thinking: bool | None = True, default_
 def template_problem(name: str | None, tool_format: str | None = None) -> str | None:
     """Why `name` (and `tool_format`) cannot be used, or None."""
     if tool_format is not None and tool_format not in TOOL_FORMATS:
-        return f"tool_format: {tool_format!r} is not built; built tool formats: {', '.join(TOOL_FORMATS)}"
+        return f"tool format {tool_format!r} is not built; built tool formats: {', '.join(TOOL_FORMATS)}"
     if name is None:
         return None
     if name not in _specs():
-        close = [n for n in template_names() if n.split("_")[0] == name.split("_")[0]][:5]
+        close = difflib.get_close_matches(name, template_names(), n=3, cutoff=0.6)
         hint = f" (similar: {', '.join(close)})" if close else ""
-        return (f"template: {name!r} is not a LLaMA-Factory 0.9.5 template{hint}; `rayft keys template` lists "
-                "them, or leave it unset to use the tokenizer's own chat template")
+        return (f"{name!r} is not a LLaMA-Factory 0.9.5 template{hint}; `rayft keys template` lists them, or "
+                "leave it unset to use the tokenizer's own chat template")
     if _specs()[name]["multimodal"]:
-        return (f"template: {name!r} is a multimodal template, and rayft trains text models only (not built); "
-                "use the text template of the family")
+        return (f"{name!r} is a multimodal template, and rayft trains text models only (not built); use the "
+                "text template of the family")
     return None
 
 

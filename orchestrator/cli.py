@@ -12,7 +12,7 @@ from rayft.recipe.derive import is_prediction
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.logs import DEFAULT, QUIET, VERBOSE, configure, logger
 from rayft.recipe.parse import parse_config
-from rayft.recipe.problems import ConfigError
+from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import describe_keys
 
 USAGE_ERROR = 2
@@ -25,6 +25,7 @@ RECIPE_COMMANDS = {
     "plan": "validate a recipe and its data on the cluster and print the plan",
     "export": "merge adapter_name_or_path into the base model and save it to export_dir",
     "chat": "talk to the model plus adapter_name_or_path in the terminal",
+    "data": "write the first encoded examples of every dataset as JSON Lines, as the workers will get them",
 }
 
 
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+        if name == "data":
+            p.add_argument("--examples", type=int, default=10, help="examples of each dataset (default 10)")
+            p.add_argument("--out", default="encoded_examples.jsonl", help="the JSON Lines file to write")
     submit = sub.add_parser("submit", help="validate a recipe here, then run it as a job on a Ray cluster",
                             parents=[common])
     submit.add_argument("recipe", help="YAML recipe, relative to the working directory")
@@ -129,6 +133,16 @@ def _export(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from rayft.orchestrator.inspect_data import write_examples
+
+    if args.examples < 1:
+        raise ConfigError([Problem("--examples", f"must be at least 1, got {args.examples}")])
+    write_examples(parse_config(load_recipe(args.recipe, args.overrides), for_training=False), args.examples,
+                   Path(args.out))
+    return 0
+
+
 def _chat(args) -> int:
     from rayft.orchestrator.chat import run_chat
 
@@ -146,7 +160,8 @@ def _submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 
-COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit}
+COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
+            "data": _data}
 
 
 def _one_report(err: Exception) -> str:
@@ -176,6 +191,12 @@ def _keys(args) -> int:
               file=sys.stderr)
         return USAGE_ERROR
     print(text)
+    if args.which in ("template", "tool_format"):
+        from rayft.data.templates import template_names
+        from rayft.data.tools import TOOL_FORMATS
+
+        names = template_names() if args.which == "template" else list(TOOL_FORMATS)
+        print(f"  values: {', '.join(names)}")
     return 0
 
 

@@ -17,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
+from rayft.data.errors import DataError
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
     SAMPLE_ROWS,
@@ -28,6 +29,7 @@ from rayft.data.pipeline import (
     token_stats,
     tokenize,
     tokenize_cached,
+    user_error,
 )
 from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
@@ -212,7 +214,13 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
             ),
             datasets=datasets,
         )
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except Exception as err:  # bad input found inside a worker: rayft's one line, not the workers' traceback
+            cause = user_error(err)
+            if cause is None:
+                raise
+            raise DataError(str(cause)) from None
 
 
 @contextlib.contextmanager

@@ -59,7 +59,9 @@ def test_there_is_no_import_cycle():
 
 CASES = ("missing recipe", "a folder as recipe", "not UTF-8", "not YAML", "not a mapping", "override without =",
          "unknown key", "wrong type", "unknown dataset", "broken dataset file", "model folder without a model",
-         "wrong LoRA module", "too many workers", "missing DeepSpeed file", "occupied output_dir")
+         "wrong LoRA module", "too many workers", "missing DeepSpeed file", "occupied output_dir",
+         "unknown template", "multimodal template", "template without the tokenizer's tokens",
+         "tool data on a template without its tool format", "QLoRA under ZeRO-3")
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -69,7 +71,14 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "broken.yaml").write_text("stage: sft\n  lora_rank: [8\n")
     (tmp_path / "list.yaml").write_text("- stage\n- sft\n")
     (tmp_path / "data").mkdir(exist_ok=True)
-    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.json"}}))
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({
+        "broken": {"file_name": "broken.json"},
+        "tools": {"file_name": "tools.json", "formatting": "sharegpt",
+                  "columns": {"messages": "conversations", "tools": "tools"}}}))
+    call = json.dumps({"name": "add", "arguments": {"a": 2}})
+    (tmp_path / "data" / "tools.json").write_text(json.dumps([{"tools": "[]", "conversations": [
+        {"from": "human", "value": "2+3?"}, {"from": "function_call", "value": call},
+        {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"}]}] * 4))
     (tmp_path / "data" / "broken.json").write_text("[{\"instruction\": \"q\", \"output\": ")
     (tmp_path / "occupied").mkdir(exist_ok=True)
     (tmp_path / "occupied" / "model.safetensors").write_bytes(b"precious")
@@ -91,6 +100,14 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "missing DeepSpeed file": ([demo, "deepspeed=ds_nope.json", out], "neither a shorthand"),
         "occupied output_dir": ([demo, f"output_dir={tmp_path / 'occupied'}", "overwrite_output_dir=false"],
                                 "exists and is not empty"),
+        "unknown template": ([demo, "template=qwen9", out], "'qwen9' is not a LLaMA-Factory 0.9.5 template"),
+        "multimodal template": ([demo, "template=qwen2_vl", out], "'qwen2_vl' is a multimodal template"),
+        "template without the tokenizer's tokens": ([demo, "template=llama3", out],
+                                                    "writes ['<|eot_id|>', '<|eom_id|>'] as single tokens"),
+        "tool data on a template without its tool format": (
+            [demo, f"dataset_dir={tmp_path / 'data'}", "dataset=tools", "template=seed_oss", out],
+            "dataset 'tools': 4 rows have tool definitions"),
+        "QLoRA under ZeRO-3": ([demo, "quantization_bit=4", "deepspeed=z3", out], "ZeRO-3 partitions weights"),
     }
 
 

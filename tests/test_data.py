@@ -578,3 +578,39 @@ def test_templates_without_tool_formatting_refuse_tool_turns(tiny_model):
 
     with pytest.raises(DataError, match="'minimax1' format, which is not built"):
         get_template("minimax1").encode_turns(AutoTokenizer.from_pretrained(tiny_model), TOOL_CHAT)
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("demo_sft_lora.yaml", ("eval_dataset=demo_sft_eval", "template=qwen3")),
+    ("demo_dpo_lora.yaml", ()),
+    ("demo_kto_lora.yaml", ()),
+])
+def test_rayft_data_writes_what_the_workers_receive(recipe, extra, tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from rayft.orchestrator import cli
+    from rayft.recipe.logs import logger
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "seen.jsonl"
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        code = cli.main(["data", str(ROOT / "configs" / recipe), f"model_name_or_path={tiny_model}", *extra,
+                         "--examples", "3", "--out", str(out)])
+    finally:
+        logger.handlers[:], logger.level = handlers, level
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    splits = {"train": 3, "eval": 3} if "eval_dataset=demo_sft_eval" in extra else {"train": 3}
+    assert {s: sum(r["split"] == s for r in rows) for s in splits} == splits and len(rows) == sum(splits.values())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for row in rows:
+        side = "chosen_" if "chosen_input_ids" in row else ""
+        ids, labels = row[f"{side}input_ids"], row[f"{side}labels"]
+        assert row[f"{side}text"] == tokenizer.decode(ids)
+        assert row[f"{side}trained_text"] == tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+        assert row[f"{side}trained_text"].endswith("<|im_end|>\n")  # a chat response ends with its turn marker
+    if recipe.startswith("demo_sft"):
+        assert rows[0]["trained_text"].startswith("<think>\n\n</think>\n\n")  # qwen3: an empty thought is learned
+    if recipe.startswith("demo_kto"):
+        assert {"kto_tag", "kl_input_ids", "kl_labels"} <= set(rows[0])

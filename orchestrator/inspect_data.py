@@ -1,0 +1,75 @@
+"""`rayft data`: the first encoded examples of every dataset, exactly as the workers receive them, as JSON Lines.
+
+Runs on the driver without Ray: datasets are read and converted, then encoded by the stage's own encoder (and
+packed when packing is on), so a template, a truncation or a migration from LLaMA-Factory can be checked by eye
+or by a script before any cluster is reserved.
+"""
+
+import json
+from pathlib import Path
+
+from rayft.data.encode import IGNORE_INDEX
+from rayft.data.packing import pack_batch
+from rayft.data.pipeline import EncodingSettings, check_encoding, columns_of, load_datasets
+from rayft.data.templates import template_problem
+from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+from rayft.recipe.config import RecipeConfig
+from rayft.recipe.logs import logger
+from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.values import comma_list
+from rayft.trainers.stages import STAGES
+
+SEQUENCE_KEYS = ("input_ids", "chosen_input_ids", "rejected_input_ids", "kl_input_ids")
+
+
+def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
+    """Writes the first `count` encoded examples of each training and evaluation dataset to `out`; returns the
+    number of rows written."""
+    refusal = template_problem(cfg.data.template, cfg.data.tool_format)
+    if refusal:
+        raise ConfigError([Problem("template", refusal)])
+    d, stage = cfg.data, STAGES[cfg.finetuning.stage]
+    spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
+    tokenizer = load_tokenizer(spec)
+    read = dict(seed=cfg.args.seed, token=cfg.model.hf_hub_token, data=stage.data, stage=cfg.finetuning.stage,
+                template=d.template, tool_format=d.tool_format)
+    rows = []
+    for split, names in (("train", d.dataset), ("eval", d.eval_dataset)):
+        if not names:
+            continue
+        datasets = load_datasets(names, d.dataset_dir, count, **read)
+        check_encoding(names, datasets, spec, settings, stage.encoder)
+        for name, examples in zip(comma_list(names), datasets):
+            rows += [{"split": split, "dataset": name, "index": i, **row}
+                     for i, row in enumerate(encoded_rows(examples[:count], spec, settings, stage.encoder, tokenizer))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    logger.info(f"wrote {len(rows)} encoded examples to {out}")
+    return len(rows)
+
+
+def encoded_rows(examples: list[dict], spec: TokenizerSpec, settings: EncodingSettings, encoder, tokenizer
+                 ) -> list[dict]:
+    """The examples encoded (and packed) as the workers get them, each sequence with its decoded text and the
+    decoded text of its trained tokens."""
+    if not examples:
+        return []
+    batch = encoder(columns_of(examples), tokenizer_spec=spec, settings=settings)
+    if settings.packs_after_encoding:
+        batch = pack_batch(batch, cutoff_len=settings.cutoff_len, neat=settings.neat_packing)
+    columns = {k: v for k, v in batch.items() if k.endswith(("input_ids", "labels")) or k == "kto_tag"}
+    rows = []
+    for values in zip(*columns.values()):
+        row = {k: (bool(v) if k == "kto_tag" else [int(i) for i in v]) for k, v in zip(columns, values)}
+        for key in SEQUENCE_KEYS:
+            if key in row:
+                side = key.removesuffix("input_ids")
+                row[f"{side}text"] = tokenizer.decode(row[key], skip_special_tokens=False)
+                labels = row.get(f"{side}labels")
+                if labels is not None:
+                    trained = [t for t, label in zip(row[key], labels) if label != IGNORE_INDEX]
+                    row[f"{side}trained_text"] = tokenizer.decode(trained, skip_special_tokens=False)
+        rows.append(row)
+    return rows
