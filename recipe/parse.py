@@ -43,7 +43,7 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
             hint = ""
             if isinstance(value, bool) and type_matches("no", expected):
                 hint = f" (YAML reads no / off / yes / on as booleans: quote the word, e.g. {key}: \"no\")"
-            problems.append(Problem(key, f"{value!r} is a {type(value).__name__}, expected "
+            problems.append(Problem(key, f"{value!r} is {_article(type(value).__name__)}, expected "
                                          f"{describe_type(expected)}{hint}"))
             continue
         by_section[section][key] = value
@@ -64,3 +64,5 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
     return cfg
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"

@@ -169,7 +169,10 @@ def quantization_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
     """QLoRA: a 4- or 8-bit bitsandbytes base under LoRA or OFT, trained with DDP or ZeRO-0/1/2."""
     m, f, t = cfg.model, cfg.finetuning, cfg.args
     if m.quantization_bit is None:
-        return []
+        unread = [k for k in ("quantization_method", "quantization_type", "double_quantization")
+                  if getattr(m, k) != default_of(type(m), k)]
+        return [Problem(f"{k} and quantization_bit", f"{k} is only read with quantization_bit (4 or 8); set it or "
+                                                     f"remove {k}") for k in unread]
     problems = []
     if m.quantization_bit not in (4, 8):
         problems.append(Problem("quantization_bit", f"bitsandbytes loads 4 or 8 bits, got {m.quantization_bit}"))

@@ -83,7 +83,8 @@ def test_override_without_equals_is_refused():
 
 
 @pytest.mark.parametrize("key,value", [("use_badam", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
-                                       ("tool_format", "hermes"), ("quantization_bit", "4"), ("use_galore", "true")])
+                                       ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
+                                       ("use_galore", "true"), ("use_muon", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
@@ -363,3 +364,38 @@ def test_rayft_keys_prints_type_default_and_help_for_every_key():
     assert all(f.metadata.get("help") for name, cls in A.SECTIONS.items() if name != "training"
                for f in dataclasses.fields(cls))  # every key of ours has its line of help
     assert describe_keys("lora_rnak") is None
+
+
+def test_the_readme_lists_every_refused_key_with_its_reason():
+    from rayft.recipe.rules import NOT_BUILT
+
+    readme = (ROOT / "README.md").read_text()
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in NOT_BUILT.items():
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        assert f"- {reason}: " + ", ".join(f"`{k}`" for k in keys) in readme, reason
+
+
+def test_qlora_settings_are_checked_before_anything_loads():
+    assert parse("quantization_bit=4", "double_quantization=false").model.quantization_bit == 4
+    assert problems("quantization_bit=3")[0].startswith("quantization_bit: bitsandbytes loads 4 or 8 bits")
+    assert problems("quantization_bit=4", "quantization_method=gptq")[0].startswith(
+        "quantization_method: 'gptq' needs its own GPU kernels")
+    assert problems("quantization_bit=4", "finetuning_type=full")[0].startswith(
+        "quantization_bit and finetuning_type: a quantised base model cannot be trained full")
+    assert problems("quantization_type=fp4") == ["quantization_type and quantization_bit: quantization_type is only "
+                                                 "read with quantization_bit (4 or 8); set it or remove "
+                                                 "quantization_type"]
+
+
+def test_llamafactory_keys_map_onto_rayfts_settings():
+    cfg = parse("warmup_ratio=0.1", "warmup_steps=0", "preprocessing_num_workers=3", "enable_thinking=false",
+                "default_system=S", "tool_format=glm4")
+    assert cfg.args.warmup_ratio == 0.1 and cfg.data.preprocessing_num_workers == 3
+    assert problems("warmup_ratio=0.1", "warmup_steps=5")[0].startswith("warmup_ratio and warmup_steps: set one")
+    assert problems("warmup_ratio=1.5", "warmup_steps=0")[0].startswith("warmup_ratio: must be a fraction in [0, 1)")
+    assert problems("logging_dir=tb")[0].startswith("logging_dir: is where TensorBoard writes")
+    assert problems("early_stopping_steps=3")[0].startswith("early_stopping_steps: counts evaluations")
+    assert problems("use_dft_loss=true", "stage=dpo", "dataset=demo_dpo")[0].startswith("use_dft_loss: weighs")
+    assert problems("master_addr=10.0.0.1")[0].startswith("master_addr: a torchrun rendezvous")

@@ -127,7 +127,8 @@ def test_every_encoding_setting_changes_the_cache_key():
     examples = [{"system": "", "messages": [{"role": "user", "content": "q"}]}]
     base = EncodingSettings("chatml", 64)
     other = {"template": "qwen", "cutoff_len": 128, "train_on_prompt": True, "mask_history": True,
-             "packing": True, "neat_packing": True, "stage": "pt"}
+             "packing": True, "neat_packing": True, "stage": "pt", "enable_thinking": False,
+             "preserve_thinking": True, "default_system": "S", "tool_format": "qwen"}
     assert set(other) == {f.name for f in dataclasses.fields(EncodingSettings)}
 
     def key(settings):

@@ -42,10 +42,11 @@ def test_a_ppo_recipe_reads_generation_settings_and_refuses_what_ppo_cannot_use(
     assert problem.startswith("reward_model_type and finetuning_type: a lora reward model is an adapter")
     assert ppo_problems("reward_model_workers=1")[0].startswith("reward_model_workers: a separate group")
     assert ppo_problems("reward_model_resources={CPU: 1}")[0].startswith("reward_model_resources: only read")
+    # (default_system is a data key, as in LLaMA-Factory: PPO's prompts read it like every stage's)
     found = ppo_problems("deepspeed=z2", "eval_dataset=demo_sft_eval", "num_beams=2", "ppo_epochs=0",
-                         "default_system=hi")
+                         "skip_special_tokens=false", "default_system=hi")
     assert [p.split(":")[0] for p in found] == ["ppo_epochs", "deepspeed", "eval_dataset", "num_beams",
-                                                 "default_system"]
+                                                 "skip_special_tokens"]
     assert ppo_problems("reward_model_adapters=x")[0].startswith("reward_model_adapters and stage and "
                                                                  "reward_model_type")
     # PPO keys in another stage, and the actor group outside PPO

@@ -77,10 +77,11 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
 
 
 @pytest.mark.integration
-# sigmoid trains in test_dpo_with_lora_two_workers...; hinge shares ipo's path to the reference and orpo
-# simpo's length-normalised one (their formulas are held to hand-computed values in test_losses.py)
+# sigmoid trains in test_dpo_with_lora_two_workers...; hinge and kto_pair share ipo's path to the reference
+# (summed instead of averaged log-probabilities, as sigmoid's run shows) and orpo simpo's length-normalised one;
+# every formula is held to TRL's and LLaMA-Factory's values in test_losses.py
 @pytest.mark.parametrize("loss, extra", [
-    ("ipo", ("pref_beta=0.5",)), ("kto_pair", ()), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
+    ("ipo", ("pref_beta=0.5",)), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
 ])
 def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local, loss, extra):
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"pref_loss={loss}", *extra,
