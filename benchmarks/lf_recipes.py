@@ -1,14 +1,16 @@
 """Trains every LLaMA-Factory example recipe in configs/llamafactory/examples for two steps, unchanged but for
-the model path, dataset_dir and output_dir, and prints one line per recipe (steps, first and last loss, seconds).
+the model path, dataset_dir and output_dir, and prints one line per recipe (steps, train loss, seconds).
 
     .venv/bin/python benchmarks/lf_recipes.py [--dataset-dir ../shared/data/llamafactory]
 
 Besides the paths, each run sets max_steps=2 and rayft's storage folder; the predict recipe reads the adapter
 the LoRA SFT recipe wrote and generates at most 16 tokens per answer (the tiny model never stops by itself).
+A last run trains the QLoRA recipe under ZeRO-2 (LLaMA-Factory's ds_z2_config.json) on two workers.
 Runs one recipe at a time on a local Ray instance of the script's own.
 """
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -33,14 +35,18 @@ def main() -> None:
     from rayft.trainers.callbacks import read_log
 
     recipes = sorted((LF_ROOT / "examples").rglob("*.yaml"), key=lambda p: ("predict" in p.name, str(p)))
+    qlora = LF_ROOT / "examples" / "train_qlora" / "qwen3_lora_sft_bnb_4bit.yaml"
+    # and QLoRA under ZeRO-2 from LLaMA-Factory's JSON, on two workers
+    runs = [(p, []) for p in recipes] + [(qlora, ["deepspeed=examples/deepspeed/ds_z2_config.json",
+                                                  "ray_num_workers=2"])]
     work = Path(tempfile.mkdtemp(prefix="lf-recipes-"))
     ray.init(address="local", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     rows, sft_adapter = [], None
-    for path in recipes:
-        name = path.relative_to(LF_ROOT / "examples").as_posix()
-        out = work / name.replace("/", "_").removesuffix(".yaml")
+    for path, extra in runs:
+        name = path.relative_to(LF_ROOT / "examples").as_posix() + "".join(f" {e}" for e in extra)
+        out = work / name.replace("/", "_").replace(" ", "_").replace("=", "-").removesuffix(".yaml")
         overrides = [f"model_name_or_path={TINY}", f"dataset_dir={args.dataset_dir}", f"output_dir={out}",
-                     f"ray_storage_path={out}-ray", "max_steps=2"]
+                     f"ray_storage_path={out}-ray", "max_steps=2", *extra]
         if "predict" in name:
             overrides = overrides[:-1] + [f"adapter_name_or_path={sft_adapter}", "max_new_tokens=16"]
         cfg = parse_config(load_recipe(path, overrides), base_dir=LF_ROOT)
@@ -49,14 +55,17 @@ def main() -> None:
             run_predict(cfg)
         else:
             run_train(cfg)
-        losses = [r["loss"] for r in read_log(out) if "loss" in r] if not is_prediction(cfg) else []
+        seconds = time.time() - started
+        results = json.loads((out / "all_results.json").read_text())
+        steps = max((r["step"] for r in read_log(out) if "step" in r), default=0)
+        answers = len((out / "generated_predictions.jsonl").read_text().splitlines()) if is_prediction(cfg) else None
         rows.append({"recipe": name, "stage": cfg.finetuning.stage, "type": cfg.finetuning.finetuning_type,
-                     "steps": len(losses), "first loss": losses[0] if losses else None,
-                     "last loss": losses[-1] if losses else None, "seconds": time.time() - started})
+                     "steps": steps, "train loss": results.get("train_loss"), "answers": answers,
+                     "seconds": seconds})
         if name == "train_lora/qwen3_lora_sft.yaml":
             sft_adapter = out
     ray.shutdown()
-    print(table(rows, ["recipe", "stage", "type", "steps", "first loss", "last loss", "seconds"]))
+    print(table(rows, ["recipe", "stage", "type", "steps", "train loss", "answers", "seconds"]))
     print(f"results: {write('lf_recipes', {'rows': rows})}")
 
 

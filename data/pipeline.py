@@ -6,6 +6,7 @@
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,7 +330,7 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
 
 def user_error(err: BaseException) -> DataError | None:
     """The DataError a Ray Data or Ray Train task raised on bad input, found in the chain of causes, or None."""
-    seen, pending = set(), [err]
+    seen, pending, first = set(), [err], err
     while pending:
         err = pending.pop()
         if err is None or id(err) in seen:
@@ -337,9 +338,12 @@ def user_error(err: BaseException) -> DataError | None:
         seen.add(id(err))
         if isinstance(err, DataError):
             return err
-        # Ray Train's errors hold the workers' own exceptions by rank
-        pending += [err.__cause__, err.__context__, *getattr(err, "worker_failures", {}).values()]
-    return None
+        # Ray Train's errors hold the workers' own exceptions by rank; a task's error holds its cause
+        pending += [err.__cause__, err.__context__, getattr(err, "cause", None),
+                    *getattr(err, "worker_failures", {}).values()]
+    # Ray Data passes a task's exception on as the text of its traceback only
+    found = re.search(rf"{re.escape(DataError.__module__)}\.DataError: (.+)", str(first))
+    return DataError(found[1].strip()) if found else None
 
 
 def _tokenize_here(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,

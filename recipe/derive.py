@@ -56,6 +56,15 @@ def is_prediction(cfg: RecipeConfig) -> bool:
 
 
 
+def default_do_train(training: dict) -> str | None:
+    """rayft trains unless told not to; a recipe that asks for do_predict and says nothing of do_train only
+    predicts, as in LLaMA-Factory (whose default is false). Sets do_train in `training`; returns the note."""
+    if "do_train" in training or not training.get("do_predict"):
+        return None
+    training["do_train"] = False
+    return "do_train = false (the recipe sets do_predict and not do_train, as LLaMA-Factory's predict recipes do)"
+
+
 def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     """Computes every derived value in one place; returns the log lines that say what was derived."""
     notes = []

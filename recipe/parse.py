@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import resolve
+from rayft.recipe.derive import default_do_train, resolve
 from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import NOT_BUILT, RESERVED_KEYS, validate
@@ -55,12 +55,13 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
     if problems:
         raise ConfigError(problems)
 
+    predict_only = default_do_train(by_section["training"])
     sections = {name: cls(**by_section[name]) for name, cls in SECTIONS.items() if name != "training"}
     cfg = RecipeConfig(**sections, training=by_section["training"])
     problems = validate(cfg, Path(base_dir), for_training)
     if problems:
         raise ConfigError(problems)
-    cfg.notes = resolve(cfg, Path(base_dir))
+    cfg.notes = resolve(cfg, Path(base_dir)) + ([predict_only] if predict_only else [])
     return cfg
 
 

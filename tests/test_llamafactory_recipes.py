@@ -14,6 +14,7 @@ from conftest import ROOT, SHARED_DATA
 from rayft.cluster.session import local_machine
 from rayft.orchestrator.launch import prepare, run_train
 from rayft.orchestrator.plan import make_plan
+from rayft.orchestrator.predict import prepare_predict
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.trainers.callbacks import read_log
@@ -41,9 +42,12 @@ def test_the_recipes_are_llamafactorys_examples():
         "examples/train_full/qwen3_full_sft.yaml")]).read_text()
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if "predict" not in r])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_path, rayft_log):
     cfg = lf_config(recipe, tiny_model, tmp_path)
+    if "predict" in recipe:  # do_predict without do_train: generation only, as in LLaMA-Factory
+        assert not cfg.args.do_train and len(prepare_predict(cfg)) == 50 + 50
+        return
     prepared = prepare(cfg)
     plan = make_plan(cfg, local_machine(), len(prepared.train_examples), shape=prepared.probe.shape)
     assert not plan.use_gpu and plan.total_steps > 0

@@ -177,3 +177,27 @@ def test_kto_matches_trl_with_weights_and_its_kl_estimate():
                                          rejected_weight=undesirable)
     assert kl.item() == pytest.approx(GOLDEN["kto_kl"]) and per_example.mean().item() == pytest.approx(
         GOLDEN["kto_mean"])
+
+
+def test_preference_losses_are_averaged_over_gradient_accumulation(tiny_model, tmp_path):
+    """With 4 micro-batches a step each one's loss counts a quarter, as for sft (the Trainer does not divide a
+    custom loss by the accumulation steps for a model that takes loss kwargs, as Qwen2 does)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.data.collator import PairwiseCollator
+    from rayft.recipe.schema import FinetuningArguments, TrainingArguments
+    from rayft.trainers.dpo import DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, gradient_accumulation_steps=4, report_to=[],
+                             per_device_train_batch_size=1)
+    pair = {"chosen_input_ids": [5, 6, 7, 8], "chosen_labels": [-100, -100, 7, 8],
+            "rejected_input_ids": [5, 6, 9, 10], "rejected_labels": [-100, -100, 9, 10]}
+    trainer = DPOTrainer(model=model, args=args, train_dataset=[pair], data_collator=PairwiseCollator(
+        tokenizer.pad_token_id), finetuning=FinetuningArguments(stage="dpo", pref_loss="simpo"))
+    batch = PairwiseCollator(tokenizer.pad_token_id)([pair])
+    trainer.current_gradient_accumulation_steps = 4  # set by the training loop
+    mean_loss = trainer.compute_loss(model, dict(batch)).item()
+    stepped = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(4)).item()
+    assert stepped == pytest.approx(mean_loss / 4, rel=1e-4)

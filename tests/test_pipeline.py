@@ -91,7 +91,8 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
         examples = [{"system": "", "messages": message + [{"role": "assistant", "content": f"a{i}"}],
                      "kto_tag": i % 2 == 0} for i in range(6)]
     settings, spec = EncodingSettings("chatml", 64, stage=stage), TokenizerSpec(str(tiny_model))
-    dataset = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0)
+    # tasks=1 (preprocessing_num_workers): one task at a time, the same rows
+    dataset = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0, tasks=1)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
     # the driver tokenises a small dataset itself, into the same rows and statistics
@@ -189,6 +190,15 @@ def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path,
     dataset = tokenize(examples[:8], pinned, settings, encode_batch, batch_size=4, driver_max=0)
     local = tokenize(examples[:8], TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
     assert rows(dataset) == rows(local)
+    # bad input met inside a task comes back as rayft's one-line DataError, not the task's traceback
+    call = json.dumps({"name": "add", "arguments": {"a": 2}})
+    tool_rows = [{"system": "", "messages": [{"role": "user", "content": "q"}, {"role": "function", "content": call},
+                                             {"role": "observation", "content": "3"},
+                                             {"role": "assistant", "content": "3"}]}] * 4
+    with pytest.raises(DataError, match="'seed_oss' writes tools in the 'seed_oss' format") as caught:
+        tokenize(tool_rows, TokenizerSpec(str(tiny_model)), EncodingSettings("seed_oss", 64), encode_batch,
+                 batch_size=2, driver_max=0)
+    assert "Traceback" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
     with pytest.raises(Exception, match="main|revision|offline|not found|couldn't"):
         tokenize(examples[:8], replace(pinned, revision="main"), settings, encode_batch, batch_size=4, driver_max=0)
     # the cache key tells revisions apart, and never holds the token

@@ -257,6 +257,9 @@ class StatsTrainer(ShardTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.recorded = {"train": {}, "eval": {}}  # key -> [sum, count]
+        # compute_loss returns a mean over the micro-batch's examples, not a sum over num_items_in_batch: the
+        # Trainer must divide it by the accumulation steps (it does not for a model that takes loss kwargs)
+        self.model_accepts_loss_kwargs = False
 
     def record(self, stats: dict[str, torch.Tensor]) -> None:
         recorded = self.recorded["train" if self.model.training else "eval"]
