@@ -23,6 +23,7 @@ LF_ROOT = ROOT / "configs" / "llamafactory"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset-dir", default=str(ROOT.parent / "shared" / "data" / "llamafactory"))
+    parser.add_argument("--only", default="", help="run only the recipes whose path holds this text")
     args = parser.parse_args()
 
     import ray
@@ -44,6 +45,8 @@ def main() -> None:
     rows, sft_adapter = [], None
     for path, extra in runs:
         name = path.relative_to(LF_ROOT / "examples").as_posix() + "".join(f" {e}" for e in extra)
+        if args.only not in name or ("predict" in name and sft_adapter is None):
+            continue  # (predict reads the adapter of this run's LoRA SFT recipe)
         out = work / name.replace("/", "_").replace(" ", "_").replace("=", "-").removesuffix(".yaml")
         overrides = [f"model_name_or_path={TINY}", f"dataset_dir={args.dataset_dir}", f"output_dir={out}",
                      f"ray_storage_path={out}-ray", "max_steps=2", *extra]
