@@ -4,6 +4,7 @@
 `tokenize` returns a materialised Ray Dataset that TorchTrainer splits into one shard per worker.
 """
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -294,13 +295,8 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
                                       fn_kwargs=dict(cutoff_len=s.cutoff_len, neat=s.neat_packing))
     if stream_tasks is not None:
         return dataset
-    try:
+    with user_errors_as_data_errors():  # a task's error on a row the driver's sample did not reach
         return dataset.materialize()
-    except Exception as err:  # a task's error on a row the driver's sample did not reach
-        cause = user_error(err)
-        if cause is None:
-            raise
-        raise DataError(str(cause)) from None
 
 
 SAMPLE_ROWS = 8
@@ -328,7 +324,22 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
                 raise DataError(f"dataset {name!r} row {row}: {err}") from None
 
 
-def user_error(err: BaseException) -> DataError | None:
+@contextlib.contextmanager
+def user_errors_as_data_errors():
+    """Re-raises an error of Ray Data's tasks or Ray Train's workers that a DataError (bad input) caused as that
+    DataError's one line; any other error passes through as it is."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        raise DataError(str(cause)) from None
+
+
+def _user_error(err: BaseException) -> DataError | None:
     """The DataError a Ray Data or Ray Train task raised on bad input, found in the chain of causes, or None."""
     seen, pending, first = set(), [err], err
     while pending:

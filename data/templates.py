@@ -50,6 +50,11 @@ class Template:
     def reasoning(self) -> bool:
         return self.kind.startswith("reasoning")
 
+    @property
+    def writes_tools(self) -> bool:
+        """Whether its tool definitions and tool calls are in a tool format rayft builds."""
+        return self.tools in TOOL_FORMATS and self.function_tools in TOOL_FORMATS
+
     # -- tokens -------------------------------------------------------------------------------------------
     def eos_id(self, tokenizer) -> int:
         """The end-of-sequence id this template trains: its first stop word where it replaces the EOS token."""
@@ -188,7 +193,7 @@ class Template:
 
     def _check_roles(self, messages: list[dict], tools: str | None) -> None:
         uses_tools = tools or any(m["role"] in ("function", "observation") for m in messages)
-        if uses_tools and not (self.tools in TOOL_FORMATS and self.function_tools in TOOL_FORMATS):
+        if uses_tools and not self.writes_tools:
             raise DataError(tool_refusal(self.name))
 
 
@@ -305,12 +310,9 @@ def template_problem(name: str | None, tool_format: str | None = None) -> str | 
 
 def supports_tools(name: str | None, tool_format: str | None = None) -> bool:
     """Whether template `name` (with `tool_format` instead of its own) writes tools in a built tool format."""
-    spec = _specs().get(name) if name else None
-    if spec is None:
+    if not name or name not in _specs():
         return False
-    if tool_format is not None:
-        return tool_format in TOOL_FORMATS
-    return spec["tools"] in TOOL_FORMATS and spec["function_tools"] in TOOL_FORMATS
+    return tool_format in TOOL_FORMATS if tool_format is not None else _registered(name).writes_tools
 
 
 def tool_templates() -> list[str]:

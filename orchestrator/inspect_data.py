@@ -11,11 +11,9 @@ from pathlib import Path
 from rayft.data.encode import IGNORE_INDEX
 from rayft.data.packing import pack_batch
 from rayft.data.pipeline import EncodingSettings, check_encoding, columns_of, load_datasets
-from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
-from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import comma_list
 from rayft.trainers.stages import STAGES
 
@@ -25,11 +23,9 @@ SEQUENCE_KEYS = ("input_ids", "chosen_input_ids", "rejected_input_ids", "kl_inpu
 def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
     """Writes the first `count` encoded examples of each training and evaluation dataset to `out`; returns the
     number of rows written."""
-    refusal = template_problem(cfg.data.template, cfg.data.tool_format)
-    if refusal:
-        raise ConfigError([Problem("template", refusal)])
     d, stage = cfg.data, STAGES[cfg.finetuning.stage]
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
+    settings.chat_template()  # an unknown or multimodal template is refused before any data is read
     tokenizer = load_tokenizer(spec)
     read = dict(seed=cfg.args.seed, token=cfg.model.hf_hub_token, data=stage.data, stage=cfg.finetuning.stage,
                 template=d.template, tool_format=d.tool_format)

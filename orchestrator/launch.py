@@ -17,19 +17,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
-from rayft.data.errors import DataError
 from rayft.data.mixing import mix, parse_probs, split_validation
 from rayft.data.pipeline import (
-    SAMPLE_ROWS,
     EncodingSettings,
     check_encoding,
     describe_example,
     load_datasets,
-    load_examples,
     token_stats,
     tokenize,
     tokenize_cached,
-    user_error,
+    user_errors_as_data_errors,
 )
 from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
@@ -77,25 +74,23 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     if problems:
         raise ConfigError(problems)
     probe = probe_model(cfg)
-    d, seed = cfg.data, cfg.args.seed
-    read = dict(seed=seed, token=cfg.model.hf_hub_token, data=STAGES[cfg.finetuning.stage].data,
-                stage=cfg.finetuning.stage, template=d.template, tool_format=d.tool_format)
-    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
-    stage = STAGES[cfg.finetuning.stage]
+    d, seed, stage = cfg.data, cfg.args.seed, STAGES[cfg.finetuning.stage]
+    read = dict(seed=seed, token=cfg.model.hf_hub_token, data=stage.data, stage=cfg.finetuning.stage,
+                template=d.template, tool_format=d.tool_format)
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
+    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
     check_encoding(d.dataset, sources, spec, settings, stage.encoder)
     train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
     if len(sources) > 1:
         logger.info(f"{d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
     evaluation = {}
-    if d.eval_dataset and d.eval_on_each_dataset:
-        evaluation = {f"eval_{name}": load_examples(name, d.dataset_dir, d.max_samples, **read)
-                      for name in comma_list(d.eval_dataset)}
-    elif d.eval_dataset:
-        evaluation = {"eval": load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read)}
     if d.eval_dataset:
-        check_encoding(d.eval_dataset, load_datasets(d.eval_dataset, d.dataset_dir, SAMPLE_ROWS, **read), spec,
-                       settings, stage.encoder)
+        eval_sources = load_datasets(d.eval_dataset, d.dataset_dir, d.max_samples, **read)
+        check_encoding(d.eval_dataset, eval_sources, spec, settings, stage.encoder)
+        if d.eval_on_each_dataset:
+            evaluation = {f"eval_{name}": examples for name, examples in zip(comma_list(d.eval_dataset), eval_sources)}
+        else:
+            evaluation = {"eval": [example for examples in eval_sources for example in examples]}
     if d.val_size:
         train, evaluation["eval"] = split_validation(train, d.val_size, seed)
         logger.info(f"val_size={d.val_size}: {len(evaluation['eval'])} examples held out for evaluation")
@@ -214,13 +209,8 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
             ),
             datasets=datasets,
         )
-        try:
+        with user_errors_as_data_errors():  # bad input found inside a worker: one line, not its traceback
             return trainer.fit()
-        except Exception as err:  # bad input found inside a worker: rayft's one line, not the workers' traceback
-            cause = user_error(err)
-            if cause is None:
-                raise
-            raise DataError(str(cause)) from None
 
 
 @contextlib.contextmanager
@@ -272,23 +262,18 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
     return None, False
 
 
-def encoding_settings(cfg: RecipeConfig) -> EncodingSettings:
-    """The recipe's settings that change what tokenisation produces."""
-    return EncodingSettings.of(cfg)
-
-
 def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str):
     d = cfg.data
     spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
     if d.streaming and split == "train":
-        dataset = tokenize(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
+        dataset = tokenize(examples, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
                            stream_tasks=cfg.ray.ray_num_workers, tasks=d.preprocessing_num_workers)
         logger.info(f"train data: {len(examples)} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
-    dataset, reused = tokenize_cached(examples, spec, encoding_settings(cfg), encoder, d.preprocessing_batch_size,
+    dataset, reused = tokenize_cached(examples, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
                                       cache_dir, strict, overwrite=d.overwrite_cache,
                                       tasks=d.preprocessing_num_workers)
     if reused:

@@ -15,22 +15,19 @@ import ray.data
 from rayft.cluster.session import cluster_nodes, local_machine, ray_session
 from rayft.data.errors import DataError
 from rayft.data.pipeline import (
-    SAMPLE_ROWS,
     EncodingSettings,
     check_encoding,
     encode_batch,
     encode_prompt_batch,
     load_datasets,
-    load_examples,
     on_examples,
 )
-from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
-from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.problems import ConfigError
 from rayft.trainers.generate import Generator
 from rayft.trainers.metrics import similarity_scores
 
@@ -43,15 +40,14 @@ def prepare_predict(cfg: RecipeConfig) -> list[dict]:
     actors' resources. Returns the examples."""
     d, t = cfg.data, cfg.args
     refuse_occupied(Path(t.output_dir), t.overwrite_output_dir)
-    refusal = template_problem(d.template, d.tool_format)
-    if refusal:
-        raise ConfigError([Problem("template", refusal)])
-    read = dict(seed=t.seed, token=cfg.model.hf_hub_token, stage="sft", template=d.template, tool_format=d.tool_format)
-    examples = load_examples(d.eval_dataset, d.dataset_dir, d.max_samples, **read)
+    settings = EncodingSettings.of(cfg)
+    settings.chat_template()  # an unknown or multimodal template is refused before any data is read
+    datasets = load_datasets(d.eval_dataset, d.dataset_dir, d.max_samples, seed=t.seed, token=cfg.model.hf_hub_token,
+                             stage="sft", template=d.template, tool_format=d.tool_format)
+    examples = [example for dataset in datasets for example in dataset]
     if not examples:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
-    check_encoding(d.eval_dataset, load_datasets(d.eval_dataset, d.dataset_dir, SAMPLE_ROWS, **read),
-                   TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg), encode_batch)
+    check_encoding(d.eval_dataset, datasets, TokenizerSpec.of(cfg.model), settings, encode_batch)
     if cfg.ray.ray_address is None:
         _resources(cfg, local_machine())  # refuse an impossible request before Ray starts
     return examples

@@ -614,3 +614,10 @@ def test_rayft_data_writes_what_the_workers_receive(recipe, extra, tiny_model, t
         assert rows[0]["trained_text"].startswith("<think>\n\n</think>\n\n")  # qwen3: an empty thought is learned
     if recipe.startswith("demo_kto"):
         assert {"kto_tag", "kl_input_ids", "kl_labels"} <= set(rows[0])
+
+
+def test_the_recipe_checks_know_the_tool_formats_data_builds():
+    from rayft.data.tools import TOOL_FORMATS
+    from rayft.recipe.values import TOOL_FORMAT_NAMES
+
+    assert tuple(TOOL_FORMATS) == TOOL_FORMAT_NAMES  # recipe/ imports nothing of data/, so the names are kept twice
