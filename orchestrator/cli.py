@@ -5,20 +5,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rayft.data.errors import DataError
-from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import is_prediction
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.logs import DEFAULT, QUIET, VERBOSE, configure, logger
-from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.recipe.schema import describe_keys
+
+if TYPE_CHECKING:
+    from rayft.recipe.config import RecipeConfig
 
 USAGE_ERROR = 2
 
-# The commands that read a recipe, with their help text. The driver's modules are imported by the command that
-# runs (below): each pulls in Ray, torch and Transformers, which `rayft keys` or `rayft status` do not need.
+# The commands that read a recipe, with their help text. The typed schema (built on Transformers' arguments)
+# and the driver's modules are imported by the command that runs (below): they pull in torch, Transformers and
+# PEFT, about 6 s here, which `rayft status` and `rayft logs` do not need.
 RECIPE_COMMANDS = {
     "train": "run a distributed fine-tuning job (or generation, with do_train: false and predict_with_generate)",
     "sweep": "search the recipe's sweep section with Ray Tune, each trial a training run",
@@ -92,8 +93,17 @@ def loudness_flags(default) -> argparse.ArgumentParser:
     return flags
 
 
+def _config(args, for_training: bool = True) -> "RecipeConfig":
+    """The command's recipe with its overrides, checked against the schema."""
+    from rayft.recipe.parse import parse_config
+
+    return parse_config(load_recipe(args.recipe, args.overrides), for_training=for_training)
+
+
 def _train(args) -> int:
-    cfg = parse_config(load_recipe(args.recipe, args.overrides))
+    from rayft.recipe.derive import is_prediction
+
+    cfg = _config(args)
     if is_prediction(cfg):
         from rayft.orchestrator.predict import run_predict
 
@@ -107,7 +117,9 @@ def _train(args) -> int:
 
 
 def _plan(args) -> int:
-    cfg = parse_config(load_recipe(args.recipe, args.overrides))
+    from rayft.recipe.derive import is_prediction
+
+    cfg = _config(args)
     if is_prediction(cfg):
         from rayft.orchestrator.predict import plan_predict
 
@@ -129,7 +141,7 @@ def _sweep(args) -> int:
 def _export(args) -> int:
     from rayft.orchestrator.export import run_export
 
-    run_export(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+    run_export(_config(args, for_training=False))
     return 0
 
 
@@ -138,15 +150,14 @@ def _data(args) -> int:
 
     if args.examples < 1:
         raise ConfigError([Problem("--examples", f"must be at least 1, got {args.examples}")])
-    write_examples(parse_config(load_recipe(args.recipe, args.overrides), for_training=False), args.examples,
-                   Path(args.out))
+    write_examples(_config(args, for_training=False), args.examples, Path(args.out))
     return 0
 
 
 def _chat(args) -> int:
     from rayft.orchestrator.chat import run_chat
 
-    run_chat(parse_config(load_recipe(args.recipe, args.overrides), for_training=False))
+    run_chat(_config(args, for_training=False))
     return 0
 
 
@@ -155,6 +166,8 @@ def _submit(args) -> int:
 
     raw = load_recipe(Path(args.working_dir) / args.recipe, args.overrides)
     submit.require_absolute_outputs(raw)
+    from rayft.recipe.parse import parse_config
+
     cfg = parse_config(raw, base_dir=args.working_dir)
     _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir, wait=not args.no_wait)
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
@@ -172,7 +185,7 @@ def _one_report(err: Exception) -> str:
     return str(err)
 
 
-def _summarise(cfg: RecipeConfig, result) -> None:
+def _summarise(cfg: "RecipeConfig", result) -> None:
     output_dir = Path(cfg.args.output_dir)
     results_file = output_dir / "all_results.json"
     metrics = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -185,6 +198,8 @@ def _summarise(cfg: RecipeConfig, result) -> None:
 
 
 def _keys(args) -> int:
+    from rayft.recipe.schema import describe_keys
+
     text = describe_keys(args.which)
     if text is None:
         print(f"rayft: keys: {args.which!r} is neither a section nor a recipe key; run `rayft keys` for all of them",
@@ -203,7 +218,12 @@ def _keys(args) -> int:
 def _job(args) -> int:
     from rayft.orchestrator import submit
 
-    jobs = submit.client(args.address)
+    try:
+        jobs = submit.client(args.address)
+    except ConnectionError as err:
+        print(f"rayft: {args.command}: cannot reach the job API at {args.address} ({err}); check --address",
+              file=sys.stderr)
+        return USAGE_ERROR
     if args.command == "status":
         status = str(jobs.get_job_status(args.job_id)).split(".")[-1]
         print(status)

@@ -6,6 +6,7 @@ Every check that a user's input can fail runs before a Ray instance is started o
 import contextlib
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import reward_model_problems
 from rayft.recipe.values import comma_list
+from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
 from rayft.trainers.callbacks import MetricReport
 from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
 from rayft.trainers.rewards import RewardServer
@@ -118,14 +120,15 @@ def check_cluster(cfg: RecipeConfig, nodes: list[Node]) -> None:
     check_placement(cfg, nodes)
 
 
-def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, report_every_log: bool = False) -> Plan:
-    """The run's one Plan, against the connected cluster's nodes."""
+def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, report_every_log: bool = False,
+             trials_at_once: int = 1) -> Plan:
+    """The run's one Plan, against the connected cluster's nodes (shared by `trials_at_once` trials of a sweep)."""
     cfg = prepared.cfg
     gpu_memory = None
     if cfg.args.deepspeed == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
         gpu_memory = gpu_memory_bytes()
     return make_plan(cfg, nodes, num_train_examples, shape=prepared.probe.shape, gpu_memory=gpu_memory,
-                     report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8])
+                     report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once)
 
 
 def show_config(cfg: RecipeConfig, plan: Plan) -> None:
@@ -186,7 +189,8 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
             prebuild_cpu_ops()
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
-    with reward_actors(cfg, plan), progress:
+    worker_env = {} if cfg.model.quantization_bit else {WORKER_WITHOUT_BITSANDBYTES: "1"}
+    with reward_actors(cfg, plan), progress, ray_train_settings(local=cfg.ray.ray_address is None):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict(),
@@ -206,11 +210,29 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
                 failure_config=FailureConfig(max_failures=cfg.ray.ray_max_failures),
                 callbacks=callbacks,
                 logging_config=LoggingConfig(log_level="DEBUG" if logger.isEnabledFor(logging.DEBUG) else "ERROR"),
+                worker_runtime_env={"env_vars": worker_env},
             ),
             datasets=datasets,
         )
         with user_errors_as_data_errors():  # bad input found inside a worker: one line, not its traceback
             return trainer.fit()
+
+
+@contextlib.contextmanager
+def ray_train_settings(local: bool):
+    """Ray Train's own settings for one run, which it reads from the driver's environment when the run starts.
+
+    On a local Ray instance (no ray_address) no node can be preempted, so Ray Train's preemption watcher (one
+    more actor process per run, polling the nodes' drain state) is left out unless the environment asks for it.
+    """
+    wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if local else {}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @contextlib.contextmanager

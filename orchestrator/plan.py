@@ -13,11 +13,36 @@ from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 
 
-def worker_resources(requested: dict | None, cluster_has_gpu: bool) -> dict:
-    """rayft's default: one GPU per worker where the cluster has GPUs, one CPU per worker otherwise."""
-    if requested:
-        return dict(requested)
-    return {"GPU": 1} if cluster_has_gpu else {"CPU": 1}
+def worker_resources(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int = 1) -> tuple[dict, str | None]:
+    """The bundle each worker gets, and why when rayft chose it (None when `resources_per_worker` is set).
+
+    Unset, a GPU worker gets one GPU and its node's CPUs per GPU (for its data loading); a CPU worker gets the
+    most whole CPUs with which all workers (of all `trials_at_once` trials of a sweep, and any reward actors
+    that share the workers' bundle) can be placed under the placement strategy: Ray caps a worker's threads at
+    its CPUs, so a CPU no worker holds does no training. It is never below one CPU; where even that cannot be
+    placed, the placement check says so.
+    """
+    r = cfg.ray
+    if r.resources_per_worker:
+        return dict(r.resources_per_worker), None
+    gpu_nodes = [n for n in nodes if n.resources.get("GPU", 0) >= 1]
+    if gpu_nodes:
+        per_gpu = max(1, min(math.floor(n.resources.get("CPU", 0) / n.resources["GPU"]) for n in gpu_nodes))
+        return {"GPU": 1, "CPU": per_gpu}, (f"resources_per_worker unset: 1 GPU and {per_gpu} CPU(s) per worker "
+                                            "(the GPU nodes' CPUs per GPU, for data loading)")
+    workers = r.ray_num_workers * trials_at_once
+    strategy = r.placement_strategy if trials_at_once == 1 else "PACK"
+    most = max((int(n.resources.get("CPU", 0)) for n in nodes), default=1)
+    for cpus in range(most, 0, -1):
+        bundle = {"CPU": cpus}
+        if not placement_problems(bundle, workers, strategy, nodes) and not reward_actor_problems(cfg, bundle, nodes,
+                                                                                                   trials_at_once):
+            break
+    else:
+        bundle = {"CPU": 1}
+    held = f"{workers} worker(s) of {trials_at_once} trials at once" if trials_at_once > 1 else f"{workers} worker(s)"
+    return bundle, (f"resources_per_worker unset: {bundle['CPU']} CPU(s) per worker, the most with which "
+                    f"{held} fit the cluster's CPUs; each worker computes on {bundle['CPU']} thread(s)")
 
 
 def bundles_per_node(bundle: dict, node: Node) -> int:
@@ -52,14 +77,15 @@ def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node
                                  "resources_per_worker, or choose another placement_strategy")]
 
 
-def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node]) -> list[str]:
+def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node],
+                          trials_at_once: int = 1) -> list[str]:
     """Why the reward model's actors (reward_model_workers) cannot run beside the training workers."""
     r = cfg.ray
     if not r.reward_model_workers:
         return []
     actor = dict(r.reward_model_resources or worker_bundle)
-    needed = {k: actor.get(k, 0) * r.reward_model_workers + worker_bundle.get(k, 0) * r.ray_num_workers
-              for k in set(actor) | set(worker_bundle)}
+    needed = {k: (actor.get(k, 0) * r.reward_model_workers + worker_bundle.get(k, 0) * r.ray_num_workers)
+              * trials_at_once for k in set(actor) | set(worker_bundle)}
     totals = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in needed}
     short = {k: v for k, v in needed.items() if v > totals[k] + 1e-9}
     if sum(bundles_per_node(actor, n) for n in nodes) < r.reward_model_workers or short:
@@ -71,28 +97,30 @@ def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[No
     return []
 
 
-def check_placement(cfg: RecipeConfig, nodes: list[Node]) -> dict:
-    """The bundle each worker gets; raises ConfigError when the workers (and reward actors) can never be placed."""
+def check_placement(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int = 1) -> tuple[dict, str | None]:
+    """The bundle each worker gets and why (see `worker_resources`); raises ConfigError when the workers (and
+    reward actors) can never be placed."""
     r = cfg.ray
-    bundle = worker_resources(r.resources_per_worker, any(n.resources.get("GPU", 0) > 0 for n in nodes))
+    bundle, why = worker_resources(cfg, nodes, trials_at_once)
     problems = placement_problems(bundle, r.ray_num_workers, r.placement_strategy, nodes)
     problems += reward_actor_problems(cfg, bundle, nodes)
     if problems:
         raise ConfigError(problems)
-    return bundle
+    return bundle, why
 
 
 def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, shape: ModelShape | None = None,
-              gpu_memory: int | None = None, report_every_log: bool = False, run_id: str = "") -> Plan:
+              gpu_memory: int | None = None, report_every_log: bool = False, run_id: str = "",
+              trials_at_once: int = 1) -> Plan:
     """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit.
 
     With the model's `shape` the plan carries the memory planner's estimate per worker, and `deepspeed:
     auto` is decided against the memory each worker gets (`gpu_memory` per GPU, or its share of its node's).
     `report_every_log` is set for a sweep's trial (its scheduler sees every logged record); `run_id` makes the
-    names of the reward model's actors unique.
+    names of the reward model's actors unique; `trials_at_once` is how many trials of a sweep share the cluster.
     """
     r, t = cfg.ray, cfg.args
-    bundle = check_placement(cfg, nodes)
+    bundle, why = check_placement(cfg, nodes, trials_at_once)
     problems = []
     examples_per_worker = num_train_examples // r.ray_num_workers
     if num_train_examples and examples_per_worker == 0:
@@ -110,7 +138,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     steps_per_epoch = max(batches // accumulation, 1)
     max_steps = t.max_steps
     total = max_steps if max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    notes = []
+    notes = [why] if why else []
     memory = None
     if shape is not None or t.deepspeed == "auto":
         budget = worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory)
@@ -132,11 +160,6 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         notes.append("CPU workers: use_cpu=True and the gloo process group")
         if t.bf16 or t.fp16:
             notes.append(f"precision: {'bf16' if t.bf16 else 'fp16'} is for GPUs; these CPU workers train in fp32")
-        idle = sum(n.resources.get("CPU", 0) for n in nodes) - bundle.get("CPU", 0) * r.ray_num_workers
-        if r.resources_per_worker is None and idle >= 1:
-            # Ray caps a worker's threads (OMP_NUM_THREADS) at its CPUs: a CPU no worker holds does no training
-            notes.append(f"{idle:g} CPU(s) of the cluster are held by no worker, and each worker computes on its "
-                         "own CPUs only; set resources_per_worker.CPU (e.g. the node's CPUs / workers per node)")
     return Plan(
         report_every_log=report_every_log,
         progress_board=None if report_every_log else f"rayft-progress-{run_id}",

@@ -49,7 +49,7 @@ def prepare_predict(cfg: RecipeConfig) -> list[dict]:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
     check_encoding(d.eval_dataset, datasets, TokenizerSpec.of(cfg.model), settings, encode_batch)
     if cfg.ray.ray_address is None:
-        _resources(cfg, local_machine())  # refuse an impossible request before Ray starts
+        _resources(cfg, local_machine(), announce=False)  # refuse an impossible request before Ray starts
     return examples
 
 
@@ -130,11 +130,12 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[d
     return [{k: (str(v) if k != "index" else int(v)) for k, v in row.items()} for row in rows]
 
 
-def _resources(cfg: RecipeConfig, nodes) -> dict:
+def _resources(cfg: RecipeConfig, nodes, announce: bool = True) -> dict:
     """One generation actor's resources, refused when the cluster cannot hold ray_num_workers of them."""
     r = cfg.ray
-    has_gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
-    bundle = worker_resources(r.resources_per_worker, has_gpu)
+    bundle, why = worker_resources(cfg, nodes)
+    if why and announce:
+        logger.info(why.replace("per worker", "per generation actor"))
     problems = placement_problems(bundle, r.ray_num_workers, "PACK", nodes)
     if problems:
         raise ConfigError(problems)

@@ -7,12 +7,15 @@ caches of compiled ops and outputs; inside the job, `rayft train` joins the clus
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.job_submission import JobSubmissionClient
 
-from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
+
+if TYPE_CHECKING:  # the schema pulls in Transformers, which `rayft status` and `rayft logs` do not need
+    from rayft.recipe.config import RecipeConfig
 
 # Never uploaded with the working directory: environments, compiled ops, outputs, version control.
 UPLOAD_EXCLUDES = [".venv", ".git", ".cache/torch_extensions", "saves", "**/__pycache__", "*.egg-info",
@@ -21,7 +24,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_RETRIES = 12
 
 
-def runtime_env(cfg: RecipeConfig, working_dir: str) -> dict:
+def runtime_env(cfg: "RecipeConfig", working_dir: str) -> dict:
     """The job's runtime_env: the recipe's `ray_runtime_env`, plus the working directory and the excludes."""
     env = dict(cfg.ray.ray_runtime_env or {})
     env.setdefault("working_dir", working_dir)
@@ -46,12 +49,12 @@ def output_problems(raw: dict) -> list[str]:
     return problems
 
 
-def client(address: str):
-
+def client(address: str) -> JobSubmissionClient:
+    """The cluster's job API at `address`; raises ConnectionError when nothing answers there."""
     return JobSubmissionClient(address)
 
 
-def submit(cfg: RecipeConfig, recipe: str, overrides: list[str], address: str, working_dir: str = ".",
+def submit(cfg: "RecipeConfig", recipe: str, overrides: list[str], address: str, working_dir: str = ".",
            wait: bool = True) -> tuple[str, str]:
     """Submits the job; returns (job id, final status), or (job id, "PENDING") without `wait`."""
     jobs = client(address)

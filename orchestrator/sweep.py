@@ -37,6 +37,7 @@ from rayft.orchestrator.sweep_spec import (
     describe,
     report_interval,
     trial_name,
+    trials_at_once,
 )
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
@@ -73,6 +74,7 @@ def run_sweep(raw: dict, base_dir: str = "."):
         # Data, modules and resources of every trial are checked before any trial starts, and each distinct
         # data setting is tokenised once here: the trials share the materialised datasets.
         plans, datasets, tokenised = [], [], {}
+        sharing = trials_at_once(spec, configs, nodes)
         for trial, cfg in zip(trials, configs):
             try:
                 prepared = prepare(cfg)
@@ -83,7 +85,7 @@ def run_sweep(raw: dict, base_dir: str = "."):
                     tokenised[key] = tokenize_splits(prepared)
                 packed = cfg.data.packing and not cfg.data.streaming
                 count = tokenised[key]["train"].count() if packed else len(prepared.train_examples)
-                plans.append(plan_run(prepared, nodes, count, report_every_log=True))
+                plans.append(plan_run(prepared, nodes, count, report_every_log=True, trials_at_once=sharing))
                 datasets.append(tokenised[key])
             except ConfigError as err:
                 raise ConfigError([Problem(f"{trial.name} ({describe(trial.params)}): {p.key}", p.message)

@@ -217,6 +217,18 @@ def fitting_trials(per_trial: dict, nodes) -> int:
     return min(fits) if fits else 1
 
 
+def trials_at_once(spec: SweepSpec, configs: list[RecipeConfig], nodes) -> int:
+    """How many trials share the cluster, for sizing the workers when resources_per_worker is unset:
+    max_concurrent_trials, or as many trials as the cluster holds at one GPU (or else one CPU) per worker,
+    never more than there are trials."""
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    workers = max(c.ray.ray_num_workers for c in configs)
+    gpus = sum(n.resources.get("GPU", 0) for n in nodes)
+    units = gpus if gpus else sum(n.resources.get("CPU", 0) for n in nodes)
+    return max(1, min(len(configs), int(units // workers)))
+
+
 def concurrency(spec: SweepSpec, per_trial: dict, nodes) -> int:
     """max_concurrent_trials: the user's, unless the cluster cannot hold that many trials' workers at once."""
     fits = fitting_trials(per_trial, nodes)

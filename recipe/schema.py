@@ -313,7 +313,7 @@ class RayArguments:
         "./saves", "Where Ray keeps checkpoints and results: a folder, or an s3:// / gs:// URI.")
     ray_num_workers: int = arg(1, "Training workers (one process each).")
     resources_per_worker: Optional[Union[dict, str]] = arg(
-        None, "Resources of each worker, e.g. {CPU: 2} or {GPU: 1} (default: one GPU, else one CPU).")
+        None, "Resources of each worker, e.g. {CPU: 2} or {GPU: 1} (default: sized to the cluster, see the plan).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = arg(
         "PACK", "How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")
     ray_address: Optional[str] = arg(

@@ -310,7 +310,7 @@ def test_every_llamafactory_key_is_known_with_its_default():
 
 
 def test_resources_per_worker_default_is_rayfts_documented_deviation():
-    # The seed says {"GPU": 1}; rayft leaves it unset and the planner picks GPU or CPU from the cluster.
+    # LLaMA-Factory says {"GPU": 1}; rayft leaves it unset and the planner sizes workers to the cluster.
     assert A.RayArguments().resources_per_worker is None
 
 

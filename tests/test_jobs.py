@@ -126,11 +126,16 @@ def test_ray_job_submit_runs_a_recipe_unchanged(head_node, tmp_path, tiny_model)
     assert_trained(tmp_path / "by-ray-job-submit")
 
 
-def test_rayft_submit_no_wait_then_logs_follow_and_status(head_node, tmp_path, tiny_model):
+def test_rayft_submit_no_wait_then_logs_follow_and_status_of_a_good_and_a_failing_job(head_node, tmp_path,
+                                                                                       tiny_model):
     address, env = head_node
+    # two jobs side by side on the head: one trains, one fails inside the job (a dataset the cluster lacks)
+    failing = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
+                    "dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
     proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "by-rayft-submit"),
                  "--address", address, "--no-wait", env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for submitted in (failing, proc):
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"rayft logs {job_id}" in proc.stdout  # says how to follow it
     followed = rayft("logs", job_id, "--address", address, "--follow", env=env)
@@ -140,15 +145,11 @@ def test_rayft_submit_no_wait_then_logs_follow_and_status(head_node, tmp_path, t
     status = rayft("status", job_id, "--address", address, env=env, timeout=60)
     assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED")
 
-
-def test_a_failing_job_is_followed_to_failed_with_a_nonzero_exit(head_node, tmp_path, tiny_model):
-    address, env = head_node
-    proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
-                 "dataset=no_such_dataset", "--address", address, env=env)  # waits, printing the job's log
-    assert proc.returncode == 1
-    assert "no_such_dataset" in proc.stdout and "FAILED" in proc.stdout
-    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
-    status = rayft("status", job_id, "--address", address, env=env, timeout=60)
+    failed_id = failing.stdout.split("submitted job ", 1)[1].split()[0]
+    followed = rayft("logs", failed_id, "--address", address, "--follow", env=env)  # the job's log, to the end
+    assert followed.returncode == 1
+    assert "no_such_dataset" in followed.stdout and "FAILED" in followed.stdout
+    status = rayft("status", failed_id, "--address", address, env=env, timeout=60)
     assert (status.returncode, status.stdout.strip()) == (1, "FAILED")
 
 

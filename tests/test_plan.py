@@ -48,15 +48,40 @@ def test_a_gpu_on_a_cluster_without_gpus_is_refused():
     assert "no GPUs" in problem
 
 
-def test_default_worker_resources_follow_the_cluster():
-    assert worker_resources(None, cluster_has_gpu=True) == {"GPU": 1}
-    assert worker_resources(None, cluster_has_gpu=False) == {"CPU": 1}
-    assert worker_resources({"CPU": 4}, cluster_has_gpu=True) == {"CPU": 4}
+@pytest.mark.parametrize("overrides,nodes,sharing,expected", [
+    (["ray_num_workers=1"], [Node("n", "ip", {"CPU": 2.0})], 1, {"CPU": 2}),  # one worker: both cores
+    ([], [Node("n", "ip", {"CPU": 2.0})], 1, {"CPU": 1}),
+    (["ray_num_workers=1"], [Node("n", "ip", {"CPU": 2.0})], 2, {"CPU": 1}),  # two trials of a sweep at once
+    (["ray_num_workers=3"], [Node("n", "ip", {"CPU": 2.0})], 1, {"CPU": 1}),  # cannot fit: the check refuses it
+    ([], THREE_NODES, 1, {"CPU": 4}),  # PACK: both on the 4-CPU nodes
+    (["ray_num_workers=3", "placement_strategy=STRICT_SPREAD"], THREE_NODES, 1, {"CPU": 2}),  # one per node
+    (["ray_num_workers=2", "placement_strategy=STRICT_PACK"], THREE_NODES, 1, {"CPU": 2}),  # both on one node
+    ([], [Node("n", "ip", {"CPU": 16.0, "GPU": 4.0})], 1, {"GPU": 1, "CPU": 4}),  # CPUs per GPU for its loaders
+    (["resources_per_worker={CPU: 1, memory: 1000}"], [Node("n", "ip", {"CPU": 8.0})], 1, {"CPU": 1, "memory": 1000}),
+])
+def test_default_worker_resources_use_the_cluster(overrides, nodes, sharing, expected):
+    bundle, why = worker_resources(cfg(*overrides), nodes, sharing)
+    assert bundle == expected
+    assert (why is None) == any(o.startswith("resources_per_worker") for o in overrides)
+    if "CPU" in expected and "GPU" not in expected and why:
+        assert f"{expected['CPU']} CPU(s) per worker" in why
+
+
+def test_a_sweep_shares_the_cluster_between_the_trials_at_once():
+    from rayft.orchestrator.sweep_spec import SweepSpec, trials_at_once
+
+    two_cpus = [Node("n", "ip", {"CPU": 2.0})]
+    one_worker = [cfg("ray_num_workers=1")] * 3
+    assert trials_at_once(SweepSpec(parameters={}), one_worker, two_cpus) == 2
+    assert trials_at_once(SweepSpec(parameters={}, max_concurrent_trials=1), one_worker, two_cpus) == 1
+    assert trials_at_once(SweepSpec(parameters={}), [cfg()] * 3, two_cpus) == 1
+    assert trials_at_once(SweepSpec(parameters={}), one_worker, [Node("n", "ip", {"CPU": 8.0, "GPU": 2.0})]) == 2
 
 
 def test_plan_for_the_demo_recipe():
     plan = make_plan(cfg(), [Node("n", "ip", {"CPU": 2.0})], num_train_examples=256)
     assert plan.resources_per_worker == {"CPU": 1} and not plan.use_gpu and plan.backend == "gloo"
+    assert any(n.startswith("resources_per_worker unset: 1 CPU(s) per worker") for n in plan.notes), plan.notes
     assert plan.zero_stage == 2 and plan.offload == ()
     assert plan.examples_per_worker == 128
     assert plan.global_batch_size == 16
@@ -74,7 +99,7 @@ def test_plan_batch_arithmetic_with_accumulation_and_max_steps():
 
 def test_plan_on_a_gpu_cluster_uses_nccl():
     plan = make_plan(cfg("deepspeed=z3_offload"), [Node("n", "ip", {"CPU": 16.0, "GPU": 4.0})], 64)
-    assert plan.use_gpu and plan.backend == "nccl" and plan.resources_per_worker == {"GPU": 1}
+    assert plan.use_gpu and plan.backend == "nccl" and plan.resources_per_worker == {"GPU": 1, "CPU": 4}
     assert plan.zero_stage == 3 and plan.offload == ("optimizer", "param")
 
 

@@ -222,12 +222,16 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
 
 
 @pytest.mark.integration
-def test_ppo_with_a_full_reward_model_in_the_workers(tmp_path, tiny_model, reward_run):
+def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, reward_run):
+    # A full reward model (base + the rm run's adapter merged); the same model inside the workers scores alike
+    # (test_lora_full_and_actor_rewards_and_references_agree), so one run trains with it, in its actor group.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rm_dir, _ = reward_run
     out, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
-                           f"reward_model_adapters={rm_dir}", "report_to=tensorboard")
+                           f"reward_model_adapters={rm_dir}", "reward_model_workers=1",
+                           "reward_model_resources={CPU: 1}", "resources_per_worker={CPU: 0.5}",
+                           "report_to=tensorboard")
     assert_reward_rises(records)
     (run_dir,) = (out / "runs").iterdir()  # the tracker sees every logged step, as trainer_log.jsonl does
     events = EventAccumulator(str(run_dir))
@@ -235,15 +239,6 @@ def test_ppo_with_a_full_reward_model_in_the_workers(tmp_path, tiny_model, rewar
     logged = events.Scalars("train/reward")
     assert [e.step for e in logged] == [r["step"] for r in records]
     assert [e.value for e in logged] == pytest.approx([r["reward"] for r in records], rel=1e-5)
-
-
-@pytest.mark.integration
-def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, reward_run):
-    rm_dir, _ = reward_run
-    out, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
-                           f"reward_model_adapters={rm_dir}", "reward_model_workers=1",
-                           "reward_model_resources={CPU: 1}", "resources_per_worker={CPU: 0.5}")
-    assert_reward_rises(records)
     (actor,) = json.loads((out / "reward_actors.json").read_text())
     assert actor["calls"] == 2 * 16  # every step of both workers was scored there
     workers = {w["node_id"] for w in json.loads((out / "placement.json").read_text())}

@@ -72,6 +72,8 @@ def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
     assert {"train_runtime", "train_samples_per_second", "train_loss"} <= set(results)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
     assert (out.parent / "ray" / "demo-sft-lora").is_dir()
+    # two workers on the 2-CPU instance: one CPU, one thread each
+    assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [1, 1]
 
     # The adapter loads over the base model through PEFT and changes its logits.
     base, tuned = logits(tiny_model), logits(tiny_model, out)
@@ -142,18 +144,24 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
     (("placement_strategy=STRICT_SPREAD",), "STRICT_SPREAD needs 2 different nodes"),
     (('resources_per_worker={"GPU": 1}',), "the cluster has no GPUs"),
 ], ids=["too-many-workers", "strict-spread-on-one-node", "gpu-on-cpu-cluster"])
-def test_cli_refuses_an_impossible_request_before_starting_ray(tmp_path, tiny_model, overrides, expected):
+def test_cli_refuses_an_impossible_request_before_starting_ray(tmp_path, tiny_model, overrides, expected, capsys):
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "rayft.orchestrator.cli", "train", str(DEMO_RECIPE), f"model_name_or_path={tiny_model}",
-         f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}", *overrides],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert expected in proc.stderr and "The cluster has node local (127.0.0.1): CPU=" in proc.stderr
-    assert "starting a local Ray instance" not in proc.stdout
+    from rayft.orchestrator.cli import main
+
+    command = ["train", str(DEMO_RECIPE), f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
+               f"ray_storage_path={tmp_path / 'ray'}", *overrides]
+    if overrides[0].startswith("ray_num_workers"):  # one case as a user meets it: the command in its own process
+        proc = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", *command], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+        status, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:  # the others through the same entry point in this process (a process start costs about 10 s here)
+        status = main(command)
+        out, err = capsys.readouterr()
+    assert status == 2, err[-2000:]
+    assert expected in err and "The cluster has node local (127.0.0.1): CPU=" in err
+    assert "starting a local Ray instance" not in out + err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ray").exists()
 
 

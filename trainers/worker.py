@@ -5,6 +5,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 
 from rayft.cluster.storage import upload_outputs
@@ -27,6 +28,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     configure(verbosity_of(loop_config["log_level"]) if rank_zero else QUIET)
     if rank_zero and plan.progress_board:
         relay_to(ray.get_actor(plan.progress_board).post.remote)
+    if not plan.use_gpu:  # a CPU worker computes on the CPUs of its bundle, no more (oversubscribed) and no fewer
+        torch.set_num_threads(max(1, int(plan.resources_per_worker.get("CPU", 1))))
     record_placement(cfg.args.output_dir)
     STAGES[cfg.finetuning.stage].run(cfg, plan)
     if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
@@ -43,7 +46,8 @@ def record_placement(output_dir: str) -> list[dict]:
     """
     context = ray.train.get_context()
     mine = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
-            "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+            "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "threads": torch.get_num_threads()}
     placement = [None] * context.get_world_size()
     if dist.is_initialized():
         dist.all_gather_object(placement, mine)
