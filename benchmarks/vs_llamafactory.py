@@ -13,7 +13,9 @@ rayft runs its own command, `rayft train <the same file> ray_num_workers=N`, whi
 Both run as subprocesses from a cold start; their wall time is the whole command.
 
 Printed per run: samples/s and non-pad tokens/s over the training (the Trainer's train_runtime), seconds from
-the command's start to the end of the first optimizer step, and wall seconds; then rayft / LLaMA-Factory.
+the command's start to the end of the first optimizer step, and wall seconds; then rayft / LLaMA-Factory. For
+rayft also its start-up milestones, from its output as printed: the data tokenised on the driver (after its
+imports, checks and the local Ray instance's start) and rank 0's first message (the worker group is up).
 """
 
 import argparse
@@ -64,6 +66,10 @@ def recipe(out: Path, steps: int, packing: bool) -> dict:
     }
 
 
+# rayft's own milestones in its console output, for the start-up phases (LLaMA-Factory prints none of these)
+MILESTONES = {"ray started": "[rayft] train data:", "workers started": " on 1 node(s)"}
+
+
 def first_log_line(path: Path, started: float, stop: threading.Event, seen: dict) -> None:
     """Records when `path` (trainer_log.jsonl, written at each logging step) first has a line."""
     while not stop.is_set():
@@ -74,18 +80,26 @@ def first_log_line(path: Path, started: float, stop: threading.Event, seen: dict
 
 
 def timed_run(command: list[str], env: dict, out: Path, log: Path) -> dict:
-    """Runs one command to the end; its wall time and when its first optimizer step was logged."""
+    """Runs one command to the end; its wall time, when its first optimizer step was logged, and when each of
+    rayft's milestones appeared in its output (read as it is printed)."""
     seen, stop = {}, threading.Event()
     started = time.time()
     watcher = threading.Thread(target=first_log_line, args=(out / "trainer_log.jsonl", started, stop, seen))
     watcher.start()
     with log.open("w") as sink:
-        done = subprocess.run(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+        for line in proc.stdout:
+            sink.write(line)
+            for name, marker in MILESTONES.items():
+                if marker in line:
+                    seen.setdefault(name, time.time() - started)
+        returncode = proc.wait()
     wall = time.time() - started
     stop.set()
     watcher.join()
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:3])} failed ({done.returncode}); its output is in {log}")
+    if returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed ({returncode}); its output is in {log}")
     return {"wall": wall, **seen}
 
 
@@ -94,6 +108,7 @@ def figures(out: Path, timing: dict, tokens_key: str) -> dict:
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
     tokens = max(r.get(tokens_key, 0) for r in records)
     return {"samples/s": results["train_samples_per_second"], "tokens/s": tokens / results["train_runtime"],
+            "data ready (s)": timing.get("ray started"), "workers (s)": timing.get("workers started"),
             "first step (s)": timing.get("first step"), "wall (s)": timing["wall"]}
 
 
@@ -127,6 +142,7 @@ def main() -> None:
                 env = dict(base_env)
                 if tool == "llamafactory":
                     command = [str(lf_cli), "train", str(path)]
+                    env["PATH"] = f"{lf_cli.parent}{os.pathsep}{env.get('PATH', '')}"  # its launcher runs torchrun
                     if workers > 1:
                         env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(workers))
                     tokens_key = "total_tokens"
@@ -144,7 +160,7 @@ def main() -> None:
                          "tokens/s": ours["tokens/s"] / lf["tokens/s"],
                          "first step (s)": ours["first step (s)"] - lf["first step (s)"],
                          "wall (s)": ours["wall (s)"] / lf["wall (s)"]})
-    columns = ["case", "tool", "samples/s", "tokens/s", "first step (s)", "wall (s)"]
+    columns = ["case", "tool", "samples/s", "tokens/s", "data ready (s)", "workers (s)", "first step (s)", "wall (s)"]
     print(table(rows, columns))
     print("(ratio rows: samples/s, tokens/s and wall are rayft / LLaMA-Factory; first step is rayft's seconds later)")
     print(f"results: {write('vs_llamafactory', {'rows': rows, 'steps': args.steps})}")

@@ -1,5 +1,6 @@
 """Job submission end to end: a head node started with `ray start --head` and token authentication on
-127.0.0.1, a recipe submitted with `ray job submit` and with `rayft submit`, and a failing job.
+127.0.0.1, a recipe submitted with `ray job submit` and followed with `rayft logs` and `rayft status`, and a
+failing job submitted with `rayft submit`.
 
 Only the processes of the head node this test started are stopped (never `ray stop`).
 """
@@ -113,39 +114,34 @@ def assert_trained(out: Path):
         assert json.loads((folder / "all_results.json").read_text())["train_loss"] > 0
 
 
-def test_ray_job_submit_runs_a_recipe_unchanged(head_node, tmp_path, tiny_model):
+def test_ray_job_submit_runs_a_recipe_unchanged_and_rayft_follows_it_and_a_failing_job(head_node, tmp_path,
+                                                                                        tiny_model):
     address, env = head_node
+    # rayft's own submit (without waiting) of a job that fails inside the cluster: a dataset it lacks
+    failing = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
+                    "dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
+    assert failing.returncode == 0, failing.stdout[-3000:] + failing.stderr[-3000:]
+    failed_id = failing.stdout.split("submitted job ", 1)[1].split()[0]
+    assert f"rayft logs {failed_id}" in failing.stdout  # says how to follow it
+
+    # beside it, Ray's own CLI runs a recipe unchanged: rayft inside the job joins the cluster
     proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
          "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache/torch_extensions", ".git", "saves"]}),
          "--", "python", "-m", "rayft.orchestrator.cli", "train", "configs/demo_sft_lora.yaml",
          *outputs(tmp_path, tiny_model, "by-ray-job-submit")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "joining that cluster" in proc.stdout  # rayft took RAY_ADDRESS instead of starting Ray
-    assert_trained(tmp_path / "by-ray-job-submit")
+    job_id = (proc.stdout + proc.stderr).split("Job '", 1)[1].split("'", 1)[0]
 
-
-def test_rayft_submit_no_wait_then_logs_follow_and_status_of_a_good_and_a_failing_job(head_node, tmp_path,
-                                                                                       tiny_model):
-    address, env = head_node
-    # two jobs side by side on the head: one trains, one fails inside the job (a dataset the cluster lacks)
-    failing = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
-                    "dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
-    proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "by-rayft-submit"),
-                 "--address", address, "--no-wait", env=env)
-    for submitted in (failing, proc):
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
-    assert f"rayft logs {job_id}" in proc.stdout  # says how to follow it
-    followed = rayft("logs", job_id, "--address", address, "--follow", env=env)
+    followed = rayft("logs", job_id, "--address", address, "--follow", env=env)  # any job of the cluster
     assert followed.returncode == 0, followed.stdout[-3000:]
+    assert "joining that cluster" in followed.stdout  # rayft took RAY_ADDRESS instead of starting Ray
     assert "[rayft] step 4/4" in followed.stdout and f"job {job_id} SUCCEEDED" in followed.stdout
-    assert_trained(tmp_path / "by-rayft-submit")
+    assert_trained(tmp_path / "by-ray-job-submit")
     status = rayft("status", job_id, "--address", address, env=env, timeout=60)
     assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED")
 
-    failed_id = failing.stdout.split("submitted job ", 1)[1].split()[0]
     followed = rayft("logs", failed_id, "--address", address, "--follow", env=env)  # the job's log, to the end
     assert followed.returncode == 1
     assert "no_such_dataset" in followed.stdout and "FAILED" in followed.stdout

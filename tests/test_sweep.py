@@ -234,6 +234,8 @@ def test_dpo_sweep_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray
         out = tmp_path / "sweep" / "trials" / row["trial"]
         assert yaml.safe_load((out / "training_args.yaml").read_text())["pref_beta"] == row["pref_beta"]
         assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
+        # resources_per_worker unset: the two trials run at once and share the 2 CPUs, one worker thread each
+        assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [1]
     assert all(r["status"] == "ERROR" and r["stop_reason"].startswith("failed: ") and r[metric] is None
                for r in bad), bad
     with (tmp_path / "sweep" / "sweep_results.csv").open() as f:

@@ -93,9 +93,11 @@ def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
 
 @pytest.mark.integration
 def test_neat_packing_of_a_streamed_dataset_trains(tmp_path, tiny_model, ray_local):
-    # ZeRO-0 and one-worker runs are in test_stages.py, LoRA under ZeRO-3 in the pre-training test below
+    # one worker, no DeepSpeed (a stream's equal shares between workers: test_pipeline.py); LoRA under ZeRO-3
+    # in the pre-training test below
     out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", "neat_packing=true", "cutoff_len=128",
-                             "per_device_train_batch_size=2", "streaming=true", "max_steps=24", "buffer_size=32")
+                             "per_device_train_batch_size=2", "streaming=true", "max_steps=24", "buffer_size=32",
+                             "ray_num_workers=1", "deepspeed=null")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (logits(tiny_model) - logits(tiny_model, out)).abs().max() > 1e-3
 

@@ -1,6 +1,10 @@
 """DeepSpeed's CPU shared-memory op: built once on the driver before CPU workers start."""
 
+import os
+from pathlib import Path
+
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 from rayft.recipe.logs import logger, quiet_import
 
@@ -12,7 +16,7 @@ def prebuild_cpu_ops() -> None:
     so the driver builds it into the shared torch extensions cache first (about a minute, then cached).
     """
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or shm_op_is_built():
         return
     with quiet_import():
         from deepspeed.accelerator import get_accelerator  # heavy; only CPU runs with DeepSpeed need the op
@@ -22,3 +26,10 @@ def prebuild_cpu_ops() -> None:
         return
     logger.info("preparing DeepSpeed's CPU shared-memory op (compiled once, then cached)")
     builder.load(verbose=False)
+
+
+def shm_op_is_built(name: str = "deepspeed_shm_comm") -> bool:
+    """Whether torch's extension cache already holds the op (then DeepSpeed, about 2 s to import, is not needed
+    on the driver: the workers load the op from that cache)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # where torch builds it
+    return any(root.glob(f"**/{name}/{name}.so"))
