@@ -12,18 +12,9 @@ DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
 
 def sized_model(name: str, hidden_size: int, num_layers: int) -> Path:
     """A random Qwen2-style model with the tiny model's tokenizer, saved once under .cache/models/<name>."""
-    from transformers import AutoTokenizer
+    from rayft.trainers.tiny_model import write_sized_model
 
-    from rayft.trainers.tiny_model import build_model
-
-    out = ROOT / ".cache" / "models" / name
-    if not (out / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(TINY)
-        model = build_model(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    return out
+    return write_sized_model(ROOT / ".cache" / "models" / name, TINY, hidden_size, num_layers)
 
 
 def rayft_run(overrides: list[str], out_dir: Path) -> dict:

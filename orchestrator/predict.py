@@ -135,7 +135,7 @@ def _resources(cfg: RecipeConfig, nodes, announce: bool = True) -> dict:
     r = cfg.ray
     bundle, why = worker_resources(cfg, nodes)
     if why and announce:
-        logger.info(why.replace("per worker", "per generation actor"))
+        logger.info(f"generation actors: {why}")
     problems = placement_problems(bundle, r.ray_num_workers, "PACK", nodes)
     if problems:
         raise ConfigError(problems)

@@ -35,29 +35,18 @@ def test_bf16_training_on_gpus(tmp_path, tiny_model, ray_local, method, override
     assert results(out)["peak_gpu_gb"] > 0
 
 
-def sized_model(path, hidden: int, layers: int):
-    """A random Qwen2-style model with the tiny model's tokenizer, large enough for ZeRO-3's partitions to matter."""
-    from transformers import AutoTokenizer
-
-    from rayft.trainers.tiny_model import build_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / ".cache" / "models" / "tiny-qwen2")
-    build_model(len(tokenizer), hidden_size=hidden, num_layers=layers, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @TWO_GPUS
 def test_zero3_holds_at_most_065_of_zero0_per_gpu_and_the_planner_estimate_is_within_25_percent(
-        tmp_path_factory, ray_local):
+        tmp_path_factory, tiny_model, ray_local):
     from rayft.cluster.session import cluster_nodes
     from rayft.orchestrator.plan import make_plan
     from rayft.orchestrator.probe import model_shape
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
+    from rayft.trainers.tiny_model import write_sized_model
 
-    model = sized_model(tmp_path_factory.mktemp("models") / "h1024-l12", hidden=1024, layers=12)  # ~150 M
+    # large enough for ZeRO-3's partitions to matter: about 150 M parameters
+    model = write_sized_model(tmp_path_factory.mktemp("models") / "h1024-l12", tiny_model, 1024, 12)
     peaks = {}
     for stage in ("z0", "z3"):
         tmp_path = tmp_path_factory.mktemp(stage)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 CHATML_JINJA = (
     "{% for message in messages %}"
@@ -91,4 +91,17 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_sized_model(out_dir: str | Path, tokenizer_dir: str | Path, hidden_size: int, num_layers: int) -> Path:
+    """A random Qwen2-style model of the given size with the tokenizer of `tokenizer_dir`, saved to `out_dir`
+    (once: an existing one is kept); for benchmarks and memory checks that need more than the tiny model."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = build_model(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     return out_dir
