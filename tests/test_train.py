@@ -1,6 +1,7 @@
 """End-to-end training on a real local Ray cluster: rayft's TorchTrainer + DeepSpeed + LoRA path."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,25 @@ def test_the_shard_loader_is_seeded_and_reshuffles_every_epoch():
     assert epochs(seed=7) == [first, second]  # and the same orders for the same seed
     assert epochs(seed=8)[0] != first
     assert epochs(seed=7, shuffle=False)[0] == list(range(32))  # disable_shuffling
+
+
+@pytest.mark.unit
+def test_a_worker_that_does_not_quantise_never_imports_bitsandbytes_and_the_built_op_is_found(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
+    from rayft.trainers.deepspeed_ops import shm_op_is_built
+
+    # as launch starts a worker of a run without quantization_bit: PEFT imports, and sees no bitsandbytes
+    probe = ("import sys, rayft.trainers, peft; from peft.import_utils import is_bnb_available; "
+             "print('bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, is_bnb_available())")
+    found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, WORKER_WITHOUT_BITSANDBYTES: "1"},
+                           capture_output=True, text=True, timeout=120)
+    assert found.stdout.split() == ["False", "False"], found.stderr[-2000:]
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not shm_op_is_built()  # not built: the driver builds it before the workers start
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert shm_op_is_built()
