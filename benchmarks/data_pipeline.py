@@ -52,9 +52,9 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        from rayft.orchestrator.launch import quiet_ray_data
+        from rayft.orchestrator.launch import configure_ray_data
 
-        quiet_ray_data()
+        configure_ray_data()
         start = time.perf_counter()
         dataset = tokenize(examples, TokenizerSpec(str(TINY)),
                            EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),

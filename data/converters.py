@@ -8,9 +8,7 @@ boolean `kto_tag`; pre-training rows are `{"text": str}`.
 
 import json
 
-from rayft.data.errors import DataError
 from rayft.data.registry import DatasetAttr
-from rayft.recipe.logs import logger
 
 
 class RowError(ValueError):
@@ -102,27 +100,6 @@ def text(row: dict, attr: DatasetAttr) -> dict:
 
 
 CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt}
-
-
-def convert_rows(rows: list, attr: DatasetAttr, as_text: bool = False) -> list[dict]:
-    """Converts every row; bad rows are skipped and counted, and a dataset of only bad rows is an error.
-
-    `as_text` (stage pt) reads plain text; otherwise rows are conversations in the dataset's formatting.
-    """
-    converter = text if as_text else CONVERTERS[attr.formatting]
-    examples, bad = [], []
-    for index, row in enumerate(rows):
-        try:
-            examples.append(converter(row, attr))
-        except RowError as err:
-            bad.append((index, str(err)))
-    if bad:
-        shown = "; ".join(f"row {i}: {why}" for i, why in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        if not examples:
-            raise DataError(f"dataset {attr.name!r}: every one of its {len(rows)} rows is malformed: {shown}{more}")
-        logger.info(f"dataset {attr.name!r}: skipped {len(bad)} of {len(rows)} malformed rows: {shown}{more}")
-    return examples
 
 
 def _require_object(row) -> None:

@@ -1,9 +1,10 @@
-"""Mixing several datasets into one list of examples, and holding out a validation split.
+"""How many rows each dataset gives to a mix, and how many a validation split holds out: pure, seeded counts.
 
-Pure functions over the examples read on the driver; every random choice is seeded.
+Which rows those are is decided by ranking each row's key (`data/source.row_keys`) salted with the seed, so
+that no step needs the rows themselves in one place.
 """
 
-import random
+import numpy as np
 
 from rayft.data.errors import DataError
 
@@ -25,40 +26,39 @@ def parse_probs(interleave_probs: str | None, count: int) -> list[float]:
     return probs
 
 
-def mix(datasets: list[list[dict]], strategy: str, probs: list[float], seed: int) -> list[dict]:
-    """Concatenates, or interleaves by sampling a source per example with `probs`.
+def mix_counts(lengths: list[int], strategy: str, probs: list[float], seed: int) -> list[int]:
+    """How many examples each dataset contributes: all of them (concat), or as many as drawing a dataset per
+    example with `probs` gives.
 
-    interleave_under stops when any dataset runs out (undersampling the larger ones); interleave_over
-    goes on, restarting exhausted datasets, until every dataset has been used whole (oversampling).
+    interleave_under stops when a drawn dataset has run out (undersampling the larger ones); interleave_over
+    goes on, restarting exhausted datasets, until every dataset with a non-zero probability has been used whole
+    (oversampling). A count above a dataset's length repeats it.
     """
-    if strategy == "concat" or len(datasets) == 1:
-        return [example for dataset in datasets for example in dataset]
-    rng = random.Random(seed)
-    positions = [0] * len(datasets)
-    used_whole = [False] * len(datasets)
-    mixed = []
+    if strategy == "concat" or len(lengths) == 1:
+        return list(lengths)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(lengths), dtype=np.int64)
+    limits = np.asarray(lengths, dtype=np.int64)
+    needed = np.asarray(probs) > 0
     while True:
-        source = rng.choices(range(len(datasets)), weights=probs)[0]
-        if positions[source] == len(datasets[source]):
-            if strategy == "interleave_under":
-                return mixed
-            positions[source] = 0
-        mixed.append(datasets[source][positions[source]])
-        positions[source] += 1
-        if positions[source] == len(datasets[source]):
-            used_whole[source] = True
-            if strategy == "interleave_over" and all(used_whole[i] or probs[i] == 0 for i in range(len(datasets))):
-                return mixed
+        draws = rng.choice(len(lengths), size=65536, p=np.asarray(probs) / sum(probs))
+        running = counts + np.cumsum(np.eye(len(lengths), dtype=np.int64)[draws], axis=0)  # counts after each draw
+        if strategy == "interleave_under":
+            over = np.nonzero(running[np.arange(len(draws)), draws] > limits[draws])[0]
+            if len(over):
+                return (running[over[0]] - np.eye(len(lengths), dtype=np.int64)[draws[over[0]]]).tolist()
+        else:
+            done = np.nonzero((running[:, needed] >= limits[needed]).all(axis=1))[0]
+            if len(done):
+                return running[done[0]].tolist()
+        counts = running[-1]
 
 
-def split_validation(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Holds out `val_size` of the examples (a fraction below 1, or a count) with a seeded shuffle."""
-    count = int(val_size) if val_size >= 1 else round(len(examples) * val_size)
-    if not 0 < count < len(examples):
-        raise DataError(f"val_size: {val_size} leaves {len(examples) - count} of {len(examples)} examples for "
-                        "training; choose a fraction in (0, 1) or a smaller count")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[:count])
-    return ([e for i, e in enumerate(examples) if i not in held_out],
-            [e for i, e in enumerate(examples) if i in held_out])
+def validation_count(total: int, val_size: float) -> int:
+    """The examples `val_size` holds out of `total` (a fraction below 1, or a count); refused when it leaves
+    none for either side."""
+    count = int(val_size) if val_size >= 1 else round(total * val_size)
+    if not 0 < count < total:
+        raise DataError(f"val_size: {val_size} leaves {total - count} of {total} examples for training; choose a "
+                        "fraction in (0, 1) or a smaller count")
+    return count

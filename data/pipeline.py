@@ -1,7 +1,7 @@
-"""The data pipeline: registry rows are read and checked on the driver, then tokenised as Ray Data tasks.
+"""The data pipeline's ends: locating datasets and sampling them on the driver before Ray starts, and
+tokenising (and packing) examples as Ray Data tasks into the Dataset that TorchTrainer splits among workers.
 
-`load_examples` runs before any cluster resources are reserved, so a bad row fails the run early;
-`tokenize` returns a materialised Ray Dataset that TorchTrainer splits into one shard per worker.
+Reading, converting and mixing in between live in `data/source.py` and `data/examples.py`.
 """
 
 import contextlib
@@ -9,56 +9,66 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
-import ray.data
 
 from rayft.data import cache
-from rayft.data.converters import convert_rows
 from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_response, encode_supervised
 from rayft.data.errors import DataError
+from rayft.data.examples import Rows, checked, draw, read, refuse_tools
 from rayft.data.packing import pack_batch
-from rayft.data.registry import dataset_attrs, kind, read_rows
-from rayft.data.templates import get_template, supports_tools, tool_refusal
+from rayft.data.registry import dataset_attrs
+from rayft.data.source import Source, check_kind, has_tool_turns, head, locate
+from rayft.data.templates import get_template
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 
-def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
-    """Reads and converts the comma list of datasets `names` into internal examples, concatenated in order."""
-    return [e for dataset in load_datasets(names, dataset_dir, max_samples, **read_kwargs) for e in dataset]
+def locate_datasets(names: str, dataset_dir: str, data: str = "supervised", stage: str = "sft",
+                    token: str | None = None) -> list[Source]:
+    """The datasets of the comma list `names`, each checked for its kind and located (files listed, nothing read).
+
+    `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text).
+    """
+    sources = []
+    for attr in dataset_attrs(names, dataset_dir):
+        check_kind(attr, data, stage)
+        sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token))
+    return sources
+
+
+def read_dataset(source: Source, max_samples: int | None, seed: int = DEFAULT_SEED, max_bad_ratio: float = 0.01,
+                 template: str | None = None, tool_format: str | None = None, here: bool | None = None,
+                 node_id: str | None = None) -> Rows:
+    """One dataset's good examples: read and converted (here when small, else in Ray Data tasks), bad rows
+    checked, `num_samples` drawn (dataset_info.json) and the first `max_samples` kept."""
+    rows = read(source, here=source.small if here is None else here, node_id=node_id)
+    rows = checked(source, rows, max_bad_ratio, template, tool_format)
+    if source.attr.num_samples is not None:
+        rows = draw(rows, source.attr.num_samples, seed, f"n:{source.attr.name}")
+    if max_samples is not None and rows.count() > max_samples:
+        rows = rows.first(max_samples)
+    return rows
 
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = DEFAULT_SEED,
                   token: str | None = None, data: str = "supervised", template: str | None = None,
-                  stage: str = "sft", tool_format: str | None = None) -> list[list[dict]]:
-    """Reads and converts each dataset of the comma list `names`; one list of examples per dataset.
-
-    `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text). Rows
-    with tools or tool-call turns are refused here unless `template` can format them.
-    """
-    datasets = []
-    for attr in dataset_attrs(names, dataset_dir):
-        if data != "text" and kind(attr) != data:
-            raise DataError(f"dataset {attr.name!r} holds {kind(attr)} data, but stage {stage!r} trains on "
-                            f"{data} data; choose a {data} dataset or the stage made for this one")
-        rows = read_rows(attr, dataset_dir, seed=seed, token=token)
-        if max_samples is not None:
-            rows = rows[:max_samples]
-        converted = convert_rows(rows, attr, as_text=data == "text")
-        with_tools = sum(1 for e in converted if e.get("tools") or _has_tool_turns(e))
-        if with_tools and not supports_tools(template, tool_format):
-            raise DataError(f"dataset {attr.name!r}: {with_tools} rows have tool definitions or tool-call turns; "
-                            + tool_refusal(template))
-        datasets.append(converted)
-    return datasets
+                  stage: str = "sft", tool_format: str | None = None, max_bad_ratio: float = 0.01) -> list[list[dict]]:
+    """Every example of each dataset of `names`, read in this process: for the small data the driver works on
+    itself (prediction's eval sets, `rayft data`)."""
+    return [read_dataset(source, max_samples, seed, max_bad_ratio, template, tool_format, here=True).examples()
+            for source in locate_datasets(names, dataset_dir, data, stage, token)]
 
 
-def _has_tool_turns(example: dict) -> bool:
-    return any(m["role"] in ("function", "observation") for m in example.get("messages", ()))
+def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
+    """`load_datasets`, concatenated in order."""
+    return [e for dataset in load_datasets(names, dataset_dir, max_samples, **read_kwargs) for e in dataset]
+
+
+def sample_examples(sources: list[Source], rows: int | None = None) -> list[list[dict]]:
+    """The first rows of each dataset's first file, converted on the driver: what the checks before Ray see."""
+    return [head(source, rows or SAMPLE_ROWS) for source in sources]
 
 
 # Bump when encoding changes what it produces for the same inputs, so that old caches are not reused.
@@ -260,11 +270,11 @@ def on_examples(encode):
     return run
 
 
-def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-             batch_size: int, stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX,
-             tasks: int | None = None):
-    """Tokenises (and packs) `examples` with the stage's `encoder` in Ray Data tasks over the cluster; returns a
-    materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers read it.
+def tokenize(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder, batch_size: int,
+             stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None):
+    """Tokenises (and packs) the examples of `rows` with the stage's `encoder` in Ray Data tasks over the cluster;
+    returns a materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers
+    read it.
 
     Packing bundles the examples of each preprocessing batch into sequences of at most cutoff_len tokens.
 
@@ -275,19 +285,24 @@ def tokenize(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: Enco
     (one per worker), so they share the machine with the training the way in-process tokenising would.
     `tasks` (preprocessing_num_workers) caps how many tokenising tasks run at once.
     """
+    import ray
 
     s = settings
-    if stream_tasks is None and len(examples) <= driver_max:
-        return _tokenize_here(examples, tokenizer_spec, settings, encoder, batch_size)
+    count = rows.count()
+    if stream_tasks is None and rows.here and count <= driver_max:
+        return _tokenize_here(rows, tokenizer_spec, settings, encoder, batch_size)
     options = {"concurrency": tasks} if tasks else {}
     if stream_tasks is not None:
         options = {"num_cpus": 0, "concurrency": min(stream_tasks, tasks or stream_tasks)}
-    # Each example travels as one JSON string: Arrow moves a string column far faster than nested messages,
-    # and a few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
-    # (measured in benchmarks/data_pipeline.py).
+    dataset = rows.to_dataset()
+    # A few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
+    # (measured in benchmarks/data_pipeline.py); a large file read by one task arrives as few blocks.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows = [{"example": json.dumps(e, ensure_ascii=False)} for e in examples]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 2 * cpus)))
+    wanted = max(1, min(count // batch_size + 1, 2 * cpus))
+    blocks = dataset.num_blocks()
+    dataset = dataset.select_columns(["example"])
+    if blocks < wanted:
+        dataset = dataset.repartition(wanted)
     dataset = dataset.map_batches(on_examples(encoder), batch_size=batch_size, **options,
                                   fn_kwargs=dict(tokenizer_spec=tokenizer_spec, settings=s))
     if s.packs_after_encoding:
@@ -310,6 +325,8 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
     if settings.stage != "pt":
         template.check_tokenizer(load_tokenizer(tokenizer_spec))
     for name, examples in zip(comma_list(names), datasets):
+        refuse_tools(name, sum(1 for e in examples if e.get("tools") or has_tool_turns(e)), settings.template,
+                     settings.tool_format)
         for row, example in enumerate(examples[:rows]):
             last = example["messages"][-1] if example.get("messages") else {}
             empty = [k for k in ("chosen", "rejected") if k in example and not str(example[k]).strip()]
@@ -357,13 +374,13 @@ def _user_error(err: BaseException) -> DataError | None:
     return DataError(found[1].strip()) if found else None
 
 
-def _tokenize_here(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-                   batch_size: int):
-    """`tokenize` for a small dataset, in this process, batch by batch as the tasks would; a materialised Dataset."""
+def _tokenize_here(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder, batch_size: int):
+    """`tokenize` for a small dataset held here, batch by batch as the tasks would; a materialised Dataset."""
+    import ray.data
+
     tables = []
-    for start in range(0, len(examples), batch_size):
-        batch = encoder(columns_of(examples[start:start + batch_size]), tokenizer_spec=tokenizer_spec,
-                        settings=settings)
+    for batch in rows.batches(["example"], batch_size=batch_size):
+        batch = on_examples(encoder)(batch, tokenizer_spec=tokenizer_spec, settings=settings)
         if settings.packs_after_encoding:
             batch = pack_batch(batch, cutoff_len=settings.cutoff_len, neat=settings.neat_packing)
         tables.append(pa.table({key: _arrow(column) for key, column in batch.items()}))
@@ -377,27 +394,28 @@ def _arrow(column) -> pa.Array:
     return pa.array([np.asarray(value).tolist() for value in column], type=pa.list_(pa.int64()))
 
 
-def tokenize_cached(examples: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
-                    batch_size: int, cache_dir: Path | None, strict: bool, overwrite: bool,
+def tokenize_cached(rows_of, identity: dict, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
+                    batch_size: int, cache_dir: str | None, strict: bool, overwrite: bool,
                     driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None):
-    """`tokenize`, reusing a Parquet cache made from the same inputs; returns (dataset, reused).
+    """`tokenize` of the rows `rows_of()` gives, reusing a Parquet cache made from the same inputs; returns
+    (dataset, reused). A reused cache is read without reading, converting or mixing the datasets again.
 
-    With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made from
-    other inputs is an error; otherwise `cache_dir` holds one automatic cache per key, which a dataset the
-    driver tokenises itself (up to `driver_max` examples) does without: tokenising it again is the faster.
+    `identity` says what the rows are made from (the datasets' files, sizes and times, and every setting that
+    selects rows). With `strict` (a tokenized_path the user named), `cache_dir` is the cache itself and one made
+    from other inputs is an error; otherwise `cache_dir` holds one automatic cache per key.
     """
-    if cache_dir is None or (not strict and len(examples) <= driver_max):  # no cache: nothing to hash or keep
-        return tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max,
+    if cache_dir is None:
+        return tokenize(rows_of(), tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max,
                         tasks=tasks), False
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
-    key = cache.cache_key(examples, tokenizer_spec, recorded)
+    key = cache.cache_key(identity, tokenizer_spec, recorded)
     if not strict:
-        cache_dir = cache_dir / key
+        cache_dir = f"{cache_dir.rstrip('/')}/{key}"
     if not overwrite:
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(examples, tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max, tasks=tasks)
+    dataset = tokenize(rows_of(), tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max, tasks=tasks)
     cache.save(dataset, cache_dir, key, recorded)
     return dataset, False
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rayft.data.encode import IGNORE_INDEX
 from rayft.data.packing import pack_batch
-from rayft.data.pipeline import EncodingSettings, check_encoding, columns_of, load_datasets
+from rayft.data.pipeline import EncodingSettings, check_encoding, columns_of, locate_datasets, sample_examples
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
@@ -27,13 +27,12 @@ def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
     settings.chat_template()  # an unknown or multimodal template is refused before any data is read
     tokenizer = load_tokenizer(spec)
-    read = dict(seed=cfg.args.seed, token=cfg.model.hf_hub_token, data=stage.data, stage=cfg.finetuning.stage,
-                template=d.template, tool_format=d.tool_format)
+    locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token)
     rows = []
     for split, names in (("train", d.dataset), ("eval", d.eval_dataset)):
         if not names:
             continue
-        datasets = load_datasets(names, d.dataset_dir, count, **read)
+        datasets = sample_examples(locate_datasets(names, d.dataset_dir, **locate), count)
         check_encoding(names, datasets, spec, settings, stage.encoder)
         for name, examples in zip(comma_list(names), datasets):
             rows += [{"split": split, "dataset": name, "index": i, **row}

@@ -18,17 +18,21 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
-from rayft.data.mixing import mix, parse_probs, split_validation
+from rayft.data.examples import Rows, mixed, shuffled, split_off, union
+from rayft.data.mixing import parse_probs
 from rayft.data.pipeline import (
     EncodingSettings,
     check_encoding,
     describe_example,
-    load_datasets,
+    locate_datasets,
+    read_dataset,
+    sample_examples,
     token_stats,
     tokenize,
     tokenize_cached,
     user_errors_as_data_errors,
 )
+from rayft.data.source import Source
 from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.orchestrator.plan import check_placement, make_plan
@@ -40,7 +44,6 @@ from rayft.recipe.logs import logger, requiet
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import reward_model_problems
-from rayft.recipe.values import comma_list
 from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
 from rayft.trainers.callbacks import MetricReport
 from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
@@ -51,17 +54,30 @@ from rayft.trainers.worker import train_loop_per_worker
 
 @dataclass(frozen=True)
 class Prepared:
-    """What the driver knows before it touches the cluster."""
+    """What the driver knows before it touches the cluster: the datasets located and sampled, not read."""
 
     cfg: RecipeConfig
     probe: Probe
-    train_examples: list[dict]
-    eval_examples: dict[str, list[dict]]  # split name ("eval", or "eval_<dataset>" per dataset) -> examples
+    train_sources: list[Source]
+    eval_sources: list[Source]
+
+    def rows_identity(self) -> dict:
+        """What the examples of every split are made from: the datasets' files and the settings that select rows."""
+        d, f = self.cfg.data, self.cfg.finetuning
+        return {"train": [s.identity() for s in self.train_sources], "eval": [s.identity() for s in self.eval_sources],
+                "selection": [d.max_samples, d.mix_strategy, d.interleave_probs, d.val_size, d.max_bad_row_ratio,
+                              d.eval_on_each_dataset, d.buffer_size, f.disable_shuffling, self.cfg.args.seed]}
+
+    @property
+    def all_small(self) -> bool:
+        """Every dataset is a few MB of local files, which the driver reads itself."""
+        return all(s.small for s in self.train_sources + self.eval_sources)
 
 
 def prepare(cfg: RecipeConfig) -> Prepared:
-    """Everything checked before Ray: output_dir, the model's modules, the datasets, and (for a local run) the
-    resource request. Raises ConfigError or DataError; touches no output and starts nothing."""
+    """Everything checked before Ray: output_dir, the model's modules, the datasets (located, and the first rows
+    of each encoded), and (for a local run) the resource request. Raises ConfigError or DataError; touches no
+    output and starts nothing."""
     output_dir = Path(cfg.args.output_dir)
     resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
     if resume_from:
@@ -76,29 +92,20 @@ def prepare(cfg: RecipeConfig) -> Prepared:
     if problems:
         raise ConfigError(problems)
     probe = probe_model(cfg)
-    d, seed, stage = cfg.data, cfg.args.seed, STAGES[cfg.finetuning.stage]
-    read = dict(seed=seed, token=cfg.model.hf_hub_token, data=stage.data, stage=cfg.finetuning.stage,
-                template=d.template, tool_format=d.tool_format)
+    d, stage = cfg.data, STAGES[cfg.finetuning.stage]
+    locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token)
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
-    sources = load_datasets(d.dataset, d.dataset_dir, d.max_samples, **read)
-    check_encoding(d.dataset, sources, spec, settings, stage.encoder)
-    train = mix(sources, d.mix_strategy, parse_probs(d.interleave_probs, len(sources)), seed)
-    if len(sources) > 1:
-        logger.info(f"{d.mix_strategy} of {[len(s) for s in sources]} examples gives {len(train)}")
-    evaluation = {}
+    train_sources = locate_datasets(d.dataset, d.dataset_dir, **locate)
+    check_encoding(d.dataset, sample_examples(train_sources), spec, settings, stage.encoder)
+    eval_sources = []
     if d.eval_dataset:
-        eval_sources = load_datasets(d.eval_dataset, d.dataset_dir, d.max_samples, **read)
-        check_encoding(d.eval_dataset, eval_sources, spec, settings, stage.encoder)
-        if d.eval_on_each_dataset:
-            evaluation = {f"eval_{name}": examples for name, examples in zip(comma_list(d.eval_dataset), eval_sources)}
-        else:
-            evaluation = {"eval": [example for examples in eval_sources for example in examples]}
-    if d.val_size:
-        train, evaluation["eval"] = split_validation(train, d.val_size, seed)
-        logger.info(f"val_size={d.val_size}: {len(evaluation['eval'])} examples held out for evaluation")
+        eval_sources = locate_datasets(d.eval_dataset, d.dataset_dir, **locate)
+        check_encoding(d.eval_dataset, sample_examples(eval_sources), spec, settings, stage.encoder)
+    if d.mix_strategy != "concat":
+        parse_probs(d.interleave_probs, len(train_sources))
     if cfg.ray.ray_address is None:
         check_cluster(cfg, local_machine())  # this machine is the cluster rayft will start: refuse now, not after
-    return Prepared(cfg, probe, train, evaluation)
+    return Prepared(cfg, probe, train_sources, eval_sources)
 
 
 def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
@@ -148,7 +155,8 @@ def run_plan(cfg: RecipeConfig) -> Plan:
     prepared = prepare(cfg)
     with ray_session(cfg.ray) as nodes:
         check_cluster(cfg, nodes)
-        plan = plan_run(prepared, nodes, len(prepared.train_examples))
+        configure_ray_data()
+        plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
     show_config(cfg, plan)
     if cfg.data.packing:
         logger.info("packing: the counts are of unpacked examples; `rayft train` plans after packing")
@@ -160,20 +168,70 @@ def run_train(cfg: RecipeConfig):
     prepared = prepare(cfg)
     with ray_session(cfg.ray) as nodes:
         check_cluster(cfg, nodes)  # the connected cluster can hold the workers
-        datasets = tokenize_splits(prepared)
-        packed = cfg.data.packing and not cfg.data.streaming  # a stream is not counted: it requires max_steps
-        count = datasets["train"].count() if packed else len(prepared.train_examples)
-        return launch(cfg, plan_run(prepared, nodes, count), datasets)
+        tokenised = tokenize_splits(prepared)
+        return launch(cfg, plan_run(prepared, nodes, tokenised.train_count), tokenised.datasets)
 
 
-def tokenize_splits(prepared: Prepared) -> dict:
-    """Tokenises every split with Ray Data on the connected cluster: split name -> Dataset."""
-    quiet_ray_data()
+@dataclass(frozen=True)
+class Tokenised:
+    """Every split's tokenised Dataset, and how many training sequences the plan counts steps by."""
+
+    datasets: dict
+    train_count: int
+
+
+def tokenize_splits(prepared: Prepared) -> Tokenised:
+    """Reads, mixes and tokenises every split with Ray Data on the connected cluster (or reuses their caches)."""
+    configure_ray_data()
     cfg = prepared.cfg
-    datasets = {"train": _tokenized(cfg, prepared.train_examples, "train")}
-    for split, examples in prepared.eval_examples.items():
-        datasets[split] = _tokenized(cfg, examples, split)
-    return datasets
+    splits = ["train"] + ([f"eval_{s.attr.name}" for s in prepared.eval_sources] if cfg.data.eval_on_each_dataset
+                          else ["eval"] if prepared.eval_sources or cfg.data.val_size else [])
+    made: dict = {}
+
+    def rows_of(split: str) -> Rows:  # read once, for every split, only when some split is not cached
+        if not made:
+            made.update(example_rows(prepared))
+        return made[split]
+
+    datasets = {split: _tokenized(prepared, rows_of, split) for split in splits}
+    streamed = cfg.data.streaming
+    return Tokenised(datasets, made["train"].count() if streamed else datasets["train"].count())
+
+
+def example_rows(prepared: Prepared) -> dict[str, Rows]:
+    """Every split's examples, read and checked across the cluster (here when small), sampled, mixed, split
+    off for validation and, when larger than a worker's shuffle buffer, shuffled once."""
+    cfg = prepared.cfg
+    d, seed = cfg.data, cfg.args.seed
+    read = dict(max_samples=d.max_samples, seed=seed, max_bad_ratio=d.max_bad_row_ratio, template=d.template,
+                tool_format=d.tool_format, node_id=reading_node(cfg))
+    parts = [read_dataset(source, **read) for source in prepared.train_sources]
+    train, counts = mixed(parts, d.mix_strategy, parse_probs(d.interleave_probs, len(parts)), seed)
+    if len(parts) > 1:
+        logger.info(f"{d.mix_strategy} of {[p.count() for p in parts]} examples takes {counts}")
+    splits = {}
+    if prepared.eval_sources:
+        evaluation = [read_dataset(source, **read) for source in prepared.eval_sources]
+        if d.eval_on_each_dataset:
+            splits = {f"eval_{s.attr.name}": rows for s, rows in zip(prepared.eval_sources, evaluation)}
+        else:
+            splits["eval"] = union(evaluation)
+    if d.val_size:
+        train, splits["eval"] = split_off(train, d.val_size, seed)
+        logger.info(f"val_size={d.val_size}: {splits['eval'].count()} examples held out for evaluation")
+    if not cfg.finetuning.disable_shuffling and train.count() > d.buffer_size:
+        train = shuffled(train, seed)
+    return {"train": train, **splits}
+
+
+def reading_node(cfg: RecipeConfig) -> str | None:
+    """The driver's node, where local dataset files are read on a cluster of several nodes unless
+    data_shared_file_system says every node sees them (URIs are read anywhere)."""
+    if "://" in cfg.data.dataset_dir or cfg.data.data_shared_file_system:
+        return None
+    if sum(1 for node in ray.nodes() if node["Alive"]) < 2:
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | None = None):
@@ -262,49 +320,55 @@ def reward_actors(cfg: RecipeConfig, plan: Plan):
             ray.kill(actor)
 
 
-def quiet_ray_data() -> None:
-    """rayft logs its own data summary; Ray Data's per-operator progress bars only add noise to the log."""
+def configure_ray_data() -> None:
+    """Ray Data as rayft uses it: blocks kept in order (so a seeded run reads the same examples in the same order),
+    and no per-operator progress bars, as rayft logs its own data summary."""
     context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
     requiet()  # Ray Data sets its loggers' levels when it starts
 
 
-def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[Path | None, bool]:
+def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[str | None, bool]:
     """Where split `split`'s tokenised data is cached, and whether that is a folder the user named (strict).
 
     The automatic cache lives under ray_storage_path; Ray Data reads it from any node, so on a cluster it
-    is used only when data_shared_file_system says that path is shared by every node.
+    is used only when that path is a URI or data_shared_file_system says it is shared by every node.
     """
     d, r = cfg.data, cfg.ray
     if d.tokenized_path:
-        return Path(d.tokenized_path) / split, True
-    if "://" not in r.ray_storage_path and (r.ray_address is None or d.data_shared_file_system):
-        return Path(r.ray_storage_path) / ".tokenized", False
+        return f"{d.tokenized_path.rstrip('/')}/{split}", True
+    if "://" in r.ray_storage_path or r.ray_address is None or d.data_shared_file_system:
+        return f"{r.ray_storage_path.rstrip('/')}/.tokenized", False
     return None, False
 
 
-def _tokenized(cfg: RecipeConfig, examples: list[dict], split: str):
+def _tokenized(prepared: Prepared, rows_of, split: str):
+    cfg = prepared.cfg
     d = cfg.data
     spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
     if d.streaming and split == "train":
-        dataset = tokenize(examples, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
+        rows = rows_of(split)
+        dataset = tokenize(rows, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
                            stream_tasks=cfg.ray.ray_num_workers, tasks=d.preprocessing_num_workers)
-        logger.info(f"train data: {len(examples)} examples, streamed: tokenised as the workers read them, never "
+        logger.info(f"train data: {rows.count()} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
-    dataset, reused = tokenize_cached(examples, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
-                                      cache_dir, strict, overwrite=d.overwrite_cache,
-                                      tasks=d.preprocessing_num_workers)
+    if not strict and prepared.all_small:
+        cache_dir = None  # tokenising a few MB again is faster than hashing, writing and reading a cache
+    dataset, reused = tokenize_cached(lambda: rows_of(split), {**prepared.rows_identity(), "split": split}, spec,
+                                      EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size, cache_dir, strict,
+                                      overwrite=d.overwrite_cache, tasks=d.preprocessing_num_workers)
     if reused:
         logger.info(f"{split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)
-    packed = f" packed into {stats['examples']} sequences," if d.packing else ""
-    logger.info(f"{split} data: {len(examples)} examples,{packed} {stats['tokens']} tokens "
-                f"({stats['trained_tokens']} trained), {stats['truncated_tokens']} tokens cut by "
-                f"cutoff_len={d.cutoff_len}")
+    counted = f"{stats['examples']} sequences" if reused else f"{rows_of(split).count()} examples"
+    packed = f", packed into {stats['examples']} sequences" if d.packing and not reused else ""
+    logger.info(f"{split} data: {counted}{packed}, {stats['tokens']} tokens ({stats['trained_tokens']} trained), "
+                f"{stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
     if split == "train":
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
     return dataset

@@ -23,7 +23,7 @@ from rayft.data.pipeline import (
     on_examples,
 )
 from rayft.data.tokenizer import TokenizerSpec
-from rayft.orchestrator.launch import quiet_ray_data, refuse_occupied
+from rayft.orchestrator.launch import configure_ray_data, refuse_occupied
 from rayft.orchestrator.plan import placement_problems, worker_resources
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
@@ -43,7 +43,8 @@ def prepare_predict(cfg: RecipeConfig) -> list[dict]:
     settings = EncodingSettings.of(cfg)
     settings.chat_template()  # an unknown or multimodal template is refused before any data is read
     datasets = load_datasets(d.eval_dataset, d.dataset_dir, d.max_samples, seed=t.seed, token=cfg.model.hf_hub_token,
-                             stage="sft", template=d.template, tool_format=d.tool_format)
+                             stage="sft", template=d.template, tool_format=d.tool_format,
+                             max_bad_ratio=d.max_bad_row_ratio)
     examples = [example for dataset in datasets for example in dataset]
     if not examples:
         raise DataError(f"eval_dataset {d.eval_dataset!r}: no examples to generate for")
@@ -97,7 +98,7 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[d
     """Prompts are encoded by Ray Data tasks and answered by one actor per worker; rows in dataset order."""
 
 
-    quiet_ray_data()
+    configure_ray_data()
     d, r = cfg.data, cfg.ray
     batch_size = cfg.args.per_device_eval_batch_size
     # as in training's tokenisation, each example travels as one JSON string (data.pipeline.on_examples)

@@ -83,10 +83,9 @@ def run_sweep(raw: dict, base_dir: str = "."):
                                   cfg.args.seed], sort_keys=True, default=str)
                 if key not in tokenised:
                     tokenised[key] = tokenize_splits(prepared)
-                packed = cfg.data.packing and not cfg.data.streaming
-                count = tokenised[key]["train"].count() if packed else len(prepared.train_examples)
-                plans.append(plan_run(prepared, nodes, count, report_every_log=True, trials_at_once=sharing))
-                datasets.append(tokenised[key])
+                plans.append(plan_run(prepared, nodes, tokenised[key].train_count, report_every_log=True,
+                                      trials_at_once=sharing))
+                datasets.append(tokenised[key].datasets)
             except ConfigError as err:
                 raise ConfigError([Problem(f"{trial.name} ({describe(trial.params)}): {p.key}", p.message)
                                    for p in err.problems]) from None

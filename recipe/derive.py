@@ -104,9 +104,9 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
                      "cluster")
     r.storage_was_relative = "://" not in r.ray_storage_path and not Path(r.ray_storage_path).expanduser().is_absolute()
     r.ray_storage_path = absolute_storage(base_dir, r.ray_storage_path)
-    cfg.data.dataset_dir = str(under(base_dir, cfg.data.dataset_dir))
+    cfg.data.dataset_dir = absolute_storage(base_dir, cfg.data.dataset_dir)
     if cfg.data.tokenized_path:
-        cfg.data.tokenized_path = str(under(base_dir, cfg.data.tokenized_path))
+        cfg.data.tokenized_path = absolute_storage(base_dir, cfg.data.tokenized_path)
     model_path = under(base_dir, cfg.model.model_name_or_path)
     if model_path.exists():
         cfg.model.model_name_or_path = str(model_path)
@@ -120,7 +120,7 @@ def under(base_dir: Path, path: str) -> Path:
 
 
 def absolute_storage(base_dir: Path, storage: str) -> str:
-    """A storage path made absolute; a URI (s3://, gs://) stays as it is."""
+    """A storage, dataset or cache path made absolute; a URI (s3://, gs://) stays as it is."""
     if "://" in storage:
         return storage
     return str(under(base_dir, storage))

@@ -262,22 +262,17 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem("neat_packing", "needs packing; remove packing: false or neat_packing: true"))
     if d.streaming and t.max_steps <= 0:
         problems.append(Problem("streaming", "a streamed dataset has no length to count epochs by; set max_steps"))
-    if d.streaming and 0 < d.val_size < 1:
-        problems.append(Problem("val_size", "with streaming, hold out a whole number of examples (e.g. 100), not a "
-                                            f"fraction ({d.val_size})"))
     if d.streaming and d.tokenized_path:
         problems.append(Problem("tokenized_path and streaming", "saving the tokenised data materialises it, which "
                                                                 "streaming avoids; remove one of them"))
-    if d.buffer_size != default_of(DataArguments, "buffer_size") and not d.streaming:
-        problems.append(Problem("buffer_size and streaming", "buffer_size is the shuffle buffer of a streamed "
-                                                             "dataset, but streaming is off; remove buffer_size or "
-                                                             "set streaming: true"))
     if not d.ignore_pad_token_for_loss and f.stage not in ("pt", "sft"):
         problems.append(Problem("ignore_pad_token_for_loss", "false makes stages pt and sft learn padding; stage "
                                                              f"{f.stage!r} compares sequences and never learns "
                                                              "padding; remove ignore_pad_token_for_loss"))
     if d.buffer_size < 1:
         problems.append(Problem("buffer_size", f"must be at least 1 example, got {d.buffer_size}"))
+    if not 0 <= d.max_bad_row_ratio <= 1:
+        problems.append(Problem("max_bad_row_ratio", f"must be a share between 0 and 1, got {d.max_bad_row_ratio}"))
     if d.cutoff_len < 8:
         problems.append(Problem("cutoff_len", f"must be at least 8 tokens, got {d.cutoff_len}"))
     if d.max_samples is not None and d.max_samples < 1:

@@ -127,7 +127,7 @@ class DataArguments:
     dataset: Optional[str] = arg(None, "Comma list of training datasets named in dataset_info.json.")
     eval_dataset: Optional[str] = arg(None, "Comma list of evaluation datasets named in dataset_info.json.")
     eval_on_each_dataset: bool = arg(False, "Evaluate every dataset of eval_dataset separately.")
-    dataset_dir: str = arg("data", "Folder holding dataset_info.json and the data files.")
+    dataset_dir: str = arg("data", "Folder (or s3:// / gs:// URI) holding dataset_info.json and the data files.")
     media_dir: Optional[str] = arg(None, "Folder of images and videos (multimodal: not built).")
     data_shared_file_system: bool = arg(
         False, "Every node sees ray_storage_path: use the automatic token cache on a cluster too.")
@@ -135,7 +135,10 @@ class DataArguments:
     train_on_prompt: bool = arg(False, "Learn the prompt tokens too, not only the responses.")
     mask_history: bool = arg(False, "Learn only the last response of a conversation.")
     streaming: bool = arg(False, "Tokenise while training instead of before (needs max_steps).")
-    buffer_size: int = arg(16384, "Shuffle buffer of a streamed dataset, in examples.")
+    buffer_size: int = arg(16384, "Each worker's shuffle buffer, in examples; training data larger than it is "
+                                  "also shuffled once across the cluster.")
+    max_bad_row_ratio: float = arg(0.01, "Largest share of malformed rows a dataset may have (they are skipped); "
+                                         "0 refuses any.")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = arg(
         "concat", "How several datasets are mixed: concat, interleave_under or interleave_over.")
     interleave_probs: Optional[str] = arg(
@@ -160,7 +163,8 @@ class DataArguments:
         True, "Reasoning templates: learn an empty thought where a response has none (false: the thought is "
               "given in the prompt and existing thoughts are removed).")
     preserve_thinking: bool = arg(False, "Reasoning templates: keep the thoughts of earlier turns.")
-    tokenized_path: Optional[str] = arg(None, "Folder that keeps the tokenised data; reused when its inputs match.")
+    tokenized_path: Optional[str] = arg(
+        None, "Folder (or s3:// / gs:// URI) that keeps the tokenised data; reused when its inputs match.")
 
 
 @dataclass

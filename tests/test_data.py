@@ -7,11 +7,12 @@ import pytest
 from conftest import DEMO_RECIPE, ROOT, SHARED_DATA
 
 from rayft.data.collator import SupervisedCollator
-from rayft.data.converters import convert_rows
 from rayft.data.encode import IGNORE_INDEX, encode_supervised, split_budget
 from rayft.data.errors import DataError
+from rayft.data.examples import Rows, _table, checked
 from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples
-from rayft.data.registry import DatasetAttr, dataset_attrs, read_rows
+from rayft.data.registry import DatasetAttr, dataset_attrs
+from rayft.data.source import Source, converted, file_rows, locate
 from rayft.data.templates import JinjaTemplate, get_template
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.recipe.loading import load_recipe
@@ -22,6 +23,13 @@ from rayft.trainers.sft import supervised_collator
 pytestmark = pytest.mark.unit
 
 DEMO_DIR = ROOT / "data" / "demo"
+
+
+def convert_rows(rows, attr, max_bad_ratio=1.0):
+    """The examples of raw rows, checked as a read dataset is (bad rows skipped and logged)."""
+    source = Source(attr, as_text=False)
+    batch = converted(source, [(0, i, row) for i, row in enumerate(rows)])
+    return checked(source, Rows(table=_table([batch])), max_bad_ratio, "qwen", None).examples()
 
 
 def write_dataset(tmp_path, name, content, file_name=None, entry=None):
@@ -71,7 +79,7 @@ def test_invalid_json_names_the_line(tmp_path):
 
 def test_invalid_jsonl_names_the_line(tmp_path):
     write_dataset(tmp_path, "lines", '{"instruction": "a", "output": "b"}\n{oops\n', file_name="lines.jsonl")
-    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"1 of 2 rows \(50.00%\) are malformed.*lines.jsonl line 2: not valid JSON"):
         load_examples("lines", str(tmp_path), None)
 
 
@@ -107,9 +115,9 @@ def test_demo_datasets_load_without_skips(rayft_log):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
 def test_llamafactory_alpaca_demo_reads_unchanged():
-    rows = read_rows(dataset_attrs("alpaca_en_demo", SHARED_DATA)[0], SHARED_DATA)
-    examples = load_examples("alpaca_en_demo", str(SHARED_DATA), None)
-    assert len(rows) == len(examples) == 999
+    source = locate(dataset_attrs("alpaca_en_demo", SHARED_DATA)[0], str(SHARED_DATA), as_text=False)
+    examples = load_examples("alpaca_en_demo", str(SHARED_DATA), None, max_bad_ratio=0)
+    assert len(list(file_rows(source, 0))) == len(examples) == 999
 
 
 def test_split_budget_keeps_some_of_both():
@@ -282,30 +290,45 @@ def _named(prefix, count):
     return [{"system": "", "messages": [{"role": "user", "content": f"{prefix}{i}"}]} for i in range(count)]
 
 
-def test_concat_keeps_order():
-    from rayft.data.mixing import mix
+def _rows(prefix, count):
+    examples = _named(prefix, count)
+    batch = converted(Source(DatasetAttr(name=prefix, formatting="sharegpt", columns={"messages": "m"}), False),
+                      [(0, i, {"m": [{"from": "human", "value": e["messages"][0]["content"]},
+                                     {"from": "gpt", "value": "ok"}]}) for i, e in enumerate(examples)])
+    return Rows(table=_table([{"example": batch["example"], "key": batch["key"]}]))
 
-    assert [e["messages"][0]["content"] for e in mix([_named("a", 2), _named("b", 1)], "concat", [0.5, 0.5], 0)] \
-        == ["a0", "a1", "b0"]
+
+def _names(rows):
+    return [e["messages"][0]["content"] for e in rows.examples()]
+
+
+def test_concat_keeps_order():
+    from rayft.data.examples import mixed
+
+    assert _names(mixed([_rows("a", 2), _rows("b", 1)], "concat", [0.5, 0.5], 0)[0]) == ["a0", "a1", "b0"]
 
 
 def test_interleave_under_stops_at_the_first_exhausted_dataset():
-    from rayft.data.mixing import mix
+    from rayft.data.examples import mixed
+    from rayft.data.mixing import mix_counts
 
-    mixed = mix([_named("a", 10), _named("b", 100)], "interleave_under", [0.5, 0.5], seed=0)
-    names = [e["messages"][0]["content"] for e in mixed]
-    assert sum(n.startswith("a") for n in names) == 10
-    assert len(set(names)) == len(names) and len(names) < 110
-    assert mixed == mix([_named("a", 10), _named("b", 100)], "interleave_under", [0.5, 0.5], seed=0)
+    counts = mix_counts([10, 100], "interleave_under", [0.5, 0.5], seed=0)
+    assert counts[0] == 10 and 0 < counts[1] < 100 and counts == mix_counts([10, 100], "interleave_under",
+                                                                             [0.5, 0.5], seed=0)
+    names = _names(mixed([_rows("a", 10), _rows("b", 100)], "interleave_under", [0.5, 0.5], seed=0)[0])
+    assert names == [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(counts[1])]
+    assert mix_counts([1000, 1000], "interleave_under", [0.9, 0.1], seed=0)[1] < 250  # the probabilities hold
 
 
 def test_interleave_over_uses_every_dataset_whole_and_repeats_the_small_one():
-    from rayft.data.mixing import mix
+    from rayft.data.examples import mixed
 
-    names = [e["messages"][0]["content"] for e in mix([_named("a", 5), _named("b", 50)], "interleave_over",
-                                                      [0.5, 0.5], seed=0)]
-    assert {f"b{i}" for i in range(50)} <= set(names) and {f"a{i}" for i in range(5)} <= set(names)
-    assert sum(n.startswith("a") for n in names) > 5  # oversampled
+    rows, counts = mixed([_rows("a", 5), _rows("b", 50)], "interleave_over", [0.5, 0.5], seed=0)
+    names = _names(rows)
+    assert counts[1] == 50 and counts[0] > 5 and len(names) == sum(counts)  # the small one oversampled
+    assert set(names) == {f"a{i}" for i in range(5)} | {f"b{i}" for i in range(50)}
+    keys = rows.table.column("key").to_pylist()
+    assert len(set(keys)) == len(keys)  # repeats get keys of their own, so later draws stay exact
 
 
 def test_interleave_probs_are_checked():
@@ -319,16 +342,16 @@ def test_interleave_probs_are_checked():
 
 
 def test_val_size_holds_out_a_seeded_fraction_or_count():
-    from rayft.data.mixing import split_validation
+    from rayft.data.examples import split_off
 
-    examples = _named("x", 100)
-    train, held = split_validation(examples, 0.1, seed=3)
-    assert len(held) == 10 and len(train) == 90
-    assert {e["messages"][0]["content"] for e in train}.isdisjoint(e["messages"][0]["content"] for e in held)
-    assert split_validation(examples, 0.1, seed=3) == (train, held)
-    assert len(split_validation(examples, 25, seed=3)[1]) == 25
+    rows = _rows("x", 100)
+    train, held = split_off(rows, 0.1, seed=3)
+    assert held.count() == 10 and train.count() == 90
+    assert set(_names(train)).isdisjoint(_names(held))
+    assert _names(split_off(rows, 0.1, seed=3)[1]) == _names(held) != _names(split_off(rows, 0.1, seed=4)[1])
+    assert split_off(rows, 25, seed=3)[1].count() == 25
     with pytest.raises(DataError, match="val_size"):
-        split_validation(examples, 100, seed=3)
+        split_off(rows, 100, seed=3)
 
 
 def test_mask_history_learns_the_last_turn_and_keeps_it_under_truncation():
@@ -384,17 +407,23 @@ def test_a_folder_of_files_and_json_lines_in_a_json_file(tmp_path):
 
 def test_text_files_give_a_text_column(tmp_path):
     (tmp_path / "t.txt").write_text("first line\n\nsecond line\n")
-    attr = DatasetAttr(name="t", file_name="t.txt")
-    assert read_rows(attr, tmp_path) == [{"text": "first line"}, {"text": "second line"}]
+    source = locate(DatasetAttr(name="t", file_name="t.txt"), str(tmp_path), as_text=True)
+    assert list(file_rows(source, 0)) == [(1, {"text": "first line"}), (3, {"text": "second line"})]
 
 
 def test_num_samples_draws_a_seeded_sample(tmp_path):
     _write(tmp_path / "d.json", ".json", ROWS)
-    fewer = read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=4), tmp_path, seed=1)
-    assert len(fewer) == 4 and len({r["output"] for r in fewer}) == 4
-    assert fewer == read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=4), tmp_path, seed=1)
-    more = read_rows(DatasetAttr(name="d", file_name="d.json", num_samples=9), tmp_path, seed=1)
-    assert len(more) == 9 and {r["output"] for r in more} == {f"a{i}" for i in range(6)}
+    info = {"fewer": {"file_name": "d.json", "num_samples": 4}, "more": {"file_name": "d.json", "num_samples": 9}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+
+    def answers(name, seed):
+        return [e["messages"][1]["content"] for e in load_examples(name, str(tmp_path), None, seed=seed)]
+
+    fewer = answers("fewer", 1)
+    assert len(fewer) == 4 and len(set(fewer)) == 4 and fewer == answers("fewer", 1)
+    assert len({tuple(answers("fewer", seed)) for seed in range(5)}) > 1  # the seed chooses
+    more = answers("more", 1)
+    assert len(more) == 9 and set(more) == {f"a{i}" for i in range(6)}
 
 
 def test_hf_hub_url_goes_through_datasets_load_dataset(tmp_path):
@@ -449,8 +478,11 @@ def test_pretraining_rows_need_their_text_column(tmp_path, rayft_log):
     write_dataset(tmp_path, "pt", '{"text": "a story"}\n{"body": "no text"}\n{"text": ""}\n', file_name="pt.jsonl",
                   entry={"columns": {"prompt": "text"}})
     logged = rayft_log
-    assert load_examples("pt", str(tmp_path), None, data="text") == [{"text": "a story"}]
-    assert "row 1: missing column 'text'" in logged[0] and "row 2: column 'text' must be non-empty" in logged[0]
+    assert load_examples("pt", str(tmp_path), None, data="text", max_bad_ratio=1.0) == [{"text": "a story"}]
+    assert "pt.jsonl line 2: missing column 'text'" in logged[0]
+    assert "pt.jsonl line 3: column 'text' must be non-empty" in logged[0]
+    with pytest.raises(DataError, match=r"2 of 3 rows .* more than max_bad_row_ratio=0.5"):
+        load_examples("pt", str(tmp_path), None, data="text", max_bad_ratio=0.5)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
@@ -487,7 +519,7 @@ def test_sharegpt_preference_rows_and_their_encoding(tmp_path, tiny_model, rayft
                                                     "rejected": {"from": "gpt", "value": "y"}}],
                   entry={"formatting": "sharegpt", "ranking": True})
     logged = rayft_log
-    (example,) = load_examples("prefs", str(tmp_path), None, data="preference")
+    (example,) = load_examples("prefs", str(tmp_path), None, data="preference", max_bad_ratio=1.0)
     assert example["chosen"] == "Four." and example["rejected"] == "Five." and len(example["messages"]) == 1
     assert "row 1: message chosen has role 'human'" in logged[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 from rayft.data.errors import DataError
+from rayft.data.examples import Rows
 from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize, tokenize_cached
 from rayft.data.tokenizer import TokenizerSpec
 
@@ -23,9 +24,10 @@ def examples():
 
 def run(examples, tiny_model, cache_dir, strict, cutoff_len=256, overwrite=False, packing=False):
     settings = EncodingSettings("chatml", cutoff_len, packing=packing, neat_packing=packing)
-    # driver_max=0: Ray Data's tasks tokenise even these few examples, and the automatic cache is used
-    return tokenize_cached(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, cache_dir, strict,
-                           overwrite, driver_max=0)
+    identity = {"examples": len(examples)}  # stands for the datasets' files and the selection settings
+    # driver_max=0: Ray Data's tasks tokenise even these few examples
+    return tokenize_cached(lambda: Rows.of(examples), identity, TokenizerSpec(str(tiny_model)), settings,
+                           encode_batch, 16, str(cache_dir), strict, overwrite, driver_max=0)
 
 
 def rows(dataset):
@@ -92,11 +94,11 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
                      "kto_tag": i % 2 == 0} for i in range(6)]
     settings, spec = EncodingSettings("chatml", 64, stage=stage), TokenizerSpec(str(tiny_model))
     # tasks=1 (preprocessing_num_workers): one task at a time, the same rows
-    dataset = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0, tasks=1)
+    dataset = tokenize(Rows.of(examples), spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0, tasks=1)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
     # the driver tokenises a small dataset itself, into the same rows and statistics
-    here = tokenize(examples, spec, settings, STAGES[stage].encoder, batch_size=4)
+    here = tokenize(Rows.of(examples), spec, settings, STAGES[stage].encoder, batch_size=4)
     assert every_column(here) == every_column(dataset) and token_stats(here) == token_stats(dataset)
 
 
@@ -112,11 +114,11 @@ def test_the_automatic_cache_is_used_on_a_cluster_only_with_a_shared_file_system
         cfg = parse_config(load_recipe(DEMO_RECIPE, [f"ray_storage_path={tmp_path}", *overrides]), base_dir=ROOT)
         return tokenized_cache(cfg, "train")
 
-    assert where() == (tmp_path / ".tokenized", False)  # a local run
+    assert where() == (f"{tmp_path}/.tokenized", False)  # a local run
     assert where("ray_address=10.0.0.1:6379") == (None, False)  # a cluster: the path may be one node's own
-    assert where("ray_address=10.0.0.1:6379", "data_shared_file_system=true") == (tmp_path / ".tokenized", False)
-    assert where("ray_storage_path=s3://bucket/runs") == (None, False)
-    assert where(f"tokenized_path={tmp_path / 'tok'}") == (tmp_path / "tok" / "train", True)
+    assert where("ray_address=10.0.0.1:6379", "data_shared_file_system=true") == (f"{tmp_path}/.tokenized", False)
+    assert where("ray_storage_path=s3://bucket/runs") == ("s3://bucket/runs/.tokenized", False)  # every node's
+    assert where(f"tokenized_path={tmp_path / 'tok'}") == (f"{tmp_path / 'tok'}/train", True)
 
 
 @pytest.mark.unit
@@ -133,7 +135,7 @@ def test_every_encoding_setting_changes_the_cache_key():
     assert set(other) == {f.name for f in dataclasses.fields(EncodingSettings)}
 
     def key(settings):
-        return cache.cache_key(examples, TokenizerSpec("no/such/tokenizer"), dataclasses.asdict(settings))
+        return cache.cache_key({"rows": examples}, TokenizerSpec("no/such/tokenizer"), dataclasses.asdict(settings))
 
     for name, value in other.items():
         assert key(dataclasses.replace(base, **{name: value})) != key(base), name
@@ -146,13 +148,13 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
     from ray.data.dataset import MaterializedDataset
 
     from rayft.data.pipeline import tokenize
-    from rayft.trainers.common import StreamedShard
+    from rayft.trainers.common import ShardStream
 
     settings = EncodingSettings("chatml", 256)
-    lazy = tokenize(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, stream_tasks=2)
+    lazy = tokenize(Rows.of(examples), TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, stream_tasks=2)
     assert not isinstance(lazy, MaterializedDataset)
-    everything = rows(tokenize(examples, TokenizerSpec(str(tiny_model)), settings, encode_batch, 16))
-    shards = [StreamedShard(split, buffer_size=8, seed=1) for split in lazy.streaming_split(2, equal=True)]
+    everything = rows(tokenize(Rows.of(examples), TokenizerSpec(str(tiny_model)), settings, encode_batch, 16))
+    shards = [ShardStream(split, buffer_size=8, seed=1) for split in lazy.streaming_split(2, equal=True)]
     epochs = []
     for _ in range(2):  # split iterators are read at the same time, as the workers read them
         seen = [None, None]
@@ -187,8 +189,8 @@ def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path,
     pinned = TokenizerSpec(repo, revision="v1", cache_dir=str(cache_dir), token="hf_secret_for_the_tasks")
     settings = EncodingSettings("chatml", 256)
     # the tasks load the tokenizer from the hub cache at revision v1 (the ray_local cluster has no hub access)
-    dataset = tokenize(examples[:8], pinned, settings, encode_batch, batch_size=4, driver_max=0)
-    local = tokenize(examples[:8], TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
+    dataset = tokenize(Rows.of(examples[:8]), pinned, settings, encode_batch, batch_size=4, driver_max=0)
+    local = tokenize(Rows.of(examples[:8]), TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
     assert rows(dataset) == rows(local)
     # bad input met inside a task comes back as rayft's one-line DataError, not the task's traceback
     call = json.dumps({"name": "add", "arguments": {"a": 2}})
@@ -196,17 +198,18 @@ def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path,
                                              {"role": "observation", "content": "3"},
                                              {"role": "assistant", "content": "3"}]}] * 4
     with pytest.raises(DataError, match="'seed_oss' writes tools in the 'seed_oss' format") as caught:
-        tokenize(tool_rows, TokenizerSpec(str(tiny_model)), EncodingSettings("seed_oss", 64), encode_batch,
+        tokenize(Rows.of(tool_rows), TokenizerSpec(str(tiny_model)), EncodingSettings("seed_oss", 64), encode_batch,
                  batch_size=2, driver_max=0)
     assert "Traceback" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
     with pytest.raises(Exception, match="main|revision|offline|not found|couldn't"):
-        tokenize(examples[:8], replace(pinned, revision="main"), settings, encode_batch, batch_size=4, driver_max=0)
+        tokenize(Rows.of(examples[:8]), replace(pinned, revision="main"), settings, encode_batch, batch_size=4,
+                 driver_max=0)
     # the cache key tells revisions apart, and never holds the token
     from rayft.data import cache
 
-    key = cache.cache_key(examples, pinned, {})
-    assert key != cache.cache_key(examples, replace(pinned, revision="v2"), {})
-    assert key == cache.cache_key(examples, replace(pinned, token="another"), {})
+    key = cache.cache_key({"examples": 8}, pinned, {})
+    assert key != cache.cache_key({"examples": 8}, replace(pinned, revision="v2"), {})
+    assert key == cache.cache_key({"examples": 8}, replace(pinned, token="another"), {})
 
 
 @pytest.mark.unit

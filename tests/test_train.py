@@ -108,16 +108,17 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayft.data.examples import Rows
     from rayft.data.pipeline import EncodingSettings, encode_batch, tokenize
 
     def collect_shards(loop_config):  # local, so Ray ships it by value to the workers
         import ray.train
 
-        from rayft.trainers.common import shard_rows
+        from rayft.trainers.common import ShardStream
 
         rank = ray.train.get_context().get_world_rank()
         for name in ("even", "odd"):
-            rows = shard_rows(name)
+            rows = list(ShardStream(ray.train.get_dataset_shard(name), None, 0))
             Path(loop_config["dir"], f"{name}{rank}.json").write_text(json.dumps([r["input_ids"] for r in rows]))
 
     def examples(count):
@@ -125,8 +126,8 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
                                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(count)]
 
     settings = EncodingSettings("chatml", 64)
-    datasets = {"even": tokenize(examples(40), TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=8),
-                "odd": tokenize(examples(41), TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=8)}
+    datasets = {name: tokenize(Rows.of(examples(count)), TokenizerSpec(str(tiny_model)), settings, encode_batch,
+                               batch_size=8) for name, count in (("even", 40), ("odd", 41))}
     TorchTrainer(
         collect_shards, train_loop_config={"dir": str(tmp_path)}, datasets=datasets,
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),

@@ -1,14 +1,14 @@
 """Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
 
+import json
 import resource
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray.train
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer
 
 from rayft.recipe.config import RecipeConfig
@@ -23,70 +23,73 @@ from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trac
 
 
 def shard_rows(name: str) -> list[dict] | None:
-    """This worker's shard of dataset `name` from Ray Data, as a list of plain examples (None if absent)."""
-
-    try:
-        shard = ray.train.get_dataset_shard(name)
-    except KeyError:
-        return None
+    """This worker's shard of dataset `name` as a list of plain examples (None if absent): for PPO's prompts,
+    which its own loop batches."""
+    shard = _shard(name)
     if shard is None:
         return None
     return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items() if k not in COUNT_COLUMNS}
             for row in shard.iter_rows()]
 
 
+def _shard(name: str):
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
+
+
 # columns the pipeline adds for its token statistics; the trainers do not need them
 COUNT_COLUMNS = ("num_tokens", "num_trained", "truncated")
 
 
-class StreamedShard(IterableDataset):
-    """This worker's share of a streamed dataset: rows as Ray Data produces them, shuffled through a buffer.
+class ShardStream(IterableDataset):
+    """This worker's share of a dataset, read from Ray Data a batch at a time as the Trainer asks for examples:
+    the worker never holds more than the shuffle buffer and the block being read.
 
-    Each pass (epoch) reads the stream again with another shuffle seed. Ray Train splits a stream into equal
-    shares, so no worker runs out of batches while the others still train.
+    Each pass (epoch) reads the share again, shuffled through a buffer of `buffer_size` examples seeded by the
+    seed and the epoch (no buffer: in order). `length` (the share's size, when the data is materialised) lets
+    the Trainer count epochs; Ray Train splits a dataset into equal shares, so no worker runs out first.
     """
 
-    def __init__(self, shard, buffer_size: int | None, seed: int):
-        self.shard, self.buffer_size, self.seed, self.epoch = shard, buffer_size, seed, 0
+    def __init__(self, shard, buffer_size: int | None, seed: int, length: int | None = None):
+        self.shard, self.buffer_size, self.seed, self.length, self.epoch = shard, buffer_size, seed, length, 0
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("a streamed dataset has no length")
+        return self.length
+
+    def resume_at(self, epoch: int) -> None:
+        """The next pass is epoch `epoch` (a run resumed in its middle reads that epoch's order again)."""
+        self.epoch = epoch
 
     def __iter__(self):
-        self.epoch += 1
-        batches = self.shard.iter_batches(
-            batch_size=min(256, self.buffer_size or 256), batch_format="numpy",
-            local_shuffle_buffer_size=self.buffer_size, local_shuffle_seed=self.seed + self.epoch)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        shuffle = {} if not self.buffer_size else dict(local_shuffle_buffer_size=self.buffer_size,
+                                                       local_shuffle_seed=self.seed + epoch)
+        batches = self.shard.iter_batches(batch_size=min(256, self.buffer_size or 256), batch_format="numpy",
+                                          **shuffle)
         for batch in batches:
             columns = [k for k in batch if k not in COUNT_COLUMNS]
             for i in range(len(batch[columns[0]])):
                 yield {k: batch[k][i].tolist() for k in columns}
 
 
-def train_shard(cfg: RecipeConfig) -> list[dict] | StreamedShard:
-    """This worker's training data: its whole shard as a list, or a stream when the recipe streams."""
-
-    d = cfg.data
-    if not d.streaming:
-        return shard_rows("train")
-    buffer = None if cfg.finetuning.disable_shuffling else d.buffer_size
-    return StreamedShard(ray.train.get_dataset_shard("train"), buffer,
-                         cfg.args.data_seed or cfg.args.seed)
+def train_shard(cfg: RecipeConfig, plan: Plan) -> ShardStream:
+    """This worker's training data as a stream; materialised data (not streaming) has a known length."""
+    buffer = None if cfg.finetuning.disable_shuffling else cfg.data.buffer_size
+    length = None if cfg.data.streaming else plan.examples_per_worker
+    return ShardStream(_shard("train"), buffer, cfg.args.data_seed or cfg.args.seed, length)
 
 
-def eval_shards(cfg: RecipeConfig, pool: ThreadPoolExecutor) -> list[dict] | dict[str, list[dict]] | None:
-    """This worker's evaluation data: one shard, or one per eval dataset with eval_on_each_dataset."""
+def eval_shards(cfg: RecipeConfig) -> ShardStream | dict[str, ShardStream] | None:
+    """This worker's evaluation data, in order: one stream, or one per eval dataset with eval_on_each_dataset."""
     d = cfg.data
     if d.eval_dataset and d.eval_on_each_dataset:
-        names = comma_list(d.eval_dataset)
-        return dict(zip(names, pool.map(shard_rows, [f"eval_{name}" for name in names])))
-    return shard_rows("eval")
-
-
-def worker_data(cfg: RecipeConfig):
-    """This worker's training and evaluation data, read side by side: each shard's first rows wait seconds for
-    Ray Data to start its split, a wait that need not be paid once per dataset."""
-    with ThreadPoolExecutor(4) as pool:
-        train = pool.submit(train_shard, cfg)
-        evaluation = pool.submit(eval_shards, cfg, pool)
-        return train.result(), evaluation.result()
+        return {name: ShardStream(_shard(f"eval_{name}"), None, 0) for name in comma_list(d.eval_dataset)}
+    shard = _shard("eval")
+    return None if shard is None else ShardStream(shard, None, 0)
 
 
 def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
@@ -123,9 +126,8 @@ class ShardTrainer(Seq2SeqTrainer):
     processes (which the default accelerate-prepared loader would do).
     """
 
-    def __init__(self, *args, shuffle: bool = True, finetuning=None, **kwargs):
+    def __init__(self, *args, finetuning=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.shuffle = shuffle
         self.finetuning = finetuning
 
     def create_optimizer(self, model=None):
@@ -149,26 +151,18 @@ class ShardTrainer(Seq2SeqTrainer):
         return super()._run_epoch(*args, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
-        if isinstance(self.train_dataset, IterableDataset):  # a stream shuffles itself, through its buffer
-            return self._loader(self.train_dataset, self.args.per_device_train_batch_size, sampler=None)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.args.data_seed or self.args.seed)
-            sampler = RandomSampler(self.train_dataset, generator=generator)  # reshuffles every epoch
-        else:
-            sampler = SequentialSampler(self.train_dataset)
-        return self._loader(self.train_dataset, self.args.per_device_train_batch_size, sampler)
+        return self._loader(self.train_dataset, self.args.per_device_train_batch_size)  # it shuffles itself
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str):  # Trainer names one of several eval datasets
             dataset = self.eval_dataset[dataset]
-        return self._loader(dataset, self.args.per_device_eval_batch_size, SequentialSampler(dataset))
+        return self._loader(dataset, self.args.per_device_eval_batch_size)
 
-    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=sampler,
             collate_fn=self.data_collator,
             drop_last=self.args.dataloader_drop_last,
             num_workers=self.args.dataloader_num_workers,
@@ -221,11 +215,21 @@ def restored_checkpoint() -> str | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    local = checkpoint.to_directory() if "://" in checkpoint.path else checkpoint.path
+    import pyarrow.fs
+
+    # on remote storage (s3://, gs://) the path is the file system's own, without its scheme: download it
+    on_disk = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+    local = checkpoint.path if on_disk else checkpoint.to_directory()
     # RayTrainReportCallback stores the Trainer's checkpoint folder under `checkpoint/`
     path = Path(local) / "checkpoint"
     logger.info(f"resuming from the checkpoint reported to Ray Train: {checkpoint.path}")
     return str(path)
+
+
+def resumed_epoch(checkpoint: str) -> int:
+    """The epoch a Trainer checkpoint was saved in, from its trainer_state.json (0 when it has none)."""
+    state = Path(checkpoint) / "trainer_state.json"
+    return int(json.loads(state.read_text()).get("epoch") or 0) if state.is_file() else 0
 
 
 def loraplus_groups(model, lr: float, ratio: float, embedding_lr: float, weight_decay: float,
@@ -298,7 +302,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
         quantized = f", base model in {bits} bits (bitsandbytes)" if bits else ""
         logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}{quantized}")
     prepare_trackers(cfg, args.output_dir)
-    train_data, eval_data = worker_data(cfg)
+    train_data, eval_data = train_shard(cfg, plan), eval_shards(cfg)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -310,7 +314,6 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
                    *([ReportEveryLog()] if plan.report_every_log else []),
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
                      if cfg.finetuning.early_stopping_steps is not None else [])],
-        shuffle=not cfg.finetuning.disable_shuffling,
         finetuning=cfg.finetuning,
         **trainer_kwargs,
     )
@@ -318,7 +321,10 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
     adapt_trackers(trainer)
     if cfg.finetuning.pissa_convert and args.process_index == 0:
         save_pissa_init(model, args.output_dir)
-    train_result = trainer.train(resume_from_checkpoint=restored_checkpoint() or args.resume_from_checkpoint)
+    resume = restored_checkpoint() or args.resume_from_checkpoint
+    if resume:
+        train_data.resume_at(resumed_epoch(resume))
+    train_result = trainer.train(resume_from_checkpoint=resume)
     train_result.metrics.update(extra_metrics or {})
     # before saving, which under ZeRO-3 gathers the whole model on rank 0
     train_result.metrics.update({f"training_{k}": v for k, v in peak_memory().items()})
