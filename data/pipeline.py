@@ -21,7 +21,7 @@ from rayft.data.packing import pack_batch
 from rayft.data.registry import dataset_attrs
 from rayft.data.source import Source, check_kind, has_tool_turns, head, locate
 from rayft.data.templates import get_template
-from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+from rayft.data.tokenizer import TokenizerSpec, encode_text, load_tokenizer
 from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 
@@ -185,7 +185,7 @@ def encode_text_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Enc
     """
     cutoff_len, concatenate = settings.cutoff_len, settings.packing and not settings.neat_packing
     tokenizer = load_tokenizer(tokenizer_spec)
-    documents = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in batch["text"]]
+    documents = [encode_text(tokenizer, t) + [tokenizer.eos_token_id] for t in batch["text"]]
     if concatenate:
         flat = [token for document in documents for token in document]
         pieces = [flat[i:i + cutoff_len] for i in range(0, len(flat), cutoff_len)]

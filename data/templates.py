@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 from rayft.data.errors import DataError
+from rayft.data.tokenizer import encode_text
 from rayft.data.tools import TOOL_FORMATS, describe_tools, parse_calls, write_calls
 
 SPEC_FILE = Path(__file__).with_name("template_specs.json")
@@ -79,7 +80,7 @@ class Template:
                             "its tokenizer_config.json")
 
     def thought_ids(self, tokenizer) -> list[int]:
-        return tokenizer.encode(self.empty_thought(), add_special_tokens=False)
+        return encode_text(tokenizer, self.empty_thought())
 
     def empty_thought(self) -> str:
         open_tag, close_tag = self.thought_words
@@ -161,7 +162,7 @@ class Template:
         ids = []
         for slot in slots:
             if isinstance(slot, str):
-                ids += tokenizer.encode(slot, add_special_tokens=False) if slot else []
+                ids += encode_text(tokenizer, slot) if slot else []
             elif "token" in slot:
                 ids.append(_token_id(tokenizer, slot["token"]))
             elif slot["special"] == "bos_token":
@@ -332,4 +333,4 @@ def _render(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:
 
 
 def _plain_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_text(tokenizer, text)

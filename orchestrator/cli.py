@@ -1,5 +1,6 @@
-"""The `rayft` command: train (or predict), sweep, plan, export, chat, submit (as a Ray job), status, logs, keys and
-tiny-model. Every error a user can cause ends the command with one message per problem and exit status 2."""
+"""The `rayft` command: train (or predict), sweep, plan, export, chat, data, tokenize, submit (as a Ray job), status,
+logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and exit
+status 2."""
 
 import argparse
 import json
@@ -27,6 +28,7 @@ RECIPE_COMMANDS = {
     "export": "merge adapter_name_or_path into the base model and save it to export_dir",
     "chat": "talk to the model plus adapter_name_or_path in the terminal",
     "data": "write the first encoded examples of every dataset as JSON Lines, as the workers will get them",
+    "tokenize": "read, convert and tokenise the datasets on the cluster into their cache, for later runs to reuse",
 }
 
 
@@ -131,6 +133,14 @@ def _plan(args) -> int:
     return 0
 
 
+def _tokenize(args) -> int:
+    from rayft.orchestrator.launch import run_tokenize
+
+    for split, where in run_tokenize(_config(args)).items():
+        logger.info(f"{split}: tokenised data kept in {where}")
+    return 0
+
+
 def _sweep(args) -> int:
     from rayft.orchestrator.sweep import run_sweep
 
@@ -174,7 +184,7 @@ def _submit(args) -> int:
 
 
 COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
-            "data": _data}
+            "data": _data, "tokenize": _tokenize}
 
 
 def _one_report(err: Exception) -> str:

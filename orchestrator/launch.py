@@ -74,17 +74,18 @@ class Prepared:
         return all(s.small for s in self.train_sources + self.eval_sources)
 
 
-def prepare(cfg: RecipeConfig) -> Prepared:
-    """Everything checked before Ray: output_dir, the model's modules, the datasets (located, and the first rows
-    of each encoded), and (for a local run) the resource request. Raises ConfigError or DataError; touches no
-    output and starts nothing."""
-    output_dir = Path(cfg.args.output_dir)
-    resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
-    if resume_from:
-        logger.info(f"run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
-                    "(choose another ray_run_name for a fresh run)")
-    # a resumed run finds its own earlier outputs there
-    refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
+def prepare(cfg: RecipeConfig, trains: bool = True) -> Prepared:
+    """Everything checked before Ray: output_dir (when the command `trains`), the model's modules, the datasets
+    (located, and the first rows of each encoded), and (for a local run) the resource request. Raises ConfigError
+    or DataError; touches no output and starts nothing."""
+    if trains:
+        output_dir = Path(cfg.args.output_dir)
+        resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
+        if resume_from:
+            logger.info(f"run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
+                        "(choose another ray_run_name for a fresh run)")
+        # a resumed run finds its own earlier outputs there
+        refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
     problems = reward_model_problems(cfg)
     template_refusal = template_problem(cfg.data.template, cfg.data.tool_format)
     if template_refusal:
@@ -180,12 +181,40 @@ class Tokenised:
     train_count: int
 
 
-def tokenize_splits(prepared: Prepared) -> Tokenised:
-    """Reads, mixes and tokenises every split with Ray Data on the connected cluster (or reuses their caches)."""
+def run_tokenize(cfg: RecipeConfig) -> dict[str, str]:
+    """`rayft tokenize`: reads, converts and tokenises every split on the cluster into its cache (tokenized_path,
+    or the automatic one under ray_storage_path) and stops; a training run of the same inputs then starts from
+    it, on a cluster whose CPUs can be spent elsewhere meanwhile. Returns split -> where it is kept."""
+    prepared = prepare(cfg, trains=False)
+    if cfg.data.streaming:
+        raise ConfigError([Problem("streaming", "a streamed dataset is tokenised while training, never kept; remove "
+                                                "streaming to tokenise ahead")])
+    with ray_session(cfg.ray) as nodes:
+        check_cluster(cfg, nodes)
+        splits = split_names(prepared)
+        where = {split: tokenized_cache(cfg, split)[0] for split in splits}
+        if None in where.values():
+            raise ConfigError([Problem("tokenized_path", "this cluster's nodes may not share ray_storage_path, where "
+                                                         "the automatic cache lives; set tokenized_path to a shared "
+                                                         "folder or an s3:// / gs:// URI")])
+        tokenize_splits(prepared, keep=True)
+    return where
+
+
+def split_names(prepared: Prepared) -> list[str]:
+    """The run's splits: train, and eval (or eval_<dataset> for each, with eval_on_each_dataset)."""
+    d = prepared.cfg.data
+    if d.eval_on_each_dataset:
+        return ["train"] + [f"eval_{s.attr.name}" for s in prepared.eval_sources]
+    return ["train"] + (["eval"] if prepared.eval_sources or d.val_size else [])
+
+
+def tokenize_splits(prepared: Prepared, keep: bool = False) -> Tokenised:
+    """Reads, mixes and tokenises every split with Ray Data on the connected cluster (or reuses their caches).
+
+    A few MB of local data is tokenised again by every run unless `keep` (rayft tokenize) asks for a cache."""
     configure_ray_data()
     cfg = prepared.cfg
-    splits = ["train"] + ([f"eval_{s.attr.name}" for s in prepared.eval_sources] if cfg.data.eval_on_each_dataset
-                          else ["eval"] if prepared.eval_sources or cfg.data.val_size else [])
     made: dict = {}
 
     def rows_of(split: str) -> Rows:  # read once, for every split, only when some split is not cached
@@ -193,7 +222,7 @@ def tokenize_splits(prepared: Prepared) -> Tokenised:
             made.update(example_rows(prepared))
         return made[split]
 
-    datasets = {split: _tokenized(prepared, rows_of, split) for split in splits}
+    datasets = {split: _tokenized(prepared, rows_of, split, keep) for split in split_names(prepared)}
     streamed = cfg.data.streaming
     return Tokenised(datasets, made["train"].count() if streamed else datasets["train"].count())
 
@@ -227,7 +256,7 @@ def example_rows(prepared: Prepared) -> dict[str, Rows]:
 def reading_node(cfg: RecipeConfig) -> str | None:
     """The driver's node, where local dataset files are read on a cluster of several nodes unless
     data_shared_file_system says every node sees them (URIs are read anywhere)."""
-    if "://" in cfg.data.dataset_dir or cfg.data.data_shared_file_system:
+    if "://" in cfg.data.dataset_dir or cfg.data.data_shared_file_system or not ray.is_initialized():
         return None
     if sum(1 for node in ray.nodes() if node["Alive"]) < 2:
         return None
@@ -344,7 +373,7 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def _tokenized(prepared: Prepared, rows_of, split: str):
+def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
     cfg = prepared.cfg
     d = cfg.data
     spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
@@ -357,7 +386,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str):
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
-    if not strict and prepared.all_small:
+    if not strict and prepared.all_small and not keep:
         cache_dir = None  # tokenising a few MB again is faster than hashing, writing and reading a cache
     dataset, reused = tokenize_cached(lambda: rows_of(split), {**prepared.rows_identity(), "split": split}, spec,
                                       EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size, cache_dir, strict,

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 from rayft.cluster.session import local_machine
-from rayft.orchestrator.launch import prepare, run_train
+from rayft.orchestrator.launch import example_rows, prepare, run_train
 from rayft.orchestrator.plan import make_plan
 from rayft.orchestrator.predict import prepare_predict
 from rayft.recipe.loading import load_recipe
@@ -49,7 +49,8 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
         assert not cfg.args.do_train and len(prepare_predict(cfg)) == 50 + 50
         return
     prepared = prepare(cfg)
-    plan = make_plan(cfg, local_machine(), len(prepared.train_examples), shape=prepared.probe.shape)
+    examples = example_rows(prepared)["train"].count()  # a few MB: read here, without Ray
+    plan = make_plan(cfg, local_machine(), examples, shape=prepared.probe.shape)
     assert not plan.use_gpu and plan.total_steps > 0
     assert any("bf16 is for GPUs; these CPU workers train in fp32" in n for n in plan.notes)
     if "ds3" in recipe or "full_sft" in recipe:

@@ -22,16 +22,6 @@ from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainabl
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 
 
-def shard_rows(name: str) -> list[dict] | None:
-    """This worker's shard of dataset `name` as a list of plain examples (None if absent): for PPO's prompts,
-    which its own loop batches."""
-    shard = _shard(name)
-    if shard is None:
-        return None
-    return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items() if k not in COUNT_COLUMNS}
-            for row in shard.iter_rows()]
-
-
 def _shard(name: str):
     try:
         return ray.train.get_dataset_shard(name)

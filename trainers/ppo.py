@@ -7,9 +7,7 @@ the base model without the policy's adapter, or a frozen copy (freeze / full fin
 Transformers' callbacks, so the log, the trackers and Ray Train's checkpoints work as in the other stages.
 """
 
-import itertools
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from rayft.recipe.plan import Plan
 from rayft.recipe.values import VALUE_HEAD_FILE
 from rayft.trainers import outputs, rl
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
-from rayft.trainers.common import peak_memory, restored_checkpoint, shard_rows, training_arguments
+from rayft.trainers.common import ShardStream, peak_memory, restored_checkpoint, train_shard, training_arguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import load_reference, load_tokenizer, prepare_model, trainable_summary
 from rayft.trainers.rewards import (
@@ -189,15 +187,15 @@ class PPOTrainer:
         return stats
 
     # ---- the run --------------------------------------------------------------------------------------
-    def train(self, prompts: list[list[int]]) -> int:
-        """Runs total_steps PPO steps over this worker's prompts, logging and checkpointing as the Trainer would;
-        returns the steps done."""
+    def train(self, prompts: ShardStream) -> int:
+        """Runs total_steps PPO steps over this worker's share of the prompts, logging and checkpointing as the
+        Trainer would; returns the steps done."""
         args, plan = self.args, self.plan
         resumed = restored_checkpoint() or args.resume_from_checkpoint
         if resumed:
             self.restore(resumed)
         self.callbacks.on_train_begin(args, self.state, self.control)
-        stream = prompt_stream(prompts, args.data_seed or args.seed)
+        stream = prompt_stream(prompts)
         batches = iter(lambda: [next(stream) for _ in range(self.batch_size)], None)
         for _ in range(self.state.global_step * self.batch_size):  # a resumed run continues where it stopped
             next(stream)
@@ -255,12 +253,11 @@ class PPOTrainer:
         logger.info(f"ppo resumes at step {self.state.global_step} from {folder}")
 
 
-def prompt_stream(prompts: list[list[int]], seed: int):
-    """This worker's prompts, reshuffled every pass, without end: a step may span the end of a pass."""
-    for epoch in itertools.count():
-        order = list(range(len(prompts)))
-        random.Random(seed + epoch).shuffle(order)
-        yield from (prompts[i] for i in order)
+def prompt_stream(prompts: ShardStream):
+    """This worker's prompt ids, pass after pass (each shuffled anew by the share's buffer), without end: a step
+    may span the end of a pass."""
+    while True:
+        yield from (row["input_ids"] for row in prompts)
 
 
 def gathered(values: torch.Tensor) -> torch.Tensor:
@@ -350,8 +347,7 @@ def run_ppo(cfg: RecipeConfig, plan: Plan) -> dict:
         logger.info(f"ppo reward: {reward.description}; reference: {reference.description}")
     prepare_trackers(cfg, args.output_dir)
     trainer = PPOTrainer(cfg, plan, args, model, tokenizer, reward, reference, device)
-    prompts = [[int(t) for t in row["input_ids"]] for row in shard_rows("train")]
-    steps = trainer.train(prompts)
+    steps = trainer.train(train_shard(cfg, plan))
     if isinstance(reward, ActorReward) and args.process_index == 0:  # where the scores came from, and how many
         (Path(args.output_dir) / REWARD_ACTORS_FILE).write_text(json.dumps(reward.where(), indent=1))
     metrics = {"train_steps": steps, **{f"training_{k}": v for k, v in peak_memory().items()}}
