@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -94,14 +95,15 @@ class Template:
         tool_text = describe_tools(self.tools, tools) if tools else ""
         encoded = []
         for index, message in enumerate(messages):
-            slots, system_text = [], ""
+            slots, system_text, head = [], "", []
             if index == 0:
-                slots += self.prefix
+                opening = list(self.prefix)
                 if system or tools:
                     if self.kind == "llama2":
                         system_text = _fill(self.system, system + tool_text)[0]
                     else:
-                        slots += _fill(self.system, system + tool_text)
+                        opening += _fill(self.system, system + tool_text)
+                head = self._opening_ids(tokenizer, opening)
             role, content = message["role"], message["content"]
             if role == "user":
                 slots += _fill(self.user, system_text + content)
@@ -113,8 +115,19 @@ class Template:
                 slots += _fill(self.function, self._calls_text(content))
             else:
                 raise DataError(f"a message has role {role!r}; roles are user, assistant, observation, function")
-            encoded.append(self._ids(tokenizer, slots))
+            encoded.append(head + self._ids(tokenizer, slots))
         return encoded
+
+    def _opening_ids(self, tokenizer, slots: list) -> list[int]:
+        """`_ids` of a conversation's prefix and system prompt, remembered per tokenizer: most datasets give every
+        row the same system prompt (or the template's default), and encoding it is a good part of a short row."""
+        key = json.dumps(slots)
+        known = _OPENINGS.setdefault(tokenizer, {})
+        if key not in known:
+            if len(known) >= 256:
+                known.clear()
+            known[key] = self._ids(tokenizer, slots)
+        return list(known[key])
 
     def encode_turns(self, tokenizer, example: dict, discard_history_thoughts: bool = False
                      ) -> list[tuple[list[int], list[int]]]:
@@ -196,6 +209,9 @@ class Template:
         uses_tools = tools or any(m["role"] in ("function", "observation") for m in messages)
         if uses_tools and not self.writes_tools:
             raise DataError(tool_refusal(self.name))
+
+
+_OPENINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> opening slots -> ids
 
 
 def _fill(slots: tuple, content: str) -> list:

@@ -90,6 +90,9 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         if reward_path.exists():
             f.reward_model = str(reward_path)
         f.reward_model_adapters = ",".join(str(under(base_dir, a)) for a in comma_list(f.reward_model_adapters)) or None
+    if t.get("dataloader_num_workers"):
+        notes.append(f"dataloader_num_workers = {t['dataloader_num_workers']}: Ray Data prefetches that many batches "
+                     "of each worker's share in its own threads; the DataLoader itself reads in the worker's process")
     deepspeed = t.get("deepspeed")
     if isinstance(deepspeed, str) and deepspeed not in SHORTHANDS:
         t["deepspeed"] = json.loads(under(base_dir, deepspeed).read_text())

@@ -11,7 +11,15 @@ from conftest import ROOT
 
 from rayft.data.errors import DataError
 from rayft.data.examples import Rows
-from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize, tokenize_cached
+from rayft.data.pipeline import (
+    EncodingSettings,
+    encode_batch,
+    load_examples,
+    locate_datasets,
+    token_stats,
+    tokenize,
+    tokenize_cached,
+)
 from rayft.data.tokenizer import TokenizerSpec
 
 pytestmark = pytest.mark.integration
@@ -220,3 +228,67 @@ def test_the_recipe_keys_make_the_tokenizer_spec():
                                            hf_hub_token="t", trust_remote_code=True, use_fast_tokenizer=False))
     assert spec == TokenizerSpec("org/m", revision="v1", cache_dir="/c", token="t", trust_remote_code=True,
                                  use_fast=False)
+
+
+READ_AND_MEASURE = """
+import json, resource, sys
+import ray
+import ray.data
+from rayft.data.errors import DataError
+from rayft.data.pipeline import locate_datasets, read_dataset
+from rayft.orchestrator.launch import configure_ray_data
+from rayft.recipe.logs import DEFAULT, configure
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+configure(DEFAULT)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+configure_ray_data()
+ray.data.range(8).map_batches(lambda b: b).materialize()  # Ray Data's executor imported before measuring
+(source,) = locate_datasets("big", sys.argv[1])
+before = peak_mb()
+result = {"count": read_dataset(source, None, max_bad_ratio=0.01).count(), "growth_mb": peak_mb() - before}
+try:
+    read_dataset(source, None, max_bad_ratio=0.001)
+except DataError as err:
+    result["refused"] = str(err)
+print("RESULT " + json.dumps(result), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_large_dataset_is_read_in_tasks_its_bad_rows_counted_exactly_and_the_driver_holds_no_rows(tmp_path):
+    import subprocess
+    import sys
+
+    # 100,000 alpaca rows in two JSON-lines files (about 16 MB, past the 8 MB that the driver reads itself: Ray
+    # Data's tasks read them);
+    # every 250th row is bad, alternately not JSON and without its response: 400 bad rows, 0.4%
+    (tmp_path / "big").mkdir()
+    for part in range(2):
+        lines = []
+        for i in range(50_000):
+            if i % 250 == 7:
+                lines.append('{"instruction": "broken' if i % 500 == 7 else json.dumps({"instruction": f"q{i}"}))
+            else:
+                lines.append(json.dumps({"instruction": f"question {part} {i}", "input": "",
+                                         "output": f"answer {i}: " + "a longer response " * 6}))
+        (tmp_path / "big" / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"big": {"file_name": "big"}}))
+    # its own local Ray instance: the driver process measured is the one that started it, as `rayft train` does
+    done = subprocess.run([sys.executable, "-c", READ_AND_MEASURE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    result, output = json.loads(line[len("RESULT "):]), done.stdout + done.stderr
+    assert result["count"] == 100_000 - 400
+    assert ("dataset 'big': skipped 400 of 100000 malformed rows: part-0.jsonl line 8: not valid JSON "
+            "(Unterminated string") in output
+    assert "part-0.jsonl line 258: missing column 'output'" in output and "(and 395 more)" in output
+    assert not locate_datasets("big", str(tmp_path))[0].small
+    # the rows as Python objects would be hundreds of MB on the driver (the issue measured 434 MB at 200,000);
+    # reading and checking them in tasks grew it by 15 MB (32 MB at 1,000,000 rows of benchmarks/data_scale.py)
+    assert result["growth_mb"] < 60, result
+    assert result["refused"].startswith("dataset 'big': 400 of 100000 rows (0.40%) are malformed, more than "
+                                       "max_bad_row_ratio=0.001: part-0.jsonl line 8: not valid JSON")

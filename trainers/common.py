@@ -42,8 +42,9 @@ class ShardStream(IterableDataset):
     the Trainer count epochs; Ray Train splits a dataset into equal shares, so no worker runs out first.
     """
 
-    def __init__(self, shard, buffer_size: int | None, seed: int, length: int | None = None):
+    def __init__(self, shard, buffer_size: int | None, seed: int, length: int | None = None, prefetch: int = 1):
         self.shard, self.buffer_size, self.seed, self.length, self.epoch = shard, buffer_size, seed, length, 0
+        self.prefetch = max(1, prefetch)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -59,7 +60,7 @@ class ShardStream(IterableDataset):
         shuffle = {} if not self.buffer_size else dict(local_shuffle_buffer_size=self.buffer_size,
                                                        local_shuffle_seed=self.seed + epoch)
         batches = self.shard.iter_batches(batch_size=min(256, self.buffer_size or 256), batch_format="numpy",
-                                          **shuffle)
+                                          prefetch_batches=self.prefetch, **shuffle)
         for batch in batches:
             columns = [k for k in batch if k not in COUNT_COLUMNS]
             for i in range(len(batch[columns[0]])):
@@ -70,7 +71,10 @@ def train_shard(cfg: RecipeConfig, plan: Plan) -> ShardStream:
     """This worker's training data as a stream; materialised data (not streaming) has a known length."""
     buffer = None if cfg.finetuning.disable_shuffling else cfg.data.buffer_size
     length = None if cfg.data.streaming else plan.examples_per_worker
-    return ShardStream(_shard("train"), buffer, cfg.args.data_seed or cfg.args.seed, length)
+    # dataloader_num_workers: Ray Data's threads prefetch that many batches (forked DataLoader processes could
+    # not read a Ray Data iterator)
+    return ShardStream(_shard("train"), buffer, cfg.args.data_seed or cfg.args.seed, length,
+                       prefetch=cfg.args.dataloader_num_workers)
 
 
 def eval_shards(cfg: RecipeConfig) -> ShardStream | dict[str, ShardStream] | None:
@@ -155,7 +159,7 @@ class ShardTrainer(Seq2SeqTrainer):
             batch_size=batch_size,
             collate_fn=self.data_collator,
             drop_last=self.args.dataloader_drop_last,
-            num_workers=self.args.dataloader_num_workers,
+            num_workers=0,  # the stream reads in this process; Ray Data prefetches (see train_shard)
         )
 
 
