@@ -68,14 +68,14 @@ def recipe(folder: Path, name: str, out: Path) -> dict:
             "output_dir": str(out), "overwrite_output_dir": True, "report_to": "none"}
 
 
-def short_run(folder: Path, name: str, work: Path, env: dict) -> dict:
+def short_run(folder: Path, name: str, work: Path, env: dict, *overrides: str) -> dict:
     """A 2-step, 1-worker `rayft train`: the driver's and worker's peaks, and seconds to the first step."""
-    out = work / f"train-{name}"
+    out = work / f"train-{name}{'-'.join(('',) + overrides).replace('=', '')}"
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe(folder, name, out)))
     log = out.with_suffix(".log")
     timing = timed_run([sys.executable, "-c", DRIVER, "train", str(path), "ray_num_workers=1",
-                        f"ray_storage_path={out}-ray"], env, out, log)
+                        f"ray_storage_path={out}-ray", *overrides], env, out, log)
     driver = max(float(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("DRIVER_PEAK"))
     worker = json.loads((out / "train_results.json").read_text())["training_peak_rss_gb"] * 1024
     return {"driver peak (MB)": driver, "worker peak (MB)": worker, "first step (s)": timing["first step"],
@@ -144,12 +144,15 @@ def main() -> None:
 
     if "first-step" in parts:
         first = []
-        for rows in (int(r) for r in args.first_step.split(",")):
+        sizes = [int(r) for r in args.first_step.split(",")]
+        # materialised (the default), and streamed (tokenised while the worker trains) at the largest size
+        for rows, streaming in [(rows, False) for rows in sizes] + [(sizes[-1], True)]:
             folder, name = dataset(rows, "alpaca")
-            first.append({"rows": rows, **short_run(folder, name, work, env)})
+            extra = ("streaming=true",) if streaming else ()
+            first.append({"rows": rows, "streaming": streaming, **short_run(folder, name, work, env, *extra)})
             print(table(first[-1:], list(first[-1])), flush=True)
         payload["first_step"] = first
-        print(table(first, ["rows", "first step (s)", "wall (s)", "driver peak (MB)"]))
+        print(table(first, ["rows", "streaming", "first step (s)", "wall (s)", "driver peak (MB)"]))
 
     if "tokenize" in parts:
         lf_cli = ensure_lf_venv(Path(args.lf_venv))

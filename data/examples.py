@@ -61,11 +61,15 @@ class Rows:
             return Rows(table=self.table.slice(0, count))
         return Rows(dataset=self.dataset.limit(count).materialize())
 
-    def to_dataset(self):
-        """The rows as a Ray Dataset (a small table goes to the object store in one piece)."""
+    def to_dataset(self, blocks: int = 1):
+        """The rows as a materialised Ray Dataset (a table held here goes to the object store as `blocks` blocks)."""
         import ray.data
 
-        return ray.data.from_arrow(self.table) if self.here else self.dataset
+        if not self.here:
+            return self.dataset
+        size = -(-self.table.num_rows // blocks) or 1
+        return ray.data.from_arrow([self.table.slice(start, size) for start in range(0, self.table.num_rows, size)]
+                                   or [self.table])
 
     def examples(self) -> list[dict]:
         """Every example as a dict, for the small datasets the driver itself works on (prediction, inspection)."""

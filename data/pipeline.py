@@ -294,14 +294,14 @@ def tokenize(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettin
     options = {"concurrency": tasks} if tasks else {}
     if stream_tasks is not None:
         options = {"num_cpus": 0, "concurrency": min(stream_tasks, tasks or stream_tasks)}
-    dataset = rows.to_dataset()
     # A few blocks per CPU keep every CPU busy without paying each task's fixed cost hundreds of times
     # (measured in benchmarks/data_pipeline.py); a large file read by one task arrives as few blocks.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     wanted = max(1, min(count // batch_size + 1, 2 * cpus))
-    blocks = dataset.num_blocks()
-    dataset = dataset.select_columns(["example"])
-    if blocks < wanted:
+    dataset = rows.to_dataset(blocks=wanted)
+    # a stream's tasks must reserve no CPU (the workers may hold them all): no other task (a repartition, a
+    # projection) may come before them, and the encoders read the example column alone
+    if stream_tasks is None and dataset.num_blocks() < wanted:
         dataset = dataset.repartition(wanted)
     dataset = dataset.map_batches(on_examples(encoder), batch_size=batch_size, **options,
                                   fn_kwargs=dict(tokenizer_spec=tokenizer_spec, settings=s))
