@@ -27,6 +27,7 @@ def main() -> None:
     import datasets
     import ray
 
+    from rayft.data.examples import Rows
     from rayft.data.pipeline import EncodingSettings, encode_batch, load_examples, token_stats, tokenize
     from rayft.data.tokenizer import TokenizerSpec
 
@@ -56,7 +57,7 @@ def main() -> None:
 
         configure_ray_data()
         start = time.perf_counter()
-        dataset = tokenize(examples, TokenizerSpec(str(TINY)),
+        dataset = tokenize(Rows.of(examples), TokenizerSpec(str(TINY)),
                            EncodingSettings(template="qwen", cutoff_len=args.cutoff_len),
                            encode_batch, args.batch_size)
         seconds = time.perf_counter() - start

@@ -29,6 +29,7 @@ def main() -> None:
 
     import ray
 
+    from rayft.data.examples import Rows
     from rayft.data.pipeline import EncodingSettings, load_examples, tokenize
     from rayft.data.tokenizer import TokenizerSpec
     from rayft.orchestrator.launch import run_train
@@ -44,7 +45,7 @@ def main() -> None:
     rows = []
     for name, driver_max in (("Ray Data tasks", 0), ("the driver", 10**9)):
         def once(limit=driver_max):
-            tokenize(examples, spec, settings, encoder, 64, driver_max=limit)
+            tokenize(Rows.of(examples), spec, settings, encoder, 64, driver_max=limit)
 
         seconds = timed(once)  # cold, as a run meets it: task workers start, each process loads the tokenizer
         rows.append({"tokenised by": name, "examples": len(examples), "seconds": round(seconds, 2)})
