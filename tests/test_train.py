@@ -246,29 +246,27 @@ def test_resuming_from_the_final_checkpoint_trains_no_further_step(tmp_path, tin
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
-@pytest.mark.unit
-def test_the_shard_loader_is_seeded_and_reshuffles_every_epoch():
-    from transformers import TrainingArguments as HFArgs
+@pytest.mark.integration
+def test_a_shard_stream_is_seeded_reshuffles_every_epoch_and_reads_a_resumed_epoch_again(ray_local):
+    import ray.data
 
-    from rayft.data.collator import SupervisedCollator
-    from rayft.trainers.common import ShardTrainer
+    from rayft.trainers.common import ShardStream
 
-    rows = [{"input_ids": [i], "labels": [i]} for i in range(32)]
+    shard = ray.data.from_items([{"input_ids": [i], "labels": [i]} for i in range(32)]).iterator()
 
-    def epochs(seed, shuffle=True):
-        trainer = ShardTrainer.__new__(ShardTrainer)  # only the loader is exercised: no model needed
-        trainer.args = HFArgs(output_dir="unused", per_device_train_batch_size=8, seed=seed, use_cpu=True,
-                              report_to="none")
-        trainer.train_dataset, trainer.data_collator, trainer.shuffle = rows, SupervisedCollator(0), shuffle
-        loader = trainer.get_train_dataloader()
-        return [[int(i) for batch in loader for i in batch["input_ids"][:, 0]] for _ in range(2)]
+    def epochs(seed, buffer=64, resumed_in=0):
+        stream = ShardStream(shard, buffer, seed, length=32)
+        stream.resume_at(resumed_in)
+        return [[row["input_ids"][0] for row in stream] for _ in range(2)]
 
     first, second = epochs(seed=7)
     assert sorted(first) == sorted(second) == list(range(32))
     assert first != second  # a new order every epoch
     assert epochs(seed=7) == [first, second]  # and the same orders for the same seed
     assert epochs(seed=8)[0] != first
-    assert epochs(seed=7, shuffle=False)[0] == list(range(32))  # disable_shuffling
+    assert epochs(seed=7, resumed_in=1)[0] == second  # a run resumed in epoch 1 reads epoch 1's order again
+    assert epochs(seed=7, buffer=None)[0] == list(range(32))  # disable_shuffling
+    assert len(ShardStream(shard, 64, 7, length=32)) == 32  # the Trainer counts epochs by it
 
 
 @pytest.mark.unit
