@@ -36,12 +36,6 @@ def cache_key(identity: dict, tokenizer: TokenizerSpec, settings: dict) -> str:
     return digest.hexdigest()[:24]
 
 
-def _entries(fs, folder: str) -> list:
-    if fs.get_file_info(folder).type == pyarrow.fs.FileType.NotFound:
-        return []
-    return fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-
-
 def load(folder: str, key: str, strict: bool):
     """The cached dataset in `folder` if it was made with `key`; None if absent.
 
@@ -53,7 +47,7 @@ def load(folder: str, key: str, strict: bool):
     fs, path = resolve(folder)
     meta_path = f"{path}/{META_FILE}"
     if fs.get_file_info(meta_path).type == pyarrow.fs.FileType.NotFound:
-        if strict and _entries(fs, path):
+        if strict and fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)):
             raise DataError(f"tokenized_path: {folder} exists but holds no rayft tokenised data; choose an empty "
                             "or new folder")
         return None

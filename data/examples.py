@@ -17,6 +17,7 @@ from rayft.data.errors import DataError
 from rayft.data.mixing import mix_counts, validation_count
 from rayft.data.source import BATCH_ROWS, Source, converted, hub_batch, hub_dataset, mix64, read_batches, row_keys
 from rayft.data.templates import supports_tools, tool_refusal
+from rayft.recipe.logs import logger
 
 SHOWN_BAD_ROWS = 5
 
@@ -152,8 +153,6 @@ def checked(source: Source, rows: Rows, max_bad_ratio: float, template: str | No
             raise DataError(f"dataset {name!r}: {bad} of {total} rows ({bad / total:.2%}) are malformed, more than "
                             f"max_bad_row_ratio={max_bad_ratio}: {listed}; fix them, or raise max_bad_row_ratio to "
                             "skip them")
-        from rayft.recipe.logs import logger
-
         logger.info(f"dataset {name!r}: skipped {bad} of {total} malformed rows: {listed}")
     refuse_tools(name, with_tools, template, tool_format)
     return rows.apply(_good_rows)
@@ -205,11 +204,17 @@ def _rekeyed(batch: dict, cycle: int) -> dict:
     return {**batch, "key": mix64(batch["key"] ^ _salt(cycle, "repeat"))}
 
 
+def _copy(rows: Rows, cycle: int) -> Rows:
+    """Copy number `cycle` of `rows`: the rows themselves first, then with keys of their own, so that a later
+    seeded draw over repeated rows still picks exactly as many as it asks for."""
+    return rows if cycle == 0 else rows.apply(_rekeyed, cycle=cycle)
+
+
 def draw(rows: Rows, count: int, seed: int, purpose: str) -> Rows:
     """`count` rows drawn by seeded keys: a subset without repeats while it can, whole copies beyond that."""
     total = rows.count()
     copies, rest = divmod(count, total)
-    parts = [rows if cycle == 0 else rows.apply(_rekeyed, cycle=cycle) for cycle in range(copies)]
+    parts = [_copy(rows, cycle) for cycle in range(copies)]
     if rest:
         salt = _salt(seed, purpose)
         parts.append(rows.apply(_keep, salt=int(salt), threshold=kth_rank(rows, salt, rest), below=True))
@@ -232,9 +237,9 @@ def mixed(parts: list[Rows], strategy: str, probs: list[float], seed: int) -> tu
     taken = []
     for part, count in zip(parts, counts):
         whole, rest = divmod(count, part.count())
-        taken += [part if cycle == 0 else part.apply(_rekeyed, cycle=cycle) for cycle in range(whole)]
+        taken += [_copy(part, cycle) for cycle in range(whole)]
         if rest:
-            taken.append(part.first(rest) if whole == 0 else part.apply(_rekeyed, cycle=whole).first(rest))
+            taken.append(_copy(part, whole).first(rest))
     return union(taken), counts
 
 

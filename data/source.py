@@ -57,18 +57,19 @@ class Source:
     def identity(self) -> dict:
         """What the rows are, for cache keys: the entry, and each file's path, size and modification time
         (a hub dataset: its name, subset and split)."""
-        return {"entry": {k: v for k, v in vars(self.attr).items()}, "as_text": self.as_text,
+        return {"entry": dict(vars(self.attr)), "as_text": self.as_text,
                 "files": [list(f) for f in zip(self.paths, self.sizes, self.mtimes)]}
 
     def describe(self, file: int, row: int) -> str:
         """A bad row's position: 'train.jsonl line 12', 'part-3.parquet row 7', 'row 12'."""
         if not self.paths:
             return f"row {row}"
-        where = "line" if self.suffix in (".jsonl", ".txt") or self._json_lines(file) else "row"
-        return f"{Path(self.paths[file]).name} {where} {row}"
+        return f"{Path(self.paths[file]).name} {'line' if self.in_lines(file) else 'row'} {row}"
 
-    def _json_lines(self, file: int) -> bool:
-        return self.suffix == ".json" and not _starts_with_bracket(self.filesystem, self.paths[file])
+    def in_lines(self, file: int) -> bool:
+        """Whether the file holds a row per line (JSON lines, text; a .json file not holding an array)."""
+        return self.suffix in (".jsonl", ".txt") or (self.suffix == ".json"
+                                                      and not _starts_with_bracket(self.filesystem, self.paths[file]))
 
 
 def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None = None) -> Source:
@@ -125,7 +126,7 @@ def file_rows(source: Source, file: int, limit: int | None = None) -> Iterator[t
     """
     fs, path, suffix = source.filesystem, source.paths[file], source.suffix
     name = source.attr.name
-    if suffix in (".jsonl", ".txt") or (suffix == ".json" and not _starts_with_bracket(fs, path)):
+    if source.in_lines(file):
         yield from _lines(fs, path, as_json=suffix != ".txt", limit=limit)
     elif suffix == ".json":
         yield from enumerate(_json_array(fs, path, name, limit))
@@ -285,11 +286,11 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def read_batches(batch: dict, source: Source, limit: int | None = None) -> Iterator[dict]:
+def read_batches(batch: dict, source: Source) -> Iterator[dict]:
     """Ray Data map_batches function over a batch of file indices: the converted rows of those files."""
     for file in batch["file"]:
         pending = []
-        for position, raw in file_rows(source, int(file), limit):
+        for position, raw in file_rows(source, int(file)):
             pending.append((int(file), position, raw))
             if len(pending) == BATCH_ROWS:
                 yield converted(source, pending)
