@@ -103,7 +103,7 @@ def union(parts: list[Rows]) -> Rows:
 
 def read(source: Source, here: bool, node_id: str | None = None) -> Rows:
     """Every row of `source` converted: here for a few MB of local files, else one Ray Data task per file
-    (pinned to `node_id` when the files are on that node's disk only)."""
+    (preferably on `node_id` when the files may be on that node's disk only)."""
     if here and not source.paths:
         loaded = hub_dataset(source)
         batches = [range(start, min(start + BATCH_ROWS, len(loaded))) for start in range(0, len(loaded), BATCH_ROWS)]
@@ -116,7 +116,8 @@ def read(source: Source, here: bool, node_id: str | None = None) -> Rows:
     if node_id is not None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        # soft: a head node without CPUs (the usual cluster set-up) would otherwise never run the reads
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     if not source.paths:
         loaded = hub_dataset(source)
         loaded = loaded.add_column("__row", list(range(len(loaded))))
