@@ -6,6 +6,7 @@ by name (`TOOL_FORMATS` lists what is built).
 """
 
 import json
+import re
 from datetime import datetime
 
 from rayft.data.errors import DataError
@@ -130,3 +131,65 @@ def parse_calls(content: str) -> list[tuple[str, str]]:
 def write_calls(tool_format: str, calls: list[tuple[str, str]]) -> str:
     """The reply text of `calls` in `tool_format`."""
     return TOOL_FORMATS[tool_format][1](calls)
+
+
+def _json_calls(text: str, arguments_key: str) -> list[tuple[str, str]] | None:
+    """Calls written as one JSON object or a list of them, each with "name" and `arguments_key`."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    parsed = parsed if isinstance(parsed, list) else [parsed]
+    if not parsed or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                             and isinstance(c.get(arguments_key), dict) for c in parsed):
+        return None
+    return [(c["name"], json.dumps(c[arguments_key], ensure_ascii=False)) for c in parsed]
+
+
+def _read_default(text: str) -> list[tuple[str, str]] | None:
+    found = re.findall(r"Action:\s*([^\n]+?)\s*\nAction Input:\s*(.+?)(?=\s*\nAction:|\s*$)", text, re.DOTALL)
+    calls = []
+    for name, arguments in found:
+        arguments = arguments.strip().strip("`").strip()
+        try:
+            calls.append((name.strip(), json.dumps(json.loads(arguments), ensure_ascii=False)))
+        except json.JSONDecodeError:
+            return None
+    return calls or None
+
+
+def _read_qwen(text: str) -> list[tuple[str, str]] | None:
+    calls = []
+    for body in re.findall(r"<tool_call>\s*(.+?)\s*</tool_call>", text, re.DOTALL):
+        call = _json_calls(body, "arguments")
+        if call is None:
+            return None
+        calls += call
+    return calls or None
+
+
+def _read_glm4(text: str) -> list[tuple[str, str]] | None:
+    name, newline, arguments = text.strip().partition("\n")
+    if not newline or not name.strip():
+        return None
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    return [(name.strip(), json.dumps(parsed, ensure_ascii=False))] if isinstance(parsed, dict) else None
+
+
+# name -> read the tool calls of a generated reply (None: the reply is plain text)
+CALL_READERS = {
+    "default": _read_default,
+    "qwen": _read_qwen,
+    "glm4": _read_glm4,
+    "llama3": lambda text: _json_calls(text.strip(), "parameters"),
+    "mistral": lambda text: _json_calls(text.strip().removeprefix("[TOOL_CALLS]").strip(), "arguments"),
+}
+
+
+def read_calls(tool_format: str, text: str) -> list[tuple[str, str]] | None:
+    """The (name, JSON arguments) calls a generated reply makes in `tool_format`, as `write_calls` writes them;
+    None when the reply is not a tool call."""
+    return CALL_READERS[tool_format](text)

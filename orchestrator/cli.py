@@ -1,9 +1,10 @@
-"""The `rayft` command: train (or predict), sweep, plan, export, chat, data, tokenize, submit (as a Ray job), status,
-logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and exit
+"""The `rayft` command: train (or predict), sweep, plan, export, chat, serve, data, tokenize, submit (as a Ray job),
+status, logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and exit
 status 2."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,14 @@ RECIPE_COMMANDS = {
     "chat": "talk to the model plus adapter_name_or_path in the terminal",
     "data": "write the first encoded examples of every dataset as JSON Lines, as the workers will get them",
     "tokenize": "read, convert and tokenise the datasets on the cluster into their cache, for later runs to reuse",
+    "serve": "serve the model and its adapters behind an OpenAI-compatible API on Ray Serve",
 }
+
+# LLaMA-Factory's `llamafactory-cli api` reads these environment variables; `rayft serve` takes them as the default
+# of the key beside each when the recipe leaves it out, so that launch scripts written for it keep working.
+API_ENVIRONMENT = {"API_HOST": "serve_host", "API_PORT": "serve_port", "API_KEY": "serve_api_key",
+                   "API_MODEL_NAME": "served_model_name", "API_VERBOSE": "serve_verbose",
+                   "MAX_CONCURRENT": "serve_max_concurrent"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+        if name == "serve":
+            mode = p.add_mutually_exclusive_group()
+            mode.add_argument("--detach", action="store_true",
+                              help="leave the application running on the cluster at ray_address and return")
+            mode.add_argument("--stop", action="store_true",
+                              help="remove the application serve_name from the cluster at ray_address")
         if name == "data":
             p.add_argument("--examples", type=int, default=10, help="examples of each dataset (default 10)")
             p.add_argument("--out", default="encoded_examples.jsonl", help="the JSON Lines file to write")
@@ -75,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     keys = sub.add_parser("keys", help="list the recipe keys with type, default and help", parents=[common])
-    keys.add_argument("which", nargs="?", help="a section (model, data, finetuning, generating, ray, training) or "
-                                               "a key; all keys when left out")
+    keys.add_argument("which", nargs="?", help="a section (model, data, finetuning, generating, ray, serving, "
+                                               "training) or a key; all keys when left out")
     tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs",
                           parents=[common])
     tiny.add_argument("out_dir")
@@ -171,6 +185,35 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from rayft.orchestrator.serving import run_serve, stop_serve
+    from rayft.recipe.parse import parse_config
+
+    raw = load_recipe(args.recipe, args.overrides)
+    cfg = parse_config(api_environment(raw, os.environ), for_training=False)
+    if args.stop:
+        stop_serve(cfg)
+    else:
+        run_serve(cfg, detach=args.detach)
+    return 0
+
+
+def api_environment(raw: dict, environ) -> dict:
+    """The recipe with LLaMA-Factory's API_* and MAX_CONCURRENT variables filling the serving keys it leaves out
+    (read as YAML scalars: API_PORT=8001 is a number, API_VERBOSE=1 true)."""
+    filled = dict(raw)
+    for variable, key in API_ENVIRONMENT.items():
+        if key not in raw and environ.get(variable):
+            value = environ[variable]
+            if key == "serve_verbose":
+                filled[key] = value.lower() in ("1", "true", "yes", "on")
+            elif key in ("serve_port", "serve_max_concurrent"):
+                filled[key] = int(value) if value.strip().isdigit() else value
+            else:
+                filled[key] = value
+    return filled
+
+
 def _submit(args) -> int:
     from rayft.orchestrator import submit
 
@@ -184,7 +227,7 @@ def _submit(args) -> int:
 
 
 COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
-            "data": _data, "tokenize": _tokenize}
+            "data": _data, "tokenize": _tokenize, "serve": _serve}
 
 
 def _one_report(err: Exception) -> str:

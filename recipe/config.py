@@ -11,6 +11,7 @@ from rayft.recipe.schema import (
     GeneratingArguments,
     ModelArguments,
     RayArguments,
+    ServingArguments,
     TrainingArguments,
     default_of,
     field_names,
@@ -27,6 +28,7 @@ class RecipeConfig:
     finetuning: FinetuningArguments
     generating: GeneratingArguments
     ray: RayArguments
+    serving: ServingArguments
     training: dict  # the recipe's keyword arguments of TrainingArguments; built for real inside each worker
     notes: list[str] = dataclasses.field(default_factory=list)  # what was derived, for the run log
 
@@ -48,7 +50,7 @@ class RecipeConfig:
     def to_dict(self, mask_secrets: bool = True) -> dict:
         """The flat key -> value form a recipe is written in (secrets masked unless told otherwise)."""
         flat: dict[str, Any] = {}
-        for name in ("model", "data", "finetuning", "generating", "ray"):
+        for name in ("model", "data", "finetuning", "generating", "ray", "serving"):
             section = getattr(self, name)
             flat.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
         flat.update(self.training)

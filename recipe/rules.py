@@ -12,7 +12,14 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.derive import is_prediction, report_targets, under, uses_reference
 from rayft.recipe.problems import Problem
-from rayft.recipe.schema import DataArguments, FinetuningArguments, GeneratingArguments, TrainingArguments, default_of
+from rayft.recipe.schema import (
+    LOOPBACK_HOSTS,
+    FinetuningArguments,
+    GeneratingArguments,
+    ServingArguments,
+    TrainingArguments,
+    default_of,
+)
 from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
 
 RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
@@ -90,6 +97,7 @@ BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
 BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
+SERVING_KEYS = tuple(f.name for f in dataclasses.fields(ServingArguments))
 BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
 
 # Keys that only some settings read: key -> (does this config read it?, the settings that decide, what reads
@@ -293,6 +301,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem("learning_rate", f"must be positive, got {t.learning_rate}"))
     problems += _run_kind_problems(cfg, for_training)
     problems += _ppo_problems(cfg)
+    problems += serving_problems(cfg)
     if not problems:
         problems += _training_arguments_problems(cfg.training)
     return problems
@@ -343,6 +352,9 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
         problems += [Problem(k, "generation settings are read by prediction (do_train: false with do_predict and "
                                 f"predict_with_generate) and by `rayft chat`, not by training; remove {k}")
                      for k in changed]
+    if for_training:
+        problems += [Problem(k, f"serving settings are read by `rayft serve`, not by training; remove {k}")
+                     for k in SERVING_KEYS if getattr(cfg.serving, k) != default_of(ServingArguments, k)]
     targets = report_targets(t.report_to)
     problems += [Problem("report_to", f"{name!r} is not built in rayft (built: {', '.join(BUILT_TRACKERS)})")
                  for name in targets if name not in BUILT_TRACKERS]
@@ -414,6 +426,64 @@ def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
     problems += [Problem(k, "not read by PPO's rollouts (answers are scored with their special tokens); "
                             f"remove {k}") for k in unread]
     return problems
+
+
+def serving_problems(cfg: RecipeConfig) -> list[Problem]:
+    """`rayft serve`'s settings: an API key off loopback, sane bounds, a replica count or range, adapter names."""
+    s = cfg.serving
+    problems = []
+    if s.serve_host not in LOOPBACK_HOSTS and not s.serve_api_key:
+        problems.append(Problem("serve_api_key", f"required when serve_host is {s.serve_host!r}, which other machines "
+                                                 "can reach; set serve_api_key (or API_KEY), or serve_host: 127.0.0.1"))
+    if s.serve_api_key is not None and len(s.serve_api_key) < 8:
+        problems.append(Problem("serve_api_key", "must be at least 8 characters; use a long random string"))
+    if not 1 <= s.serve_port <= 65535:
+        problems.append(Problem("serve_port", f"{s.serve_port} is not a TCP port; use 1-65535"))
+    if replica_range(s.serve_replicas) is None:
+        problems.append(Problem("serve_replicas", f"{s.serve_replicas!r} is neither a number of replicas (1 or more) "
+                                                  "nor a range such as \"1-4\" (minimum 0 or more, at most the "
+                                                  "maximum)"))
+    problems += resource_problems("serve_resources", s.serve_resources)
+    for key, least in (("serve_max_concurrent", 1), ("serve_max_tokens", 1), ("serve_max_prompt_tokens", 8),
+                       ("serve_max_body_bytes", 1024)):
+        value = getattr(s, key)
+        if value is not None and value < least:
+            problems.append(Problem(key, f"must be at least {least}, got {value}"))
+    if s.serve_root_path and not s.serve_root_path.startswith("/"):
+        problems.append(Problem("serve_root_path", f"{s.serve_root_path!r} must start with /"))
+    adapters = s.serve_adapters
+    if isinstance(adapters, str):
+        try:
+            adapters = json.loads(adapters)
+        except json.JSONDecodeError as err:
+            return problems + [Problem("serve_adapters", f"not valid JSON ({err.msg}); write a mapping such as "
+                                                         "'{\"math\": \"saves/math-lora\"}'")]
+    if adapters is not None:
+        if not isinstance(adapters, dict) or not adapters:
+            problems.append(Problem("serve_adapters", "must be a non-empty mapping of name to adapter folder or URI"))
+        else:
+            problems += [Problem("serve_adapters", f"{name!r}: a name is letters, digits and . _ - : / (no spaces), "
+                                                   "and the folder or URI a string")
+                         for name, where in adapters.items()
+                         if not isinstance(where, str) or not where or not _api_name(str(name))]
+    if s.served_model_name is not None and not _api_name(s.served_model_name):
+        problems.append(Problem("served_model_name", f"{s.served_model_name!r}: use letters, digits and . _ - : /"))
+    return problems
+
+
+def replica_range(value: Any) -> tuple[int, int] | None:
+    """serve_replicas as (minimum, maximum): 2 -> (2, 2), "1-4" -> (1, 4); None when it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value) if value >= 1 else None
+    low, dash, high = str(value).partition("-")
+    if not dash or not low.strip().isdigit() or not high.strip().isdigit():
+        return None
+    low, high = int(low), int(high)
+    return (low, high) if 0 <= low <= high and high >= 1 else None
+
+
+def _api_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "._-:/" for c in name)
 
 
 def reward_model_problems(cfg: RecipeConfig) -> list[Problem]:

@@ -341,6 +341,43 @@ class RayArguments:
                                        metadata={"help": "Derived: the recipe named a relative ray_storage_path."})
 
 
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServingArguments:
+    """rayft additions, read by `rayft serve` only. Where LLaMA-Factory's `llamafactory-cli api` reads an environment
+    variable for the same thing (named in the help), that variable is the default when the recipe leaves the key out."""
+
+    serve_host: str = arg("127.0.0.1", "Address the API listens on (API_HOST); anything but loopback needs "
+                                       "serve_api_key.")
+    serve_port: int = arg(8000, "Port of the API (API_PORT).")
+    serve_api_key: Optional[str] = arg(
+        None, "Bearer token every request must carry (API_KEY); required off loopback. Masked in logs.")
+    served_model_name: Optional[str] = arg(
+        None, "Name of the base model (plus adapter_name_or_path) in the API (API_MODEL_NAME; default: the model "
+              "folder's name).")
+    serve_adapters: Optional[Union[dict, str]] = arg(
+        None, "Adapters served on the same base, name -> folder or URI (an output_dir, a trial's or a checkpoint's "
+              "folder); a request's `model` picks one.")
+    serve_replicas: Union[int, str] = arg(
+        1, "Replicas of the model, or an autoscaling range such as \"1-4\".")
+    serve_resources: Optional[Union[dict, str]] = arg(
+        None, "Resources of each replica, e.g. {CPU: 2} or {GPU: 1} (default: {CPU: 1}, or {GPU: 1} with CUDA).")
+    serve_max_concurrent: int = arg(
+        8, "Requests one replica holds at once, running and waiting (MAX_CONCURRENT); it generates one at a time.")
+    serve_max_tokens: Optional[int] = arg(
+        None, "Most tokens one answer may generate; a request asking for more is refused (default: "
+              "max_new_tokens).")
+    serve_max_prompt_tokens: Optional[int] = arg(
+        None, "Longest prompt in tokens; a longer one is refused (default: cutoff_len).")
+    serve_max_body_bytes: int = arg(1_048_576, "Largest request body in bytes; a larger one gets 413.")
+    serve_root_path: str = arg("", "Path prefix of a proxy in front of the API (FASTAPI_ROOT_PATH).")
+    serve_verbose: bool = arg(False, "Log each request's model, message count and settings (API_VERBOSE).")
+    serve_name: str = arg("rayft", "Name of the Ray Serve application (to find or stop it on the cluster).")
+
+
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     """Hugging Face's Seq2SeqTrainingArguments plus the keys rayft adds (and rayft's default for do_train)."""
@@ -382,6 +419,7 @@ SECTIONS: dict[str, type] = {
     "finetuning": FinetuningArguments,
     "generating": GeneratingArguments,
     "ray": RayArguments,
+    "serving": ServingArguments,
     "training": TrainingArguments,
 }
 

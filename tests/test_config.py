@@ -261,9 +261,10 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
         sweep = check_sweep(raw, base_dir=ROOT)
         assert len(sweep.configs) >= 2
         cfg = sweep.base
-    elif "export_dir" in raw or "output_dir" not in raw:  # export or chat: a model and its adapters, no data
+    elif "export_dir" in raw or "output_dir" not in raw:  # export, chat or serve: a model and adapters, no data
         cfg = parse_config(raw, base_dir=ROOT, for_training=False)
-        assert cfg.model.adapter_name_or_path and (cfg.model.export_dir or cfg.generating.max_new_tokens)
+        adapters = cfg.model.adapter_name_or_path or cfg.serving.serve_adapters
+        assert adapters and (cfg.model.export_dir or cfg.generating.max_new_tokens)
         return
     else:
         cfg = parse_config(raw, base_dir=ROOT)

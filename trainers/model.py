@@ -4,13 +4,16 @@
 adapter (lora, oft), the last or first layers (freeze), or everything (full).
 """
 
+import hashlib
 from pathlib import Path
 
+import pyarrow.fs
 import torch
 from peft import LoraConfig, OFTConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rayft.data import tokenizer as data_tokenizer
+from rayft.data.files import resolve
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import FinetuningArguments, ModelArguments
@@ -112,6 +115,47 @@ def load_for_generation(model_args: ModelArguments, use_gpu: bool):
     model.config.use_cache = model_args.use_cache  # on by default: generation reuses earlier keys and values
     if use_gpu:
         model = model.to("cuda")
+    return model.eval()
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def find_adapter(location: str):
+    """(file system, folder) of the adapter at `location`: a folder holding adapter_config.json (an output_dir,
+    a `checkpoint-N`), or a Ray checkpoint folder with the Trainer's checkpoint in `checkpoint/`; local or a URI.
+    None when neither holds one."""
+    fs, path = resolve(location)
+    for folder in (path, f"{path.rstrip('/')}/checkpoint"):
+        if fs.get_file_info(f"{folder}/{ADAPTER_CONFIG}").type == pyarrow.fs.FileType.File:
+            return fs, folder
+    return None
+
+
+def local_adapter(location: str, downloads: str) -> str:
+    """The adapter at `location` as a local folder: itself when local, else a copy downloaded under `downloads`."""
+    found = find_adapter(location)
+    if found is None:
+        raise FileNotFoundError(f"{location}: no {ADAPTER_CONFIG} in it or in its checkpoint/ folder")
+    fs, folder = found
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return folder
+    target = Path(downloads) / hashlib.sha256(location.encode()).hexdigest()[:16]
+    pyarrow.fs.copy_files(folder, str(target), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return str(target)
+
+
+def load_for_serving(model_args: ModelArguments, adapters: dict[str, str], use_gpu: bool):
+    """The base model (with adapter_name_or_path merged, as for chat) carrying every adapter of `adapters`
+    (name -> local folder) by name, for a caller that picks one per request with `set_adapter`."""
+    model = load_for_generation(model_args, use_gpu)
+    if not adapters:
+        return model
+    (first, folder), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, folder, adapter_name=first)
+    for name, folder in rest:
+        model.load_adapter(folder, adapter_name=name)
     return model.eval()
 
 
