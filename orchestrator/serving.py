@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from peft import PeftModel
 from ray import serve
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
@@ -52,10 +53,11 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import replica_range
-from rayft.trainers.generate import cut_at_stop, generation_kwargs, stop_token_ids
+from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import find_adapter, load_for_serving, load_tokenizer, local_adapter
 
 DEPLOYMENT = "ModelServer"
+DEFAULT_BATCH = 8  # serve_max_batch_size when unset (at most serve_max_concurrent)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class ServeSpec:
     limits: Limits
     key_digest: str | None
     verbose: bool
+    max_batch_size: int = 1
 
     @property
     def names(self) -> list[str]:
@@ -100,7 +103,8 @@ def serve_spec(cfg: RecipeConfig) -> ServeSpec:
                     max_body_bytes=s.serve_max_body_bytes)
     digest = hashlib.sha256(s.serve_api_key.encode()).hexdigest() if s.serve_api_key else None
     return ServeSpec(recipe=cfg.to_dict(mask_secrets=False) | {"serve_api_key": None}, adapters=adapters,
-                     base_name=base_name, limits=limits, key_digest=digest, verbose=s.serve_verbose)
+                     base_name=base_name, limits=limits, key_digest=digest, verbose=s.serve_verbose,
+                     max_batch_size=s.serve_max_batch_size or min(DEFAULT_BATCH, s.serve_max_concurrent))
 
 
 def replica_options(cfg: RecipeConfig) -> dict:
@@ -140,8 +144,8 @@ class _Cancelled(StoppingCriteria):
 
 
 class Engine:
-    """The model, its adapters and the template; generates one request at a time (a replica's adapters are switched
-    per request, and CPU threads are better spent on one generation than shared by several)."""
+    """The model, its adapters and the template. One generate call runs at a time (the adapter is switched per call,
+    and CPU threads are better spent on one call than shared by several); a call may answer several requests."""
 
     def __init__(self, spec: ServeSpec):
         cfg = RecipeConfig.from_dict(spec.recipe)
@@ -175,9 +179,27 @@ class Engine:
                                 f"{self.spec.limits.max_prompt_tokens}", field)
         return ids
 
-    def generate(self, request: GenerationRequest, ids: list[int], streamer=None,
+    def generate_batch(self, jobs: list[tuple[GenerationRequest, list[int]]]) -> list[list[Answer]]:
+        """Answers of several requests (blocking). Requests for the same model with the same settings (one answer
+        each, no seed) share one generate call, their prompts padded on the left; the others run alone."""
+        answers: list = [None] * len(jobs)
+        groups: dict = {}
+        for index, (request, _) in enumerate(jobs):
+            alone = request.sampling.n > 1 or request.sampling.seed is not None
+            groups.setdefault(("alone", index) if alone else (request.model, request.sampling), []).append(index)
+        for members in groups.values():
+            outputs = self.generate(jobs[members[0]][0], [jobs[i][1] for i in members])
+            if len(members) == 1:
+                answers[members[0]] = outputs  # the n answers of one request
+            else:
+                for index, output in zip(members, outputs):
+                    answers[index] = [output]
+        return answers
+
+    def generate(self, request: GenerationRequest, prompts: list[list[int]], streamer=None,
                  cancel: threading.Event | None = None) -> list[Answer]:
-        """Generates `request.sampling.n` answers (blocking; one request at a time per replica)."""
+        """The answers to `prompts` (one request's prompt, or several requests' with `request`'s model and
+        settings): `request.sampling.n` answers for one prompt, one per prompt for several (blocking)."""
         sampling = request.sampling
         settings = dataclasses.replace(self.cfg.generating, do_sample=sampling.do_sample,
                                        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -189,18 +211,18 @@ class Engine:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        device = "cuda" if self.use_gpu else "cpu"
-        input_ids = torch.tensor([ids], device=device)
+        input_ids, attention_mask = left_padded(prompts, self.tokenizer.pad_token_id,
+                                                "cuda" if self.use_gpu else "cpu")
         with self.lock, self._adapter(request.model), torch.no_grad():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         streamer=streamer, **kwargs)
-        return [self._answer(request, row.tolist()) for row in output[:, len(ids):]]
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                         **kwargs)
+        return [self._answer(request, row.tolist()) for row in output[:, input_ids.shape[1]:]]
 
     @contextlib.contextmanager
     def _adapter(self, name: str):
-        if not hasattr(self.model, "set_adapter"):  # no adapters: the base is all there is
+        if not isinstance(self.model, PeftModel):  # no adapters: the base is all there is
             yield
         elif name == self.spec.base_name:
             with self.model.disable_adapter():
@@ -255,6 +277,7 @@ class ModelServer:
         logging.getLogger("rayft").setLevel(logging.INFO)
         self.spec = spec
         self.engine = Engine(spec)
+        self._batched.set_max_batch_size(spec.max_batch_size)
 
     @api.get("/health")
     async def health(self):
@@ -302,8 +325,13 @@ class ModelServer:
                         f"{request.sampling.max_new_tokens} most new, stream {request.stream}")
         if request.stream:
             return StreamingResponse(stream(request, ids), media_type="text/event-stream")
-        answers = await asyncio.to_thread(self.engine.generate, request, ids)
+        answers = await self._batched((request, ids))
         return respond(request, answers, len(ids))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[tuple[GenerationRequest, list[int]]]) -> list[list[Answer]]:
+        """Requests that arrive while a generate call runs wait here and are answered together by the next one."""
+        return await asyncio.to_thread(self.engine.generate_batch, jobs)
 
     async def _pieces(self, request: GenerationRequest, ids: list[int], outcome: dict):
         """The answer's text as it is generated, up to a stop string; `outcome` gets the Answer at the end."""
@@ -314,7 +342,7 @@ class ModelServer:
 
         def work():
             try:
-                outcome["answer"] = self.engine.generate(request, ids, streamer, cancel)[0]
+                outcome["answer"] = self.engine.generate(request, [ids], streamer, cancel)[0]
             except Exception as err:  # reported to the client as an error event below
                 outcome["error"] = err
                 streamer.end()

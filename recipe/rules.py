@@ -444,7 +444,12 @@ def serving_problems(cfg: RecipeConfig) -> list[Problem]:
                                                   "nor a range such as \"1-4\" (minimum 0 or more, at most the "
                                                   "maximum)"))
     problems += resource_problems("serve_resources", s.serve_resources)
-    for key, least in (("serve_max_concurrent", 1), ("serve_max_tokens", 1), ("serve_max_prompt_tokens", 8),
+    if s.serve_max_batch_size is not None and s.serve_max_batch_size > s.serve_max_concurrent:
+        problems.append(Problem("serve_max_batch_size", f"{s.serve_max_batch_size} is more than the "
+                                                        f"{s.serve_max_concurrent} requests a replica holds "
+                                                        "(serve_max_concurrent); raise that or lower this"))
+    for key, least in (("serve_max_concurrent", 1), ("serve_max_batch_size", 1), ("serve_max_tokens", 1),
+                       ("serve_max_prompt_tokens", 8),
                        ("serve_max_body_bytes", 1024)):
         value = getattr(s, key)
         if value is not None and value < least:

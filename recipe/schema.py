@@ -366,7 +366,10 @@ class ServingArguments:
     serve_resources: Optional[Union[dict, str]] = arg(
         None, "Resources of each replica, e.g. {CPU: 2} or {GPU: 1} (default: {CPU: 1}, or {GPU: 1} with CUDA).")
     serve_max_concurrent: int = arg(
-        8, "Requests one replica holds at once, running and waiting (MAX_CONCURRENT); it generates one at a time.")
+        8, "Requests one replica holds at once, running and waiting (MAX_CONCURRENT).")
+    serve_max_batch_size: Optional[int] = arg(
+        None, "Answers a replica generates together: waiting requests with the same model and settings share one "
+              "generate call (1: one at a time; default: 8, or serve_max_concurrent when lower).")
     serve_max_tokens: Optional[int] = arg(
         None, "Most tokens one answer may generate; a request asking for more is refused (default: "
               "max_new_tokens).")

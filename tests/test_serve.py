@@ -149,6 +149,16 @@ def test_a_reply_with_tool_calls_or_a_thought_is_read_back_in_the_templates_form
     reply = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>'
     answer = qwen._answer(request, qwen.tokenizer(reply)["input_ids"])
     assert answer.finish_reason == "tool_calls" and answer.tool_calls == [("add", '{"a": 1, "b": 2}')]
+    # waiting requests with the same model and settings share one generate call and get what each alone would
+    asks = [chat_request({"model": qwen.spec.base_name, "messages": [{"role": "user", "content": text}],
+                          "max_tokens": 6, **extra}, qwen.defaults, qwen.spec.limits)
+            for text, extra in (("hi", {"temperature": 0}), ("a longer question here", {"temperature": 0}),
+                                ("hi", {"n": 2, "temperature": 0.9}))]
+    jobs = [(ask, qwen.prompt_ids(ask)) for ask in asks]
+    together = qwen.generate_batch(jobs)
+    assert [len(a) for a in together] == [1, 1, 2]
+    alone = [qwen.generate(ask, [ids])[0].text for ask, ids in jobs[:2]]
+    assert [a[0].text for a in together[:2]] == alone
     thinker = engine("qwen3")
     plain = chat_request({"model": thinker.spec.base_name, "messages": [{"role": "user", "content": "2+2?"}]},
                          thinker.defaults, thinker.spec.limits)
