@@ -441,10 +441,11 @@ def run_serve(cfg: RecipeConfig, detach: bool = False) -> None:
         logger.info(f"starting {options.get('num_replicas') or s.serve_replicas} replica(s) of {', '.join(spec.names)}")
         started = time.perf_counter()
         try:
-            serve.run(serve.deployment(ModelServer, **options).bind(spec), name=s.serve_name, route_prefix="/")
+            serve.run(serve.deployment(ModelServer, **options).bind(spec), name=s.serve_name,
+                      route_prefix=s.serve_route_prefix)
         except RuntimeError as err:
             raise ConfigError([Problem("rayft serve", f"the replicas did not start: {_last_line(err)}")]) from None
-        where = f"http://{_url_host(s.serve_host)}:{s.serve_port}/v1"
+        where = f"http://{_url_host(s.serve_host)}:{s.serve_port}{s.serve_route_prefix.rstrip('/')}/v1"
         logger.info(f"serving {', '.join(spec.names)} at {where} (ready in {time.perf_counter() - started:.0f} s)")
         if detach:
             logger.info(f"left running on the cluster; stop it with `rayft serve RECIPE --stop` (application "

@@ -454,8 +454,10 @@ def serving_problems(cfg: RecipeConfig) -> list[Problem]:
         value = getattr(s, key)
         if value is not None and value < least:
             problems.append(Problem(key, f"must be at least {least}, got {value}"))
-    if s.serve_root_path and not s.serve_root_path.startswith("/"):
-        problems.append(Problem("serve_root_path", f"{s.serve_root_path!r} must start with /"))
+    if not s.serve_route_prefix.startswith("/") or (len(s.serve_route_prefix) > 1 and
+                                                     s.serve_route_prefix.endswith("/")):
+        problems.append(Problem("serve_route_prefix", f"{s.serve_route_prefix!r} must start with / and not end with "
+                                                      "one, e.g. /math"))
     adapters = s.serve_adapters
     if isinstance(adapters, str):
         try:

@@ -376,7 +376,9 @@ class ServingArguments:
     serve_max_prompt_tokens: Optional[int] = arg(
         None, "Longest prompt in tokens; a longer one is refused (default: cutoff_len).")
     serve_max_body_bytes: int = arg(1_048_576, "Largest request body in bytes; a larger one gets 413.")
-    serve_root_path: str = arg("", "Path prefix of a proxy in front of the API (FASTAPI_ROOT_PATH).")
+    serve_route_prefix: str = arg(
+        "/", "Path the API answers under (\"/math\": /math/v1/...); applications on one cluster share its port and "
+             "differ by it.")
     serve_verbose: bool = arg(False, "Log each request's model, message count and settings (API_VERBOSE).")
     serve_name: str = arg("rayft", "Name of the Ray Serve application (to find or stop it on the cluster).")
 

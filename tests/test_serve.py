@@ -126,6 +126,19 @@ def test_serving_keys_their_rules_and_llamafactorys_environment_variables(tiny_m
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0} and options["max_ongoing_requests"] == 8
     with pytest.raises(ConfigError, match="serve_replicas: '3-1' is neither"):
         serve_config("serve_replicas=3-1")
+    with pytest.raises(ConfigError, match="serve_route_prefix: 'math/' must start with / and not end with one"):
+        serve_config("serve_route_prefix=math/")
+    with pytest.raises(ConfigError, match="serve_max_batch_size: 16 is more than the 8 requests a replica holds"):
+        serve_config("serve_max_batch_size=16")
+    from rayft.orchestrator.serving import run_serve, serve_spec
+
+    with pytest.raises(ConfigError, match="--detach: leaves the application on a cluster"):
+        run_serve(serve_config(), detach=True)  # refused before Ray: a local instance ends with the command
+
+    derived = serve_spec(serve_config("serve_adapters=null", environ={"MAX_CONCURRENT": "3"}))
+    assert derived.max_batch_size == 3 and derived.names == [Path(tiny_model).name]
+    with pytest.raises(ConfigError, match="'demo-sft': .* holds no adapter_config.json"):
+        serve_spec(serve_config("serve_adapters.demo-sft=/nonexistent/adapter"))
     with pytest.raises(ConfigError, match="serving settings are read by `rayft serve`, not by training"):
         parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", ["serve_port=9000"]), base_dir=ROOT)
 
@@ -176,20 +189,22 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """`rayft serve` started as users start it, with its own local Ray: the tiny model and two adapters, one an
-    output folder and one a Ray checkpoint's layout (`checkpoint/` inside). Stopped with SIGINT, as by Ctrl-C."""
+    output folder and one a Ray checkpoint's layout (`checkpoint/` inside), under a route prefix. Stopped with
+    SIGINT, as by Ctrl-C."""
     tmp = tmp_path_factory.mktemp("serve")
     first = trained_like_adapter(tiny_model, tmp / "first", seed=11)
     second = trained_like_adapter(tiny_model, tmp / "ray_checkpoint" / "checkpoint", seed=12).parent
     port = free_port()
     recipe = load_recipe(SERVE_RECIPE, [f"model_name_or_path={tiny_model}", f"serve_port={port}", "do_sample=false",
-                                        "max_new_tokens=12", "serve_max_prompt_tokens=64", "serve_max_body_bytes=8192"])
+                                        "max_new_tokens=12", "serve_max_prompt_tokens=64", "serve_max_body_bytes=8192",
+                                        "serve_route_prefix=/tiny"])
     recipe["serve_adapters"] = {"first": str(first), "second": str(second)}  # in place of the demo's adapter
     (tmp / "serve.yaml").write_text(json.dumps(recipe))
     log = open(tmp / "serve.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "rayft.orchestrator.cli", "serve", str(tmp / "serve.yaml")],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "API_KEY": KEY})
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}/tiny"  # under its route prefix
     import httpx
 
     deadline = time.monotonic() + 240
