@@ -6,12 +6,13 @@ The server: the tiny Qwen2-style model with two LoRA adapters (random, as after 
 most --max-tokens tokens, each replica holding {CPU: 1}. The load: --requests chat completions, --concurrency at
 a time, from the official `openai` client (async), to the base and the two adapters in turn, each a short
 question; then it stops. Each case starts its server as users do (`rayft serve`, its own local Ray instance) and
-stops it with SIGINT. Cases: rayft with 1 and 2 replicas; LLaMA-Factory 0.9.5's API server (its own virtual
+stops it with SIGINT. Cases: rayft with 1 and 2 replicas, and 1 replica answering one request per generate call
+(serve_max_batch_size: 1); LLaMA-Factory 0.9.5's API server (its own virtual
 environment, see vs_llamafactory.py) with one adapter, MAX_CONCURRENT=1 (its default) and both cores, sent the
 same requests (it answers any model name with its one model).
 
 Printed per case: requests/s, generated tokens/s, p50 and p99 latency, failed requests; then ratios against
-LLaMA-Factory and 1 replica. Any failed request makes the command exit non-zero.
+LLaMA-Factory, 1 replica and unbatched. Any failed request makes the command exit non-zero.
 """
 
 import argparse
@@ -124,23 +125,24 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "OMP_", "MKL_", "API_"))}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rows = []
-    for replicas in (1, 2):
+    for replicas, batch in ((1, None), (2, None), (1, 1)):
         port = free_port()
         recipe = {"model_name_or_path": str(TINY), "template": "qwen", "do_sample": False,
                   "max_new_tokens": args.max_tokens, "serve_port": port, "serve_api_key": KEY,
                   "serve_adapters": {name: str(path) for name, path in adapters.items()},
-                  "serve_replicas": replicas, "serve_resources": {"CPU": 1}}
-        path = work / f"rayft-{replicas}.yaml"
+                  "serve_replicas": replicas, "serve_resources": {"CPU": 1}, "serve_max_batch_size": batch}
+        case = f"rayft, {replicas} replica(s)" + (", one answer per call" if batch == 1 else "")
+        path = work / f"rayft-{replicas}-{batch}.yaml"
         path.write_text(json.dumps(recipe))
-        print(f"rayft serve, {replicas} replica(s) ...", flush=True)
+        print(f"{case} ...", flush=True)
         process = start([sys.executable, "-m", "rayft.orchestrator.cli", "serve", str(path)], env, port,
-                        work / f"rayft-{replicas}.log")
+                        work / f"rayft-{replicas}-{batch}.log")
         try:
             result = asyncio.run(load(port, [TINY.name, *adapters], args.requests, args.concurrency,
                                       args.max_tokens))
         finally:
             stop(process)
-        rows.append({"case": f"rayft, {replicas} replica(s)", **result})
+        rows.append({"case": case, **result})
     if not args.skip_llamafactory:
         lf_cli = ensure_lf_venv(Path(args.lf_venv))
         port = free_port()
@@ -160,6 +162,7 @@ def main() -> None:
     print(table(rows, ["case", "requests/s", "tokens/s", "p50 s", "p99 s", "failed", "wall s"]))
     one = rows[0]
     print(f"2 replicas / 1 replica, tokens/s: {rows[1]['tokens/s'] / one['tokens/s']:.2f}x")
+    print(f"1 replica, batched / one answer per call, tokens/s: {one['tokens/s'] / rows[2]['tokens/s']:.2f}x")
     if not args.skip_llamafactory:
         peer = rows[-1]
         for row in rows[:2]:

@@ -438,7 +438,10 @@ def run_serve(cfg: RecipeConfig, detach: bool = False) -> None:
     logging.getLogger("ray.serve").setLevel(logging.INFO if logger.isEnabledFor(logging.DEBUG) else logging.WARNING)
     with ray_session(ray_args):
         serve.start(http_options={"host": s.serve_host, "port": s.serve_port})
-        logger.info(f"starting {options.get('num_replicas') or s.serve_replicas} replica(s) of {', '.join(spec.names)}")
+        logger.info(f"starting {options.get('num_replicas') or s.serve_replicas} replica(s) of {', '.join(spec.names)}"
+                    f", each with {replica_resources(cfg)}, holding up to {s.serve_max_concurrent} requests and "
+                    f"answering up to {spec.max_batch_size} together; answers of at most {spec.limits.max_tokens} "
+                    f"tokens to prompts of at most {spec.limits.max_prompt_tokens}")
         started = time.perf_counter()
         try:
             serve.run(serve.deployment(ModelServer, **options).bind(spec), name=s.serve_name,
