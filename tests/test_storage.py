@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import DEMO_RECIPE, ROOT
 
+from rayft.recipe.problems import ConfigError
 from rayft.trainers.callbacks import read_log
 
 pytestmark = pytest.mark.slow
@@ -75,3 +76,38 @@ def test_a_run_reads_caches_and_checkpoints_on_s3_and_resumes_from_there(tmp_pat
     saved = "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.suffix in (".yaml", ".json", ".md",
                                                                                           ".jsonl"))
     assert SECRET_KEY not in saved + first.stdout + first.stderr + again.stdout + again.stderr
+
+
+def test_an_adapter_in_a_bucket_is_served_by_name(tmp_path, tiny_model, s3, monkeypatch):
+    """`serve_adapters` may name a checkpoint on S3 (a Ray checkpoint's layout, `checkpoint/` inside): the driver
+    finds it without downloading, and the serving engine downloads and loads it under its name."""
+    from test_export import trained_like_adapter
+
+    from rayft.orchestrator.openai_api import chat_request
+    from rayft.orchestrator.serving import Engine, serve_spec
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+
+    env, client = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    adapter = trained_like_adapter(tiny_model, tmp_path / "adapter", seed=21)
+    for path in adapter.iterdir():
+        client.put_object(Bucket=BUCKET, Key=f"adapters/run/checkpoint_0/checkpoint/{path.name}",
+                          Body=path.read_bytes())
+    location = f"s3://{BUCKET}/adapters/run/checkpoint_0"
+    raw = load_recipe(ROOT / "configs" / "serve_lora.yaml", [f"model_name_or_path={tiny_model}", "do_sample=false"])
+    raw["serve_adapters"] = {"from-s3": location}
+    spec = serve_spec(parse_config(raw, base_dir=ROOT, for_training=False))
+    engine = Engine(spec)
+    assert engine.spec.names == [tiny_model.name, "from-s3"]
+    request = chat_request({"model": "from-s3", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
+                           engine.defaults, engine.spec.limits)
+    served = engine.generate(request, [engine.prompt_ids(request)])[0].text
+    base = engine.generate(chat_request({"model": tiny_model.name, "messages": [{"role": "user", "content": "hello"}],
+                                         "max_tokens": 8}, engine.defaults, engine.spec.limits),
+                           [engine.prompt_ids(request)])[0].text
+    assert served != base  # the downloaded adapter is the one answering
+    raw["serve_adapters"] = {"missing": f"s3://{BUCKET}/adapters/none"}
+    with pytest.raises(ConfigError, match="'missing': s3://.* holds no adapter_config.json"):
+        serve_spec(parse_config(raw, base_dir=ROOT, for_training=False))

@@ -141,6 +141,7 @@ def local_adapter(location: str, downloads: str) -> str:
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         return folder
     target = Path(downloads) / hashlib.sha256(location.encode()).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
     pyarrow.fs.copy_files(folder, str(target), source_filesystem=fs,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
     return str(target)
