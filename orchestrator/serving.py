@@ -325,7 +325,11 @@ class ModelServer:
                         f"{request.sampling.max_new_tokens} most new, stream {request.stream}")
         if request.stream:
             return StreamingResponse(stream(request, ids), media_type="text/event-stream")
-        answers = await self._batched((request, ids))
+        try:
+            answers = await self._batched((request, ids))
+        except Exception as err:  # a fault of the server's (memory, device), in OpenAI's error shape
+            logger.error(f"generation failed: {err!r}")
+            return _error(ApiError(500, "generation failed on the server; see the replica's log"))
         return respond(request, answers, len(ids))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
