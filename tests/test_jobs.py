@@ -73,7 +73,7 @@ def head_node():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_until_jobs_are_accepted(address, env)
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs}"
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in processes_of(temp_dir, f":{gcs}\x00"):  # /proc cmdlines are NUL-separated
@@ -116,7 +116,7 @@ def assert_trained(out: Path):
 
 def test_ray_job_submit_runs_a_recipe_unchanged_and_rayft_follows_it_and_a_failing_job(head_node, tmp_path,
                                                                                         tiny_model):
-    address, env = head_node
+    address, env, _ = head_node
     # rayft's own submit (without waiting) of a job that fails inside the cluster: a dataset it lacks
     failing = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
                     "dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
@@ -156,3 +156,25 @@ def test_rayft_submit_refuses_relative_outputs_and_bad_recipes_before_submitting
     proc = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "x"), "lora_rnak=4",
                  "--address", "http://127.0.0.1:1", env=env, timeout=120)
     assert proc.returncode == 2 and "did you mean 'lora_rank'" in proc.stderr
+
+
+def test_rayft_serve_leaves_its_application_on_the_cluster_and_stops_it_by_name(head_node, tiny_model):
+    """`rayft serve --detach` deploys to the cluster (token authentication on, sharing the job test's head) and
+    returns; the API answers without the command; `--stop` removes that application."""
+    import httpx
+
+    _, env, gcs = head_node
+    port = free_port()
+    recipe = ["configs/serve_lora.yaml", f"model_name_or_path={tiny_model}", "serve_adapters=null",
+              f"ray_address={gcs}", f"serve_port={port}", "serve_name=tiny", "do_sample=false", "max_new_tokens=4"]
+    detached = rayft("serve", *recipe, "--detach", env=env)
+    assert detached.returncode == 0, detached.stdout[-3000:] + detached.stderr[-3000:]
+    assert "left running on the cluster; stop it with `rayft serve RECIPE --stop`" in detached.stdout
+    base = f"http://127.0.0.1:{port}/v1"
+    assert [m["id"] for m in httpx.get(f"{base}/models").json()["data"]] == [tiny_model.name]
+    reply = httpx.post(f"{base}/completions", json={"model": tiny_model.name, "prompt": "The crow"}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4
+    stopped = rayft("serve", *recipe, "--stop", env=env)
+    assert stopped.returncode == 0 and "application 'tiny' stopped" in stopped.stdout, stopped.stderr[-3000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{base}/models").raise_for_status()
