@@ -379,7 +379,8 @@ class ServingArguments:
     serve_route_prefix: str = arg(
         "/", "Path the API answers under (\"/math\": /math/v1/...); applications on one cluster share its port and "
              "differ by it.")
-    serve_verbose: bool = arg(False, "Log each request's model, message count and settings (API_VERBOSE).")
+    serve_verbose: bool = arg(False, "Log one line per request: route, model, prompt tokens, settings; never its "
+                                     "text or key (API_VERBOSE).")
     serve_name: str = arg("rayft", "Name of the Ray Serve application (to find or stop it on the cluster).")
 
 
