@@ -203,7 +203,7 @@ def _serve(args) -> int:
 
 def api_environment(raw: dict, environ) -> dict:
     """The recipe with LLaMA-Factory's API_* and MAX_CONCURRENT variables filling the serving keys it leaves out
-    (read as YAML scalars: API_PORT=8001 is a number, API_VERBOSE=1 true)."""
+    (API_PORT and MAX_CONCURRENT as numbers, API_VERBOSE true for 1 / true / yes / on)."""
     filled = dict(raw)
     for variable, key in API_ENVIRONMENT.items():
         if key not in raw and environ.get(variable):

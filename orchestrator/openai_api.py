@@ -196,22 +196,20 @@ def completion_response(request: GenerationRequest, answers: list[Answer], promp
 
 def chat_chunk(chunk_id: str, model: str, delta: dict, finish_reason: str | None = None,
                usage_: dict | None = None) -> dict:
-    choices = [] if usage_ is not None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                               "logprobs": None}]
-    chunk = {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-             "choices": choices}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk(chunk_id, model, "chat.completion.chunk", {"delta": delta}, finish_reason, usage_)
 
 
 def completion_chunk(chunk_id: str, model: str, text: str, finish_reason: str | None = None,
                      usage_: dict | None = None) -> dict:
-    choices = [] if usage_ is not None else [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                               "logprobs": None}]
-    chunk = {"id": chunk_id, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": choices}
-    if usage_ is not None:
+    return _chunk(chunk_id, model, "text_completion", {"text": text}, finish_reason, usage_)
+
+
+def _chunk(chunk_id: str, model: str, kind: str, part: dict, finish_reason: str | None, usage_: dict | None) -> dict:
+    """One streamed event: a piece of the one answer, or (last, with usage_) the usage and no choice."""
+    chunk = {"id": chunk_id, "object": kind, "created": int(time.time()), "model": model, "choices": []}
+    if usage_ is None:
+        chunk["choices"] = [{"index": 0, **part, "finish_reason": finish_reason, "logprobs": None}]
+    else:
         chunk["usage"] = usage_
     return chunk
 

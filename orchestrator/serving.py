@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import json
 import logging
 import signal
 import socket
@@ -44,6 +43,7 @@ from rayft.orchestrator.openai_api import (
     completion_chunk,
     completion_request,
     completion_response,
+    first_stop,
     new_id,
     parse_body,
     sse,
@@ -81,8 +81,7 @@ class ServeSpec:
 def serve_spec(cfg: RecipeConfig) -> ServeSpec:
     """The replicas' settings from a recipe; every problem with the adapters is reported at once."""
     s = cfg.serving
-    adapters = s.serve_adapters or {}
-    adapters = json.loads(adapters) if isinstance(adapters, str) else dict(adapters)
+    adapters = dict(s.serve_adapters or {})
     base_name = s.served_model_name or Path(cfg.model.model_name_or_path.rstrip("/")).name
     problems = [Problem("serve_adapters", f"{name!r} is also the base model's name; rename the adapter or set "
                                           "served_model_name") for name in adapters if name == base_name]
@@ -126,10 +125,9 @@ def replica_options(cfg: RecipeConfig) -> dict:
 
 
 def replica_resources(cfg: RecipeConfig) -> dict:
-    value = cfg.serving.serve_resources
-    if value is None:
+    if cfg.serving.serve_resources is None:
         return {"GPU": 1} if torch.cuda.is_available() else {"CPU": 1}
-    return json.loads(value) if isinstance(value, str) else dict(value)
+    return dict(cfg.serving.serve_resources)
 
 
 # -- the model side of a replica ---------------------------------------------------------------------------------
@@ -238,9 +236,9 @@ class Engine:
         while ids and ids[-1] == pad and pad not in self.stops:  # a shorter answer among n, padded
             ids.pop()
         text = self.tokenizer.decode(ids, skip_special_tokens=self.cfg.generating.skip_special_tokens)
-        trimmer = StopTrimmer(request.sampling.stop)
-        text = trimmer.feed(text) + trimmer.flush()
-        finish = "stop" if stopped or trimmer.stopped or len(ids) < request.sampling.max_new_tokens else "length"
+        cut = first_stop(text, request.sampling.stop)
+        text = text if cut is None else text[:cut]
+        finish = "stop" if stopped or cut is not None or len(ids) < request.sampling.max_new_tokens else "length"
         answer = Answer(text=text, finish_reason=finish, completion_tokens=len(ids))
         if request.prompt is None:
             self._read_reply(request, answer)

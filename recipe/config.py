@@ -50,7 +50,7 @@ class RecipeConfig:
     def to_dict(self, mask_secrets: bool = True) -> dict:
         """The flat key -> value form a recipe is written in (secrets masked unless told otherwise)."""
         flat: dict[str, Any] = {}
-        for name in ("model", "data", "finetuning", "generating", "ray", "serving"):
+        for name in (name for name in SECTIONS if name != "training"):
             section = getattr(self, name)
             flat.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
         flat.update(self.training)

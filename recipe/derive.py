@@ -85,6 +85,13 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         r.resources_per_worker = json.loads(r.resources_per_worker)
     if isinstance(r.reward_model_resources, str):
         r.reward_model_resources = json.loads(r.reward_model_resources)
+    s = cfg.serving
+    if isinstance(s.serve_resources, str):
+        s.serve_resources = json.loads(s.serve_resources)
+    if isinstance(s.serve_adapters, str):
+        s.serve_adapters = json.loads(s.serve_adapters)
+    if s.serve_adapters:  # the driver checks, and local replicas load, the same folders
+        s.serve_adapters = {name: absolute_storage(base_dir, str(where)) for name, where in s.serve_adapters.items()}
     if f.stage == "ppo" and f.reward_model_type in ("lora", "full") and f.reward_model:
         reward_path = under(base_dir, f.reward_model)
         if reward_path.exists():

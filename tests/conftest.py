@@ -3,6 +3,7 @@ and what the rayft logger says during a test."""
 
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ from rayft.recipe.logs import logger
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "llamafactory"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,13 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from test_export import trained_like_adapter
 
 from rayft.orchestrator.openai_api import (
@@ -180,12 +179,6 @@ def test_a_reply_with_tool_calls_or_a_thought_is_read_back_in_the_templates_form
 
 
 # -- one real server ----------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """`rayft serve` started as users start it, with its own local Ray: the tiny model and two adapters, one an
