@@ -13,6 +13,7 @@ from rayft.data.errors import DataError
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.logs import DEFAULT, QUIET, VERBOSE, configure, logger
 from rayft.recipe.problems import ConfigError, Problem
+from rayft.trainers import without_bitsandbytes
 
 if TYPE_CHECKING:
     from rayft.recipe.config import RecipeConfig
@@ -40,8 +41,17 @@ API_ENVIRONMENT = {"API_HOST": "serve_host", "API_PORT": "serve_port", "API_KEY"
                    "MAX_CONCURRENT": "serve_max_concurrent"}
 
 
+# Commands whose own process never loads a model (workers, generation actors and serving replicas are processes of
+# their own). Their process is told there is no bitsandbytes before the schema imports PEFT, which would import it
+# and torch.compile's machinery with it: about 2.5 s of every such command on a 2-core machine.
+NO_MODEL_IN_PROCESS = {"train", "sweep", "plan", "data", "tokenize", "submit", "serve"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; `argv` None is the `rayft` command's own process (the console script)."""
     args = parser().parse_args(argv)
+    if argv is None and args.command in NO_MODEL_IN_PROCESS:
+        without_bitsandbytes()
     configure(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     if args.command == "tiny-model":
         return _tiny_model(args)

@@ -310,9 +310,12 @@ def ray_train_settings(local: bool):
     """Ray Train's own settings for one run, which it reads from the driver's environment when the run starts.
 
     On a local Ray instance (no ray_address) no node can be preempted, so Ray Train's preemption watcher (one
-    more actor process per run, polling the nodes' drain state) is left out unless the environment asks for it.
+    more actor process per run, polling the nodes' drain state) is left out, and its controller polls the
+    workers every 0.5 s instead of every 2 s: it sees the group up, a report, a fault and the end that much
+    sooner (about 3.5 s of every short run), for a status call per worker that costs nothing next to a step.
+    The environment's own values win.
     """
-    wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if local else {}
+    wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"} if local else {}
     added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     try:

@@ -283,6 +283,13 @@ def test_a_worker_that_does_not_quantise_never_imports_bitsandbytes_and_the_buil
     found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, WORKER_WITHOUT_BITSANDBYTES: "1"},
                            capture_output=True, text=True, timeout=120)
     assert found.stdout.split() == ["False", "False"], found.stderr[-2000:]
+    # nor does the `rayft` command's own process for a command that loads no model (here one refused at once)
+    command = ("import sys; from rayft.orchestrator.cli import main; sys.argv = ['rayft', 'plan', 'missing.yaml']; "
+               "code = main(); import peft; from peft.import_utils import is_bnb_available; "
+               "print(code, 'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, "
+               "is_bnb_available())")
+    found = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120)
+    assert found.stdout.split() == ["2", "False", "False"], found.stderr[-2000:]
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert not shm_op_is_built()  # not built: the driver builds it before the workers start

@@ -12,5 +12,14 @@ import sys
 
 WORKER_WITHOUT_BITSANDBYTES = "RAYFT_WORKER_WITHOUT_BITSANDBYTES"
 
-if os.environ.get(WORKER_WITHOUT_BITSANDBYTES) == "1" and "bitsandbytes" not in sys.modules:
-    sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError in this process
+
+def without_bitsandbytes() -> None:
+    """Marks bitsandbytes absent in this process, unless it is already imported: `import bitsandbytes` then
+    raises ImportError, so PEFT and Transformers see none. Also the `rayft` command's own process when it
+    never loads a model (orchestrator/cli.py)."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
+
+
+if os.environ.get(WORKER_WITHOUT_BITSANDBYTES) == "1":
+    without_bitsandbytes()
