@@ -1,15 +1,18 @@
 """Where a short run's time goes before it trains: the driver's data step with Ray Data's tasks against the
 driver's own tokenisation of a small dataset, then one whole run's phases read from its log.
 
-    .venv/bin/python benchmarks/startup.py [--examples 96]
+    .venv/bin/python benchmarks/startup.py [--examples 96] [--empty-runs 3]
 
 Both data paths tokenise the same DPO demo pairs on a fresh local Ray instance, once each, as a run does.
 The run is the DPO demo (2 workers, ZeRO-2, evaluation on the training pairs); its phases are the seconds from
 the start of `run_train` to the data summary, to rank 0's first message, to the first logged step, and to the end.
+Between them, Ray Train's own cost: a 2-worker run of a function that only reports, at Ray Train's default
+controller poll and at rayft's local one.
 """
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 
@@ -22,9 +25,34 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def empty_runs(repeats: int, storage: str) -> list[dict]:
+    """Ray Train's own cost: a 2-worker TorchTrainer whose training function only reports, at Ray Train's
+    default controller poll (2 s) and at rayft's on a local instance (0.5 s), alternating, `repeats` each."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def report_once(config):
+        import ray.train
+
+        ray.train.report({"done": 1})
+
+    seconds = {"2.0": [], "0.5": []}
+    for i in range(repeats):
+        for interval in seconds:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
+            start = time.perf_counter()
+            TorchTrainer(report_once, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                         run_config=RunConfig(name=f"empty-{interval}-{i}", storage_path=storage)).fit()
+            seconds[interval].append(time.perf_counter() - start)
+    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    return [{"controller poll (s)": interval, "runs": len(runs), "median (s)": round(sorted(runs)[len(runs) // 2], 2),
+             "min (s)": round(min(runs), 2), "max (s)": round(max(runs), 2)} for interval, runs in seconds.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--empty-runs", type=int, default=3, help="empty TorchTrainer runs per controller poll")
     args = parser.parse_args()
 
     import ray
@@ -50,6 +78,12 @@ def main() -> None:
         seconds = timed(once)  # cold, as a run meets it: task workers start, each process loads the tokenizer
         rows.append({"tokenised by": name, "examples": len(examples), "seconds": round(seconds, 2)})
     print(table(rows, ["tokenised by", "examples", "seconds"]), flush=True)
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # as rayft's local runs
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = empty_runs(args.empty_runs, tmp) if args.empty_runs else []
+    os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    if empty:
+        print(table(empty, list(empty[0])), flush=True)
 
     marks: dict[str, float] = {}
 
@@ -74,7 +108,7 @@ def main() -> None:
     phases = [{"phase": f"to {mark}", "seconds": round(marks[mark] - start, 2)}
               for mark in ("data", "workers", "first step", "end") if mark in marks]
     print(table(phases, ["phase", "seconds"]), flush=True)
-    write("startup", {"tokenise": rows, "run": phases})
+    write("startup", {"tokenise": rows, "empty runs": empty, "run": phases})
     ray.shutdown()
 
 
