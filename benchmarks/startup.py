@@ -26,25 +26,33 @@ def timed(fn) -> float:
 
 
 def empty_runs(repeats: int, storage: str) -> list[dict]:
-    """Ray Train's own cost: a 2-worker TorchTrainer whose training function only reports, at Ray Train's
-    default controller poll (2 s) and at rayft's on a local instance (0.5 s), alternating, `repeats` each."""
+    """Ray Train's own cost: a 2-worker TorchTrainer whose training function only reports, under rayft's settings
+    for a local run (launch.ray_train_settings), once with Ray Train's default controller poll put back (2 s),
+    once with rayft's, alternating, `repeats` each."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rayft.orchestrator.launch import ray_train_settings
 
     def report_once(config):
         import ray.train
 
         ray.train.report({"done": 1})
 
-    seconds = {"2.0": [], "0.5": []}
+    poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    seconds: dict[str, list[float]] = {}
     for i in range(repeats):
-        for interval in seconds:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
-            start = time.perf_counter()
-            TorchTrainer(report_once, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                         run_config=RunConfig(name=f"empty-{interval}-{i}", storage_path=storage)).fit()
-            seconds[interval].append(time.perf_counter() - start)
-    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+        for ray_default in (True, False):
+            if ray_default:
+                os.environ[poll] = "2.0"
+            with ray_train_settings(local=True):
+                interval = os.environ[poll]
+                start = time.perf_counter()
+                TorchTrainer(report_once, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                             run_config=RunConfig(name=f"empty-{interval}-{i}", storage_path=storage)).fit()
+                seconds.setdefault(interval, []).append(time.perf_counter() - start)
+            if ray_default:
+                os.environ.pop(poll)
     return [{"controller poll (s)": interval, "runs": len(runs), "median (s)": round(sorted(runs)[len(runs) // 2], 2),
              "min (s)": round(min(runs), 2), "max (s)": round(max(runs), 2)} for interval, runs in seconds.items()]
 
@@ -78,10 +86,8 @@ def main() -> None:
         seconds = timed(once)  # cold, as a run meets it: task workers start, each process loads the tokenizer
         rows.append({"tokenised by": name, "examples": len(examples), "seconds": round(seconds, 2)})
     print(table(rows, ["tokenised by", "examples", "seconds"]), flush=True)
-    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # as rayft's local runs
     with tempfile.TemporaryDirectory() as tmp:
         empty = empty_runs(args.empty_runs, tmp) if args.empty_runs else []
-    os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     if empty:
         print(table(empty, list(empty[0])), flush=True)
 
