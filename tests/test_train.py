@@ -270,6 +270,24 @@ def test_a_shard_stream_is_seeded_reshuffles_every_epoch_and_reads_a_resumed_epo
 
 
 @pytest.mark.unit
+def test_ray_trains_local_settings_hold_for_the_run_only_and_the_environment_wins(monkeypatch):
+    from rayft.orchestrator.launch import ray_train_settings
+
+    watcher, poll = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(watcher, raising=False)
+    monkeypatch.delenv(poll, raising=False)
+    with ray_train_settings(local=True):
+        assert (os.environ[watcher], os.environ[poll]) == ("0", "0.5")
+    assert watcher not in os.environ and poll not in os.environ
+    with ray_train_settings(local=False):  # a cluster keeps Ray Train's defaults
+        assert watcher not in os.environ and poll not in os.environ
+    monkeypatch.setenv(poll, "3")
+    with ray_train_settings(local=True):
+        assert os.environ[poll] == "3"
+    assert os.environ[poll] == "3" and watcher not in os.environ
+
+
+@pytest.mark.unit
 def test_a_worker_that_does_not_quantise_never_imports_bitsandbytes_and_the_built_op_is_found(tmp_path, monkeypatch):
     import subprocess
     import sys
