@@ -15,21 +15,19 @@ import ray.train
 import ray.train.torch
 import torch
 from peft import PeftModel
-from ray.train.huggingface.transformers import RayTrainReportCallback
 from safetensors.torch import save_file
-from transformers import get_scheduler, set_seed
-from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+from transformers import set_seed
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import reference_kind
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import VALUE_HEAD_FILE
-from rayft.trainers import outputs, rl
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog
-from rayft.trainers.common import ShardStream, peak_memory, restored_checkpoint, train_shard, training_arguments
+from rayft.trainers import rl
+from rayft.trainers.common import peak_memory, train_shard, training_arguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import load_reference, load_tokenizer, prepare_model, trainable_summary
+from rayft.trainers.online import OnlineTrainer, averaged, finish, gathered
 from rayft.trainers.rewards import (
     ActorReference,
     ActorReward,
@@ -41,9 +39,8 @@ from rayft.trainers.rewards import (
     response_logprobs,
     right_padded,
 )
-from rayft.trainers.tracking import close_trackers, prepare_trackers, tracker_callbacks
+from rayft.trainers.tracking import prepare_trackers
 
-STATE_FILE = "ppo_state.pt"
 REWARD_ACTORS_FILE = "reward_actors.json"
 # TRL's PPO defaults, which LLaMA-Factory keeps: the value loss weight, both clip ranges, GAE's γ and λ, and
 # the KL coefficient the adaptive controller starts from
@@ -80,15 +77,15 @@ class Rollout:
     scores: torch.Tensor
 
 
-class PPOTrainer:
+class PPOTrainer(OnlineTrainer):
     """PPO over this worker's prompts: rollout, score, advantages, `ppo_epochs` of clipped updates."""
+
+    state_file = "ppo_state.pt"
 
     def __init__(self, cfg: RecipeConfig, plan: Plan, args, model: PolicyWithValueHead, tokenizer, reward, reference,
                  device):
-        self.cfg, self.plan, self.args, self.tokenizer = cfg, plan, args, tokenizer
+        super().__init__(cfg, plan, args, model, model.policy, tokenizer, device)
         self.reward, self.reference = reward, reference
-        self.device, self.model = device, model
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         f, g = cfg.finetuning, cfg.generating
         self.stops = stop_token_ids(tokenizer, cfg)
@@ -97,19 +94,6 @@ class PPOTrainer:
         self.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * f.ppo_buffer_size
         self.kl_control = rl.AdaptiveKLController(INIT_KL_COEF, f.ppo_target)
         self.score_moments = rl.RunningMoments()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                           eps=args.adam_epsilon, weight_decay=args.weight_decay)
-        total = plan.total_steps
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, args.get_warmup_steps(total), total)
-        self.state = TrainerState(max_steps=total, logging_steps=args.logging_steps, save_steps=args.save_steps,
-                                  is_world_process_zero=args.process_index == 0,
-                                  is_local_process_zero=args.local_process_index == 0)
-        self.control = TrainerControl()
-        callbacks = [LogCallback(args.output_dir, plan.progress_board), *tracker_callbacks(args.report_to)]
-
-        callbacks += [RayTrainReportCallback(), *([ReportEveryLog()] if plan.report_every_log else [])]
-        self.callbacks = CallbackHandler(callbacks, model.policy, tokenizer, self.optimizer, self.scheduler)
 
     # ---- one step -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,97 +170,18 @@ class PPOTrainer:
         self.kl_control.update(stats["kl"], self.batch_size * self.world)
         return stats
 
-    # ---- the run --------------------------------------------------------------------------------------
-    def train(self, prompts: ShardStream) -> int:
-        """Runs total_steps PPO steps over this worker's share of the prompts, logging and checkpointing as the
-        Trainer would; returns the steps done."""
-        args, plan = self.args, self.plan
-        resumed = restored_checkpoint() or args.resume_from_checkpoint
-        if resumed:
-            self.restore(resumed)
-        self.callbacks.on_train_begin(args, self.state, self.control)
-        stream = prompt_stream(prompts)
-        batches = iter(lambda: [next(stream) for _ in range(self.batch_size)], None)
-        for _ in range(self.state.global_step * self.batch_size):  # a resumed run continues where it stopped
-            next(stream)
-        window: list[dict] = []
-        while self.state.global_step < self.state.max_steps:
-            stats = self.learn(self.rollout(next(batches)))
-            self.state.global_step += 1
-            self.state.epoch = self.state.global_step / max(plan.steps_per_epoch, 1)
-            window.append(stats)
-            step = self.state.global_step
-            if step % args.logging_steps == 0 or step == self.state.max_steps:
-                self.log({k: round(sum(s[k] for s in window) / len(window), 6) for k in window[0]}
-                         | {"learning_rate": self.scheduler.get_last_lr()[0]})
-                window = []
-            if args.save_strategy == "steps" and (step % args.save_steps == 0 or step == self.state.max_steps):
-                self.save_checkpoint()
-        return self.state.global_step
+    def step(self, batches) -> dict[str, float]:
+        return self.learn(self.rollout([row["input_ids"] for row in next(batches)]))
 
-    def log(self, logs: dict) -> None:
-        logs = {**logs, "epoch": round(self.state.epoch, 4)}
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callbacks.on_log(self.args, self.state, self.control, logs)
+    def save_model(self, folder: Path) -> None:
+        save_policy(self.model, folder)
 
-    def save_checkpoint(self) -> None:
-        """checkpoint-<step>/ with the policy and value head as the run saves them, plus what resuming needs;
-        Ray Train's callback then reports it to storage."""
-        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.args.process_index == 0:
-            save_policy(self.model, folder)
-            trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
-            torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_control.value,
-                        "score_moments": vars(self.score_moments), "global_step": self.state.global_step,
-                        "log_history": self.state.log_history}, folder / STATE_FILE)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank reports the checkpoint rank 0 wrote
-        self.control = self.callbacks.on_save(self.args, self.state, self.control)
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_control.value, "score_moments": vars(self.score_moments)}
 
-    def restore(self, folder: str) -> None:
-        if not (Path(folder) / STATE_FILE).is_file():
-            raise RuntimeError(f"resume_from_checkpoint: {folder} is not a checkpoint of a ppo run (it has no "
-                               f"{STATE_FILE}); name a checkpoint-<step> folder of a ppo run's output_dir")
-        state = torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=False)
-        missing = {name for name, p in self.model.named_parameters() if p.requires_grad} - set(state["trainable"])
-        if missing:
-            raise RuntimeError(f"the checkpoint {folder} lacks trained weights of this policy ({sorted(missing)[:3]} "
-                               "...); it was written by another recipe; choose another ray_run_name")
-        self.model.load_state_dict(state["trainable"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_extra_state(self, state: dict) -> None:
         self.kl_control.value = state["kl_coef"]
         vars(self.score_moments).update(state["score_moments"])
-        self.state.global_step, self.state.log_history = state["global_step"], state["log_history"]
-        self.state.epoch = self.state.global_step / max(self.plan.steps_per_epoch, 1)
-        logger.info(f"ppo resumes at step {self.state.global_step} from {folder}")
-
-
-def prompt_stream(prompts: ShardStream):
-    """This worker's prompt ids, pass after pass (each shuffled anew by the share's buffer), without end: a step
-    may span the end of a pass."""
-    while True:
-        yield from (row["input_ids"] for row in prompts)
-
-
-def gathered(values: torch.Tensor) -> torch.Tensor:
-    """Every worker's `values` (same length on each), concatenated in rank order."""
-    if not torch.distributed.is_initialized():
-        return values
-    parts = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, values)
-    return torch.cat(parts)
-
-
-def averaged(stats: dict[str, float]) -> dict[str, float]:
-    """The mean of each statistic over all workers (each measured on an equal batch)."""
-    if not torch.distributed.is_initialized():
-        return stats
-    keys = sorted(stats)
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(values)
-    return {k: v / torch.distributed.get_world_size() for k, v in zip(keys, values.tolist())}
 
 
 def save_policy(model: PolicyWithValueHead, folder: Path) -> None:
@@ -317,18 +222,26 @@ class FrozenCopy:
         return model_logprobs(self.model, input_ids, attention_mask, prompt_length, temperature)
 
 
+def reward_model_here(cfg: RecipeConfig, plan: Plan, policy, tokenizer, device):
+    """The reward model (reward_model_type lora, full or api) as this worker uses it."""
+    f = cfg.finetuning
+    return {"lora": lambda: AdapterReward(policy, f.reward_model, tokenizer.pad_token_id, device),
+            "full": lambda: ModelReward(cfg, plan.use_gpu),
+            "api": lambda: ApiReward(f.reward_model)}[f.reward_model_type]()
+
+
+def reference_here(cfg: RecipeConfig, plan: Plan, policy, device):
+    """The reference in this worker: a frozen copy, or the policy with its adapter switched off."""
+    return FrozenCopy(cfg, plan.use_gpu, device) if reference_kind(cfg) == "copy" else AdapterOff(policy)
+
+
 def reward_and_reference(cfg: RecipeConfig, plan: Plan, policy, tokenizer, device):
     """The reward function and the reference this worker uses, in this process or on the reward actors."""
-    f = cfg.finetuning
     actors = plan.reward_actors
     if actors:
         reward = ActorReward(actors, ray.train.get_context().get_world_rank())
         return reward, ActorReference(reward) if reference_kind(cfg) == "actor" else AdapterOff(policy)
-    reward = {"lora": lambda: AdapterReward(policy, f.reward_model, tokenizer.pad_token_id, device),
-              "full": lambda: ModelReward(cfg, plan.use_gpu),
-              "api": lambda: ApiReward(f.reward_model)}[f.reward_model_type]()
-    reference = FrozenCopy(cfg, plan.use_gpu, device) if reference_kind(cfg) == "copy" else AdapterOff(policy)
-    return reward, reference
+    return reward_model_here(cfg, plan, policy, tokenizer, device), reference_here(cfg, plan, policy, device)
 
 
 def run_ppo(cfg: RecipeConfig, plan: Plan) -> dict:
@@ -352,19 +265,3 @@ def run_ppo(cfg: RecipeConfig, plan: Plan) -> dict:
         (Path(args.output_dir) / REWARD_ACTORS_FILE).write_text(json.dumps(reward.where(), indent=1))
     metrics = {"train_steps": steps, **{f"training_{k}": v for k, v in peak_memory().items()}}
     return finish(trainer, cfg, plan, tokenizer, metrics)
-
-
-def finish(trainer: PPOTrainer, cfg: RecipeConfig, plan: Plan, tokenizer, metrics: dict) -> dict:
-    """Saves policy, value head, tokenizer, metrics, plots, config and model card on rank 0; returns the metrics."""
-    args = trainer.args
-    last = {k: v for record in trainer.state.log_history for k, v in record.items() if k not in ("step", "epoch")}
-    metrics = {**metrics, **{f"train_{k}": v for k, v in last.items()}, **peak_memory()}
-    if args.process_index == 0:
-        out = Path(args.output_dir)
-        save_policy(trainer.model, out)
-        for name in ("train_results.json", "all_results.json"):
-            (out / name).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        outputs.write_run_outputs(str(out), cfg, plan, tokenizer, metrics)
-    trainer.callbacks.on_train_end(args, trainer.state, trainer.control)
-    close_trackers(trainer.callbacks.callbacks)
-    return metrics
