@@ -126,6 +126,14 @@ def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "En
     }
 
 
+def encode_grpo_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
+    """Ray Data map_batches function for stage grpo: each example's prompt ids (as for ppo) and its last response
+    as the `answer` that the rewards compare the completions with."""
+    encoded = encode_query_batch(batch, tokenizer_spec, settings)
+    encoded["answer"] = np.asarray([messages[-1]["content"] for messages in batch["messages"]], dtype=object)
+    return encoded
+
+
 def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
     """Ray Data map_batches function for preference data (stages rm and dpo): chosen and rejected sequences."""
     tokenizer = load_tokenizer(tokenizer_spec)
@@ -388,9 +396,11 @@ def _tokenize_here(rows: Rows, tokenizer_spec: TokenizerSpec, settings: Encoding
 
 
 def _arrow(column) -> pa.Array:
-    """A column of an encoded batch as Arrow: token sequences become lists of int64."""
+    """A column of an encoded batch as Arrow: token sequences become lists of int64, text stays text."""
     if isinstance(column, np.ndarray) and column.ndim == 1 and column.dtype != object:
         return pa.array(column)
+    if all(isinstance(value, str) for value in column):
+        return pa.array(list(column), type=pa.string())
     return pa.array([np.asarray(value).tolist() for value in column], type=pa.list_(pa.int64()))
 
 
@@ -446,8 +456,9 @@ def describe_example(row: dict, tokenizer) -> str:
         shown = describe_example({"input_ids": row["input_ids"], "labels": row["labels"]}, tokenizer)
         return f"kto_tag: {tag}\n" + shown
     ids = [int(i) for i in row["input_ids"]]
-    if "labels" not in row:  # a PPO prompt: the policy writes the response
-        return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}"
+    if "labels" not in row:  # a ppo or grpo prompt: the policy writes the response
+        answer = f"\nanswer (what the rewards compare with):\n{row['answer']}" if "answer" in row else ""
+        return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}{answer}"
     labels = [int(i) for i in row["labels"]]
     trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     return "\n".join([

@@ -48,7 +48,9 @@ from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
 from rayft.trainers.callbacks import MetricReport
 from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
 from rayft.trainers.rewards import RewardServer
+from rayft.trainers.rollout import RolloutServer
 from rayft.trainers.stages import STAGES
+from rayft.trainers.verifiable import reward_function_problems
 from rayft.trainers.worker import train_loop_per_worker
 
 
@@ -86,7 +88,7 @@ def prepare(cfg: RecipeConfig, trains: bool = True) -> Prepared:
                         "(choose another ray_run_name for a fresh run)")
         # a resumed run finds its own earlier outputs there
         refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
-    problems = reward_model_problems(cfg)
+    problems = reward_model_problems(cfg) + reward_function_problems(cfg)
     template_refusal = template_problem(cfg.data.template, cfg.data.tool_format)
     if template_refusal:
         problems.append(Problem("template", template_refusal))
@@ -325,27 +327,41 @@ def ray_train_settings(local: bool):
             os.environ.pop(key, None)
 
 
-@contextlib.contextmanager
-def reward_actors(cfg: RecipeConfig, plan: Plan):
-    """Starts the reward model's own group of Ray actors (plan.reward_actors, stage ppo) for the run, waits until
-    each has loaded its model, and stops them when the run ends."""
-    if not plan.reward_actors:
-        yield
-        return
-    bundle = dict(cfg.ray.reward_model_resources or plan.resources_per_worker)
+def actor_options(bundle: dict) -> dict:
+    """Ray actor options that reserve `bundle` (CPU, GPU, memory and custom resources)."""
+    bundle = dict(bundle)
     options = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0)}
     if "memory" in bundle:
         options["memory"] = bundle.pop("memory")
     if bundle:
         options["resources"] = bundle
-    with_reference = reference_kind(cfg) == "actor"
-    server = ray.remote(RewardServer)
-    actors = [server.options(name=name, **options).remote(cfg.to_dict(mask_secrets=False), options["num_gpus"] > 0,
-                                                          with_reference) for name in plan.reward_actors]
+    return options
+
+
+@contextlib.contextmanager
+def reward_actors(cfg: RecipeConfig, plan: Plan):
+    """Starts the run's own groups of Ray actors, the reward model's (plan.reward_actors, stage ppo) and the rollout
+    generators (plan.rollout_actors, stage grpo), waits until each has loaded its model, and stops them when the
+    run ends."""
+    recipe = cfg.to_dict(mask_secrets=False)
+    actors, names = [], []
+    if plan.reward_actors:
+        options = actor_options(cfg.ray.reward_model_resources or plan.resources_per_worker)
+        with_reference = reference_kind(cfg) == "actor"
+        server = ray.remote(RewardServer)
+        actors += [server.options(name=name, **options).remote(recipe, options["num_gpus"] > 0, with_reference)
+                   for name in plan.reward_actors]
+        names += [(name, "reward actor", ", with the reference model" if with_reference else "")
+                  for name in plan.reward_actors]
+    if plan.rollout_actors:
+        options = actor_options(cfg.ray.rollout_resources or plan.resources_per_worker)
+        server = ray.remote(RolloutServer)
+        actors += [server.options(name=name, **options).remote(recipe, options["num_gpus"] > 0, cfg.args.seed + i)
+                   for i, name in enumerate(plan.rollout_actors)]
+        names += [(name, "rollout actor", "") for name in plan.rollout_actors]
     try:
-        for name, where in zip(plan.reward_actors, ray.get([actor.where.remote() for actor in actors])):
-            logger.info(f"reward actor {name} on node {where['node_id']} (pid {where['pid']})"
-                        + (", with the reference model" if with_reference else ""))
+        for (name, kind, extra), where in zip(names, ray.get([actor.where.remote() for actor in actors])):
+            logger.info(f"{kind} {name} on node {where['node_id']} (pid {where['pid']}){extra}")
         yield
     finally:
         for actor in actors:

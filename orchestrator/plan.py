@@ -8,7 +8,7 @@ import math
 from rayft.orchestrator.memory import GB, MemorySettings, ModelShape, estimate, pick_deepspeed
 from rayft.recipe import deepspeed as ds
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import reference_kind
+from rayft.recipe.derive import prompts_per_step, reference_kind
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 
@@ -35,7 +35,7 @@ def worker_resources(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int =
     most = max((int(n.resources.get("CPU", 0)) for n in nodes), default=1)
     for cpus in range(most, 0, -1):
         bundle = {"CPU": cpus}
-        if not placement_problems(bundle, workers, strategy, nodes) and not reward_actor_problems(cfg, bundle, nodes,
+        if not placement_problems(bundle, workers, strategy, nodes) and not actor_group_problems(cfg, bundle, nodes,
                                                                                                    trials_at_once):
             break
     else:
@@ -77,23 +77,35 @@ def placement_problems(bundle: dict, count: int, strategy: str, nodes: list[Node
                                  "resources_per_worker, or choose another placement_strategy")]
 
 
-def reward_actor_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node],
-                          trials_at_once: int = 1) -> list[str]:
-    """Why the reward model's actors (reward_model_workers) cannot run beside the training workers."""
+def actor_groups(cfg: RecipeConfig, worker_bundle: dict) -> list[tuple[str, int, dict]]:
+    """The groups of Ray actors a run starts beside its workers, as (resources key, count, bundle each): the reward
+    model's (stage ppo, reward_model_workers) and the rollout generators (stage grpo, rollout_workers)."""
     r = cfg.ray
-    if not r.reward_model_workers:
+    groups = [("reward_model_resources", r.reward_model_workers, r.reward_model_resources),
+              ("rollout_resources", r.rollout_workers, r.rollout_resources)]
+    return [(key, count, dict(bundle or worker_bundle)) for key, count, bundle in groups if count > 0]
+
+
+def actor_group_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Node],
+                          trials_at_once: int = 1) -> list[str]:
+    """Why the actor groups (reward model actors, rollout actors) cannot run beside the training workers."""
+    r = cfg.ray
+    groups = actor_groups(cfg, worker_bundle)
+    if not groups:
         return []
-    actor = dict(r.reward_model_resources or worker_bundle)
-    needed = {k: (actor.get(k, 0) * r.reward_model_workers + worker_bundle.get(k, 0) * r.ray_num_workers)
-              * trials_at_once for k in set(actor) | set(worker_bundle)}
+    names = set(worker_bundle).union(*(bundle for _, _, bundle in groups))
+    needed = {k: (worker_bundle.get(k, 0) * r.ray_num_workers + sum(b.get(k, 0) * n for _, n, b in groups))
+              * trials_at_once for k in names}
     totals = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in needed}
     short = {k: v for k, v in needed.items() if v > totals[k] + 1e-9}
-    if sum(bundles_per_node(actor, n) for n in nodes) < r.reward_model_workers or short:
-        return [Problem("reward_model_resources", f"{r.reward_model_workers} reward actor(s) of {actor} beside "
-                                                  f"{r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, "
-                                                  f"but the cluster has { {k: totals[k] for k in needed} }; lower "
-                                                  "reward_model_workers, reward_model_resources or "
-                                                  "resources_per_worker")]
+    unplaceable = [key for key, count, bundle in groups if sum(bundles_per_node(bundle, n) for n in nodes) < count]
+    if short or unplaceable:
+        key = unplaceable[0] if unplaceable else groups[-1][0]
+        described = ", ".join(f"{count} {key.split('_')[0]} actor(s) of {bundle}" for key, count, bundle in groups)
+        counts = " / ".join(k.replace("resources", "workers") for k, _, _ in groups)
+        return [Problem(key, f"{described} beside {r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, "
+                             f"but the cluster has { {k: totals[k] for k in needed} }; lower {counts}, "
+                             f"{' / '.join(k for k, _, _ in groups)} or resources_per_worker")]
     return []
 
 
@@ -103,7 +115,7 @@ def check_placement(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int = 
     r = cfg.ray
     bundle, why = worker_resources(cfg, nodes, trials_at_once)
     problems = placement_problems(bundle, r.ray_num_workers, r.placement_strategy, nodes)
-    problems += reward_actor_problems(cfg, bundle, nodes)
+    problems += actor_group_problems(cfg, bundle, nodes)
     if problems:
         raise ConfigError(problems)
     return bundle, why
@@ -132,10 +144,11 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     use_gpu = bundle.get("GPU", 0) > 0
     per_device = t.per_device_train_batch_size
     accumulation = t.gradient_accumulation_steps
-    # a PPO step generates for ppo_buffer_size x per_device x accumulation prompts, then learns from them
-    rollouts = cfg.finetuning.ppo_buffer_size if cfg.finetuning.stage == "ppo" else 1
-    batches = math.ceil(examples_per_worker / (per_device * rollouts))
-    steps_per_epoch = max(batches // accumulation, 1)
+    if cfg.finetuning.stage == "grpo":  # a step answers prompts_per_step prompts, each num_generations times
+        steps_per_epoch = max(math.ceil(examples_per_worker / prompts_per_step(cfg)), 1)
+    else:  # a PPO step answers ppo_buffer_size batches of prompts, then learns from them
+        rollouts = cfg.finetuning.ppo_buffer_size if cfg.finetuning.stage == "ppo" else 1
+        steps_per_epoch = max(math.ceil(examples_per_worker / (per_device * rollouts)) // accumulation, 1)
     max_steps = t.max_steps
     total = max_steps if max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     notes = [why] if why else []
@@ -146,10 +159,16 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
                                         use_gpu, per_device, notes)
     else:
         deepspeed = ds.materialize(t.deepspeed)
-    if cfg.finetuning.stage == "ppo":
-        f = cfg.finetuning
-        notes.append(f"ppo: each step answers {per_device * accumulation * rollouts} prompts per worker, then makes "
-                     f"{f.ppo_epochs} epoch(s) x {rollouts} optimizer update(s) on them")
+    f = cfg.finetuning
+    if f.stage == "grpo":
+        where = (f"on {r.rollout_workers} rollout actor(s)" + (", a step ahead (async_rollouts)" if f.async_rollouts
+                                                               else "")) if r.rollout_workers else "in the worker"
+        notes.append(f"grpo: each step samples {f.num_generations} completions for each of {prompts_per_step(cfg)} "
+                     f"prompts per worker ({where}), then makes {f.ppo_epochs} optimizer update(s) of "
+                     f"{accumulation} micro-batch(es) of {per_device} on them")
+    if f.stage == "ppo":
+        notes.append(f"ppo: each step answers {prompts_per_step(cfg)} prompts per worker, then makes "
+                     f"{f.ppo_epochs} epoch(s) x {f.ppo_buffer_size} optimizer update(s) on them")
         if f.reward_model_type == "full" and not r.reward_model_workers and memory is not None:
             notes.append("memory: the estimate leaves out the full reward model each worker also holds (about the "
                          "weights of one more model); reward_model_workers moves it to actors of its own")
@@ -164,6 +183,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         report_every_log=report_every_log,
         progress_board=None if report_every_log else f"rayft-progress-{run_id}",
         reward_actors=tuple(f"rayft-reward-{run_id}-{i}" for i in range(r.reward_model_workers)),
+        rollout_actors=tuple(f"rayft-rollout-{run_id}-{i}" for i in range(r.rollout_workers)),
         num_workers=r.ray_num_workers,
         resources_per_worker=bundle,
         placement_strategy=r.placement_strategy,

@@ -186,8 +186,10 @@ def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     t = cfg.args
     evaluates = bool(cfg.data.eval_dataset or cfg.data.val_size)
     problems = []
-    if cfg.finetuning.stage == "ppo" and spec.metric == "reward" and spec.mode == "min":
-        problems.append(Problem("sweep.mode", "'reward' is PPO's mean reward, which a sweep maximises; set mode: max"))
+    if cfg.finetuning.stage in ("ppo", "grpo") and spec.metric == "reward" and spec.mode == "min":
+        stage = cfg.finetuning.stage.upper()
+        problems.append(Problem("sweep.mode", f"'reward' is {stage}'s mean reward, which a sweep maximises; set "
+                                              "mode: max"))
     if spec.metric.startswith("eval_") and not evaluates:
         problems.append(Problem("sweep.metric", f"{spec.metric!r} is measured on evaluation data, which this recipe "
                                                 "has none of; set eval_dataset or val_size, or choose a training "
@@ -269,6 +271,10 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
         raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial "
                                                            "(the trials' resources would not count it); keep the "
                                                            "reward model inside the workers for a sweep")])
+    if base_cfg.ray.rollout_workers:
+        raise ConfigError([Problem("rollout_workers", "a sweep does not start a rollout actor group per trial (the "
+                                                      "trials' resources would not count it); let the workers sample "
+                                                      "for a sweep (remove rollout_workers)")])
     spec = parse_sweep(raw["sweep"], seed=base_cfg.args.seed)
     output_dir = Path(base_cfg.args.output_dir)
     run_name = base_cfg.ray.ray_run_name or f"sweep-{output_dir.name}"

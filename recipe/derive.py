@@ -18,9 +18,42 @@ ReferenceKind = Literal["none", "adapter_off", "copy", "actor"]
 
 
 def uses_reference(finetuning) -> bool:
-    """Whether the stage compares the policy with a reference model at all (kto, ppo, dpo but orpo / simpo)."""
+    """Whether the stage compares the policy with a reference model at all (kto, ppo, dpo but orpo / simpo, and
+    grpo with a KL term: beta > 0)."""
     f = finetuning
-    return f.stage in ("kto", "ppo") or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+    return (f.stage in ("kto", "ppo") or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
+            or (f.stage == "grpo" and f.beta > 0))
+
+
+def reward_names(finetuning) -> list[str]:
+    """The rewards a grpo recipe names (reward_funcs, a list or a comma list), in order."""
+    names = finetuning.reward_funcs
+    return comma_list(names) if isinstance(names, str) or names is None else [str(n).strip() for n in names]
+
+
+def reward_weights(finetuning) -> list[float]:
+    """One weight per reward: reward_weights as given (a list or a comma list of numbers), or 1 each."""
+    weights = finetuning.reward_weights
+    if weights is None:
+        return [1.0] * len(reward_names(finetuning))
+    return [float(w) for w in (comma_list(weights) if isinstance(weights, str) else weights)]
+
+
+def grpo_loss_type(finetuning) -> str:
+    """How token losses are averaged (TRL's loss_type): as set, else dr_grpo for Dr. GRPO (whose point is to drop
+    the per-sequence length normalisation) and TRL's default, dapo, for the others."""
+    f = finetuning
+    return f.loss_type or ("dr_grpo" if f.advantage_estimator == "dr_grpo" else "dapo")
+
+
+def prompts_per_step(cfg: RecipeConfig) -> int:
+    """Prompts one worker answers per step: ppo answers per_device x accumulation x ppo_buffer_size prompts once
+    each; grpo fills per_device x accumulation completions with groups of num_generations per prompt."""
+    f, t = cfg.finetuning, cfg.args
+    completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if f.stage == "grpo":
+        return max(completions // f.num_generations, 1)
+    return completions * (f.ppo_buffer_size if f.stage == "ppo" else 1)
 
 
 def reference_kind(cfg: RecipeConfig) -> ReferenceKind:
@@ -73,6 +106,12 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         f.lora_alpha = 2 * f.lora_rank
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
     f.use_ref_model = uses_reference(f)
+    if f.stage == "grpo":
+        notes.append(f"grpo: loss_type {grpo_loss_type(f)}"
+                     + (" (derived from advantage_estimator)" if f.loss_type is None else "")
+                     + f", clip range {f.epsilon} / {f.epsilon if f.epsilon_high is None else f.epsilon_high}")
+    if isinstance(r.rollout_resources, str):
+        r.rollout_resources = json.loads(r.rollout_resources)
     if f.use_ref_model:
         notes.append(f"reference model: {reference_kind(cfg)} (stage {f.stage}"
                      + (f", pref_loss {f.pref_loss}" if f.stage == "dpo" else "")
@@ -92,7 +131,7 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         s.serve_adapters = json.loads(s.serve_adapters)
     if s.serve_adapters:  # the driver checks, and local replicas load, the same folders
         s.serve_adapters = {name: absolute_storage(base_dir, str(where)) for name, where in s.serve_adapters.items()}
-    if f.stage == "ppo" and f.reward_model_type in ("lora", "full") and f.reward_model:
+    if f.stage in ("ppo", "grpo") and f.reward_model_type in ("lora", "full") and f.reward_model:
         reward_path = under(base_dir, f.reward_model)
         if reward_path.exists():
             f.reward_model = str(reward_path)

@@ -40,6 +40,7 @@ class Plan:
     memory_per_worker: dict | None = None  # the memory planner's estimate: part -> bytes, with "budget"
     report_every_log: bool = False  # a sweep's trial reports each logged record, for its scheduler
     reward_actors: tuple[str, ...] = ()  # names of the reward model's actors (stage ppo, reward_model_workers)
+    rollout_actors: tuple[str, ...] = ()  # names of the rollout generators (stage grpo, rollout_workers)
     progress_board: str | None = None  # name of the driver's progress actor that rank 0 posts its records to
 
     def to_dict(self) -> dict:
@@ -50,7 +51,7 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         """The same Plan again, from `to_dict`'s output."""
         return cls(**{**data, "notes": tuple(data["notes"]), "offload": tuple(data["offload"]),
-                      "reward_actors": tuple(data["reward_actors"])})
+                      "reward_actors": tuple(data["reward_actors"]), "rollout_actors": tuple(data["rollout_actors"])})
 
     def summary(self) -> str:
         stage = "off" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"

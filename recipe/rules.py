@@ -10,7 +10,7 @@ from typing import Any
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
-from rayft.recipe.derive import is_prediction, report_targets, under, uses_reference
+from rayft.recipe.derive import is_prediction, report_targets, reward_names, reward_weights, under, uses_reference
 from rayft.recipe.problems import Problem
 from rayft.recipe.schema import (
     LOOPBACK_HOSTS,
@@ -93,7 +93,7 @@ NOT_BUILT: dict[str, str] = {
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }
 
-BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
+BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"}
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
 BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
@@ -107,6 +107,9 @@ _LORA, _OFT, _FREEZE = (lambda f: f.finetuning_type == "lora"), (lambda f: f.fin
 # ref_model is read wherever a reference is used, except by PPO with an adapter, whose reference is its base
 _REFERENCE = lambda f: uses_reference(f) and not (f.stage == "ppo" and f.finetuning_type in ("lora", "oft"))
 _PPO = lambda f: f.stage == "ppo"
+_GRPO = lambda f: f.stage == "grpo"
+# a grpo recipe reads the reward model keys when reward_model is one of its rewards
+_REWARD_MODEL = lambda f: f.stage == "ppo" or (f.stage == "grpo" and "reward_model" in reward_names(f))
 ONLY_USED_WITH: dict[str, tuple] = {
     **{k: (_LORA, ("finetuning_type",), "finetuning_type: lora") for k in (
         "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora", "pissa_init",
@@ -133,10 +136,19 @@ ONLY_USED_WITH: dict[str, tuple] = {
            "pref_loss other than orpo and simpo, or stage ppo with freeze or full fine-tuning; PPO with adapters "
            "uses the base model without them)") for k in ("ref_model", "ref_model_adapters")},
     **{k: (_PPO, ("stage",), "stage: ppo") for k in (
-        "reward_model", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
-        "ppo_whiten_rewards")},
-    "reward_model_adapters": (lambda f: f.stage == "ppo" and f.reward_model_type == "full",
-                              ("stage", "reward_model_type"), "stage: ppo with reward_model_type: full"),
+        "ppo_buffer_size", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
+    "ppo_epochs": (lambda f: f.stage in ("ppo", "grpo"), ("stage",), "stage: ppo or grpo"),
+    **{k: (_REWARD_MODEL, ("stage", "reward_funcs"), "stage: ppo, or stage: grpo with reward_model in reward_funcs")
+       for k in ("reward_model", "reward_model_type")},
+    "reward_model_adapters": (lambda f: _REWARD_MODEL(f) and f.reward_model_type == "full",
+                              ("stage", "reward_model_type"), "a reward model of reward_model_type: full"),
+    **{k: (_GRPO, ("stage",), "stage: grpo") for k in (
+        "advantage_estimator", "num_generations", "epsilon", "epsilon_high", "beta", "loss_type", "reward_funcs",
+        "reward_weights", "log_completions_steps", "async_rollouts")},
+    "accuracy_extraction": (lambda f: _GRPO(f) and "accuracy" in reward_names(f), ("stage", "reward_funcs"),
+                            "stage: grpo with accuracy in reward_funcs"),
+    "format_pattern": (lambda f: _GRPO(f) and "format" in reward_names(f), ("stage", "reward_funcs"),
+                       "stage: grpo with format in reward_funcs"),
     "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
 }
 
@@ -301,6 +313,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem("learning_rate", f"must be positive, got {t.learning_rate}"))
     problems += _run_kind_problems(cfg, for_training)
     problems += _ppo_problems(cfg)
+    problems += grpo_problems(cfg)
     problems += serving_problems(cfg)
     if not problems:
         problems += _training_arguments_problems(cfg.training)
@@ -346,7 +359,7 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
     elif for_training and not training:
         problems.append(Problem("do_train", "false leaves nothing to run; add do_predict: true and "
                                             "predict_with_generate: true to generate, or remove do_train"))
-    elif training and f.stage != "ppo":  # PPO generates its rollouts with them
+    elif training and f.stage not in ONLINE_STAGES:  # ppo and grpo generate their rollouts with them
         changed = [k for k in GENERATION_KEYS if getattr(g, k) != default_of(GeneratingArguments, k)]
         changed += ["eval_num_beams"] if d.eval_num_beams is not None else []
         problems += [Problem(k, "generation settings are read by prediction (do_train: false with do_predict and "
@@ -364,27 +377,126 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
     return problems
 
 
-def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
-    """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
-    d, f, r, t = cfg.data, cfg.finetuning, cfg.ray, cfg.args
-    if f.stage != "ppo":
-        return [Problem(key, f"only read by stage ppo (reward model actors); remove {key}")
-                for key in ("reward_model_workers", "reward_model_resources") if getattr(r, key) not in (0, None)]
+ONLINE_STAGES = ("ppo", "grpo")  # the stages that generate their own training data
+BUILT_REWARDS = ("accuracy", "format", "length", "reward_model")
+
+
+def grpo_problems(cfg: RecipeConfig) -> list[Problem]:
+    """Checks of a stage grpo recipe: its groups, rewards, rollout actors, and what its loop does not do."""
+    f, g, r, t = cfg.finetuning, cfg.generating, cfg.ray, cfg.args
+    if f.stage != "grpo":
+        return [Problem(key, f"only read by stage grpo (the rollout actors); remove {key}")
+                for key in ("rollout_workers", "rollout_resources") if getattr(r, key) not in (0, None)]
     problems = []
-    kind = f.reward_model_type
+    completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if f.num_generations < 2:
+        problems.append(Problem("num_generations", f"a group needs at least 2 completions per prompt to compare, got "
+                                                   f"{f.num_generations}"))
+    elif completions % f.num_generations:
+        problems.append(Problem("num_generations", f"{completions} completions per worker and step "
+                                                   "(per_device_train_batch_size x gradient_accumulation_steps) are "
+                                                   f"not whole groups of {f.num_generations}; make them a multiple"))
+    if f.epsilon <= 0 or (f.epsilon_high is not None and f.epsilon_high <= 0):
+        problems.append(Problem("epsilon / epsilon_high", "clip ranges must be positive"))
+    if f.beta < 0:
+        problems.append(Problem("beta", f"the KL weight must be 0 or more, got {f.beta}"))
+    if f.ppo_epochs < 1:
+        problems.append(Problem("ppo_epochs", f"must be at least 1, got {f.ppo_epochs}"))
+    names = reward_names(f)
+    if not names:
+        problems.append(Problem("reward_funcs", "stage grpo needs at least one reward: accuracy, format, length, "
+                                                "reward_model or package.module:function"))
+    for name in names:
+        if name not in BUILT_REWARDS and (":" not in name or not all(name.partition(":")[::2])):
+            problems.append(Problem("reward_funcs", f"{name!r} is neither a built-in reward "
+                                                    f"({', '.join(BUILT_REWARDS)}) nor package.module:function"))
+    if len(set(names)) != len(names):
+        problems.append(Problem("reward_funcs", "names a reward twice; give it a larger weight instead"))
+    try:
+        weights = reward_weights(f)
+    except ValueError:
+        problems.append(Problem("reward_weights", f"{f.reward_weights!r} must be numbers, one per reward"))
+    else:
+        if len(weights) != len(names):
+            problems.append(Problem("reward_weights", f"{len(weights)} weight(s) for {len(names)} reward(s); give "
+                                                      "one per reward_funcs entry, in the same order"))
+    if "format" in names and not f.format_pattern:
+        problems.append(Problem("format_pattern", "the format reward needs the regular expression a completion must "
+                                                  "match, e.g. '^The answer is \\d+'"))
+    if f.format_pattern:
+        import re
+
+        try:
+            re.compile(f.format_pattern)
+        except re.error as err:
+            problems.append(Problem("format_pattern", f"not a regular expression ({err})"))
+    if "reward_model" in names:
+        problems += _reward_model_key_problems(f)
+    if f.async_rollouts and not r.rollout_workers:
+        problems.append(Problem("async_rollouts", "overlaps generation on the rollout actors with learning; set "
+                                                  "rollout_workers (1 or more) or remove async_rollouts"))
+    if r.rollout_workers < 0:
+        problems.append(Problem("rollout_workers", f"must be 0 (every worker generates) or more, got "
+                                                   f"{r.rollout_workers}"))
+    if r.rollout_resources is not None and not r.rollout_workers:
+        problems.append(Problem("rollout_resources", "only read with rollout_workers > 0; remove it or set "
+                                                     "rollout_workers"))
+    problems += resource_problems("rollout_resources", r.rollout_resources)
+    if g.num_beams != 1:
+        problems.append(Problem("num_beams", "grpo samples its completions; remove num_beams"))
+    if not g.do_sample:
+        problems.append(Problem("do_sample", "grpo compares sampled completions of one prompt; greedy decoding makes "
+                                             "them all alike. Remove do_sample: false"))
+    return problems + _online_not_built(cfg, "grpo")
+
+
+def _reward_model_key_problems(f) -> list[Problem]:
+    """The reward model keys a ppo recipe, or a grpo recipe that scores with one, must get right."""
+    problems = []
     if not f.reward_model:
-        problems.append(Problem("reward_model", "stage ppo needs a reward model: the output_dir of a `stage: rm` run "
-                                                "(reward_model_type: lora), a reward model folder (full), or an "
-                                                "http(s) URL (api)"))
-    elif kind == "api" and not f.reward_model.startswith(("http://", "https://")):
+        problems.append(Problem("reward_model", f"stage {f.stage} needs a reward model: the output_dir of a "
+                                                "`stage: rm` run (reward_model_type: lora), a reward model folder "
+                                                "(full), or an http(s) URL (api)"))
+    elif f.reward_model_type == "api" and not f.reward_model.startswith(("http://", "https://")):
         problems.append(Problem("reward_model", "with reward_model_type: api it is the URL of the reward endpoint "
                                                 f"(http:// or https://), not {f.reward_model!r}"))
-    if kind == "lora" and f.finetuning_type != "lora":
+    if f.reward_model_type == "lora" and f.finetuning_type != "lora":
         problems.append(Problem("reward_model_type and finetuning_type", "a lora reward model is an adapter on the "
                                                                          "policy's own base, so the policy must be "
                                                                          "trained with finetuning_type: lora, not "
                                                                          f"{f.finetuning_type!r}; or use "
                                                                          "reward_model_type: full"))
+    return problems
+
+
+def _online_not_built(cfg: RecipeConfig, stage: str) -> list[Problem]:
+    """What the ppo and grpo loops (DDP, AdamW, no evaluation) do not do, refused by name."""
+    d, f, t = cfg.data, cfg.finetuning, cfg.args
+    not_built = {
+        "deepspeed": t.deepspeed is not None,
+        "streaming": d.streaming,
+        "eval_dataset": bool(d.eval_dataset or d.val_size or t.eval_strategy != "no"),
+        "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
+        "pissa_convert": f.pissa_convert,
+        "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
+    }
+    name = stage.upper()
+    what = {"deepspeed": f"DeepSpeed ZeRO for {name} (the {name} loop trains with DDP)",
+            "streaming": f"streamed prompts for {name}", "eval_dataset": f"evaluation during {name} (eval_dataset, "
+            "val_size, eval_strategy)", "loraplus_lr_ratio": f"LoRA+ for {name}", "pissa_convert": "PiSSA conversion "
+            f"for {name}", "optim": f"optimizers other than AdamW for {name}"}
+    return [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
+            for key, used in not_built.items() if used]
+
+
+def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
+    """Checks of a stage ppo recipe: its reward model, and what rayft's PPO loop does not do."""
+    d, f, r = cfg.data, cfg.finetuning, cfg.ray
+    if f.stage != "ppo":
+        return [Problem(key, f"only read by stage ppo (reward model actors); remove {key}")
+                for key in ("reward_model_workers", "reward_model_resources") if getattr(r, key) not in (0, None)]
+    problems = _reward_model_key_problems(f)
+    kind = f.reward_model_type
     if r.reward_model_workers < 0:
         problems.append(Problem("reward_model_workers", "must be 0 (reward model inside each worker) or more, got "
                                                         f"{r.reward_model_workers}"))
@@ -403,20 +515,7 @@ def _ppo_problems(cfg: RecipeConfig) -> list[Problem]:
             problems.append(Problem(key, f"must be at least 1, got {getattr(f, key)}"))
     if f.ppo_target <= 0:
         problems.append(Problem("ppo_target", f"the KL target must be positive, got {f.ppo_target}"))
-    not_built = {
-        "deepspeed": t.deepspeed is not None,
-        "streaming": d.streaming,
-        "eval_dataset": bool(d.eval_dataset or d.val_size or t.eval_strategy != "no"),
-        "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
-        "pissa_convert": f.pissa_convert,
-        "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
-    }
-    what = {"deepspeed": "DeepSpeed ZeRO for PPO (the PPO loop trains with DDP)",
-            "streaming": "streamed prompts for PPO", "eval_dataset": "evaluation during PPO (eval_dataset, "
-            "val_size, eval_strategy)", "loraplus_lr_ratio": "LoRA+ for PPO", "pissa_convert": "PiSSA conversion "
-            "for PPO", "optim": "optimizers other than AdamW for PPO"}
-    problems += [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
-                 for key, used in not_built.items() if used]
+    problems += _online_not_built(cfg, "ppo")
     g = cfg.generating
     if g.num_beams != 1:
         problems.append(Problem("num_beams", "PPO samples its rollouts one sequence per prompt; remove num_beams "
@@ -497,7 +596,7 @@ def reward_model_problems(cfg: RecipeConfig) -> list[Problem]:
     """What is missing from a ppo recipe's reward model folders; checked by the driver before Ray starts (a
     shipped recipe may name the output of a run that has not happened yet)."""
     f = cfg.finetuning
-    if f.stage != "ppo" or f.reward_model_type == "api":
+    if not _REWARD_MODEL(f) or f.reward_model_type == "api" or not f.reward_model:
         return []
     problems = []
     folder = Path(f.reward_model)

@@ -169,7 +169,8 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto"] = arg("sft", "What to train: pt, sft, rm, dpo, kto or ppo.")
+    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "grpo"] = arg(
+        "sft", "What to train: pt, sft, rm, dpo, kto, ppo or grpo (the critic-free GRPO family).")
     finetuning_type: Literal["lora", "oft", "freeze", "full"] = arg("lora", "How: lora, oft, freeze or full.")
     pure_bf16: bool = arg(False, "Train with bf16 weights throughout, without fp32 master weights.")
     use_llama_pro: bool = arg(False, "LLaMA Pro's block expansion (not built).")
@@ -233,6 +234,31 @@ class FinetuningArguments:
     reward_model_adapters: Optional[str] = arg(None, "Adapters merged into a full reward model.")
     reward_model_quantization_bit: Optional[int] = arg(None, "Quantise the reward model (not built).")
     reward_model_type: Literal["lora", "full", "api"] = arg("lora", "PPO's reward model kind: lora, full or api.")
+    # rayft addition: the critic-free, group-baseline stage (grpo) and its verifiable rewards
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = arg(
+        "grpo", "rayft, stage grpo: grpo (group mean and std), dr_grpo (group mean only), rloo (leave-one-out "
+                "mean) or reinforce_pp (KL-penalised return, normalised over the global batch).")
+    num_generations: int = arg(8, "rayft, stage grpo: completions sampled per prompt (the group).")
+    epsilon: float = arg(0.2, "rayft, stage grpo: lower clip range of the importance ratio.")
+    epsilon_high: Optional[float] = arg(None, "rayft, stage grpo: upper clip range (default: epsilon; DAPO: 0.28).")
+    beta: float = arg(0.0, "rayft, stage grpo: weight of the KL term to the reference (0: no reference is loaded).")
+    loss_type: Optional[Literal["grpo", "bnpo", "dr_grpo", "dapo"]] = arg(
+        None, "rayft, stage grpo: how token losses are averaged, as TRL names it (default: dr_grpo for "
+              "advantage_estimator dr_grpo, else dapo).")
+    reward_funcs: Optional[Union[list, str]] = arg(
+        None, "rayft, stage grpo: rewards, a list or comma list of accuracy, format, length, reward_model or "
+              "package.module:function.")
+    reward_weights: Optional[Union[list, str]] = arg(
+        None, "rayft, stage grpo: one weight per reward (default: 1 each).")
+    accuracy_extraction: Literal["last_number", "boxed", "last_word", "exact"] = arg(
+        "last_number", "rayft, reward accuracy: what of a completion is compared with the answer column.")
+    format_pattern: Optional[str] = arg(None, "rayft, reward format: regular expression a completion must match.")
+    log_completions_steps: int = arg(
+        10, "rayft, stage grpo: every n steps, one prompt's completions and rewards go to completions.jsonl "
+            "(0: never).")
+    async_rollouts: bool = arg(
+        False, "rayft, stage grpo: the rollout actors answer the next batch while the workers learn (one step "
+               "off-policy, corrected by the importance ratio); needs rollout_workers.")
     # GaLore
     use_galore: bool = arg(False, "The GaLore optimizer (not built).")
     galore_target: str = arg("all", "GaLore's target modules (not built).")
@@ -336,6 +362,12 @@ class RayArguments:
         0, "rayft, stage ppo: Ray actors that serve a full reward model (0: inside every worker).")
     reward_model_resources: Optional[Union[dict, str]] = arg(
         None, "rayft, stage ppo: resources of each reward actor (default: a worker's).")
+    # rayft addition (stage grpo): a group of Ray actors that generate the rollouts with a copy of the policy,
+    # apart from the training workers, which send them the new weights after every step
+    rollout_workers: int = arg(
+        0, "rayft, stage grpo: Ray actors that generate the rollouts (0: every worker generates its own).")
+    rollout_resources: Optional[Union[dict, str]] = arg(
+        None, "rayft, stage grpo: resources of each rollout actor (default: a worker's).")
     # derived in recipe.derive.resolve(), never set by the user: the recipe named a relative path
     storage_was_relative: bool = field(default=False, init=False,
                                        metadata={"help": "Derived: the recipe named a relative ray_storage_path."})

@@ -64,7 +64,12 @@ class ShardStream(IterableDataset):
         for batch in batches:
             columns = [k for k in batch if k not in COUNT_COLUMNS]
             for i in range(len(batch[columns[0]])):
-                yield {k: batch[k][i].tolist() for k in columns}
+                yield {k: plain(batch[k][i]) for k in columns}
+
+
+def plain(value):
+    """A numpy value as plain Python (a token array as a list; text columns may already be str)."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def train_shard(cfg: RecipeConfig, plan: Plan) -> ShardStream:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from rayft.data.pipeline import (
     encode_batch,
+    encode_grpo_batch,
     encode_kto_batch,
     encode_pairwise_batch,
     encode_query_batch,
@@ -17,6 +18,7 @@ from rayft.data.pipeline import (
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
 from rayft.trainers.dpo import run_dpo
+from rayft.trainers.grpo import run_grpo
 from rayft.trainers.kto import run_kto
 from rayft.trainers.ppo import run_ppo
 from rayft.trainers.rm import run_rm
@@ -43,6 +45,8 @@ STAGES: dict[str, Stage] = {
     "kto": Stage("kto", encode_kto_batch, run_kto, "loss", "the model or adapter"),
     "ppo": Stage("supervised", encode_query_batch, run_ppo, "reward",
                  "the policy (model or adapter), value_head.safetensors and ppo checkpoints"),
+    "grpo": Stage("supervised", encode_grpo_batch, run_grpo, "reward",
+                  "the policy (model or adapter), completions.jsonl and grpo checkpoints"),
 }
 
 

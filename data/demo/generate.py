@@ -99,6 +99,12 @@ def kto_example(rng: random.Random, i: int) -> dict:
             "label": desirable}
 
 
+def sum_prompt(rng: random.Random) -> dict:
+    """A verifiable prompt for grpo: the sum of two small numbers, whose last word the accuracy reward checks."""
+    row = arithmetic(rng)
+    return {**row, "output": NUMBER_WORDS[NUMBER_WORDS.index(row["output"].split()[-1].rstrip("."))]}
+
+
 def build(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [MAKERS[i % len(MAKERS)](rng) for i in range(n)]
@@ -115,3 +121,6 @@ if __name__ == "__main__":
     rng = random.Random(4)
     tagged = [kto_example(rng, i) for i in range(160)]
     (HERE / "demo_kto.json").write_text(json.dumps(tagged, indent=1, ensure_ascii=False) + "\n")
+    # JSON lines, so that the tiny model's tokenizer (trained on the demo_*.json files) stays as it is
+    rng = random.Random(5)
+    (HERE / "demo_grpo.jsonl").write_text("".join(json.dumps(sum_prompt(rng)) + "\n" for _ in range(256)))
