@@ -34,7 +34,7 @@ def locate_datasets(names: str, dataset_dir: str, data: str = "supervised", stag
     sources = []
     for attr in dataset_attrs(names, dataset_dir):
         check_kind(attr, data, stage)
-        sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token))
+        sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token, keep_columns=stage == "grpo"))
     return sources
 
 
@@ -127,10 +127,12 @@ def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "En
 
 
 def encode_grpo_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
-    """Ray Data map_batches function for stage grpo: each example's prompt ids (as for ppo) and its last response
-    as the `answer` that the rewards compare the completions with."""
+    """Ray Data map_batches function for stage grpo: each example's prompt ids (as for ppo), its last response as
+    the `answer` that the rewards compare the completions with, and its row's other columns (JSON) for them."""
     encoded = encode_query_batch(batch, tokenizer_spec, settings)
     encoded["answer"] = np.asarray([messages[-1]["content"] for messages in batch["messages"]], dtype=object)
+    others = batch.get("columns") or [None] * len(encoded["answer"])
+    encoded["columns"] = np.asarray([json.dumps(c or {}, ensure_ascii=False) for c in others], dtype=object)
     return encoded
 
 
@@ -458,6 +460,7 @@ def describe_example(row: dict, tokenizer) -> str:
     ids = [int(i) for i in row["input_ids"]]
     if "labels" not in row:  # a ppo or grpo prompt: the policy writes the response
         answer = f"\nanswer (what the rewards compare with):\n{row['answer']}" if "answer" in row else ""
+        answer += f"\nother columns: {row['columns']}" if row.get("columns", "{}") != "{}" else ""
         return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}{answer}"
     labels = [int(i) for i in row["labels"]]
     trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]

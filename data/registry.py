@@ -39,6 +39,11 @@ class DatasetAttr:
         """The dataset's column name for `role` (prompt, query, response, system, history, messages, tools)."""
         return self.columns.get(role, DEFAULT_COLUMNS[self.formatting].get(role))
 
+    def mapped_columns(self) -> set[str]:
+        """Every column of a row that the converter reads (the rest are the row's other columns)."""
+        roles = set(DEFAULT_COLUMNS[self.formatting]) | set(self.columns)
+        return {column for column in (self.column(role) for role in roles) if column}
+
     def tag(self, name: str) -> str:
         """A sharegpt tag (role_tag, content_tag, user_tag, ...), LLaMA-Factory's default unless overridden."""
         return self.tags.get(name, DEFAULT_TAGS[name])

@@ -44,6 +44,7 @@ class Source:
     sizes: tuple[int, ...] = ()
     mtimes: tuple[float, ...] = ()
     token: str | None = None
+    keep_columns: bool = False  # stage grpo: a row's other columns travel with it, for the reward functions
 
     @property
     def local(self) -> bool:
@@ -57,7 +58,7 @@ class Source:
     def identity(self) -> dict:
         """What the rows are, for cache keys: the entry, and each file's path, size and modification time
         (a hub dataset: its name, subset and split)."""
-        return {"entry": dict(vars(self.attr)), "as_text": self.as_text,
+        return {"entry": dict(vars(self.attr)), "as_text": self.as_text, "keep_columns": self.keep_columns,
                 "files": [list(f) for f in zip(self.paths, self.sizes, self.mtimes)]}
 
     def describe(self, file: int, row: int) -> str:
@@ -72,10 +73,12 @@ class Source:
                                                       and not _starts_with_bracket(self.filesystem, self.paths[file]))
 
 
-def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None = None) -> Source:
-    """The files of `attr` (checked: present, one type, none empty), without reading them."""
+def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None = None,
+           keep_columns: bool = False) -> Source:
+    """The files of `attr` (checked: present, one type, none empty), without reading them. With `keep_columns`
+    each example keeps its row's other columns (those the converter does not read) under `columns`."""
     if attr.hf_hub_url:
-        return Source(attr, as_text, token=token)
+        return Source(attr, as_text, token=token, keep_columns=keep_columns)
     fs, root = resolve(dataset_dir)
     path = f"{root.rstrip('/')}/{attr.file_name}"
     info = fs.get_file_info(path)
@@ -101,7 +104,7 @@ def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None
         if f.size == 0:
             raise DataError(f"dataset {attr.name!r}: {f.path} is empty")
     return Source(attr, as_text, fs, tuple(f.path for f in files), suffix, tuple(f.size for f in files),
-                  tuple(f.mtime.timestamp() if f.mtime else 0.0 for f in files))
+                  tuple(f.mtime.timestamp() if f.mtime else 0.0 for f in files), keep_columns=keep_columns)
 
 
 def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
@@ -245,13 +248,16 @@ def converted(source: Source, positioned: list[tuple[int, int, object]]) -> dict
     `key` (a hash of the dataset and position that seeded selections draw on) and `tools` (it has tool
     definitions or turns)."""
     converter = text if source.as_text else CONVERTERS[source.attr.formatting]
+    mapped = source.attr.mapped_columns() if source.keep_columns else set()
     out = {"example": [], "error": [], "file": [], "row": [], "tools": []}
     for file, row, raw in positioned:
         try:
             if isinstance(raw, RowError):
                 raise raw
             example = converter(raw, source.attr)
-            out["example"].append(json.dumps(example, ensure_ascii=False))
+            if source.keep_columns:
+                example["columns"] = {k: v for k, v in raw.items() if k not in mapped}
+            out["example"].append(json.dumps(example, ensure_ascii=False, default=str))
             out["error"].append("")
             out["tools"].append(bool(example.get("tools")) or has_tool_turns(example))
         except RowError as err:

@@ -181,6 +181,48 @@ def test_a_reward_function_that_fails_is_named_with_the_prompt():
         rewards.score(prompts, ["two", "seven"], columns)
 
 
+@pytest.mark.unit
+def test_a_rows_other_columns_reach_the_reward_functions(tmp_path, tiny_model):
+    from rayft.data.pipeline import EncodingSettings, columns_of, encode_grpo_batch, load_examples
+    from rayft.data.tokenizer import TokenizerSpec
+    from rayft.trainers.grpo import reward_columns
+
+    rows = [{"instruction": "What is two plus two?", "output": "Two plus two is four.", "answer": "4",
+             "difficulty": 1, "tags": ["sum"]},
+            {"instruction": "Name a colour.", "output": "Red.", "difficulty": 2}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.jsonl"}}))
+    examples = load_examples("mine", str(tmp_path), None, stage="grpo")
+    assert [e["columns"] for e in examples] == [{"answer": "4", "difficulty": 1, "tags": ["sum"]}, {"difficulty": 2}]
+    assert "columns" not in load_examples("mine", str(tmp_path), None, stage="sft")[0]  # other stages: as before
+    cfg = grpo_config(f"model_name_or_path={tiny_model}")
+    encoded = encode_grpo_batch(columns_of(examples), TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg))
+    shard_rows = [{"input_ids": list(ids), "answer": a, "columns": c}
+                  for ids, a, c in zip(encoded["input_ids"], encoded["answer"], encoded["columns"])]
+    given = reward_columns(shard_rows, 2, [[1]] * 4, [[2], [3], [4], [5]])
+    # a dataset column named answer wins over the response; a row without a column gets None
+    assert given["answer"] == ["4", "4", "Red.", "Red."]
+    assert given["difficulty"] == [1, 1, 2, 2] and given["tags"] == [["sum"], ["sum"], None, None]
+    assert given["sequences"] == [[1, 2], [1, 3], [1, 4], [1, 5]]
+
+
+@pytest.mark.unit
+def test_a_reward_model_can_be_one_of_the_rewards():
+    calls = []
+
+    def reward_model(texts, sequences):  # PPO's reward model kinds take texts and token ids, return a tensor
+        calls.append((texts, sequences))
+        return torch.tensor([float(len(t)) for t in texts])
+
+    cfg = grpo_config("reward_funcs=[reward_model, length]", "reward_weights=[0.5, 1]", "format_pattern=null",
+                      "accuracy_extraction=last_number", "reward_model=http://127.0.0.1:1", "reward_model_type=api")
+    total, table = Rewards.of(cfg, reward_model).score(["ab", "c"], ["xyz", "w"], {
+        "answer": ["", ""], "completion_ids": [[7, 8, 9], [7]], "sequences": [[1, 7, 8, 9], [2, 7]]})
+    assert calls == [(["abxyz", "cw"], [[1, 7, 8, 9], [2, 7]])]  # prompt + completion
+    assert table.tolist() == [[5.0, -0.5], [2.0, pytest.approx(-1 / 6)]]
+    assert total.tolist() == pytest.approx([2.0, 1 - 1 / 6])
+
+
 # ---- the recipe -------------------------------------------------------------------------------------------
 
 @pytest.mark.unit
@@ -237,6 +279,41 @@ def test_a_grpo_step_counts_its_groups_and_the_rollout_actors_must_fit():
                             "actor(s))") for n in plan.notes)
     with pytest.raises(ConfigError, match=r"rollout_resources: 1 rollout actor\(s\) of \{'CPU': 2\}"):
         make_plan(grpo_config("rollout_resources={CPU: 2}"), node, 256)  # 2 x 0.5 + 2 > 2 CPUs
+
+
+@pytest.mark.unit
+def test_a_grpo_sweep_maximises_the_reward_and_lets_the_workers_sample(tmp_path):
+    from rayft.orchestrator.sweep_spec import check_sweep
+
+    def sweep(*overrides):
+        raw = load_recipe(GRPO_RECIPE, [f"output_dir={tmp_path / 'sweep'}", "sweep.parameters.beta.grid=[0.0,0.04]",
+                                        "sweep.parameters.num_generations.grid=[4,8]", "rollout_workers=0",
+                                        "rollout_resources=null", *overrides])
+        return check_sweep(raw, base_dir=ROOT)
+
+    checked = sweep()
+    assert (checked.spec.metric, checked.spec.mode, len(checked.configs)) == ("reward", "max", 4)
+    assert sorted((c.finetuning.beta, c.finetuning.num_generations) for c in checked.configs) == [
+        (0.0, 4), (0.0, 8), (0.04, 4), (0.04, 8)]
+    with pytest.raises(ConfigError, match="sweep.mode: 'reward' is GRPO's mean reward"):
+        sweep("sweep.metric=reward", "sweep.mode=min")
+    with pytest.raises(ConfigError, match="rollout_workers: a sweep does not start a rollout actor group"):
+        sweep("rollout_workers=1")
+
+
+@pytest.mark.unit
+def test_a_reward_function_the_driver_cannot_import_is_refused_before_ray(tmp_path):
+    from rayft.orchestrator.launch import prepare
+
+    cfg = grpo_config(f"output_dir={tmp_path / 'out'}", "reward_funcs=[accuracy, no_such_package.rewards:score, "
+                      "json:no_such_function]", "reward_weights=null", "format_pattern=null")
+    with pytest.raises(ConfigError) as refused:
+        prepare(cfg)
+    assert refused.value.messages == [
+        "reward_funcs: cannot import 'no_such_package.rewards' for 'no_such_package.rewards:score' (No module named "
+        "'no_such_package'); install it or bring it with the job's runtime_env (working_dir or py_modules)",
+        "reward_funcs: 'json' has no function 'no_such_function' ('json:no_such_function')"]
+    assert not (tmp_path / "out").exists()
 
 
 # ---- runs -------------------------------------------------------------------------------------------------

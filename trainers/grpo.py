@@ -24,7 +24,7 @@ from rayft.trainers.generate import left_padded
 from rayft.trainers.model import load_tokenizer, prepare_model, trainable_summary
 from rayft.trainers.online import OnlineTrainer, averaged, finish, summed
 from rayft.trainers.ppo import reference_here, reward_model_here
-from rayft.trainers.rewards import positions, response_logprobs, right_padded
+from rayft.trainers.rewards import model_logprobs, response_logits, right_padded, token_logprobs
 from rayft.trainers.rollout import ActorRollouts, LocalRollouts, Sampled, Sampler
 from rayft.trainers.tracking import prepare_trackers
 from rayft.trainers.verifiable import Rewards
@@ -110,9 +110,8 @@ class GRPOTrainer(OnlineTrainer):
                 last = index == len(batches_of) - 1
                 # gradients are averaged over the workers once per update, on its last micro-batch
                 with self.ddp.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
-                    logits = self.ddp(input_ids=input_ids[rows_of], attention_mask=attention_mask[rows_of],
-                                      position_ids=positions(attention_mask[rows_of])).logits
-                    logprobs = response_logprobs(logits, input_ids[rows_of], length, self.temperature)
+                    logits = response_logits(self.ddp, input_ids[rows_of], attention_mask[rows_of], length)
+                    logprobs = token_logprobs(logits, input_ids[rows_of, length:], self.temperature)
                     losses, stats = rl.grpo_token_losses(
                         logprobs, logprobs.detach() if old is None else old[rows_of], advantages[rows_of],
                         None if ref is None else ref[rows_of], beta, f.epsilon, self.epsilon_high)
@@ -126,7 +125,7 @@ class GRPOTrainer(OnlineTrainer):
                     share = m.sum().item() / max(mask.sum().item(), 1) / f.ppo_epochs
                     totals["loss"] += loss.item() / f.ppo_epochs
                     totals["clip_ratio"] += rl.masked_mean(stats["clip_low"] + stats["clip_high"], m).item() * share
-                    totals["entropy"] += rl.masked_mean(entropy(logits, length, self.temperature), m).item() * share
+                    totals["entropy"] += rl.masked_mean(entropy(logits, self.temperature), m).item() * share
                     if "kl" in stats:
                         totals["kl"] += rl.masked_mean(stats["kl"], m).item() * share
             if args.max_grad_norm:
@@ -146,20 +145,15 @@ class GRPOTrainer(OnlineTrainer):
         """The weighted reward of every completion and each reward's own, from the decoded texts."""
         prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=False)
         completion_texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        columns = {"answer": [row.get("answer") for row in rows for _ in range(self.group)],
-                   "completion_ids": completions, "sequences": [p + c for p, c in zip(prompts, completions)]}
-        total, table = self.rewards.score(prompt_texts, completion_texts, columns)
+        total, table = self.rewards.score(prompt_texts, completion_texts, reward_columns(rows, self.group, prompts,
+                                                                                          completions))
         return total.to(self.device), table
 
     @torch.no_grad()
     def measure(self, model, input_ids, attention_mask, length: int, batches_of) -> torch.Tensor:
         """The log-probabilities `model` gives the completions, micro-batch by micro-batch."""
-        parts = []
-        for rows_of in batches_of:
-            logits = model(input_ids=input_ids[rows_of], attention_mask=attention_mask[rows_of],
-                           position_ids=positions(attention_mask[rows_of])).logits
-            parts.append(response_logprobs(logits, input_ids[rows_of], length, self.temperature).float())
-        return torch.cat(parts)
+        return torch.cat([model_logprobs(model, input_ids[rows_of], attention_mask[rows_of], length, self.temperature)
+                          .float() for rows_of in batches_of])
 
     def record_completions(self, rows, completions, scores, table) -> None:
         """Every log_completions_steps steps, rank 0 appends its first prompt's group to completions.jsonl."""
@@ -184,9 +178,23 @@ class GRPOTrainer(OnlineTrainer):
             self.policy.save_pretrained(str(folder))
 
 
-def entropy(logits: torch.Tensor, length: int, temperature: float) -> torch.Tensor:
+# what a reward function is given besides the dataset's columns; a dataset column of one of these names is not passed
+GIVEN = ("prompts", "completions", "completion_ids", "sequences")
+
+
+def reward_columns(rows: list[dict], group: int, prompts: list[list[int]], completions: list[list[int]]) -> dict:
+    """The keyword arguments of the reward functions, one value per completion: `answer` (the example's response,
+    unless its row has a column of that name), the row's other columns (None where a row lacks one), and the token
+    ids."""
+    others = [{"answer": row.get("answer"), **json.loads(row.get("columns") or "{}")} for row in rows]
+    names = dict.fromkeys(name for columns in others for name in columns if name not in GIVEN)
+    columns = {name: [row_columns.get(name) for row_columns in others for _ in range(group)] for name in names}
+    return {**columns, "completion_ids": completions, "sequences": [p + c for p, c in zip(prompts, completions)]}
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The entropy of each completion token's sampling distribution (logits / temperature)."""
-    logp = torch.log_softmax(logits[:, length - 1:-1].float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -133,12 +133,25 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_leng
     return torch.log_softmax(predicted, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """The logits that predict the response tokens (positions prompt_length - 1 to the second-last): the output
+    head runs on those positions only (`logits_to_keep`), not on the prompt's."""
+    kept = input_ids.shape[1] - prompt_length + 1
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                 logits_to_keep=kept).logits[:, :-1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of `tokens` under `logits` / temperature (aligned: logits[:, i] predicts tokens[:, i])."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                    temperature: float) -> torch.Tensor:
     """The log-probabilities `model` (a reference) gives the responses of a batch of answered prompts."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
-    return response_logprobs(logits, input_ids, prompt_length, temperature)
+    logits = response_logits(model, input_ids, attention_mask, prompt_length)
+    return token_logprobs(logits, input_ids[:, prompt_length:], temperature)
 
 
 class AdapterReward:
