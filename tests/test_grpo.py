@@ -348,6 +348,13 @@ def test_grpo_with_a_rollout_actor_raises_the_reward(mode, tmp_path, tiny_model,
     for step in (15, 30):
         assert (out / f"checkpoint-{step}" / "grpo_state.pt").is_file()
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_reward.png").is_file()
+    if mode == "in step":  # a rerun of the same run name resumes from its last checkpoint and trains on
+        out, resumed = grpo_run(tmp_path, tiny_model, "max_steps=32")
+        assert [r["step"] for r in resumed] == list(range(1, 33))
+        assert resumed[:30] == records  # the first 30 as they were, not trained again
+        (actor,) = json.loads((out / "rollout_actors.json").read_text())
+        assert actor["calls"] == 2 * 2 and actor["version"] == 31
+        assert (out / "checkpoint-32" / "grpo_state.pt").is_file()
 
 
 @pytest.mark.slow
