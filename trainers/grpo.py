@@ -135,6 +135,7 @@ class GRPOTrainer(OnlineTrainer):
         self.scheduler.step()
         stats = {**totals, "reward": scores.mean().item(), "reward_std": scores.std().item(),
                  **{f"rewards/{name}": table[:, i].mean().item() for i, name in enumerate(self.rewards.functions)},
+                 **{f"rewards/{name}_std": table[:, i].std().item() for i, name in enumerate(self.rewards.functions)},
                  "completion_length": mask.sum(1).mean().item(),
                  "rollout_lag": float(self.state.global_step - sampled.version)}
         stats = averaged(stats)  # over every worker's batch
