@@ -128,9 +128,7 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_length: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities of the response tokens (after `prompt_length`) under `logits` / temperature."""
-    predicted = logits[:, prompt_length - 1:-1].float() / temperature
-    tokens = input_ids[:, prompt_length:]
-    return torch.log_softmax(predicted, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits[:, prompt_length - 1:-1], input_ids[:, prompt_length:], temperature)
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
