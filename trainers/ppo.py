@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import reference_kind
+from rayft.recipe.derive import prompts_per_step, reference_kind
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import VALUE_HEAD_FILE
@@ -91,7 +91,6 @@ class PPOTrainer(OnlineTrainer):
         self.stops = stop_token_ids(tokenizer, cfg)
         self.generate_kwargs = generation_kwargs(g, self.stops, tokenizer.pad_token_id)
         self.temperature = g.temperature if g.do_sample else 1.0  # rollouts sample from logits / temperature
-        self.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * f.ppo_buffer_size
         self.kl_control = rl.AdaptiveKLController(INIT_KL_COEF, f.ppo_target)
         self.score_moments = rl.RunningMoments()
 
@@ -167,7 +166,7 @@ class PPOTrainer(OnlineTrainer):
         stats = averaged(stats)  # over every worker's batch
         stats["loss"] = stats["policy_loss"] + VALUE_LOSS_COEF * stats["value_loss"]
         stats["kl_coef"] = self.kl_control.value
-        self.kl_control.update(stats["kl"], self.batch_size * self.world)
+        self.kl_control.update(stats["kl"], prompts_per_step(self.cfg) * self.world)
         return stats
 
     def step(self, batches) -> dict[str, float]:
