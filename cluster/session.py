@@ -32,6 +32,12 @@ def cluster_nodes() -> list[Node]:
     ]
 
 
+def available_nodes() -> list[Node]:
+    """The alive nodes with the resources not held by anything now (what a new worker group could take)."""
+    free = ray._private.state.available_resources_per_node()  # no public per-node form in Ray 2.60
+    return [Node(n.node_id, n.ip, dict(free.get(n.node_id, {}))) for n in cluster_nodes()]
+
+
 @contextlib.contextmanager
 def ray_session(ray_args: RayArguments):
     """Connects to `ray_address`, or starts a local Ray instance that is stopped again on exit; yields the

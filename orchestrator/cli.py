@@ -258,6 +258,10 @@ def _summarise(cfg: "RecipeConfig", result) -> None:
     shown = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("train_loss", "eval_loss", "train_runtime",
                                                                "train_samples_per_second") if key in metrics)
     logger.info(f"training finished: {shown}")
+    if "resizes" in metrics:
+        logger.info(f"elastic: {metrics['resizes']} resize(s), group sizes {metrics['world_sizes']}, ended with "
+                    f"{metrics['world_size']} worker(s); each resize is a trainer_log.jsonl record with "
+                    "previous_world_size")
     files = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in sorted(output_dir.iterdir()))
     logger.info(f"outputs in {output_dir}: {files}")
     logger.info(f"Ray results in {result.path}")

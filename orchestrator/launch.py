@@ -13,10 +13,10 @@ from pathlib import Path
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rayft.cluster.session import gpu_memory_bytes, local_machine, ray_session
+from rayft.cluster.session import available_nodes, gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.data.examples import Rows, mixed, shuffled, split_off, union
 from rayft.data.mixing import parse_probs
@@ -35,7 +35,7 @@ from rayft.data.pipeline import (
 from rayft.data.source import Source
 from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
-from rayft.orchestrator.plan import check_placement, make_plan
+from rayft.orchestrator.plan import check_placement, make_plan, startable_now
 from rayft.orchestrator.probe import Probe, probe_model
 from rayft.orchestrator.progress import ProgressBar
 from rayft.recipe.config import RecipeConfig
@@ -160,7 +160,10 @@ def run_plan(cfg: RecipeConfig) -> Plan:
         check_cluster(cfg, nodes)
         configure_ray_data()
         plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
+        free = available_nodes()
     show_config(cfg, plan)
+    if plan.elastic:
+        logger.info(startable_now(plan, free))
     if cfg.data.packing:
         logger.info("packing: the counts are of unpacked examples; `rayft train` plans after packing")
     return plan
@@ -286,7 +289,8 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
                                "log_level": logger.getEffectiveLevel()},
             torch_config=TorchConfig(backend=plan.backend),
             scaling_config=ScalingConfig(
-                num_workers=plan.num_workers,
+                num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
+                elastic_resize_monitor_interval_s=cfg.ray.ray_resize_interval_s,
                 use_gpu=plan.use_gpu,
                 resources_per_worker=plan.resources_per_worker,
                 placement_strategy=plan.placement_strategy,
@@ -302,6 +306,10 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
                 worker_runtime_env={"env_vars": worker_env},
             ),
             datasets=datasets,
+            # an elastic run's workers each read the whole training set and keep their share of every global
+            # batch (trainers.common.GlobalBatchShare): a split would change with the group's size
+            dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "train"]) if plan.elastic
+            else None,
         )
         with user_errors_as_data_errors():  # bad input found inside a worker: one line, not its traceback
             return trainer.fit()
@@ -399,7 +407,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
     if d.streaming and split == "train":
         rows = rows_of(split)
         dataset = tokenize(rows, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
-                           stream_tasks=cfg.ray.ray_num_workers, tasks=d.preprocessing_num_workers)
+                           stream_tasks=cfg.ray.max_workers, tasks=d.preprocessing_num_workers)
         logger.info(f"train data: {rows.count()} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))

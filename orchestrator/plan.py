@@ -30,7 +30,7 @@ def worker_resources(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int =
         per_gpu = max(1, min(math.floor(n.resources.get("CPU", 0) / n.resources["GPU"]) for n in gpu_nodes))
         return {"GPU": 1, "CPU": per_gpu}, (f"resources_per_worker unset: 1 GPU and {per_gpu} CPU(s) per worker "
                                             "(the GPU nodes' CPUs per GPU, for data loading)")
-    workers = r.ray_num_workers * trials_at_once
+    workers = r.max_workers * trials_at_once
     strategy = r.placement_strategy if trials_at_once == 1 else "PACK"
     most = max((int(n.resources.get("CPU", 0)) for n in nodes), default=1)
     for cpus in range(most, 0, -1):
@@ -94,7 +94,7 @@ def actor_group_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Nod
     if not groups:
         return []
     names = set(worker_bundle).union(*(bundle for _, _, bundle in groups))
-    needed = {k: (worker_bundle.get(k, 0) * r.ray_num_workers + sum(b.get(k, 0) * n for _, n, b in groups))
+    needed = {k: (worker_bundle.get(k, 0) * r.max_workers + sum(b.get(k, 0) * n for _, n, b in groups))
               * trials_at_once for k in names}
     totals = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in needed}
     short = {k: v for k, v in needed.items() if v > totals[k] + 1e-9}
@@ -103,7 +103,7 @@ def actor_group_problems(cfg: RecipeConfig, worker_bundle: dict, nodes: list[Nod
         key = unplaceable[0] if unplaceable else groups[-1][0]
         described = ", ".join(f"{count} {key.split('_')[0]} actor(s) of {bundle}" for key, count, bundle in groups)
         counts = " / ".join(k.replace("resources", "workers") for k, _, _ in groups)
-        return [Problem(key, f"{described} beside {r.ray_num_workers} worker(s) of {worker_bundle} need {needed}, "
+        return [Problem(key, f"{described} beside {r.max_workers} worker(s) of {worker_bundle} need {needed}, "
                              f"but the cluster has { {k: totals[k] for k in needed} }; lower {counts}, "
                              f"{' / '.join(k for k, _, _ in groups)} or resources_per_worker")]
     return []
@@ -114,11 +114,19 @@ def check_placement(cfg: RecipeConfig, nodes: list[Node], trials_at_once: int = 
     reward actors) can never be placed."""
     r = cfg.ray
     bundle, why = worker_resources(cfg, nodes, trials_at_once)
-    problems = placement_problems(bundle, r.ray_num_workers, r.placement_strategy, nodes)
+    problems = placement_problems(bundle, r.min_workers, r.placement_strategy, nodes)
     problems += actor_group_problems(cfg, bundle, nodes)
     if problems:
         raise ConfigError(problems)
     return bundle, why
+
+
+def startable_now(plan: Plan, free: list[Node]) -> str:
+    """Whether an elastic run's minimum group fits in the resources the cluster has free now, in one line."""
+    fits = sum(bundles_per_node(plan.resources_per_worker, n) for n in free)
+    verdict = "can start now" if fits >= plan.min_workers else "waits until enough is free"
+    return (f"elastic: the free resources fit {min(fits, plan.num_workers)} of {plan.num_workers} workers now; the "
+            f"minimum of {plan.min_workers} {verdict}")
 
 
 def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, shape: ModelShape | None = None,
@@ -134,17 +142,25 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     r, t = cfg.ray, cfg.args
     bundle, why = check_placement(cfg, nodes, trials_at_once)
     problems = []
-    examples_per_worker = num_train_examples // r.ray_num_workers
+    workers, elastic = r.max_workers, r.min_workers < r.max_workers
+    per_device = t.per_device_train_batch_size
+    accumulation = t.gradient_accumulation_steps
+    global_batch = per_device * accumulation * workers
+    examples_per_worker = num_train_examples // workers
     if num_train_examples and examples_per_worker == 0:
-        problems.append(Problem("dataset", f"{num_train_examples} examples cannot feed {r.ray_num_workers} workers; "
+        problems.append(Problem("dataset", f"{num_train_examples} examples cannot feed {workers} workers; "
                                            "lower ray_num_workers or add data"))
+    if elastic and num_train_examples < global_batch:
+        problems.append(Problem("dataset", f"{num_train_examples} examples cannot fill one global batch of "
+                                           f"{global_batch}; add data or lower the batch"))
     if problems:
         raise ConfigError(problems)
 
     use_gpu = bundle.get("GPU", 0) > 0
-    per_device = t.per_device_train_batch_size
-    accumulation = t.gradient_accumulation_steps
-    if cfg.finetuning.stage == "grpo":  # a step answers prompts_per_step prompts, each num_generations times
+    if elastic:  # every size reads the same global order, a global batch per step: the epoch's length is global
+        steps_per_epoch = num_train_examples // global_batch
+        examples_per_worker = steps_per_epoch * global_batch // workers
+    elif cfg.finetuning.stage == "grpo":  # a step answers prompts_per_step prompts, each num_generations times
         steps_per_epoch = max(math.ceil(examples_per_worker / prompts_per_step(cfg)), 1)
     else:  # a PPO step answers ppo_buffer_size batches of prompts, then learns from them
         rollouts = cfg.finetuning.ppo_buffer_size if cfg.finetuning.stage == "ppo" else 1
@@ -154,7 +170,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     notes = [why] if why else []
     memory = None
     if shape is not None or t.deepspeed == "auto":
-        budget = worker_budget(bundle, r.ray_num_workers, nodes, use_gpu, gpu_memory)
+        budget = worker_budget(bundle, workers, nodes, use_gpu, gpu_memory)
         deepspeed, memory = plan_memory(cfg, shape, budget,
                                         use_gpu, per_device, notes)
     else:
@@ -172,8 +188,11 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         if f.reward_model_type == "full" and not r.reward_model_workers and memory is not None:
             notes.append("memory: the estimate leaves out the full reward model each worker also holds (about the "
                          "weights of one more model); reward_model_workers moves it to actors of its own")
-    if num_train_examples % r.ray_num_workers:
-        dropped = num_train_examples % r.ray_num_workers
+    if elastic:
+        notes.extend(elastic_notes(r.min_workers, workers, per_device, global_batch, r.ray_resize_interval_s,
+                                   num_train_examples - steps_per_epoch * global_batch))
+    elif num_train_examples % workers:
+        dropped = num_train_examples % workers
         notes.append(f"{dropped} example(s) left out so that every worker gets {examples_per_worker} (equal shards)")
     if not use_gpu:
         notes.append("CPU workers: use_cpu=True and the gloo process group")
@@ -184,7 +203,8 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         progress_board=None if report_every_log else f"rayft-progress-{run_id}",
         reward_actors=tuple(f"rayft-reward-{run_id}-{i}" for i in range(r.reward_model_workers)),
         rollout_actors=tuple(f"rayft-rollout-{run_id}-{i}" for i in range(r.rollout_workers)),
-        num_workers=r.ray_num_workers,
+        num_workers=workers,
+        min_workers=r.min_workers if elastic else None,
         resources_per_worker=bundle,
         placement_strategy=r.placement_strategy,
         use_gpu=use_gpu,
@@ -196,12 +216,24 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         examples_per_worker=examples_per_worker,
         per_device_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
-        global_batch_size=per_device * accumulation * r.ray_num_workers,
+        global_batch_size=global_batch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         notes=tuple(notes),
         memory_per_worker=memory,
     )
+
+
+def elastic_notes(low: int, high: int, per_device: int, global_batch: int, interval: float, left_out: int) -> list[str]:
+    """What an elastic run does at each size of its range, for the plan's notes."""
+    sizes = ", ".join(f"{n} worker(s) x {global_batch // (per_device * n)}" for n in range(low, high + 1))
+    return [f"elastic: {low} to {high} workers; gradient accumulation by size keeps the global batch at "
+            f"{global_batch}: {sizes}",
+            f"elastic: a lost node shrinks the group (a restart from the latest checkpoint, counted by "
+            f"ray_max_failures); Ray Train checks every {interval:g} s whether it can grow back",
+            f"elastic: every worker reads the same shuffled order of the epoch and trains its share of each global "
+            f"batch, so a resize neither repeats nor skips an example; {left_out} example(s) short of a whole global "
+            "batch are left out of each epoch"]
 
 
 def plan_memory(cfg: RecipeConfig, shape: ModelShape | None, budget: int | None, use_gpu: bool, per_device: int,
@@ -238,7 +270,7 @@ def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stag
     """The settings of a recipe that change a worker's memory."""
     f, m, t = cfg.finetuning, cfg.model, cfg.args
     return MemorySettings(
-        num_workers=cfg.ray.ray_num_workers, zero_stage=zero_stage, offload=offload, use_gpu=use_gpu,
+        num_workers=cfg.ray.min_workers, zero_stage=zero_stage, offload=offload, use_gpu=use_gpu,
         mixed_precision=use_gpu and bool(t.bf16 or t.fp16) and not f.pure_bf16,
         per_device_batch_size=per_device, cutoff_len=cfg.data.cutoff_len,
         gradient_checkpointing=not m.disable_gradient_checkpointing,

@@ -60,7 +60,7 @@ def plan_predict(cfg: RecipeConfig) -> dict:
     with ray_session(cfg.ray):
         resources = _resources(cfg, cluster_nodes())
     batch_size = cfg.args.per_device_eval_batch_size
-    logger.info(f"prediction plan: {len(examples)} examples of {cfg.data.eval_dataset}, {cfg.ray.ray_num_workers} "
+    logger.info(f"prediction plan: {len(examples)} examples of {cfg.data.eval_dataset}, {cfg.ray.max_workers} "
         f"generation worker(s) of {resources}, {batch_size} prompts per batch, up to "
         f"{cfg.generating.max_new_tokens} new tokens each")
     return resources
@@ -108,19 +108,19 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[d
         on_examples(encode_prompt_batch), batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
             tokenizer_spec=TokenizerSpec.of(cfg.model), settings=EncodingSettings.of(cfg)))
     # one block per generation batch, so that every actor gets work
-    prompts = prompts.repartition(max(r.ray_num_workers, math.ceil(len(examples) / batch_size))).materialize()
+    prompts = prompts.repartition(max(r.max_workers, math.ceil(len(examples) / batch_size))).materialize()
     truncated = sum(row["truncated"] > 0 for row in prompts.select_columns(["truncated"]).iter_rows())
     if truncated:
         logger.info(f"{truncated} prompts are longer than cutoff_len={d.cutoff_len}; they keep their last tokens")
     use_gpu = resources.get("GPU", 0) > 0
-    logger.info(f"generating for {len(examples)} examples with {r.ray_num_workers} worker(s) of {resources}, "
+    logger.info(f"generating for {len(examples)} examples with {r.max_workers} worker(s) of {resources}, "
         f"{batch_size} prompts per batch")
     # Every actor loads its model before the first batch is handed out, and holds one batch at a time: else
     # the first actor ready can take every batch of a small dataset while the others still load.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     answers = prompts.drop_columns(["truncated"]).map_batches(
         Generator, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=r.ray_num_workers, max_tasks_in_flight_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(size=r.max_workers, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs={"recipe": cfg.to_dict(mask_secrets=False), "use_gpu": use_gpu},
         num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
         resources={k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")} or None,
@@ -137,7 +137,7 @@ def _resources(cfg: RecipeConfig, nodes, announce: bool = True) -> dict:
     bundle, why = worker_resources(cfg, nodes)
     if why and announce:
         logger.info(f"generation actors: {why}")
-    problems = placement_problems(bundle, r.ray_num_workers, "PACK", nodes)
+    problems = placement_problems(bundle, r.max_workers, "PACK", nodes)
     if problems:
         raise ConfigError(problems)
     return bundle

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from rayft.recipe.logs import logger
@@ -45,7 +46,9 @@ class ProgressBar:
 
     def __enter__(self) -> "ProgressBar":
         if self.enabled:
-            self.board = ProgressBoard.options(name=self.name).remote()
+            # on the driver's own node: a worker node may leave during the run (an elastic run goes on without it)
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.board = ProgressBoard.options(name=self.name, scheduling_strategy=here).remote()
             if sys.stdout.isatty():
                 self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stdout)
             self.thread.start()

@@ -50,9 +50,9 @@ from rayft.orchestrator.openai_api import (
     usage,
 )
 from rayft.recipe.config import RecipeConfig
+from rayft.recipe.derive import replica_range
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.recipe.rules import replica_range
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import find_adapter, load_for_serving, load_tokenizer, local_adapter
 

@@ -225,7 +225,7 @@ def trials_at_once(spec: SweepSpec, configs: list[RecipeConfig], nodes) -> int:
     never more than there are trials."""
     if spec.max_concurrent_trials:
         return spec.max_concurrent_trials
-    workers = max(c.ray.ray_num_workers for c in configs)
+    workers = max(c.ray.max_workers for c in configs)
     gpus = sum(n.resources.get("GPU", 0) for n in nodes)
     units = gpus if gpus else sum(n.resources.get("CPU", 0) for n in nodes)
     return max(1, min(len(configs), int(units // workers)))
@@ -271,6 +271,9 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
         raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial "
                                                            "(the trials' resources would not count it); keep the "
                                                            "reward model inside the workers for a sweep")])
+    if base_cfg.ray.min_workers < base_cfg.ray.max_workers:
+        raise ConfigError([Problem("ray_num_workers", "a sweep's trials are not elastic (Ray Tune reserves each "
+                                                      "trial's resources up front); give a number of workers")])
     if base_cfg.ray.rollout_workers:
         raise ConfigError([Problem("rollout_workers", "a sweep does not start a rollout actor group per trial (the "
                                                       "trials' resources would not count it); let the workers sample "

@@ -98,6 +98,27 @@ def default_do_train(training: dict) -> str | None:
     return "do_train = false (the recipe sets do_predict and not do_train, as LLaMA-Factory's predict recipes do)"
 
 
+def replica_range(value: Any) -> tuple[int, int] | None:
+    """serve_replicas as (minimum, maximum): 2 -> (2, 2), "1-4" -> (1, 4); None when it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value) if value >= 1 else None
+    low, dash, high = str(value).partition("-")
+    if not dash or not low.strip().isdigit() or not high.strip().isdigit():
+        return None
+    low, high = int(low), int(high)
+    return (low, high) if 0 <= low <= high and high >= 1 else None
+
+
+def worker_range(value: Any) -> tuple[int, int] | None:
+    """ray_num_workers as (minimum, maximum): 2 -> (2, 2), [1, 4] or "1-4" -> (1, 4); None when it is neither."""
+    if isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return None
+        value = f"{value[0]}-{value[1]}"
+    found = replica_range(value)
+    return found if found and found[0] >= 1 else None
+
+
 def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     """Computes every derived value in one place; returns the log lines that say what was derived."""
     notes = []
@@ -106,6 +127,10 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         f.lora_alpha = 2 * f.lora_rank
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
     f.use_ref_model = uses_reference(f)
+    r.min_workers, r.max_workers = worker_range(r.ray_num_workers)
+    if r.min_workers < r.max_workers:
+        notes.append(f"elastic: between {r.min_workers} and {r.max_workers} workers; the global batch is the "
+                     f"recipe's at {r.max_workers}, and gradient accumulation follows the group's size")
     if f.stage == "grpo":
         notes.append(f"grpo: loss_type {grpo_loss_type(f)}"
                      + (" (derived from advantage_estimator)" if f.loss_type is None else "")

@@ -21,7 +21,7 @@ class Node:
 class Plan:
     """What the driver decided for one run. Built once, never changed; workers rebuild it with `from_dict`."""
 
-    num_workers: int
+    num_workers: int  # the most, for an elastic run
     resources_per_worker: dict
     placement_strategy: str
     use_gpu: bool
@@ -42,6 +42,17 @@ class Plan:
     reward_actors: tuple[str, ...] = ()  # names of the reward model's actors (stage ppo, reward_model_workers)
     rollout_actors: tuple[str, ...] = ()  # names of the rollout generators (stage grpo, rollout_workers)
     progress_board: str | None = None  # name of the driver's progress actor that rank 0 posts its records to
+    min_workers: int | None = None  # an elastic run's fewest workers (None: always num_workers)
+
+    @property
+    def elastic(self) -> bool:
+        """The group's size moves between min_workers and num_workers."""
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def accumulation_at(self, workers: int) -> int:
+        """Gradient accumulation steps that keep the global batch with `workers` workers (the plan's own at
+        num_workers; the recipe's checks made every size of an elastic range divide it)."""
+        return self.global_batch_size // (self.per_device_batch_size * workers)
 
     def to_dict(self) -> dict:
         """Plain data for the trip to the workers (and training_args.yaml)."""
@@ -56,13 +67,17 @@ class Plan:
     def summary(self) -> str:
         stage = "off" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
         offload = f" (offload: {', '.join(self.offload)})" if self.offload else ""
+        workers = f"{self.min_workers} to {self.num_workers} (elastic)" if self.elastic else str(self.num_workers)
         lines = [
-            f"workers            {self.num_workers} x {self.resources_per_worker}, strategy {self.placement_strategy}",
+            f"workers            {workers} x {self.resources_per_worker}, strategy {self.placement_strategy}",
             f"device             {'cuda' if self.use_gpu else 'cpu'}, process group {self.backend}",
             f"deepspeed          {stage}{offload}",
             f"examples           {self.num_train_examples} ({self.examples_per_worker} per worker)",
             f"batch size         {self.per_device_batch_size} per device x {self.num_workers} workers x "
             f"{self.gradient_accumulation_steps} accumulation = {self.global_batch_size} global",
+            *([f"  at the minimum   {self.per_device_batch_size} per device x {self.min_workers} workers x "
+               f"{self.accumulation_at(self.min_workers)} accumulation = {self.global_batch_size} global"]
+              if self.elastic else []),
             f"optimizer steps    {self.steps_per_epoch} per epoch, {self.total_steps} in total",
         ]
         if self.memory_per_worker:

@@ -10,12 +10,22 @@ from typing import Any
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
-from rayft.recipe.derive import is_prediction, report_targets, reward_names, reward_weights, under, uses_reference
+from rayft.recipe.derive import (
+    is_prediction,
+    replica_range,
+    report_targets,
+    reward_names,
+    reward_weights,
+    under,
+    uses_reference,
+    worker_range,
+)
 from rayft.recipe.problems import Problem
 from rayft.recipe.schema import (
     LOOPBACK_HOSTS,
     FinetuningArguments,
     GeneratingArguments,
+    RayArguments,
     ServingArguments,
     TrainingArguments,
     default_of,
@@ -302,8 +312,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     if r.ray_max_failures < -1:
         problems.append(Problem("ray_max_failures", f"{r.ray_max_failures} is not a number of restarts; use 0 or "
                                                     "more, or -1 for no limit"))
-    if r.ray_num_workers < 1:
-        problems.append(Problem("ray_num_workers", f"must be at least 1, got {r.ray_num_workers}"))
+    problems += elastic_problems(cfg)
     problems += resource_problems("resources_per_worker", r.resources_per_worker)
     problems += _deepspeed_problems(t.deepspeed, base_dir)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
@@ -577,15 +586,45 @@ def serving_problems(cfg: RecipeConfig) -> list[Problem]:
     return problems
 
 
-def replica_range(value: Any) -> tuple[int, int] | None:
-    """serve_replicas as (minimum, maximum): 2 -> (2, 2), "1-4" -> (1, 4); None when it is neither."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value) if value >= 1 else None
-    low, dash, high = str(value).partition("-")
-    if not dash or not low.strip().isdigit() or not high.strip().isdigit():
-        return None
-    low, high = int(low), int(high)
-    return (low, high) if 0 <= low <= high and high >= 1 else None
+def elastic_problems(cfg: RecipeConfig) -> list[Problem]:
+    """Checks of ray_num_workers, and of what an elastic range (min < max) needs: a stage whose Trainer resumes across
+    sizes, materialised data, and a global batch that every size in the range divides evenly."""
+    r, f, t = cfg.ray, cfg.finetuning, cfg.args
+    found = worker_range(r.ray_num_workers)
+    if found is None:
+        return [Problem("ray_num_workers", f"{r.ray_num_workers!r} is neither a number of workers (1 or more) nor a "
+                                           "range [min, max] / \"min-max\" with 1 <= min <= max")]
+    low, high = found
+    problems = []
+    for key, value in (("ray_resize_interval_s", r.ray_resize_interval_s),
+                       ("ray_preemption_grace_s", r.ray_preemption_grace_s)):
+        if value < 0:
+            problems.append(Problem(key, f"must be 0 or more seconds, got {value}"))
+    if r.ray_preemption_grace_s != default_of(RayArguments, "ray_preemption_grace_s") and f.stage in ONLINE_STAGES:
+        problems.append(Problem("ray_preemption_grace_s", f"a checkpoint on SIGTERM is not built for stage {f.stage} "
+                                                          "(its own loop); remove ray_preemption_grace_s"))
+    if low == high:
+        if r.ray_resize_interval_s != default_of(RayArguments, "ray_resize_interval_s"):
+            problems.append(Problem("ray_resize_interval_s", "only read by an elastic run (ray_num_workers a range "
+                                                             "[min, max]); remove ray_resize_interval_s"))
+        return problems
+    if f.stage in ONLINE_STAGES:
+        problems.append(Problem("ray_num_workers", f"elastic runs of stage {f.stage} are not built (its own loop "
+                                                   "resumes at one size); use a number of workers"))
+    if cfg.data.streaming:
+        problems.append(Problem("ray_num_workers", "an elastic run of streamed data is not built (every worker "
+                                                   "reads the whole, materialised dataset); remove streaming"))
+    per_device = t.per_device_train_batch_size
+    batch = per_device * t.gradient_accumulation_steps * high
+    uneven = [n for n in range(low, high + 1) if batch % (per_device * n)]
+    if uneven:
+        even = [n for n in range(low, high + 1) if n not in uneven]
+        problems.append(Problem("ray_num_workers", (
+            f"the global batch of {batch} (per_device_train_batch_size {per_device} x gradient_accumulation_steps "
+            f"{t.gradient_accumulation_steps} x {high} workers) cannot be shared evenly by {uneven} worker(s); "
+            f"choose a range whose sizes all divide {batch // per_device} micro-batches"
+            + (f" (here {even})" if even else "") + " or a gradient_accumulation_steps that every size divides")))
+    return problems
 
 
 def _api_name(name: str) -> bool:

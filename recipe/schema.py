@@ -341,7 +341,9 @@ class RayArguments:
         None, "Name of the Ray Train run; a rerun with the same name resumes from its checkpoints.")
     ray_storage_path: str = arg(
         "./saves", "Where Ray keeps checkpoints and results: a folder, or an s3:// / gs:// URI.")
-    ray_num_workers: int = arg(1, "Training workers (one process each).")
+    ray_num_workers: Union[int, str, list] = arg(
+        1, "Training workers (one process each), or an elastic range [min, max] (\"2-8\" on the command line): the "
+           "group shrinks when nodes leave and grows when they return, keeping the global batch.")
     resources_per_worker: Optional[Union[dict, str]] = arg(
         None, "Resources of each worker, e.g. {CPU: 2} or {GPU: 1} (default: sized to the cluster, see the plan).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = arg(
@@ -353,6 +355,11 @@ class RayArguments:
     ray_init_kwargs: Optional[dict] = arg(None, "Further keyword arguments of ray.init.")
     ray_max_failures: int = arg(
         0, "rayft: restarts after a worker or node failure, each from the latest checkpoint (-1: no limit).")
+    ray_resize_interval_s: float = arg(
+        60.0, "rayft, elastic runs: seconds between Ray Train's checks whether the group can grow (nodes returned).")
+    ray_preemption_grace_s: float = arg(
+        30.0, "rayft: seconds a worker may still run after a SIGTERM (a spot or preemption notice) to save a "
+              "checkpoint at its next step; 0 leaves at once.")
     ray_runtime_env: Optional[dict] = arg(
         None, "rayft: runtime_env of the job `rayft submit` starts (pip, env_vars, ...).")
     # rayft addition (stage ppo, reward_model_type full): how many Ray actors serve the reward model (and, for
@@ -368,6 +375,9 @@ class RayArguments:
         0, "rayft, stage grpo: Ray actors that generate the rollouts (0: every worker generates its own).")
     rollout_resources: Optional[Union[dict, str]] = arg(
         None, "rayft, stage grpo: resources of each rollout actor (default: a worker's).")
+    # derived in recipe.derive.resolve(), never set by the user: the range of ray_num_workers
+    min_workers: int = field(default=1, init=False, metadata={"help": "Derived: the fewest workers of the run."})
+    max_workers: int = field(default=1, init=False, metadata={"help": "Derived: the most workers of the run."})
     # derived in recipe.derive.resolve(), never set by the user: the recipe named a relative path
     storage_was_relative: bool = field(default=False, init=False,
                                        metadata={"help": "Derived: the recipe named a relative ray_storage_path."})
