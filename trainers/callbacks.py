@@ -15,10 +15,17 @@ from rayft.recipe.logs import logger
 
 class LogCallback(TrainerCallback):
     """Appends one JSON line per logging step to output_dir/trainer_log.jsonl, logs it (at debug level: the
-    driver shows a progress bar), and posts it to the driver's progress board when there is one."""
+    driver shows a progress bar), and posts it to the driver's progress board when there is one.
 
-    def __init__(self, output_dir: str, progress: str | None = None):
+    Every record carries the group's `world_size` and `global_batch_size`; a run resumed by a group of another
+    size (an elastic resize) logs the resize and records it with the checkpoint it continued from.
+    """
+
+    def __init__(self, output_dir: str, progress: str | None = None, world_size: int = 1,
+                 global_batch_size: int | None = None, resumed_from: str | None = None):
         self.path = Path(output_dir) / "trainer_log.jsonl"
+        self.group = {"world_size": world_size, "global_batch_size": global_batch_size}
+        self.resumed_from = resumed_from
         self.start = time.time()
         self.first_step = 0
         self.board = None
@@ -38,14 +45,21 @@ class LogCallback(TrainerCallback):
         # Resumed from a checkpoint: keep what was logged up to it, drop what came after it (those steps
         # are trained again), and record the resumption.
         kept = [r for r in read_log(self.path.parent) if r.get("step", 0) <= state.global_step]
-        kept.append({"step": state.global_step, "resumed_from_step": state.global_step})
+        resumed = {"step": state.global_step, "resumed_from_step": state.global_step, **self.group}
+        before = next((r["world_size"] for r in reversed(kept) if "world_size" in r), self.group["world_size"])
+        if before != self.group["world_size"]:
+            resumed.update(previous_world_size=before, checkpoint=self.resumed_from)
+            logger.info(f"resized: {before} -> {self.group['world_size']} worker(s) at step {state.global_step}, "
+                        f"from checkpoint {self.resumed_from}; global batch {self.group['global_batch_size']}")
+        kept.append(resumed)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        logger.info(f"resumed at step {state.global_step}/{state.max_steps}")
+        logger.info(f"resumed at step {state.global_step}/{state.max_steps} with {self.group['world_size']} "
+                    "worker(s)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "total_steps": state.max_steps, **logs,
+        record = {"step": state.global_step, "total_steps": state.max_steps, **logs, **self.group,
                   "epoch": logs.get("epoch", state.epoch), "elapsed_seconds": round(time.time() - self.start, 3),
                   "timestamp": round(time.time(), 3)}
         with self.path.open("a") as f:

@@ -1,7 +1,12 @@
 """Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
 
+import hashlib
 import json
 import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,9 +21,10 @@ from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.schema import TrainingArguments
 from rayft.recipe.values import comma_list
-from rayft.trainers import outputs
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog
+from rayft.trainers import outputs, preemption
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog, read_log
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
+from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 
 
@@ -67,6 +73,33 @@ class ShardStream(IterableDataset):
                 yield {k: plain(batch[k][i]) for k in columns}
 
 
+class GlobalBatchShare(ShardStream):
+    """An elastic run's training data: this worker's share of each global batch of one order that every size of
+    the group agrees on.
+
+    Every worker reads the whole dataset in the same seeded order. Optimizer step s trains positions
+    [s * global_batch, (s + 1) * global_batch) of the epoch, and rank r of `world` workers takes the r-th of
+    `world` equal parts of them. Which examples a step trains therefore does not depend on the group's size, and
+    the Trainer's own resume (it skips the batches of the steps already trained) lands on the first untrained
+    position after a resize too.
+    """
+
+    def __init__(self, shard, buffer_size: int | None, seed: int, rank: int, world: int, global_batch: int,
+                 steps_per_epoch: int, prefetch: int = 1):
+        share = global_batch // world
+        super().__init__(shard, buffer_size, seed, steps_per_epoch * share, prefetch)
+        self.rank, self.share, self.global_batch = rank, share, global_batch
+
+    def __iter__(self):
+        mine = range(self.rank * self.share, (self.rank + 1) * self.share)
+        end = len(self) // self.share * self.global_batch  # the epoch's whole global batches
+        for position, example in enumerate(super().__iter__()):
+            if position >= end:
+                return
+            if position % self.global_batch in mine:
+                yield example
+
+
 def plain(value):
     """A numpy value as plain Python (a token array as a list; text columns may already be str)."""
     return value.tolist() if hasattr(value, "tolist") else value
@@ -75,11 +108,15 @@ def plain(value):
 def train_shard(cfg: RecipeConfig, plan: Plan) -> ShardStream:
     """This worker's training data as a stream; materialised data (not streaming) has a known length."""
     buffer = None if cfg.finetuning.disable_shuffling else cfg.data.buffer_size
+    seed = cfg.args.data_seed or cfg.args.seed
+    if plan.elastic:
+        context = ray.train.get_context()
+        return GlobalBatchShare(_shard("train"), buffer, seed, context.get_world_rank(), context.get_world_size(),
+                                plan.global_batch_size, plan.steps_per_epoch, prefetch=cfg.args.dataloader_num_workers)
     length = None if cfg.data.streaming else plan.examples_per_worker
     # dataloader_num_workers: Ray Data's threads prefetch that many batches (forked DataLoader processes could
     # not read a Ray Data iterator)
-    return ShardStream(_shard("train"), buffer, cfg.args.data_seed or cfg.args.seed, length,
-                       prefetch=cfg.args.dataloader_num_workers)
+    return ShardStream(_shard("train"), buffer, seed, length, prefetch=cfg.args.dataloader_num_workers)
 
 
 def eval_shards(cfg: RecipeConfig) -> ShardStream | dict[str, ShardStream] | None:
@@ -101,7 +138,12 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
         # model partitioned, or its batch-size check sees a world of one.
         deepspeed.init_distributed(dist_backend=plan.backend)
     kwargs = dict(cfg.training)
-    kwargs.update(deepspeed=plan.deepspeed, use_cpu=not plan.use_gpu, remove_unused_columns=False)
+    deepspeed_config, resume = resume_point(plan)
+    kwargs.update(deepspeed=deepspeed_config, use_cpu=not plan.use_gpu, remove_unused_columns=False)
+    if resume:
+        kwargs["resume_from_checkpoint"] = resume
+    if plan.elastic:
+        kwargs["gradient_accumulation_steps"] = plan.accumulation_at(ray.train.get_context().get_world_size())
     if kwargs.get("warmup_ratio") is not None:  # LLaMA-Factory's key; Transformers 5 takes a fraction here
         kwargs["warmup_steps"] = kwargs["warmup_ratio"]
     if not plan.use_gpu:  # a GPU recipe's bf16 / fp16 on CPU workers: fp32, as the plan says
@@ -176,6 +218,10 @@ def finish(trainer, cfg: RecipeConfig, plan: Plan, train_result, tokenizer) -> d
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     peaks = peak_memory()
+    if plan.elastic and trainer.is_world_process_zero():  # the summary of an elastic run: its sizes and resizes
+        resizes = [r for r in read_log(output_dir) if "previous_world_size" in r]
+        peaks.update(world_size=trainer.args.world_size, resizes=len(resizes),
+                     world_sizes=sorted({r["world_size"] for r in read_log(output_dir) if "world_size" in r}))
     metrics.update(peaks)
     train_result.metrics.update(peaks)
     trainer.save_metrics("train", train_result.metrics)
@@ -205,6 +251,72 @@ def peak_memory() -> dict[str, float]:
     if len(mine) > 1:
         peaks["peak_gpu_gb"] = round(max(m[1] for m in every), 3)
     return peaks
+
+
+def resume_point(plan: Plan) -> tuple[dict | None, str | None]:
+    """The DeepSpeed config and the checkpoint this worker resumes from (None on a fresh run).
+
+    A ZeRO checkpoint partitions the optimizer by rank; written by another number of workers (an elastic run
+    resized, or ray_num_workers changed between runs), it is first converted to DeepSpeed's universal form, per
+    parameter and independent of the world size, which DeepSpeed then loads with `checkpoint.load_universal`.
+    """
+    checkpoint = restored_checkpoint()
+    if checkpoint is None or plan.deepspeed is None:
+        return plan.deepspeed, checkpoint
+    world = ray.train.get_context().get_world_size()
+    saved = zero_world_size(checkpoint)
+    if saved is None or saved == world:
+        return plan.deepspeed, checkpoint
+    universal = universal_checkpoint(checkpoint, saved, world)
+    return {**plan.deepspeed, "checkpoint": {"load_universal": True}}, universal
+
+
+def zero_world_size(checkpoint: str) -> int | None:
+    """How many ranks wrote a DeepSpeed checkpoint's partitioned optimizer state (None: not partitioned)."""
+    tag_file = Path(checkpoint) / "latest"
+    if not tag_file.is_file():
+        return None
+    ranks = {p.name.split("zero_pp_rank_")[1].split("_")[0]
+             for p in (Path(checkpoint) / tag_file.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")}
+    return len(ranks) or None
+
+
+def universal_checkpoint(checkpoint: str, saved: int, world: int) -> str:
+    """A node-local view of `checkpoint` whose DeepSpeed state is the universal form (made once per node, by
+    its local rank 0); every rank waits for it."""
+    context = ray.train.get_context()
+    view = UNIVERSAL_VIEWS / hashlib.sha1(checkpoint.encode()).hexdigest()[:16]
+    if context.get_local_rank() == 0 and not (view / "latest").is_file():
+        if context.get_world_rank() == 0:
+            logger.info(f"the checkpoint's ZeRO state is partitioned for {saved} worker(s), the group has {world}: "
+                        "converting it to DeepSpeed's universal checkpoint")
+        universal_view(Path(checkpoint), view)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return str(view)
+
+
+# node-local: a view holds a converted copy of the optimizer state, removed when the run's training ends
+UNIVERSAL_VIEWS = Path(tempfile.gettempdir()) / "rayft-universal"
+
+
+def universal_view(source: Path, view: Path) -> None:
+    """Makes `view`: the files of checkpoint folder `source` (linked, not copied) with its DeepSpeed state converted
+    by DeepSpeed's ds_to_universal into `view/universal`, which `view/latest` names. `source` is not changed."""
+    tag = (source / "latest").read_text().strip()
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "latest":
+            (view / entry.name).symlink_to(entry.resolve())
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(source / tag), "--output_folder", str(view / "universal"),
+                           "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"DeepSpeed could not convert {source / tag} to a universal checkpoint:\n"
+                           + done.stdout[-2000:] + done.stderr[-2000:])
+    (view / "latest").write_text("universal")  # last: a view without it is incomplete and made again
 
 
 def restored_checkpoint() -> str | None:
@@ -301,6 +413,9 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
         quantized = f", base model in {bits} bits (bitsandbytes)" if bits else ""
         logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}{quantized}")
     prepare_trackers(cfg, args.output_dir)
+    grace = cfg.ray.ray_preemption_grace_s
+    if grace:
+        preemption.install_in_this_worker(grace)
     train_data, eval_data = train_shard(cfg, plan), eval_shards(cfg)
     trainer = trainer_cls(
         model=model,
@@ -309,7 +424,11 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
         eval_dataset=eval_data,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LogCallback(args.output_dir, plan.progress_board), RayTrainReportCallback(),
+        callbacks=[LogCallback(args.output_dir, plan.progress_board, args.world_size,
+                               args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                               args.resume_from_checkpoint),
+                   RayTrainReportCallback(),
+                   *([CheckpointOnSigterm(grace)] if grace else []),
                    *([ReportEveryLog()] if plan.report_every_log else []),
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
                      if cfg.finetuning.early_stopping_steps is not None else [])],
@@ -320,10 +439,14 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
     adapt_trackers(trainer)
     if cfg.finetuning.pissa_convert and args.process_index == 0:
         save_pissa_init(model, args.output_dir)
-    resume = restored_checkpoint() or args.resume_from_checkpoint
+    resume = args.resume_from_checkpoint  # the restored checkpoint when Ray Train restarted the run (see resume_point)
     if resume:
         train_data.resume_at(resumed_epoch(resume))
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if resume and Path(resume).parent == UNIVERSAL_VIEWS and args.local_process_index == 0:
+            shutil.rmtree(resume, ignore_errors=True)
     train_result.metrics.update(extra_metrics or {})
     # before saving, which under ZeRO-3 gathers the whole model on rank 0
     train_result.metrics.update({f"training_{k}": v for k, v in peak_memory().items()})

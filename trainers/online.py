@@ -19,7 +19,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import outputs
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
-from rayft.trainers.common import ShardStream, peak_memory, restored_checkpoint
+from rayft.trainers.common import ShardStream, peak_memory
 from rayft.trainers.tracking import close_trackers, tracker_callbacks
 
 
@@ -65,7 +65,7 @@ class OnlineTrainer:
     def train(self, prompts: ShardStream) -> int:
         """Runs total_steps steps over this worker's share of the prompts; returns the steps done."""
         args, plan = self.args, self.plan
-        resumed = restored_checkpoint() or args.resume_from_checkpoint
+        resumed = args.resume_from_checkpoint  # the restored checkpoint when Ray Train restarted the run
         if resumed:
             self.restore(resumed)
         self.callbacks.on_train_begin(args, self.state, self.control)
