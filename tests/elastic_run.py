@@ -1,0 +1,134 @@
+"""Elastic runs on a fake two-node Ray cluster (two raylets on this machine, one CPU each); used by test_elastic.
+
+    python tests/elastic_run.py OUT_DIR MODEL_DIR
+
+Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back while it trains:
+- `lora_z2`: after the first periodic checkpoint the second node is removed; the run goes on with one worker from
+  that checkpoint; once the one-worker group has started, a node is added and the group grows to two.
+- `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
+  checkpoint at that step and stops, the node is then removed, and the run shrinks and grows as above.
+
+Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
+{"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., ...}. It shuts down only the
+cluster it started.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from rayft.cluster.storage import latest_checkpoint
+from rayft.orchestrator.launch import run_train
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
+from rayft.recipe.problems import ConfigError
+from rayft.trainers.callbacks import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=2", "ray_max_failures=4", "max_steps=40",
+          "logging_steps=5", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "cutoff_len=128"]
+RUNS = {
+    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=5", "max_steps=60",
+                "placement_strategy=STRICT_SPREAD"],
+    "full_z3": ["deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
+                "save_steps=1000"],
+}
+
+
+def wait_for(what: str, check, timeout: float = 300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def checkpoint_step(storage: Path, name: str) -> int | None:
+    found = latest_checkpoint(str(storage), name)
+    if not found:
+        return None
+    return json.loads((Path(found) / "checkpoint" / "trainer_state.json").read_text())["global_step"]
+
+
+def workers_on(node_id: str) -> list[int]:
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                       detail=True) if a.node_id == node_id]
+
+
+def resumed_with(out: Path, size: int) -> bool:
+    return any(r.get("world_size") == size and "resumed_from_step" in r for r in read_log(out))
+
+
+def recipe(cluster: Cluster, name: str, out: Path, model: str, *overrides):
+    return parse_config(load_recipe(ROOT / "configs" / "demo_sft_lora.yaml", [
+        f"model_name_or_path={model}", f"output_dir={out}/out", f"ray_storage_path={out / 'ray'}",
+        f"ray_run_name={name}", f"ray_address={cluster.address}", *overrides]), base_dir=ROOT)
+
+
+def refused(cluster: Cluster, out: Path, model: str) -> dict:
+    try:
+        run_train(recipe(cluster, "unsatisfiable", out, model, "placement_strategy=STRICT_SPREAD",
+                         "ray_num_workers=3"))
+    except ConfigError as err:
+        return {"run": "unsatisfiable", "status": "refused", "message": str(err)}
+    return {"run": "unsatisfiable", "status": "ok"}
+
+
+def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
+    storage = out / "ray"
+    cfg = recipe(cluster, name, out, model, *COMMON, *RUNS[name])
+    failure: list[str] = []
+
+    def train():
+        try:
+            run_train(cfg)
+        except Exception:  # reported below, with the events that led to it
+            failure.append(traceback.format_exc()[-3000:])
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    result = {"run": name}
+    if name == "full_z3":
+        wait_for("a logged step", lambda: any("loss" in r for r in read_log(out / "out")))
+        (pid,) = wait_for("the second node's worker", lambda: workers_on(second.node_id))
+        os.kill(pid, signal.SIGTERM)
+        result["sigterm_checkpoint_step"] = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
+    else:
+        wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
+    cluster.remove_node(second)
+    wait_for("the group of one", lambda: resumed_with(out / "out", 1))
+    second = cluster.add_node(num_cpus=1)
+    thread.join(timeout=600)
+    result["status"] = "failed" if failure or thread.is_alive() else "ok"
+    result["error"] = failure[0] if failure else None
+    return result, second
+
+
+def main(out: str, model: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        print(json.dumps(refused(cluster, Path(out) / "unsatisfiable", model)), flush=True)
+        for name in RUNS:
+            result, second = run(cluster, second, name, Path(out) / name, model)
+            print(json.dumps(result), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
