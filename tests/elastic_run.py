@@ -9,7 +9,8 @@ Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back wh
   checkpoint at that step and stops, the node is then removed, and the run shrinks and grows as above.
 
 Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
-{"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., ...}. It shuts down only the
+{"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., "shrink_s": ..., "grow_s": ...},
+the last two the seconds from a node leaving (joining) to the resized group's start of training. It shuts down only the
 cluster it started.
 """
 
@@ -37,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=2", "ray_max_failures=4", "max_steps=40",
           "logging_steps=5", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "cutoff_len=128"]
 RUNS = {
-    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=5", "max_steps=60",
+    # Ray Train sees a returned node some 15 s after it is back: the run of one worker must last longer than that
+    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=10", "max_steps=100",
                 "placement_strategy=STRICT_SPREAD"],
     "full_z3": ["deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
                 "save_steps=1000"],
@@ -106,11 +108,19 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         result["sigterm_checkpoint_step"] = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
     else:
         wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
+    result["removed_at"] = time.time()
     cluster.remove_node(second)
     wait_for("the group of one", lambda: resumed_with(out / "out", 1))
     second = cluster.add_node(num_cpus=1)
+    result["added_at"] = time.time()
     thread.join(timeout=600)
+    result["finished_at"] = time.time()
     result["status"] = "failed" if failure or thread.is_alive() else "ok"
+    # how long each resize took: from the node leaving (joining) to the smaller (bigger) group's first step
+    resumed = {r["world_size"]: r["timestamp"] for r in read_log(out / "out") if "previous_world_size" in r}
+    if 1 in resumed and 2 in resumed:
+        result["shrink_s"] = round(resumed[1] - result["removed_at"], 1)
+        result["grow_s"] = round(resumed[2] - result["added_at"], 1)
     result["error"] = failure[0] if failure else None
     return result, second
 

@@ -216,7 +216,7 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
     # The same run name and storage again with more steps: PPO resumes from its checkpoint at step 16.
     out, records = ppo_run(tmp_path, tiny_model, f"reward_model={rm_dir}", "ray_run_name=ppo-lora", "max_steps=18")
     log = read_log(out)
-    assert {"step": 16, "resumed_from_step": 16} in log
+    assert any(r["step"] == 16 and r.get("resumed_from_step") == 16 and r["world_size"] == 2 for r in log)
     assert [r["step"] for r in records] == list(range(1, 19))
     assert records[16]["kl_coef"] == pytest.approx(records[15]["kl_coef"], rel=0.05)  # not the initial 0.2 again
 

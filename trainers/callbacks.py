@@ -24,7 +24,9 @@ class LogCallback(TrainerCallback):
     def __init__(self, output_dir: str, progress: str | None = None, world_size: int = 1,
                  global_batch_size: int | None = None, resumed_from: str | None = None):
         self.path = Path(output_dir) / "trainer_log.jsonl"
-        self.group = {"world_size": world_size, "global_batch_size": global_batch_size}
+        self.group = {"world_size": world_size}
+        if global_batch_size is not None:
+            self.group["global_batch_size"] = global_batch_size
         self.resumed_from = resumed_from
         self.start = time.time()
         self.first_step = 0
@@ -45,12 +47,16 @@ class LogCallback(TrainerCallback):
         # Resumed from a checkpoint: keep what was logged up to it, drop what came after it (those steps
         # are trained again), and record the resumption.
         kept = [r for r in read_log(self.path.parent) if r.get("step", 0) <= state.global_step]
-        resumed = {"step": state.global_step, "resumed_from_step": state.global_step, **self.group}
+        resumed = {"step": state.global_step, "resumed_from_step": state.global_step, **self.group,
+                   "timestamp": round(time.time(), 3)}
         before = next((r["world_size"] for r in reversed(kept) if "world_size" in r), self.group["world_size"])
         if before != self.group["world_size"]:
-            resumed.update(previous_world_size=before, checkpoint=self.resumed_from)
+            # the checkpoint as stored (a converted ZeRO checkpoint is a local view linking to its files)
+            state_file = Path(self.resumed_from or ".", "trainer_state.json")
+            stored = str(state_file.resolve().parent) if state_file.is_file() else self.resumed_from
+            resumed.update(previous_world_size=before, checkpoint=stored)
             logger.info(f"resized: {before} -> {self.group['world_size']} worker(s) at step {state.global_step}, "
-                        f"from checkpoint {self.resumed_from}; global batch {self.group['global_batch_size']}")
+                        f"from checkpoint {stored}; global batch {self.group.get('global_batch_size')}")
         kept.append(resumed)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         logger.info(f"resumed at step {state.global_step}/{state.max_steps} with {self.group['world_size']} "

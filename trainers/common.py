@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -285,8 +286,18 @@ def universal_checkpoint(checkpoint: str, saved: int, world: int) -> str:
     """A node-local view of `checkpoint` whose DeepSpeed state is the universal form (made once per node, by
     its local rank 0); every rank waits for it."""
     context = ray.train.get_context()
-    view = UNIVERSAL_VIEWS / hashlib.sha1(checkpoint.encode()).hexdigest()[:16]
-    if context.get_local_rank() == 0 and not (view / "latest").is_file():
+    # One folder per group start and node, made by the node's first rank: the nodes of a test cluster share one
+    # disk (and one IP, so Ray's local ranks do not tell them apart), and a group that is being replaced may still
+    # be removing its own view of the same checkpoint. Rank 0 names the start for all.
+    node = ray.get_runtime_context().get_node_id()
+    mine = (node, uuid.uuid4().hex[:8])
+    every = [mine]
+    if torch.distributed.is_initialized():
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+    attempt = every[0][1]
+    view = UNIVERSAL_VIEWS / f"{hashlib.sha1(checkpoint.encode()).hexdigest()[:16]}-{node[:12]}-{attempt}"
+    if [n for n, _ in every].index(node) == context.get_world_rank():
         if context.get_world_rank() == 0:
             logger.info(f"the checkpoint's ZeRO state is partitioned for {saved} worker(s), the group has {world}: "
                         "converting it to DeepSpeed's universal checkpoint")
@@ -445,7 +456,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     finally:
-        if resume and Path(resume).parent == UNIVERSAL_VIEWS and args.local_process_index == 0:
+        if resume and Path(resume).parent == UNIVERSAL_VIEWS:  # this start's own view; every rank may try
             shutil.rmtree(resume, ignore_errors=True)
     train_result.metrics.update(extra_metrics or {})
     # before saving, which under ZeRO-3 gathers the whole model on rank 0

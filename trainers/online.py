@@ -41,7 +41,8 @@ class OnlineTrainer:
                                   is_world_process_zero=args.process_index == 0,
                                   is_local_process_zero=args.local_process_index == 0)
         self.control = TrainerControl()
-        callbacks = [LogCallback(args.output_dir, plan.progress_board), *tracker_callbacks(args.report_to)]
+        callbacks = [LogCallback(args.output_dir, plan.progress_board, args.world_size),
+                     *tracker_callbacks(args.report_to)]
         callbacks += [RayTrainReportCallback(), *([ReportEveryLog()] if plan.report_every_log else [])]
         self.callbacks = CallbackHandler(callbacks, policy, tokenizer, self.optimizer, self.scheduler)
 

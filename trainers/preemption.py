@@ -71,10 +71,10 @@ class CheckpointOnSigterm(TrainerCallback):
             if shortest > self.save_seconds:
                 control.should_save = True
                 logger.warning(f"SIGTERM: saving a checkpoint at step {state.global_step} ({shortest:.0f} s of "
-                               f"the grace period left; the last save took {self.save_seconds:.1f} s)")
+                               f"the grace period left; {self._last_save()})")
             else:
-                self._leave(state.global_step, f"no checkpoint: {shortest:.0f} s of the grace period left, the last "
-                                               f"save took {self.save_seconds:.1f} s")
+                self._leave(state.global_step, f"no checkpoint: {shortest:.0f} s of the grace period left, "
+                                               f"{self._last_save()}")
         if control.should_save:
             self.save_started = time.monotonic()
         return control
@@ -84,8 +84,11 @@ class CheckpointOnSigterm(TrainerCallback):
             self.save_seconds = time.monotonic() - self.save_started
         if self.leaving_at is not None:
             # Ray Train learns of the checkpoint when its controller polls this worker's report: wait for that
-            _wait_until_reported()
+            _wait_until_reported(min(10.0, max(grace_left(self.grace_s), 0.0)))
             self._leave(state.global_step, "checkpoint saved")
+
+    def _last_save(self) -> str:
+        return f"the last save took {self.save_seconds:.1f} s" if self.save_seconds else "no save timed yet"
 
     def _shortest_grace_left(self, device) -> float:
         left = torch.tensor([min(grace_left(self.grace_s), 1e30)], dtype=torch.float64,
@@ -100,8 +103,9 @@ class CheckpointOnSigterm(TrainerCallback):
                         "from the latest checkpoint")
 
 
-def _wait_until_reported(timeout_s: float = 60.0) -> None:
-    """Blocks until Ray Train's controller has taken this worker's reports (it polls every health-check interval)."""
+def _wait_until_reported(timeout_s: float) -> None:
+    """Blocks until Ray Train's controller has taken this worker's reports (it polls every 0.5 to 2 s), or for
+    `timeout_s` at most: a controller that cannot poll a lost worker's group may not take them at all."""
     from ray.train.v2._internal.execution.context import get_train_context  # Ray Train keeps no public form
 
     results = get_train_context().execution_context.result_queue
