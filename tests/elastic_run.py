@@ -6,7 +6,7 @@ Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back wh
 - `lora_z2`: after the first periodic checkpoint the second node is removed; the run goes on with one worker from
   that checkpoint; once the one-worker group has started, a node is added and the group grows to two.
 - `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
-  checkpoint at that step and stops, the node is then removed, and the run shrinks and grows as above.
+  checkpoint at that step and restarts from it; the node is then removed, and the run shrinks and grows as above.
 
 Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
 {"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., "shrink_s": ..., "grow_s": ...},
@@ -105,7 +105,11 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         wait_for("a logged step", lambda: any("loss" in r for r in read_log(out / "out")))
         (pid,) = wait_for("the second node's worker", lambda: workers_on(second.node_id))
         os.kill(pid, signal.SIGTERM)
-        result["sigterm_checkpoint_step"] = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
+        step = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
+        result["sigterm_checkpoint_step"] = step
+        # the group restarts from it (the node is still there); a node that vanished at once would instead leave
+        # Ray Train waiting for the lost worker's status until Ray declares the node dead (over a minute here)
+        wait_for("the restart", lambda: any(r.get("resumed_from_step") == step for r in read_log(out / "out")))
     else:
         wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
     result["removed_at"] = time.time()
