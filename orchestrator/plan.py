@@ -8,7 +8,7 @@ import math
 from rayft.orchestrator.memory import GB, MemorySettings, ModelShape, estimate, pick_deepspeed
 from rayft.recipe import deepspeed as ds
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import prompts_per_step, reference_kind
+from rayft.recipe.derive import is_elastic, prompts_per_step, reference_kind
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 
@@ -142,7 +142,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
     r, t = cfg.ray, cfg.args
     bundle, why = check_placement(cfg, nodes, trials_at_once)
     problems = []
-    workers, elastic = r.max_workers, r.min_workers < r.max_workers
+    workers, elastic = r.max_workers, is_elastic(r)
     per_device = t.per_device_train_batch_size
     accumulation = t.gradient_accumulation_steps
     global_batch = per_device * accumulation * workers

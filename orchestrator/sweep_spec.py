@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import is_prediction
+from rayft.recipe.derive import is_elastic, is_prediction
 from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.logs import logger
 from rayft.recipe.parse import parse_config
@@ -271,7 +271,7 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
         raise ConfigError([Problem("reward_model_workers", "a sweep does not start a reward actor group per trial "
                                                            "(the trials' resources would not count it); keep the "
                                                            "reward model inside the workers for a sweep")])
-    if base_cfg.ray.min_workers < base_cfg.ray.max_workers:
+    if is_elastic(base_cfg.ray):
         raise ConfigError([Problem("ray_num_workers", "a sweep's trials are not elastic (Ray Tune reserves each "
                                                       "trial's resources up front); give a number of workers")])
     if base_cfg.ray.rollout_workers:

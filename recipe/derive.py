@@ -119,6 +119,11 @@ def worker_range(value: Any) -> tuple[int, int] | None:
     return found if found and found[0] >= 1 else None
 
 
+def is_elastic(ray_args) -> bool:
+    """Whether the run's group may change size (ray_num_workers a range; after resolve)."""
+    return ray_args.min_workers < ray_args.max_workers
+
+
 def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     """Computes every derived value in one place; returns the log lines that say what was derived."""
     notes = []
@@ -128,7 +133,7 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         notes.append(f"lora_alpha = 2 * lora_rank = {f.lora_alpha}")
     f.use_ref_model = uses_reference(f)
     r.min_workers, r.max_workers = worker_range(r.ray_num_workers)
-    if r.min_workers < r.max_workers:
+    if is_elastic(r):
         notes.append(f"elastic: between {r.min_workers} and {r.max_workers} workers; the global batch is the "
                      f"recipe's at {r.max_workers}, and gradient accumulation follows the group's size")
     if f.stage == "grpo":

@@ -220,9 +220,10 @@ def finish(trainer, cfg: RecipeConfig, plan: Plan, train_result, tokenizer) -> d
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     peaks = peak_memory()
     if plan.elastic and trainer.is_world_process_zero():  # the summary of an elastic run: its sizes and resizes
-        resizes = [r for r in read_log(output_dir) if "previous_world_size" in r]
-        peaks.update(world_size=trainer.args.world_size, resizes=len(resizes),
-                     world_sizes=sorted({r["world_size"] for r in read_log(output_dir) if "world_size" in r}))
+        records = read_log(output_dir)
+        peaks.update(world_size=trainer.args.world_size,
+                     resizes=sum(1 for r in records if "previous_world_size" in r),
+                     world_sizes=sorted({r["world_size"] for r in records if "world_size" in r}))
     metrics.update(peaks)
     train_result.metrics.update(peaks)
     trainer.save_metrics("train", train_result.metrics)
