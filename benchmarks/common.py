@@ -23,7 +23,7 @@ def rayft_run(overrides: list[str], out_dir: Path) -> dict:
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.callbacks import read_log
+    from rayft.recipe.values import read_log
 
     started = time.time()
     cfg = parse_config(load_recipe(DEMO_RECIPE, [f"output_dir={out_dir}", f"ray_storage_path={out_dir}-ray",

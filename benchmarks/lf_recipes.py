@@ -33,7 +33,7 @@ def main() -> None:
     from rayft.recipe.derive import is_prediction
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.callbacks import read_log
+    from rayft.recipe.values import read_log
 
     recipes = sorted((LF_ROOT / "examples").rglob("*.yaml"), key=lambda p: ("predict" in p.name, str(p)))
     qlora = LF_ROOT / "examples" / "train_qlora" / "qwen3_lora_sft_bnb_4bit.yaml"

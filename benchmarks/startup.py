@@ -66,22 +66,21 @@ def main() -> None:
     import ray
 
     from rayft.data.examples import Rows
-    from rayft.data.pipeline import EncodingSettings, load_examples, tokenize
+    from rayft.data.pipeline import EncodingSettings, encode_tables, load_examples, stage_encoder, tokenize
     from rayft.data.tokenizer import TokenizerSpec
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.logs import logger
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.stages import STAGES
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     examples = load_examples("demo_dpo", str(ROOT / "data" / "demo"), args.examples, data="preference")
     spec, settings = TokenizerSpec(str(TINY)), EncodingSettings("chatml", 128, stage="dpo")
-    encoder = STAGES["dpo"].encoder
+    encoder = stage_encoder("dpo")
     rows = []
     for name, driver_max in (("Ray Data tasks", 0), ("the driver", 10**9)):
         def once(limit=driver_max):
-            tokenize(Rows.of(examples), spec, settings, encoder, 64, driver_max=limit)
+            tokenize(Rows.of(examples), spec, settings, encoder, 64, driver_max=limit, here=encode_tables)
 
         seconds = timed(once)  # cold, as a run meets it: task workers start, each process loads the tokenizer
         rows.append({"tokenised by": name, "examples": len(examples), "seconds": round(seconds, 2)})

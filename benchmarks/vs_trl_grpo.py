@@ -78,7 +78,7 @@ def rayft_run(name: str, steps: int, out: Path, overrides: list[str]) -> dict:
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.callbacks import read_log
+    from rayft.recipe.values import read_log
 
     cfg = parse_config(load_recipe(RECIPE, [f"model_name_or_path={TINY}", f"output_dir={out}",
                                             f"ray_storage_path={out}-ray", "ray_run_name=null", "plot_loss=false",

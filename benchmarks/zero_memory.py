@@ -49,9 +49,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from rayft.cluster.session import local_machine
+    from rayft.orchestrator.memory import ModelShape
     from rayft.orchestrator.plan import make_plan
     from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
-    from rayft.trainers.model import model_shape
+    from rayft.trainers.probe import model_shape
 
     prebuild_cpu_ops()
     model = sized_model(f"bench-h{args.hidden}-l{args.layers}", args.hidden, args.layers)
@@ -66,7 +67,7 @@ def main() -> None:
             overrides = [o for o in overrides if not o.startswith("lora_")]
             run = rayft_run(overrides, Path(tmp) / Path(stage).stem)
             cfg = run["cfg"]
-            shape = model_shape(cfg)
+            shape = ModelShape(**model_shape(cfg))
             plan = make_plan(cfg, local_machine(), 256, shape=shape)
             estimated = sum(v for k, v in plan.memory_per_worker.items() if k != "budget" and v) / GB
             measured = run["results"]["peak_rss_gb"]

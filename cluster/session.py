@@ -6,7 +6,7 @@ import os
 
 import psutil
 import ray
-import torch
+from ray._private.accelerators import NvidiaGPUAcceleratorManager
 
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Node
@@ -18,8 +18,10 @@ def local_machine() -> list[Node]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # Ray gives tasks and actors what its object store leaves of the memory: about 70% by default
     resources = {"CPU": float(cpus), "memory": 0.7 * psutil.virtual_memory().available}
-    if torch.cuda.is_available():
-        resources["GPU"] = float(torch.cuda.device_count())
+    # the GPUs a local Ray instance would find, counted as Ray counts them (NVML), without importing torch
+    gpus = NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
+    if gpus:
+        resources["GPU"] = float(gpus)
     return [Node(node_id="local", ip="127.0.0.1", resources=resources)]
 
 

@@ -22,6 +22,7 @@ from rayft.data.registry import dataset_attrs
 from rayft.data.source import Source, check_kind, has_tool_turns, head, locate
 from rayft.data.templates import get_template
 from rayft.data.tokenizer import TokenizerSpec, encode_text, load_tokenizer
+from rayft.recipe.stages import STAGE_SPECS
 from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 
@@ -281,7 +282,8 @@ def on_examples(encode):
 
 
 def tokenize(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder, batch_size: int,
-             stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None):
+             stream_tasks: int | None = None, driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None,
+             here=None):
     """Tokenises (and packs) the examples of `rows` with the stage's `encoder` in Ray Data tasks over the cluster;
     returns a materialised Dataset, or with `stream_tasks` (streaming) a lazy one that is tokenised as the workers
     read it.
@@ -294,13 +296,19 @@ def tokenize(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettin
     do not hold, which may be none: streaming tasks reserve no CPU and at most `stream_tasks` run at once
     (one per worker), so they share the machine with the training the way in-process tokenising would.
     `tasks` (preprocessing_num_workers) caps how many tokenising tasks run at once.
+
+    A small dataset held by the driver (at most `driver_max` examples) is tokenised by `here` instead, a function
+    like `encode_tables` (the driver passes its helper process's), without starting Ray Data's task workers.
     """
     import ray
 
     s = settings
     count = rows.count()
-    if stream_tasks is None and rows.here and count <= driver_max:
-        return _tokenize_here(rows, tokenizer_spec, settings, encoder, batch_size)
+    if stream_tasks is None and rows.here and count <= driver_max and here is not None:
+        import ray.data
+
+        tables = here(list(rows.batches(["example"], batch_size=batch_size)), tokenizer_spec, settings, encoder)
+        return ray.data.from_arrow(tables).materialize()
     options = {"concurrency": tasks} if tasks else {}
     if stream_tasks is not None:
         options = {"num_cpus": 0, "concurrency": min(stream_tasks, tasks or stream_tasks)}
@@ -384,17 +392,17 @@ def _user_error(err: BaseException) -> DataError | None:
     return DataError(found[1].strip()) if found else None
 
 
-def _tokenize_here(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder, batch_size: int):
-    """`tokenize` for a small dataset held here, batch by batch as the tasks would; a materialised Dataset."""
-    import ray.data
-
+def encode_tables(batches: list[dict], tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder
+                  ) -> list[pa.Table]:
+    """Batches of JSON-encoded examples tokenised (and packed) in this process, batch by batch as Ray Data's tasks
+    would: one Arrow table each."""
     tables = []
-    for batch in rows.batches(["example"], batch_size=batch_size):
+    for batch in batches:
         batch = on_examples(encoder)(batch, tokenizer_spec=tokenizer_spec, settings=settings)
         if settings.packs_after_encoding:
             batch = pack_batch(batch, cutoff_len=settings.cutoff_len, neat=settings.neat_packing)
         tables.append(pa.table({key: _arrow(column) for key, column in batch.items()}))
-    return ray.data.from_arrow(tables).materialize()
+    return tables
 
 
 def _arrow(column) -> pa.Array:
@@ -408,7 +416,7 @@ def _arrow(column) -> pa.Array:
 
 def tokenize_cached(rows_of, identity: dict, tokenizer_spec: TokenizerSpec, settings: EncodingSettings, encoder,
                     batch_size: int, cache_dir: str | None, strict: bool, overwrite: bool,
-                    driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None):
+                    driver_max: int = DRIVER_TOKENIZE_MAX, tasks: int | None = None, here=None):
     """`tokenize` of the rows `rows_of()` gives, reusing a Parquet cache made from the same inputs; returns
     (dataset, reused). A reused cache is read without reading, converting or mixing the datasets again.
 
@@ -418,7 +426,7 @@ def tokenize_cached(rows_of, identity: dict, tokenizer_spec: TokenizerSpec, sett
     """
     if cache_dir is None:
         return tokenize(rows_of(), tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max,
-                        tasks=tasks), False
+                        tasks=tasks, here=here), False
     recorded = {**dataclasses.asdict(settings), "encoding_version": ENCODING_VERSION}
     key = cache.cache_key(identity, tokenizer_spec, recorded)
     if not strict:
@@ -427,9 +435,20 @@ def tokenize_cached(rows_of, identity: dict, tokenizer_spec: TokenizerSpec, sett
         cached = cache.load(cache_dir, key, strict=strict)
         if cached is not None:
             return cached, True
-    dataset = tokenize(rows_of(), tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max, tasks=tasks)
+    dataset = tokenize(rows_of(), tokenizer_spec, settings, encoder, batch_size, driver_max=driver_max, tasks=tasks,
+                       here=here)
     cache.save(dataset, cache_dir, key, recorded)
     return dataset, False
+
+
+# the stages' encoders by the name their spec gives (recipe/stages.py)
+ENCODERS = {"text": encode_text_batch, "supervised": encode_batch, "pairwise": encode_pairwise_batch,
+            "kto": encode_kto_batch, "query": encode_query_batch, "grpo": encode_grpo_batch}
+
+
+def stage_encoder(stage: str):
+    """The Ray Data batch function that tokenises stage `stage`'s examples."""
+    return ENCODERS[STAGE_SPECS[stage].encoder]
 
 
 def token_stats(dataset) -> dict:
@@ -445,6 +464,11 @@ def token_stats(dataset) -> dict:
         for column, key in columns.items():
             totals[key] += int(batch[column].sum())
     return totals
+
+
+def describe_with(row: dict, tokenizer_spec: TokenizerSpec) -> str:
+    """`describe_example` with the tokenizer of `tokenizer_spec` (what the driver's helper process runs)."""
+    return describe_example(row, load_tokenizer(tokenizer_spec))
 
 
 def describe_example(row: dict, tokenizer) -> str:

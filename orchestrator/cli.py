@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 
 USAGE_ERROR = 2
 
-# The commands that read a recipe, with their help text. The typed schema (built on Transformers' arguments)
-# and the driver's modules are imported by the command that runs (below): they pull in torch, Transformers and
-# PEFT, about 6 s here, which `rayft status` and `rayft logs` do not need.
+# The commands that read a recipe, with their help text. Each command imports the modules it needs when it runs
+# (below): keys, plan, submit, status, logs, train, sweep and tokenize never import torch or Transformers (the
+# driver's helper process does, for plan, train, sweep and tokenize); chat, export, data and serve load them.
 RECIPE_COMMANDS = {
     "train": "run a distributed fine-tuning job (or generation, with do_train: false and predict_with_generate)",
     "sweep": "search the recipe's sweep section with Ray Tune, each trial a training run",
@@ -42,7 +42,7 @@ API_ENVIRONMENT = {"API_HOST": "serve_host", "API_PORT": "serve_port", "API_KEY"
 
 
 # Commands whose own process never loads a model (workers, generation actors and serving replicas are processes of
-# their own). Their process is told there is no bitsandbytes before the schema imports PEFT, which would import it
+# their own). Their process is told there is no bitsandbytes before anything imports PEFT, which would import it
 # and torch.compile's machinery with it: about 2.5 s of every such command on a 2-core machine.
 NO_MODEL_IN_PROCESS = {"train", "sweep", "plan", "data", "tokenize", "submit", "serve"}
 
@@ -235,7 +235,11 @@ def _submit(args) -> int:
     from rayft.recipe.parse import parse_config
 
     cfg = parse_config(raw, base_dir=args.working_dir)
-    _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir, wait=not args.no_wait)
+    try:
+        _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir,
+                                  wait=not args.no_wait)
+    except ConnectionError as err:
+        raise ConfigError([Problem("--address", f"cannot reach the job API at {args.address} ({err})")]) from None
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 

@@ -10,12 +10,19 @@ from pathlib import Path
 
 from rayft.data.encode import IGNORE_INDEX
 from rayft.data.packing import pack_batch
-from rayft.data.pipeline import EncodingSettings, check_encoding, columns_of, locate_datasets, sample_examples
+from rayft.data.pipeline import (
+    EncodingSettings,
+    check_encoding,
+    columns_of,
+    locate_datasets,
+    sample_examples,
+    stage_encoder,
+)
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
+from rayft.recipe.stages import STAGE_SPECS
 from rayft.recipe.values import comma_list
-from rayft.trainers.stages import STAGES
 
 SEQUENCE_KEYS = ("input_ids", "chosen_input_ids", "rejected_input_ids", "kl_input_ids")
 
@@ -23,7 +30,7 @@ SEQUENCE_KEYS = ("input_ids", "chosen_input_ids", "rejected_input_ids", "kl_inpu
 def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
     """Writes the first `count` encoded examples of each training and evaluation dataset to `out`; returns the
     number of rows written."""
-    d, stage = cfg.data, STAGES[cfg.finetuning.stage]
+    d, stage, encoder = cfg.data, STAGE_SPECS[cfg.finetuning.stage], stage_encoder(cfg.finetuning.stage)
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
     settings.chat_template()  # an unknown or multimodal template is refused before any data is read
     tokenizer = load_tokenizer(spec)
@@ -33,10 +40,10 @@ def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
         if not names:
             continue
         datasets = sample_examples(locate_datasets(names, d.dataset_dir, **locate), count)
-        check_encoding(names, datasets, spec, settings, stage.encoder)
+        check_encoding(names, datasets, spec, settings, encoder)
         for name, examples in zip(comma_list(names), datasets):
             rows += [{"split": split, "dataset": name, "index": i, **row}
-                     for i, row in enumerate(encoded_rows(examples[:count], spec, settings, stage.encoder, tokenizer))]
+                     for i, row in enumerate(encoded_rows(examples[:count], spec, settings, encoder, tokenizer))]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for row in rows:

@@ -1,9 +1,12 @@
-"""The Ray driver: check everything, tokenise with Ray Data, plan once, and run the TorchTrainer.
+"""The Ray driver: check everything, tokenise with Ray Data, plan once, and run the trainer.
 
-Every check that a user's input can fail runs before a Ray instance is started or resources reserved.
+Every check that a user's input can fail runs before a Ray instance is started or resources reserved. The driver
+never imports torch or Transformers: the checks and small jobs that need them run in its helper process
+(orchestrator/helper.py), and Ray Train's workers and controller import torch themselves (trainers/entry.py).
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -14,7 +17,8 @@ from pathlib import Path
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from rayft.cluster.session import available_nodes, gpu_memory_bytes, local_machine, ray_session
 from rayft.cluster.storage import filesystem, latest_checkpoint
@@ -23,10 +27,12 @@ from rayft.data.mixing import parse_probs
 from rayft.data.pipeline import (
     EncodingSettings,
     check_encoding,
-    describe_example,
+    describe_with,
+    encode_tables,
     locate_datasets,
     read_dataset,
     sample_examples,
+    stage_encoder,
     token_stats,
     tokenize,
     tokenize_cached,
@@ -34,9 +40,10 @@ from rayft.data.pipeline import (
 )
 from rayft.data.source import Source
 from rayft.data.templates import template_problem
-from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+from rayft.data.tokenizer import TokenizerSpec
+from rayft.orchestrator.helper import Helper
+from rayft.orchestrator.memory import ModelShape
 from rayft.orchestrator.plan import check_placement, make_plan, startable_now
-from rayft.orchestrator.probe import Probe, probe_model
 from rayft.orchestrator.progress import ProgressBar
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import reference_kind
@@ -44,14 +51,10 @@ from rayft.recipe.logs import logger, requiet
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import reward_model_problems
+from rayft.recipe.stages import STAGE_SPECS
 from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
-from rayft.trainers.callbacks import MetricReport
-from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
-from rayft.trainers.rewards import RewardServer
-from rayft.trainers.rollout import RolloutServer
-from rayft.trainers.stages import STAGES
-from rayft.trainers.verifiable import reward_function_problems
-from rayft.trainers.worker import train_loop_per_worker
+from rayft.trainers.deepspeed_ops import prebuild_cpu_ops, shm_op_is_built
+from rayft.trainers.entry import TorchBackend, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class Prepared:
     """What the driver knows before it touches the cluster: the datasets located and sampled, not read."""
 
     cfg: RecipeConfig
-    probe: Probe
+    shape: ModelShape  # the memory planner's counts, from the model built empty in the helper
     train_sources: list[Source]
     eval_sources: list[Source]
+    helper: Helper  # the driver's helper process, until the data is tokenised
 
     def rows_identity(self) -> dict:
         """What the examples of every split are made from: the datasets' files and the settings that select rows."""
@@ -76,10 +80,12 @@ class Prepared:
         return all(s.small for s in self.train_sources + self.eval_sources)
 
 
-def prepare(cfg: RecipeConfig, trains: bool = True) -> Prepared:
+def prepare(cfg: RecipeConfig, helper: Helper | None = None, trains: bool = True) -> Prepared:
     """Everything checked before Ray: output_dir (when the command `trains`), the model's modules, the datasets
     (located, and the first rows of each encoded), and (for a local run) the resource request. Raises ConfigError
-    or DataError; touches no output and starts nothing."""
+    or DataError; touches no output and starts nothing. The checks that need Transformers run in `helper` (None:
+    in this process, as tests do)."""
+    helper = helper or Helper("rayft", here=True)
     if trains:
         output_dir = Path(cfg.args.output_dir)
         resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
@@ -88,27 +94,34 @@ def prepare(cfg: RecipeConfig, trains: bool = True) -> Prepared:
                         "(choose another ray_run_name for a fresh run)")
         # a resumed run finds its own earlier outputs there
         refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
-    problems = reward_model_problems(cfg) + reward_function_problems(cfg)
+    problems = reward_model_problems(cfg)
     template_refusal = template_problem(cfg.data.template, cfg.data.tool_format)
     if template_refusal:
         problems.append(Problem("template", template_refusal))
     if problems:
         raise ConfigError(problems)
-    probe = probe_model(cfg)
-    d, stage = cfg.data, STAGES[cfg.finetuning.stage]
+    checked = helper.submit("rayft.trainers.preflight:check_recipe", cfg.to_dict(mask_secrets=False))
+    d, stage = cfg.data, STAGE_SPECS[cfg.finetuning.stage]
+    encoder = stage_encoder(cfg.finetuning.stage)
     locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token)
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
     train_sources = locate_datasets(d.dataset, d.dataset_dir, **locate)
-    check_encoding(d.dataset, sample_examples(train_sources), spec, settings, stage.encoder)
-    eval_sources = []
-    if d.eval_dataset:
-        eval_sources = locate_datasets(d.eval_dataset, d.dataset_dir, **locate)
-        check_encoding(d.eval_dataset, sample_examples(eval_sources), spec, settings, stage.encoder)
+    eval_sources = locate_datasets(d.eval_dataset, d.dataset_dir, **locate) if d.eval_dataset else []
     if d.mix_strategy != "concat":
         parse_probs(d.interleave_probs, len(train_sources))
+    shape = ModelShape(**helper.result(checked))
+    helper.call(check_encoding, d.dataset, sample_examples(train_sources), spec, settings, encoder)
+    if eval_sources:
+        helper.call(check_encoding, d.eval_dataset, sample_examples(eval_sources), spec, settings, encoder)
     if cfg.ray.ray_address is None:
         check_cluster(cfg, local_machine())  # this machine is the cluster rayft will start: refuse now, not after
-    return Prepared(cfg, probe, train_sources, eval_sources)
+    return Prepared(cfg, shape, train_sources, eval_sources, helper)
+
+
+def driver_helper(needed_for: str) -> Helper:
+    """The driver's helper process for a command (started now, so that it imports while the driver reads)."""
+    return Helper(needed_for, initializer="rayft.trainers.preflight:set_log_level",
+                  initargs=(logger.getEffectiveLevel(),))
 
 
 def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
@@ -137,7 +150,7 @@ def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, rep
     gpu_memory = None
     if cfg.args.deepspeed == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
         gpu_memory = gpu_memory_bytes()
-    return make_plan(cfg, nodes, num_train_examples, shape=prepared.probe.shape, gpu_memory=gpu_memory,
+    return make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=gpu_memory,
                      report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once)
 
 
@@ -154,13 +167,19 @@ def show_config(cfg: RecipeConfig, plan: Plan) -> None:
 
 
 def run_plan(cfg: RecipeConfig) -> Plan:
-    """`rayft plan`: validates config and data on the cluster and prints the plan, without training."""
-    prepared = prepare(cfg)
-    with ray_session(cfg.ray) as nodes:
-        check_cluster(cfg, nodes)
-        configure_ray_data()
-        plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
-        free = available_nodes()
+    """`rayft plan`: validates config and data and prints the plan, without training. Ray is started (or joined) only
+    when the data is too large for the driver to count, or the run goes to a cluster (ray_address)."""
+    with driver_helper("rayft plan") as helper:
+        prepared = prepare(cfg, helper)
+    if cfg.ray.ray_address is None and prepared.all_small:
+        nodes = local_machine()  # the cluster rayft would start: this machine
+        plan, free = plan_run(prepared, nodes, example_rows(prepared)["train"].count()), nodes
+    else:
+        with ray_session(cfg.ray) as nodes:
+            check_cluster(cfg, nodes)
+            configure_ray_data()
+            plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
+            free = available_nodes()
     show_config(cfg, plan)
     if plan.elastic:
         logger.info(startable_now(plan, free))
@@ -171,11 +190,13 @@ def run_plan(cfg: RecipeConfig) -> Plan:
 
 def run_train(cfg: RecipeConfig):
     """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run."""
-    prepared = prepare(cfg)
-    with ray_session(cfg.ray) as nodes:
-        check_cluster(cfg, nodes)  # the connected cluster can hold the workers
-        tokenised = tokenize_splits(prepared)
-        return launch(cfg, plan_run(prepared, nodes, tokenised.train_count), tokenised.datasets)
+    with driver_helper("rayft train") as helper:
+        prepared = prepare(cfg, helper)
+        with ray_session(cfg.ray) as nodes:
+            check_cluster(cfg, nodes)  # the connected cluster can hold the workers
+            tokenised = tokenize_splits(prepared)
+            helper.close()  # the driver holds no torch while its run trains
+            return launch(cfg, plan_run(prepared, nodes, tokenised.train_count), tokenised.datasets)
 
 
 @dataclass(frozen=True)
@@ -190,19 +211,20 @@ def run_tokenize(cfg: RecipeConfig) -> dict[str, str]:
     """`rayft tokenize`: reads, converts and tokenises every split on the cluster into its cache (tokenized_path,
     or the automatic one under ray_storage_path) and stops; a training run of the same inputs then starts from
     it, on a cluster whose CPUs can be spent elsewhere meanwhile. Returns split -> where it is kept."""
-    prepared = prepare(cfg, trains=False)
     if cfg.data.streaming:
         raise ConfigError([Problem("streaming", "a streamed dataset is tokenised while training, never kept; remove "
                                                 "streaming to tokenise ahead")])
-    with ray_session(cfg.ray) as nodes:
-        check_cluster(cfg, nodes)
-        splits = split_names(prepared)
-        where = {split: tokenized_cache(cfg, split)[0] for split in splits}
-        if None in where.values():
-            raise ConfigError([Problem("tokenized_path", "this cluster's nodes may not share ray_storage_path, where "
-                                                         "the automatic cache lives; set tokenized_path to a shared "
-                                                         "folder or an s3:// / gs:// URI")])
-        tokenize_splits(prepared, keep=True)
+    with driver_helper("rayft tokenize") as helper:
+        prepared = prepare(cfg, helper, trains=False)
+        with ray_session(cfg.ray) as nodes:
+            check_cluster(cfg, nodes)
+            splits = split_names(prepared)
+            where = {split: tokenized_cache(cfg, split)[0] for split in splits}
+            if None in where.values():
+                raise ConfigError([Problem("tokenized_path", "this cluster's nodes may not share ray_storage_path, "
+                                                             "where the automatic cache lives; set tokenized_path to a "
+                                                             "shared folder or an s3:// / gs:// URI")])
+            tokenize_splits(prepared, keep=True)
     return where
 
 
@@ -268,8 +290,25 @@ def reading_node(cfg: RecipeConfig) -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
+class MetricReport(TuneReportCallback):
+    """Hands a sweep trial's Ray Train reports that carry the sweep's metric on to Tune's scheduler.
+
+    Checkpoint reports are left out: they repeat the last metrics at the save step, and Ray Train keeps the
+    checkpoint itself. Reports without the metric (e.g. training-loss records when the metric is eval_loss)
+    would fail Tune's check that every result carries the metric.
+    """
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | None = None):
-    """Runs the TorchTrainer for a planned run on tokenised datasets; returns Ray Train's Result.
+    """Runs Ray Train's torch trainer for a planned run on tokenised datasets; returns Ray Train's Result.
 
     `sweep_metric` is set when the run is a trial of `rayft sweep`: its plan reports every logged record,
     and those carrying the metric reach Ray Tune's scheduler. (The sweep's driver has built DeepSpeed's op.)
@@ -278,16 +317,17 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
     if sweep_metric is None:
         show_config(cfg, plan)
         if plan.deepspeed is not None and not plan.use_gpu:
-            prebuild_cpu_ops()
+            build_deepspeed_op()
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
     worker_env = {} if cfg.model.quantization_bit else {WORKER_WITHOUT_BITSANDBYTES: "1"}
     with reward_actors(cfg, plan), progress, ray_train_settings(local=cfg.ray.ray_address is None):
-        trainer = TorchTrainer(
+        # Ray's TorchTrainer, but for its backend config, whose torch half runs in the controller and the workers
+        trainer = DataParallelTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict(),
                                "log_level": logger.getEffectiveLevel()},
-            torch_config=TorchConfig(backend=plan.backend),
+            backend_config=TorchBackend(backend=plan.backend),
             scaling_config=ScalingConfig(
                 num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
                 elastic_resize_monitor_interval_s=cfg.ray.ray_resize_interval_s,
@@ -313,6 +353,14 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
         )
         with user_errors_as_data_errors():  # bad input found inside a worker: one line, not its traceback
             return trainer.fit()
+
+
+def build_deepspeed_op() -> None:
+    """DeepSpeed's CPU op, compiled once before CPU workers start (they would crash compiling it side by side); a
+    quick look for the cached op, else the build in a helper process (the driver does not import DeepSpeed)."""
+    if not shm_op_is_built():
+        with driver_helper("DeepSpeed's CPU op") as helper:
+            helper.call(prebuild_cpu_ops)
 
 
 @contextlib.contextmanager
@@ -354,6 +402,8 @@ def reward_actors(cfg: RecipeConfig, plan: Plan):
     recipe = cfg.to_dict(mask_secrets=False)
     actors, names = [], []
     if plan.reward_actors:
+        from rayft.trainers.rewards import RewardServer  # torch: only runs with a reward actor group import it here
+
         options = actor_options(cfg.ray.reward_model_resources or plan.resources_per_worker)
         with_reference = reference_kind(cfg) == "actor"
         server = ray.remote(RewardServer)
@@ -362,6 +412,8 @@ def reward_actors(cfg: RecipeConfig, plan: Plan):
         names += [(name, "reward actor", ", with the reference model" if with_reference else "")
                   for name in plan.reward_actors]
     if plan.rollout_actors:
+        from rayft.trainers.rollout import RolloutServer  # torch: only runs with rollout actors import it here
+
         options = actor_options(cfg.ray.rollout_resources or plan.resources_per_worker)
         server = ray.remote(RolloutServer)
         actors += [server.options(name=name, **options).remote(recipe, options["num_gpus"] > 0, cfg.args.seed + i)
@@ -403,21 +455,23 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[str | None, bool]:
 def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
     cfg = prepared.cfg
     d = cfg.data
-    spec, encoder = TokenizerSpec.of(cfg.model), STAGES[cfg.finetuning.stage].encoder
+    spec, encoder = TokenizerSpec.of(cfg.model), stage_encoder(cfg.finetuning.stage)
+    helper = prepared.helper
     if d.streaming and split == "train":
         rows = rows_of(split)
         dataset = tokenize(rows, spec, EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size,
                            stream_tasks=cfg.ray.max_workers, tasks=d.preprocessing_num_workers)
         logger.info(f"train data: {rows.count()} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
-        logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
+        logger.info("first training example:\n" + helper.call(describe_with, dataset.take(1)[0], spec))
         return dataset
     cache_dir, strict = tokenized_cache(cfg, split)
     if not strict and prepared.all_small and not keep:
         cache_dir = None  # tokenising a few MB again is faster than hashing, writing and reading a cache
     dataset, reused = tokenize_cached(lambda: rows_of(split), {**prepared.rows_identity(), "split": split}, spec,
                                       EncodingSettings.of(cfg), encoder, d.preprocessing_batch_size, cache_dir, strict,
-                                      overwrite=d.overwrite_cache, tasks=d.preprocessing_num_workers)
+                                      overwrite=d.overwrite_cache, tasks=d.preprocessing_num_workers,
+                                      here=functools.partial(helper.call, encode_tables))
     if reused:
         logger.info(f"{split} data: reusing tokenised data from {cache_dir} (same data, tokenizer and settings)")
     stats = token_stats(dataset)
@@ -426,7 +480,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
     logger.info(f"{split} data: {counted}{packed}, {stats['tokens']} tokens ({stats['trained_tokens']} trained), "
                 f"{stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
     if split == "train":
-        logger.info("first training example:\n" + describe_example(dataset.take(1)[0], load_tokenizer(spec)))
+        logger.info("first training example:\n" + helper.call(describe_with, dataset.take(1)[0], spec))
     return dataset
 
 

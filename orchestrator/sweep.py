@@ -16,7 +16,15 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 
 from rayft.cluster.session import ray_session
 from rayft.cluster.storage import filesystem
-from rayft.orchestrator.launch import check_cluster, launch, plan_run, prepare, tokenize_splits
+from rayft.orchestrator.launch import (
+    build_deepspeed_op,
+    check_cluster,
+    driver_helper,
+    launch,
+    plan_run,
+    prepare,
+    tokenize_splits,
+)
 from rayft.orchestrator.sweep_results import (
     RESULTS_FILE,
     TRIALS_FILE,
@@ -43,7 +51,6 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.trainers.deepspeed_ops import prebuild_cpu_ops
 
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes Ray reserves for each trial's driver process
 
@@ -70,14 +77,14 @@ def run_sweep(raw: dict, base_dir: str = "."):
     trials, configs = sweep.trials, sweep.configs
     resuming = _check_output_dir(output_dir, trials, run_name)
 
-    with ray_session(base_cfg.ray) as nodes:
+    with driver_helper("rayft sweep") as helper, ray_session(base_cfg.ray) as nodes:
         # Data, modules and resources of every trial are checked before any trial starts, and each distinct
         # data setting is tokenised once here: the trials share the materialised datasets.
         plans, datasets, tokenised = [], [], {}
         sharing = trials_at_once(spec, configs, nodes)
         for trial, cfg in zip(trials, configs):
             try:
-                prepared = prepare(cfg)
+                prepared = prepare(cfg, helper)
                 check_cluster(cfg, nodes)
                 key = json.dumps([dataclasses.asdict(cfg.data), cfg.finetuning.stage, cfg.model.model_name_or_path,
                                   cfg.args.seed], sort_keys=True, default=str)
@@ -101,8 +108,9 @@ def run_sweep(raw: dict, base_dir: str = "."):
         for trial in trials:
             logger.info(f"  {trial.name}: {describe(trial.params)}")
         (output_dir / TRIALS_FILE).write_text(json.dumps(trials_record(run_name, trials), indent=1))
+        helper.close()  # the sweep's driver holds no torch while its trials train
         if any(p.deepspeed is not None and not p.use_gpu for p in plans):
-            prebuild_cpu_ops()  # once here: trials building it at the same time would crash
+            build_deepspeed_op()  # once here: trials building it at the same time would crash
 
         started = time.time()
         shipped = [{"recipe": c.to_dict(mask_secrets=False), "plan": p.to_dict(), "datasets": d}

@@ -8,8 +8,7 @@ from pathlib import Path
 import yaml
 
 from rayft.orchestrator.sweep_spec import SweepSpec, Trial, describe
-from rayft.recipe.values import mask
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import mask, read_log
 
 TRIALS_FILE = "sweep_trials.json"
 

@@ -17,7 +17,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import key_sections
-from rayft.trainers.stages import sweep_metric
+from rayft.recipe.stages import sweep_metric
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 

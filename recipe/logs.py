@@ -51,10 +51,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*use_cache=True.*")
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    import transformers  # here, not at the top: Ray Data's task workers import this module without needing it
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers = sys.modules.get("transformers")  # never imported for this: the driver and the client run without it
+    if transformers is not None:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

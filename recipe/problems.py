@@ -21,6 +21,9 @@ class ConfigError(ValueError):
         self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
         super().__init__("invalid recipe:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
+    def __reduce__(self):  # rebuilt from its problems when it crosses a process boundary (the driver's helper)
+        return ConfigError, (self.problems,)
+
     @property
     def messages(self) -> list[str]:
         """The problems as the lines a user reads."""

@@ -27,7 +27,6 @@ from rayft.recipe.schema import (
     GeneratingArguments,
     RayArguments,
     ServingArguments,
-    TrainingArguments,
     default_of,
 )
 from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
@@ -324,8 +323,6 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     problems += _ppo_problems(cfg)
     problems += grpo_problems(cfg)
     problems += serving_problems(cfg)
-    if not problems:
-        problems += _training_arguments_problems(cfg.training)
     return problems
 
 
@@ -701,18 +698,3 @@ def _zero_stage(spec: Any, base_dir: Path) -> int | None:
     if isinstance(spec, dict):
         return int(spec.get("zero_optimization", {}).get("stage", 0))
     return None
-
-
-def _training_arguments_problems(training: dict) -> list[Problem]:
-    """Lets Hugging Face's own __post_init__ checks run on the driver, without DeepSpeed or a device."""
-    kwargs = dict(training)
-    kwargs["deepspeed"] = None
-    kwargs["use_cpu"] = True
-    kwargs.setdefault("output_dir", "unused")
-    try:
-        TrainingArguments(**kwargs)
-    except (ValueError, TypeError) as err:
-        return [Problem("training arguments", " ".join(str(err).split()))]
-    return []
-
-

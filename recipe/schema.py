@@ -3,13 +3,15 @@
 Field names and defaults follow LLaMA-Factory's argument reference; rayft's own additions are marked.
 """
 
+import copy
 import dataclasses
+import functools
+import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
-
-from transformers import Seq2SeqTrainingArguments
 
 
 def arg(default: Any, help: str) -> Any:
@@ -426,8 +428,37 @@ class ServingArguments:
     serve_name: str = arg("rayft", "Name of the Ray Serve application (to find or stop it on the cluster).")
 
 
+# Transformers' Seq2SeqTrainingArguments, recorded as data by tools/hf_training_keys.py: the schema, `rayft keys` and
+# every check read it without importing Transformers (and with it torch); the workers build Transformers' own class.
+TRAINING_KEYS_FILE = Path(__file__).with_name("training_keys.json")
+_TYPE_WORDS = {"__builtins__": {}, "Union": Union, "Literal": Literal, "Any": Any, "None": None, "bool": bool,
+               "int": int, "float": float, "str": str, "dict": dict, "list": list}
+
+
+def annotation(text: str) -> Any:
+    """The annotation a recorded type names ("Union[int, None]", "Literal['no', 'steps']", ...)."""
+    tp = eval(text, _TYPE_WORDS)  # the recorded file's own words only: no builtins reach it
+    return type(None) if tp is None else tp
+
+
+def transformers_fields() -> list[tuple[str, Any, Any]]:
+    """(name, annotation, field) of every key of Transformers' Seq2SeqTrainingArguments, from the recorded file."""
+    made = []
+    for key in json.loads(TRAINING_KEYS_FILE.read_text())["keys"]:
+        meta = {"help": key["help"]}
+        if key.get("factory"):
+            made.append((key["name"], annotation(key["type"]),
+                         field(default_factory=functools.partial(copy.deepcopy, key["default"]), metadata=meta)))
+        else:
+            made.append((key["name"], annotation(key["type"]), field(default=key["default"], metadata=meta)))
+    return made
+
+
+TransformersTrainingArguments = dataclasses.make_dataclass("TransformersTrainingArguments", transformers_fields())
+
+
 @dataclass
-class TrainingArguments(Seq2SeqTrainingArguments):
+class TrainingArguments(TransformersTrainingArguments):
     """Hugging Face's Seq2SeqTrainingArguments plus the keys rayft adds (and rayft's default for do_train)."""
 
     # a recipe trains unless it says do_train: false (Transformers' own default is for scripts that check it)
@@ -545,3 +576,11 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def rayft_training_defaults() -> dict:
+    """The training keys whose default rayft changes from Transformers' (do_train), for building Transformers' own
+    arguments in the worker with rayft's defaults."""
+    recorded = {name: f.default for name, _, f in transformers_fields() if f.default is not dataclasses.MISSING}
+    return {name: default_of(TrainingArguments, name) for name in recorded
+            if default_of(TrainingArguments, name) != recorded[name]}

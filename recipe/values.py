@@ -1,5 +1,7 @@
 """Small helpers over recipe values that every layer uses, Ray Data's task workers included (no heavy imports)."""
 
+import json
+from pathlib import Path
 from typing import Any
 
 SECRET_KEYS = {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key", "hub_token"}
@@ -35,3 +37,11 @@ def mask(value: Any, key: str = "") -> Any:
 
 # tool formats rayft writes (data/tools.py builds them; a test keeps the two lists equal)
 TOOL_FORMAT_NAMES = ("default", "qwen", "glm4", "llama3", "mistral")
+
+
+def read_log(output_dir: str) -> list[dict]:
+    """The records of a run's output_dir/trainer_log.jsonl (one per logging step), oldest first."""
+    path = Path(output_dir) / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -77,7 +77,7 @@ def train_recipe(recipe_path, tmp_path, tiny_model, *overrides):
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.callbacks import read_log
+    from rayft.recipe.values import read_log
 
     cfg = parse_config(load_recipe(recipe_path, [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
@@ -98,7 +98,7 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     from rayft.orchestrator.launch import run_train
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.callbacks import read_log
+    from rayft.recipe.values import read_log
 
     tmp_path = tmp_path_factory.mktemp("demo")
     cfg = parse_config(load_recipe(DEMO_RECIPE, [

@@ -32,7 +32,7 @@ from rayft.orchestrator.launch import run_train
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=2", "ray_max_failures=4", "max_steps=40",

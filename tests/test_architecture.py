@@ -61,7 +61,8 @@ CASES = ("missing recipe", "a folder as recipe", "not UTF-8", "not YAML", "not a
          "unknown key", "wrong type", "unknown dataset", "broken dataset file", "model folder without a model",
          "wrong LoRA module", "too many workers", "missing DeepSpeed file", "occupied output_dir",
          "unknown template", "multimodal template", "template without the tokenizer's tokens",
-         "tool data on a template without its tool format", "QLoRA under ZeRO-3")
+         "tool data on a template without its tool format", "QLoRA under ZeRO-3",
+         "Transformers' own check of the training keys")
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -108,6 +109,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             [demo, f"dataset_dir={tmp_path / 'data'}", "dataset=tools", "template=seed_oss", out],
             "dataset 'tools': 4 rows have tool definitions"),
         "QLoRA under ZeRO-3": ([demo, "quantization_bit=4", "deepspeed=z3", out], "ZeRO-3 partitions weights"),
+        "Transformers' own check of the training keys": (
+            [demo, "load_best_model_at_end=true", "save_strategy=steps", out], "training arguments: "),
     }
 
 

@@ -230,9 +230,12 @@ def test_evaluation_needs_an_eval_dataset():
     assert parse("eval_strategy=steps", "eval_steps=5", "eval_dataset=demo_sft_eval").data.eval_dataset
 
 
-def test_hugging_face_checks_run_on_the_driver():
-    (problem,) = problems("load_best_model_at_end=true", "save_strategy=steps")
-    assert problem.startswith("training arguments:")
+def test_hugging_face_checks_run_where_transformers_is():
+    from rayft.trainers.training_args import transformers_problems
+
+    ((key, message),) = transformers_problems(parse("load_best_model_at_end=true", "save_strategy=steps").training)
+    assert key == "training arguments" and "load_best_model_at_end" in message
+    assert transformers_problems(parse().training) == []
 
 
 def test_secrets_are_masked_at_any_depth():
@@ -342,9 +345,11 @@ def test_the_stage_table_has_an_entry_for_every_stage_the_schema_accepts():
     import typing
 
     from rayft.recipe.rules import BUILT_STAGES
-    from rayft.trainers.stages import STAGES
+    from rayft.recipe.stages import STAGE_SPECS
+    from rayft.trainers.stages import ENTRIES
 
-    assert set(STAGES) == BUILT_STAGES == set(typing.get_args(A.type_hints(A.FinetuningArguments)["stage"]))
+    stages = set(typing.get_args(A.type_hints(A.FinetuningArguments)["stage"]))
+    assert set(STAGE_SPECS) == set(ENTRIES) == BUILT_STAGES == stages
 
 
 def test_the_default_seed_is_transformers_own():
@@ -401,3 +406,22 @@ def test_llamafactory_keys_map_onto_rayfts_settings():
     assert problems("early_stopping_steps=3")[0].startswith("early_stopping_steps: counts evaluations")
     assert problems("use_dft_loss=true", "stage=dpo", "dataset=demo_dpo")[0].startswith("use_dft_loss: weighs")
     assert problems("master_addr=10.0.0.1")[0].startswith("master_addr: a torchrun rendezvous")
+
+
+def test_the_training_keys_are_transformers_own_key_by_key():
+    """recipe/training_keys.json, recorded by tools/hf_training_keys.py, is what the installed Transformers'
+    Seq2SeqTrainingArguments has (name, type, default, help, in order), and the schema's training section is built
+    from it: every key with that type and default (do_train excepted: rayft trains unless told)."""
+    import importlib.util
+
+    tool_spec = importlib.util.spec_from_file_location("hf_training_keys", ROOT / "tools" / "hf_training_keys.py")
+    tool = importlib.util.module_from_spec(tool_spec)
+    tool_spec.loader.exec_module(tool)
+    recorded = json.loads(A.TRAINING_KEYS_FILE.read_text())
+    assert tool.snapshot() == recorded, "Transformers changed: run .venv/bin/python tools/hf_training_keys.py"
+    hints = A.type_hints(A.TrainingArguments)
+    for key in recorded["keys"]:
+        assert hints[key["name"]] == A.annotation(key["type"]), key["name"]
+        expected = True if key["name"] == "do_train" else key["default"]
+        assert A.default_of(A.TrainingArguments, key["name"]) == expected, key["name"]
+    assert A.rayft_training_defaults() == {"do_train": True}

@@ -20,7 +20,7 @@ from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 from rayft.trainers.common import GlobalBatchShare, zero_world_size
 
 DEMO = ROOT / "configs" / "demo_sft_lora.yaml"

@@ -16,7 +16,7 @@ import pytest
 from conftest import DEMO_RECIPE, ROOT
 
 from rayft.cluster.storage import latest_checkpoint
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 pytestmark = pytest.mark.slow
 

@@ -39,10 +39,11 @@ def test_bf16_training_on_gpus(tmp_path, tiny_model, ray_local, method, override
 def test_zero3_holds_at_most_065_of_zero0_per_gpu_and_the_planner_estimate_is_within_25_percent(
         tmp_path_factory, tiny_model, ray_local):
     from rayft.cluster.session import cluster_nodes
+    from rayft.orchestrator.memory import ModelShape
     from rayft.orchestrator.plan import make_plan
-    from rayft.orchestrator.probe import model_shape
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
+    from rayft.trainers.probe import model_shape
     from rayft.trainers.tiny_model import write_sized_model
 
     # large enough for ZeRO-3's partitions to matter: about 150 M parameters
@@ -56,7 +57,7 @@ def test_zero3_holds_at_most_065_of_zero0_per_gpu_and_the_planner_estimate_is_wi
         out, _ = train_recipe(DEMO_RECIPE, tmp_path, model, *overrides)
         peaks[stage] = results(out)["training_peak_gpu_gb"]
         cfg = parse_config(load_recipe(DEMO_RECIPE, overrides + [f"output_dir={tmp_path / 'x'}"]), base_dir=ROOT)
-        plan = make_plan(cfg, cluster_nodes(), 256, shape=model_shape(cfg))
+        plan = make_plan(cfg, cluster_nodes(), 256, shape=ModelShape(**model_shape(cfg)))
         # the allocator's peak leaves out the CUDA context, which the estimate's runtime part stands for
         estimate = sum(v for k, v in plan.memory_per_worker.items()
                        if v and k not in ("budget", "runtime") and not k.startswith("host: ")) / GB

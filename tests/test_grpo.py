@@ -15,8 +15,8 @@ from rayft.data.errors import DataError
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
+from rayft.recipe.values import read_log
 from rayft.trainers import rl
-from rayft.trainers.callbacks import read_log
 from rayft.trainers.verifiable import RewardFunctionError, Rewards, extract, same_answer
 
 GRPO_RECIPE = ROOT / "configs" / "demo_grpo_lora.yaml"

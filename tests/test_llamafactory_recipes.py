@@ -17,7 +17,7 @@ from rayft.orchestrator.plan import make_plan
 from rayft.orchestrator.predict import prepare_predict
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
 LF_ROOT = ROOT / "configs" / "llamafactory"
@@ -50,7 +50,7 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
         return
     prepared = prepare(cfg)
     examples = example_rows(prepared)["train"].count()  # a few MB: read here, without Ray
-    plan = make_plan(cfg, local_machine(), examples, shape=prepared.probe.shape)
+    plan = make_plan(cfg, local_machine(), examples, shape=prepared.shape)
     assert not plan.use_gpu and plan.total_steps > 0
     assert any("bf16 is for GPUs; these CPU workers train in fp32" in n for n in plan.notes)
     if "ds3" in recipe or "full_sft" in recipe:

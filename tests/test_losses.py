@@ -185,13 +185,14 @@ def test_preference_losses_are_averaged_over_gradient_accumulation(tiny_model, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayft.data.collator import PairwiseCollator
-    from rayft.recipe.schema import FinetuningArguments, TrainingArguments
+    from rayft.recipe.schema import FinetuningArguments
     from rayft.trainers.dpo import DPOTrainer
+    from rayft.trainers.training_args import transformers_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, gradient_accumulation_steps=4, report_to=[],
-                             per_device_train_batch_size=1)
+    args = transformers_arguments(dict(output_dir=str(tmp_path), use_cpu=True, gradient_accumulation_steps=4,
+                                       report_to=[], per_device_train_batch_size=1))
     pair = {"chosen_input_ids": [5, 6, 7, 8], "chosen_labels": [-100, -100, 7, 8],
             "rejected_input_ids": [5, 6, 9, 10], "rejected_labels": [-100, -100, 9, 10]}
     trainer = DPOTrainer(model=model, args=args, train_dataset=[pair], data_collator=PairwiseCollator(

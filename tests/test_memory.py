@@ -16,12 +16,12 @@ from rayft.orchestrator.memory import (
     pick_deepspeed,
 )
 from rayft.orchestrator.plan import make_plan, worker_budget
-from rayft.orchestrator.probe import model_shape
 from rayft.recipe.derive import reference_kind
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
+from rayft.trainers.probe import model_shape as probed_shape
 
 pytestmark = pytest.mark.unit
 
@@ -133,3 +133,8 @@ def test_the_memory_plan_counts_the_reference_copy_that_ref_model_loads_for_lora
     kind, held, params = reference("ref_model_adapters=x", "deepspeed=z3")
     assert kind == "copy" and held == params * 4 // 2  # ZeRO-3 partitions it over the 2 workers
     assert reference("pref_loss=orpo")[:2] == ("none", 0)
+
+
+def model_shape(c) -> ModelShape:
+    """The planner's shape of a recipe's model, as the driver's helper process measures it."""
+    return ModelShape(**probed_shape(c))

@@ -174,10 +174,10 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_model):
 def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_model, tmp_path):
     from conftest import DEMO_RECIPE, ROOT
 
-    from rayft.orchestrator.probe import probe_model
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
     from rayft.recipe.problems import ConfigError
+    from rayft.trainers.probe import probe_model
 
     def found(*overrides):
         cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}",

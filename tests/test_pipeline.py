@@ -14,8 +14,10 @@ from rayft.data.examples import Rows
 from rayft.data.pipeline import (
     EncodingSettings,
     encode_batch,
+    encode_tables,
     load_examples,
     locate_datasets,
+    stage_encoder,
     token_stats,
     tokenize,
     tokenize_cached,
@@ -92,8 +94,6 @@ def test_the_automatic_cache_is_keyed_on_inputs(tmp_path, tiny_model, ray_local,
 @pytest.mark.parametrize("stage,columns", [("dpo", {"chosen_input_ids", "rejected_labels"}),
                                            ("kto", {"kl_input_ids", "kto_tag"})])
 def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_local, stage, columns):
-    from rayft.trainers.stages import STAGES
-
     message = [{"role": "user", "content": "q"}]
     if stage == "dpo":
         examples = [{"system": "", "messages": message, "chosen": f"yes {i}", "rejected": "no"} for i in range(6)]
@@ -102,11 +102,11 @@ def test_preference_and_kto_data_tokenise_as_ray_data_tasks(tiny_model, ray_loca
                      "kto_tag": i % 2 == 0} for i in range(6)]
     settings, spec = EncodingSettings("chatml", 64, stage=stage), TokenizerSpec(str(tiny_model))
     # tasks=1 (preprocessing_num_workers): one task at a time, the same rows
-    dataset = tokenize(Rows.of(examples), spec, settings, STAGES[stage].encoder, batch_size=4, driver_max=0, tasks=1)
+    dataset = tokenize(Rows.of(examples), spec, settings, stage_encoder(stage), batch_size=4, driver_max=0, tasks=1)
     assert columns <= set(dataset.columns()) and dataset.count() == 6
     assert token_stats(dataset)["trained_tokens"] > 0
-    # the driver tokenises a small dataset itself, into the same rows and statistics
-    here = tokenize(Rows.of(examples), spec, settings, STAGES[stage].encoder, batch_size=4)
+    # the driver's helper tokenises a small dataset itself, into the same rows and statistics
+    here = tokenize(Rows.of(examples), spec, settings, stage_encoder(stage), batch_size=4, here=encode_tables)
     assert every_column(here) == every_column(dataset) and token_stats(here) == token_stats(dataset)
 
 
@@ -198,7 +198,8 @@ def test_a_pinned_gated_models_tokenizer_keys_reach_the_ray_data_tasks(tmp_path,
     settings = EncodingSettings("chatml", 256)
     # the tasks load the tokenizer from the hub cache at revision v1 (the ray_local cluster has no hub access)
     dataset = tokenize(Rows.of(examples[:8]), pinned, settings, encode_batch, batch_size=4, driver_max=0)
-    local = tokenize(Rows.of(examples[:8]), TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4)
+    local = tokenize(Rows.of(examples[:8]), TokenizerSpec(str(tiny_model)), settings, encode_batch, batch_size=4,
+                     here=encode_tables)
     assert rows(dataset) == rows(local)
     # bad input met inside a task comes back as rayft's one-line DataError, not the task's traceback
     call = json.dumps({"name": "add", "arguments": {"a": 2}})

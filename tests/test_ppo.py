@@ -15,7 +15,7 @@ from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.rules import reward_model_problems
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 PPO_RECIPE = ROOT / "configs" / "demo_ppo_lora.yaml"
 # The stated margin: the mean reward of a run's last four steps exceeds that of its first four by this much.

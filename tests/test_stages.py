@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, train_recipe
 
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 CONFIGS = ROOT / "configs"
 BASE_PARAMS = None  # filled from the tiny model's own count

@@ -10,7 +10,7 @@ import pytest
 from conftest import DEMO_RECIPE, ROOT
 
 from rayft.recipe.problems import ConfigError
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from rayft.orchestrator.sweep_spec import SweepSpec, concurrency, expand_points,
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 SFT_SWEEP = ROOT / "configs" / "sweep_sft_lora.yaml"
 DPO_SWEEP = ROOT / "configs" / "sweep_dpo_beta.yaml"

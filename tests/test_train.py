@@ -13,7 +13,7 @@ from rayft.orchestrator.launch import prepare, run_train
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import read_log
 
 
 def recipe(tmp_path, tiny_model, *overrides):

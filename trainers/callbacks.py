@@ -7,10 +7,10 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.util
-from ray.tune.integration.ray_train import TuneReportCallback
 from transformers import TrainerCallback
 
 from rayft.recipe.logs import logger
+from rayft.recipe.values import read_log
 
 
 class LogCallback(TrainerCallback):
@@ -93,25 +93,5 @@ class ReportEveryLog(TrainerCallback):
                               "placement_group": group.id.hex() if group else None})
 
 
-def read_log(output_dir: str) -> list[dict]:
-    path = Path(output_dir) / "trainer_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class MetricReport(TuneReportCallback):
-    """Hands a sweep trial's Ray Train reports that carry the sweep's metric on to Tune's scheduler.
-
-    Checkpoint reports are left out: they repeat the last metrics at the save step, and Ray Train keeps the
-    checkpoint itself. Reports without the metric (e.g. training-loss records when the metric is eval_loss)
-    would fail Tune's check that every result carries the metric.
-    """
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.metric = metric
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is None and self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)

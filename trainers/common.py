@@ -15,18 +15,18 @@ import ray.train
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer
+from transformers import EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
-from rayft.recipe.schema import TrainingArguments
-from rayft.recipe.values import comma_list
+from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog, read_log
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
+from rayft.trainers.training_args import transformers_arguments
 
 
 def _shard(name: str):
@@ -129,7 +129,7 @@ def eval_shards(cfg: RecipeConfig) -> ShardStream | dict[str, ShardStream] | Non
     return None if shard is None else ShardStream(shard, None, 0)
 
 
-def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
+def training_arguments(cfg: RecipeConfig, plan: Plan) -> Seq2SeqTrainingArguments:
     """The real TrainingArguments, built inside the worker with the planned device and DeepSpeed config."""
     if plan.deepspeed is not None:
         with quiet_import():
@@ -158,7 +158,7 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> TrainingArguments:
         # Plain DDP looking for unused parameters marks checkpointed (re-run) layers ready twice; the
         # Trainer would turn the search off itself had it enabled checkpointing (rayft does, in load_model).
         kwargs.setdefault("ddp_find_unused_parameters", False)
-    return TrainingArguments(**kwargs)
+    return transformers_arguments(kwargs)
 
 
 class ShardTrainer(Seq2SeqTrainer):
@@ -416,7 +416,7 @@ class StatsTrainer(ShardTrainer):
         super().log(logs, start_time)
 
 
-def fit(cfg: RecipeConfig, plan: Plan, args: TrainingArguments, model, tokenizer, collator,
+def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, tokenizer, collator,
         trainer_cls: type = ShardTrainer, extra_metrics: dict | None = None, **trainer_kwargs) -> dict:
     """Trains `model` on this worker's shard with `trainer_cls` and saves everything; returns the metrics."""
 

@@ -1,10 +1,10 @@
-"""DeepSpeed's CPU shared-memory op: built once on the driver before CPU workers start."""
+"""DeepSpeed's CPU shared-memory op: built once (by the driver's helper process) before CPU workers start.
+
+Importable without torch: the driver only looks whether the op is built.
+"""
 
 import os
 from pathlib import Path
-
-import torch
-from torch.utils.cpp_extension import get_default_build_root
 
 from rayft.recipe.logs import logger, quiet_import
 
@@ -15,6 +15,7 @@ def prebuild_cpu_ops() -> None:
     Without a GPU, DeepSpeed JIT-compiles this op on first use; two workers compiling it at once crash,
     so the driver builds it into the shared torch extensions cache first (about a minute, then cached).
     """
+    import torch  # in the helper process that builds it
 
     if torch.cuda.is_available() or shm_op_is_built():
         return
@@ -31,5 +32,13 @@ def prebuild_cpu_ops() -> None:
 def shm_op_is_built(name: str = "deepspeed_shm_comm") -> bool:
     """Whether torch's extension cache already holds the op (then DeepSpeed, about 2 s to import, is not needed
     on the driver: the workers load the op from that cache)."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # where torch builds it
-    return any(root.glob(f"**/{name}/{name}.so"))
+    return any(extensions_root().glob(f"**/{name}/{name}.so"))
+
+
+def extensions_root() -> Path:
+    """Where torch builds its extensions: TORCH_EXTENSIONS_DIR, else torch's default, the user's cache folder
+    (torch.utils.cpp_extension.get_default_build_root on Linux), found without importing torch."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache, "torch_extensions").resolve()

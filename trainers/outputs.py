@@ -7,8 +7,7 @@ import yaml
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
-from rayft.recipe.values import comma_list
-from rayft.trainers.callbacks import read_log
+from rayft.recipe.values import comma_list, read_log
 
 CONFIG_FILE = "training_args.yaml"
 

@@ -12,14 +12,14 @@ from rayft.cluster.storage import upload_outputs
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import QUIET, configure, logger, relay_to, verbosity_of
 from rayft.recipe.plan import Plan
-from rayft.trainers.stages import STAGES
+from rayft.trainers.stages import ENTRIES
 
 PLACEMENT_FILE = "placement.json"
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point handed to TorchTrainer; `loop_config` holds the resolved recipe and the plan as plain data,
-    and the driver's log level."""
+def run_worker(loop_config: dict) -> None:
+    """What every worker runs (through trainers/entry.py); `loop_config` holds the resolved recipe and the plan as
+    plain data, and the driver's log level."""
     context = ray.train.get_context()
     cfg = RecipeConfig.from_dict(loop_config["recipe"])
     plan = Plan.from_dict(loop_config["plan"])
@@ -31,7 +31,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not plan.use_gpu:  # a CPU worker computes on the CPUs of its bundle, no more (oversubscribed) and no fewer
         torch.set_num_threads(max(1, int(plan.resources_per_worker.get("CPU", 1))))
     record_placement(cfg.args.output_dir)
-    STAGES[cfg.finetuning.stage].run(cfg, plan)
+    ENTRIES[cfg.finetuning.stage](cfg, plan)
     if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
         # on a cluster, output_dir is on rank 0's own disk: copy it once to the storage every node shares
         where = upload_outputs(cfg.args.output_dir, cfg.ray.ray_storage_path, context.get_experiment_name(),

@@ -1,13 +1,11 @@
 """The model probe: the model built once per run on the meta device (no weights), for the driver's checks of
-module names and for the memory planner's shape."""
+module names and for the memory planner's shape. It runs in the driver's helper process (trainers/preflight.py)."""
 
 import threading
-from dataclasses import dataclass
 
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rayft.orchestrator.memory import ModelShape
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import comma_list
@@ -18,20 +16,14 @@ from rayft.trainers.model import FINETUNING, freeze_trainable_prefixes, linear_m
 _EMPTY_WEIGHTS = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Probe:
-    """What the driver learns from the empty model: its shape for the planner."""
-
-    shape: ModelShape
-
-
-def probe_model(cfg: RecipeConfig) -> Probe:
-    """Builds the empty model once; raises ConfigError when the model cannot be read or a module name is wrong."""
+def probe_model(cfg: RecipeConfig) -> dict:
+    """The memory planner's shape of the model (ModelShape's fields), from the empty model built once; raises
+    ConfigError when the model cannot be read or a module name is wrong."""
     with _EMPTY_WEIGHTS:
         return _probe(cfg)
 
 
-def _probe(cfg: RecipeConfig) -> Probe:
+def _probe(cfg: RecipeConfig) -> dict:
     try:
         model = empty_model(cfg)
     except (OSError, ValueError) as err:
@@ -41,7 +33,7 @@ def _probe(cfg: RecipeConfig) -> Probe:
     problems = module_problems(cfg, model)
     if problems:
         raise ConfigError(problems)
-    return Probe(shape=model_shape(cfg, model))
+    return model_shape(cfg, model)
 
 
 def empty_model(cfg: RecipeConfig):
@@ -56,7 +48,7 @@ def empty_model(cfg: RecipeConfig):
         return AutoModelForCausalLM.from_config(config)
 
 
-def model_shape(cfg: RecipeConfig, model=None) -> ModelShape:
+def model_shape(cfg: RecipeConfig, model=None) -> dict:
     """The counts the memory planner needs, from the empty model made trainable as finetuning_type says.
 
     Adapters named in adapter_name_or_path are counted as a new adapter of the recipe's settings.
@@ -67,7 +59,7 @@ def model_shape(cfg: RecipeConfig, model=None) -> ModelShape:
         trainable = FINETUNING[cfg.finetuning.finetuning_type](model, cfg.finetuning, None)
     unique = {id(p): p for p in trainable.parameters()}.values()  # tied weights once
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in trainable.modules())
-    return ModelShape(
+    return dict(
         total_params=sum(p.numel() for p in unique), trainable_params=sum(p.numel() for p in unique if p.requires_grad),
         largest_layer_params=largest, hidden_size=config.hidden_size,
         intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
