@@ -4,7 +4,9 @@
 
 Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back while it trains:
 - `lora_z2`: after the first periodic checkpoint the second node is removed; the run goes on with one worker from
-  that checkpoint; once the one-worker group has started, a node is added and the group grows to two.
+  that checkpoint; once the one-worker group has started, its worker is held (SIGSTOP) and a node is added: Ray Train
+  sees the node at its coordinator's next tick (up to 20 s later), replaces the held group by one of two, and the
+  run can never end before it grows, however fast the machine trains.
 - `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
   checkpoint at that step and restarts from it; the node is then removed, and the run shrinks and grows as above.
 
@@ -14,6 +16,7 @@ the last two the seconds from a node leaving (joining) to the resized group's st
 cluster it started.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -35,12 +38,10 @@ from rayft.recipe.problems import ConfigError
 from rayft.recipe.values import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=2", "ray_max_failures=4", "max_steps=40",
+COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=1", "ray_max_failures=4", "max_steps=40",
           "logging_steps=5", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "cutoff_len=128"]
 RUNS = {
-    # Ray Train sees a returned node some 15 s after it is back: the run of one worker must last longer than that
-    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=10", "max_steps=100",
-                "placement_strategy=STRICT_SPREAD"],
+    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=10", "placement_strategy=STRICT_SPREAD"],
     "full_z3": ["deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
                 "save_steps=1000"],
 }
@@ -68,8 +69,12 @@ def workers_on(node_id: str) -> list[int]:
                                        detail=True) if a.node_id == node_id]
 
 
-def resumed_with(out: Path, size: int) -> bool:
-    return any(r.get("world_size") == size and "resumed_from_step" in r for r in read_log(out))
+def trained_with(out: Path, size: int) -> bool:
+    return any(r.get("world_size") == size and "loss" in r for r in read_log(out))
+
+
+def grown(out: Path) -> bool:
+    return any(r.get("previous_world_size") == 1 and r.get("world_size") == 2 for r in read_log(out))
 
 
 def recipe(cluster: Cluster, name: str, out: Path, model: str, *overrides):
@@ -114,9 +119,18 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
     result["removed_at"] = time.time()
     cluster.remove_node(second)
-    wait_for("the group of one", lambda: resumed_with(out / "out", 1))
-    second = cluster.add_node(num_cpus=1)
-    result["added_at"] = time.time()
+    wait_for("a logged step of the group of one", lambda: trained_with(out / "out", 1) or not thread.is_alive())
+    # Held until the group grows: the lone worker cannot finish the run before Ray Train sees the returned node
+    (held,) = wait_for("the lone worker", lambda: [pid for node in cluster.list_all_nodes()
+                                                   for pid in workers_on(node.node_id)])
+    os.kill(held, signal.SIGSTOP)
+    try:
+        second = cluster.add_node(num_cpus=1)
+        result["added_at"] = time.time()
+        wait_for("the group of two", lambda: grown(out / "out") or not thread.is_alive())
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the resize has killed it
+            os.kill(held, signal.SIGCONT)
     thread.join(timeout=600)
     result["finished_at"] = time.time()
     result["status"] = "failed" if failure or thread.is_alive() else "ok"

@@ -145,8 +145,9 @@ def elastic_runs(tmp_path_factory, tiny_model):
     # cannot start, and Ray Train retries smaller after the start timeout (60 s by default). A removed fake node
     # also reads as a drain without a deadline to Ray Train's preemption watcher, which then waits 120 s before
     # restarting; a real spot notice carries its deadline. Neither wait is rayft's: both are cut short here.
+    # The controller polls its workers every 0.5 s, as rayft's local runs do, so it acts on a resize at once.
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "elastic_run.py"), str(out), str(tiny_model)],
                               capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
@@ -160,7 +161,7 @@ def elastic_runs(tmp_path_factory, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run, max_steps", [("lora_z2", 100), ("full_z3", 40)])
+@pytest.mark.parametrize("run, max_steps", [("lora_z2", 40), ("full_z3", 40)])
 def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs, run, max_steps):
     out, results = elastic_runs
     assert results[run]["status"] == "ok", results[run]["error"]
@@ -172,7 +173,7 @@ def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs
     assert {r["global_batch_size"] for r in records if "global_batch_size" in r} == {8}  # at every size
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(5, max_steps + 1, 5))  # every logging step once
-    assert {1, 2} <= {r["world_size"] for r in logged} or run == "full_z3"
+    assert {1, 2} <= {r["world_size"] for r in logged}  # the group of one logs a step before it is held
     first = logged[0]["loss"]
     assert all(r["loss"] < first for r in logged[1:]), logged  # continues: never back to the initial loss
     state = json.loads((out / run / "out" / "trainer_state.json").read_text())

@@ -15,12 +15,19 @@ import ray.train
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
+from rayft.trainers import entry as startup
 from rayft.trainers import outputs, preemption
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
@@ -159,6 +166,17 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> Seq2SeqTrainingArgument
         # Trainer would turn the search off itself had it enabled checkpointing (rayft does, in load_model).
         kwargs.setdefault("ddp_find_unused_parameters", False)
     return transformers_arguments(kwargs)
+
+
+class FirstStep(TrainerCallback):
+    """Marks the end of the first optimizer step, after which rank 0 logs where its start-up went."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not any(name == "first step" for name, _ in startup.STARTUP):
+            startup.mark("first step")
+            if args.process_index == 0 and len(startup.STARTUP) > 1:
+                logger.info(f"worker start-up: {startup.startup_phases()}")
+        return control
 
 
 class ShardTrainer(Seq2SeqTrainer):
@@ -420,6 +438,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         trainer_cls: type = ShardTrainer, extra_metrics: dict | None = None, **trainer_kwargs) -> dict:
     """Trains `model` on this worker's shard with `trainer_cls` and saves everything; returns the metrics."""
 
+    startup.mark("model")
     if args.process_index == 0:
         bits = cfg.model.quantization_bit
         quantized = f", base model in {bits} bits (bitsandbytes)" if bits else ""
@@ -439,7 +458,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         callbacks=[LogCallback(args.output_dir, plan.progress_board, args.world_size,
                                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
                                args.resume_from_checkpoint),
-                   RayTrainReportCallback(),
+                   RayTrainReportCallback(), FirstStep(),
                    *([CheckpointOnSigterm(grace)] if grace else []),
                    *([ReportEveryLog()] if plan.report_every_log else []),
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
