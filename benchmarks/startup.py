@@ -1,120 +1,176 @@
-"""Where a short run's time goes before it trains: the driver's data step with Ray Data's tasks against the
-driver's own tokenisation of a small dataset, then one whole run's phases read from its log.
+"""A run's fixed cost, phase by phase, as whole commands: this checkout against an earlier one (--before).
 
-    .venv/bin/python benchmarks/startup.py [--examples 96] [--empty-runs 3]
+    .venv/bin/python benchmarks/startup.py [--before ../other-checkout] [--repeats 3] [--empty-runs 3]
 
-Both data paths tokenise the same DPO demo pairs on a fresh local Ray instance, once each, as a run does.
-The run is the DPO demo (2 workers, ZeRO-2, evaluation on the training pairs); its phases are the seconds from
-the start of `run_train` to the data summary, to rank 0's first message, to the first logged step, and to the end.
-Between them, Ray Train's own cost: a 2-worker run of a function that only reports, at Ray Train's default
-controller poll and at rayft's local one.
+1. `rayft keys lora_rank` and `rayft plan configs/demo_sft_lora.yaml`: the median of `--repeats` whole commands.
+2. `rayft train configs/demo_sft_lora.yaml max_steps=2 logging_steps=1` (2 workers, ZeRO-2, a fresh local Ray
+   instance), `--repeats` times: the seconds from the command's start to each line that ends a phase (medians),
+   the driver process's own peak resident memory (sampled every 0.05 s; its helper process is shown apart), and the
+   workers' own start-up line (imports per library, model, first step) where the checkout prints one.
+3. Ray Train's own floor: a 2-worker run of a function that only reports, on a local instance that is already up
+   (as tests and a `ray start --head` session have it), with rayft's local settings.
+
+Both checkouts run with their own `.venv`, one after the other on the same machine.
 """
 
 import argparse
-import logging
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
+import psutil
 from common import ROOT, TINY, table, write
 
+# (phase name, the first line that ends it); a phase ends when its line is printed, the last when the command exits
+PHASES = [
+    ("recipe read, model and data checked", "[rayft] starting a local Ray instance"),
+    ("Ray started, data tokenised", "[rayft] train data:"),
+    ("worker group started (Ray Train), workers' imports", "[rayft] 2 worker(s) on"),
+    ("model loaded, LoRA applied", "[rayft] lora: trainable params"),
+    ("first optimizer step", "[rayft] step 1/"),
+    ("second step, saving, workers stopped", "[rayft] training finished"),
+]
 
-def timed(fn) -> float:
+
+def timed_command(python: Path, cwd: Path, args: list[str]) -> dict:
+    """Runs `python -m rayft.orchestrator.cli ARGS` in `cwd`: when each output line came, the exit, the driver's peak
+    RSS (its own process) and its children's (the helper)."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    proc = subprocess.Popen([str(python), "-m", "rayft.orchestrator.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cwd / ".cache" / "torch_extensions")})
+    peaks = {"driver": 0, "helper": 0}
+    done = threading.Event()
+
+    def sample():
+        me = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                peaks["driver"] = max(peaks["driver"], me.memory_info().rss)
+                for child in me.children():
+                    if "multiprocessing" in " ".join(child.cmdline()):  # the helper (a spawned interpreter)
+                        peaks["helper"] = max(peaks["helper"], child.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
+    code = proc.wait()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return {"lines": lines, "seconds": seconds, "code": code, "driver_mb": peaks["driver"] / 2**20,
+            "helper_mb": peaks["helper"] / 2**20}
 
 
-def empty_runs(repeats: int, storage: str) -> list[dict]:
-    """Ray Train's own cost: a 2-worker TorchTrainer whose training function only reports, under rayft's settings
-    for a local run (launch.ray_train_settings), once with Ray Train's default controller poll put back (2 s),
-    once with rayft's, alternating, `repeats` each."""
+def phases_of(run: dict) -> dict:
+    """Seconds per phase of one `rayft train` run, from the lines that end them."""
+    ends, last = {}, 0.0
+    for name, marker in PHASES:
+        at = next((t for t, line in run["lines"] if line.startswith(marker)), None)
+        if at is not None:
+            ends[name], last = at - last, at
+    ends["exit (Ray stopped)"] = run["seconds"] - last
+    return ends
+
+
+def median(values) -> float:
+    return round(statistics.median(values), 2)
+
+
+def measure(checkout: Path, repeats: int, tmp: Path) -> dict:
+    python = checkout / ".venv" / "bin" / "python"
+    found = {"keys": [], "plan": [], "train": []}
+    for i in range(repeats):
+        found["keys"].append(timed_command(python, checkout, ["keys", "lora_rank"]))
+        found["plan"].append(timed_command(python, checkout, ["plan", "configs/demo_sft_lora.yaml",
+                                                              f"model_name_or_path={TINY}"]))
+        out = tmp / f"{checkout.name}-{i}"
+        found["train"].append(timed_command(python, checkout, [
+            "train", "configs/demo_sft_lora.yaml", "max_steps=2", "logging_steps=1", f"model_name_or_path={TINY}",
+            f"output_dir={out}/out", f"ray_storage_path={out}/ray", "ray_run_name=startup"]))
+    for kind, runs in found.items():
+        failed = [r for r in runs if r["code"] != 0]
+        if failed:
+            raise SystemExit(f"{checkout}: rayft {kind} failed:\n" + "\n".join(line for _, line in failed[0]["lines"]))
+    phases = [phases_of(run) for run in found["train"]]
+    workers = [line for run in found["train"] for _, line in run["lines"] if "worker start-up:" in line]
+    return {
+        "keys_s": median(r["seconds"] for r in found["keys"]), "plan_s": median(r["seconds"] for r in found["plan"]),
+        "train_s": median(r["seconds"] for r in found["train"]),
+        "phases": {name: median(p.get(name, 0.0) for p in phases) for name in phases[0]},
+        "driver_mb": median(r["driver_mb"] for r in found["train"]),
+        "helper_mb": median(r["helper_mb"] for r in found["train"]),
+        "plan_driver_mb": median(r["driver_mb"] for r in found["plan"]),
+        "worker_startup": workers[len(workers) // 2] if workers else None,
+    }
+
+
+def empty_runs(repeats: int, storage: str) -> list[float]:
+    """Ray Train's own cost: a 2-worker run of a function that only reports, on a local instance already up."""
+    import logging
+
+    import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from rayft.orchestrator.launch import ray_train_settings
+    from rayft.trainers.entry import TorchBackend
 
     def report_once(config):
         import ray.train
 
         ray.train.report({"done": 1})
 
-    poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    seconds: dict[str, list[float]] = {}
-    for i in range(repeats):
-        for ray_default in (True, False):
-            if ray_default:
-                os.environ[poll] = "2.0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    seconds = []
+    try:
+        for i in range(repeats):
             with ray_train_settings(local=True):
-                interval = os.environ[poll]
                 start = time.perf_counter()
-                TorchTrainer(report_once, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                             run_config=RunConfig(name=f"empty-{interval}-{i}", storage_path=storage)).fit()
-                seconds.setdefault(interval, []).append(time.perf_counter() - start)
-            if ray_default:
-                os.environ.pop(poll)
-    return [{"controller poll (s)": interval, "runs": len(runs), "median (s)": round(sorted(runs)[len(runs) // 2], 2),
-             "min (s)": round(min(runs), 2), "max (s)": round(max(runs), 2)} for interval, runs in seconds.items()]
+                DataParallelTrainer(report_once, backend_config=TorchBackend(backend="gloo"),
+                                    scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                                    run_config=RunConfig(name=f"empty-{i}", storage_path=storage)).fit()
+                seconds.append(time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--examples", type=int, default=96)
-    parser.add_argument("--empty-runs", type=int, default=3, help="empty TorchTrainer runs per controller poll")
+    parser.add_argument("--before", type=Path, help="an earlier checkout with its own .venv, measured the same way")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--empty-runs", type=int, default=3)
     args = parser.parse_args()
-
-    import ray
-
-    from rayft.data.examples import Rows
-    from rayft.data.pipeline import EncodingSettings, encode_tables, load_examples, stage_encoder, tokenize
-    from rayft.data.tokenizer import TokenizerSpec
-    from rayft.orchestrator.launch import run_train
-    from rayft.recipe.loading import load_recipe
-    from rayft.recipe.logs import logger
-    from rayft.recipe.parse import parse_config
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    examples = load_examples("demo_dpo", str(ROOT / "data" / "demo"), args.examples, data="preference")
-    spec, settings = TokenizerSpec(str(TINY)), EncodingSettings("chatml", 128, stage="dpo")
-    encoder = stage_encoder("dpo")
-    rows = []
-    for name, driver_max in (("Ray Data tasks", 0), ("the driver", 10**9)):
-        def once(limit=driver_max):
-            tokenize(Rows.of(examples), spec, settings, encoder, 64, driver_max=limit, here=encode_tables)
-
-        seconds = timed(once)  # cold, as a run meets it: task workers start, each process loads the tokenizer
-        rows.append({"tokenised by": name, "examples": len(examples), "seconds": round(seconds, 2)})
-    print(table(rows, ["tokenised by", "examples", "seconds"]), flush=True)
+    checkouts = {"before": args.before.resolve()} if args.before else {}
+    checkouts["this checkout"] = ROOT
     with tempfile.TemporaryDirectory() as tmp:
-        empty = empty_runs(args.empty_runs, tmp) if args.empty_runs else []
+        found = {name: measure(path, args.repeats, Path(tmp)) for name, path in checkouts.items()}
+        empty = empty_runs(args.empty_runs, str(Path(tmp) / "empty")) if args.empty_runs else []
+    names = list(found)
+    rows = [{"what": "rayft keys lora_rank (s)", **{n: found[n]["keys_s"] for n in names}},
+            {"what": "rayft plan, demo recipe (s)", **{n: found[n]["plan_s"] for n in names}},
+            {"what": "rayft plan: driver peak RSS (MB)", **{n: round(found[n]["plan_driver_mb"]) for n in names}}]
+    rows += [{"what": f"train: {phase} (s)", **{n: found[n]["phases"].get(phase) for n in names}}
+             for phase in found[names[-1]]["phases"]]
+    rows += [{"what": "rayft train, 2 steps, 2 workers, whole command (s)", **{n: found[n]["train_s"] for n in names}},
+             {"what": "rayft train: driver peak RSS (MB)", **{n: round(found[n]["driver_mb"]) for n in names}},
+             {"what": "rayft train: helper process peak RSS (MB)", **{n: round(found[n]["helper_mb"]) for n in names}}]
+    print(table(rows, ["what", *names]))
+    for name in names:
+        print(f"{name}: {found[name]['worker_startup'] or 'no worker start-up line'}")
     if empty:
-        print(table(empty, list(empty[0])), flush=True)
-
-    marks: dict[str, float] = {}
-
-    class Marks(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            now = time.perf_counter()
-            for mark, starts in (("data", "train data:"), ("workers", "lora:"), ("first step", "step ")):
-                if message.startswith(starts):
-                    marks.setdefault(mark, now)
-
-    logger.addHandler(Marks())
-    logger.setLevel(logging.DEBUG)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_config(load_recipe(ROOT / "configs" / "demo_dpo_lora.yaml", [
-            f"model_name_or_path={TINY}", f"output_dir={tmp}/out", f"ray_storage_path={tmp}/ray",
-            "eval_dataset=demo_dpo", f"max_samples={args.examples}", "num_train_epochs=3", "plot_loss=false"]),
-            base_dir=ROOT)
-        start = time.perf_counter()
-        run_train(cfg)
-        marks["end"] = time.perf_counter()
-    phases = [{"phase": f"to {mark}", "seconds": round(marks[mark] - start, 2)}
-              for mark in ("data", "workers", "first step", "end") if mark in marks]
-    print(table(phases, ["phase", "seconds"]), flush=True)
-    write("startup", {"tokenise": rows, "empty runs": empty, "run": phases})
-    ray.shutdown()
+        print(f"empty 2-worker Ray Train run on a running local instance: median {median(empty)} s "
+              f"({', '.join(f'{s:.1f}' for s in empty)})")
+    write("startup", {"commands": found, "empty_runs_s": empty, "argv": sys.argv[1:]})
 
 
 if __name__ == "__main__":

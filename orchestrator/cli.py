@@ -268,7 +268,8 @@ def _summarise(cfg: "RecipeConfig", result) -> None:
                     "previous_world_size")
     files = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in sorted(output_dir.iterdir()))
     logger.info(f"outputs in {output_dir}: {files}")
-    logger.info(f"Ray results in {result.path}")
+    if result.path:  # none for a run in the driver's own process (Ray Train's local mode)
+        logger.info(f"Ray results in {result.path}")
 
 
 def _keys(args) -> int:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,31 @@ def prepare(cfg: RecipeConfig, helper: Helper | None = None, trains: bool = True
     (located, and the first rows of each encoded), and (for a local run) the resource request. Raises ConfigError
     or DataError; touches no output and starts nothing. The checks that need Transformers run in `helper` (None:
     in this process, as tests do)."""
-    helper = helper or Helper("rayft", here=True)
+    return start_checks(cfg, helper or Helper("rayft", here=True), trains).finish()
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The checks of a run under way: the driver's own are done, the helper's (the model, Transformers' own
+    checks, the encoding of each dataset's first rows) may still run while the driver starts Ray."""
+
+    cfg: RecipeConfig
+    helper: Helper
+    train_sources: list[Source]
+    eval_sources: list[Source]
+    model: Future
+    encodings: tuple[Future, ...]
+
+    def finish(self) -> Prepared:
+        """Waits for the helper's checks; raises the first ConfigError or DataError they found."""
+        shape = ModelShape(**self.helper.result(self.model))
+        for encoding in self.encodings:
+            self.helper.result(encoding)
+        return Prepared(self.cfg, shape, self.train_sources, self.eval_sources, self.helper)
+
+
+def start_checks(cfg: RecipeConfig, helper: Helper, trains: bool = True) -> Checks:
+    """`prepare`'s checks: the driver's own here and now (raising ConfigError or DataError), the helper's started."""
     if trains:
         output_dir = Path(cfg.args.output_dir)
         resume_from = latest_checkpoint(cfg.ray.ray_storage_path, cfg.ray.ray_run_name, cfg.ray.ray_storage_filesystem)
@@ -100,7 +125,7 @@ def prepare(cfg: RecipeConfig, helper: Helper | None = None, trains: bool = True
         problems.append(Problem("template", template_refusal))
     if problems:
         raise ConfigError(problems)
-    checked = helper.submit("rayft.trainers.preflight:check_recipe", cfg.to_dict(mask_secrets=False))
+    model = helper.submit("rayft.trainers.preflight:check_recipe", cfg.to_dict(mask_secrets=False))
     d, stage = cfg.data, STAGE_SPECS[cfg.finetuning.stage]
     encoder = stage_encoder(cfg.finetuning.stage)
     locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token)
@@ -109,13 +134,13 @@ def prepare(cfg: RecipeConfig, helper: Helper | None = None, trains: bool = True
     eval_sources = locate_datasets(d.eval_dataset, d.dataset_dir, **locate) if d.eval_dataset else []
     if d.mix_strategy != "concat":
         parse_probs(d.interleave_probs, len(train_sources))
-    shape = ModelShape(**helper.result(checked))
-    helper.call(check_encoding, d.dataset, sample_examples(train_sources), spec, settings, encoder)
-    if eval_sources:
-        helper.call(check_encoding, d.eval_dataset, sample_examples(eval_sources), spec, settings, encoder)
     if cfg.ray.ray_address is None:
         check_cluster(cfg, local_machine())  # this machine is the cluster rayft will start: refuse now, not after
-    return Prepared(cfg, shape, train_sources, eval_sources, helper)
+    encodings = [helper.submit(check_encoding, d.dataset, sample_examples(train_sources), spec, settings, encoder)]
+    if eval_sources:
+        encodings.append(helper.submit(check_encoding, d.eval_dataset, sample_examples(eval_sources), spec, settings,
+                                       encoder))
+    return Checks(cfg, helper, train_sources, eval_sources, model, tuple(encodings))
 
 
 def driver_helper(needed_for: str) -> Helper:
@@ -189,10 +214,14 @@ def run_plan(cfg: RecipeConfig) -> Plan:
 
 
 def run_train(cfg: RecipeConfig):
-    """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run."""
+    """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run.
+
+    Ray starts while the helper process still checks the model and the data (a few seconds each on a small machine):
+    a problem it finds stops the run before any worker is started, and Ray with it."""
     with driver_helper("rayft train") as helper:
-        prepared = prepare(cfg, helper)
+        checks = start_checks(cfg, helper)
         with ray_session(cfg.ray) as nodes:
+            prepared = checks.finish()
             check_cluster(cfg, nodes)  # the connected cluster can hold the workers
             tokenised = tokenize_splits(prepared)
             helper.close()  # the driver holds no torch while its run trains
@@ -329,7 +358,8 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
                                "log_level": logger.getEffectiveLevel()},
             backend_config=TorchBackend(backend=plan.backend),
             scaling_config=ScalingConfig(
-                num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
+                num_workers=0 if plan.in_process else (plan.min_workers, plan.num_workers) if plan.elastic
+                else plan.num_workers,
                 elastic_resize_monitor_interval_s=cfg.ray.ray_resize_interval_s,
                 use_gpu=plan.use_gpu,
                 resources_per_worker=plan.resources_per_worker,

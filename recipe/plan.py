@@ -43,6 +43,7 @@ class Plan:
     rollout_actors: tuple[str, ...] = ()  # names of the rollout generators (stage grpo, rollout_workers)
     progress_board: str | None = None  # name of the driver's progress actor that rank 0 posts its records to
     min_workers: int | None = None  # an elastic run's fewest workers (None: always num_workers)
+    in_process: bool = False  # Ray Train's local mode: the one worker is the driver's own process
 
     @property
     def elastic(self) -> bool:
@@ -69,7 +70,9 @@ class Plan:
         offload = f" (offload: {', '.join(self.offload)})" if self.offload else ""
         workers = f"{self.min_workers} to {self.num_workers} (elastic)" if self.elastic else str(self.num_workers)
         lines = [
-            f"workers            {workers} x {self.resources_per_worker}, strategy {self.placement_strategy}",
+            f"workers            {workers} x {self.resources_per_worker}, " + (
+                "in the driver's own process (Ray Train's local mode)" if self.in_process
+                else f"strategy {self.placement_strategy}"),
             f"device             {'cuda' if self.use_gpu else 'cpu'}, process group {self.backend}",
             f"deepspeed          {stage}{offload}",
             f"examples           {self.num_train_examples} ({self.examples_per_worker} per worker)",

@@ -29,6 +29,7 @@ from rayft.recipe.schema import (
     ServingArguments,
     default_of,
 )
+from rayft.recipe.stages import ONLINE_STAGES
 from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
 
 RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
@@ -383,7 +384,6 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
     return problems
 
 
-ONLINE_STAGES = ("ppo", "grpo")  # the stages that generate their own training data
 BUILT_REWARDS = ("accuracy", "format", "length", "reward_model")
 
 

@@ -15,6 +15,7 @@ class StageSpec:
     encoder: str  # data/pipeline.py ENCODERS[encoder]: Ray Data batch function (batch, tokenizer_spec, settings)
     metric: str  # what a sweep ranks its trials by (eval_<metric> when the recipe evaluates, but for reward)
     outputs: str  # what output_dir holds besides metrics, logs and the config (the README's table)
+    online: bool = False  # it generates its own training data (rollouts) in a step loop of its own
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
@@ -25,10 +26,11 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "dpo": StageSpec("preference", "pairwise", "loss", "the model or adapter"),
     "kto": StageSpec("kto", "kto", "loss", "the model or adapter"),
     "ppo": StageSpec("supervised", "query", "reward",
-                     "the policy (model or adapter), value_head.safetensors and ppo checkpoints"),
+                     "the policy (model or adapter), value_head.safetensors and ppo checkpoints", online=True),
     "grpo": StageSpec("supervised", "grpo", "reward",
-                      "the policy (model or adapter), completions.jsonl and grpo checkpoints"),
+                      "the policy (model or adapter), completions.jsonl and grpo checkpoints", online=True),
 }
+ONLINE_STAGES = tuple(name for name, spec in STAGE_SPECS.items() if spec.online)
 
 
 def sweep_metric(cfg) -> str:

@@ -1,14 +1,68 @@
 """Shared fixtures: a tiny local model (built once per session), one local Ray instance for integration tests,
-and what the rayft logger says during a test."""
+an S3 server, and what the rayft logger says during a test; and the markers, which say what a test costs:
+
+- `unit`: no Ray and no subprocess (enforced below: starting either fails the test);
+- `integration`: Ray or subprocesses, but no Ray Train run in this process (enforced: a trainer's fit fails it);
+- `slow`: starts Ray Train runs (here or through a command);
+- `gpu`: needs CUDA (skipped without).
+Every test carries one of them (its own, or its module's).
+"""
 
 import contextlib
+import json
 import logging
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from rayft.recipe.logs import logger
+
+COST_MARKERS = ("unit", "integration", "slow", "gpu")
+
+
+def cost_of(item) -> str | None:
+    """A test's cost marker: its own, else its class's or module's (the closest one wins)."""
+    return next((m.name for m in item.iter_markers() if m.name in COST_MARKERS), None)
+
+
+def pytest_collection_modifyitems(items):
+    unmarked = [item.nodeid for item in items if cost_of(item) is None]
+    if unmarked:
+        raise pytest.UsageError(f"each test needs one of the markers {COST_MARKERS}: {unmarked[:5]}")
+
+
+class _Refused:
+    def __init__(self, what: str, marker: str):
+        self.what, self.marker = what, marker
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"a test marked {self.marker} may not {self.what}; mark it by its cost (conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def cost_matches_marker(request, monkeypatch):
+    """Holds each test to its marker: a unit test starts no subprocess and no Ray, an integration test trains no
+    Ray Train run in this process."""
+    cost = cost_of(request.node)
+    if cost == "unit":
+        import ray
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", _Refused("start a subprocess", "unit"))
+        monkeypatch.setattr(ray, "init", _Refused("start or join Ray", "unit"))
+    elif cost == "integration":
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        monkeypatch.setattr(DataParallelTrainer, "fit", _Refused("run Ray Train (mark it slow)", "integration"))
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def training_stack():
+    """torch, Transformers and PEFT imported once in this process, so that rayft's driver code called here runs its
+    helper's work in this process too (orchestrator/helper.py), as a command's helper process would."""
+    import rayft.trainers.preflight  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
@@ -30,14 +84,48 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", sorted(demo.glob("demo_*.json")))
 
 
+S3_BUCKET = "rayft-test"
+S3_SECRET_KEY = "moto-secret-key-for-rayft-tests"
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance owned by the test session (never `ray stop`: other Ray processes are not ours)."""
+def s3():
+    """moto's S3 server on 127.0.0.1, with a bucket holding a folder dataset of two JSON-lines files and its
+    dataset_info.json; yields the environment a process needs to reach it (the standard AWS variables, as users
+    reach MinIO or AWS) and a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "rayft",
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="rayft",
+                          aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
+    client.create_bucket(Bucket=S3_BUCKET)
+    rows = json.loads((ROOT / "data" / "demo" / "demo_sft.json").read_text())
+    half = len(rows) // 2
+    for name, part in (("part-0.jsonl", rows[:half]), ("part-1.jsonl", rows[half:])):
+        body = "\n".join(json.dumps(r) for r in part) + "\n"
+        client.put_object(Bucket=S3_BUCKET, Key=f"data/sft/{name}", Body=body.encode())
+    client.put_object(Bucket=S3_BUCKET, Key="data/dataset_info.json",
+                      Body=json.dumps({"s3_sft": {"file_name": "sft"}}).encode())
+    try:
+        yield env, client
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A local Ray instance owned by the test session (never `ray stop`: other Ray processes are not ours). Its
+    workers reach the session's S3 server, as a cluster's nodes reach their object store, through the environment."""
     import ray
 
     # no task of the suite may reach a model hub: tokenizers load from folders or a prepared hub cache
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **s3[0]}})
     yield ray
     ray.shutdown()
 

@@ -8,7 +8,9 @@ Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back wh
   sees the node at its coordinator's next tick (up to 20 s later), replaces the held group by one of two, and the
   run can never end before it grows, however fast the machine trains.
 - `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
-  checkpoint at that step and restarts from it; the node is then removed, and the run shrinks and grows as above.
+  checkpoint at that step and restarts from it; the node is then removed, and the run shrinks and grows as above
+  (the group of one is held as soon as it has started: with no checkpoint of its own, what it trains is trained
+  again by the group of two).
 
 Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
 {"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., "shrink_s": ..., "grow_s": ...},
@@ -69,8 +71,10 @@ def workers_on(node_id: str) -> list[int]:
                                        detail=True) if a.node_id == node_id]
 
 
-def trained_with(out: Path, size: int) -> bool:
-    return any(r.get("world_size") == size and "loss" in r for r in read_log(out))
+def resumed_at(out: Path, size: int) -> int | None:
+    """The step a group of `size` workers resumed from (the latest such resumption), or None."""
+    steps = [r["resumed_from_step"] for r in read_log(out) if r.get("world_size") == size and "resumed_from_step" in r]
+    return steps[-1] if steps else None
 
 
 def grown(out: Path) -> bool:
@@ -119,7 +123,10 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
     result["removed_at"] = time.time()
     cluster.remove_node(second)
-    wait_for("a logged step of the group of one", lambda: trained_with(out / "out", 1) or not thread.is_alive())
+    resumed = wait_for("the group of one", lambda: resumed_at(out / "out", 1))
+    if name == "lora_z2":  # its next checkpoint keeps the steps it logs (a resize restarts from the latest one)
+        wait_for("the group of one's checkpoint", lambda: (checkpoint_step(storage, name) or 0) > resumed
+                 or not thread.is_alive())
     # Held until the group grows: the lone worker cannot finish the run before Ray Train sees the returned node
     (held,) = wait_for("the lone worker", lambda: [pid for node in cluster.list_all_nodes()
                                                    for pid in workers_on(node.node_id)])

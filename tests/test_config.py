@@ -274,6 +274,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     assert cfg.model.model_name_or_path and (cfg.data.dataset or cfg.data.eval_dataset)
 
 
+@pytest.mark.integration  # a subprocess
 def test_cli_refuses_a_typo_before_any_ray_work_and_creates_nothing(tmp_path):
     out = tmp_path / "out"
     storage = tmp_path / "storage"
@@ -325,6 +326,7 @@ def test_val_size_and_eval_dataset_are_exclusive_and_checked():
     assert problems("val_size=2.5")[0].startswith("val_size: 2.5")
 
 
+@pytest.mark.integration  # a subprocess
 def test_tiny_model_cli_writes_a_model_that_loads_through_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -146,7 +146,8 @@ def elastic_runs(tmp_path_factory, tiny_model):
     # also reads as a drain without a deadline to Ray Train's preemption watcher, which then waits 120 s before
     # restarting; a real spot notice carries its deadline. Neither wait is rayft's: both are cut short here.
     # The controller polls its workers every 0.5 s, as rayft's local runs do, so it acts on a resize at once.
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
+    # The start timeout bounds only the wait for the placement group, which is ready at once when the nodes are there.
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "elastic_run.py"), str(out), str(tiny_model)],
@@ -173,7 +174,9 @@ def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs
     assert {r["global_batch_size"] for r in records if "global_batch_size" in r} == {8}  # at every size
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(5, max_steps + 1, 5))  # every logging step once
-    assert {1, 2} <= {r["world_size"] for r in logged}  # the group of one logs a step before it is held
+    # the group of one logs steps that a checkpoint of its own keeps (lora_z2 saves every 10 steps; full_z3 only on
+    # SIGTERM, so what its group of one trains is trained again, and logged, by the group of two)
+    assert {1, 2} <= {r["world_size"] for r in logged} or run == "full_z3"
     first = logged[0]["loss"]
     assert all(r["loss"] < first for r in logged[1:]), logged  # continues: never back to the initial loss
     state = json.loads((out / run / "out" / "trainer_state.json").read_text())

@@ -76,6 +76,7 @@ def test_export_refuses_an_occupied_folder_and_bad_settings_before_loading(tmp_p
     assert (tmp_path / "merged" / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.integration  # a subprocess
 def test_the_cli_exports_and_never_writes_over_an_export(tmp_path, tiny_model):
     adapter = trained_like_adapter(tiny_model, tmp_path / "a", seed=3)
     out = tmp_path / "merged"

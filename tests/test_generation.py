@@ -124,6 +124,7 @@ def test_model_card_records_the_run_without_secrets(tmp_path):
     assert "pref_beta" not in card and "hf_card_secret" not in card
 
 
+@pytest.mark.integration  # a subprocess
 def test_chat_answers_streamed_and_exits_cleanly(tmp_path, tiny_model):
     adapter = trained_like_adapter(tiny_model, tmp_path / "adapter", seed=3)
     session = "What is one plus four?\n/clear\nDescribe a white crow.\n/exit\nnever read\n"
@@ -140,6 +141,7 @@ def test_chat_answers_streamed_and_exits_cleanly(tmp_path, tiny_model):
     assert "never read" not in out
 
 
+@pytest.mark.integration  # a subprocess
 def test_plan_and_sweep_know_a_prediction_recipe(tmp_path):
     from rayft.orchestrator.sweep_spec import check_sweep
 

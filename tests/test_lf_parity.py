@@ -23,6 +23,8 @@ from rayft.data.pipeline import (
 from rayft.data.templates import supports_tools, template_names
 from rayft.data.tokenizer import TokenizerSpec
 
+pytestmark = pytest.mark.unit
+
 GOLDEN = Path(__file__).parent / "golden"
 ENCODERS = {"sft": (encode_batch, "supervised", ("input_ids", "labels")),
             "rm": (encode_pairwise_batch, "preference",

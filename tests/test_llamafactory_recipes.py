@@ -19,7 +19,8 @@ from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.values import read_log
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/llamafactory is not present")]
 LF_ROOT = ROOT / "configs" / "llamafactory"
 RECIPES = sorted(p.relative_to(LF_ROOT).as_posix() for p in (LF_ROOT / "examples").rglob("*.yaml"))
 
@@ -57,7 +58,7 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
         assert plan.zero_stage == 3
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [
     ("examples/train_lora/qwen3_lora_sft.yaml", ()),
     # QLoRA with DDP on two workers: each holds the base in 4 bits (bitsandbytes NF4 runs on this CPU); two

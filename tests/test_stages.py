@@ -86,7 +86,7 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
 def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local, loss, extra):
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"pref_loss={loss}", *extra,
                             "eval_dataset=demo_dpo", "max_samples=64", "num_train_epochs=3", "ray_num_workers=1",
-                            "deepspeed=z0")
+                            "deepspeed=null")  # one worker, no DeepSpeed: in the driver's process (local mode)
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8, found
     assert log[-1]["loss"] < log[0]["loss"], [r["loss"] for r in log]
@@ -99,7 +99,7 @@ def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local,
 @pytest.mark.integration
 def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3",
-                            "learning_rate=1e-3", "ray_num_workers=1")  # (two-worker preference runs: dpo)
+                            "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo)
     # resources_per_worker unset: the one worker holds both CPUs of the test's Ray instance and computes on both
     assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [2]
     assert log[-1]["loss"] < log[0]["loss"] - 0.05, [r["loss"] for r in log]

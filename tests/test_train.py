@@ -142,7 +142,7 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
         assert len(everything - shards[0] - shards[1]) == count % 2
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # its first case runs the command in a subprocess
 @pytest.mark.parametrize("overrides,expected", [
     (("ray_num_workers=3",), "3 workers need {'CPU': 3} but at most"),
     (("placement_strategy=STRICT_SPREAD",), "STRICT_SPREAD needs 2 different nodes"),
@@ -287,7 +287,7 @@ def test_ray_trains_local_settings_hold_for_the_run_only_and_the_environment_win
     assert os.environ[poll] == "3" and watcher not in os.environ
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # subprocesses
 def test_a_worker_that_does_not_quantise_never_imports_bitsandbytes_and_the_built_op_is_found(tmp_path, monkeypatch):
     import subprocess
     import sys

@@ -27,8 +27,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
-from rayft.trainers import entry as startup
-from rayft.trainers import outputs, preemption
+from rayft.trainers import outputs, preemption, startup
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.preemption import CheckpointOnSigterm
@@ -39,7 +38,7 @@ from rayft.trainers.training_args import transformers_arguments
 def _shard(name: str):
     try:
         return ray.train.get_dataset_shard(name)
-    except KeyError:
+    except (KeyError, AssertionError):  # Ray Train's local mode asserts that the dataset exists
         return None
 
 
@@ -444,7 +443,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         quantized = f", base model in {bits} bits (bitsandbytes)" if bits else ""
         logger.info(f"{cfg.finetuning.finetuning_type}: {trainable_summary(model)}{quantized}")
     prepare_trackers(cfg, args.output_dir)
-    grace = cfg.ray.ray_preemption_grace_s
+    grace = 0 if plan.in_process else cfg.ray.ray_preemption_grace_s  # local mode: no checkpoint to save on SIGTERM
     if grace:
         preemption.install_in_this_worker(grace)
     train_data, eval_data = train_shard(cfg, plan), eval_shards(cfg)

@@ -4,25 +4,12 @@ controller and workers import when they use it. The driver thereby starts a run 
 """
 
 import importlib
-import time
 from dataclasses import dataclass
 
 from ray.train.backend import BackendConfig
 from ray.train.v2._internal.util import TrainingFramework
 
-# When each part of a worker's start-up ended (name, time.time()), from its entry on: rank 0 logs the phases once
-# its first step is done (trainers/common.py), so a run shows where its fixed cost goes.
-STARTUP: list[tuple[str, float]] = []
-
-
-def mark(phase: str) -> None:
-    """Records that `phase` of this worker's start-up has ended now."""
-    STARTUP.append((phase, time.time()))
-
-
-def startup_phases() -> str:
-    """The phases recorded so far, in seconds each: "torch 0.9 s, transformers 1.2 s, ..."."""
-    return ", ".join(f"{name} {end - start:.1f} s" for (_, start), (name, end) in zip(STARTUP, STARTUP[1:]))
+from rayft.trainers.startup import STARTUP, mark
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -25,7 +25,7 @@ from rayft.trainers.model import load_tokenizer, prepare_model, trainable_summar
 from rayft.trainers.online import OnlineTrainer, averaged, finish, summed
 from rayft.trainers.ppo import reference_here, reward_model_here
 from rayft.trainers.rewards import model_logprobs, response_logits, right_padded, token_logprobs
-from rayft.trainers.rollout import ActorRollouts, LocalRollouts, Sampled, Sampler
+from rayft.trainers.rollout import ActorRollouts, LocalRollouts, Sampled, Sampler, sample_seed
 from rayft.trainers.tracking import prepare_trackers
 from rayft.trainers.verifiable import Rewards
 
@@ -62,14 +62,17 @@ class GRPOTrainer(OnlineTrainer):
         if self.pending is None:
             self.rollouts.publish(self.weights, step)
             self.pending = next(batches)
-            self.rollouts.submit([row["input_ids"] for row in self.pending])
+            self.rollouts.submit([row["input_ids"] for row in self.pending], self.sample_seed(step))
         rows, sampled = self.pending, self.rollouts.collect()
         self.pending = None
         if self.cfg.finetuning.async_rollouts and step + 1 < self.state.max_steps:
             self.rollouts.publish(self.weights, step)
             self.pending = next(batches)
-            self.rollouts.submit([row["input_ids"] for row in self.pending])
+            self.rollouts.submit([row["input_ids"] for row in self.pending], self.sample_seed(step + 1))
         return rows, sampled
+
+    def sample_seed(self, step: int) -> int:
+        return sample_seed(self.args.seed, step, self.args.process_index)
 
     # ---- one step -----------------------------------------------------------------------------------------
     def step(self, batches) -> dict[str, float]:

@@ -4,6 +4,10 @@ copy of the policy (rollout_workers) and get its new weights through the object 
 Both return, for a batch of prompts, `num_generations` completions of each (consecutive) and, where they are
 needed, the log-probabilities the sampling policy gave them: the importance ratio's denominator, which keeps the
 clipped surrogate right when the actors sample a step ahead (async_rollouts).
+
+Every batch is sampled with a seed of its own (the run's seed, the step it is learnt at and the worker's rank): an
+actor that serves several workers gives each the same completions whatever order their requests arrive in, so a run
+samples the same completions every time, with or without rollout actors.
 """
 
 import os
@@ -39,7 +43,13 @@ class Sampler:
         self.num_generations = cfg.finetuning.num_generations
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], with_logprobs: bool) -> tuple[list[list[int]], list[list[float]] | None]:
+    def sample(self, prompts: list[list[int]], with_logprobs: bool, seed: int
+               ) -> tuple[list[list[int]], list[list[float]] | None]:
+        with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []):
+            torch.manual_seed(seed)  # this batch's own stream; the process's (training's) stream is left as it was
+            return self._sample(prompts, with_logprobs)
+
+    def _sample(self, prompts: list[list[int]], with_logprobs: bool):
         repeated = [p for p in prompts for _ in range(self.num_generations)]
         prompt_ids, prompt_mask = left_padded(repeated, self.pad, self.device)
         longest = prompt_ids.shape[1]
@@ -67,16 +77,16 @@ class LocalRollouts:
 
     def __init__(self, sampler: Sampler):
         # no log-probabilities: the step measures them with the policy itself when it needs them (ppo_epochs > 1)
-        self.sampler, self.prompts, self.version = sampler, None, 0
+        self.sampler, self.prompts, self.seed, self.version = sampler, None, 0, 0
 
     def publish(self, weights_of, version: int) -> None:
         self.version = version  # the policy itself samples: nothing to send
 
-    def submit(self, prompts: list[list[int]]) -> None:
-        self.prompts = prompts
+    def submit(self, prompts: list[list[int]], seed: int) -> None:
+        self.prompts, self.seed = prompts, seed
 
     def collect(self) -> Sampled:
-        completions, _ = self.sampler.sample(self.prompts, with_logprobs=False)
+        completions, _ = self.sampler.sample(self.prompts, with_logprobs=False, seed=self.seed)
         return Sampled(completions, None, self.version)
 
 
@@ -107,9 +117,9 @@ class RolloutServer:
         self.version = version
         return version
 
-    def generate(self, prompts: list[list[int]]) -> Sampled:
+    def generate(self, prompts: list[list[int]], seed: int) -> Sampled:
         self.calls += 1
-        completions, logprobs = self.sampler.sample(prompts, with_logprobs=True)
+        completions, logprobs = self.sampler.sample(prompts, with_logprobs=True, seed=seed)
         return Sampled(completions, logprobs, self.version)
 
 
@@ -135,8 +145,8 @@ class ActorRollouts:
             torch.distributed.barrier()
         self.published = version
 
-    def submit(self, prompts: list[list[int]]) -> None:
-        self.pending = self.actor.generate.remote(prompts)
+    def submit(self, prompts: list[list[int]], seed: int) -> None:
+        self.pending = self.actor.generate.remote(prompts, seed)
 
     def collect(self) -> Sampled:
         sampled, self.pending = ray.get(self.pending), None
@@ -144,3 +154,8 @@ class ActorRollouts:
 
     def where(self) -> list[dict]:
         return ray.get([actor.where.remote() for actor in self.actors])
+
+
+def sample_seed(run_seed: int, step: int, rank: int) -> int:
+    """The seed of the batch a worker of rank `rank` learns at optimizer step `step` (0-based)."""
+    return (run_seed * 1_000_003 + step) * 1_009 + rank

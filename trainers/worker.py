@@ -23,15 +23,21 @@ def run_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     cfg = RecipeConfig.from_dict(loop_config["recipe"])
     plan = Plan.from_dict(loop_config["plan"])
-    # rank 0 speaks at the driver's level, through the driver's progress board when it has one; the others warn
-    rank_zero = context.get_world_rank() == 0
-    configure(verbosity_of(loop_config["log_level"]) if rank_zero else QUIET)
-    if rank_zero and plan.progress_board:
-        relay_to(ray.get_actor(plan.progress_board).post.remote)
+    threads = torch.get_num_threads()
+    if not plan.in_process:  # the driver's own process (local mode) keeps its console and its log level
+        # rank 0 speaks at the driver's level, through the driver's progress board when it has one; the others warn
+        rank_zero = context.get_world_rank() == 0
+        configure(verbosity_of(loop_config["log_level"]) if rank_zero else QUIET)
+        if rank_zero and plan.progress_board:
+            relay_to(ray.get_actor(plan.progress_board).post.remote)
     if not plan.use_gpu:  # a CPU worker computes on the CPUs of its bundle, no more (oversubscribed) and no fewer
         torch.set_num_threads(max(1, int(plan.resources_per_worker.get("CPU", 1))))
-    record_placement(cfg.args.output_dir)
-    ENTRIES[cfg.finetuning.stage](cfg, plan)
+    try:
+        record_placement(cfg.args.output_dir)
+        ENTRIES[cfg.finetuning.stage](cfg, plan)
+    finally:
+        if plan.in_process:
+            torch.set_num_threads(threads)  # the driver's process goes on after its run
     if cfg.ray.ray_address is not None and context.get_world_rank() == 0:
         # on a cluster, output_dir is on rank 0's own disk: copy it once to the storage every node shares
         where = upload_outputs(cfg.args.output_dir, cfg.ray.ray_storage_path, context.get_experiment_name(),
