@@ -126,7 +126,12 @@ def _config(args, for_training: bool = True) -> "RecipeConfig":
     return parse_config(load_recipe(args.recipe, args.overrides), for_training=for_training)
 
 
+# The driver's helper process (orchestrator/helper.py) is started before the driver's own heavier modules (Ray Data,
+# Ray Train) are imported: the two import side by side, about 2 s of every such command here.
+
+
 def _train(args) -> int:
+    from rayft.orchestrator.helper import driver_helper
     from rayft.recipe.derive import is_prediction
 
     cfg = _config(args)
@@ -135,14 +140,16 @@ def _train(args) -> int:
 
         run_predict(cfg)
         return 0
-    from rayft.orchestrator.launch import run_train
+    with driver_helper("rayft train") as helper:
+        from rayft.orchestrator.launch import run_train
 
-    result = run_train(cfg)
+        result = run_train(cfg, helper)
     _summarise(cfg, result)
     return 0
 
 
 def _plan(args) -> int:
+    from rayft.orchestrator.helper import driver_helper
     from rayft.recipe.derive import is_prediction
 
     cfg = _config(args)
@@ -151,24 +158,34 @@ def _plan(args) -> int:
 
         plan_predict(cfg)
         return 0
-    from rayft.orchestrator.launch import run_plan
+    with driver_helper("rayft plan") as helper:
+        from rayft.orchestrator.launch import run_plan
 
-    run_plan(cfg)
+        run_plan(cfg, helper)
     return 0
 
 
 def _tokenize(args) -> int:
-    from rayft.orchestrator.launch import run_tokenize
+    from rayft.orchestrator.helper import driver_helper
 
-    for split, where in run_tokenize(_config(args)).items():
+    cfg = _config(args)
+    with driver_helper("rayft tokenize") as helper:
+        from rayft.orchestrator.launch import run_tokenize
+
+        kept = run_tokenize(cfg, helper)
+    for split, where in kept.items():
         logger.info(f"{split}: tokenised data kept in {where}")
     return 0
 
 
 def _sweep(args) -> int:
-    from rayft.orchestrator.sweep import run_sweep
+    from rayft.orchestrator.helper import driver_helper
 
-    run_sweep(load_recipe(args.recipe, args.overrides))
+    raw = load_recipe(args.recipe, args.overrides)
+    with driver_helper("rayft sweep") as helper:
+        from rayft.orchestrator.sweep import run_sweep
+
+        run_sweep(raw, helper=helper)
     return 0
 
 

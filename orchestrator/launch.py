@@ -42,7 +42,7 @@ from rayft.data.pipeline import (
 from rayft.data.source import Source
 from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec
-from rayft.orchestrator.helper import Helper
+from rayft.orchestrator.helper import Helper, driver_helper
 from rayft.orchestrator.memory import ModelShape
 from rayft.orchestrator.plan import check_placement, make_plan, startable_now
 from rayft.orchestrator.progress import ProgressBar
@@ -143,12 +143,6 @@ def start_checks(cfg: RecipeConfig, helper: Helper, trains: bool = True) -> Chec
     return Checks(cfg, helper, train_sources, eval_sources, model, tuple(encodings))
 
 
-def driver_helper(needed_for: str) -> Helper:
-    """The driver's helper process for a command (started now, so that it imports while the driver reads)."""
-    return Helper(needed_for, initializer="rayft.trainers.preflight:set_log_level",
-                  initargs=(logger.getEffectiveLevel(),))
-
-
 def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
     """An existing, non-empty output_dir (or a file in its place) is refused unless overwrite_output_dir."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -191,10 +185,11 @@ def show_config(cfg: RecipeConfig, plan: Plan) -> None:
     logger.info("plan:\n" + plan.summary())
 
 
-def run_plan(cfg: RecipeConfig) -> Plan:
+def run_plan(cfg: RecipeConfig, helper: Helper | None = None) -> Plan:
     """`rayft plan`: validates config and data and prints the plan, without training. Ray is started (or joined) only
-    when the data is too large for the driver to count, or the run goes to a cluster (ray_address)."""
-    with driver_helper("rayft plan") as helper:
+    when the data is too large for the driver to count, or the run goes to a cluster (ray_address). `helper`: the
+    command's own, already started (default: one started here)."""
+    with helper or driver_helper("rayft plan") as helper:
         prepared = prepare(cfg, helper)
     if cfg.ray.ray_address is None and prepared.all_small:
         nodes = local_machine()  # the cluster rayft would start: this machine
@@ -213,12 +208,13 @@ def run_plan(cfg: RecipeConfig) -> Plan:
     return plan
 
 
-def run_train(cfg: RecipeConfig):
+def run_train(cfg: RecipeConfig, helper: Helper | None = None):
     """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run.
 
     Ray starts while the helper process still checks the model and the data (a few seconds each on a small machine):
-    a problem it finds stops the run before any worker is started, and Ray with it."""
-    with driver_helper("rayft train") as helper:
+    a problem it finds stops the run before any worker is started, and Ray with it. `helper`: the command's own,
+    already started (default: one started here)."""
+    with helper or driver_helper("rayft train") as helper:
         checks = start_checks(cfg, helper)
         with ray_session(cfg.ray) as nodes:
             prepared = checks.finish()
@@ -236,14 +232,14 @@ class Tokenised:
     train_count: int
 
 
-def run_tokenize(cfg: RecipeConfig) -> dict[str, str]:
+def run_tokenize(cfg: RecipeConfig, helper: Helper | None = None) -> dict[str, str]:
     """`rayft tokenize`: reads, converts and tokenises every split on the cluster into its cache (tokenized_path,
     or the automatic one under ray_storage_path) and stops; a training run of the same inputs then starts from
     it, on a cluster whose CPUs can be spent elsewhere meanwhile. Returns split -> where it is kept."""
     if cfg.data.streaming:
         raise ConfigError([Problem("streaming", "a streamed dataset is tokenised while training, never kept; remove "
                                                 "streaming to tokenise ahead")])
-    with driver_helper("rayft tokenize") as helper:
+    with helper or driver_helper("rayft tokenize") as helper:
         prepared = prepare(cfg, helper, trains=False)
         with ray_session(cfg.ray) as nodes:
             check_cluster(cfg, nodes)

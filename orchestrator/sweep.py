@@ -16,10 +16,10 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 
 from rayft.cluster.session import ray_session
 from rayft.cluster.storage import filesystem
+from rayft.orchestrator.helper import Helper, driver_helper
 from rayft.orchestrator.launch import (
     build_deepspeed_op,
     check_cluster,
-    driver_helper,
     launch,
     plan_run,
     prepare,
@@ -67,8 +67,9 @@ def run_trial(config: dict, trials: list[dict], metric: str) -> None:
     launch(cfg, Plan.from_dict(trial["plan"]), trial["datasets"], sweep_metric=metric)
 
 
-def run_sweep(raw: dict, base_dir: str = "."):
-    """`rayft sweep`: validates every trial, runs them under Ray Tune, and writes the results.
+def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
+    """`rayft sweep`: validates every trial, runs them under Ray Tune, and writes the results (`helper`: the
+    command's own helper process, already started; default: one started here).
 
     Returns the rows of the results table.
     """
@@ -77,7 +78,7 @@ def run_sweep(raw: dict, base_dir: str = "."):
     trials, configs = sweep.trials, sweep.configs
     resuming = _check_output_dir(output_dir, trials, run_name)
 
-    with driver_helper("rayft sweep") as helper, ray_session(base_cfg.ray) as nodes:
+    with helper or driver_helper("rayft sweep") as helper, ray_session(base_cfg.ray) as nodes:
         # Data, modules and resources of every trial are checked before any trial starts, and each distinct
         # data setting is tokenised once here: the trials share the materialised datasets.
         plans, datasets, tokenised = [], [], {}

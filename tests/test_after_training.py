@@ -9,7 +9,7 @@ from rayft.orchestrator.predict import run_predict
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow  # the demo run it reads is a Ray Train run
 PREDICT_RECIPE = ROOT / "configs" / "predict_lora.yaml"
 
 

@@ -58,10 +58,11 @@ def test_plan_checks_in_the_helper_and_status_logs_submit_answer_without_torch(t
 
 
 def test_without_the_training_stack_plan_refuses_in_one_line(tmp_path, tiny_model):
-    """Every process of this environment (the helper too) is denied torch: the plan names rayft[train]."""
+    """Every process of this environment (the helper too) is denied torch and Transformers, as where only the client
+    is installed: the plan names rayft[train]."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = sys.modules['transformers'] = None\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
     done = client("plan", str(DEMO_RECIPE), f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
                   env=env)

@@ -190,7 +190,7 @@ def assert_reward_rises(records: list[dict]) -> None:
     assert mean(rewards[-4:]) >= mean(rewards[:4]) + REWARD_MARGIN, rewards
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_path, tiny_model, reward_run):
     rm_dir, _ = reward_run
     out, records = ppo_run(tmp_path, tiny_model, f"reward_model={rm_dir}", "ray_run_name=ppo-lora")
@@ -221,7 +221,7 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
     assert records[16]["kl_coef"] == pytest.approx(records[15]["kl_coef"], rel=0.05)  # not the initial 0.2 again
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, reward_run):
     # A full reward model (base + the rm run's adapter merged); the same model inside the workers scores alike
     # (test_lora_full_and_actor_rewards_and_references_agree), so one run trains with it, in its actor group.

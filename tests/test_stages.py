@@ -31,7 +31,7 @@ def lora_parameters(rank: int = 8) -> int:
     return 4 * rank * (512 + 384 + 384 + 512 + 938 + 938 + 938)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
     out, log = reward_run
     assert results(out)["eval_accuracy"] >= 0.8  # on the training pairs; chance is 0.5
@@ -58,7 +58,7 @@ def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
     assert scores[0] > scores[1]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local, rayft_log):
     lines = rayft_log
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
@@ -76,7 +76,7 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
     assert any("eval_rewards/accuracies" in r for r in read_log(out))
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 # sigmoid trains in test_dpo_with_lora_two_workers...; hinge and kto_pair share ipo's path to the reference
 # (summed instead of averaged log-probabilities, as sigmoid's run shows) and orpo simpo's length-normalised one;
 # every formula is held to TRL's and LLaMA-Factory's values in test_losses.py
@@ -96,7 +96,7 @@ def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local,
         assert log[0]["rewards/margins"] == pytest.approx(0, abs=0.05)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3",
                             "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo)
@@ -108,7 +108,7 @@ def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     assert all(r["kl"] >= 0 for r in log)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_dpo_with_full_fine_tuning_uses_a_frozen_reference_copy_under_zero3(tmp_path, tiny_model, ray_local):
     # (freeze shares this path: reference_kind is "copy" for both; test_sft_with_freeze trains freeze)
     # ZeRO-3 from LLaMA-Factory's JSON config, "auto" values and all
@@ -129,7 +129,7 @@ def test_dpo_with_full_fine_tuning_uses_a_frozen_reference_copy_under_zero3(tmp_
     assert changed == {"0", "1", "2", "3"}
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_sft_with_freeze(tmp_path, tiny_model, ray_local):
     # (full fine-tuning trains in the dpo run above, under ZeRO-3, with its whole model saved and checked)
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "finetuning_type=freeze",

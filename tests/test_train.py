@@ -51,7 +51,7 @@ def test_an_occupied_output_dir_is_refused_and_left_alone(tmp_path, tiny_model):
     assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors"]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
     out, result, log, driver_lines = demo_run
 
@@ -92,7 +92,7 @@ def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
     assert "***" in (out / "training_args.yaml").read_text()
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_neat_packing_of_a_streamed_dataset_trains(tmp_path, tiny_model, ray_local):
     # one worker, no DeepSpeed (a stream's equal shares between workers: test_pipeline.py); LoRA under ZeRO-3
     # in the pre-training test below
@@ -103,13 +103,13 @@ def test_neat_packing_of_a_streamed_dataset_trains(tmp_path, tiny_model, ray_loc
     assert (logits(tiny_model) - logits(tiny_model, out)).abs().max() > 1e-3
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, ray_local):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayft.data.examples import Rows
-    from rayft.data.pipeline import EncodingSettings, encode_batch, tokenize
+    from rayft.data.pipeline import EncodingSettings, encode_batch, encode_tables, tokenize
 
     def collect_shards(loop_config):  # local, so Ray ships it by value to the workers
         import ray.train
@@ -127,7 +127,7 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
 
     settings = EncodingSettings("chatml", 64)
     datasets = {name: tokenize(Rows.of(examples(count)), TokenizerSpec(str(tiny_model)), settings, encode_batch,
-                               batch_size=8) for name, count in (("even", 40), ("odd", 41))}
+                               batch_size=8, here=encode_tables) for name, count in (("even", 40), ("odd", 41))}
     TorchTrainer(
         collect_shards, train_loop_config={"dir": str(tmp_path)}, datasets=datasets,
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
@@ -182,7 +182,7 @@ def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_local):
     out, result, log = train(tmp_path, tiny_model, "val_size=32", "eval_strategy=steps", "eval_steps=7",
                              "num_train_epochs=2", "logging_steps=7", "compute_accuracy=true",
@@ -208,7 +208,7 @@ def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_lo
     assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 28
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_pretraining_stage_learns_packed_text_with_lora_under_zero3(tmp_path, tiny_model, ray_local, rayft_log):
     cfg = parse_config(load_recipe(ROOT / "configs" / "demo_pt_lora.yaml", [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}",
