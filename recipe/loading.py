@@ -14,6 +14,47 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rayft.recipe.problems import ConfigError, Problem
 
+# The most values a recipe may hold once YAML's aliases are expanded: far beyond any recipe, far below what a few
+# nested aliases (a "billion laughs" of a few hundred bytes) expand to.
+MAX_RECIPE_NODES = 100_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the last silently) and a
+    document whose aliases expand beyond MAX_RECIPE_NODES values."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError([Problem(str(key), f"given twice in one mapping (lines {seen[key] + 1} and "
+                                                     f"{key_node.start_mark.line + 1}); keep one")])
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_RECIPE_NODES:
+            raise ConfigError([Problem("recipe", f"its aliases expand to more than {MAX_RECIPE_NODES:,} values; write "
+                                                 "the recipe out without nested aliases")])
+        return node
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` stands for once every alias is expanded (an alias is the same node object again)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias counts once while it is being measured
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
     """Reads the YAML recipe and merges `key=value` overrides over it (command line last)."""
@@ -23,7 +64,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
         if not path.is_file():
             raise ConfigError([Problem("recipe", f"file {str(path)!r} does not exist")])
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
         except UnicodeDecodeError as err:
             raise ConfigError([Problem("recipe", f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it "
                                                  "as UTF-8 YAML")]) from None
@@ -35,6 +76,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
             raise ConfigError([Problem("recipe", f"{path} must be a mapping of key: value pairs, not a "
                                                  f"{type(loaded).__name__}")])
         base = OmegaConf.create(loaded)
+    undecodable = [o for o in overrides if not _is_text(o)]
+    if undecodable:
+        raise ConfigError([Problem("overrides", f"{o.encode('utf-8', 'replace').decode()!r} holds bytes that are not "
+                                                "UTF-8 text; type it again in a UTF-8 terminal") for o in undecodable])
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError([Problem("overrides", f"{o!r} is not of the form key=value") for o in bad])
@@ -43,6 +88,15 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
         return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError([Problem("overrides", f"could not merge them: {_one_line(err)}")]) from None
+
+
+def _is_text(value: str) -> bool:
+    """Whether a command-line string is text (a byte that is not UTF-8 reaches Python as a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def type_matches(value: Any, tp: Any) -> bool:

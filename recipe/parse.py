@@ -4,6 +4,7 @@ Every problem is collected into one `ConfigError`; nothing here touches Ray or t
 """
 
 import difflib
+import math
 import os
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def parse_config(raw: dict, base_dir: str | os.PathLike = ".", for_training: boo
                 hint = f" (YAML reads no / off / yes / on as booleans: quote the word, e.g. {key}: \"no\")"
             problems.append(Problem(key, f"{value!r} is {_article(type(value).__name__)}, expected "
                                          f"{describe_type(expected)}{hint}"))
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(key, f"{value} is not a finite number; give a number"))
             continue
         by_section[section][key] = value
 

@@ -324,6 +324,49 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     problems += _ppo_problems(cfg)
     problems += grpo_problems(cfg)
     problems += serving_problems(cfg)
+    problems += size_problems(cfg)
+    problems += storage_problems(cfg, base_dir)
+    return problems
+
+
+# The largest value of each number that sizes memory, time or processes: far beyond any real run, small enough that
+# a typo (an extra digit or three) is refused here instead of reserving a cluster or allocating terabytes.
+UPPER_BOUNDS: dict[str, int] = {
+    "lora_rank": 65_536, "oft_rank": 65_536, "cutoff_len": 16_777_216, "per_device_train_batch_size": 65_536,
+    "per_device_eval_batch_size": 65_536, "gradient_accumulation_steps": 65_536, "max_steps": 1_000_000_000,
+    "num_train_epochs": 1_000_000, "num_generations": 65_536, "max_new_tokens": 16_777_216,
+    "preprocessing_batch_size": 16_777_216, "ray_num_workers": 100_000,
+}
+
+
+def size_problems(cfg: RecipeConfig) -> list[Problem]:
+    """Numbers that size the run: at most UPPER_BOUNDS, and an epoch count that trains at all."""
+    problems, flat = [], cfg.to_dict(mask_secrets=False)
+    for key, bound in UPPER_BOUNDS.items():
+        value = flat[key] if key in flat else getattr(cfg.args, key)
+        if key == "ray_num_workers":  # a count or a range: its largest end
+            value = (worker_range(value) or (0, 0))[1]
+        if isinstance(value, (int, float)) and value > bound:
+            problems.append(Problem(key, f"{value} is beyond what rayft runs (at most {bound:,}); check for a typo"))
+    t = cfg.args
+    if t.max_steps <= 0 and t.num_train_epochs <= 0 and t.do_train is not False:
+        problems.append(Problem("num_train_epochs", f"{t.num_train_epochs} trains nothing; set a positive number of "
+                                                    "epochs, or max_steps"))
+    return problems
+
+
+def storage_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
+    """ray_run_name is a plain name inside ray_storage_path, and a local ray_storage_path is a folder (or nothing
+    yet), never a file."""
+    r, problems = cfg.ray, []
+    name = r.ray_run_name
+    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")
+                             or name.startswith("~")):
+        problems.append(Problem("ray_run_name", f"{name!r} is not a plain name; the run's checkpoints live in a folder "
+                                                "of that name inside ray_storage_path (use letters, digits, - _ .)"))
+    storage = r.ray_storage_path
+    if "://" not in storage and under(base_dir, storage).expanduser().is_file():
+        problems.append(Problem("ray_storage_path", f"{storage} is a file; give a folder (or an s3:// / gs:// URI)"))
     return problems
 
 

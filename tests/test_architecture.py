@@ -62,7 +62,10 @@ CASES = ("missing recipe", "a folder as recipe", "not UTF-8", "not YAML", "not a
          "wrong LoRA module", "too many workers", "missing DeepSpeed file", "occupied output_dir",
          "unknown template", "multimodal template", "template without the tokenizer's tokens",
          "tool data on a template without its tool format", "QLoRA under ZeRO-3",
-         "Transformers' own check of the training keys")
+         "Transformers' own check of the training keys", "a key given twice", "a NaN learning rate",
+         "an infinite learning rate", "a LoRA rank of 1e11", "a batch of 1e12", "zero epochs",
+         "a storage path that is a file", "a run name that is a path", "a run name from the environment",
+         "an override that is not UTF-8", "a YAML alias bomb")
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -81,6 +84,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         {"from": "human", "value": "2+3?"}, {"from": "function_call", "value": call},
         {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"}]}] * 4))
     (tmp_path / "data" / "broken.json").write_text("[{\"instruction\": \"q\", \"output\": ")
+    (tmp_path / "twice.yaml").write_text(DEMO_RECIPE.read_text() + "\nlora_rank: 16\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcde", "bcdef"))
+    (tmp_path / "bomb.yaml").write_text(bomb + "stage: sft\n")
+    (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "occupied").mkdir(exist_ok=True)
     (tmp_path / "occupied" / "model.safetensors").write_bytes(b"precious")
     demo, out = str(DEMO_RECIPE), f"output_dir={tmp_path / 'out'}"
@@ -111,6 +119,20 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "QLoRA under ZeRO-3": ([demo, "quantization_bit=4", "deepspeed=z3", out], "ZeRO-3 partitions weights"),
         "Transformers' own check of the training keys": (
             [demo, "load_best_model_at_end=true", "save_strategy=steps", out], "training arguments: "),
+        "a key given twice": ([str(tmp_path / "twice.yaml"), out], "lora_rank: given twice in one mapping"),
+        "a NaN learning rate": ([demo, "learning_rate=.nan", out], "learning_rate: nan is not a finite number"),
+        "an infinite learning rate": ([demo, "learning_rate=.inf", out], "learning_rate: inf is not a finite number"),
+        "a LoRA rank of 1e11": ([demo, "lora_rank=100000000000", out], "lora_rank: 100000000000 is beyond"),
+        "a batch of 1e12": ([demo, "per_device_train_batch_size=1000000000000", out],
+                            "per_device_train_batch_size: 1000000000000 is beyond"),
+        "zero epochs": ([demo, "num_train_epochs=0", out], "num_train_epochs: 0 trains nothing"),
+        "a storage path that is a file": ([demo, f"ray_storage_path={tmp_path / 'a-file'}", out],
+                                          "ray_storage_path: " + str(tmp_path / "a-file") + " is a file"),
+        "a run name that is a path": ([demo, "ray_run_name=/tmp/elsewhere", out], "ray_run_name: '/tmp/elsewhere' is "
+                                                                                  "not a plain name"),
+        "a run name from the environment": ([demo, "ray_run_name=${oc.env:HOME}", out], "is not a plain name"),
+        "an override that is not UTF-8": ([demo, "template=caf\udce9", out], "holds bytes that are not UTF-8 text"),
+        "a YAML alias bomb": ([str(tmp_path / "bomb.yaml"), out], "its aliases expand to more than 100,000 values"),
     }
 
 
