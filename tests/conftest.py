@@ -11,6 +11,7 @@ Every test carries one of them (its own, or its module's).
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -123,9 +124,19 @@ def ray_local(s3):
     workers reach the session's S3 server, as a cluster's nodes reach their object store, through the environment."""
     import ray
 
-    # no task of the suite may reach a model hub: tokenizers load from folders or a prepared hub cache
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **s3[0]}})
+    # The instance's processes inherit this environment at start (every job's workers see it, as on a cluster's
+    # nodes); this process gets its own back. No task of the suite may reach a model hub.
+    node_env = {"HF_HUB_OFFLINE": "1", **s3[0]}
+    before = {key: os.environ.get(key) for key in node_env}
+    os.environ.update(node_env)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     yield ray
     ray.shutdown()
 

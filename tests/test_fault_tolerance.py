@@ -25,14 +25,19 @@ pytestmark = pytest.mark.slow
 STEPS = ("max_steps=40", "save_strategy=steps", "save_steps=10", "logging_steps=5", "deepspeed=z2")
 
 
-def wait_for_checkpoint(storage: str, run_name: str, timeout: float = 300, newer_than: str | None = None) -> str:
+def wait_for_checkpoint(storage: str, run_name: str, driver: subprocess.Popen, log: Path, timeout: float = 300,
+                        newer_than: str | None = None) -> str:
+    """The run's latest checkpoint once there is one (newer than `newer_than`); fails at once if the driver ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = latest_checkpoint(storage, run_name)
         if found and found != newer_than:
             return found
+        if driver.poll() is not None:
+            raise AssertionError(f"the driver ended ({driver.returncode}) before a checkpoint:\n"
+                                 + log.read_text()[-3000:])
         time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint of {run_name} in {storage} after {timeout} s")
+    raise TimeoutError(f"no checkpoint of {run_name} in {storage} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def train_workers_of_this_session() -> list[int]:
@@ -80,12 +85,12 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_the_latest_ch
     with log.open("w") as sink:
         driver = subprocess.Popen(command, cwd=ROOT, env=run_env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        first = wait_for_checkpoint(storage, "faults")
+        first = wait_for_checkpoint(storage, "faults", driver, log)
         workers = train_workers_of_this_session()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
         # the restarted workers go on from `first` and report a later checkpoint before the driver is killed
-        second = wait_for_checkpoint(storage, "faults", newer_than=first)
+        second = wait_for_checkpoint(storage, "faults", driver, log, newer_than=first)
     finally:
         driver.kill()  # SIGKILL: no clean-up; Ray ends the dead driver's actors and placement group
         driver.wait()
