@@ -8,6 +8,7 @@ driver before Ray starts, so a wrong column mapping or an empty file fails in se
 
 import hashlib
 import json
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -79,8 +80,12 @@ def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None
     each example keeps its row's other columns (those the converter does not read) under `columns`."""
     if attr.hf_hub_url:
         return Source(attr, as_text, token=token, keep_columns=keep_columns)
+    inside = posixpath.normpath(attr.file_name.replace("\\", "/"))
+    if inside.startswith(("/", "../")) or inside == ".." or "://" in attr.file_name:
+        raise DataError(f"dataset {attr.name!r}: file_name {attr.file_name!r} points outside dataset_dir; a dataset's "
+                        "files are read from inside dataset_dir only (move or link them there)")
     fs, root = resolve(dataset_dir)
-    path = f"{root.rstrip('/')}/{attr.file_name}"
+    path = f"{root.rstrip('/')}/{inside}"
     info = fs.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise DataError(f"dataset {attr.name!r}: file {path} does not exist")
@@ -141,7 +146,13 @@ def _lines(fs, path: str, as_json: bool, limit: int | None) -> Iterator[tuple[in
     count = 0
     with fs.open_input_stream(path) as stream:
         buffered = _line_reader(stream)
-        for lineno, line in enumerate(buffered, start=1):
+        for lineno, raw in enumerate(buffered, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:  # one bad line is one bad row, not a failed read
+                yield lineno, RowError(f"not UTF-8 text (byte {err.start}: {err.reason})")
+                count += 1
+                continue
             if not line.strip():
                 continue
             if not as_json:
@@ -156,7 +167,7 @@ def _lines(fs, path: str, as_json: bool, limit: int | None) -> Iterator[tuple[in
                 return
 
 
-def _line_reader(stream, chunk: int = 2**22) -> Iterator[str]:
+def _line_reader(stream, chunk: int = 2**22) -> Iterator[bytes]:
     pending = b""
     while True:
         data = stream.read(chunk)
@@ -164,19 +175,20 @@ def _line_reader(stream, chunk: int = 2**22) -> Iterator[str]:
             break
         lines = (pending + data).split(b"\n")
         pending = lines.pop()
-        for line in lines:
-            yield line.decode("utf-8")
+        yield from lines
     if pending:
-        yield pending.decode("utf-8")
+        yield pending
 
 
 def _json_array(fs, path: str, name: str, limit: int | None) -> Iterator[object]:
     """The items of a file holding one JSON array. Whole, unless `limit` asks for the first items only."""
     with fs.open_input_stream(path) as stream:
         if limit is None:
-            data = stream.read().decode("utf-8")
             try:
-                rows = json.loads(data)
+                rows = json.loads(stream.read().decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise DataError(f"dataset {name!r}: {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it "
+                                "as UTF-8") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"dataset {name!r}: {path} is not valid JSON (line {err.lineno}, "
                                 f"column {err.colno}: {err.msg})") from None
@@ -257,7 +269,13 @@ def converted(source: Source, positioned: list[tuple[int, int, object]]) -> dict
             example = converter(raw, source.attr)
             if source.keep_columns:
                 example["columns"] = {k: v for k, v in raw.items() if k not in mapped}
-            out["example"].append(json.dumps(example, ensure_ascii=False, default=str))
+            encoded = json.dumps(example, ensure_ascii=False, default=str)
+            try:
+                encoded.encode("utf-8")
+            except UnicodeEncodeError as err:  # valid JSON may still hold a lone surrogate ("\ud800")
+                bad = err.object[err.start:err.end]
+                raise RowError(f"holds {bad!r}, which is not text (a lone surrogate)") from None
+            out["example"].append(encoded)
             out["error"].append("")
             out["tools"].append(bool(example.get("tools")) or has_tool_turns(example))
         except RowError as err:
@@ -327,10 +345,16 @@ def _plain(value):
 def head(source: Source, rows: int) -> list[dict]:
     """The first `rows` rows of the dataset's first file converted, read on the driver (bad rows left out):
     the sample every check before Ray works on."""
+    return head_and_bad_rows(source, rows)[0]
+
+
+def head_and_bad_rows(source: Source, rows: int) -> tuple[list[dict], list[str]]:
+    """`head`, and where and why each bad row among those first rows is bad ("line 3: not valid JSON (...)")."""
     if not source.paths:
         loaded = hub_dataset(source)
         raws = [(0, i, loaded[i]) for i in range(min(rows, len(loaded)))]
     else:
         raws = [(0, position, raw) for position, raw in file_rows(source, 0, limit=rows)]
     batch = converted(source, raws)
-    return [json.loads(e) for e in batch["example"] if e]
+    bad = [f"{source.describe(0, int(row))}: {error}" for row, error in zip(batch["row"], batch["error"]) if error]
+    return [json.loads(e) for e in batch["example"] if e], bad

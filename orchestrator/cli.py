@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,11 +141,12 @@ def _train(args) -> int:
 
         run_predict(cfg)
         return 0
+    started = time.time()
     with driver_helper("rayft train") as helper:
         from rayft.orchestrator.launch import run_train
 
         result = run_train(cfg, helper)
-    _summarise(cfg, result)
+    _summarise(cfg, result, started)
     return 0
 
 
@@ -272,7 +274,7 @@ def _one_report(err: Exception) -> str:
     return str(err)
 
 
-def _summarise(cfg: "RecipeConfig", result) -> None:
+def _summarise(cfg: "RecipeConfig", result, started: float) -> None:
     output_dir = Path(cfg.args.output_dir)
     results_file = output_dir / "all_results.json"
     metrics = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -283,8 +285,11 @@ def _summarise(cfg: "RecipeConfig", result) -> None:
         logger.info(f"elastic: {metrics['resizes']} resize(s), group sizes {metrics['world_sizes']}, ended with "
                     f"{metrics['world_size']} worker(s); each resize is a trainer_log.jsonl record with "
                     "previous_world_size")
-    files = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in sorted(output_dir.iterdir()))
-    logger.info(f"outputs in {output_dir}: {files}")
+    entries = sorted(output_dir.iterdir())
+    written = [p for p in entries if p.stat().st_mtime >= started - 1]  # an earlier run's, with overwrite_output_dir
+    files = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in written)
+    left = f" ({len(entries) - len(written)} entries from before left there)" if len(written) < len(entries) else ""
+    logger.info(f"outputs in {output_dir}: {files}{left}")
     if result.path:  # none for a run in the driver's own process (Ray Train's local mode)
         logger.info(f"Ray results in {result.path}")
 

@@ -15,9 +15,9 @@ from rayft.data.pipeline import (
     check_encoding,
     columns_of,
     locate_datasets,
-    sample_examples,
     stage_encoder,
 )
+from rayft.data.source import head_and_bad_rows
 from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
@@ -39,7 +39,13 @@ def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
     for split, names in (("train", d.dataset), ("eval", d.eval_dataset)):
         if not names:
             continue
-        datasets = sample_examples(locate_datasets(names, d.dataset_dir, **locate), count)
+        datasets = []
+        for name, source in zip(comma_list(names), locate_datasets(names, d.dataset_dir, **locate)):
+            examples, bad = head_and_bad_rows(source, count)
+            if bad:  # left out, as a run leaves them out: said, never silently
+                logger.info(f"dataset {name!r}: {len(bad)} of its first {count} rows are malformed and left out "
+                            f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''})")
+            datasets.append(examples)
         check_encoding(names, datasets, spec, settings, encoder)
         for name, examples in zip(comma_list(names), datasets):
             rows += [{"split": split, "dataset": name, "index": i, **row}

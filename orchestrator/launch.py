@@ -119,6 +119,12 @@ def start_checks(cfg: RecipeConfig, helper: Helper, trains: bool = True) -> Chec
                         "(choose another ray_run_name for a fresh run)")
         # a resumed run finds its own earlier outputs there
         refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
+        earlier = sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()) if (
+            output_dir.is_dir() and not resume_from) else []
+        if earlier:
+            shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            logger.warning(f"output_dir {output_dir} holds {len(earlier)} entries from before ({shown}); "
+                           "overwrite_output_dir: true writes this run's files over them and leaves the others there")
     problems = reward_model_problems(cfg)
     template_refusal = template_problem(cfg.data.template, cfg.data.tool_format)
     if template_refusal:

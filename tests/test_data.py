@@ -653,3 +653,26 @@ def test_the_recipe_checks_know_the_tool_formats_data_builds():
     from rayft.recipe.values import TOOL_FORMAT_NAMES
 
     assert tuple(TOOL_FORMATS) == TOOL_FORMAT_NAMES  # recipe/ imports nothing of data/, so the names are kept twice
+
+
+def test_a_line_that_is_not_utf8_or_holds_a_lone_surrogate_is_one_bad_row(tmp_path, rayft_log):
+    good = json.dumps({"instruction": "q", "output": "a"})
+    lines = [good.encode(), b'{"instruction": "caf\xe9", "output": "a"}', b'{"instruction": "\\ud800", "output": "a"}',
+             good.encode()]
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mixed": {"file_name": "mixed.jsonl"}}))
+    assert len(load_examples("mixed", str(tmp_path), None, max_bad_ratio=0.5)) == 2
+    logged = "\n".join(rayft_log)
+    assert "mixed.jsonl line 2: not UTF-8 text (byte 20: invalid continuation byte)" in logged
+    assert "mixed.jsonl line 3: holds '\\ud800', which is not text (a lone surrogate)" in logged
+    with pytest.raises(DataError, match=r"2 of 4 rows .* more than max_bad_row_ratio=0.25"):
+        load_examples("mixed", str(tmp_path), None, max_bad_ratio=0.25)
+
+
+def test_a_file_name_outside_dataset_dir_is_refused(tmp_path):
+    (tmp_path / "private.txt").write_text("secret\n")
+    (tmp_path / "data").mkdir()
+    for outside in ("../private.txt", str(tmp_path / "private.txt"), "sub/../../private.txt"):
+        (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"x": {"file_name": outside}}))
+        with pytest.raises(DataError, match="points outside dataset_dir"):
+            load_examples("x", str(tmp_path / "data"), None)
