@@ -2,15 +2,15 @@
 
     python tests/elastic_run.py OUT_DIR MODEL_DIR
 
-Two runs of `ray_num_workers: [1, 2]`, each losing a node and getting it back while it trains:
+Two runs of `ray_num_workers: [1, 2]`:
 - `lora_z2`: after the first periodic checkpoint the second node is removed; the run goes on with one worker from
   that checkpoint; once the one-worker group has started, its worker is held (SIGSTOP) and a node is added: Ray Train
   sees the node at its coordinator's next tick (up to 20 s later), replaces the held group by one of two, and the
   run can never end before it grows, however fast the machine trains.
 - `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
-  checkpoint at that step and restarts from it; the node is then removed, and the run shrinks and grows as above
-  (the group of one is held as soon as it has started: with no checkpoint of its own, what it trains is trained
-  again by the group of two).
+  checkpoint at that step, restarts from it at the same size and finishes. It does not resize: a resize of full +
+  ZeRO-3 is the same Ray Train path as lora_z2's, and the ZeRO-3 conversion across sizes is tests/zero_resize.py's
+  (each resize here costs about a minute of the suite's budget).
 
 Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
 {"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., "shrink_s": ..., "grow_s": ...},
@@ -40,11 +40,11 @@ from rayft.recipe.problems import ConfigError
 from rayft.recipe.values import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=1", "ray_max_failures=4", "max_steps=40",
+COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=1", "ray_max_failures=4",
           "logging_steps=5", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "cutoff_len=128"]
 RUNS = {
-    "lora_z2": ["deepspeed=z2", "save_strategy=steps", "save_steps=10", "placement_strategy=STRICT_SPREAD"],
-    "full_z3": ["deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
+    "lora_z2": ["max_steps=40", "deepspeed=z2", "save_strategy=steps", "save_steps=10", "placement_strategy=STRICT_SPREAD"],
+    "full_z3": ["max_steps=20", "deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
                 "save_steps=1000"],
 }
 
@@ -119,14 +119,17 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         # the group restarts from it (the node is still there); a node that vanished at once would instead leave
         # Ray Train waiting for the lost worker's status until Ray declares the node dead (over a minute here)
         wait_for("the restart", lambda: any(r.get("resumed_from_step") == step for r in read_log(out / "out")))
-    else:
-        wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
+        thread.join(timeout=600)
+        result["status"] = "failed" if failure or thread.is_alive() else "ok"
+        result["error"] = failure[0] if failure else None
+        return result, second
+    wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
     result["removed_at"] = time.time()
     cluster.remove_node(second)
     resumed = wait_for("the group of one", lambda: resumed_at(out / "out", 1))
-    if name == "lora_z2":  # its next checkpoint keeps the steps it logs (a resize restarts from the latest one)
-        wait_for("the group of one's checkpoint", lambda: (checkpoint_step(storage, name) or 0) > resumed
-                 or not thread.is_alive())
+    # its next checkpoint keeps the steps it logs (a resize restarts from the latest one)
+    wait_for("the group of one's checkpoint", lambda: (checkpoint_step(storage, name) or 0) > resumed
+             or not thread.is_alive())
     # Held until the group grows: the lone worker cannot finish the run before Ray Train sees the returned node
     (held,) = wait_for("the lone worker", lambda: [pid for node in cluster.list_all_nodes()
                                                    for pid in workers_on(node.node_id)])

@@ -162,9 +162,9 @@ def elastic_runs(tmp_path_factory, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run, max_steps", [("lora_z2", 40), ("full_z3", 40)])
-def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs, run, max_steps):
+def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs):
     out, results = elastic_runs
+    run, max_steps = "lora_z2", 40
     assert results[run]["status"] == "ok", results[run]["error"]
     records = read_log(out / run / "out")
     resizes = [(r["previous_world_size"], r["world_size"]) for r in records if "previous_world_size" in r]
@@ -174,9 +174,8 @@ def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs
     assert {r["global_batch_size"] for r in records if "global_batch_size" in r} == {8}  # at every size
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(5, max_steps + 1, 5))  # every logging step once
-    # the group of one logs steps that a checkpoint of its own keeps (lora_z2 saves every 10 steps; full_z3 only on
-    # SIGTERM, so what its group of one trains is trained again, and logged, by the group of two)
-    assert {1, 2} <= {r["world_size"] for r in logged} or run == "full_z3"
+    # the group of one logs steps that a checkpoint of its own keeps (it saves every 10 steps)
+    assert {1, 2} <= {r["world_size"] for r in logged}
     first = logged[0]["loss"]
     assert all(r["loss"] < first for r in logged[1:]), logged  # continues: never back to the initial loss
     state = json.loads((out / run / "out" / "trainer_state.json").read_text())
@@ -209,10 +208,15 @@ def test_an_unsatisfiable_request_is_refused_with_the_clusters_nodes(elastic_run
 @pytest.mark.slow
 def test_sigterm_to_a_worker_saves_a_checkpoint_at_that_step_before_the_group_restarts(elastic_runs):
     out, results = elastic_runs
+    assert results["full_z3"]["status"] == "ok", results["full_z3"]["error"]
     step = results["full_z3"]["sigterm_checkpoint_step"]  # save_steps=1000: the only checkpoint is SIGTERM's
-    assert step is not None and 5 <= step < 40
-    resumed = [r["resumed_from_step"] for r in read_log(out / "full_z3" / "out") if "resumed_from_step" in r]
-    assert resumed[0] == step
+    assert step is not None and 5 <= step < 20
+    records = read_log(out / "full_z3" / "out")
+    assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [step]  # once, from it
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]  # every logging step once, as an uninterrupted run
+    assert all(r["loss"] < logged[0]["loss"] for r in logged[1:]), logged
+    assert json.loads((out / "full_z3" / "out" / "trainer_state.json").read_text())["global_step"] == 20
 
 
 @pytest.mark.integration  # no Ray, but three process groups of DeepSpeed in turn: about a minute
