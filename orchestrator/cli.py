@@ -220,6 +220,8 @@ def _serve(args) -> int:
 
     raw = load_recipe(args.recipe, args.overrides)
     cfg = parse_config(api_environment(raw, os.environ), for_training=False)
+    # read once: a local Ray instance started below would hand it to every process (the replicas get its digest)
+    os.environ.pop("API_KEY", None)
     if os.environ.get("FASTAPI_ROOT_PATH"):
         logger.info("FASTAPI_ROOT_PATH is set: in LLaMA-Factory it only moves the /docs page, which rayft does not "
                     f"serve; the API answers at {cfg.serving.serve_route_prefix.rstrip('/')}/v1 (serve_route_prefix)")

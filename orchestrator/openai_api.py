@@ -95,9 +95,36 @@ def parse_body(body: bytes, limits: Limits) -> dict:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({getattr(err, 'msg', err)})") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _check_text(parsed)
     return parsed
+
+
+MAX_DEPTH = 32  # a request's deepest real nesting is a tool's JSON schema: a few levels
+
+
+def _check_text(body: dict) -> None:
+    """400 for nesting beyond MAX_DEPTH or a string that is not text (a lone surrogate such as "\\ud800", which
+    JSON allows and no tokenizer encodes); walks without recursion."""
+    pending = [(body, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as err:
+                        raise ApiError(400, f"the request body holds {text[err.start]!r}, which is not text "
+                                            "(a lone surrogate)") from None
+            if isinstance(item, (dict, list)):
+                pending.append((item, depth + 1))
 
 
 def chat_request(body: dict, defaults: Sampling, limits: Limits) -> GenerationRequest:

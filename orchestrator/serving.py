@@ -272,7 +272,12 @@ class ModelServer:
     """One replica: the API routes over an `Engine`."""
 
     def __init__(self, spec: ServeSpec):
-        logging.getLogger("rayft").setLevel(logging.INFO)
+        rayft_logger = logging.getLogger("rayft")
+        rayft_logger.setLevel(logging.INFO)
+        if not rayft_logger.handlers:  # a replica's own process: its stderr is the replica's log (and, with
+            handler = logging.StreamHandler()  # serve_verbose, the console of rayft serve)
+            handler.setFormatter(logging.Formatter("[rayft] %(message)s"))
+            rayft_logger.addHandler(handler)
         self.spec = spec
         self.engine = Engine(spec)
         self._batched.set_max_batch_size(spec.max_batch_size)
@@ -318,6 +323,9 @@ class ModelServer:
             ids = self.engine.prompt_ids(request)
         except ApiError as err:
             return _error(err)
+        except Exception as err:  # a body the checks above let through and the template or tokenizer cannot take
+            logger.warning(f"{http.url.path}: a request that could not be read: {err!r}")
+            return _error(ApiError(400, f"the request could not be read ({type(err).__name__}: {err})"))
         if self.spec.verbose:
             logger.info(f"{http.url.path}: model {request.model}, {len(ids)} prompt tokens, "
                         f"{request.sampling.max_new_tokens} most new, stream {request.stream}")

@@ -1,9 +1,11 @@
 """`rayft serve`: the protocol's rules without a model, then one real server (the CLI, its own local Ray, Ray Serve)
 with the demo model and two adapters, talked to with the official `openai` client and raw HTTP."""
 
+import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,7 +192,7 @@ def server(tiny_model, tmp_path_factory):
     port = free_port()
     recipe = load_recipe(SERVE_RECIPE, [f"model_name_or_path={tiny_model}", f"serve_port={port}", "do_sample=false",
                                         "max_new_tokens=12", "serve_max_prompt_tokens=64", "serve_max_body_bytes=8192",
-                                        "serve_route_prefix=/tiny"])
+                                        "serve_route_prefix=/tiny", "serve_verbose=true"])
     recipe["serve_adapters"] = {"first": str(first), "second": str(second)}  # in place of the demo's adapter
     (tmp / "serve.yaml").write_text(json.dumps(recipe))
     log = open(tmp / "serve.log", "w+")
@@ -302,6 +304,21 @@ def test_refusals_keys_names_bodies_and_lengths(server):
         api.chat.completions.create(model="first", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         api.chat.completions.create(model="first", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    for body in (b'{"model": "first", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                 b'{"model": "first", "messages": ' + b"[" * 3000 + b"]" * 3000 + b"}"):
+        refused = httpx.post(url, content=body, headers=headers)  # a lone surrogate; nesting beyond the parser's
+        assert refused.status_code == 400, refused.text
+        assert re.search("not text|nests deeper than 32", refused.json()["error"]["message"]), refused.text
     server["log"].flush()
     server["log"].seek(0)
-    assert KEY not in server["log"].read()
+    said = server["log"].read()
+    assert KEY not in said
+    assert "v1/chat/completions: model first" in said  # serve_verbose: the replicas' request lines
+    # API_KEY is read by the command and taken out of its environment before Ray starts: no process sees it
+    import psutil
+
+    processes = psutil.Process(server["process"].pid).children(recursive=True)
+    assert len(processes) > 3  # Ray's gcs, raylet, the controller, the proxy and the replicas
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            assert KEY not in process.environ().values(), process.cmdline()[:2]
