@@ -137,6 +137,9 @@ def checked(source: Source, rows: Rows, max_bad_ratio: float, template: str | No
     positions; more than `max_bad_ratio` of them, or nothing left, refuses the run. Rows with tools are
     refused unless the template formats tools."""
     name = source.attr.name
+    if rows.count() == 0:  # a file of blank lines, or none: not even a bad row to report
+        where = source.attr.file_name or source.attr.hf_hub_url
+        raise DataError(f"dataset {name!r} has no rows; check its source ({where})")
     total = bad = with_tools = 0
     shown = []
     for batch in rows.batches(["error", "file", "row", "tools"]):

@@ -86,8 +86,19 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str]) -> dict:
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError([Problem("overrides", f"could not merge them: {_one_line(err)}")]) from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError([_override_problem(overrides, err)]) from None
+
+
+def _override_problem(overrides: list[str], err: Exception) -> Problem:
+    """The override that does not read as a YAML value, or else the merge's own message."""
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as own:
+            key, value = override.split("=", 1)
+            return Problem(key, f"{value!r} is not a YAML value ({_one_line(own)}); quote it: {key}='...'")
+    return Problem("overrides", f"could not merge them: {_one_line(err)}")
 
 
 def _is_text(value: str) -> bool:
