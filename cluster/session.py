@@ -54,6 +54,10 @@ def ray_session(ray_args: RayArguments):
     started_here = ray_args.ray_address is None and not ray.is_initialized()
     if started_here:
         logger.info("starting a local Ray instance for this run")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":  # Ray 2.60 binds its ports beyond loopback
+            logger.warning("RAY_AUTH_MODE=disabled: this local Ray instance's ports take anyone who reaches this "
+                           "machine; leave RAY_AUTH_MODE unset (Ray turns on token authentication) off a trusted "
+                           "network")
         kwargs.setdefault("num_cpus", int(local_machine()[0].resources["CPU"]))
         # Without a dashboard Ray Train's placement-group cleaner cannot query actor state and stays idle
         # (it logs a warning). With one, Ray 2.60's cleaner can look up another Ray cluster running on
