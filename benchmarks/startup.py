@@ -53,7 +53,7 @@ def timed_command(python: Path, cwd: Path, args: list[str]) -> dict:
             try:
                 peaks["driver"] = max(peaks["driver"], me.memory_info().rss)
                 for child in me.children():
-                    if "multiprocessing" in " ".join(child.cmdline()):  # the helper (a spawned interpreter)
+                    if "rayft.orchestrator.helper" in " ".join(child.cmdline()):  # the helper process
                         peaks["helper"] = max(peaks["helper"], child.memory_info().rss)
             except psutil.Error:
                 pass
