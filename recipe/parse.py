@@ -12,7 +12,8 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import default_do_train, resolve
 from rayft.recipe.loading import describe_type, type_matches
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.recipe.rules import NOT_BUILT, RESERVED_KEYS, validate
+from rayft.recipe.refused import NOT_BUILT
+from rayft.recipe.rules import RESERVED_KEYS, validate
 from rayft.recipe.schema import SECTIONS, default_of, key_sections, type_hints
 
 

@@ -15,7 +15,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError
-from rayft.recipe.rules import NOT_BUILT
+from rayft.recipe.refused import NOT_BUILT
 from rayft.recipe.values import mask
 
 pytestmark = pytest.mark.unit
@@ -376,7 +376,7 @@ def test_rayft_keys_prints_type_default_and_help_for_every_key():
 
 
 def test_the_readme_lists_every_refused_key_with_its_reason():
-    from rayft.recipe.rules import NOT_BUILT
+    from rayft.recipe.refused import NOT_BUILT
 
     readme = (ROOT / "README.md").read_text()
     by_reason: dict[str, list[str]] = {}
@@ -384,6 +384,21 @@ def test_the_readme_lists_every_refused_key_with_its_reason():
         by_reason.setdefault(reason, []).append(key)
     for reason, keys in by_reason.items():
         assert f"- {reason}: " + ", ".join(f"`{k}`" for k in keys) in readme, reason
+
+
+def test_the_key_help_says_not_built_from_the_list_that_refuses_the_key():
+    from rayft.recipe.refused import NOT_BUILT
+
+    for name, cls in A.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_") or A.key_sections().get(f.name) != name:
+                continue
+            own = str(f.metadata.get("help", ""))
+            assert "not built" not in own, f.name  # said once, by describe_keys, from NOT_BUILT
+            shown = A.describe_keys(f.name)
+            assert ("Not built (" in shown) == (f.name in NOT_BUILT), f.name
+    assert "Not built (the GaLore optimizer): refused" in A.describe_keys("use_galore")
+    assert "QLoRA" in A.describe_keys("quantization_bit") and "Not built" not in A.describe_keys("quantization_bit")
 
 
 def test_qlora_settings_are_checked_before_anything_loads():

@@ -1,0 +1,72 @@
+"""The keys rayft refuses by name, with the feature each belongs to: one list, read by the recipe checks
+(recipe/parse.py) and by the key help (`rayft keys`)."""
+
+# Fields from the seeds whose feature rayft has not built yet, with what they belong to.
+# Setting one to a non-default value is refused by name; it is never silently ignored.
+NOT_BUILT: dict[str, str] = {
+    **{k: "multimodal training" for k in (
+        "image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps",
+        "video_maxlen", "media_dir", "train_mm_proj_only")},
+    **{k: "vLLM inference" for k in (
+        "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
+    "infer_backend": "vLLM inference",
+    "quantization_device_map": "device maps for quantised models (each worker holds its model on its device)",
+    **{k: "quantised reference and reward models" for k in (
+        "ref_model_quantization_bit", "reward_model_quantization_bit")},
+    **{k: "quantised export" for k in (
+        "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
+        "export_quantization_maxlen")},
+    "export_hub_model_id": "pushing an export to the hub",
+    **{k: "the GaLore optimizer" for k in (
+        "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+        "galore_proj_type", "galore_layerwise")},
+    **{k: "the APOLLO optimizer" for k in (
+        "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
+        "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
+    **{k: "the BAdam optimizer" for k in (
+        "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
+        "badam_update_ratio", "badam_mask_mode", "badam_verbose")},
+    **{k: "SwanLab tracking" for k in (
+        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
+        "swanlab_api_key")},
+    **{k: "model patches" for k in (
+        "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
+        "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
+        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
+    **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
+        "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
+    **{k: "multimodal training" for k in (
+        "crop_to_patches", "image_do_pan_and_scan", "use_audio_in_video", "audio_sampling_rate",
+        "freeze_language_model")},
+    **{k: "SGLang inference (not installable here)" for k in (
+        "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
+    **{k: "KTransformers (needs its CUDA kernels)" for k in (
+        "use_kt", "kt_weight_path", "kt_expert_checkpoint_path", "kt_use_lora_experts", "kt_lora_expert_num",
+        "kt_lora_expert_intermediate_size")},
+    **{k: "FP8 training (needs Hopper or newer GPUs)" for k in ("fp8", "fp8_backend",
+                                                                "fp8_enable_fsdp_float8_all_gather")},
+    **{k: "the torch profiler" for k in (
+        "enable_torch_profiler", "profiler_output_dir", "profile_modules", "profiler_wait_steps",
+        "profiler_warmup_steps", "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
+        "profiler_profile_memory", "profiler_with_stack")},
+    **{k: "a torchrun rendezvous (Ray Train makes the process group; its address is Ray's)" for k in (
+        "master_addr", "master_port")},
+    "use_v1_kernels": "LLaMA-Factory's v1 kernels",
+    "use_kv_cache": "generation without the KV cache",
+    "pref_bco_weight": "BCO's loss beside DPO's",
+    "ld_alpha": "LD-DPO",
+    **{k: "ASFT's loss" for k in ("use_asft_loss", "asft_alpha")},
+    **{k: "EAFT's loss" for k in ("use_eaft_loss", "eaft_alpha")},
+    "use_muon": "the Muon optimizer",
+    "use_mca": "Megatron-Core training",
+    **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
+    **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
+    **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
+    "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
+    **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
+    "adapter_folder": "loading adapters from a folder",
+    "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
+    "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",
+    "train_from_scratch": "training from scratch",
+    "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
+}
