@@ -676,3 +676,37 @@ def test_a_file_name_outside_dataset_dir_is_refused(tmp_path):
         (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"x": {"file_name": outside}}))
         with pytest.raises(DataError, match="points outside dataset_dir"):
             load_examples("x", str(tmp_path / "data"), None)
+
+
+def test_rayft_data_says_which_rows_it_left_out(tiny_model, tmp_path, monkeypatch, rayft_log):
+    from rayft.orchestrator import cli
+
+    rows = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(4)]
+    rows.insert(2, '{"instruction": "no output"')  # cut short: not JSON
+    (tmp_path / "mixed.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mixed": {"file_name": "mixed.jsonl"}}))
+    monkeypatch.chdir(ROOT)
+    code = cli.main(["data", str(DEMO_RECIPE), f"model_name_or_path={tiny_model}", "dataset=mixed",
+                     f"dataset_dir={tmp_path}", "eval_dataset=null", "--examples", "5", "--out",
+                     str(tmp_path / "seen.jsonl")])
+    assert code == 0
+    assert len((tmp_path / "seen.jsonl").read_text().splitlines()) == 4
+    assert any(line.startswith("dataset 'mixed': 1 of its first 5 rows are malformed and left out (mixed.jsonl line 3")
+               for line in rayft_log), rayft_log
+
+
+def test_a_rerun_into_an_output_dir_it_may_overwrite_says_what_was_there(tiny_model, tmp_path, rayft_log):
+    from rayft.orchestrator.helper import Helper
+    from rayft.orchestrator.launch import start_checks
+
+    out = tmp_path / "out"
+    (out / "checkpoint-8").mkdir(parents=True)
+    (out / "trainer_log.jsonl").write_text("{}\n")
+    cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}", f"output_dir={out}",
+                                                 f"ray_storage_path={tmp_path / 'ray'}", "overwrite_output_dir=true"]),
+                       base_dir=ROOT)
+    with Helper("the test", here=True) as helper:
+        start_checks(cfg, helper).finish()
+    assert any(line.startswith(f"output_dir {out} holds 2 entries from before (checkpoint-8/, trainer_log.jsonl)")
+               for line in rayft_log), rayft_log
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-8", "trainer_log.jsonl"]  # nothing touched
