@@ -309,11 +309,17 @@ def test_refusals_keys_names_bodies_and_lengths(server):
         refused = httpx.post(url, content=body, headers=headers)  # a lone surrogate; nesting beyond the parser's
         assert refused.status_code == 400, refused.text
         assert re.search("not text|nests deeper than 32", refused.json()["error"]["message"]), refused.text
-    server["log"].flush()
-    server["log"].seek(0)
-    said = server["log"].read()
+    api.chat.completions.create(model="first", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    deadline = time.monotonic() + 30  # serve_verbose: the replica's request line reaches the command's console
+    while True:
+        server["log"].flush()
+        server["log"].seek(0)
+        said = server["log"].read()
+        if "v1/chat/completions: model first" in said or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "v1/chat/completions: model first" in said
     assert KEY not in said
-    assert "v1/chat/completions: model first" in said  # serve_verbose: the replicas' request lines
     # API_KEY is read by the command and taken out of its environment before Ray starts: no process sees it
     import psutil
 
@@ -322,3 +328,14 @@ def test_refusals_keys_names_bodies_and_lengths(server):
     for process in processes:
         with contextlib.suppress(psutil.Error):
             assert KEY not in process.environ().values(), process.cmdline()[:2]
+    # Ray 2.60 binds the instance's ports beyond loopback; its token authentication keeps out a process without the
+    # token (here: another home directory, no RAY_AUTH_TOKEN), as it would a process on another machine
+    (gcs,) = [p for p in processes if p.name() == "gcs_server"]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in gcs.cmdline() if arg.startswith("--") and "=" in arg)
+    (port,) = {c.laddr.port for c in gcs.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    address = f"{flags['node-ip-address']}:{port}"
+    stranger = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r})"], text=True,
+                              capture_output=True, timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(
+                                  Path(server["log"].name).parent / "stranger")})
+    assert stranger.returncode != 0 and "Authentication token is missing or incorrect" in stranger.stderr, \
+        stranger.stderr[-2000:]
