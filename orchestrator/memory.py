@@ -6,7 +6,9 @@ estimators. Figures are bytes; every estimate names its parts so that a refusal 
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from rayft.recipe.optimizers import state_bytes
 from rayft.recipe.values import GB
 
 # Resident memory of a CPU worker before its model loads: Python, PyTorch, Transformers, PEFT, DeepSpeed and
@@ -48,6 +50,8 @@ class MemorySettings:
     reference_copy: bool  # a frozen copy of the model (dpo / kto with freeze or full fine-tuning)
     eager_attention: bool = False  # attention probabilities kept for the backward pass
     quantization_bit: int | None = None  # QLoRA: the frozen base's linear layers in 4 or 8 bits
+    optimizer: str = "default"  # recipe/optimizers.py's kind: GaLore, APOLLO, BAdam, Adam-mini and Muon keep less
+    finetuning: Any = None  # the recipe's finetuning section, for the optimizer's own settings (ranks, ratios)
 
 
 @dataclass
@@ -85,7 +89,7 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
         # Gradients in the weights' precision; AdamW's two fp32 moments; under ZeRO 1-3 DeepSpeed keeps its own
         # fp32 copy of the trained parameters as the optimizer's partition (a copy also when training in fp32).
         grads = t * weight_bytes
-        optimizer = t * 8 + (t * 4 if stage >= 1 or s.mixed_precision else 0)
+        optimizer = optimizer_state(shape, s) + (t * 4 if stage >= 1 or s.mixed_precision else 0)
         weights = p * weight_bytes
         if s.quantization_bit:
             # bitsandbytes quantises the decoder's linear layers; embeddings, norms, the output head and the
@@ -121,6 +125,18 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
         parts.update({f"{k} (offloaded)": v for k, v in host.items()})
         host = {}
     return MemoryEstimate(parts, host)
+
+
+def optimizer_state(shape: ModelShape, s: MemorySettings) -> int:
+    """fp32 bytes of the optimizer's state. The decoder's linear weights, as the low-rank methods and Muon see them,
+    are counted from the shape (q, k, v, o as hidden x hidden; gate, up, down) in the share of layers trained."""
+    t = shape.trainable_params
+    if s.optimizer == "default":
+        return 8 * t
+    h, i = shape.hidden_size, shape.intermediate_size
+    trained_layers = round(shape.num_layers * min(1.0, t / max(shape.total_params, 1)))
+    matrices = [(h, h)] * 4 * trained_layers + [(i, h)] * 3 * trained_layers
+    return state_bytes(s.optimizer, s.finetuning, t, matrices, shape.num_layers)
 
 
 def activation_bytes(shape: ModelShape, s: MemorySettings, weight_bytes: int) -> int:

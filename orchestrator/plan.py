@@ -9,6 +9,7 @@ from rayft.orchestrator.memory import GB, MemorySettings, ModelShape, estimate, 
 from rayft.recipe import deepspeed as ds
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import is_elastic, prompts_per_step, reference_kind
+from rayft.recipe.optimizers import optimizer_kind
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.stages import ONLINE_STAGES
@@ -294,7 +295,8 @@ def memory_settings(cfg: RecipeConfig, use_gpu: bool, per_device: int, zero_stag
         per_device_batch_size=per_device, cutoff_len=cfg.data.cutoff_len,
         gradient_checkpointing=not m.disable_gradient_checkpointing,
         reference_copy=reference_kind(cfg) == "copy",
-        eager_attention=m.flash_attn == "disabled" or not use_gpu, quantization_bit=m.quantization_bit)
+        eager_attention=m.flash_attn == "disabled" or not use_gpu, quantization_bit=m.quantization_bit,
+        optimizer=optimizer_kind(f), finetuning=f)
 
 
 def worker_budget(bundle: dict, num_workers: int, nodes: list[Node], use_gpu: bool,

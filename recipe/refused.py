@@ -17,22 +17,13 @@ NOT_BUILT: dict[str, str] = {
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},
     "export_hub_model_id": "pushing an export to the hub",
-    **{k: "the GaLore optimizer" for k in (
-        "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
-        "galore_proj_type", "galore_layerwise")},
-    **{k: "the APOLLO optimizer" for k in (
-        "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
-        "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
-    **{k: "the BAdam optimizer" for k in (
-        "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
-        "badam_update_ratio", "badam_mask_mode", "badam_verbose")},
     **{k: "SwanLab tracking" for k in (
         "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
         "swanlab_api_key")},
     **{k: "model patches" for k in (
         "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
         "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
-        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro", "use_adam_mini")},
+        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro")},
     **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
         "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
     **{k: "multimodal training" for k in (
@@ -57,7 +48,6 @@ NOT_BUILT: dict[str, str] = {
     "ld_alpha": "LD-DPO",
     **{k: "ASFT's loss" for k in ("use_asft_loss", "asft_alpha")},
     **{k: "EAFT's loss" for k in ("use_eaft_loss", "eaft_alpha")},
-    "use_muon": "the Muon optimizer",
     "use_mca": "Megatron-Core training",
     **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
     **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},

@@ -20,6 +20,7 @@ from rayft.recipe.derive import (
     uses_reference,
     worker_range,
 )
+from rayft.recipe.optimizers import optimizer_problems
 from rayft.recipe.problems import Problem
 from rayft.recipe.schema import (
     LOOPBACK_HOSTS,
@@ -65,6 +66,16 @@ ONLY_USED_WITH: dict[str, tuple] = {
     "pissa_convert": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
     "loraplus_lr_embedding": (lambda f: f.loraplus_lr_ratio is not None, ("loraplus_lr_ratio",),
                               "loraplus_lr_ratio set"),
+    **{k: (lambda f: f.use_galore, ("use_galore",), "use_galore: true") for k in (
+        "galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",
+        "galore_layerwise")},
+    **{k: (lambda f: f.use_apollo, ("use_apollo",), "use_apollo: true") for k in (
+        "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
+        "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
+    **{k: (lambda f: f.use_badam, ("use_badam",), "use_badam: true") for k in (
+        "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_verbose")},
+    **{k: (lambda f: f.use_badam and f.badam_mode == "ratio", ("use_badam", "badam_mode"),
+           "use_badam: true and badam_mode: ratio") for k in ("badam_update_ratio", "badam_mask_mode")},
     "pref_loss": (lambda f: f.stage == "dpo", ("stage",), "stage: dpo"),
     "pref_beta": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
     "pref_ftx": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
@@ -244,6 +255,9 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem("ray_max_failures", f"{r.ray_max_failures} is not a number of restarts; use 0 or "
                                                     "more, or -1 for no limit"))
     problems += elastic_problems(cfg)
+    workers = worker_range(r.ray_num_workers)
+    problems += optimizer_problems(f, t.optim, t.deepspeed, workers[1] if workers else 1,
+                                   t.gradient_accumulation_steps, f.stage in ONLINE_STAGES)
     problems += resource_problems("resources_per_worker", r.resources_per_worker)
     problems += _deepspeed_problems(t.deepspeed, base_dir)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
@@ -456,14 +470,13 @@ def _online_not_built(cfg: RecipeConfig, stage: str) -> list[Problem]:
         "deepspeed": t.deepspeed is not None,
         "streaming": d.streaming,
         "eval_dataset": bool(d.eval_dataset or d.val_size or t.eval_strategy != "no"),
-        "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
         "pissa_convert": f.pissa_convert,
         "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
     }
     name = stage.upper()
     what = {"deepspeed": f"DeepSpeed ZeRO for {name} (the {name} loop trains with DDP)",
             "streaming": f"streamed prompts for {name}", "eval_dataset": f"evaluation during {name} (eval_dataset, "
-            "val_size, eval_strategy)", "loraplus_lr_ratio": f"LoRA+ for {name}", "pissa_convert": "PiSSA conversion "
+            "val_size, eval_strategy)", "pissa_convert": "PiSSA conversion "
             f"for {name}", "optim": f"optimizers other than AdamW for {name}"}
     return [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
             for key, used in not_built.items() if used]

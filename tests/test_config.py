@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "use_galore=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "use_llama_pro=true", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("use_galore") and "not built" in p for p in found)
+    assert any(p.startswith("use_llama_pro") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():
@@ -82,9 +82,9 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("use_badam", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
+@pytest.mark.parametrize("key,value", [("use_llama_pro", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
-                                       ("use_galore", "true"), ("use_muon", "true"), ("fp8", "true")])
+                                       ("rope_scaling", "linear"), ("use_swanlab", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
@@ -397,7 +397,8 @@ def test_the_key_help_says_not_built_from_the_list_that_refuses_the_key():
             assert "not built" not in own, f.name  # said once, by describe_keys, from NOT_BUILT
             shown = A.describe_keys(f.name)
             assert ("Not built (" in shown) == (f.name in NOT_BUILT), f.name
-    assert "Not built (the GaLore optimizer): refused" in A.describe_keys("use_galore")
+    assert "Not built (SwanLab tracking): refused" in A.describe_keys("use_swanlab")
+    assert "Not built" not in A.describe_keys("use_galore")
     assert "QLoRA" in A.describe_keys("quantization_bit") and "Not built" not in A.describe_keys("quantization_bit")
 
 

@@ -163,11 +163,15 @@ def test_pissa_convert_gives_a_plain_lora_adapter_for_the_original_base(tiny_mod
 
 
 def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_model):
-    from rayft.trainers.common import loraplus_groups
+    from transformers import TrainingArguments
+
+    from rayft.trainers.optimizers import build_optimizer
 
     model = prepared(tiny_model, lora_target="q_proj")
-    groups = loraplus_groups(model, lr=1e-4, ratio=16.0, embedding_lr=1e-6, weight_decay=0.0, decay_names=set())
-    by_rate = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in groups)
+    finetuning = FinetuningArguments(loraplus_lr_ratio=16.0)
+    optimizer = build_optimizer(model, TrainingArguments("out", learning_rate=1e-4, weight_decay=0.0), finetuning,
+                                set())
+    by_rate = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups)
     assert by_rate == [(pytest.approx(1e-4), BLOCKS * 8 * 256), (pytest.approx(16e-4), BLOCKS * 256 * 8)]  # A, B
 
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections import defaultdict
 from pathlib import Path
+from types import MethodType
 
 import ray.train
 import torch
@@ -30,6 +30,7 @@ from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
+from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 from rayft.trainers.training_args import transformers_arguments
@@ -190,16 +191,22 @@ class ShardTrainer(Seq2SeqTrainer):
         self.finetuning = finetuning
 
     def create_optimizer(self, model=None):
-        """The default optimizer, or LoRA+ parameter groups when loraplus_lr_ratio is set."""
-        f = self.finetuning
-        if self.optimizer is not None or f is None or f.loraplus_lr_ratio is None:
-            return super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        groups = loraplus_groups(opt_model, self.args.learning_rate, f.loraplus_lr_ratio, f.loraplus_lr_embedding,
-                                 self.args.weight_decay, set(self.get_decay_parameter_names(opt_model)))
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        """The factory's optimizer for the recipe (trainers/optimizers.py), or the Trainer's own (`optim`)."""
+        if self.optimizer is None and self.finetuning is not None:
+            opt_model = self.model if model is None else model
+            self.optimizer = build_optimizer(opt_model, self.args, self.finetuning,
+                                             set(self.get_decay_parameter_names(opt_model)))
+            if self.finetuning.use_badam:
+                from badam import BAdamCallback, clip_grad_norm_old_version
+
+                # BAdam's sparse gradients need the norm computed as torch 1.13 did; this trainer's accelerator only
+                self.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, self.accelerator)
+                self.add_callback(BAdamCallback)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        layerwise_schedulers(self.optimizer, self.args, num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _run_epoch(self, *args, **kwargs):
         # A run resumed from its final checkpoint (killed after saving the last step, before finishing) has
@@ -370,24 +377,6 @@ def resumed_epoch(checkpoint: str) -> int:
     """The epoch a Trainer checkpoint was saved in, from its trainer_state.json (0 when it has none)."""
     state = Path(checkpoint) / "trainer_state.json"
     return int(json.loads(state.read_text()).get("epoch") or 0) if state.is_file() else 0
-
-
-def loraplus_groups(model, lr: float, ratio: float, embedding_lr: float, weight_decay: float,
-                    decay_names: set[str]) -> list[dict]:
-    """LoRA+ (Hayou et al., 2024): the B matrices learn `ratio` times faster than A; adapters on
-    embeddings use `embedding_lr`. Weight decay as the Trainer would apply it."""
-    groups: dict[tuple, list] = defaultdict(list)
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if "lora_embedding_" in name:
-            rate = embedding_lr
-        elif "lora_B" in name:
-            rate = lr * ratio
-        else:
-            rate = lr
-        groups[(rate, weight_decay if name in decay_names else 0.0)].append(param)
-    return [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
 
 
 class StatsTrainer(ShardTrainer):

@@ -20,6 +20,7 @@ from rayft.recipe.plan import Plan
 from rayft.trainers import outputs
 from rayft.trainers.callbacks import LogCallback, ReportEveryLog
 from rayft.trainers.common import ShardStream, peak_memory
+from rayft.trainers.optimizers import adamw_kwargs, build_optimizer, decay_names
 from rayft.trainers.tracking import close_trackers, tracker_callbacks
 
 
@@ -32,9 +33,8 @@ class OnlineTrainer:
         self.cfg, self.plan, self.args, self.tokenizer, self.device = cfg, plan, args, tokenizer, device
         self.model, self.policy = model, policy  # what the optimizer trains (policy, plus PPO's value head)
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                           eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        self.optimizer = build_optimizer(model, args, cfg.finetuning, decay_names(model)) or torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], weight_decay=args.weight_decay, **adamw_kwargs(args))
         total = plan.total_steps
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, args.get_warmup_steps(total), total)
         self.state = TrainerState(max_steps=total, logging_steps=args.logging_steps, save_steps=args.save_steps,

@@ -1,0 +1,197 @@
+"""The optimizer factory (trainers/optimizers.py) on the tiny model, without Ray: what each of GaLore, APOLLO, BAdam,
+Adam-mini and Muon updates, that a few steps lower the loss, that a checkpoint's state resumes the same steps, that
+the Trainer builds them (and layer-wise schedules), the recipe rules before Ray and the memory planner's figures."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEMO_RECIPE, ROOT
+from test_methods import prepared
+from transformers import Seq2SeqTrainingArguments
+
+from rayft.orchestrator.memory import MemorySettings, ModelShape, estimate
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
+from rayft.recipe.problems import ConfigError
+from rayft.recipe.schema import FinetuningArguments
+from rayft.trainers.optimizers import Chained, LayerwiseDummy, build_optimizer, decay_names
+
+pytestmark = pytest.mark.unit
+
+IDS = torch.tensor([[5, 17, 42, 9, 33, 61, 7, 12, 88, 3, 25, 70]])
+
+
+def args(**kwargs):
+    return Seq2SeqTrainingArguments("out", learning_rate=kwargs.pop("learning_rate", 1e-3), weight_decay=0.0,
+                                    use_cpu=True, report_to=[], **kwargs)
+
+
+def steps(model, optimizer, n):
+    """n steps on one batch; the losses before each."""
+    losses = []
+    for _ in range(n):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def built(tiny_model, finetuning_type="full", lr=1e-3, **switches):
+    torch.manual_seed(0)
+    model = prepared(tiny_model, finetuning_type=finetuning_type)
+    f = FinetuningArguments(finetuning_type=finetuning_type, **switches)
+    return model, build_optimizer(model, args(learning_rate=lr), f, decay_names(model))
+
+
+@pytest.mark.parametrize("switches, cls", [
+    ({"use_galore": True, "galore_rank": 8, "galore_update_interval": 2}, "galore_torch.adamw.AdamW"),
+    ({"use_apollo": True, "apollo_rank": 8, "apollo_update_interval": 2}, "apollo_torch.apollo.AdamW"),
+    ({"use_adam_mini": True}, "adam_mini.adam_mini.Adam_mini"),
+    ({"use_muon": True}, "rayft.trainers.optimizers.Chained"),
+    ({"use_badam": True, "badam_switch_interval": 2, "badam_switch_mode": "ascending", "badam_start_block": 0},
+     "badam.block_optim.BlockOptimizer"),
+])
+def test_each_optimizer_lowers_the_loss_of_a_full_model(tiny_model, switches, cls):
+    model, optimizer = built(tiny_model, **switches)
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == cls
+    losses = steps(model, optimizer, 6)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_galore_projects_the_linear_weights_and_leaves_the_rest_to_adamw(tiny_model):
+    model, optimizer = built(tiny_model, use_galore=True, galore_rank=8)
+    no_decay, decay, projected = optimizer.param_groups
+    assert projected["rank"] == 8 and projected["scale"] == 2.0 and "rank" not in decay
+    assert len(projected["params"]) == 4 * 7  # every linear weight of the 4 blocks; the tied head is not one
+    assert {p.dim() for p in projected["params"]} == {2}
+    steps(model, optimizer, 1)
+    state = optimizer.state[projected["params"][4]]  # the first gate_proj, 682 x 256: projected to 682 x 8
+    assert state["exp_avg"].shape == (682, 8) and state["projector"].ortho_matrix.shape == (8, 256)
+
+
+def test_layerwise_galore_steps_each_weight_in_its_backward_hook(tiny_model):
+    model, optimizer = built(tiny_model, use_galore=True, galore_layerwise=True)
+    assert isinstance(optimizer, LayerwiseDummy)
+    before = copy.deepcopy(model.state_dict())
+    model(input_ids=IDS, labels=IDS).loss.backward()  # no optimizer.step(): the hooks did it
+    moved = [n for n, v in model.state_dict().items() if not torch.equal(v, before[n])]
+    assert len(moved) == len(before) and all(p.grad is None for p in model.parameters())
+
+
+def test_badam_trains_one_block_at_a_time_and_switches(tiny_model):
+    model, optimizer = built(tiny_model, use_badam=True, badam_switch_interval=1, badam_switch_mode="ascending",
+                             badam_start_block=0)
+    for block in (0, 1):
+        before = copy.deepcopy(model.state_dict())
+        steps(model, optimizer, 1)
+        moved = {n.split(".")[2] for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
+        assert moved == {str(block)}, moved  # model.layers.<block>....: one block, never the embeddings
+
+
+def test_muon_takes_the_matrices_and_adamw_the_embeddings_and_norms(tiny_model):
+    model, optimizer = built(tiny_model, use_muon=True)
+    muon, adamw = optimizer.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and "embed" not in names[id(p)] for p in muon.param_groups[0]["params"])
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+
+
+@pytest.mark.parametrize("switches", [{"use_muon": True}, {"use_adam_mini": True},
+                                      {"use_galore": True, "galore_update_interval": 2}])
+def test_a_saved_optimizer_state_resumes_the_same_steps(tiny_model, tmp_path, switches):
+    """As a checkpoint resumes: the state_dict saved after 2 steps, loaded into a new optimizer on a copy of the
+    weights, gives the same next 2 losses as the run that went on."""
+    model, optimizer = built(tiny_model, **switches)
+    steps(model, optimizer, 2)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    weights = copy.deepcopy(model.state_dict())
+    went_on = steps(model, optimizer, 2)
+    again, fresh = built(tiny_model, **switches)
+    again.load_state_dict(weights)
+    fresh.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=False))
+    assert steps(again, fresh, 2) == pytest.approx(went_on, rel=1e-5)
+
+
+def test_the_trainer_builds_the_factorys_optimizer_and_layerwise_schedules(tiny_model):
+    from rayft.trainers.common import ShardTrainer
+
+    torch.manual_seed(0)
+    model = prepared(tiny_model, finetuning_type="full")
+    f = FinetuningArguments(finetuning_type="full", use_muon=True)
+    trainer = ShardTrainer(model=model, args=args(max_steps=4), finetuning=f)
+    trainer.create_optimizer_and_scheduler(4)
+    assert isinstance(trainer.optimizer, Chained)
+    assert trainer.lr_scheduler.optimizer is trainer.optimizer
+    trainer.lr_scheduler.step()  # linear decay: the scheduler moves both parts' learning rates
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-3 * 3 / 4] * 2)
+
+    f = FinetuningArguments(finetuning_type="full", use_apollo=True, apollo_layerwise=True)
+    trainer = ShardTrainer(model=prepared(tiny_model, finetuning_type="full"), args=args(max_steps=4), finetuning=f)
+    trainer.create_optimizer_and_scheduler(4)
+    first = next(iter(trainer.optimizer.per_param.values()))
+    trainer.model(input_ids=IDS, labels=IDS).loss.backward()  # a step in the hooks, and a scheduler step
+    assert first.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
+
+
+def problems(*overrides):
+    try:
+        parse_config(load_recipe(DEMO_RECIPE, ["model_name_or_path=.", *overrides]), base_dir=ROOT)
+    except ConfigError as err:
+        return err.messages
+    return []
+
+
+FULL = ("finetuning_type=full", "deepspeed=null")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("use_galore=true", "use_muon=true", *FULL), "use_galore and use_muon: choose one optimizer"),
+    (("use_badam=true", "loraplus_lr_ratio=16", *FULL), "choose one optimizer"),
+    (("use_galore=true", "deepspeed=null"), "use_galore and finetuning_type: GaLore trains whole weight matrices"),
+    (("use_apollo=true", "finetuning_type=full"), "use_apollo and deepspeed: DeepSpeed's ZeRO optimizer would "
+                                                  "replace APOLLO's"),
+    (("use_galore=true", "galore_layerwise=true", *FULL), "galore_layerwise and ray_num_workers: layer-wise GaLore"),
+    (("use_apollo=true", "apollo_layerwise=true", "ray_num_workers=1", "gradient_accumulation_steps=2", *FULL),
+     "apollo_layerwise and gradient_accumulation_steps"),
+    (("use_badam=true", *FULL), "use_badam and ray_num_workers: BAdam across several workers"),
+    (("use_galore=true", "optim=sgd", "ray_num_workers=1", *FULL), "GaLore wraps adamw_torch or adamw_torch_fused "
+                                                                   "or adafactor, not 'sgd'"),
+    (("galore_rank=8",), "galore_rank is only used with use_galore: true"),
+    (("use_badam=true", "badam_update_ratio=0.1", "ray_num_workers=1", *FULL), "badam_update_ratio is only used"),
+])
+def test_optimizer_settings_that_cannot_work_together_are_refused_before_ray(overrides, message):
+    found = problems(*overrides)
+    assert any(message in p for p in found), found
+
+
+@pytest.mark.parametrize("overrides", [
+    ("use_galore=true", *FULL), ("use_apollo=true", "apollo_layerwise=true", "ray_num_workers=1",
+                                 "gradient_accumulation_steps=1", *FULL),
+    ("use_badam=true", "badam_mode=ratio", "ray_num_workers=1", *FULL), ("use_adam_mini=true", *FULL),
+    ("use_muon=true", *FULL), ("use_muon=true", "deepspeed=null"),  # Muon beside LoRA: the adapters' matrices
+])
+def test_the_optimizers_llamafactory_recipes_use_are_accepted(overrides):
+    assert problems(*overrides) == []
+
+
+def test_the_memory_planner_counts_each_optimizers_state():
+    shape = ModelShape(total_params=7_000_000_000, trainable_params=7_000_000_000, largest_layer_params=500_000_000,
+                       hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vocab_size=32000)
+
+    def state(kind, **settings):
+        s = MemorySettings(num_workers=1, zero_stage=None, offload=(), use_gpu=True, mixed_precision=False,
+                           per_device_batch_size=1, cutoff_len=512, gradient_checkpointing=True,
+                           reference_copy=False, optimizer=kind, finetuning=FinetuningArguments(**settings))
+        return estimate(shape, s).parts["optimizer"] / 1e9
+
+    adamw = state("default")
+    assert adamw == pytest.approx(56.0)  # two fp32 moments of 7 B
+    assert state("muon") == pytest.approx(adamw / 2, rel=0.15)  # one moment for the matrices (most of the model)
+    assert state("adam_mini") == pytest.approx(adamw / 2)
+    assert state("badam", badam_mode="layer") == pytest.approx(adamw / 32)
+    assert state("galore", galore_rank=128) < adamw / 4  # the LLaMA-Factory example's rank on a 7 B model
+    assert state("apollo", apollo_rank=1) < state("galore", galore_rank=128)
