@@ -147,8 +147,11 @@ def elastic_runs(tmp_path_factory, tiny_model):
     # restarting; a real spot notice carries its deadline. Neither wait is rayft's: both are cut short here.
     # The controller polls its workers every 0.5 s, as rayft's local runs do, so it acts on a resize at once.
     # The start timeout bounds only the wait for the placement group, which is ready at once when the nodes are there.
+    # The lone worker held (SIGSTOP) for the grow-back cannot leave its process group: Ray Train waits for it 30 s
+    # by default before replacing the group, an idle minute of the suite, cut to 1 s.
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "1"}
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "elastic_run.py"), str(out), str(tiny_model)],
                               capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
