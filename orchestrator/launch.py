@@ -49,6 +49,7 @@ from rayft.orchestrator.progress import ProgressBar
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import reference_kind
 from rayft.recipe.logs import logger, requiet
+from rayft.recipe.optimizers import uses_bitsandbytes
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.rules import reward_model_problems
@@ -351,7 +352,7 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
             build_deepspeed_op()
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
-    worker_env = {} if cfg.model.quantization_bit else {WORKER_WITHOUT_BITSANDBYTES: "1"}
+    worker_env = {} if uses_bitsandbytes(cfg) else {WORKER_WITHOUT_BITSANDBYTES: "1"}
     with reward_actors(cfg, plan), progress, ray_train_settings(local=cfg.ray.ray_address is None):
         # Ray's TorchTrainer, but for its backend config, whose torch half runs in the controller and the workers
         trainer = DataParallelTrainer(

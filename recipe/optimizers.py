@@ -26,6 +26,11 @@ def optimizer_kind(f) -> str:
     return "loraplus" if f.loraplus_lr_ratio is not None else "default"
 
 
+def uses_bitsandbytes(cfg) -> bool:
+    """Whether the workers need bitsandbytes: a quantised base, or GaLore or APOLLO (their packages import it)."""
+    return bool(cfg.model.quantization_bit) or optimizer_kind(cfg.finetuning) in ("galore", "apollo")
+
+
 def optimizer_problems(f, optim: str, deepspeed, max_workers: int, accumulation: int, online: bool) -> list[Problem]:
     """What cannot work together, before Ray: one optimizer at a time, the low-rank and block methods on whole
     matrices only, the layer-wise forms on one worker, and what DeepSpeed's optimizer would replace."""

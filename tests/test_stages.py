@@ -130,10 +130,15 @@ def test_dpo_with_full_fine_tuning_uses_a_frozen_reference_copy_under_zero3(tmp_
 
 
 @pytest.mark.slow
-def test_sft_with_freeze(tmp_path, tiny_model, ray_local):
-    # (full fine-tuning trains in the dpo run above, under ZeRO-3, with its whole model saved and checked)
+def test_sft_with_freeze_and_galore_on_two_workers(tmp_path, tiny_model, ray_local):
+    # (full fine-tuning trains in the dpo run above, under ZeRO-3, with its whole model saved and checked). GaLore
+    # here is the optimizer factory in real workers: non-layer-wise under DDP, which LLaMA-Factory does not offer
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "finetuning_type=freeze",
-                            "num_train_epochs=1", "deepspeed=z0", "freeze_trainable_layers=2",
-                            "freeze_extra_modules=norm")
+                            "num_train_epochs=1", "deepspeed=null", "freeze_trainable_layers=2",
+                            "freeze_extra_modules=norm", "use_galore=true", "galore_rank=8", "galore_scale=1.0",
+                            "save_strategy=steps", "save_steps=16")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    state = torch.load(out / "checkpoint-16" / "optimizer.pt", weights_only=False)["state"]
+    projected = [s["exp_avg"].shape for s in state.values() if "projector" in s]
+    assert len(projected) == 2 * 7 and (682, 8) in projected  # the last 2 blocks' linear weights, at rank 8
