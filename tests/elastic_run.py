@@ -1,18 +1,16 @@
-"""Elastic runs on a fake two-node Ray cluster (two raylets on this machine, one CPU each); used by test_elastic.
+"""An elastic run on a fake two-node Ray cluster (two raylets on this machine, one CPU each); used by test_elastic.
 
     python tests/elastic_run.py OUT_DIR MODEL_DIR
 
-Two runs of `ray_num_workers: [1, 2]`:
-- `lora_z2`: after the first periodic checkpoint the second node is removed; the run goes on with one worker from
-  that checkpoint; once the one-worker group has started, its worker is held (SIGSTOP) and a node is added: Ray Train
-  sees the node at its coordinator's next tick (up to 20 s later), replaces the held group by one of two, and the
-  run can never end before it grows, however fast the machine trains.
-- `full_z3`: no periodic checkpoints; a worker on the second node gets SIGTERM (a spot notice), the group saves a
-  checkpoint at that step, restarts from it at the same size and finishes. It does not resize: a resize of full +
-  ZeRO-3 is the same Ray Train path as lora_z2's, and the ZeRO-3 conversion across sizes is tests/zero_resize.py's
-  (each resize here costs about a minute of the suite's budget).
+One run of `ray_num_workers: [1, 2]`, LoRA + ZeRO-2 under STRICT_SPREAD, through a spot instance's life: at its first
+logged step the second node's worker gets SIGTERM (the notice) and the group saves a checkpoint at that step; then
+the node is removed (reclaimed) and the run goes on with one worker from that checkpoint; once the one-worker group
+has a checkpoint of its own, its worker is held (SIGSTOP) and a node is added: Ray Train sees the node at its
+coordinator's next tick, replaces the held group by one of two, and the run can never end before it grows, however
+fast the machine trains. (Full fine-tuning + ZeRO-3 resizes through the same Ray Train path; its conversion across
+sizes is tests/zero_resize.py's. Each restart here costs the suite's budget about half a minute.)
 
-Before them, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
+Before it, three workers under STRICT_SPREAD are refused (two nodes). Prints one JSON line per run:
 {"run": name, "status": "ok"|"failed"|"refused", "sigterm_checkpoint_step": ..., "shrink_s": ..., "grow_s": ...},
 the last two the seconds from a node leaving (joining) to the resized group's start of training. It shuts down only the
 cluster it started.
@@ -45,8 +43,6 @@ COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=1", "ray_max_failures=
 RUNS = {
     "lora_z2": ["max_steps=40", "deepspeed=z2", "save_strategy=steps", "save_steps=10",
                 "placement_strategy=STRICT_SPREAD"],
-    "full_z3": ["max_steps=20", "deepspeed=z3", "finetuning_type=full", "learning_rate=1.0e-4", "save_strategy=steps",
-                "save_steps=1000"],
 }
 
 
@@ -111,22 +107,13 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
     thread = threading.Thread(target=train)
     thread.start()
     result = {"run": name}
-    if name == "full_z3":
-        wait_for("a logged step", lambda: any("loss" in r for r in read_log(out / "out")))
-        (pid,) = wait_for("the second node's worker", lambda: workers_on(second.node_id))
-        os.kill(pid, signal.SIGTERM)
-        step = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
-        result["sigterm_checkpoint_step"] = step
-        # the group restarts from it (the node is still there); a node that vanished at once would instead leave
-        # Ray Train waiting for the lost worker's status until Ray declares the node dead (over a minute here)
-        wait_for("the restart", lambda: any(r.get("resumed_from_step") == step for r in read_log(out / "out")))
-        thread.join(timeout=600)
-        result["status"] = "failed" if failure or thread.is_alive() else "ok"
-        result["error"] = failure[0] if failure else None
-        return result, second
-    wait_for("the first checkpoint", lambda: checkpoint_step(storage, name))
+    # the notice: the second node's worker gets SIGTERM at the first logged step, and the group checkpoints there
+    wait_for("a logged step", lambda: any("loss" in r for r in read_log(out / "out")))
+    (pid,) = wait_for("the second node's worker", lambda: workers_on(second.node_id))
+    os.kill(pid, signal.SIGTERM)
+    result["sigterm_checkpoint_step"] = wait_for("the SIGTERM checkpoint", lambda: checkpoint_step(storage, name))
     result["removed_at"] = time.time()
-    cluster.remove_node(second)
+    cluster.remove_node(second)  # then the node is taken away
     resumed = wait_for("the group of one", lambda: resumed_at(out / "out", 1))
     # its next checkpoint keeps the steps it logs (a resize restarts from the latest one)
     wait_for("the group of one's checkpoint", lambda: (checkpoint_step(storage, name) or 0) > resumed

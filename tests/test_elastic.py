@@ -1,6 +1,6 @@
 """Elastic runs: the recipe's range, the plan's arithmetic and each worker's share of a global batch (unit), ZeRO
-checkpoints resumed across sizes, and runs that shrink and grow on a fake two-node cluster, once with LoRA + ZeRO-2
-(whose STRICT_SPREAD placement puts its two workers on two nodes) and once with full + ZeRO-3 and a SIGTERM (slow).
+checkpoints resumed across sizes, and a LoRA + ZeRO-2 run on a fake two-node cluster (whose STRICT_SPREAD placement
+puts its two workers on two nodes) through a spot node's life: SIGTERM, the node gone, the node back (slow).
 The same cluster refuses three workers under STRICT_SPREAD, naming both nodes."""
 
 import json
@@ -209,17 +209,13 @@ def test_an_unsatisfiable_request_is_refused_with_the_clusters_nodes(elastic_run
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_worker_saves_a_checkpoint_at_that_step_before_the_group_restarts(elastic_runs):
+def test_sigterm_to_a_worker_saves_a_checkpoint_at_that_step_and_the_run_goes_on_from_it(elastic_runs):
     out, results = elastic_runs
-    assert results["full_z3"]["status"] == "ok", results["full_z3"]["error"]
-    step = results["full_z3"]["sigterm_checkpoint_step"]  # save_steps=1000: the only checkpoint is SIGTERM's
-    assert step is not None and 5 <= step < 20
-    records = read_log(out / "full_z3" / "out")
-    assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [step]  # once, from it
-    logged = [r for r in records if "loss" in r]
-    assert [r["step"] for r in logged] == [5, 10, 15, 20]  # every logging step once, as an uninterrupted run
-    assert all(r["loss"] < logged[0]["loss"] for r in logged[1:]), logged
-    assert json.loads((out / "full_z3" / "out" / "trainer_state.json").read_text())["global_step"] == 20
+    step = results["lora_z2"]["sigterm_checkpoint_step"]  # the first checkpoint: before the periodic one at 10
+    assert step is not None and 5 <= step < 10
+    records = read_log(out / "lora_z2" / "out")
+    assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r][0] == step  # first from it
+    assert f"SIGTERM: saving a checkpoint at step {step} " in (out / "results.jsonl").read_text()  # workers' console
 
 
 @pytest.mark.integration  # no Ray, but three process groups of DeepSpeed in turn: about a minute
