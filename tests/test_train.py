@@ -276,8 +276,9 @@ def test_ray_trains_local_settings_hold_for_the_run_only_and_the_environment_win
     watcher, poll = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     monkeypatch.delenv(watcher, raising=False)
     monkeypatch.delenv(poll, raising=False)
+    monkeypatch.delenv("RAY_TRAIN_METRICS_ENABLED", raising=False)
     with ray_train_settings(local=True):
-        assert (os.environ[watcher], os.environ[poll]) == ("0", "0.5")
+        assert (os.environ[watcher], os.environ[poll], os.environ["RAY_TRAIN_METRICS_ENABLED"]) == ("0", "0.5", "0")
     assert watcher not in os.environ and poll not in os.environ
     with ray_train_settings(local=False):  # a cluster keeps Ray Train's defaults
         assert watcher not in os.environ and poll not in os.environ
@@ -285,6 +286,23 @@ def test_ray_trains_local_settings_hold_for_the_run_only_and_the_environment_win
     with ray_train_settings(local=True):
         assert os.environ[poll] == "3"
     assert os.environ[poll] == "3" and watcher not in os.environ
+
+
+@pytest.mark.unit
+def test_a_run_on_a_local_instance_starts_no_placement_group_cleaner(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from rayft.orchestrator.launch import LocalRunTrainer
+
+    def kinds(cls):
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=2),
+                      run_config=RunConfig(storage_path=str(tmp_path)))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    assert PlacementGroupCleanerCallback in kinds(DataParallelTrainer)  # a cluster's run keeps it
+    assert PlacementGroupCleanerCallback not in kinds(LocalRunTrainer) and len(kinds(LocalRunTrainer)) > 2
 
 
 @pytest.mark.integration  # subprocesses
