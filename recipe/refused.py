@@ -22,7 +22,7 @@ NOT_BUILT: dict[str, str] = {
         "swanlab_api_key")},
     **{k: "model patches" for k in (
         "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
-        "enable_liger_kernel", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
+        "enable_liger_kernel", "moe_aux_loss_coef",
         "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro")},
     **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
         "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
@@ -52,11 +52,9 @@ NOT_BUILT: dict[str, str] = {
     **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
     **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
-    "print_param_status": "printing every parameter's status (rayft logs the trainable count and share)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "adapter_folder": "loading adapters from a folder",
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
     "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",
-    "train_from_scratch": "training from scratch",
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }

@@ -205,6 +205,9 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
     problems += quantization_problems(cfg, base_dir)
+    if m.train_from_scratch and m.quantization_bit is not None:
+        problems.append(Problem("train_from_scratch and quantization_bit", "random weights are not a quantised "
+                                                                           "checkpoint; remove one of them"))
     if d.mask_history and d.train_on_prompt:
         problems.append(Problem("mask_history and train_on_prompt", "mask_history learns only the last response, "
                                                                     "train_on_prompt learns every prompt too; set "

@@ -224,3 +224,35 @@ def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
     ids = torch.arange(1, 20).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(reference.model(ids).logits, adapter(ids).logits, atol=1e-4)
+
+
+def test_model_options_from_scratch_upcast_norms_and_head_and_print_the_parameters(tiny_model):
+    from conftest import DEMO_RECIPE, ROOT, captured_log
+
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+
+    m = ModelArguments(model_name_or_path=str(tiny_model), disable_gradient_checkpointing=True)
+    pretrained = methods.load_model(m, use_gpu=False).state_dict()
+    one, two = (methods.load_model(m, use_gpu=False, scratch_seed=7).state_dict() for _ in range(2))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(one[name], two[name]) and not torch.equal(one[name], pretrained[name])  # seeded, random
+    upcast = ModelArguments(model_name_or_path=str(tiny_model), disable_gradient_checkpointing=True,
+                            upcast_layernorm=True, upcast_lmhead_output=True)
+    model = methods.load_model(upcast, use_gpu=False, dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["model.norm.weight"] == dtypes["model.layers.0.input_layernorm.weight"] == torch.float32
+    assert dtypes[name] == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16 mixed-precision training runs it
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.float32  # the head's output upcast
+
+    cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}", "print_param_status=true",
+                                                 "train_from_scratch=true"]), base_dir=ROOT)
+    with captured_log() as lines:
+        model = methods.prepare_model(cfg, use_gpu=False)
+    shown = [line for line in lines if line.startswith("parameter ")]
+    assert len(shown) == len(list(model.named_parameters()))
+    assert any(line.endswith("lora_A.default.weight: torch.float32, cpu, trainable") for line in shown)
+    assert any(line.endswith("mlp.up_proj.base_layer.weight: torch.float32, cpu, frozen") for line in shown)
+    base = model.get_base_model().state_dict()
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.base_layer.weight"], pretrained[name])  # from scratch

@@ -10,11 +10,12 @@ from pathlib import Path
 import pyarrow.fs
 import torch
 from peft import LoraConfig, OFTConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rayft.data import tokenizer as data_tokenizer
 from rayft.data.files import resolve
 from rayft.data.tokenizer import TokenizerSpec
+from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import FinetuningArguments, ModelArguments
 from rayft.recipe.values import comma_list
@@ -36,13 +37,16 @@ def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
 
 
 def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = False, value_head: bool = False,
-               path: str | None = None, trainable: bool = True, dtype: torch.dtype | str | None = None):
+               path: str | None = None, trainable: bool = True, dtype: torch.dtype | str | None = None,
+               scratch_seed: int | None = None):
     """The model at `path` (default model_name_or_path) through `from_pretrained`.
 
     With `value_head` it is the sequence-classification form of the same checkpoint: the LM body plus a
     scalar head (`score`) read at each sequence's last token, which is how stage rm scores a response.
     A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing. `dtype` overrides
-    the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision.
+    the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision. With
+    `scratch_seed` (train_from_scratch) the trained model is built from its config with random weights drawn from
+    that seed, the same on every worker.
     """
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
@@ -51,17 +55,19 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     if quantized:
         kwargs.update(quantization_config=bnb_config(model_args, model_dtype(use_gpu, pure_bf16)),
                       device_map={"": torch.cuda.current_device() if use_gpu else "cpu"})
-    model = (AutoModelForSequenceClassification if value_head else AutoModelForCausalLM).from_pretrained(
-        path or model_args.model_name_or_path,
-        dtype=dtype or model_dtype(use_gpu, pure_bf16),
-        attn_implementation=attn,
-        revision=model_args.model_revision,
-        cache_dir=model_args.cache_dir,
-        token=model_args.hf_hub_token,
-        trust_remote_code=model_args.trust_remote_code,
-        low_cpu_mem_usage=model_args.low_cpu_mem_usage,
-        **kwargs,
-    )
+    cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
+    source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
+                  trust_remote_code=model_args.trust_remote_code)
+    dtype = dtype or model_dtype(use_gpu, pure_bf16)
+    if scratch_seed is not None and trainable and path is None:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs, **source)
+        with torch.random.fork_rng():
+            torch.manual_seed(scratch_seed)
+            model = cls.from_config(config, dtype=dtype, attn_implementation=attn,
+                                    trust_remote_code=model_args.trust_remote_code)
+    else:
+        model = cls.from_pretrained(path or model_args.model_name_or_path, dtype=dtype, attn_implementation=attn,
+                                    low_cpu_mem_usage=model_args.low_cpu_mem_usage, **source, **kwargs)
     # The KV cache only costs memory in training, and with one Transformers ignores packed position_ids
     # (neat_packing's block-diagonal mask).
     model.config.use_cache = False
@@ -72,6 +78,13 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     if trainable and not model_args.disable_gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": model_args.use_reentrant_gc})
         model.enable_input_require_grads()
+    if trainable and model_args.upcast_layernorm:  # as LLaMA-Factory: 1-D weights of modules named like a norm
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(part in name for part in ("norm", "ln")):
+                param.data = param.data.to(torch.float32)
+    head = model.get_output_embeddings()
+    if trainable and model_args.upcast_lmhead_output and isinstance(head, torch.nn.Linear):
+        head.register_forward_hook(lambda _module, _inputs, output: output.to(torch.float32))
     return model
 
 
@@ -303,8 +316,15 @@ FINETUNING = {"lora": apply_lora, "oft": apply_oft, "freeze": apply_freeze, "ful
 def prepare_model(cfg, use_gpu: bool, value_head: bool = False):
     """The model a stage trains: loaded, then made trainable as its finetuning_type says."""
     f = cfg.finetuning
-    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, value_head=value_head)
-    return FINETUNING[f.finetuning_type](model, f, cfg.model)
+    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, value_head=value_head,
+                       scratch_seed=cfg.args.seed if cfg.model.train_from_scratch else None)
+    model = FINETUNING[f.finetuning_type](model, f, cfg.model)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if cfg.model.print_param_status and rank == 0:
+        for name, param in model.named_parameters():
+            logger.info(f"parameter {name}: {param.dtype}, {param.device}, "
+                        f"{'trainable' if param.requires_grad else 'frozen'}")
+    return model
 
 
 def load_reference(cfg, use_gpu: bool):
