@@ -113,15 +113,16 @@ def measure(checkout: Path, repeats: int, tmp: Path) -> dict:
     }
 
 
-def empty_runs(repeats: int, storage: str) -> list[float]:
-    """Ray Train's own cost: a 2-worker run of a function that only reports, on a local instance already up."""
+def empty_runs(repeats: int, storage: str) -> dict[str, list[float]]:
+    """Ray Train's own cost: a 2-worker run of a function that only reports, on a local instance already up, with
+    rayft's trainer for local runs and with Ray Train's own (its placement-group cleaner and metrics on), in turn."""
     import logging
 
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from rayft.orchestrator.launch import ray_train_settings
+    from rayft.orchestrator.launch import LocalRunTrainer, ray_train_settings
     from rayft.trainers.entry import TorchBackend
 
     def report_once(config):
@@ -130,15 +131,19 @@ def empty_runs(repeats: int, storage: str) -> list[float]:
         ray.train.report({"done": 1})
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    seconds = []
+    seconds: dict[str, list[float]] = {"rayft": [], "ray_train": []}
     try:
         for i in range(repeats):
-            with ray_train_settings(local=True):
-                start = time.perf_counter()
-                DataParallelTrainer(report_once, backend_config=TorchBackend(backend="gloo"),
-                                    scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                                    run_config=RunConfig(name=f"empty-{i}", storage_path=storage)).fit()
-                seconds.append(time.perf_counter() - start)
+            for name, cls in (("ray_train", DataParallelTrainer), ("rayft", LocalRunTrainer)):
+                with ray_train_settings(local=True):
+                    if name == "ray_train":
+                        os.environ["RAY_TRAIN_METRICS_ENABLED"] = "1"
+                    start = time.perf_counter()
+                    cls(report_once, backend_config=TorchBackend(backend="gloo"),
+                        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                        run_config=RunConfig(name=f"empty-{name}-{i}", storage_path=storage)).fit()
+                    seconds[name].append(time.perf_counter() - start)
+                    os.environ.pop("RAY_TRAIN_METRICS_ENABLED", None)
     finally:
         ray.shutdown()
     return seconds
@@ -154,7 +159,7 @@ def main() -> None:
     checkouts["this checkout"] = ROOT
     with tempfile.TemporaryDirectory() as tmp:
         found = {name: measure(path, args.repeats, Path(tmp)) for name, path in checkouts.items()}
-        empty = empty_runs(args.empty_runs, str(Path(tmp) / "empty")) if args.empty_runs else []
+        empty = empty_runs(args.empty_runs, str(Path(tmp) / "empty")) if args.empty_runs else {}
     names = list(found)
     rows = [{"what": "rayft keys lora_rank (s)", **{n: found[n]["keys_s"] for n in names}},
             {"what": "rayft plan, demo recipe (s)", **{n: found[n]["plan_s"] for n in names}},
@@ -167,9 +172,9 @@ def main() -> None:
     print(table(rows, ["what", *names]))
     for name in names:
         print(f"{name}: {found[name]['worker_startup'] or 'no worker start-up line'}")
-    if empty:
-        print(f"empty 2-worker Ray Train run on a running local instance: median {median(empty)} s "
-              f"({', '.join(f'{s:.1f}' for s in empty)})")
+    for name, runs in (empty or {}).items():
+        print(f"empty 2-worker run on a running local instance, {name}'s trainer: median {median(runs)} s "
+              f"({', '.join(f'{s:.1f}' for s in runs)})")
     write("startup", {"commands": found, "empty_runs_s": empty, "argv": sys.argv[1:]})
 
 

@@ -146,6 +146,14 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         notes.append(f"reference model: {reference_kind(cfg)} (stage {f.stage}"
                      + (f", pref_loss {f.pref_loss}" if f.stage == "dpo" else "")
                      + f", finetuning_type {f.finetuning_type})")
+    m = cfg.model
+    if m.adapter_folder and m.adapter_name_or_path:
+        # as LLaMA-Factory's `subfolder`: each adapter is read from that folder inside it (once: the saved recipe
+        # carries the joined paths and no adapter_folder, so that a worker resolving it again joins nothing)
+        m.adapter_name_or_path = ",".join(f"{a.rstrip('/')}/{m.adapter_folder.strip('/')}"
+                                          for a in comma_list(m.adapter_name_or_path))
+        notes.append(f"adapter_name_or_path = {m.adapter_name_or_path} (adapter_folder {m.adapter_folder} in each)")
+        m.adapter_folder = None
     d = cfg.data
     if d.packing is None:
         d.packing = d.neat_packing or f.stage == "pt"

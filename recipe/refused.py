@@ -22,8 +22,7 @@ NOT_BUILT: dict[str, str] = {
         "swanlab_api_key")},
     **{k: "model patches" for k in (
         "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
-        "enable_liger_kernel", "moe_aux_loss_coef",
-        "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro")},
+        "enable_liger_kernel", "resize_vocab", "new_special_tokens", "split_special_tokens", "use_llama_pro")},
     **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
         "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
     **{k: "multimodal training" for k in (
@@ -53,7 +52,6 @@ NOT_BUILT: dict[str, str] = {
     **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
-    "adapter_folder": "loading adapters from a folder",
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
     "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",
     "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",

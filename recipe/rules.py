@@ -205,6 +205,9 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
     problems += quantization_problems(cfg, base_dir)
+    if m.adapter_folder and not m.adapter_name_or_path:
+        problems.append(Problem("adapter_folder", "names a folder inside each adapter of adapter_name_or_path, which "
+                                                  "is not set; set it or remove adapter_folder"))
     if m.train_from_scratch and m.quantization_bit is not None:
         problems.append(Problem("train_from_scratch and quantization_bit", "random weights are not a quantised "
                                                                            "checkpoint; remove one of them"))

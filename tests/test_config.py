@@ -82,7 +82,7 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("use_llama_pro", "true"), ("adapter_folder", "x"), ("report_to", "comet_ml"),
+@pytest.mark.parametrize("key,value", [("use_llama_pro", "true"), ("shift_attn", "true"), ("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
                                        ("rope_scaling", "linear"), ("use_swanlab", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):

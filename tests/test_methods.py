@@ -256,3 +256,59 @@ def test_model_options_from_scratch_upcast_norms_and_head_and_print_the_paramete
     assert any(line.endswith("mlp.up_proj.base_layer.weight: torch.float32, cpu, frozen") for line in shown)
     base = model.get_base_model().state_dict()
     assert not torch.equal(base["model.layers.0.mlp.up_proj.base_layer.weight"], pretrained[name])  # from scratch
+
+
+def test_adapter_folder_reads_each_adapter_from_its_subfolder(tiny_model, tmp_path):
+    from conftest import DEMO_RECIPE, ROOT
+
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+
+    prepared(tiny_model, lora_target="q_proj").save_pretrained(tmp_path / "run" / "sub")
+
+    def recipe(*overrides):
+        return parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}", *overrides]), base_dir=ROOT)
+
+    cfg = recipe(f"adapter_name_or_path={tmp_path / 'run'}", "adapter_folder=sub")
+    assert cfg.model.adapter_name_or_path == str(tmp_path / "run" / "sub") and cfg.model.adapter_folder is None
+    # a recipe written from the resolved one (training_args.yaml, best_config.yaml) joins nothing when read again
+    assert cfg.to_dict(mask_secrets=False)["adapter_folder"] is None
+    again = recipe(f"adapter_name_or_path={cfg.model.adapter_name_or_path}")
+    assert again.model.adapter_name_or_path == cfg.model.adapter_name_or_path
+    base = methods.load_model(cfg.model, use_gpu=False)
+    model, continued = methods.load_adapters(base, cfg.model, cfg.finetuning)
+    assert continued and any("lora_A" in n and p.requires_grad for n, p in model.named_parameters())
+    with pytest.raises(ConfigError, match="adapter_folder: names a folder inside each adapter"):
+        recipe("adapter_folder=sub")
+
+
+def test_moe_aux_loss_coef_adds_the_router_loss_of_a_mixture_of_experts(tiny_model, tmp_path):
+    from conftest import DEMO_RECIPE, ROOT
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+    from rayft.trainers.probe import probe_model
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    m = ModelArguments(model_name_or_path=str(tmp_path / "moe"), disable_gradient_checkpointing=True,
+                       moe_aux_loss_coef=0.5)
+    model = methods.load_model(m, use_gpu=False)
+    assert model.config.output_router_logits and model.config.router_aux_loss_coef == 0.5
+    ids = torch.randint(0, 64, (2, 9))
+    out = model(input_ids=ids, labels=ids)
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    assert out.aux_loss > 0 and out.loss.item() == pytest.approx((lm + 0.5 * out.aux_loss).item(), rel=1e-5)
+    reference = methods.load_model(m, use_gpu=False, trainable=False)  # frozen models compute no router loss
+    assert not reference.config.output_router_logits
+
+    dense = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}", "moe_aux_loss_coef=0.01"]),
+                         base_dir=ROOT)
+    with pytest.raises(ConfigError, match="moe_aux_loss_coef: qwen2 is not a mixture of experts"):
+        probe_model(dense)

@@ -58,6 +58,9 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
+    if trainable and model_args.moe_aux_loss_coef and path is None:
+        kwargs["config"] = with_router_loss(AutoConfig.from_pretrained(model_args.model_name_or_path, **source),
+                                            model_args.moe_aux_loss_coef)
     dtype = dtype or model_dtype(use_gpu, pure_bf16)
     if scratch_seed is not None and trainable and path is None:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs, **source)
@@ -86,6 +89,23 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     if trainable and model_args.upcast_lmhead_output and isinstance(head, torch.nn.Linear):
         head.register_forward_hook(lambda _module, _inputs, output: output.to(torch.float32))
     return model
+
+
+# Mixture-of-experts model types whose router (load-balancing) loss Transformers adds to the loss, and the config
+# key of its coefficient (LLaMA-Factory's table); for the others moe_aux_loss_coef is refused on the driver.
+ROUTER_LOSS_KEYS = {**{t: "router_aux_loss_coef" for t in (
+    "ernie4_5_moe", "granitemoe", "jamba", "llama4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")},
+    "dbrx": None, "jetmoe": "aux_loss_coef", "deepseek": "aux_loss_alpha"}
+
+
+def with_router_loss(config, coefficient: float):
+    """`config` set to return its router logits and add their load-balancing loss, at `coefficient`, to the loss."""
+    kind = config.model_type
+    if kind != "deepseek":
+        config.output_router_logits = True
+    if ROUTER_LOSS_KEYS.get(kind):
+        setattr(config, ROUTER_LOSS_KEYS[kind], coefficient)
+    return config
 
 
 def bnb_config(model_args: ModelArguments, compute_dtype: torch.dtype | str):

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import comma_list
-from rayft.trainers.model import FINETUNING, freeze_trainable_prefixes, linear_module_names
+from rayft.trainers.model import FINETUNING, ROUTER_LOSS_KEYS, freeze_trainable_prefixes, linear_module_names
 
 # accelerate's init_empty_weights patches torch.nn.Module for the whole process while it is active; two probes
 # in two threads (runs started side by side in one driver) would leave the patch in place when they interleave.
@@ -31,6 +31,10 @@ def _probe(cfg: RecipeConfig) -> dict:
                                                          f"{cfg.model.model_name_or_path!r} "
                                                          f"({' '.join(str(err).split())})")]) from None
     problems = module_problems(cfg, model)
+    if cfg.model.moe_aux_loss_coef and model.config.model_type not in ROUTER_LOSS_KEYS:
+        known = ", ".join(sorted(ROUTER_LOSS_KEYS))
+        problems.append(Problem("moe_aux_loss_coef", f"{model.config.model_type} is not a mixture of experts with a "
+                                                     f"router loss rayft knows ({known}); remove moe_aux_loss_coef"))
     if problems:
         raise ConfigError(problems)
     return model_shape(cfg, model)
