@@ -35,10 +35,7 @@ NOT_BUILT: dict[str, str] = {
         "kt_lora_expert_intermediate_size")},
     **{k: "FP8 training (needs Hopper or newer GPUs)" for k in ("fp8", "fp8_backend",
                                                                 "fp8_enable_fsdp_float8_all_gather")},
-    **{k: "the torch profiler" for k in (
-        "enable_torch_profiler", "profiler_output_dir", "profile_modules", "profiler_wait_steps",
-        "profiler_warmup_steps", "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
-        "profiler_profile_memory", "profiler_with_stack")},
+    "profile_modules": "per-module CUDA-event timing (profile_modules; the torch profiler is built)",
     **{k: "a torchrun rendezvous (Ray Train makes the process group; its address is Ray's)" for k in (
         "master_addr", "master_port")},
     "use_v1_kernels": "LLaMA-Factory's v1 kernels",

@@ -28,6 +28,7 @@ from rayft.recipe.schema import (
     GeneratingArguments,
     RayArguments,
     ServingArguments,
+    TrainingArguments,
     default_of,
 )
 from rayft.recipe.stages import ONLINE_STAGES
@@ -205,6 +206,14 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
     problems += quantization_problems(cfg, base_dir)
+    profiler_keys = [k for k in ("profiler_output_dir", "profiler_wait_steps", "profiler_warmup_steps",
+                                 "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
+                                 "profiler_profile_memory", "profiler_with_stack")
+                     if getattr(t, k) != default_of(TrainingArguments, k)]
+    if profiler_keys and not t.enable_torch_profiler:
+        problems.append(Problem(f"{profiler_keys[0]} and enable_torch_profiler", f"{profiler_keys[0]} is only used "
+                                                                                 "with enable_torch_profiler: true; "
+                                                                                 "set it or remove the profiler keys"))
     if m.adapter_folder and not m.adapter_name_or_path:
         problems.append(Problem("adapter_folder", "names a folder inside each adapter of adapter_name_or_path, which "
                                                   "is not set; set it or remove adapter_folder"))
@@ -478,12 +487,14 @@ def _online_not_built(cfg: RecipeConfig, stage: str) -> list[Problem]:
         "eval_dataset": bool(d.eval_dataset or d.val_size or t.eval_strategy != "no"),
         "pissa_convert": f.pissa_convert,
         "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
+        "enable_torch_profiler": t.enable_torch_profiler,
     }
     name = stage.upper()
     what = {"deepspeed": f"DeepSpeed ZeRO for {name} (the {name} loop trains with DDP)",
             "streaming": f"streamed prompts for {name}", "eval_dataset": f"evaluation during {name} (eval_dataset, "
             "val_size, eval_strategy)", "pissa_convert": "PiSSA conversion "
-            f"for {name}", "optim": f"optimizers other than AdamW for {name}"}
+            f"for {name}", "optim": f"optimizers other than AdamW for {name}",
+            "enable_torch_profiler": f"the torch profiler in the {name} loop"}
     return [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
             for key, used in not_built.items() if used]
 

@@ -95,3 +95,42 @@ class ReportEveryLog(TrainerCallback):
 
 
 
+
+
+class TorchProfiler(TrainerCallback):
+    """torch.profiler over the training steps (`enable_torch_profiler`, LLaMA-Factory's `profiler_*` keys): each
+    worker writes its own traces (Chrome / TensorBoard JSON) to `<profiler_output_dir>/rank_<N>`, by default
+    `<output_dir>/profiler` on that worker's node."""
+
+    def __init__(self, settings, output_dir: str, rank: int):
+        self.settings, self.profiler = settings, None
+        self.folder = Path(settings.profiler_output_dir or Path(output_dir) / "profiler") / f"rank_{rank}"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        s = self.settings
+        self.folder.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=s.profiler_wait_steps, warmup=s.profiler_warmup_steps,
+                                             active=s.profiler_active_steps, repeat=s.profiler_repeat),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(self.folder)),
+            record_shapes=s.profiler_record_shapes, profile_memory=s.profiler_profile_memory,
+            with_stack=s.profiler_with_stack)
+        self.profiler.start()
+        logger.info(f"torch profiler: wait {s.profiler_wait_steps}, warm-up {s.profiler_warmup_steps}, record "
+                    f"{s.profiler_active_steps} step(s), {s.profiler_repeat or 'unlimited'} cycle(s); traces in "
+                    f"{self.folder}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None

@@ -28,7 +28,7 @@ from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog
+from rayft.trainers.callbacks import LogCallback, ReportEveryLog, TorchProfiler
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
@@ -450,7 +450,9 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
                    *([CheckpointOnSigterm(grace)] if grace else []),
                    *([ReportEveryLog()] if plan.report_every_log else []),
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
-                     if cfg.finetuning.early_stopping_steps is not None else [])],
+                     if cfg.finetuning.early_stopping_steps is not None else []),
+                   *([TorchProfiler(cfg.args, args.output_dir, args.process_index)]
+                     if cfg.args.enable_torch_profiler else [])],
         finetuning=cfg.finetuning,
         **trainer_kwargs,
     )
