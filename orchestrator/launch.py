@@ -171,14 +171,15 @@ def check_cluster(cfg: RecipeConfig, nodes: list[Node]) -> None:
 
 
 def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, report_every_log: bool = False,
-             trials_at_once: int = 1) -> Plan:
+             trials_at_once: int = 1, train_tokens: int = 0) -> Plan:
     """The run's one Plan, against the connected cluster's nodes (shared by `trials_at_once` trials of a sweep)."""
     cfg = prepared.cfg
     gpu_memory = None
     if cfg.args.deepspeed == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
         gpu_memory = gpu_memory_bytes()
     return make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=gpu_memory,
-                     report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once)
+                     report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once,
+                     train_tokens=train_tokens)
 
 
 def show_config(cfg: RecipeConfig, plan: Plan) -> None:
@@ -229,7 +230,8 @@ def run_train(cfg: RecipeConfig, helper: Helper | None = None):
             check_cluster(cfg, nodes)  # the connected cluster can hold the workers
             tokenised = tokenize_splits(prepared)
             helper.close()  # the driver holds no torch while its run trains
-            return launch(cfg, plan_run(prepared, nodes, tokenised.train_count), tokenised.datasets)
+            return launch(cfg, plan_run(prepared, nodes, tokenised.train_count, train_tokens=tokenised.train_tokens),
+                          tokenised.datasets)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class Tokenised:
 
     datasets: dict
     train_count: int
+    train_tokens: int = 0  # counted only for include_effective_tokens_per_second
 
 
 def run_tokenize(cfg: RecipeConfig, helper: Helper | None = None) -> dict[str, str]:
@@ -284,7 +287,8 @@ def tokenize_splits(prepared: Prepared, keep: bool = False) -> Tokenised:
 
     datasets = {split: _tokenized(prepared, rows_of, split, keep) for split in split_names(prepared)}
     streamed = cfg.data.streaming
-    return Tokenised(datasets, made["train"].count() if streamed else datasets["train"].count())
+    tokens = token_stats(datasets["train"])["tokens"] if cfg.finetuning.include_effective_tokens_per_second else 0
+    return Tokenised(datasets, made["train"].count() if streamed else datasets["train"].count(), tokens)
 
 
 def example_rows(prepared: Prepared) -> dict[str, Rows]:

@@ -133,7 +133,7 @@ def startable_now(plan: Plan, free: list[Node]) -> str:
 
 def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, shape: ModelShape | None = None,
               gpu_memory: int | None = None, report_every_log: bool = False, run_id: str = "",
-              trials_at_once: int = 1) -> Plan:
+              trials_at_once: int = 1, train_tokens: int = 0) -> Plan:
     """Decides workers, devices, DeepSpeed and batch arithmetic; raises ConfigError if it cannot fit.
 
     With the model's `shape` the plan carries the memory planner's estimate per worker, and `deepspeed:
@@ -228,6 +228,7 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         notes=tuple(notes),
         memory_per_worker=memory,
         in_process=in_process,
+        train_tokens=train_tokens,
     )
 
 

@@ -44,6 +44,7 @@ class Plan:
     progress_board: str | None = None  # name of the driver's progress actor that rank 0 posts its records to
     min_workers: int | None = None  # an elastic run's fewest workers (None: always num_workers)
     in_process: bool = False  # Ray Train's local mode: the one worker is the driver's own process
+    train_tokens: int = 0  # tokens of one epoch of training data, when include_effective_tokens_per_second asks
 
     @property
     def elastic(self) -> bool:

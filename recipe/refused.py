@@ -51,5 +51,4 @@ NOT_BUILT: dict[str, str] = {
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
     "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",
-    "include_effective_tokens_per_second": "effective-token throughput (issue: performance)",
 }

@@ -214,6 +214,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem(f"{profiler_keys[0]} and enable_torch_profiler", f"{profiler_keys[0]} is only used "
                                                                                  "with enable_torch_profiler: true; "
                                                                                  "set it or remove the profiler keys"))
+    if f.include_effective_tokens_per_second and (d.streaming or f.stage in ONLINE_STAGES):
+        problems.append(Problem("include_effective_tokens_per_second", "counts the tokens of a tokenised training "
+                                                                       "set, which a stream (or the ppo and grpo "
+                                                                       "loops' prompts) does not have; remove it"))
     if m.adapter_folder and not m.adapter_name_or_path:
         problems.append(Problem("adapter_folder", "names a folder inside each adapter of adapter_name_or_path, which "
                                                   "is not set; set it or remove adapter_folder"))

@@ -163,6 +163,8 @@ FULL = ("finetuning_type=full", "deepspeed=null")
     (("galore_rank=8",), "galore_rank is only used with use_galore: true"),
     (("use_badam=true", "badam_update_ratio=0.1", "ray_num_workers=1", *FULL), "badam_update_ratio is only used"),
     (("profiler_active_steps=3",), "profiler_active_steps and enable_torch_profiler: profiler_active_steps is only"),
+    (("include_effective_tokens_per_second=true", "streaming=true", "max_steps=4"),
+     "include_effective_tokens_per_second: counts the tokens of a tokenised training set"),
 ])
 def test_optimizer_settings_that_cannot_work_together_are_refused_before_ray(overrides, message):
     found = problems(*overrides)

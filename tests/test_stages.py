@@ -136,12 +136,16 @@ def test_sft_with_freeze_galore_and_the_torch_profiler_on_two_workers(tmp_path, 
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "finetuning_type=freeze",
                             "num_train_epochs=1", "deepspeed=null", "freeze_trainable_layers=2",
                             "freeze_extra_modules=norm", "use_galore=true", "galore_rank=8", "galore_scale=1.0",
-                            "save_strategy=steps", "save_steps=16", "enable_torch_profiler=true")
+                            "save_strategy=steps", "save_steps=16", "enable_torch_profiler=true",
+                            "include_effective_tokens_per_second=true")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     state = torch.load(out / "checkpoint-16" / "optimizer.pt", weights_only=False)["state"]
     projected = [s["exp_avg"].shape for s in state.values() if "projector" in s]
     assert len(projected) == 2 * 7 and (682, 8) in projected  # the last 2 blocks' linear weights, at rank 8
+    results = json.loads((out / "all_results.json").read_text())  # the demo's 7930 tokens an epoch, per device
+    assert results["effective_tokens_per_sec"] == pytest.approx(7930 * results["epoch"] / results["train_runtime"] / 2,
+                                                                rel=0.01)
     for rank in (0, 1):  # the profiler's default schedule records step 3 of each worker
         (trace,) = (out / "profiler" / f"rank_{rank}").glob("*.pt.trace.json")
         assert '"traceEvents"' in trace.read_text()[:4000]

@@ -469,6 +469,9 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         if resume and Path(resume).parent == UNIVERSAL_VIEWS:  # this start's own view; every rank may try
             shutil.rmtree(resume, ignore_errors=True)
     train_result.metrics.update(extra_metrics or {})
+    if plan.train_tokens:  # include_effective_tokens_per_second, as LLaMA-Factory counts it: per device
+        m = train_result.metrics
+        m["effective_tokens_per_sec"] = round(plan.train_tokens * m["epoch"] / m["train_runtime"] / args.world_size, 2)
     # before saving, which under ZeRO-3 gathers the whole model on rank 0
     train_result.metrics.update({f"training_{k}": v for k, v in peak_memory().items()})
     return finish(trainer, cfg, plan, train_result, tokenizer)
