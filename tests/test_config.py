@@ -84,7 +84,7 @@ def test_override_without_equals_is_refused():
 
 @pytest.mark.parametrize("key,value", [("use_llama_pro", "true"), ("shift_attn", "true"), ("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
-                                       ("rope_scaling", "linear"), ("use_swanlab", "true"), ("fp8", "true")])
+                                       ("use_unsloth", "true"), ("use_swanlab", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem

@@ -312,3 +312,25 @@ def test_moe_aux_loss_coef_adds_the_router_loss_of_a_mixture_of_experts(tiny_mod
                          base_dir=ROOT)
     with pytest.raises(ConfigError, match="moe_aux_loss_coef: qwen2 is not a mixture of experts"):
         probe_model(dense)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_rope_scaling_stretches_the_positions_to_cutoff_len_and_keeps_rope_theta(tiny_model, kind):
+    m = ModelArguments(model_name_or_path=str(tiny_model), disable_gradient_checkpointing=True, rope_scaling=kind)
+    model = methods.load_model(m, use_gpu=False, max_length=2500)  # the tiny model holds 1024 positions
+    params = model.config.rope_parameters
+    assert (params["rope_type"], params["factor"], params["rope_theta"]) == (kind, 3.0, 10000.0)  # ceil(2500/1024)
+    assert model.config.max_position_embeddings == 3072
+    assert params.get("original_max_position_embeddings") == (None if kind == "linear" else 1024)
+    plain = methods.load_model(ModelArguments(model_name_or_path=str(tiny_model), disable_gradient_checkpointing=True),
+                               use_gpu=False)
+    scaled, own = model.model.rotary_emb, plain.model.rotary_emb  # what the attention layers rotate by
+    assert scaled.rope_type == kind and own.rope_type == "default"
+    if kind == "linear":  # positions divided by the factor: every frequency a third
+        torch.testing.assert_close(scaled.inv_freq, own.inv_freq / 3)
+    with torch.no_grad():  # a sequence beyond the model's own length runs
+        assert model((torch.arange(1500) % 500 + 1).unsqueeze(0)).logits.shape == (1, 1500, 596)
+    fits = methods.load_model(m, use_gpu=False, max_length=512)
+    assert fits.config.rope_parameters["rope_type"] == "default" and fits.config.max_position_embeddings == 1024
+    generating = methods.load_model(m, use_gpu=False, trainable=False)  # generation: twice the length
+    assert generating.config.rope_parameters["factor"] == 2.0

@@ -5,6 +5,7 @@ adapter (lora, oft), the last or first layers (freeze), or everything (full).
 """
 
 import hashlib
+import math
 from pathlib import Path
 
 import pyarrow.fs
@@ -38,7 +39,7 @@ def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
 
 def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = False, value_head: bool = False,
                path: str | None = None, trainable: bool = True, dtype: torch.dtype | str | None = None,
-               scratch_seed: int | None = None):
+               scratch_seed: int | None = None, max_length: int | None = None):
     """The model at `path` (default model_name_or_path) through `from_pretrained`.
 
     With `value_head` it is the sequence-classification form of the same checkpoint: the LM body plus a
@@ -46,7 +47,8 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing. `dtype` overrides
     the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision. With
     `scratch_seed` (train_from_scratch) the trained model is built from its config with random weights drawn from
-    that seed, the same on every worker.
+    that seed, the same on every worker. With rope_scaling, `max_length` (the run's cutoff_len) sets the factor;
+    None (generation) doubles the model's length, as LLaMA-Factory does.
     """
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
@@ -58,9 +60,13 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
-    if trainable and model_args.moe_aux_loss_coef and path is None:
-        kwargs["config"] = with_router_loss(AutoConfig.from_pretrained(model_args.model_name_or_path, **source),
-                                            model_args.moe_aux_loss_coef)
+    if (trainable and model_args.moe_aux_loss_coef or model_args.rope_scaling) and path is None:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **source)
+        if trainable and model_args.moe_aux_loss_coef:
+            config = with_router_loss(config, model_args.moe_aux_loss_coef)
+        if model_args.rope_scaling:
+            config = with_rope_scaling(config, model_args.rope_scaling, max_length)
+        kwargs["config"] = config
     dtype = dtype or model_dtype(use_gpu, pure_bf16)
     if scratch_seed is not None and trainable and path is None:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs, **source)
@@ -105,6 +111,27 @@ def with_router_loss(config, coefficient: float):
         config.output_router_logits = True
     if ROUTER_LOSS_KEYS.get(kind):
         setattr(config, ROUTER_LOSS_KEYS[kind], coefficient)
+    return config
+
+
+def with_rope_scaling(config, kind: str, max_length: int | None):
+    """`config` with its rotary embedding stretched to hold `max_length` tokens (LLaMA-Factory's rule: the factor is
+    the whole number of times the model's own length fits into it; none when it already holds them; 2 when
+    generating), written into Transformers 5's `rope_parameters` so that the model's own rope_theta stays."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    original = params.get("original_max_position_embeddings") or config.max_position_embeddings
+    if max_length is not None and max_length <= original:
+        logger.info(f"rope_scaling: cutoff_len {max_length} fits the model's {original} positions; not scaled")
+        return config
+    factor = float(math.ceil(max_length / original)) if max_length is not None else 2.0
+    params.update(rope_type=kind, factor=factor)
+    if kind in ("dynamic", "yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    if kind == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * factor)
+    logger.info(f"rope_scaling: {kind}, factor {factor:g}: {original} -> {config.max_position_embeddings} positions")
     return config
 
 
@@ -337,7 +364,8 @@ def prepare_model(cfg, use_gpu: bool, value_head: bool = False):
     """The model a stage trains: loaded, then made trainable as its finetuning_type says."""
     f = cfg.finetuning
     model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, value_head=value_head,
-                       scratch_seed=cfg.args.seed if cfg.model.train_from_scratch else None)
+                       scratch_seed=cfg.args.seed if cfg.model.train_from_scratch else None,
+                       max_length=cfg.data.cutoff_len)
     model = FINETUNING[f.finetuning_type](model, f, cfg.model)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if cfg.model.print_param_status and rank == 0:
@@ -351,7 +379,8 @@ def load_reference(cfg, use_gpu: bool):
     """A frozen reference model: ref_model (with ref_model_adapters merged) or a copy of the base model."""
 
     f = cfg.finetuning
-    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, path=f.ref_model, trainable=False)
+    model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, path=f.ref_model, trainable=False,
+                       max_length=cfg.data.cutoff_len)
     for adapter in comma_list(f.ref_model_adapters):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.requires_grad_(False)
