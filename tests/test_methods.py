@@ -334,3 +334,8 @@ def test_rope_scaling_stretches_the_positions_to_cutoff_len_and_keeps_rope_theta
     assert fits.config.rope_parameters["rope_type"] == "default" and fits.config.max_position_embeddings == 1024
     generating = methods.load_model(m, use_gpu=False, trainable=False)  # generation: twice the length
     assert generating.config.rope_parameters["factor"] == 2.0
+    # the value head (stage rm) and train_from_scratch build from the same scaled config
+    rm = methods.load_model(m, use_gpu=False, value_head=True, max_length=2500)
+    assert rm.score.out_features == 1  # one label, as without rope_scaling
+    for built in (rm, methods.load_model(m, use_gpu=False, scratch_seed=1, max_length=2500)):
+        assert built.config.rope_parameters["factor"] == 3.0 and built.model.rotary_emb.rope_type == kind

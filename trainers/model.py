@@ -60,19 +60,21 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
-    if (trainable and model_args.moe_aux_loss_coef or model_args.rope_scaling) and path is None:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **source)
+    from_scratch = scratch_seed is not None and trainable and path is None
+    if path is None and (from_scratch or model_args.rope_scaling or trainable and model_args.moe_aux_loss_coef):
+        # one config, changed once, for whichever way the model is built (the value head's label count in it)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **source,
+                                            **({"num_labels": kwargs.pop("num_labels")} if value_head else {}))
         if trainable and model_args.moe_aux_loss_coef:
             config = with_router_loss(config, model_args.moe_aux_loss_coef)
         if model_args.rope_scaling:
             config = with_rope_scaling(config, model_args.rope_scaling, max_length)
         kwargs["config"] = config
     dtype = dtype or model_dtype(use_gpu, pure_bf16)
-    if scratch_seed is not None and trainable and path is None:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs, **source)
+    if from_scratch:
         with torch.random.fork_rng():
             torch.manual_seed(scratch_seed)
-            model = cls.from_config(config, dtype=dtype, attn_implementation=attn,
+            model = cls.from_config(kwargs["config"], dtype=dtype, attn_implementation=attn,
                                     trust_remote_code=model_args.trust_remote_code)
     else:
         model = cls.from_pretrained(path or model_args.model_name_or_path, dtype=dtype, attn_implementation=attn,
