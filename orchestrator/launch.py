@@ -285,10 +285,13 @@ def tokenize_splits(prepared: Prepared, keep: bool = False) -> Tokenised:
             made.update(example_rows(prepared))
         return made[split]
 
-    datasets = {split: _tokenized(prepared, rows_of, split, keep) for split in split_names(prepared)}
-    streamed = cfg.data.streaming
-    tokens = token_stats(datasets["train"])["tokens"] if cfg.finetuning.include_effective_tokens_per_second else 0
-    return Tokenised(datasets, made["train"].count() if streamed else datasets["train"].count(), tokens)
+    tokenised = {split: _tokenized(prepared, rows_of, split, keep) for split in split_names(prepared)}
+    datasets = {split: dataset for split, (dataset, _) in tokenised.items()}
+    stats = tokenised["train"][1]  # None for a stream, which is never counted
+    if stats is None:
+        return Tokenised(datasets, made["train"].count())
+    tokens = stats["tokens"] if cfg.finetuning.include_effective_tokens_per_second else 0
+    return Tokenised(datasets, stats["examples"], tokens)
 
 
 def example_rows(prepared: Prepared) -> dict[str, Rows]:
@@ -358,9 +361,10 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
     worker_env = {} if uses_bitsandbytes(cfg) else {WORKER_WITHOUT_BITSANDBYTES: "1"}
-    with reward_actors(cfg, plan), progress, ray_train_settings(local=cfg.ray.ray_address is None):
+    local = cfg.ray.ray_address is None
+    with reward_actors(cfg, plan), progress, ray_train_settings(local=local):
         # Ray's TorchTrainer, but for its backend config, whose torch half runs in the controller and the workers
-        trainer = (LocalRunTrainer if cfg.ray.ray_address is None else DataParallelTrainer)(
+        trainer = (LocalRunTrainer if local else DataParallelTrainer)(
             train_loop_per_worker,
             train_loop_config={"recipe": cfg.to_dict(mask_secrets=False), "plan": plan.to_dict(),
                                "log_level": logger.getEffectiveLevel()},
@@ -502,6 +506,7 @@ def tokenized_cache(cfg: RecipeConfig, split: str) -> tuple[str | None, bool]:
 
 
 def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
+    """The split's tokenised Dataset and its token_stats (None for a streamed training set)."""
     cfg = prepared.cfg
     d = cfg.data
     spec, encoder = TokenizerSpec.of(cfg.model), stage_encoder(cfg.finetuning.stage)
@@ -513,7 +518,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
         logger.info(f"train data: {rows.count()} examples, streamed: tokenised as the workers read them, never "
                     f"materialised or cached; each worker shuffles through a buffer of {d.buffer_size} examples")
         logger.info("first training example:\n" + helper.call(describe_with, dataset.take(1)[0], spec))
-        return dataset
+        return dataset, None
     cache_dir, strict = tokenized_cache(cfg, split)
     if not strict and prepared.all_small and not keep:
         cache_dir = None  # tokenising a few MB again is faster than hashing, writing and reading a cache
@@ -530,7 +535,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
                 f"{stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
     if split == "train":
         logger.info("first training example:\n" + helper.call(describe_with, dataset.take(1)[0], spec))
-    return dataset
+    return dataset, stats
 
 
 def _short(value) -> str:

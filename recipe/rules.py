@@ -206,10 +206,8 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
     problems += quantization_problems(cfg, base_dir)
-    profiler_keys = [k for k in ("profiler_output_dir", "profiler_wait_steps", "profiler_warmup_steps",
-                                 "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
-                                 "profiler_profile_memory", "profiler_with_stack")
-                     if getattr(t, k) != default_of(TrainingArguments, k)]
+    profiler_keys = [k.name for k in dataclasses.fields(TrainingArguments) if k.name.startswith("profiler_")
+                     and getattr(t, k.name) != default_of(TrainingArguments, k.name)]
     if profiler_keys and not t.enable_torch_profiler:
         problems.append(Problem(f"{profiler_keys[0]} and enable_torch_profiler", f"{profiler_keys[0]} is only used "
                                                                                  "with enable_torch_profiler: true; "
