@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["ray_num_workers=[1,2]", "ray_resize_interval_s=1", "ray_max_failures=4",
           "logging_steps=5", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "cutoff_len=128"]
 RUNS = {
-    "lora_z2": ["max_steps=40", "deepspeed=z2", "save_strategy=steps", "save_steps=10",
+    "lora_z2": ["max_steps=20", "deepspeed=z2", "save_strategy=steps", "save_steps=10",
                 "placement_strategy=STRICT_SPREAD"],
 }
 

@@ -167,7 +167,7 @@ def elastic_runs(tmp_path_factory, tiny_model):
 @pytest.mark.slow
 def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs):
     out, results = elastic_runs
-    run, max_steps = "lora_z2", 40
+    run, max_steps = "lora_z2", 20
     assert results[run]["status"] == "ok", results[run]["error"]
     records = read_log(out / run / "out")
     resizes = [(r["previous_world_size"], r["world_size"]) for r in records if "previous_world_size" in r]

@@ -22,7 +22,7 @@ from rayft.recipe.values import read_log
 
 pytestmark = pytest.mark.slow
 
-STEPS = ("max_steps=40", "save_strategy=steps", "save_steps=10", "logging_steps=5", "deepspeed=z2")
+STEPS = ("max_steps=20", "save_strategy=steps", "save_steps=5", "logging_steps=5", "deepspeed=z2")
 
 
 def wait_for_checkpoint(storage: str, run_name: str, driver: subprocess.Popen, log: Path, timeout: float = 300,
@@ -105,10 +105,10 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_the_latest_ch
     assert f"reusing tokenised data from s3://{S3_BUCKET}/tok/train" in again.stdout
     records = read_log(out)
     after_worker, after_driver = [r["resumed_from_step"] for r in records if "resumed_from_step" in r]
-    assert after_worker == step_of(client, first) == 10 and after_driver >= step_of(client, second) >= 20
+    assert after_worker == step_of(client, first) == 5 and after_driver >= step_of(client, second) >= 10
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(5, 41, 5)), steps  # every logging step once: the retrained ones replaced
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 40  # as uninterrupted
+    assert steps == list(range(5, 21, 5)), steps  # every logging step once: the retrained ones replaced
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20  # as uninterrupted
     assert (out / "adapter_model.safetensors").is_file()
     # credentials reach Ray through the environment, never the saved config, logs or model card
     saved = "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.suffix in (".yaml", ".json", ".md",

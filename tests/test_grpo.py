@@ -333,31 +333,43 @@ def grpo_run(tmp_path, tiny_model, *overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["in step", "async"])
-def test_grpo_with_a_rollout_actor_raises_the_reward(mode, tmp_path, tiny_model, ray_local):
-    out, records = grpo_run(tmp_path, tiny_model, f"async_rollouts={mode == 'async'}")
+def test_grpo_with_a_rollout_actor_raises_the_reward_and_samples_async_one_step_behind(tmp_path, tiny_model, ray_local):
+    # In step: 30 steps, every batch sampled with the weights it is learnt from; the reward must rise.
+    out, records = grpo_run(tmp_path / "in_step", tiny_model, "async_rollouts=false")
     assert [r["step"] for r in records] == list(range(1, 31))  # every step logged once
     assert {"rewards/accuracy", "rewards/accuracy_std", "rewards/format_std", "kl", "entropy"} <= set(records[0])
     assert_reward_rises(records)
-    lags = [r["rollout_lag"] for r in records]
-    # in step, every batch is sampled with the weights it is learnt from; async, with the previous step's
-    assert lags == ([0.0] * 30 if mode == "in step" else [0.0] + [1.0] * 29)
+    assert [r["rollout_lag"] for r in records] == [0.0] * 30
     (actor,) = json.loads((out / "rollout_actors.json").read_text())
-    # both workers' batches; in step, the last batch is sampled after 29 updates; async, the one before it
-    assert actor["calls"] == 2 * 30 and actor["version"] == (29 if mode == "in step" else 28)
+    assert actor["calls"] == 2 * 30 and actor["version"] == 29  # both workers' batches; the last after 29 updates
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30]
     assert len(logged[0]["completions"]) == 8 and set(logged[0]["completions"][0]["rewards"]) == {"accuracy", "format"}
     for step in (15, 30):
         assert (out / f"checkpoint-{step}" / "grpo_state.pt").is_file()
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_reward.png").is_file()
-    if mode == "in step":  # a rerun of the same run name resumes from its last checkpoint and trains on
-        out, resumed = grpo_run(tmp_path, tiny_model, "max_steps=32")
-        assert [r["step"] for r in resumed] == list(range(1, 33))
-        assert resumed[:30] == records  # the first 30 as they were, not trained again
-        (actor,) = json.loads((out / "rollout_actors.json").read_text())
-        assert actor["calls"] == 2 * 2 and actor["version"] == 31
-        assert (out / "checkpoint-32" / "grpo_state.pt").is_file()
+
+    # A rerun of the same run name resumes from its last checkpoint and trains on.
+    again, resumed = grpo_run(tmp_path / "in_step", tiny_model, "async_rollouts=false", "max_steps=32")
+    assert [r["step"] for r in resumed] == list(range(1, 33))
+    assert resumed[:30] == records  # the first 30 as they were, not trained again
+    (actor,) = json.loads((again / "rollout_actors.json").read_text())
+    assert actor["calls"] == 2 * 2 and actor["version"] == 31
+    assert (again / "checkpoint-32" / "grpo_state.pt").is_file()
+
+    # Async: each batch is sampled while the previous one is learnt, with the weights one update behind. Its
+    # first batch is sampled from the initial weights like the in-step run's, so that step's rewards are the same
+    # (each batch has its own seed); every later one is sampled a version behind. Ten steps show that; learning
+    # with the lag is the same loss on older samples (the in-step run above shows the reward rising).
+    out, lagged = grpo_run(tmp_path / "async", tiny_model, "async_rollouts=true", "max_steps=10", "save_steps=5")
+    assert [r["step"] for r in lagged] == list(range(1, 11))
+    assert [r["rollout_lag"] for r in lagged] == [0.0] + [1.0] * 9
+    assert lagged[0]["reward"] == records[0]["reward"] and lagged[0]["kl"] == records[0]["kl"]
+    assert lagged[1]["reward"] != records[1]["reward"]  # sampled from other weights than the in-step run's
+    (actor,) = json.loads((out / "rollout_actors.json").read_text())
+    assert actor["calls"] == 2 * 10 and actor["version"] == 8  # the last batch sampled before the 9th update
+    assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [5, 10]
+    assert (out / "checkpoint-10" / "grpo_state.pt").is_file()
 
 
 @pytest.mark.slow

@@ -171,6 +171,13 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> Seq2SeqTrainingArgument
 class FirstStep(TrainerCallback):
     """Marks the end of the first optimizer step, after which rank 0 logs where its start-up went."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        startup.mark("train begin")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not any(name == "step begin" for name, _ in startup.STARTUP):
+            startup.mark("step begin")
+
     def on_step_end(self, args, state, control, **kwargs):
         if not any(name == "first step" for name, _ in startup.STARTUP):
             startup.mark("first step")
@@ -456,6 +463,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         finetuning=cfg.finetuning,
         **trainer_kwargs,
     )
+    startup.mark("trainer")
     trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
     adapt_trackers(trainer)
     if cfg.finetuning.pissa_convert and args.process_index == 0:
