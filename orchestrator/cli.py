@@ -75,8 +75,11 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     for name, help_text in RECIPE_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, parents=[common])
-        p.add_argument("recipe", help="YAML recipe")
+        p.add_argument("recipe", help="YAML recipe", **({"nargs": "?"} if name == "sweep" else {}))
         p.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+        if name == "sweep":
+            p.add_argument("--status", metavar="OUTPUT_DIR",
+                           help="print the table of the sweep in OUTPUT_DIR (running, interrupted or ended) and return")
         if name == "serve":
             mode = p.add_mutually_exclusive_group()
             mode.add_argument("--detach", action="store_true",
@@ -181,6 +184,12 @@ def _tokenize(args) -> int:
 
 
 def _sweep(args) -> int:
+    if args.status is not None:
+        if args.recipe is not None:
+            raise ConfigError([Problem("--status", "give either a recipe to run or --status OUTPUT_DIR, not both")])
+        return _sweep_status(Path(args.status))
+    if args.recipe is None:
+        raise ConfigError([Problem("recipe", "give the sweep's recipe, or --status OUTPUT_DIR to see a sweep")])
     from rayft.orchestrator.helper import driver_helper
 
     raw = load_recipe(args.recipe, args.overrides)
@@ -188,6 +197,22 @@ def _sweep(args) -> int:
         from rayft.orchestrator.sweep import run_sweep
 
         run_sweep(raw, helper=helper)
+    return 0
+
+
+def _sweep_status(output_dir: Path) -> int:
+    """`rayft sweep --status OUTPUT_DIR`: the sweep's table from its output_dir (no Ray, no recipe)."""
+    from rayft.orchestrator.sweep_results import TRIALS_FILE, format_table, progress_rows
+
+    if not (output_dir / TRIALS_FILE).is_file():
+        raise ConfigError([Problem("--status", f"{output_dir} holds no sweep (no {TRIALS_FILE}); give the output_dir "
+                                               "of a sweep's recipe")])
+    record, rows, ended = progress_rows(output_dir)
+    done = sum(r.get("status") == "TERMINATED" or r.get("state") == "completed" for r in rows)
+    state = "ended" if ended else "not ended (running, or interrupted: rerun its command to resume it)"
+    print(f"sweep {record['run_name']!r} in {output_dir}: {state}; {len(rows)} trials, {done} finished"
+          + (f"; metric {record['metric']} ({record['mode']})" if "metric" in record else ""))
+    print(format_table(rows))
     return 0
 
 

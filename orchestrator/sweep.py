@@ -33,6 +33,7 @@ from rayft.orchestrator.sweep_results import (
     format_cell,
     format_table,
     result_rows,
+    same_trials,
     trials_record,
     write_best_config,
     write_results,
@@ -108,7 +109,7 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
         for trial in trials:
             logger.info(f"  {trial.name}: {describe(trial.params)}")
-        (output_dir / TRIALS_FILE).write_text(json.dumps(trials_record(run_name, trials), indent=1))
+        (output_dir / TRIALS_FILE).write_text(json.dumps(trials_record(run_name, trials, spec), indent=1))
         helper.close()  # the sweep's driver holds no torch while its trials train
         if any(p.deepspeed is not None and not p.use_gpu for p in plans):
             build_deepspeed_op()  # once here: trials building it at the same time would crash
@@ -141,7 +142,7 @@ def _check_output_dir(output_dir: Path, trials: list[Trial], run_name: str) -> b
     record = output_dir / TRIALS_FILE
     if record.is_file():
         earlier = json.loads(record.read_text())
-        if earlier != trials_record(run_name, trials):
+        if not same_trials(earlier, trials_record(run_name, trials)):
             raise ConfigError([Problem("output_dir", f"{output_dir} holds sweep {earlier.get('run_name')!r} with "
                                                      "other trials; rerun that sweep unchanged to resume it, or "
                                                      "choose another output_dir")])

@@ -2,6 +2,7 @@
 the plot of every trial's metric, and best_config.yaml, a recipe `rayft train` runs unchanged."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -137,6 +138,55 @@ def result_rows(grid, trials: list[Trial], spec: SweepSpec, budget_spent: bool) 
     return rows, histories
 
 
-def trials_record(run_name: str, trials: list[Trial]) -> dict:
-    """What sweep_trials.json holds: the sweep's name and every trial's values, to recognise it on a rerun."""
-    return {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
+def trials_record(run_name: str, trials: list[Trial], spec: SweepSpec | None = None) -> dict:
+    """What sweep_trials.json holds: the sweep's name and every trial's values, to recognise it on a rerun, and its
+    metric, which `rayft sweep --status` reads."""
+    record = {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
+    if spec is not None:
+        record.update(metric=spec.metric, mode=spec.mode)
+    return record
+
+
+def _cell_value(text: str):
+    """A CSV cell as the value it was written from: None, an int, a float, or the text."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def same_trials(earlier: dict, now: dict) -> bool:
+    """Whether two sweep_trials.json records name the same sweep (its metric may be read differently)."""
+    return all(earlier.get(k) == now.get(k) for k in ("run_name", "trials"))
+
+
+def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
+    """A sweep's state from its output_dir alone, while it runs, after it was interrupted, or after it ended:
+    (its sweep_trials.json record, one row per trial, whether it has ended). An ended sweep's rows are its
+    sweep_results.csv; otherwise each trial's row comes from its own trainer_log.jsonl."""
+    record = json.loads((output_dir / TRIALS_FILE).read_text())
+    results = output_dir / RESULTS_FILE
+    if results.is_file():
+        with results.open() as f:
+            return record, [{k: _cell_value(v) for k, v in row.items()} for row in csv.DictReader(f)], True
+    metric, mode = record.get("metric", "loss"), record.get("mode", "min")
+    rows = []
+    for trial in record["trials"]:
+        out = output_dir / "trials" / trial["name"]
+        log = read_log(out) if (out / "trainer_log.jsonl").is_file() else []
+        measured = [r[metric] for r in log if metric in r]
+        last = log[-1] if log else {}
+        if (out / "all_results.json").is_file():
+            state = "completed"
+        elif log:
+            state = "running, or interrupted (a rerun of the sweep continues it)"
+        else:
+            state = "not started"
+        rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None,
+                     f"best_{metric}": (min if mode == "min" else max)(measured) if measured else None,
+                     "step": last.get("step"), "total_steps": last.get("total_steps"), "state": state})
+    return record, rows, False

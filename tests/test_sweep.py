@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from rayft.cluster.storage import latest_checkpoint
 from rayft.orchestrator.sweep import run_sweep
-from rayft.orchestrator.sweep_results import best_row, stop_reason
+from rayft.orchestrator.sweep_results import best_row, progress_rows, stop_reason
 from rayft.orchestrator.sweep_spec import SweepSpec, concurrency, expand_points, parse_sweep
 from rayft.recipe.loading import load_recipe
 from rayft.recipe.plan import Node
@@ -123,6 +123,37 @@ def test_an_output_dir_holding_another_sweep_is_refused_and_left_alone(tmp_path,
 
 
 @pytest.mark.unit
+def test_sweep_status_reads_each_trials_log_until_the_sweep_ends(tmp_path, capsys):
+    from rayft.orchestrator.cli import main
+
+    sweep_dir = tmp_path / "sweep"
+    assert main(["sweep", "--status", str(sweep_dir)]) == 2
+    assert "holds no sweep (no sweep_trials.json)" in capsys.readouterr().err
+    trials = [{"name": f"trial_00{i}", "params": {"pref_beta": beta}} for i, beta in enumerate((0.1, 0.2, 0.4))]
+    (sweep_dir / "trials" / "trial_000").mkdir(parents=True)
+    (sweep_dir / "trials" / "trial_001").mkdir()
+    (sweep_dir / "sweep_trials.json").write_text(json.dumps({"run_name": "s", "trials": trials,
+                                                             "metric": "eval_loss", "mode": "min"}))
+    logs = {"trial_000": [{"step": 4, "total_steps": 8, "loss": 2.0}, {"step": 4, "total_steps": 8, "eval_loss": 1.5},
+                          {"step": 8, "total_steps": 8, "eval_loss": 1.7}],
+            "trial_001": [{"step": 4, "total_steps": 8, "eval_loss": 1.2}]}
+    for name, records in logs.items():
+        (sweep_dir / "trials" / name / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (sweep_dir / "trials" / "trial_000" / "all_results.json").write_text("{}")
+    assert main(["sweep", "--status", str(sweep_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"sweep 's' in {sweep_dir}: not ended (running, or interrupted: rerun its command to resume " \
+                       "it); 3 trials, 1 finished; metric eval_loss (min)"
+    assert [line.split()[:6] for line in lines[3:]] == [
+        ["trial_000", "0.1", "1.7", "1.5", "8", "8"], ["trial_001", "0.2", "1.2", "1.2", "4", "8"],
+        ["trial_002", "0.4", "not", "started"]]
+    assert lines[3].endswith("completed") and lines[4].endswith("interrupted (a rerun of the sweep continues it)")
+    assert lines[5].endswith("not started")
+    assert main(["sweep", "configs/sweep_sft_lora.yaml", "--status", str(sweep_dir)]) == 2  # one or the other
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.unit
 def test_concurrency_is_what_the_cluster_holds_and_more_is_refused():
     two_nodes = [Node("a", "1", {"CPU": 4.0}), Node("b", "1", {"CPU": 4.0, "GPU": 2.0})]
     spec = SweepSpec(parameters={})
@@ -186,6 +217,12 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_
         driver.send_signal(signal.SIGKILL)  # no clean-up: Ray ends the dead driver's trials and their workers
         driver.wait()
     finished_before = finished_trials(sweep_dir)
+    # `rayft sweep --status` reads the interrupted sweep from its output_dir: one trial done, the other not
+    record, rows, ended = progress_rows(sweep_dir)
+    assert not ended and (record["metric"], record["mode"]) == ("eval_loss", "min")
+    states = {r["trial"]: r["state"] for r in rows}
+    assert all(states[name] == "completed" for name in finished_before) and states[interrupted] != "completed"
+    assert [r["step"] for r in rows if r["trial"] == interrupted][0] is not None  # it logged before its checkpoint
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -199,6 +236,11 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_
     if interrupted not in finished_before:  # it continued from its checkpoint rather than from step 0
         assert any("resumed_from_step" in r for r in read_log(sweep_dir / "trials" / interrupted)), interrupted
     assert (sweep_dir / "sweep_eval_loss.png").stat().st_size > 10_000
+    status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("sweep 'sweep-sft-lora' in ") and ": ended; 2 trials, 2 finished" in status.stdout
+    assert [line.split()[0] for line in status.stdout.splitlines()[3:]] == ["trial_000", "trial_001"]
 
     best = min(rows, key=lambda r: float(r["eval_loss"]))
     recipe = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
