@@ -75,7 +75,7 @@ def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_mode
     # do_eval alone scores without writing the answers
     cfg = parse_config(load_recipe(PREDICT_RECIPE, [
         f"model_name_or_path={tiny_model}", f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
-        "max_samples=20", "do_predict=false", "do_eval=true"]), base_dir=ROOT)
+        "max_samples=20", "do_predict=false", "do_eval=true", "ray_num_workers=1"]), base_dir=ROOT)
     scores = run_predict(cfg)
     assert scores["eval_rouge-l"] == pytest.approx(results["predict_rouge-l"], abs=1e-3)  # greedy: same answers
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["all_results.json", "eval_results.json"]

@@ -185,7 +185,7 @@ def test_plan_prints_config_and_plan_without_training(tmp_path, tiny_model, ray_
 @pytest.mark.slow
 def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_local):
     out, result, log = train(tmp_path, tiny_model, "val_size=32", "eval_strategy=steps", "eval_steps=7",
-                             "num_train_epochs=2", "logging_steps=7", "compute_accuracy=true",
+                             "num_train_epochs=2", "max_steps=21", "logging_steps=7", "compute_accuracy=true",
                              "save_strategy=steps", "save_steps=7", "save_total_limit=2",
                              "load_best_model_at_end=true")
     evaluations = [r for r in read_log(out) if "eval_loss" in r]
@@ -205,7 +205,7 @@ def test_evaluation_and_checkpoints_during_training(tmp_path, tiny_model, ray_lo
     assert len(kept) == 2  # CheckpointConfig(num_to_keep=save_total_limit)
     newest = Path(result.checkpoint.path) / "checkpoint"
     assert (newest / "adapter_model.safetensors").is_file() and (newest / "trainer_state.json").is_file()
-    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 28
+    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 21
 
 
 @pytest.mark.slow
