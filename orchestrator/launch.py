@@ -174,12 +174,16 @@ def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, rep
              trials_at_once: int = 1, train_tokens: int = 0) -> Plan:
     """The run's one Plan, against the connected cluster's nodes (shared by `trials_at_once` trials of a sweep)."""
     cfg = prepared.cfg
-    gpu_memory = None
-    if cfg.args.deepspeed == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
-        gpu_memory = gpu_memory_bytes()
-    return make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=gpu_memory,
+    return make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=planning_gpu_memory(cfg, nodes),
                      report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once,
                      train_tokens=train_tokens)
+
+
+def planning_gpu_memory(cfg: RecipeConfig, nodes: list[Node]) -> int | None:
+    """The memory of one GPU, which `deepspeed: auto` plans against on a cluster with GPUs; else None."""
+    if cfg.args.deepspeed == "auto" and any(n.resources.get("GPU", 0) for n in nodes):
+        return gpu_memory_bytes()
+    return None
 
 
 def show_config(cfg: RecipeConfig, plan: Plan) -> None:

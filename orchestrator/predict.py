@@ -135,6 +135,13 @@ def _resources(cfg: RecipeConfig, nodes, announce: bool = True) -> dict:
     """One generation actor's resources, refused when the cluster cannot hold ray_num_workers of them."""
     r = cfg.ray
     bundle, why = worker_resources(cfg, nodes)
+    whole_node = max((n.resources.get("CPU", 0) for n in nodes), default=0)
+    if why and r.max_workers == 1 and "GPU" not in bundle and bundle["CPU"] >= whole_node > 1:
+        # Ray Data (2.60) never hands a batch to a pool whose one actor holds every CPU of its node: the run
+        # waits for ever (seen with ray_num_workers=1 on a 2-CPU local instance). One CPU stays free.
+        bundle = {"CPU": int(whole_node) - 1}
+        why = (f"resources_per_worker unset: {bundle['CPU']} CPU(s) for the one generation worker, a node's CPUs "
+               "but one (Ray Data stalls an actor that holds every CPU of its node)")
     if why and announce:
         logger.info(f"generation actors: {why}")
     problems = placement_problems(bundle, r.max_workers, "PACK", nodes)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from rayft.orchestrator.sweep_spec import SweepSpec, Trial, describe
+from rayft.orchestrator.sweep_spec import SweepSpec, Trial, describe, trial_name
 from rayft.recipe.values import mask, read_log
 
 TRIALS_FILE = "sweep_trials.json"
@@ -16,6 +16,8 @@ TRIALS_FILE = "sweep_trials.json"
 RESULTS_FILE = "sweep_results.csv"
 
 BEST_CONFIG_FILE = "best_config.yaml"
+
+POINT_FILE = "sweep_point.json"  # in a trial's output_dir under search: optuna: the values TPE drew for it
 
 
 def stop_reason(status: str, step: int | None, total: int | None, error: str | None, scheduler: str,
@@ -113,11 +115,13 @@ def finished_records(output_dir: str, metric: str) -> list[dict] | None:
     return records or None
 
 
-def result_rows(grid, trials: list[Trial], spec: SweepSpec, budget_spent: bool) -> tuple[list[dict], dict]:
+def result_rows(grid, trials: list[Trial], spec: SweepSpec, budget_spent: bool,
+                name_of=lambda result: trial_name(result.config["trial"])) -> tuple[list[dict], dict]:
+    """Each trial's row and its metric's history, from Tune's results (`name_of`: a result's trial name)."""
     rows, histories = [], {}
-    by_index = {result.config["trial"]: result for result in grid}
-    for index, trial in enumerate(trials):
-        result = by_index.get(index)
+    by_name = {name_of(result): result for result in grid}
+    for trial in trials:
+        result = by_name.get(trial.name)
         metrics = dict(result.metrics or {}) if result is not None else {}
         error = str(result.error).strip().splitlines()[-1][:300] if result is not None and result.error else None
         status = "ERROR" if error else ("TERMINATED" if result is not None else "NOT STARTED")
@@ -144,7 +148,16 @@ def trials_record(run_name: str, trials: list[Trial], spec: SweepSpec | None = N
     record = {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
     if spec is not None:
         record.update(metric=spec.metric, mode=spec.mode)
+        if spec.search == "optuna":  # its trials are drawn as it goes: the space and their number name it
+            record.update(search="optuna", space=spec.parameters, num_samples=spec.num_samples)
     return record
+
+
+def _searched_values(trial_dir: Path, space: dict) -> dict:
+    """A trial's values of the searched keys, as its trial recorded them when it started."""
+    point = trial_dir / POINT_FILE
+    values = json.loads(point.read_text()) if point.is_file() else {}
+    return {key: values.get(key) for key in space}
 
 
 def _cell_value(text: str):
@@ -161,7 +174,7 @@ def _cell_value(text: str):
 
 def same_trials(earlier: dict, now: dict) -> bool:
     """Whether two sweep_trials.json records name the same sweep (its metric may be read differently)."""
-    return all(earlier.get(k) == now.get(k) for k in ("run_name", "trials"))
+    return all(earlier.get(k) == now.get(k) for k in ("run_name", "trials", "search", "space", "num_samples"))
 
 
 def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
@@ -175,7 +188,11 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
             return record, [{k: _cell_value(v) for k, v in row.items()} for row in csv.DictReader(f)], True
     metric, mode = record.get("metric", "loss"), record.get("mode", "min")
     rows = []
-    for trial in record["trials"]:
+    trials = record["trials"]
+    if record.get("search") == "optuna":  # the trials started so far, with the values TPE drew for each
+        trials = [{"name": out.name, "params": _searched_values(out, record["space"])}
+                  for out in sorted((output_dir / "trials").glob("trial_*")) if out.is_dir()]
+    for trial in trials:
         out = output_dir / "trials" / trial["name"]
         log = read_log(out) if (out / "trainer_log.jsonl").is_file() else []
         measured = [r[metric] for r in log if metric in r]

@@ -21,6 +21,10 @@ from rayft.recipe.stages import sweep_metric
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
+# Under `search: optuna` every trial shares the sweep's tokenised data, its model's shape and one plan of resources:
+# keys of these sections (and the stage) change what those are, and are searched with `search: grid`.
+SHARED_BY_OPTUNA_TRIALS = ("data", "model", "ray")
+
 # Keys the sweep sets for every trial itself: each trial has its own outputs and its own Ray Train run.
 SET_PER_TRIAL = ("output_dir", "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_address",
                  "overwrite_output_dir")
@@ -31,7 +35,8 @@ class SweepSpec:
     """The recipe's `sweep:` section."""
 
     parameters: dict
-    num_samples: int = 1
+    search: Literal["grid", "optuna"] = "grid"  # grid: the grid's product, other keys drawn at random; optuna: TPE
+    num_samples: int = 1  # grid: repeats of the grid; optuna: the number of trials
     metric: Optional[str] = None  # default: eval_loss with evaluation data, else the training loss
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -74,6 +79,8 @@ def parse_sweep(section, seed: int) -> SweepSpec:
         raise ConfigError(problems)
     spec = SweepSpec(**section)
     problems += _space_problems(spec.parameters)
+    if spec.search == "optuna":
+        problems += _optuna_problems(spec.parameters)
     if spec.num_samples < 1:
         problems.append(Problem("sweep.num_samples", f"must be at least 1, got {spec.num_samples}"))
     if spec.grace_period is not None and spec.grace_period < 1:
@@ -124,6 +131,68 @@ def _space_problems(parameters: dict) -> list[str]:
     return problems
 
 
+def _optuna_problems(parameters: dict) -> list[str]:
+    sections = key_sections()
+    problems = []
+    for key, space in parameters.items():
+        where = f"sweep.parameters.{key}"
+        if isinstance(space, dict) and "grid" in space:
+            problems.append(Problem(where, "grid is not an optuna space (TPE draws each trial's point); give "
+                                           "{choice: [..]} or a range, or use search: grid"))
+        if sections.get(key) in SHARED_BY_OPTUNA_TRIALS or key == "stage":
+            problems.append(Problem(where, "under search: optuna the trials share the sweep's tokenised data, model "
+                                           "and resources; search this key with search: grid"))
+    return problems
+
+
+def tune_space(spec: SweepSpec) -> dict:
+    """The search space in Ray Tune's terms (for search: optuna; randint's high is excluded, as in rayft's own)."""
+    from ray import tune
+
+    kinds = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    space = {}
+    for key, sampler in spec.parameters.items():
+        kind, values = next(iter(sampler.items()))
+        space[key] = kinds[kind](values) if kind == "choice" else kinds[kind](*values)
+    return space
+
+
+def in_space(value, sampler: dict) -> bool:
+    kind, values = next(iter(sampler.items()))
+    if kind == "choice":
+        return value in values
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind == "randint":
+        return isinstance(value, int) and values[0] <= value < values[1]
+    return values[0] <= value <= values[1]
+
+
+def recipe_point(spec: SweepSpec, cfg: RecipeConfig) -> tuple[dict | None, list[str]]:
+    """Optuna's first point: the recipe's own values of the searched keys, when every one lies in its space;
+    else None and the keys whose value lies outside."""
+    values = cfg.to_dict(mask_secrets=False)
+    point = {key: values.get(key) for key in spec.parameters}
+    outside = [key for key, sampler in spec.parameters.items() if not in_space(point[key], sampler)]
+    return (None if outside else point), outside
+
+
+def probe_points(spec: SweepSpec, first: dict | None) -> list[dict]:
+    """Points that bound an optuna space, checked on the driver before any trial: every choice, and each range's
+    ends (randint's last value), each with the other keys at the first point's values or their own lowest."""
+    def ends(sampler: dict) -> list:
+        kind, values = next(iter(sampler.items()))
+        if kind == "choice":
+            return list(values)
+        return [values[0], values[1] - 1] if kind == "randint" else list(values)
+
+    base = first or {key: ends(sampler)[0] for key, sampler in spec.parameters.items()}
+    points = [dict(base)]
+    for key, sampler in spec.parameters.items():
+        points += [{**base, key: value} for value in ends(sampler) if value != base[key]]
+    return points
+
+
 def expand_points(spec: SweepSpec) -> list[dict]:
     """Every trial's values: the grid's product, repeated num_samples times, other keys sampled (seeded)."""
     rng = random.Random(spec.seed)
@@ -156,16 +225,17 @@ def describe(params: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def make_trials(raw: dict, spec: SweepSpec, output_dir: Path, run_name: str) -> list[Trial]:
-    """Each trial's recipe: the base recipe, the point's values, and its own output_dir and run name."""
+def trial_recipe(raw: dict, params: dict, output_dir: Path, run_name: str, name: str) -> dict:
+    """A trial's recipe: the base recipe, the point's values, and its own output_dir and run name."""
     base = {k: v for k, v in raw.items() if k != "sweep"}
-    trials = []
-    for index, params in enumerate(expand_points(spec)):
-        name = trial_name(index)
-        recipe = {**base, **params, "output_dir": str(output_dir / "trials" / name),
-                  "ray_run_name": f"{run_name}-{name}", "overwrite_output_dir": True}
-        trials.append(Trial(name, params, recipe))
-    return trials
+    return {**base, **params, "output_dir": str(Path(output_dir) / "trials" / name),
+            "ray_run_name": f"{run_name}-{name}", "overwrite_output_dir": True}
+
+
+def make_trials(raw: dict, spec: SweepSpec, output_dir: Path, run_name: str) -> list[Trial]:
+    """Every trial of a grid search, with its recipe."""
+    return [Trial(trial_name(index), params, trial_recipe(raw, params, output_dir, run_name, trial_name(index)))
+            for index, params in enumerate(expand_points(spec))]
 
 
 def validate_trials(trials: list[Trial], base_dir: Path) -> list[RecipeConfig]:
@@ -219,8 +289,8 @@ def fitting_trials(per_trial: dict, nodes) -> int:
     return min(fits) if fits else 1
 
 
-def trials_at_once(spec: SweepSpec, configs: list[RecipeConfig], nodes) -> int:
-    """How many trials share the cluster, for sizing the workers when resources_per_worker is unset:
+def trials_at_once(spec: SweepSpec, configs: list[RecipeConfig], nodes, count: int) -> int:
+    """How many of the `count` trials share the cluster, for sizing the workers when resources_per_worker is unset:
     max_concurrent_trials, or as many trials as the cluster holds at one GPU (or else one CPU) per worker,
     never more than there are trials."""
     if spec.max_concurrent_trials:
@@ -228,7 +298,7 @@ def trials_at_once(spec: SweepSpec, configs: list[RecipeConfig], nodes) -> int:
     workers = max(c.ray.max_workers for c in configs)
     gpus = sum(n.resources.get("GPU", 0) for n in nodes)
     units = gpus if gpus else sum(n.resources.get("CPU", 0) for n in nodes)
-    return max(1, min(len(configs), int(units // workers)))
+    return max(1, min(count, int(units // workers)))
 
 
 def concurrency(spec: SweepSpec, per_trial: dict, nodes) -> int:
@@ -253,8 +323,9 @@ class Sweep:
     spec: SweepSpec
     run_name: str
     output_dir: Path
-    trials: list[Trial]
-    configs: list[RecipeConfig]
+    trials: list[Trial]  # search: optuna draws its trials as it goes: none here
+    configs: list[RecipeConfig]  # each trial's; search: optuna: the base recipe's, which every trial shares
+    first_point: dict | None = None  # search: optuna: the recipe's own values, evaluated first
 
 
 def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
@@ -292,5 +363,15 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
     problems = metric_problems(spec, base_cfg)
     if problems:
         raise ConfigError(problems)
+    if spec.search == "optuna":
+        first, outside = recipe_point(spec, base_cfg)
+        logger.info(Problem("derived", f"sweep: the first point is the recipe's own ({describe(first)})" if first else
+                            f"sweep: the recipe's {', '.join(outside)} lie(s) outside the space, so TPE draws the "
+                            "first point too"))
+        # the bounds of the space are checked here; a point TPE draws between them fails as its own trial
+        probes = [Trial(f"point {i + 1} of the space", params, trial_recipe(raw, params, output_dir, run_name, "probe"))
+                  for i, params in enumerate(probe_points(spec, first))]
+        validate_trials(probes, Path(base_dir))
+        return Sweep(base_cfg, spec, run_name, output_dir, [], [base_cfg], first)
     trials = make_trials(raw, spec, output_dir, run_name)
     return Sweep(base_cfg, spec, run_name, output_dir, trials, validate_trials(trials, Path(base_dir)))

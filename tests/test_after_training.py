@@ -78,4 +78,6 @@ def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_mode
         "max_samples=20", "do_predict=false", "do_eval=true", "ray_num_workers=1"]), base_dir=ROOT)
     scores = run_predict(cfg)
     assert scores["eval_rouge-l"] == pytest.approx(results["predict_rouge-l"], abs=1e-3)  # greedy: same answers
+    # one generation worker on the 2-CPU instance gets one CPU: Ray Data stalls an actor holding every CPU
+    assert any("1 CPU(s) for the one generation worker, a node's CPUs but one" in line for line in lines)
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["all_results.json", "eval_results.json"]

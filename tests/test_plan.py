@@ -72,10 +72,13 @@ def test_a_sweep_shares_the_cluster_between_the_trials_at_once():
 
     two_cpus = [Node("n", "ip", {"CPU": 2.0})]
     one_worker = [cfg("ray_num_workers=1")] * 3
-    assert trials_at_once(SweepSpec(parameters={}), one_worker, two_cpus) == 2
-    assert trials_at_once(SweepSpec(parameters={}, max_concurrent_trials=1), one_worker, two_cpus) == 1
-    assert trials_at_once(SweepSpec(parameters={}), [cfg()] * 3, two_cpus) == 1
-    assert trials_at_once(SweepSpec(parameters={}), one_worker, [Node("n", "ip", {"CPU": 8.0, "GPU": 2.0})]) == 2
+    assert trials_at_once(SweepSpec(parameters={}), one_worker, two_cpus, 3) == 2
+    assert trials_at_once(SweepSpec(parameters={}, max_concurrent_trials=1), one_worker, two_cpus, 3) == 1
+    assert trials_at_once(SweepSpec(parameters={}), [cfg()] * 3, two_cpus, 3) == 1
+    assert trials_at_once(SweepSpec(parameters={}), one_worker, [Node("n", "ip", {"CPU": 8.0, "GPU": 2.0})], 3) == 2
+    # search: optuna plans its trials from the one base recipe: the count is num_samples
+    assert trials_at_once(SweepSpec(parameters={}, search="optuna", num_samples=4), one_worker[:1], two_cpus, 4) == 2
+    assert trials_at_once(SweepSpec(parameters={}), one_worker, two_cpus, 1) == 1
 
 
 def test_plan_for_the_demo_recipe():

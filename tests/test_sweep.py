@@ -74,6 +74,9 @@ def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly
     ({"parameters": {"lora_rank": {"grid": [8]}}, "schedular": "asha"}, "did you mean 'scheduler'"),
     ({"parameters": {"lora_rank": {"grid": [8]}}, "mode": "lowest"}, "sweep.mode"),
     ({"parameters": {"lora_rank": {"grid": [8]}}, "num_samples": 0}, "num_samples: must be at least 1"),
+    ({"parameters": {"learning_rate": {"grid": [1e-3]}}, "search": "optuna"}, "grid is not an optuna space"),
+    ({"parameters": {"cutoff_len": {"randint": [64, 128]}}, "search": "optuna"}, "search this key with search: grid"),
+    ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "tpe"}, "sweep.search: 'tpe'"),
     ({"num_samples": 2}, "sweep.parameters: required"),
 ])
 def test_a_bad_sweep_section_names_the_key_and_the_fix(section, message):
@@ -151,6 +154,42 @@ def test_sweep_status_reads_each_trials_log_until_the_sweep_ends(tmp_path, capsy
     assert lines[5].endswith("not started")
     assert main(["sweep", "configs/sweep_sft_lora.yaml", "--status", str(sweep_dir)]) == 2  # one or the other
     assert "not both" in capsys.readouterr().err
+
+    # search: optuna lists the trials started so far, each with the values TPE drew for it
+    (sweep_dir / "sweep_trials.json").write_text(json.dumps({
+        "run_name": "s", "trials": [], "metric": "eval_loss", "mode": "min", "search": "optuna",
+        "space": {"pref_beta": {"uniform": [0.05, 0.5]}}, "num_samples": 8}))
+    (sweep_dir / "trials" / "trial_001" / "sweep_point.json").write_text(json.dumps({"pref_beta": 0.3}))
+    record, rows, ended = progress_rows(sweep_dir)
+    assert not ended and [(r["trial"], r["pref_beta"], r["state"]) for r in rows] == [
+        ("trial_000", None, "completed"),
+        ("trial_001", 0.3, "running, or interrupted (a rerun of the sweep continues it)")]
+
+
+@pytest.mark.unit
+def test_optuna_starts_at_the_recipes_values_and_checks_the_bounds_of_its_space(tmp_path, tiny_model):
+    from rayft.orchestrator.sweep_spec import check_sweep, probe_points, tune_space
+
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model)
+    raw["sweep"] = {"search": "optuna", "num_samples": 6, "parameters": {
+        "learning_rate": {"loguniform": [1.0e-5, 1.0e-2]}, "lora_rank": {"choice": [4, 8, 16]},
+        "lora_dropout": {"uniform": [0.0, 0.2]}, "warmup_steps": {"randint": [0, 4]}}}
+    sweep = check_sweep(raw, base_dir=ROOT)
+    assert sweep.trials == [] and len(sweep.configs) == 1  # drawn as the sweep goes
+    assert sweep.first_point == {"learning_rate": 1.0e-3, "lora_rank": 8, "lora_dropout": 0.0, "warmup_steps": 2}
+    assert probe_points(sweep.spec, sweep.first_point) == [sweep.first_point] + [
+        {**sweep.first_point, **change} for change in (
+            {"learning_rate": 1.0e-5}, {"learning_rate": 1.0e-2}, {"lora_rank": 4}, {"lora_rank": 16},
+            {"lora_dropout": 0.2}, {"warmup_steps": 0}, {"warmup_steps": 3})]
+    space = tune_space(sweep.spec)
+    assert (space["lora_rank"].categories, space["warmup_steps"].upper) == ([4, 8, 16], 4)  # high excluded
+    # a recipe value outside its space: no first point, TPE draws them all
+    raw["sweep"]["parameters"]["lora_rank"] = {"choice": [2, 4]}
+    assert check_sweep(raw, base_dir=ROOT).first_point is None
+    # a bound of the space that no trial could train is refused before any trial, with its values
+    raw["sweep"]["parameters"]["lora_rank"] = {"randint": [0, 8]}
+    with pytest.raises(ConfigError, match=r"point \d+ of the space \(.*lora_rank=0.*\): lora_rank"):
+        check_sweep(raw, base_dir=ROOT)
 
 
 @pytest.mark.unit
@@ -289,17 +328,29 @@ def test_dpo_sweep_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray
 
 
 @pytest.mark.slow
-def test_asha_stops_poor_trials_early(tmp_path, tiny_model, ray_local):
-    # one trial at a time, so the scheduler's order is fixed: a good learning rate reaches every rung first,
-    # then one too small to move the loss meets the first rung below it and must stop there
-    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4")
-    raw["sweep"] = {"parameters": {"learning_rate": {"grid": [3.0e-3, 1.0e-6]}},
-                    "scheduler": "asha", "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 1}
+def test_optuna_evaluates_the_recipes_own_point_first_and_asha_stops_a_poor_draw(tmp_path, tiny_model, ray_local):
+    # TPE (seeded by the recipe's seed, 42) draws its first point at random: learning_rate 4.75e-6, too small to
+    # move the loss. One trial at a time, so the scheduler's order is fixed: the recipe's own 3e-3 reaches every
+    # rung first, then the draw meets the first rung below it and must stop there.
+    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4", "learning_rate=3.0e-3")
+    raw["sweep"] = {"search": "optuna", "parameters": {"learning_rate": {"loguniform": [1.0e-7, 3.0e-3]}},
+                    "num_samples": 2, "scheduler": "asha", "grace_period": 4, "reduction_factor": 2,
+                    "max_concurrent_trials": 1}
     rows = run_sweep(raw, base_dir=ROOT)
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"] and all(r["status"] == "TERMINATED" for r in rows)
     finished, stopped = rows
+    assert finished["learning_rate"] == 3.0e-3  # the recipe's own values are the first point
+    assert stopped["learning_rate"] == pytest.approx(4.7518e-6, rel=1e-3)  # TPE's draw, the same for the same seed
     assert finished["stop_reason"] == "completed" and stopped["stop_reason"].startswith("stopped early"), rows
     assert stopped["step"] < 12 and finished["eval_loss"] <= stopped["eval_loss"]
     # What the stopped trial really trained, from its own log: it may run a few steps past the decision before
-    # Tune's kill reaches it, but not to the end
-    assert max(r["step"] for r in read_log(tmp_path / "sweep" / "trials" / stopped["trial"])) < 12
+    # Tune's kill reaches it, but not to the end; and with the value TPE drew (warm-up and cosine below it)
+    out = tmp_path / "sweep" / "trials" / stopped["trial"]
+    log = read_log(out)
+    assert max(r["step"] for r in log) < 12
+    assert 0 < max(r["learning_rate"] for r in log if "learning_rate" in r) <= stopped["learning_rate"]
+    assert json.loads((out / "sweep_point.json").read_text()) == {"learning_rate": stopped["learning_rate"]}
+    best = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
+    assert best["learning_rate"] == 3.0e-3 and "sweep" not in best
+    record, status, ended = progress_rows(tmp_path / "sweep")
+    assert ended and record["search"] == "optuna" and [r["trial"] for r in status] == ["trial_000", "trial_001"]
