@@ -116,7 +116,8 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
         sharing = trials_at_once(spec, configs, nodes, len(trials) or spec.num_samples)
         for trial, cfg in zip(trials or [Trial("every trial", {}, {})], configs):  # optuna: the shared base
             try:
-                prepared = prepare(cfg, helper)
+                # (optuna's shared base recipe writes to no folder of its own: the sweep's is checked above)
+                prepared = prepare(cfg, helper, trains=bool(trials))
                 check_cluster(cfg, nodes)
                 key = json.dumps([dataclasses.asdict(cfg.data), cfg.finetuning.stage, cfg.model.model_name_or_path,
                                   cfg.args.seed], sort_keys=True, default=str)
