@@ -112,8 +112,9 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
     with helper or driver_helper("rayft sweep") as helper, ray_session(base_cfg.ray) as nodes:
         # Data, modules and resources of every trial are checked before any trial starts, and each distinct
         # data setting is tokenised once here: the trials share the materialised datasets.
-        plans, datasets, tokenised, prepared_all, counts = [], [], {}, [], []
-        sharing = trials_at_once(spec, configs, nodes, len(trials) or spec.num_samples)
+        plans, datasets, tokenised, shapes = [], [], {}, []
+        count = len(trials) or spec.num_samples  # optuna: its trials are drawn as it goes
+        sharing = trials_at_once(spec, configs, nodes, count)
         for trial, cfg in zip(trials or [Trial("every trial", {}, {})], configs):  # optuna: the shared base
             try:
                 # (optuna's shared base recipe writes to no folder of its own: the sweep's is checked above)
@@ -126,8 +127,7 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
                 plans.append(plan_run(prepared, nodes, tokenised[key].train_count, report_every_log=True,
                                       trials_at_once=sharing))
                 datasets.append(tokenised[key].datasets)
-                prepared_all.append(prepared)
-                counts.append(tokenised[key].train_count)
+                shapes.append(prepared.shape)
             except ConfigError as err:
                 raise ConfigError([Problem(f"{trial.name} ({describe(trial.params)}): {p.key}", p.message)
                                    for p in err.problems]) from None
@@ -138,7 +138,6 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             spec.grace_period = report_interval(configs[0], spec.metric, plans[0].steps_per_epoch)
             logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} "
                                            "is measured)"))
-        count = len(trials) if trials else spec.num_samples
         logger.info(f"sweep {run_name!r}: {count} trials ({spec.search}), {concurrent} at a time "
             f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
         for trial in trials:
@@ -150,10 +149,10 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
 
         started = time.time()
         if spec.search == "optuna":
-            (prepared_base,) = prepared_all
+            (shape,), (base_plan,) = shapes, plans
             shared = {"raw": raw, "base_dir": str(Path(base_dir).resolve()), "output_dir": str(output_dir),
                       "run_name": run_name, "nodes": [dataclasses.asdict(n) for n in nodes],
-                      "shape": dataclasses.asdict(prepared_base.shape), "train_count": counts[0],
+                      "shape": dataclasses.asdict(shape), "train_count": base_plan.num_train_examples,
                       "gpu_memory": planning_gpu_memory(base_cfg, nodes),
                       "trials_at_once": sharing, "datasets": datasets[0]}
             trainable = tune.with_parameters(run_drawn_trial, shared=shared, metric=spec.metric)
