@@ -55,3 +55,13 @@ def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | No
     latest = state.get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
     return f"{storage_path.rstrip('/')}/{run_name}/{name}" if name else None
+
+
+def checkpoint_at(uri: str, fs_name: str | None = None):
+    """The Ray Train checkpoint stored at `uri` (as latest_checkpoint names it), for a run that starts from a
+    checkpoint another run wrote (a pbt trial's next segment)."""
+    from ray.train import Checkpoint
+
+    fs, path = _resolve(uri, fs_name)
+    return Checkpoint(path, filesystem=fs)
+

@@ -6,17 +6,20 @@ the sweep out: it prepares every trial's data and plan, runs the trials under Tu
 
 import dataclasses
 import json
+import math
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from rayft.cluster.session import ray_session
-from rayft.cluster.storage import filesystem
+from rayft.cluster.storage import filesystem, latest_checkpoint
 from rayft.orchestrator.helper import Helper, driver_helper
 from rayft.orchestrator.launch import (
     build_deepspeed_op,
@@ -34,11 +37,13 @@ from rayft.orchestrator.sweep_results import (
     RESULTS_FILE,
     TRIALS_FILE,
     best_row,
+    exploit_history,
     finished_records,
     format_cell,
     format_table,
     result_rows,
     same_trials,
+    searched_values,
     trials_record,
     write_best_config,
     write_results,
@@ -60,6 +65,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.values import read_log
 
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes Ray reserves for each trial's driver process
 
@@ -76,18 +82,97 @@ def run_trial(config: dict, trials: list[dict], metric: str) -> None:
 def run_drawn_trial(config: dict, shared: dict, metric: str) -> None:
     """One Tune trial of search: optuna: the point TPE drew (`config`) on the sweep's recipe, checked and planned
     here with the model's shape and the tokenised data the sweep's driver shares with every trial."""
-    name = tune.get_context().get_trial_name()
-    recipe = trial_recipe(shared["raw"], config, shared["output_dir"], shared["run_name"], name)
+    recipe = _drawn_recipe(config, shared)
+    if not _reported_again(recipe["output_dir"], metric):
+        launch(*_drawn_plan(recipe, config, shared), shared["datasets"], sweep_metric=metric)
+
+
+def run_pbt_trial(config: dict, shared: dict, metric: str, interval: int) -> None:
+    """One member of a pbt population: its run in segments of `interval` steps, each a Ray Train run of its own that
+    starts from the last one's checkpoint and ends with one. After each segment the measured metric is reported to
+    Tune with a pointer to that checkpoint: pbt may then continue this trial from another member's pointer with
+    perturbed values (an exploit), which restarts this function with that pointer as `tune.get_checkpoint()`."""
+    recipe = _drawn_recipe(config, shared)
     if _reported_again(recipe["output_dir"], metric):
         return
+    start, exploit = segment_start(Path(recipe["output_dir"]))
+    if exploit:  # the values pbt chose at the exploit, as the trial trains them even if Tune's record missed them
+        config = {**config, **exploit["config"]}
+        recipe = _drawn_recipe(config, shared)
+    cfg, plan = _drawn_plan(recipe, config, shared)
+    plan = dataclasses.replace(plan, report_every_log=False)  # Tune hears only the segments' ends, with checkpoints
+    out, name, total = Path(cfg.args.output_dir), Path(cfg.args.output_dir).name, plan.total_steps
+    if start is not None:
+        exploited = f"{start['trial']}@step{start['step']}" if start["trial"] != name else None
+        if exploited:
+            logger.info(Problem("pbt", f"{name} continues from {exploited} with {describe(config)}"))
+        mark_segment_start(out, start["step"], exploited)
+    step = start["step"] if start else 0
+    while step < total:
+        end = min(step + interval, total)
+        segment_run = f"{cfg.ray.ray_run_name}-from{step}-{uuid.uuid4().hex[:6]}"
+        segment_cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, ray_run_name=segment_run))
+        segment = dataclasses.replace(plan, start_from=start and {"uri": start["uri"], "filesystem": start["fs"]},
+                                      stop_at=end if end < total else None)
+        launch(segment_cfg, segment, shared["datasets"], sweep_metric=metric)
+        start = {"trial": name, "step": end, "fs": cfg.ray.ray_storage_filesystem,
+                 "uri": latest_checkpoint(cfg.ray.ray_storage_path, segment_run, cfg.ray.ray_storage_filesystem)}
+        if start["uri"]:
+            (out / SEGMENT_FILE).write_text(json.dumps(start))
+        measured = {k: v for r in read_log(out) if r.get("step", 0) <= end and metric in r
+                    for k, v in r.items() if isinstance(v, (int, float))}
+        # Tune's checkpoint is the segment's pointer: pbt exploits only trials that have one
+        with tempfile.TemporaryDirectory() as pointer:
+            Path(pointer, SEGMENT_FILE).write_text(json.dumps(start))
+            tune.report({**measured, "step": end, "total_steps": total},
+                        checkpoint=tune.Checkpoint.from_directory(pointer) if start["uri"] else None)
+        step = end
+
+
+# In a pbt trial's output_dir: where its last segment ended (its trial, step and Ray Train checkpoint), and the
+# donor's such record with the trial's new values when pbt exploited another trial for it. The trial starts from
+# whichever is later (an exploit at the step it reached wins). Tune's own checkpoints hold the same pointers, but a
+# trial exploited while its own report is being saved can be restarted with neither (Ray 2.60), so rayft keeps
+# its own record.
+SEGMENT_FILE = "pbt_segment.json"
+EXPLOIT_FILE = "pbt_exploit.json"
+
+
+def segment_start(output_dir: Path) -> tuple[dict | None, dict | None]:
+    """Where a pbt trial (re)starts: (the pointer it continues from or None, the exploit record when it is one)."""
+    own, exploit = (json.loads((output_dir / f).read_text()) if (output_dir / f).is_file() else None
+                    for f in (SEGMENT_FILE, EXPLOIT_FILE))
+    if exploit is not None and (own is None or exploit["step"] >= own["step"]):
+        return exploit, exploit
+    return own, None
+
+
+def mark_segment_start(output_dir: Path, step: int, exploited: str | None) -> None:
+    """Trims a pbt trial's log to what precedes its new start (a segment cut short by a driver that died trains
+    again, and an exploit whose decision was lost with the driver is not recorded), and records an exploit."""
+    log = [r for r in read_log(output_dir) if r.get("step", 0) < step
+           or (r.get("step") == step and "exploited" not in r and "resumed_from_step" not in r)]
+    if exploited:
+        log.append({"step": step, "exploited": exploited, "timestamp": round(time.time(), 3)})
+    (output_dir / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+
+def _drawn_recipe(config: dict, shared: dict) -> dict:
+    name = tune.get_context().get_trial_name()
+    return trial_recipe(shared["raw"], config, shared["output_dir"], shared["run_name"], name)
+
+
+def _drawn_plan(recipe: dict, config: dict, shared: dict) -> tuple[RecipeConfig, Plan]:
+    """A drawn trial's config and plan, with the model's shape and data size the sweep's driver shares."""
     cfg = parse_config(recipe, base_dir=shared["base_dir"])
     out = Path(cfg.args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / POINT_FILE).write_text(json.dumps(config))  # the values TPE drew, for `rayft sweep --status`
+    (out / POINT_FILE).write_text(json.dumps(config))  # the values drawn, for `rayft sweep --status`
     plan = make_plan(cfg, [Node(**n) for n in shared["nodes"]], shared["train_count"],
-                     shape=ModelShape(**shared["shape"]), gpu_memory=shared["gpu_memory"], report_every_log=True,
-                     run_id=uuid.uuid4().hex[:8], trials_at_once=shared["trials_at_once"])
-    launch(cfg, plan, shared["datasets"], sweep_metric=metric)
+                     shape=ModelShape(**shared["shape"]), gpu_memory=shared["gpu_memory"],
+                     report_every_log=True, run_id=uuid.uuid4().hex[:8],
+                     trials_at_once=shared["trials_at_once"])
+    return cfg, plan
 
 
 def _reported_again(output_dir: str, metric: str) -> bool:
@@ -138,7 +223,8 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             spec.grace_period = report_interval(configs[0], spec.metric, plans[0].steps_per_epoch)
             logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} "
                                            "is measured)"))
-        logger.info(f"sweep {run_name!r}: {count} trials ({spec.search}), {concurrent} at a time "
+        drawn = "pbt's population" if spec.scheduler == "pbt" else spec.search
+        logger.info(f"sweep {run_name!r}: {count} trials ({drawn}), {concurrent} at a time "
             f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
         for trial in trials:
             logger.info(f"  {trial.name}: {describe(trial.params)}")
@@ -148,14 +234,20 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             build_deepspeed_op()  # once here: trials building it at the same time would crash
 
         started = time.time()
-        if spec.search == "optuna":
+        if spec.scheduler == "pbt" and spec.perturbation_interval >= plans[0].total_steps:
+            raise ConfigError([Problem("sweep.perturbation_interval", f"{spec.perturbation_interval} steps, but each "
+                                       f"trial trains {plans[0].total_steps}: pbt would never exploit; make it "
+                                       "shorter than the run")])
+        if spec.draws:
             (shape,), (base_plan,) = shapes, plans
             shared = {"raw": raw, "base_dir": str(Path(base_dir).resolve()), "output_dir": str(output_dir),
                       "run_name": run_name, "nodes": [dataclasses.asdict(n) for n in nodes],
                       "shape": dataclasses.asdict(shape), "train_count": base_plan.num_train_examples,
                       "gpu_memory": planning_gpu_memory(base_cfg, nodes),
                       "trials_at_once": sharing, "datasets": datasets[0]}
-            trainable = tune.with_parameters(run_drawn_trial, shared=shared, metric=spec.metric)
+            trainable = tune.with_parameters(run_drawn_trial, shared=shared, metric=spec.metric) \
+                if spec.scheduler != "pbt" else tune.with_parameters(run_pbt_trial, shared=shared, metric=spec.metric,
+                                                                     interval=spec.perturbation_interval)
         else:
             shipped = [{"recipe": c.to_dict(mask_secrets=False), "plan": p.to_dict(), "datasets": d}
                        for c, p, d in zip(configs, plans, datasets)]
@@ -164,10 +256,15 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
                        max_steps=max(p.total_steps for p in plans), resume=resuming)
         grid = tuner.fit()
         budget_spent = spec.time_budget_s is not None and time.time() - started >= spec.time_budget_s
-        if spec.search == "optuna":  # its trials are known now: each result's folder is named after its trial
-            trials = sorted((Trial(Path(r.path).name, {k: r.config.get(k) for k in spec.parameters}, {})
-                             for r in grid), key=lambda t: t.name)
+        if spec.draws:  # its trials are known now: each result's folder is named after its trial
+            # (under pbt, each trial's values are its last: those it trained with last, after any exploit)
+            values = (lambda r: searched_values(output_dir / "trials" / Path(r.path).name, spec.parameters)) \
+                if spec.scheduler == "pbt" else (lambda r: {k: r.config.get(k) for k in spec.parameters})
+            trials = sorted((Trial(Path(r.path).name, values(r), {}) for r in grid), key=lambda t: t.name)
             rows, histories = result_rows(grid, trials, spec, budget_spent, name_of=lambda r: Path(r.path).name)
+            if spec.scheduler == "pbt":
+                for row in rows:
+                    row["exploited"] = exploit_history(output_dir / "trials" / row["trial"])
         else:
             rows, histories = result_rows(grid, trials, spec, budget_spent)
 
@@ -220,17 +317,28 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
     # max_t beyond the last step: a trial that reaches its end finishes (and saves) rather than being stopped. A
     # point TPE draws may change the number of steps (a batch size, say): there, no step count is the last.
     last = max(max_steps, spec.grace_period or 0) + 1 if spec.search == "grid" else 2**31
-    scheduler = FIFOScheduler() if spec.scheduler == "fifo" else ASHAScheduler(
-        time_attr="step", max_t=last, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
-    if spec.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch  # Optuna (and SQLAlchemy) only for the sweeps that use it
+    if spec.scheduler == "pbt":
+        scheduler = SegmentedPBT(Path(base_cfg.args.output_dir) / "trials", time_attr="step",
+                                 perturbation_interval=spec.perturbation_interval,
+                                 hyperparam_mutations=tune_space(spec), quantile_fraction=spec.quantile_fraction,
+                                 resample_probability=spec.resample_probability, synch=True, log_config=False)
+    else:
+        scheduler = FIFOScheduler() if spec.scheduler == "fifo" else ASHAScheduler(
+            time_attr="step", max_t=last, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    if spec.draws:
+        first = [first_point] if first_point else None
+        if spec.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch  # Optuna (and SQLAlchemy) only for the sweeps that use it
 
-        search = {"search_alg": OptunaSearch(points_to_evaluate=[first_point] if first_point else None,
-                                             seed=spec.seed),
-                  "num_samples": spec.num_samples}
+            drawer = OptunaSearch(points_to_evaluate=first, seed=spec.seed)
+        else:  # pbt's population: the recipe's point, then draws at random (seeded)
+            drawer = BasicVariantGenerator(points_to_evaluate=first, random_state=spec.seed)
+        search = {"search_alg": drawer, "num_samples": spec.num_samples}
         space = tune_space(spec)
-        # Tune numbers the trials it creates from 1 in the experiment tag, and restores that count on a resume
-        index = lambda t: int(t.experiment_tag.split("_", 1)[0]) - 1  # noqa: E731
+        # Tune numbers the trials it creates in the experiment tag (optuna from 1, its random draws from 0), and
+        # restores that count on a resume
+        offset = 1 if spec.search == "optuna" else 0
+        index = lambda t: int(t.experiment_tag.split("_", 1)[0]) - offset  # noqa: E731
     else:
         search, space = {}, {"trial": tune.grid_search(list(range(grid_points)))}
         index = lambda t: t.config["trial"]  # noqa: E731
@@ -246,6 +354,37 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
         run_config=tune.RunConfig(name=run_name, storage_path=storage, storage_filesystem=fs,
                                   callbacks=[_Progress(spec.metric, spec.scheduler)]),
     )
+
+
+class SegmentedPBT(PopulationBasedTraining):
+    """Ray Tune's Population Based Training for trials that report at the ends of their segments (run_pbt_trial).
+
+    A trial's last report is not a point to exploit at: nothing is left to train from the donor's checkpoint. And
+    Tune's experiment state is saved as soon as an exploit is decided (otherwise every 10 s or more), so that a
+    driver that dies right after it resumes with the exploit rather than without it.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("step", 0) >= result.get("total_steps", math.inf):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def __init__(self, trials_dir: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.trials_dir = trials_dir
+
+    def _exploit(self, tune_controller, trial, trial_to_clone):
+        donor = self.trials_dir / str(trial_to_clone) / SEGMENT_FILE
+        if not donor.is_file():  # its segment's checkpoint is not written (a save that failed): no exploit
+            logger.info(Problem("pbt", f"{trial_to_clone} has no checkpoint to continue {trial} from; no exploit"))
+            return
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        values = {k: trial.config[k] for k in self._hyperparam_mutations}
+        record = {**json.loads(donor.read_text()), "config": values}
+        (self.trials_dir / str(trial) / EXPLOIT_FILE).write_text(json.dumps(record))
+        logger.info(Problem("pbt", f"{trial} continues from {trial_to_clone} at step {record['step']}: "
+                                   f"{describe(values)}"))
+        tune_controller.checkpoint(force=True)
 
 
 class _Progress(tune.Callback):

@@ -17,7 +17,7 @@ RESULTS_FILE = "sweep_results.csv"
 
 BEST_CONFIG_FILE = "best_config.yaml"
 
-POINT_FILE = "sweep_point.json"  # in a trial's output_dir under search: optuna: the values TPE drew for it
+POINT_FILE = "sweep_point.json"  # in a drawn trial's output_dir (optuna, pbt): its values, as it last started
 
 
 def stop_reason(status: str, step: int | None, total: int | None, error: str | None, scheduler: str,
@@ -148,16 +148,25 @@ def trials_record(run_name: str, trials: list[Trial], spec: SweepSpec | None = N
     record = {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
     if spec is not None:
         record.update(metric=spec.metric, mode=spec.mode)
-        if spec.search == "optuna":  # its trials are drawn as it goes: the space and their number name it
-            record.update(search="optuna", space=spec.parameters, num_samples=spec.num_samples)
+        if spec.draws:  # its trials are drawn as it goes: the space and their number name it
+            record.update(search=spec.search, space=spec.parameters, num_samples=spec.num_samples)
+            if spec.scheduler == "pbt":
+                record.update(scheduler="pbt", perturbation_interval=spec.perturbation_interval)
     return record
 
 
-def _searched_values(trial_dir: Path, space: dict) -> dict:
+def searched_values(trial_dir: Path, space: dict) -> dict:
     """A trial's values of the searched keys, as its trial recorded them when it started."""
     point = trial_dir / POINT_FILE
     values = json.loads(point.read_text()) if point.is_file() else {}
     return {key: values.get(key) for key in space}
+
+
+def exploit_history(trial_dir: Path) -> str:
+    """A pbt trial's exploits, oldest first, as its log records them: `trial_001@step8` when it continued from
+    trial_001's checkpoint at step 8; empty when it never did."""
+    log = read_log(trial_dir) if (trial_dir / "trainer_log.jsonl").is_file() else []
+    return " ".join(r["exploited"] for r in log if "exploited" in r)
 
 
 def _cell_value(text: str):
@@ -174,7 +183,8 @@ def _cell_value(text: str):
 
 def same_trials(earlier: dict, now: dict) -> bool:
     """Whether two sweep_trials.json records name the same sweep (its metric may be read differently)."""
-    return all(earlier.get(k) == now.get(k) for k in ("run_name", "trials", "search", "space", "num_samples"))
+    return all(earlier.get(k) == now.get(k) for k in ("run_name", "trials", "search", "space", "num_samples",
+                                                      "scheduler", "perturbation_interval"))
 
 
 def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
@@ -189,8 +199,8 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
     metric, mode = record.get("metric", "loss"), record.get("mode", "min")
     rows = []
     trials = record["trials"]
-    if record.get("search") == "optuna":  # the trials started so far, with the values TPE drew for each
-        trials = [{"name": out.name, "params": _searched_values(out, record["space"])}
+    if "space" in record:  # optuna, pbt: the trials started so far, with the values drawn for each
+        trials = [{"name": out.name, "params": searched_values(out, record["space"])}
                   for out in sorted((output_dir / "trials").glob("trial_*")) if out.is_dir()]
     for trial in trials:
         out = output_dir / "trials" / trial["name"]
@@ -206,4 +216,6 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
         rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None,
                      f"best_{metric}": (min if mode == "min" else max)(measured) if measured else None,
                      "step": last.get("step"), "total_steps": last.get("total_steps"), "state": state})
+        if record.get("scheduler") == "pbt":
+            rows[-1]["exploited"] = exploit_history(out)
     return record, rows, False

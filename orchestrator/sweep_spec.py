@@ -17,7 +17,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.parse import parse_config
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import key_sections
-from rayft.recipe.stages import sweep_metric
+from rayft.recipe.stages import STAGE_SPECS, sweep_metric
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -29,6 +29,12 @@ SHARED_BY_OPTUNA_TRIALS = ("data", "model", "ray")
 SET_PER_TRIAL = ("output_dir", "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_address",
                  "overwrite_output_dir")
 
+# What `scheduler: pbt` may change in the middle of a run: the optimizer's hyperparameters (re-applied to its
+# param groups and schedule after a checkpoint is loaded), the gradient clip, and the preference losses' weights,
+# which the loss reads at every step. Anything else shapes the model, the data or the schedule's length.
+PERTURBABLE_BY_PBT = ("learning_rate", "weight_decay", "max_grad_norm", "pref_beta", "pref_ftx", "dpo_label_smoothing",
+                      "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight")
+
 
 @dataclass
 class SweepSpec:
@@ -36,17 +42,26 @@ class SweepSpec:
 
     parameters: dict
     search: Literal["grid", "optuna"] = "grid"  # grid: the grid's product, other keys drawn at random; optuna: TPE
-    num_samples: int = 1  # grid: repeats of the grid; optuna: the number of trials
+    num_samples: int = 1  # grid: repeats of the grid; optuna: the number of trials; pbt: the population
     metric: Optional[str] = None  # default: eval_loss with evaluation data, else the training loss
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    scheduler: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"
     grace_period: Optional[int] = None  # asha: optimizer steps before a trial can be stopped (default: the
     # interval at which the metric is measured)
     reduction_factor: float = 4.0  # asha: Ray Tune's default
+    perturbation_interval: Optional[int] = None  # pbt: optimizer steps between exploits (required)
+    quantile_fraction: float = 0.25  # pbt: the share of the population that is exploited, and that it copies
+    resample_probability: float = 0.25  # pbt: how often an exploit draws a value afresh instead of moving the donor's
     max_concurrent_trials: Optional[int] = None  # default: as many trials as the cluster fits at once
     time_budget_s: Optional[float] = None  # stop every trial when the sweep has run this long
     seed: Optional[int] = None  # for sampling the space; default: the recipe's seed
     notes: list = field(default_factory=list)
+
+    @property
+    def draws(self) -> bool:
+        """Whether Ray Tune draws the trials' points as it goes (optuna's TPE, pbt's population), rather than
+        rayft listing them all first (a grid)."""
+        return self.search == "optuna" or self.scheduler == "pbt"
 
 
 @dataclass
@@ -81,6 +96,7 @@ def parse_sweep(section, seed: int) -> SweepSpec:
     problems += _space_problems(spec.parameters)
     if spec.search == "optuna":
         problems += _optuna_problems(spec.parameters)
+    problems += _pbt_problems(spec, section)
     if spec.num_samples < 1:
         problems.append(Problem("sweep.num_samples", f"must be at least 1, got {spec.num_samples}"))
     if spec.grace_period is not None and spec.grace_period < 1:
@@ -145,8 +161,39 @@ def _optuna_problems(parameters: dict) -> list[str]:
     return problems
 
 
+def _pbt_problems(spec: SweepSpec, section: dict) -> list[str]:
+    if spec.scheduler == "pb2":
+        return [Problem("sweep.scheduler", "pb2 is not built: Ray Tune's PB2 needs GPy and scikit-learn, which rayft "
+                                           "does not install; use scheduler: pbt")]
+    settings = [k for k in ("perturbation_interval", "quantile_fraction", "resample_probability") if k in section]
+    if spec.scheduler != "pbt":
+        return [Problem(f"sweep.{k}", f"only for scheduler: pbt (this sweep's is {spec.scheduler})") for k in settings]
+    problems = []
+    if spec.search == "optuna":
+        problems.append(Problem("sweep.search", "pbt draws its population at random and then changes the values "
+                                                "itself; remove search: optuna (or use scheduler: asha with it)"))
+    for key, space in spec.parameters.items():
+        where = f"sweep.parameters.{key}"
+        if key not in PERTURBABLE_BY_PBT:
+            problems.append(Problem(where, f"pbt changes values in the middle of a run, and {key} cannot change "
+                                           f"there; pbt perturbs {', '.join(PERTURBABLE_BY_PBT)} (search {key} with "
+                                           "a grid, or optuna)"))
+        elif isinstance(space, dict) and "grid" in space:
+            problems.append(Problem(where, "grid is not a pbt space (pbt draws the population and perturbs it); give "
+                                           "{choice: [..]} or a range"))
+    if spec.perturbation_interval is None or spec.perturbation_interval < 1:
+        problems.append(Problem("sweep.perturbation_interval", "pbt needs the optimizer steps between exploits, at "
+                                                               f"least 1; got {spec.perturbation_interval}"))
+    if not 0 < spec.quantile_fraction <= 0.5:
+        problems.append(Problem("sweep.quantile_fraction", f"must be in (0, 0.5], got {spec.quantile_fraction}"))
+    if not 0 <= spec.resample_probability <= 1:
+        problems.append(Problem("sweep.resample_probability", f"must be in [0, 1], got {spec.resample_probability}"))
+    return problems
+
+
 def tune_space(spec: SweepSpec) -> dict:
-    """The search space in Ray Tune's terms (for search: optuna; randint's high is excluded, as in rayft's own)."""
+    """The search space in Ray Tune's terms (for optuna, and pbt's population and perturbations; randint's high is
+    excluded, as in rayft's own)."""
     from ray import tune
 
     kinds = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
@@ -315,6 +362,25 @@ def concurrency(spec: SweepSpec, per_trial: dict, nodes) -> int:
     return spec.max_concurrent_trials
 
 
+def pbt_recipe_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
+    """What a recipe must allow for pbt to continue one trial from another's checkpoint with new values."""
+    problems = []
+    stage = cfg.finetuning.stage
+    if STAGE_SPECS[stage].online:
+        problems.append(Problem("sweep.scheduler", f"pbt is not built for stage {stage} (its step loop is its own, "
+                                                   "not the Trainer's that pbt stops and continues); use asha or "
+                                                   "fifo"))
+    if "learning_rate" in spec.parameters and cfg.args.lr_scheduler_type == "reduce_lr_on_plateau":
+        problems.append(Problem("lr_scheduler_type", "pbt re-applies a perturbed learning_rate to a schedule that is "
+                                                     "a function of the step; reduce_lr_on_plateau is not one. Choose "
+                                                     "another schedule, or do not perturb learning_rate"))
+    if cfg.finetuning.use_badam or cfg.finetuning.galore_layerwise or cfg.finetuning.apollo_layerwise:
+        problems.append(Problem("sweep.scheduler", "pbt re-applies hyperparameters to one optimizer's param groups; "
+                                                   "BAdam and layer-wise GaLore/APOLLO keep one optimizer per block "
+                                                   "or parameter. Use another optimizer for a pbt sweep"))
+    return problems
+
+
 @dataclass
 class Sweep:
     """A checked sweep: the base recipe's config, the spec with derived values filled in, and the trials."""
@@ -323,9 +389,9 @@ class Sweep:
     spec: SweepSpec
     run_name: str
     output_dir: Path
-    trials: list[Trial]  # search: optuna draws its trials as it goes: none here
-    configs: list[RecipeConfig]  # each trial's; search: optuna: the base recipe's, which every trial shares
-    first_point: dict | None = None  # search: optuna: the recipe's own values, evaluated first
+    trials: list[Trial]  # optuna and pbt draw their trials as they go: none here
+    configs: list[RecipeConfig]  # each trial's; optuna and pbt: the base recipe's, which every trial shares
+    first_point: dict | None = None  # optuna and pbt: the recipe's own values, evaluated first
 
 
 def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
@@ -363,11 +429,16 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
     problems = metric_problems(spec, base_cfg)
     if problems:
         raise ConfigError(problems)
-    if spec.search == "optuna":
+    if spec.scheduler == "pbt":
+        problems = pbt_recipe_problems(spec, base_cfg)
+        if problems:
+            raise ConfigError(problems)
+    if spec.draws:
         first, outside = recipe_point(spec, base_cfg)
+        drawer = "TPE" if spec.search == "optuna" else "Ray Tune"
         logger.info(Problem("derived", f"sweep: the first point is the recipe's own ({describe(first)})" if first else
-                            f"sweep: the recipe's {', '.join(outside)} lie(s) outside the space, so TPE draws the "
-                            "first point too"))
+                            f"sweep: the recipe's {', '.join(outside)} lie(s) outside the space, so {drawer} draws "
+                            "the first point too"))
         # the bounds of the space are checked here; a point TPE draws between them fails as its own trial
         probes = [Trial(f"point {i + 1} of the space", params, trial_recipe(raw, params, output_dir, run_name, "probe"))
                   for i, params in enumerate(probe_points(spec, first))]

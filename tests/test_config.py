@@ -262,7 +262,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
         from rayft.orchestrator.sweep_spec import check_sweep
 
         sweep = check_sweep(raw, base_dir=ROOT)
-        assert len(sweep.configs) >= 2 or (sweep.spec.search == "optuna" and sweep.spec.num_samples >= 2)
+        assert len(sweep.configs) >= 2 or (sweep.spec.draws and sweep.spec.num_samples >= 2)
         cfg = sweep.base
     elif "export_dir" in raw or "output_dir" not in raw:  # export, chat or serve: a model and adapters, no data
         cfg = parse_config(raw, base_dir=ROOT, for_training=False)

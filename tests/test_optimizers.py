@@ -198,3 +198,37 @@ def test_the_memory_planner_counts_each_optimizers_state():
     assert state("badam", badam_mode="layer") == pytest.approx(adamw / 32)
     assert state("galore", galore_rank=128) < adamw / 4  # the LLaMA-Factory example's rank on a 7 B model
     assert state("apollo", apollo_rank=1) < state("galore", galore_rank=128)
+
+
+def test_a_pbt_segment_puts_its_own_learning_rate_and_weight_decay_back_after_loading_anothers_state():
+    # ray-project/ray#36660: loading a checkpoint's optimizer and schedule brings back the donor's values; a pbt
+    # segment keeps the loaded moments and the schedule's position, with its own (perturbed) base values.
+    from transformers import get_cosine_schedule_with_warmup
+
+    from rayft.trainers.common import reapply_hyperparameters
+
+    def built(lr, decay):
+        weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+        optimizer = torch.optim.AdamW([{"params": weights[:1], "weight_decay": decay},
+                                       {"params": weights[1:], "weight_decay": 0.0}], lr=lr)
+        return weights, optimizer, get_cosine_schedule_with_warmup(optimizer, 2, 10)
+
+    weights, donor, donor_schedule = built(3e-3, 0.01)
+    for _ in range(5):
+        sum(w.sum() for w in weights).backward()
+        donor.step()
+        donor_schedule.step()
+    _, optimizer, schedule = built(2.4e-3, 0.05)
+    wanted = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(donor.state_dict())
+    schedule.load_state_dict(donor_schedule.state_dict())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(donor.param_groups[0]["lr"])  # the donor's, as loaded
+    reapply_hyperparameters(optimizer, schedule, wanted)
+    factor = donor.param_groups[0]["lr"] / 3e-3
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.4e-3 * factor] * 2)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"],
+                       donor.state[weights[0]]["exp_avg"])  # the moments are the donor's
+    schedule.step()  # and the schedule goes on from the donor's position, at the new base
+    donor_schedule.step()
+    assert schedule.get_last_lr()[0] == pytest.approx(donor_schedule.get_last_lr()[0] * 2.4e-3 / 3e-3)

@@ -25,6 +25,7 @@ from rayft.recipe.values import read_log
 
 SFT_SWEEP = ROOT / "configs" / "sweep_sft_lora.yaml"
 DPO_SWEEP = ROOT / "configs" / "sweep_dpo_beta.yaml"
+PBT_SWEEP = ROOT / "configs" / "sweep_sft_pbt.yaml"
 
 
 def sweep_recipe(path, tmp_path, tiny_model, *overrides) -> dict:
@@ -78,6 +79,17 @@ def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly
     ({"parameters": {"cutoff_len": {"randint": [64, 128]}}, "search": "optuna"}, "search this key with search: grid"),
     ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "tpe"}, "sweep.search: 'tpe'"),
     ({"num_samples": 2}, "sweep.parameters: required"),
+    ({"parameters": {"lora_rank": {"choice": [8, 16]}}, "scheduler": "pbt", "perturbation_interval": 4},
+     "lora_rank cannot change there"),
+    ({"parameters": {"learning_rate": {"grid": [1e-3]}}, "scheduler": "pbt", "perturbation_interval": 4},
+     "grid is not a pbt space"),
+    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pbt"},
+     "sweep.perturbation_interval: pbt needs the optimizer steps between exploits"),
+    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pbt", "search": "optuna",
+      "perturbation_interval": 4}, "remove search: optuna"),
+    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "asha",
+      "perturbation_interval": 4}, "sweep.perturbation_interval: only for scheduler: pbt"),
+    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pb2"}, "pb2 is not built"),
 ])
 def test_a_bad_sweep_section_names_the_key_and_the_fix(section, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("(", "\\(")):
@@ -354,3 +366,60 @@ def test_optuna_evaluates_the_recipes_own_point_first_and_asha_stops_a_poor_draw
     assert best["learning_rate"] == 3.0e-3 and "sweep" not in best
     record, status, ended = progress_rows(tmp_path / "sweep")
     assert ended and record["search"] == "optuna" and [r["trial"] for r in status] == ["trial_000", "trial_001"]
+
+
+def log_records(trial_dir: Path) -> list[dict]:
+    return read_log(trial_dir) if (trial_dir / "trainer_log.jsonl").is_file() else []
+
+
+@pytest.mark.slow
+def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_survives_its_driver_being_killed(
+        tmp_path, tiny_model, ray_local):
+    # A population of two: the recipe's learning rate 3e-3 and a seeded draw (2.9e-4) that learns far slower. At
+    # step 4 the draw ranks last and must continue from trial_000's step-4 checkpoint with 3e-3 x 0.8 or x 1.2
+    # (resample_probability 0). The driver is killed once that exploit is under way; the rerun finishes the sweep.
+    address = ray_local._private.worker._global_node.address
+    sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
+    command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(PBT_SWEEP),
+               f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
+               f"ray_address={address}", "max_steps=8", "eval_steps=4", "logging_steps=2", "learning_rate=3.0e-3",
+               "sweep.parameters={learning_rate: {loguniform: [1.0e-7, 3.0e-3]}}", "sweep.num_samples=2",
+               "sweep.perturbation_interval=4", "sweep.resample_probability=0.0"]
+    poor = sweep_dir / "trials" / "trial_001"
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and driver.poll() is None and not any(
+                "exploited" in r for r in log_records(poor)):
+            time.sleep(0.5)
+        assert any("exploited" in r for r in log_records(poor)), "no exploit before the driver ended"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming sweep 'sweep-sft-pbt'" in again.stdout
+    rows = {r["trial"]: r for r in results(sweep_dir)}
+    assert sorted(rows) == ["trial_000", "trial_001"]
+    assert all(r["stop_reason"] == "completed" and r["step"] == "8" for r in rows.values()), rows
+    assert (rows["trial_000"]["exploited"], rows["trial_001"]["exploited"]) == ("", "trial_000@step4")
+    perturbed = float(rows["trial_001"]["learning_rate"])
+    assert min(abs(perturbed / 3e-3 - f) for f in (0.8, 1.2)) < 1e-9, perturbed
+
+    donor, log = log_records(sweep_dir / "trials" / "trial_000"), log_records(poor)
+    # every logging step once in each trial's log, whatever the kill cut short
+    for records in (donor, log):
+        assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert [r["exploited"] for r in log if "exploited" in r] == ["trial_000@step4"]
+    marker = next(i for i, r in enumerate(log) if "exploited" in r)
+    own = next(r["loss"] for r in log[:marker] if r["step"] == 4 and "loss" in r)
+    first = next(r for r in log[marker:] if "loss" in r)
+    donors = next(r for r in donor if r["step"] == first["step"] and "loss" in r)
+    assert first["step"] == 6  # continued from the donor's step 4, not from its own start
+    assert abs(first["loss"] - donors["loss"]) < 0.05 < own - first["loss"], (own, first, donors)
+    # its perturbed learning rate, at the schedule's position it continued from
+    assert first["learning_rate"] == pytest.approx(donors["learning_rate"] * perturbed / 3e-3, rel=1e-6)
+    status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "trial_000@step4" in status.stdout, status.stdout + status.stderr

@@ -23,6 +23,7 @@ from transformers import (
     TrainerCallback,
 )
 
+from rayft.cluster.storage import checkpoint_at
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
@@ -193,9 +194,10 @@ class ShardTrainer(Seq2SeqTrainer):
     processes (which the default accelerate-prepared loader would do).
     """
 
-    def __init__(self, *args, finetuning=None, **kwargs):
+    def __init__(self, *args, finetuning=None, hyperparameters_from_recipe=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.finetuning = finetuning
+        self.hyperparameters_from_recipe = hyperparameters_from_recipe
 
     def create_optimizer(self, model=None):
         """The factory's optimizer for the recipe (trainers/optimizers.py), or the Trainer's own (`optim`)."""
@@ -214,6 +216,16 @@ class ShardTrainer(Seq2SeqTrainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         layerwise_schedulers(self.optimizer, self.args, num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # The loaded state carries the checkpoint's own learning rates and weight decay in its param groups and
+        # schedule. A pbt segment continues another trial's checkpoint with its own (perturbed) values: they are
+        # put back after loading (ray-project/ray#36660), the schedule's position kept.
+        wanted = [(group.get("initial_lr", group["lr"]), group.get("weight_decay"))  # the schedule's base: its
+                  for group in self.optimizer.param_groups]  # first lr may be 0 (warm-up)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.hyperparameters_from_recipe:
+            reapply_hyperparameters(self.optimizer, self.lr_scheduler, wanted)
 
     def _run_epoch(self, *args, **kwargs):
         # A run resumed from its final checkpoint (killed after saving the last step, before finishing) has
@@ -240,6 +252,33 @@ class ShardTrainer(Seq2SeqTrainer):
             drop_last=self.args.dataloader_drop_last,
             num_workers=0,  # the stream reads in this process; Ray Data prefetches (see train_shard)
         )
+
+
+def reapply_hyperparameters(optimizer, scheduler, wanted: list[tuple[float, float | None]]) -> None:
+    """Sets each param group's base learning rate and weight decay to `wanted` (as the optimizer was built for this
+    run) and its current learning rate to the schedule's factor at the loaded step times the new base."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # DeepSpeed's wrapper holds the torch schedule
+    factors = [lr / base if base else 1.0 for lr, base in zip(scheduler.get_last_lr(), scheduler.base_lrs)]
+    scheduler.base_lrs = [lr for lr, _ in wanted]
+    for group, (lr, decay), factor in zip(optimizer.param_groups, wanted, factors):
+        group["initial_lr"], group["lr"] = lr, lr * factor
+        if decay is not None:
+            group["weight_decay"] = decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+class StopAt(TrainerCallback):
+    """Ends a pbt segment after optimizer step `step`: the metric is logged and measured there, and a checkpoint
+    saved for the next segment (this trial's or, after an exploit, another's)."""
+
+    def __init__(self, step: int, evaluates: bool):
+        self.step, self.evaluates = step, evaluates
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_log = control.should_save = control.should_training_stop = True
+            control.should_evaluate = self.evaluates
+        return control
 
 
 def finish(trainer, cfg: RecipeConfig, plan: Plan, train_result, tokenizer) -> dict:
@@ -293,7 +332,7 @@ def resume_point(plan: Plan) -> tuple[dict | None, str | None]:
     resized, or ray_num_workers changed between runs), it is first converted to DeepSpeed's universal form, per
     parameter and independent of the world size, which DeepSpeed then loads with `checkpoint.load_universal`.
     """
-    checkpoint = restored_checkpoint()
+    checkpoint = restored_checkpoint(plan)
     if checkpoint is None or plan.deepspeed is None:
         return plan.deepspeed, checkpoint
     world = ray.train.get_context().get_world_size()
@@ -362,11 +401,14 @@ def universal_view(source: Path, view: Path) -> None:
     (view / "latest").write_text("universal")  # last: a view without it is incomplete and made again
 
 
-def restored_checkpoint() -> str | None:
+def restored_checkpoint(plan: Plan) -> str | None:
     """The Trainer checkpoint to resume from when Ray Train restarts this run: after a worker failure, or
-    when a run with the same ray_run_name and storage is started again. None on a fresh run."""
+    when a run with the same ray_run_name and storage is started again; else the checkpoint a pbt segment starts
+    from (plan.start_from). None on a fresh run."""
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and plan.start_from is not None:
+        checkpoint = checkpoint_at(plan.start_from["uri"], plan.start_from["filesystem"])
     if checkpoint is None:
         return None
     import pyarrow.fs
@@ -459,8 +501,10 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]
                      if cfg.finetuning.early_stopping_steps is not None else []),
                    *([TorchProfiler(cfg.args, args.output_dir, args.process_index)]
-                     if cfg.args.enable_torch_profiler else [])],
+                     if cfg.args.enable_torch_profiler else []),
+                   *([StopAt(plan.stop_at, eval_data is not None)] if plan.stop_at else [])],
         finetuning=cfg.finetuning,
+        hyperparameters_from_recipe=plan.start_from is not None,
         **trainer_kwargs,
     )
     startup.mark("trainer")
@@ -476,6 +520,8 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
     finally:
         if resume and Path(resume).parent == UNIVERSAL_VIEWS:  # this start's own view; every rank may try
             shutil.rmtree(resume, ignore_errors=True)
+    if plan.stop_at:  # a pbt segment: its checkpoint is what it leaves; the trial's outputs come at its end
+        return {"step": trainer.state.global_step}
     train_result.metrics.update(extra_metrics or {})
     if plan.train_tokens:  # include_effective_tokens_per_second, as LLaMA-Factory counts it: per device
         m = train_result.metrics

@@ -44,7 +44,7 @@ def run_rm(cfg: RecipeConfig, plan: Plan) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not padding
     metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
                   trainer_cls=RewardTrainer)
-    if args.process_index == 0:
+    if args.process_index == 0 and not plan.stop_at:  # a pbt segment saves no model, only its checkpoint
         save_value_head(args.output_dir)
     return metrics
 
