@@ -318,15 +318,16 @@ def test_dpo_sweep_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray
     raw["sweep"]["parameters"] = {"model_name_or_path": {"grid": [str(tiny_model), str(broken)]},
                                   "pref_beta": {"grid": [0.2]}}
     rows = run_sweep(raw, base_dir=ROOT)
-    metric = "eval_rewards/accuracies"
+    metric = "eval_logps/margins"  # the shipped sweep's: the policy's log-prob margin, not scaled by beta
     assert [(r["model_name_or_path"] == str(tiny_model), r["pref_beta"]) for r in rows] == [(True, 0.2), (False, 0.2)]
     good, bad = rows[:1], rows[1:]
-    assert all(r["stop_reason"] == "completed" and r["status"] == "TERMINATED" and 0.0 <= r[metric] <= 1.0
-               for r in good), good
+    assert all(r["stop_reason"] == "completed" and r["status"] == "TERMINATED" for r in good), good
     for row in good:  # each trial is a whole run with its own outputs and its own beta
         out = tmp_path / "sweep" / "trials" / row["trial"]
         assert yaml.safe_load((out / "training_args.yaml").read_text())["pref_beta"] == row["pref_beta"]
-        assert [r[metric] for r in read_log(out) if metric in r][-1] == pytest.approx(row[metric])
+        last = [r for r in read_log(out) if metric in r][-1]
+        assert last[metric] == pytest.approx(row[metric])
+        assert row[metric] == pytest.approx(last["eval_logps/chosen"] - last["eval_logps/rejected"], abs=1e-4)
         # resources_per_worker unset: the two trials run at once and share the 2 CPUs, one worker thread each
         assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [1]
     assert all(r["status"] == "ERROR" and r["stop_reason"].startswith("failed: ") and r[metric] is None
@@ -423,3 +424,27 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "trial_000@step4" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.unit
+def test_a_pbt_trial_starts_from_its_last_segment_unless_an_exploit_at_or_after_it_says_otherwise(tmp_path):
+    from rayft.orchestrator.sweep import EXPLOIT_FILE, SEGMENT_FILE, mark_segment_start, segment_start
+
+    assert segment_start(tmp_path) == (None, None)  # a fresh trial
+    own = {"trial": "trial_001", "step": 4, "uri": "/ray/a/checkpoint_1", "fs": None}
+    (tmp_path / SEGMENT_FILE).write_text(json.dumps(own))
+    assert segment_start(tmp_path) == (own, None)
+    # exploited at the step it reached: the donor's checkpoint and the new values, also after its driver died
+    exploit = {"trial": "trial_000", "step": 4, "uri": "/ray/b/checkpoint_1", "fs": None,
+               "config": {"learning_rate": 2.4e-3}}
+    (tmp_path / EXPLOIT_FILE).write_text(json.dumps(exploit))
+    assert segment_start(tmp_path) == (exploit, exploit)
+    # once it has trained past the exploit, its own segments lead
+    (tmp_path / SEGMENT_FILE).write_text(json.dumps({**own, "step": 8}))
+    assert segment_start(tmp_path) == ({**own, "step": 8}, None)
+    # the log keeps what precedes the start, drops a cut-short segment's records and records the exploit once
+    records = [{"step": 2, "loss": 6.5}, {"step": 4, "loss": 6.1}, {"step": 4, "exploited": "trial_000@step4"},
+               {"step": 4, "resumed_from_step": 4}, {"step": 6, "loss": 5.5}]
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    mark_segment_start(tmp_path, 4, "trial_000@step4")
+    assert [{k: v for k, v in r.items() if k != "timestamp"} for r in read_log(tmp_path)] == records[:3]

@@ -53,6 +53,9 @@ class DPOTrainer(StatsTrainer):
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "logps/chosen": chosen.detach(),
             "logps/rejected": rejected.detach(),
+            # the policy's own preference on the pair, in nats: unlike the rewards and the loss it is not scaled
+            # by pref_beta, so a sweep over pref_beta can rank by it (eval_logps/margins)
+            "logps/margins": (chosen - rejected).detach(),
         })
         loss = per_pair.mean()
         return (loss, {}) if return_outputs else loss
