@@ -90,8 +90,9 @@ def run_drawn_trial(config: dict, shared: dict, metric: str) -> None:
 def run_pbt_trial(config: dict, shared: dict, metric: str, interval: int) -> None:
     """One member of a pbt population: its run in segments of `interval` steps, each a Ray Train run of its own that
     starts from the last one's checkpoint and ends with one. After each segment the measured metric is reported to
-    Tune with a pointer to that checkpoint: pbt may then continue this trial from another member's pointer with
-    perturbed values (an exploit), which restarts this function with that pointer as `tune.get_checkpoint()`."""
+    Tune with a pointer to that checkpoint: pbt may then continue this trial from another member's checkpoint with
+    perturbed values (an exploit), which restarts this function; where it starts is read from the trial's own
+    records (segment_start)."""
     recipe = _drawn_recipe(config, shared)
     if _reported_again(recipe["output_dir"], metric):
         return
@@ -219,6 +220,10 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
         per_trial = {k: max(p.num_workers * p.resources_per_worker.get(k, 0) for p in plans)
                      for k in set().union(*(p.resources_per_worker for p in plans))}
         concurrent = concurrency(spec, per_trial, nodes)
+        if spec.scheduler == "pbt" and spec.perturbation_interval >= plans[0].total_steps:
+            raise ConfigError([Problem("sweep.perturbation_interval", f"{spec.perturbation_interval} steps, but each "
+                                       f"trial trains {plans[0].total_steps}: pbt would never exploit; make it "
+                                       "shorter than the run")])
         if spec.scheduler == "asha" and spec.grace_period is None:
             spec.grace_period = report_interval(configs[0], spec.metric, plans[0].steps_per_epoch)
             logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} "
@@ -234,10 +239,6 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             build_deepspeed_op()  # once here: trials building it at the same time would crash
 
         started = time.time()
-        if spec.scheduler == "pbt" and spec.perturbation_interval >= plans[0].total_steps:
-            raise ConfigError([Problem("sweep.perturbation_interval", f"{spec.perturbation_interval} steps, but each "
-                                       f"trial trains {plans[0].total_steps}: pbt would never exploit; make it "
-                                       "shorter than the run")])
         if spec.draws:
             (shape,), (base_plan,) = shapes, plans
             shared = {"raw": raw, "base_dir": str(Path(base_dir).resolve()), "output_dir": str(output_dir),
@@ -364,14 +365,14 @@ class SegmentedPBT(PopulationBasedTraining):
     driver that dies right after it resumes with the exploit rather than without it.
     """
 
+    def __init__(self, trials_dir: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.trials_dir = trials_dir
+
     def on_trial_result(self, tune_controller, trial, result):
         if result.get("step", 0) >= result.get("total_steps", math.inf):
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
-
-    def __init__(self, trials_dir: Path, **kwargs):
-        super().__init__(**kwargs)
-        self.trials_dir = trials_dir
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
         donor = self.trials_dir / str(trial_to_clone) / SEGMENT_FILE

@@ -165,8 +165,7 @@ def searched_values(trial_dir: Path, space: dict) -> dict:
 def exploit_history(trial_dir: Path) -> str:
     """A pbt trial's exploits, oldest first, as its log records them: `trial_001@step8` when it continued from
     trial_001's checkpoint at step 8; empty when it never did."""
-    log = read_log(trial_dir) if (trial_dir / "trainer_log.jsonl").is_file() else []
-    return " ".join(r["exploited"] for r in log if "exploited" in r)
+    return " ".join(r["exploited"] for r in read_log(trial_dir) if "exploited" in r)
 
 
 def _cell_value(text: str):
@@ -204,7 +203,7 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
                   for out in sorted((output_dir / "trials").glob("trial_*")) if out.is_dir()]
     for trial in trials:
         out = output_dir / "trials" / trial["name"]
-        log = read_log(out) if (out / "trainer_log.jsonl").is_file() else []
+        log = read_log(out)
         measured = [r[metric] for r in log if metric in r]
         last = log[-1] if log else {}
         if (out / "all_results.json").is_file():

@@ -47,7 +47,7 @@ class Plan:
     train_tokens: int = 0  # tokens of one epoch of training data, when include_effective_tokens_per_second asks
     # A segment of a pbt trial: it starts from this Ray Train checkpoint (another run's; its optimizer's
     # hyperparameters come from the recipe, not the checkpoint) and stops with a checkpoint after step stop_at
-    start_from: dict | None = None  # {"path": ..., "uri": ...}: the checkpoint on the run's storage
+    start_from: dict | None = None  # {"uri": ..., "filesystem": ...}: the checkpoint on the run's storage
     stop_at: int | None = None  # None: the run trains to its end
 
     @property

@@ -238,6 +238,21 @@ def test_train_refuses_a_recipe_with_a_sweep_section(tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- real sweeps on a local Ray cluster
 
+def killed_once(command: list[str], ready):
+    """Runs a sweep's driver and SIGKILLs it (no clean-up: Ray ends the dead driver's trials and their workers) once
+    `ready()` returns something, which is returned; None if the driver ended or 400 s passed first."""
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, seen = time.time() + 400, None
+        while time.time() < deadline and seen is None and driver.poll() is None:
+            seen = ready()
+            time.sleep(0.5)
+        return seen
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+
+
 def finished_trials(sweep_dir: Path) -> dict[str, str]:
     """Trials whose run completed: name -> the text of their trainer_log.jsonl."""
     return {p.parent.name: (p.parent / "trainer_log.jsonl").read_text()
@@ -254,19 +269,15 @@ def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_
                f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
                f"ray_address={address}", "max_steps=16", "save_strategy=steps", "save_steps=4",
                "sweep.parameters.learning_rate.grid=[3.0e-3]", "sweep.max_concurrent_trials=1"]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # kill it once a trial has finished and another has a checkpoint to continue from
-        deadline, interrupted = time.time() + 400, None
-        while time.time() < deadline and interrupted is None and driver.poll() is None:
-            done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
-            waiting = [f"trial_{i:03d}" for i in range(2) if f"trial_{i:03d}" not in done and
-                       latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
-            interrupted = waiting[0] if done and waiting else None
-            time.sleep(0.5)
-        assert interrupted, "no trial finished while another had a checkpoint"
-    finally:
-        driver.send_signal(signal.SIGKILL)  # no clean-up: Ray ends the dead driver's trials and their workers
-        driver.wait()
+
+    def checkpointed_after_another_finished():  # a trial with a checkpoint to continue from, once another is done
+        done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
+        waiting = [f"trial_{i:03d}" for i in range(2) if f"trial_{i:03d}" not in done and
+                   latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
+        return waiting[0] if done and waiting else None
+
+    interrupted = killed_once(command, checkpointed_after_another_finished)
+    assert interrupted, "no trial finished while another had a checkpoint"
     finished_before = finished_trials(sweep_dir)
     # `rayft sweep --status` reads the interrupted sweep from its output_dir: one trial done, the other not
     record, rows, ended = progress_rows(sweep_dir)
@@ -369,10 +380,6 @@ def test_optuna_evaluates_the_recipes_own_point_first_and_asha_stops_a_poor_draw
     assert ended and record["search"] == "optuna" and [r["trial"] for r in status] == ["trial_000", "trial_001"]
 
 
-def log_records(trial_dir: Path) -> list[dict]:
-    return read_log(trial_dir) if (trial_dir / "trainer_log.jsonl").is_file() else []
-
-
 @pytest.mark.slow
 def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_survives_its_driver_being_killed(
         tmp_path, tiny_model, ray_local):
@@ -387,16 +394,8 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
                "sweep.parameters={learning_rate: {loguniform: [1.0e-7, 3.0e-3]}}", "sweep.num_samples=2",
                "sweep.perturbation_interval=4", "sweep.resample_probability=0.0"]
     poor = sweep_dir / "trials" / "trial_001"
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and driver.poll() is None and not any(
-                "exploited" in r for r in log_records(poor)):
-            time.sleep(0.5)
-        assert any("exploited" in r for r in log_records(poor)), "no exploit before the driver ended"
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+    exploited = killed_once(command, lambda: any("exploited" in r for r in read_log(poor)) or None)
+    assert exploited, "no exploit before the driver ended"
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -408,7 +407,7 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     perturbed = float(rows["trial_001"]["learning_rate"])
     assert min(abs(perturbed / 3e-3 - f) for f in (0.8, 1.2)) < 1e-9, perturbed
 
-    donor, log = log_records(sweep_dir / "trials" / "trial_000"), log_records(poor)
+    donor, log = read_log(sweep_dir / "trials" / "trial_000"), read_log(poor)
     # every logging step once in each trial's log, whatever the kill cut short
     for records in (donor, log):
         assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
