@@ -1,8 +1,11 @@
 """What a run's storage (`ray_storage_path/ray_run_name`, local or a URI) already holds from an earlier run."""
 
 import json
+import time
 
 import pyarrow.fs
+
+from rayft.recipe.problems import ConfigError, Problem
 
 # Ray Train V2 records the run's reported checkpoints in this file and restores from it when a run with the
 # same name and storage starts again; a checkpoint enters it only once fully written.
@@ -50,11 +53,26 @@ def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | No
     snapshot = f"{root.rstrip('/')}/{run_name}/{SNAPSHOT_FILE}"
     if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.NotFound:
         return None
-    with fs.open_input_stream(snapshot) as f:
-        state = json.loads(f.read().decode())
+    state = _read_snapshot(fs, snapshot)
     latest = state.get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
     return f"{storage_path.rstrip('/')}/{run_name}/{name}" if name else None
+
+
+def _read_snapshot(fs, path: str, attempts: int = 10) -> dict:
+    """Ray Train's checkpoint record, read while its controller may be rewriting it: a read that meets a file
+    being written (a local file is rewritten in place; S3 emulators serve a PUT as it arrives) is tried again."""
+    for attempt in range(attempts):
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            if attempt == attempts - 1:
+                raise ConfigError([Problem("ray_run_name", f"{path} is not a whole JSON record ({err}); Ray Train "
+                                                           "cannot resume from it either: move it away, or choose "
+                                                           "another ray_run_name")]) from None
+            time.sleep(0.2)
 
 
 def checkpoint_at(uri: str, fs_name: str | None = None):

@@ -117,7 +117,7 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
         except Exception:  # reported below, with the events that led to it
             failure.append(traceback.format_exc()[-3000:])
 
-    thread = threading.Thread(target=train)
+    thread = threading.Thread(target=train, daemon=True)  # a wait that times out ends the process, not the run
     thread.start()
     result = {"run": name}
     # the notice: the second node's worker gets SIGTERM at the first logged step, and the group checkpoints there

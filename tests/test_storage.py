@@ -44,3 +44,20 @@ def test_an_adapter_in_a_bucket_is_served_by_name(tmp_path, tiny_model, s3, monk
     raw["serve_adapters"] = {"missing": f"s3://{BUCKET}/adapters/none"}
     with pytest.raises(ConfigError, match="'missing': s3://.* holds no adapter_config.json"):
         serve_spec(parse_config(raw, base_dir=ROOT, for_training=False))
+
+
+@pytest.mark.unit
+def test_a_checkpoint_record_read_while_it_is_rewritten_is_read_again_and_a_broken_one_is_refused(tmp_path):
+    import threading
+
+    from rayft.cluster.storage import SNAPSHOT_FILE, latest_checkpoint
+
+    record = tmp_path / "run" / SNAPSHOT_FILE
+    record.parent.mkdir()
+    whole = '{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}'
+    record.write_text(whole[:40])  # Ray Train's controller half-way through rewriting it (seen on the S3 server)
+    threading.Timer(0.4, record.write_text, args=(whole,)).start()
+    assert latest_checkpoint(str(tmp_path), "run") == f"{tmp_path}/run/checkpoint_1"
+    record.write_text(whole[:40])  # and one that stays broken
+    with pytest.raises(ConfigError, match=r"ray_run_name: .* is not a whole JSON record .* move it away"):
+        latest_checkpoint(str(tmp_path), "run")

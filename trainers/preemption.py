@@ -2,8 +2,9 @@
 
 Ray's worker process exits at once on SIGTERM. rayft's handler instead notes the time and lets training reach the
 end of its optimizer step. There every rank learns that some rank got the notice, and all of them save a checkpoint
-when the rest of the grace period allows it. Then they stop, and Ray Train restarts the group from that
-checkpoint. If the grace period runs out first, the process leaves as Ray's handler would have.
+when the rest of the grace period allows it. Then they wait for the warned node to go, to the end of the grace period
+at most, and stop; Ray Train restarts the group from that checkpoint without the node. If the grace period runs out
+first, the process leaves as Ray's handler would have.
 """
 
 import math
@@ -56,18 +57,28 @@ def grace_left(grace_s: float) -> float:
 
 class CheckpointOnSigterm(TrainerCallback):
     """At the end of every optimizer step, all ranks agree whether one of them got SIGTERM; if so they save a
-    checkpoint (when the shortest grace left exceeds the last save's duration) and stop with `Preempted`."""
+    checkpoint (when the shortest grace left exceeds the last save's duration), wait for the warned node to go, and
+    stop with `Preempted`.
+
+    The wait matters: a group that stops at once is restarted by Ray Train at its old size, on the node about to
+    go, and a node that goes while Ray Train creates the new group's workers leaves it waiting for that worker for
+    good (Ray 2.60 bounds the wait for the placement group, not for the workers). When the node goes, its worker
+    dies with it and Ray Train restarts the group without it; if it does not (a SIGTERM that was no preemption),
+    the group stops one second before the warned worker's grace period ends.
+    """
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
         self.save_seconds = 0.0  # how long the last checkpoint took; nothing measured yet: assume it fits
         self.save_started: float | None = None
         self.leaving_at: int | None = None
+        self.leave_by = math.inf  # monotonic time: the warned worker's grace period, as all ranks agreed on it
 
     def on_step_end(self, args, state, control, **kwargs):
         shortest = self._shortest_grace_left(args.device)
         if shortest < math.inf:
             self.leaving_at = state.global_step
+            self.leave_by = time.monotonic() + shortest
             if shortest > self.save_seconds:
                 control.should_save = True
                 logger.warning(f"SIGTERM: saving a checkpoint at step {state.global_step} ({shortest:.0f} s of "
@@ -97,8 +108,11 @@ class CheckpointOnSigterm(TrainerCallback):
             dist.all_reduce(left, op=dist.ReduceOp.MIN)
         return math.inf if left.item() >= 1e30 else left.item()
 
-    @staticmethod
-    def _leave(step: int, what: str):
+    def _leave(self, step: int, what: str):
+        left = self.leave_by - 1.0 - time.monotonic()
+        if left > 0:
+            logger.warning(f"SIGTERM: the group waits for the warned node to go ({left:.0f} s at most)")
+            time.sleep(left)
         raise Preempted(f"a worker got SIGTERM; the group stops at step {step} ({what}) and Ray Train restarts it "
                         "from the latest checkpoint")
 
