@@ -5,6 +5,7 @@ PPO's arithmetic (GAE, clipped losses, KL control) and the api reward client are
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ PPO_RECIPE = ROOT / "configs" / "demo_ppo_lora.yaml"
 # 12, which the constant learning rate makes the same first 12 steps: +0.54 and +0.72 for the two runs below.)
 REWARD_MARGIN = 0.3
 STEPS = 12  # each run's, of the demo recipe's 16: the suite's budget
+ACTOR_STEPS = 4  # the run whose reward model is an actor group of its own
 
 
 def ppo_problems(*overrides) -> list[str]:
@@ -228,15 +230,18 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
 @pytest.mark.slow
 def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, reward_run):
     # A full reward model (base + the rm run's adapter merged); the same model inside the workers scores alike
-    # (test_lora_full_and_actor_rewards_and_references_agree), so one run trains with it, in its actor group.
+    # (test_lora_full_and_actor_rewards_and_references_agree), so one run trains with it, in its actor group. The
+    # reward's rise is the lora run's to show (the same loop, scored alike): this one is about where the scores
+    # come from, and four steps show that (the suite's budget)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rm_dir, _ = reward_run
     out, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
                            f"reward_model_adapters={rm_dir}", "reward_model_workers=1",
                            "reward_model_resources={CPU: 1}", "resources_per_worker={CPU: 0.5}",
-                           "report_to=tensorboard", f"max_steps={STEPS}")
-    assert_reward_rises(records)
+                           "report_to=tensorboard", f"max_steps={ACTOR_STEPS}")
+    assert [r["step"] for r in records] == list(range(1, ACTOR_STEPS + 1))
+    assert all(math.isfinite(r["reward"]) for r in records) and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     (run_dir,) = (out / "runs").iterdir()  # the tracker sees every logged step, as trainer_log.jsonl does
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -244,6 +249,6 @@ def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, 
     assert [e.step for e in logged] == [r["step"] for r in records]
     assert [e.value for e in logged] == pytest.approx([r["reward"] for r in records], rel=1e-5)
     (actor,) = json.loads((out / "reward_actors.json").read_text())
-    assert actor["calls"] == 2 * STEPS  # every step of both workers was scored there
+    assert actor["calls"] == 2 * ACTOR_STEPS  # every step of both workers was scored there
     workers = {w["node_id"] for w in json.loads((out / "placement.json").read_text())}
     assert actor["node_id"] in workers  # one machine here; on a cluster reward_model_resources may pick a node
