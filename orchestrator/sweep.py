@@ -324,8 +324,9 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
                                  hyperparam_mutations=tune_space(spec), quantile_fraction=spec.quantile_fraction,
                                  resample_probability=spec.resample_probability, synch=True, log_config=False)
     else:
-        scheduler = FIFOScheduler() if spec.scheduler == "fifo" else ASHAScheduler(
-            time_attr="step", max_t=last, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+        scheduler = FIFOScheduler() if spec.scheduler == "fifo" else ResumableASHA(
+            Path(base_cfg.args.output_dir) / "trials", time_attr="step", max_t=last, grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor)
     if spec.draws:
         first = [first_point] if first_point else None
         if spec.search == "optuna":
@@ -355,6 +356,29 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
         run_config=tune.RunConfig(name=run_name, storage_path=storage, storage_filesystem=fs,
                                   callbacks=[_Progress(spec.metric, spec.scheduler)]),
     )
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive the sweep's resumption. Ray Tune saves no scheduler state with its experiment: a
+    resumed sweep's ASHA would start with empty rungs, compare a trial that goes on only with what is reported after
+    the resume, and let it run to the end where the first driver would have stopped it. Every trial Tune adds (the
+    restored ones too) has the values of the metric it already logged put back into its bracket's rungs."""
+
+    def __init__(self, trials_dir: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.trials_dir = trials_dir
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        steps = []
+        for record in read_log(self.trials_dir / _name(trial)):  # a new trial has none
+            if record.get(self._metric) is not None and record.get(self._time_attr) is not None:
+                bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
+                steps.append(record[self._time_attr])
+        if steps:
+            logger.info(Problem("sweep", f"asha: {_name(trial)}'s {self._metric} at steps {steps} put back (a resumed "
+                                         "sweep's scheduler starts empty)"))
 
 
 class SegmentedPBT(PopulationBasedTraining):

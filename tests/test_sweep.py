@@ -447,3 +447,35 @@ def test_a_pbt_trial_starts_from_its_last_segment_unless_an_exploit_at_or_after_
     (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     mark_segment_start(tmp_path, 4, "trial_000@step4")
     assert [{k: v for k, v in r.items() if k != "timestamp"} for r in read_log(tmp_path)] == records[:3]
+
+
+@pytest.mark.unit
+def test_asha_puts_back_what_the_trials_logged_before_the_sweep_was_resumed(tmp_path):
+    # Tune restores no scheduler state: the ASHA of a resumed sweep starts empty, and every trial Tune adds (the
+    # finished ones too) brings back the metric values its own log holds
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from rayft.orchestrator.sweep import ResumableASHA
+
+    class Trial:  # what the scheduler reads of Tune's Trial: its id and its name (trial_name_creator's)
+        def __init__(self, name):
+            self.trial_id, self.name = name + "_id", name
+
+        def __str__(self):
+            return self.name
+
+    done = tmp_path / "trials" / "trial_000"  # finished before the driver died: eval_loss 5.0 at step 4, then 4.0
+    done.mkdir(parents=True)
+    records = [{"step": 2, "loss": 6.0}, {"step": 4, "eval_loss": 5.0}, {"step": 8, "eval_loss": 4.0}]
+    (done / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = dict(time_attr="step", max_t=13, grace_period=4, reduction_factor=2, metric="eval_loss", mode="min")
+    poor = {"step": 4, "eval_loss": 6.0}  # the trial that goes on after the resume, worse at the first rung
+    plain, resumable = ASHAScheduler(**settings), ResumableASHA(tmp_path / "trials", **settings)
+    for scheduler in (plain, resumable):
+        for trial in (Trial("trial_000"), Trial("trial_001")):
+            scheduler.on_trial_add(None, trial)
+    assert plain.on_trial_result(None, Trial("trial_001"), poor) == TrialScheduler.CONTINUE  # Tune's own forgets
+    assert resumable.on_trial_result(None, Trial("trial_001"), poor) == TrialScheduler.STOP
+    better = Trial("trial_002")  # a trial better than the rung's median goes on
+    resumable.on_trial_add(None, better)
+    assert resumable.on_trial_result(None, better, {"step": 4, "eval_loss": 4.5}) == TrialScheduler.CONTINUE
