@@ -362,23 +362,33 @@ class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive the sweep's resumption. Ray Tune saves no scheduler state with its experiment: a
     resumed sweep's ASHA would start with empty rungs, compare a trial that goes on only with what is reported after
     the resume, and let it run to the end where the first driver would have stopped it. Every trial Tune adds (the
-    restored ones too) has the values of the metric it already logged put back into its bracket's rungs."""
+    restored ones too) has the values of the metric it already logged put back into its bracket's rungs; a trial
+    that those values stop (the first driver died before its decision reached the trial) stops at its first report."""
 
     def __init__(self, trials_dir: Path, **kwargs):
         super().__init__(**kwargs)
         self.trials_dir = trials_dir
+        self.stopped_before_resume: set[str] = set()
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
-        bracket = self._trial_info[trial.trial_id]
+        bracket, trial_dir = self._trial_info[trial.trial_id], self.trials_dir / _name(trial)
+        finished = (trial_dir / "all_results.json").is_file()  # its end reported again, never stopped
         steps = []
-        for record in read_log(self.trials_dir / _name(trial)):  # a new trial has none
+        for record in read_log(trial_dir):  # a new trial has none
             if record.get(self._metric) is not None and record.get(self._time_attr) is not None:
-                bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
+                decision = bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
+                if decision == TrialScheduler.STOP and not finished:
+                    self.stopped_before_resume.add(trial.trial_id)
                 steps.append(record[self._time_attr])
         if steps:
             logger.info(Problem("sweep", f"asha: {_name(trial)}'s {self._metric} at steps {steps} put back (a resumed "
                                          "sweep's scheduler starts empty)"))
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id in self.stopped_before_resume:
+            return TrialScheduler.STOP
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 class SegmentedPBT(PopulationBasedTraining):

@@ -26,6 +26,7 @@ from rayft.recipe.values import read_log
 SFT_SWEEP = ROOT / "configs" / "sweep_sft_lora.yaml"
 DPO_SWEEP = ROOT / "configs" / "sweep_dpo_beta.yaml"
 PBT_SWEEP = ROOT / "configs" / "sweep_sft_pbt.yaml"
+OPTUNA_SWEEP = ROOT / "configs" / "sweep_sft_optuna.yaml"
 
 
 def sweep_recipe(path, tmp_path, tiny_model, *overrides) -> dict:
@@ -260,62 +261,79 @@ def finished_trials(sweep_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sft_grid_sweep_survives_its_driver_being_killed_and_its_best_config_is_the_best_trials(
+def test_an_optuna_sweep_under_asha_survives_its_driver_being_killed_and_its_best_config_is_the_best_trials(
         tmp_path, tiny_model, ray_local):
+    # TPE (seeded by the recipe's seed, 42) draws its first point at random: learning_rate 4.75e-6, too small to
+    # move the loss. One trial at a time, so the order is fixed: the recipe's own 3e-3 first, to the end; the draw is
+    # interrupted (its driver SIGKILLed) once it has a checkpoint and before its first rung (step 8). The rerun must
+    # keep the finished trial, continue the draw from its checkpoint, and stop it at the rung: the rungs were put
+    # back from the trials' logs (Tune restores no scheduler state, see ResumableASHA).
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
-    # two points, one trial at a time: the kill lands while trial_000 is done and trial_001 has a checkpoint
-    command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(SFT_SWEEP),
+    raw = yaml.safe_load(OPTUNA_SWEEP.read_text())
+    raw["sweep"].update(parameters={"learning_rate": {"loguniform": [1.0e-7, 3.0e-3]}}, num_samples=2,
+                        max_concurrent_trials=1, grace_period=8)
+    recipe = tmp_path / "sweep_optuna.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(recipe),
                f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
-               f"ray_address={address}", "max_steps=16", "save_strategy=steps", "save_steps=4",
-               "sweep.parameters.learning_rate.grid=[3.0e-3]", "sweep.max_concurrent_trials=1"]
+               f"ray_address={address}", "max_steps=16", "eval_steps=4", "save_strategy=steps", "save_steps=2",
+               "learning_rate=3.0e-3"]
 
     def checkpointed_after_another_finished():  # a trial with a checkpoint to continue from, once another is done
         done = finished_trials(sweep_dir) if (sweep_dir / "trials").is_dir() else {}
         waiting = [f"trial_{i:03d}" for i in range(2) if f"trial_{i:03d}" not in done and
-                   latest_checkpoint(str(storage), f"sweep-sft-lora-trial_{i:03d}")]
+                   latest_checkpoint(str(storage), f"sweep-sft-optuna-trial_{i:03d}")]
         return waiting[0] if done and waiting else None
 
     interrupted = killed_once(command, checkpointed_after_another_finished)
-    assert interrupted, "no trial finished while another had a checkpoint"
+    assert interrupted == "trial_001", "no trial finished while another had a checkpoint"
     finished_before = finished_trials(sweep_dir)
+    assert list(finished_before) == ["trial_000"]
     # `rayft sweep --status` reads the interrupted sweep from its output_dir: one trial done, the other not
     record, rows, ended = progress_rows(sweep_dir)
-    assert not ended and (record["metric"], record["mode"]) == ("eval_loss", "min")
-    states = {r["trial"]: r["state"] for r in rows}
-    assert all(states[name] == "completed" for name in finished_before) and states[interrupted] != "completed"
-    assert [r["step"] for r in rows if r["trial"] == interrupted][0] is not None  # it logged before its checkpoint
+    assert not ended and (record["metric"], record["mode"], record["search"]) == ("eval_loss", "min", "optuna")
+    assert {r["trial"]: r["state"] for r in rows}["trial_000"] == "completed"
+    assert {r["trial"]: r["state"] for r in rows}["trial_001"] != "completed"
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming sweep 'sweep-sft-lora'" in again.stdout
+    assert "resuming sweep 'sweep-sft-optuna'" in again.stdout
+    assert "asha: trial_000's eval_loss at steps [4, 8, 12, 16" in again.stdout  # (16 twice: the final evaluation)
     rows = results(sweep_dir)
-    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"]
-    assert [(int(r["lora_rank"]), float(r["learning_rate"])) for r in rows] == [(4, 3e-3), (16, 3e-3)]
-    assert all(r["stop_reason"] == "completed" and r["step"] == "16" for r in rows), rows
-    for name, log in finished_before.items():  # no finished trial ran again
-        assert finished_trials(sweep_dir)[name] == log, name
-    if interrupted not in finished_before:  # it continued from its checkpoint rather than from step 0
-        assert any("resumed_from_step" in r for r in read_log(sweep_dir / "trials" / interrupted)), interrupted
+    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"] and all(r["status"] == "TERMINATED" for r in rows)
+    finished, stopped = rows
+    assert float(finished["learning_rate"]) == 3.0e-3  # the recipe's own values are the first point
+    assert float(stopped["learning_rate"]) == pytest.approx(4.7518e-6, rel=1e-3)  # TPE's draw for the same seed
+    assert finished["stop_reason"] == "completed" and finished["step"] == "16", finished
+    assert stopped["stop_reason"].startswith("stopped early"), stopped
+    assert finished_trials(sweep_dir)["trial_000"] == finished_before["trial_000"]  # it did not train again
+    # What the stopped trial really trained, from its own log: continued from its checkpoint, then stopped at the
+    # rung (it may run a few steps past the decision before Tune's kill reaches it, but not to the end), with the
+    # value TPE drew (warm-up and cosine below it)
+    out = sweep_dir / "trials" / "trial_001"
+    log = read_log(out)
+    assert any("resumed_from_step" in r for r in log)
+    assert 8 <= max(r["step"] for r in log) < 16 and float(stopped["eval_loss"]) > float(finished["eval_loss"])
+    assert 0 < max(r["learning_rate"] for r in log if "learning_rate" in r) <= float(stopped["learning_rate"])
+    assert json.loads((out / "sweep_point.json").read_text()) == {"learning_rate": float(stopped["learning_rate"])}
     assert (sweep_dir / "sweep_eval_loss.png").stat().st_size > 10_000
     status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.startswith("sweep 'sweep-sft-lora' in ") and ": ended; 2 trials, 2 finished" in status.stdout
+    assert status.stdout.startswith("sweep 'sweep-sft-optuna' in ") and ": ended; 2 trials" in status.stdout
     assert [line.split()[0] for line in status.stdout.splitlines()[3:]] == ["trial_000", "trial_001"]
 
-    best = min(rows, key=lambda r: float(r["eval_loss"]))
-    recipe = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
-    assert "sweep" not in recipe and recipe["lora_rank"] == int(best["lora_rank"])
-    assert recipe["learning_rate"] == pytest.approx(float(best["learning_rate"]))
+    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert "sweep" not in best and best["learning_rate"] == 3.0e-3
     # best_config.yaml resolves to the best trial's own config, but for where its outputs go, so `rayft train`
     # runs the best trial again (the resolved config, not a training run, is compared: the suite's budget)
     from rayft.recipe.parse import parse_config
 
-    again = parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT).to_dict()
-    trial = yaml.safe_load((sweep_dir / "trials" / best["trial"] / "training_args.yaml").read_text())
+    resolved = parse_config(load_recipe(sweep_dir / "best_config.yaml", []), base_dir=ROOT).to_dict()
+    trial = yaml.safe_load((sweep_dir / "trials" / "trial_000" / "training_args.yaml").read_text())
     per_run = {"output_dir", "ray_run_name", "ray_storage_path", "overwrite_output_dir", "_plan"}
-    differing = {k for k in set(again) | set(trial) if k not in per_run and again.get(k) != trial.get(k)}
+    differing = {k for k in set(resolved) | set(trial) if k not in per_run and resolved.get(k) != trial.get(k)}
     assert differing == set(), differing
 
 
@@ -349,35 +367,6 @@ def test_dpo_sweep_records_a_failing_trial_and_goes_on(tmp_path, tiny_model, ray
     recipe = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
     assert (recipe["pref_beta"], recipe["model_name_or_path"]) == (best["pref_beta"], str(tiny_model))
     assert any(line.startswith("sweep results:") and "trial_001" in line for line in rayft_log)
-
-
-@pytest.mark.slow
-def test_optuna_evaluates_the_recipes_own_point_first_and_asha_stops_a_poor_draw(tmp_path, tiny_model, ray_local):
-    # TPE (seeded by the recipe's seed, 42) draws its first point at random: learning_rate 4.75e-6, too small to
-    # move the loss. One trial at a time, so the scheduler's order is fixed: the recipe's own 3e-3 reaches every
-    # rung first, then the draw meets the first rung below it and must stop there.
-    raw = sweep_recipe(SFT_SWEEP, tmp_path, tiny_model, "max_steps=12", "eval_steps=4", "learning_rate=3.0e-3")
-    raw["sweep"] = {"search": "optuna", "parameters": {"learning_rate": {"loguniform": [1.0e-7, 3.0e-3]}},
-                    "num_samples": 2, "scheduler": "asha", "grace_period": 4, "reduction_factor": 2,
-                    "max_concurrent_trials": 1}
-    rows = run_sweep(raw, base_dir=ROOT)
-    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"] and all(r["status"] == "TERMINATED" for r in rows)
-    finished, stopped = rows
-    assert finished["learning_rate"] == 3.0e-3  # the recipe's own values are the first point
-    assert stopped["learning_rate"] == pytest.approx(4.7518e-6, rel=1e-3)  # TPE's draw, the same for the same seed
-    assert finished["stop_reason"] == "completed" and stopped["stop_reason"].startswith("stopped early"), rows
-    assert stopped["step"] < 12 and finished["eval_loss"] <= stopped["eval_loss"]
-    # What the stopped trial really trained, from its own log: it may run a few steps past the decision before
-    # Tune's kill reaches it, but not to the end; and with the value TPE drew (warm-up and cosine below it)
-    out = tmp_path / "sweep" / "trials" / stopped["trial"]
-    log = read_log(out)
-    assert max(r["step"] for r in log) < 12
-    assert 0 < max(r["learning_rate"] for r in log if "learning_rate" in r) <= stopped["learning_rate"]
-    assert json.loads((out / "sweep_point.json").read_text()) == {"learning_rate": stopped["learning_rate"]}
-    best = yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())
-    assert best["learning_rate"] == 3.0e-3 and "sweep" not in best
-    record, status, ended = progress_rows(tmp_path / "sweep")
-    assert ended and record["search"] == "optuna" and [r["trial"] for r in status] == ["trial_000", "trial_001"]
 
 
 @pytest.mark.slow
@@ -479,3 +468,14 @@ def test_asha_puts_back_what_the_trials_logged_before_the_sweep_was_resumed(tmp_
     better = Trial("trial_002")  # a trial better than the rung's median goes on
     resumable.on_trial_add(None, better)
     assert resumable.on_trial_result(None, better, {"step": 4, "eval_loss": 4.5}) == TrialScheduler.CONTINUE
+    # a trial whose own records reached the rung below the others' (the first driver died before its decision
+    # reached the trial) stops at its first report after the resume, whatever that report holds
+    for name, finished in (("trial_003", False), ("trial_004", True)):
+        folder = tmp_path / "trials" / name
+        folder.mkdir()
+        (folder / "trainer_log.jsonl").write_text(json.dumps({"step": 4, "eval_loss": 7.0}) + "\n")
+        if finished:  # a trial that ended before the driver died is reported again, never stopped
+            (folder / "all_results.json").write_text("{}")
+        resumable.on_trial_add(None, Trial(name))
+    assert resumable.on_trial_result(None, Trial("trial_003"), {"step": 6, "loss": 5.0}) == TrialScheduler.STOP
+    assert resumable.on_trial_result(None, Trial("trial_004"), {"step": 4, "eval_loss": 7.0}) == TrialScheduler.CONTINUE
