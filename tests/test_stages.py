@@ -59,10 +59,11 @@ def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
 
 
 @pytest.mark.slow
-def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local, rayft_log):
+def test_dpo_with_lora_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local, rayft_log):
+    # one worker without DeepSpeed, in the driver's process: dpo on two workers is the ZeRO-3 run below
     lines = rayft_log
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
-                            "max_samples=96", "num_train_epochs=3")
+                            "max_samples=96", "num_train_epochs=3", "ray_num_workers=1", "deepspeed=null")
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8
     assert found["held_parameters"] == base_parameters(tiny_model) + lora_parameters()  # no reference copy
@@ -77,7 +78,7 @@ def test_dpo_with_lora_two_workers_holds_one_copy_of_the_base_weights(tmp_path, 
 
 
 @pytest.mark.slow
-# sigmoid trains in test_dpo_with_lora_two_workers...; hinge and kto_pair share ipo's path to the reference
+# sigmoid trains in test_dpo_with_lora_holds_one_copy...; hinge and kto_pair share ipo's path to the reference
 # (summed instead of averaged log-probabilities, as sigmoid's run shows) and orpo simpo's length-normalised one;
 # every formula is held to TRL's and LLaMA-Factory's values in test_losses.py
 @pytest.mark.parametrize("loss, extra", [
@@ -99,7 +100,7 @@ def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local,
 @pytest.mark.slow
 def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3",
-                            "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo)
+                            "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo under ZeRO-3)
     # resources_per_worker unset: the one worker holds both CPUs of the test's Ray instance and computes on both
     assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [2]
     assert log[-1]["loss"] < log[0]["loss"] - 0.05, [r["loss"] for r in log]
