@@ -100,7 +100,7 @@ def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local,
 @pytest.mark.slow
 def test_kto_prefers_desirable_answers(tmp_path, tiny_model, ray_local):
     out, log = train_recipe(CONFIGS / "demo_kto_lora.yaml", tmp_path, tiny_model, "num_train_epochs=3",
-                            "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo under ZeRO-3)
+                            "learning_rate=1e-3", "ray_num_workers=1", "deepspeed=null")  # (two workers: dpo, ZeRO-3)
     # resources_per_worker unset: the one worker holds both CPUs of the test's Ray instance and computes on both
     assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [2]
     assert log[-1]["loss"] < log[0]["loss"] - 0.05, [r["loss"] for r in log]

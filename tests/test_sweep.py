@@ -375,13 +375,15 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     # A population of two: the recipe's learning rate 3e-3 and a seeded draw (2.9e-4) that learns far slower. At
     # step 4 the draw ranks last and must continue from trial_000's step-4 checkpoint with 3e-3 x 0.8 or x 1.2
     # (resample_probability 0). The driver is killed once that exploit is under way; the rerun finishes the sweep.
+    # Each trial trains under DeepSpeed ZeRO-2: the exploit loads the donor's DeepSpeed checkpoint, whose engine
+    # brings the donor's learning rate back with it; the trial's own must be put back over it.
     address = ray_local._private.worker._global_node.address
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
     command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(PBT_SWEEP),
                f"model_name_or_path={tiny_model}", f"output_dir={sweep_dir}", f"ray_storage_path={storage}",
                f"ray_address={address}", "max_steps=8", "eval_steps=4", "logging_steps=2", "learning_rate=3.0e-3",
                "sweep.parameters={learning_rate: {loguniform: [1.0e-7, 3.0e-3]}}", "sweep.num_samples=2",
-               "sweep.perturbation_interval=4", "sweep.resample_probability=0.0"]
+               "sweep.perturbation_interval=4", "sweep.resample_probability=0.0", "deepspeed=z2"]
     poor = sweep_dir / "trials" / "trial_001"
     exploited = killed_once(command, lambda: any("exploited" in r for r in read_log(poor)) or None)
     assert exploited, "no exploit before the driver ended"
@@ -391,7 +393,8 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     assert "resuming sweep 'sweep-sft-pbt'" in again.stdout
     rows = {r["trial"]: r for r in results(sweep_dir)}
     assert sorted(rows) == ["trial_000", "trial_001"]
-    assert all(r["stop_reason"] == "completed" and r["step"] == "8" for r in rows.values()), rows
+    assert all(r["stop_reason"] == "completed" and r["step"] == "8" for r in rows.values()), [
+        (r["step"], r["stop_reason"]) for r in rows.values()]
     assert (rows["trial_000"]["exploited"], rows["trial_001"]["exploited"]) == ("", "trial_000@step4")
     perturbed = float(rows["trial_001"]["learning_rate"])
     assert min(abs(perturbed / 3e-3 - f) for f in (0.8, 1.2)) < 1e-9, perturbed

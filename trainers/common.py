@@ -211,7 +211,12 @@ class ShardTrainer(Seq2SeqTrainer):
                 # BAdam's sparse gradients need the norm computed as torch 1.13 did; this trainer's accelerator only
                 self.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, self.accelerator)
                 self.add_callback(BAdamCallback)
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        # the recipe's learning rates and weight decay, as built: a checkpoint loaded later brings its own (under
+        # DeepSpeed, the engine loads it before _load_optimizer_and_scheduler runs)
+        self.recipe_hyperparameters = [(group["lr"], group.get("weight_decay"), bool(group["params"]))
+                                       for group in optimizer.param_groups]
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         layerwise_schedulers(self.optimizer, self.args, num_training_steps)
@@ -221,11 +226,13 @@ class ShardTrainer(Seq2SeqTrainer):
         # The loaded state carries the checkpoint's own learning rates and weight decay in its param groups and
         # schedule. A pbt segment continues another trial's checkpoint with its own (perturbed) values: they are
         # put back after loading (ray-project/ray#36660), the schedule's position kept.
-        wanted = [(group.get("initial_lr", group["lr"]), group.get("weight_decay"))  # the schedule's base: its
-                  for group in self.optimizer.param_groups]  # first lr may be 0 (warm-up)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.hyperparameters_from_recipe:
-            reapply_hyperparameters(self.optimizer, self.lr_scheduler, wanted)
+            built = getattr(self, "recipe_hyperparameters", None) or [  # a DeepSpeed config's own optimizer
+                (self.args.learning_rate, self.args.weight_decay, True)] * len(self.optimizer.param_groups)
+            if len(built) != len(self.optimizer.param_groups):  # DeepSpeed drops the empty groups it is given
+                built = [group for group in built if group[2]]
+            reapply_hyperparameters(self.optimizer, self.lr_scheduler, [(lr, decay) for lr, decay, _ in built])
 
     def _run_epoch(self, *args, **kwargs):
         # A run resumed from its final checkpoint (killed after saving the last step, before finishing) has
