@@ -230,7 +230,7 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
                                            "is measured)"))
         drawn = "pbt's population" if spec.scheduler == "pbt" else spec.search
         logger.info(f"sweep {run_name!r}: {count} trials ({drawn}), {concurrent} at a time "
-            f"(each needs {per_trial}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler}")
+            f"(each needs {per_trial}), {_objectives_text(spec)}, scheduler {spec.scheduler}")
         for trial in trials:
             logger.info(f"  {trial.name}: {describe(trial.params)}")
         (output_dir / TRIALS_FILE).write_text(json.dumps(trials_record(run_name, trials, spec), indent=1))
@@ -269,9 +269,13 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
         else:
             rows, histories = result_rows(grid, trials, spec, budget_spent)
 
-    write_results(output_dir, rows, histories, spec.metric)
+    write_results(output_dir, rows, histories, spec)
     logger.info("sweep results:\n" + format_table(rows))
     best = best_row(rows, spec.metric, spec.mode)
+    if spec.multi_objective:
+        front = [r["trial"] for r in rows if r["pareto"]]
+        logger.info(Problem("pareto", f"{', '.join(front) or 'no trial'} on the Pareto front of "
+                                      f"{_objectives_text(spec)}; best_config.yaml is its best on {spec.metric}"))
     if best is None:
         logger.info(f"no trial reported {spec.metric}; no best_config.yaml written")
     else:
@@ -281,6 +285,11 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
                                     f"{format_cell(best[spec.metric])}; recipe written to {path}"))
     logger.info(f"results table: {output_dir / RESULTS_FILE}; trial outputs under {output_dir / 'trials'}")
     return rows
+
+
+def _objectives_text(spec: SweepSpec) -> str:
+    return ("metrics " + ", ".join(f"{m} ({mode})" for m, mode in spec.objectives) if spec.multi_objective
+            else f"metric {spec.metric} ({spec.mode})")
 
 
 def _check_output_dir(output_dir: Path, now: dict) -> bool:
@@ -324,15 +333,19 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
                                  hyperparam_mutations=tune_space(spec), quantile_fraction=spec.quantile_fraction,
                                  resample_probability=spec.resample_probability, synch=True, log_config=False)
     else:
+        # (several metrics: Tune's own metric stays unset, TPE gets them all and ASHA stops by the first)
+        by_first = {"metric": spec.metric, "mode": spec.mode} if spec.multi_objective else {}
         scheduler = FIFOScheduler() if spec.scheduler == "fifo" else ResumableASHA(
             Path(base_cfg.args.output_dir) / "trials", time_attr="step", max_t=last, grace_period=spec.grace_period,
-            reduction_factor=spec.reduction_factor)
+            reduction_factor=spec.reduction_factor, **by_first)
     if spec.draws:
         first = [first_point] if first_point else None
         if spec.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch  # Optuna (and SQLAlchemy) only for the sweeps that use it
 
-            drawer = OptunaSearch(points_to_evaluate=first, seed=spec.seed)
+            objectives = {"metric": [m for m, _ in spec.objectives], "mode": [m for _, m in spec.objectives]} \
+                if spec.multi_objective else {}
+            drawer = OptunaSearch(points_to_evaluate=first, seed=spec.seed, **objectives)
         else:  # pbt's population: the recipe's point, then draws at random (seeded)
             drawer = BasicVariantGenerator(points_to_evaluate=first, random_state=spec.seed)
         search = {"search_alg": drawer, "num_samples": spec.num_samples}
@@ -348,7 +361,8 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, scheduler=scheduler, max_concurrent_trials=concurrent,
+            metric=None if spec.multi_objective else spec.metric, mode=None if spec.multi_objective else spec.mode,
+            scheduler=scheduler, max_concurrent_trials=concurrent,
             time_budget_s=spec.time_budget_s, **search,
             trial_name_creator=lambda t: trial_name(index(t)),
             trial_dirname_creator=lambda t: trial_name(index(t)),

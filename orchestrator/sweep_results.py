@@ -41,25 +41,51 @@ def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
     return (min if mode == "min" else max)(scored, key=lambda r: r[metric])
 
 
-def write_results(output_dir: Path, rows: list[dict], histories: dict[str, list[tuple]], metric: str) -> Path:
-    """sweep_results.csv and the plot of each trial's metric against steps; returns the CSV's path."""
+def pareto_front(rows: list[dict], objectives: list) -> list[bool]:
+    """For each row, whether no other row with every objective measured is at least as good on each and better on
+    one ((metric, mode) pairs; a row missing a value is on no front)."""
+    signed = [[(1 if mode == "min" else -1) * row[m] for m, mode in objectives]
+              if all(isinstance(row.get(m), (int, float)) and math.isfinite(row[m]) for m, _ in objectives) else None
+              for row in rows]
+    dominated = lambda a, b: all(y <= x for x, y in zip(a, b)) and any(y < x for x, y in zip(a, b))  # noqa: E731
+    return [a is not None and not any(b is not None and dominated(a, b) for b in signed) for a in signed]
+
+
+def write_results(output_dir: Path, rows: list[dict], histories: dict[str, list[tuple]], spec: SweepSpec) -> Path:
+    """sweep_results.csv and the plots (each trial's metric against steps, the searched values against the metric,
+    a pbt population's lineage, several metrics' Pareto front); returns the CSV's path."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     path = output_dir / RESULTS_FILE
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    plot_histories(output_dir, histories, metric)
+    plot_histories(output_dir, histories, spec.metric)
+    plot_parameters(output_dir, rows, spec)
+    if spec.scheduler == "pbt":
+        plot_lineage(output_dir, [r["trial"] for r in rows], spec.metric)
+    if spec.multi_objective:
+        plot_pareto(output_dir, rows, spec.objectives[:2])
     return path
 
 
-def plot_histories(output_dir: Path, histories: dict[str, list[tuple]], metric: str) -> Path:
+def _pyplot():
     import matplotlib  # the backend must be chosen before pyplot loads, and only the sweep's end plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_histories(output_dir: Path, histories: dict[str, list[tuple]], metric: str) -> Path:
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for name, points in sorted(histories.items()):
         if points:
             steps, values = zip(*points)
@@ -70,10 +96,79 @@ def plot_histories(output_dir: Path, histories: dict[str, list[tuple]], metric: 
     ax.grid(alpha=0.3)
     if histories:
         ax.legend(fontsize=7)
-    path = output_dir / f"sweep_{metric.replace('/', '_')}.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, output_dir / f"sweep_{metric.replace('/', '_')}.png")
+
+
+def plot_parameters(output_dir: Path, rows: list[dict], spec: SweepSpec) -> Path:
+    """sweep_parameters.png: each searched key's value against the trial's last metric, one panel per key; trials
+    that did not complete are hollow."""
+    keys = list(spec.parameters)
+    fig, axes = _pyplot().subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        scored = [r for r in rows if isinstance(r.get(spec.metric), (int, float)) and r.get(key) is not None]
+        numeric = all(isinstance(r[key], (int, float)) and not isinstance(r[key], bool) for r in scored)
+        place = (lambda v: v) if numeric else {v: i for i, v in enumerate(dict.fromkeys(str(r[key]) for r in scored))}
+        for r in scored:
+            done = r.get("stop_reason") == "completed"
+            x = r[key] if numeric else place[str(r[key])]
+            ax.scatter([x], [r[spec.metric]], s=36, facecolors="C0" if done else "none", edgecolors="C0")
+            ax.annotate(r["trial"].removeprefix("trial_"), (x, r[spec.metric]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if numeric and "loguniform" in spec.parameters[key]:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(list(place.values()), list(place))
+        ax.set_xlabel(key)
+        ax.set_ylabel(spec.metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"searched values against {spec.metric} (hollow: stopped before the end)")
+    return _save(fig, output_dir / "sweep_parameters.png")
+
+
+def plot_lineage(output_dir: Path, names: list[str], metric: str) -> Path:
+    """sweep_lineage.png: a pbt population's metric per trial from the trials' own logs; each exploit is a dashed
+    line from the donor's value at the step it was copied to where the trial went on."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    logs = {name: read_log(output_dir / "trials" / name) for name in names}
+    for i, (name, log) in enumerate(logs.items()):
+        points = [(r["step"], r[metric]) for r in log if metric in r and "step" in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{i}", label=name)
+        for marker, record in enumerate(log):
+            if "exploited" not in record:
+                continue
+            donor, step = record["exploited"].split("@step")
+            copied = [r[metric] for r in logs.get(donor, []) if r.get("step") == int(step) and metric in r]
+            after = [(r["step"], r[metric]) for r in log[marker:] if metric in r]
+            if copied and after:
+                ax.plot([int(step), after[0][0]], [copied[-1], after[0][1]], linestyle="--", color=f"C{i}")
+                ax.annotate(f"from {donor}", (int(step), copied[-1]), fontsize=7, xytext=(3, -10),
+                            textcoords="offset points")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"pbt lineage: {metric} per trial, exploits dashed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, output_dir / "sweep_lineage.png")
+
+
+def plot_pareto(output_dir: Path, rows: list[dict], objectives: list) -> Path:
+    """sweep_pareto.png: the trials on the first two metrics, the Pareto front joined."""
+    (x_metric, _), (y_metric, _) = objectives
+    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
+    for r in rows:
+        if isinstance(r.get(x_metric), (int, float)) and isinstance(r.get(y_metric), (int, float)):
+            ax.scatter([r[x_metric]], [r[y_metric]], s=40, color="C3" if r.get("pareto") else "C7")
+            ax.annotate(r["trial"].removeprefix("trial_"), (r[x_metric], r[y_metric]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    front = sorted((r[x_metric], r[y_metric]) for r in rows if r.get("pareto"))
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="C3", linewidth=1)
+    ax.set_xlabel(f"{x_metric} ({objectives[0][1]})")
+    ax.set_ylabel(f"{y_metric} ({objectives[1][1]})")
+    ax.set_title("trials and their Pareto front (red)")
+    ax.grid(alpha=0.3)
+    return _save(fig, output_dir / "sweep_pareto.png")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -134,11 +229,15 @@ def result_rows(grid, trials: list[Trial], spec: SweepSpec, budget_spent: bool,
         rows.append({
             "trial": trial.name, **trial.params,
             spec.metric: metrics.get(spec.metric),
+            **{metric: metrics.get(metric) for metric, _ in spec.objectives[1:]},
             f"best_{spec.metric}": (min if spec.mode == "min" else max)(v for _, v in history) if history else None,
             "step": step, "total_steps": metrics.get("total_steps"),
             "status": status,
             "stop_reason": stop_reason(status, step, metrics.get("total_steps"), error, spec.scheduler, budget_spent),
         })
+    if spec.multi_objective:
+        for row, front in zip(rows, pareto_front(rows, spec.objectives)):
+            row["pareto"] = front
     return rows, histories
 
 
@@ -148,6 +247,8 @@ def trials_record(run_name: str, trials: list[Trial], spec: SweepSpec | None = N
     record = {"run_name": run_name, "trials": [{"name": t.name, "params": t.params} for t in trials]}
     if spec is not None:
         record.update(metric=spec.metric, mode=spec.mode)
+        if spec.multi_objective:
+            record.update(objectives=spec.objectives)
         if spec.draws:  # its trials are drawn as it goes: the space and their number name it
             record.update(search=spec.search, space=spec.parameters, num_samples=spec.num_samples)
             if spec.scheduler == "pbt":
@@ -212,7 +313,8 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
             state = "running, or interrupted (a rerun of the sweep continues it)"
         else:
             state = "not started"
-        rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None,
+        others = {m: next((r[m] for r in reversed(log) if m in r), None) for m, _ in record.get("objectives", [])[1:]}
+        rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None, **others,
                      f"best_{metric}": (min if mode == "min" else max)(measured) if measured else None,
                      "step": last.get("step"), "total_steps": last.get("total_steps"), "state": state})
         if record.get("scheduler") == "pbt":

@@ -56,6 +56,13 @@ class SweepSpec:
     time_budget_s: Optional[float] = None  # stop every trial when the sweep has run this long
     seed: Optional[int] = None  # for sampling the space; default: the recipe's seed
     notes: list = field(default_factory=list)
+    # search: optuna with several metrics (`metric: [a, b]`, `mode: [min, max]`): every (metric, mode), the first
+    # being `metric` and `mode` above, which ASHA stops by and best_config.yaml is chosen by
+    objectives: list = field(default_factory=list)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def draws(self) -> bool:
@@ -77,8 +84,8 @@ def parse_sweep(section, seed: int) -> SweepSpec:
     """Checks the `sweep:` section; raises ConfigError naming every problem."""
     if not isinstance(section, dict):
         raise ConfigError([Problem("sweep", f"must be a mapping with at least `parameters`, not {section!r}")])
-    known = {f.name: f for f in dataclasses.fields(SweepSpec) if f.name != "notes"}
-    problems = []
+    known = {f.name: f for f in dataclasses.fields(SweepSpec) if f.name not in ("notes", "objectives")}
+    section, objectives, problems = _objectives(section)
     for key, value in section.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
@@ -92,7 +99,10 @@ def parse_sweep(section, seed: int) -> SweepSpec:
                                                     "{grid: [8, 16]}"))
     if problems:
         raise ConfigError(problems)
-    spec = SweepSpec(**section)
+    spec = SweepSpec(**section, objectives=objectives)
+    if spec.multi_objective and spec.search != "optuna":
+        problems.append(Problem("sweep.metric", f"{len(objectives)} metrics need search: optuna (TPE searches their "
+                                                "Pareto front); a grid or pbt ranks its trials by one: give one"))
     problems += _space_problems(spec.parameters)
     if spec.search == "optuna":
         problems += _optuna_problems(spec.parameters)
@@ -112,6 +122,24 @@ def parse_sweep(section, seed: int) -> SweepSpec:
     if spec.seed is None:
         spec.seed = seed
     return spec
+
+
+def _objectives(section: dict) -> tuple[dict, list, list]:
+    """A list of metrics (with a list of modes, one each) taken out of the section: (the section with the first of
+    each, every (metric, mode), problems)."""
+    metric, mode = section.get("metric"), section.get("mode", "min")
+    if not isinstance(metric, list):
+        if isinstance(mode, list):
+            return section, [], [Problem("sweep.mode", "a list of modes goes with a list of metrics, one each; give "
+                                                       "one mode (min or max) for one metric")]
+        return section, [], []
+    modes = mode if isinstance(mode, list) else None
+    if not metric or not all(isinstance(m, str) for m in metric) or len(set(metric)) != len(metric):
+        return section, [], [Problem("sweep.metric", f"a list of metrics must name distinct metrics, got {metric!r}")]
+    if modes is None or len(modes) != len(metric) or not all(m in ("min", "max") for m in modes):
+        return section, [], [Problem("sweep.mode", f"{len(metric)} metrics need a list of {len(metric)} modes (min "
+                                                   f"or max, in the metrics' order), got {mode!r}")]
+    return {**section, "metric": metric[0], "mode": modes[0]}, [list(p) for p in zip(metric, modes)], []
 
 
 def _space_problems(parameters: dict) -> list[str]:
@@ -307,14 +335,19 @@ def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
         stage = cfg.finetuning.stage.upper()
         problems.append(Problem("sweep.mode", f"'reward' is {stage}'s mean reward, which a sweep maximises; set "
                                               "mode: max"))
-    if spec.metric.startswith("eval_") and not evaluates:
-        problems.append(Problem("sweep.metric", f"{spec.metric!r} is measured on evaluation data, which this recipe "
-                                                "has none of; set eval_dataset or val_size, or choose a training "
-                                                "metric such as 'loss'"))
-    elif spec.scheduler == "asha" and spec.metric.startswith("eval_") and t.eval_strategy == "no":
+    for metric, _ in spec.objectives or [(spec.metric, spec.mode)]:
+        if metric.startswith("eval_") and not evaluates:
+            problems.append(Problem("sweep.metric", f"{metric!r} is measured on evaluation data, which this recipe "
+                                                    "has none of; set eval_dataset or val_size, or choose a training "
+                                                    "metric such as 'loss'"))
+    if spec.scheduler == "asha" and spec.metric.startswith("eval_") and evaluates and t.eval_strategy == "no":
         problems.append(Problem("sweep.scheduler", f"asha compares trials by {spec.metric!r} during training, but "
                                                    "eval_strategy is 'no' (evaluation only at the end); set "
                                                    "eval_strategy: steps and eval_steps"))
+    if len({m.startswith("eval_") for m, _ in spec.objectives}) > 1:
+        problems.append(Problem("sweep.metric", "the metrics are measured at different times (evaluation and "
+                                                "training records); TPE needs each trial's values of all of them "
+                                                "together: give evaluation metrics only, or training ones only"))
     return problems
 
 

@@ -91,6 +91,13 @@ def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly
     ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "asha",
       "perturbation_interval": 4}, "sweep.perturbation_interval: only for scheduler: pbt"),
     ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pb2"}, "pb2 is not built"),
+    ({"parameters": {"lora_rank": {"grid": [8]}}, "metric": ["eval_loss", "eval_accuracy"], "mode": ["min", "max"]},
+     "2 metrics need search: optuna"),
+    ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "optuna", "metric": ["eval_loss", "eval_accuracy"],
+      "mode": "min"}, "2 metrics need a list of 2 modes"),
+    ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "optuna", "metric": ["eval_loss", "eval_loss"],
+      "mode": ["min", "min"]}, "must name distinct metrics"),
+    ({"parameters": {"lora_rank": {"choice": [8]}}, "mode": ["min"]}, "a list of modes goes with a list of metrics"),
 ])
 def test_a_bad_sweep_section_names_the_key_and_the_fix(section, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("(", "\\(")):
@@ -177,6 +184,29 @@ def test_sweep_status_reads_each_trials_log_until_the_sweep_ends(tmp_path, capsy
     assert not ended and [(r["trial"], r["pref_beta"], r["state"]) for r in rows] == [
         ("trial_000", None, "completed"),
         ("trial_001", 0.3, "running, or interrupted (a rerun of the sweep continues it)")]
+
+
+@pytest.mark.unit
+def test_several_metrics_are_checked_together_and_rank_by_their_pareto_front(tmp_path, tiny_model):
+    from rayft.orchestrator.sweep_results import pareto_front
+    from rayft.orchestrator.sweep_spec import check_sweep
+
+    spec = parse_sweep({"parameters": {"lora_rank": {"choice": [8, 16]}}, "search": "optuna",
+                        "metric": ["eval_loss", "eval_accuracy"], "mode": ["min", "max"]}, seed=0)
+    assert (spec.metric, spec.mode, spec.multi_objective) == ("eval_loss", "min", True)  # ASHA's and best_config's
+    assert spec.objectives == [["eval_loss", "min"], ["eval_accuracy", "max"]]
+    rows = [{"eval_loss": 1.0, "eval_accuracy": 0.5}, {"eval_loss": 2.0, "eval_accuracy": 0.7},
+            {"eval_loss": 2.0, "eval_accuracy": 0.6}, {"eval_loss": 1.0, "eval_accuracy": 0.5},
+            {"eval_loss": None, "eval_accuracy": 0.9}, {"eval_loss": float("nan"), "eval_accuracy": 0.9}]
+    # the third is dominated by the second; equal rows are both on the front; a missing value is on none
+    assert pareto_front(rows, spec.objectives) == [True, True, False, True, False, False]
+    # every metric must be one the trials report, and together: an evaluation metric beside a training one is not
+    raw = sweep_recipe(OPTUNA_SWEEP, tmp_path, tiny_model)
+    raw["sweep"].update(metric=["eval_loss", "loss"], mode=["min", "min"])
+    with pytest.raises(ConfigError, match="measured at different times"):
+        check_sweep(raw, base_dir=ROOT)
+    raw["sweep"].update(metric=["eval_loss", "eval_accuracy"], mode=["min", "max"])
+    assert check_sweep(raw, base_dir=ROOT).spec.objectives == spec.objectives  # the shipped recipe's two metrics
 
 
 @pytest.mark.unit
@@ -306,6 +336,10 @@ def test_an_optuna_sweep_under_asha_survives_its_driver_being_killed_and_its_bes
     assert float(finished["learning_rate"]) == 3.0e-3  # the recipe's own values are the first point
     assert float(stopped["learning_rate"]) == pytest.approx(4.7518e-6, rel=1e-3)  # TPE's draw for the same seed
     assert finished["stop_reason"] == "completed" and finished["step"] == "16", finished
+    # two metrics (the shipped recipe's): TPE is told both, ASHA stops by the first; the draw learns nothing, so
+    # the recipe's own point dominates it on both and is the Pareto front alone
+    assert float(finished["eval_accuracy"]) > float(stopped["eval_accuracy"]) > 0
+    assert (finished["pareto"], stopped["pareto"]) == ("True", "False")
     assert stopped["stop_reason"].startswith("stopped early"), stopped
     assert finished_trials(sweep_dir)["trial_000"] == finished_before["trial_000"]  # it did not train again
     # What the stopped trial really trained, from its own log: continued from its checkpoint, then stopped at the
@@ -317,7 +351,8 @@ def test_an_optuna_sweep_under_asha_survives_its_driver_being_killed_and_its_bes
     assert 8 <= max(r["step"] for r in log) < 16 and float(stopped["eval_loss"]) > float(finished["eval_loss"])
     assert 0 < max(r["learning_rate"] for r in log if "learning_rate" in r) <= float(stopped["learning_rate"])
     assert json.loads((out / "sweep_point.json").read_text()) == {"learning_rate": float(stopped["learning_rate"])}
-    assert (sweep_dir / "sweep_eval_loss.png").stat().st_size > 10_000
+    for plot in ("sweep_eval_loss.png", "sweep_parameters.png", "sweep_pareto.png"):
+        assert (sweep_dir / plot).stat().st_size > 10_000, plot
     status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
@@ -410,6 +445,7 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     donors = next(r for r in donor if r["step"] == first["step"] and "loss" in r)
     assert first["step"] == 6  # continued from the donor's step 4, not from its own start
     assert abs(first["loss"] - donors["loss"]) < 0.05 < own - first["loss"], (own, first, donors)
+    assert (sweep_dir / "sweep_lineage.png").stat().st_size > 10_000  # the exploit drawn from the donor's value
     # its perturbed learning rate, at the schedule's position it continued from
     assert first["learning_rate"] == pytest.approx(donors["learning_rate"] * perturbed / 3e-3, rel=1e-6)
     status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
