@@ -131,9 +131,14 @@ def plot_lineage(output_dir: Path, names: list[str], metric: str) -> Path:
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     logs = {name: read_log(output_dir / "trials" / name) for name in names}
     for i, (name, log) in enumerate(logs.items()):
-        points = [(r["step"], r[metric]) for r in log if metric in r and "step" in r]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{i}", label=name)
+        segments = [[]]  # the trial's own stretches: an exploit starts a new one, from another trial's weights
+        for r in log:
+            if "exploited" in r:
+                segments.append([])
+            elif metric in r and "step" in r:
+                segments[-1].append((r["step"], r[metric]))
+        for k, points in enumerate(p for p in segments if p):
+            ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{i}", label=None if k else name)
         for marker, record in enumerate(log):
             if "exploited" not in record:
                 continue
