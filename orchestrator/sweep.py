@@ -341,11 +341,13 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
     if spec.draws:
         first = [first_point] if first_point else None
         if spec.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch  # Optuna (and SQLAlchemy) only for the sweeps that use it
+            from optuna.samplers import TPESampler  # Optuna (and SQLAlchemy) only for the sweeps that use it
+            from ray.tune.search.optuna import OptunaSearch
 
             objectives = {"metric": [m for m, _ in spec.objectives], "mode": [m for _, m in spec.objectives]} \
                 if spec.multi_objective else {}
-            drawer = OptunaSearch(points_to_evaluate=first, seed=spec.seed, **objectives)
+            sampler = TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials)
+            drawer = OptunaSearch(points_to_evaluate=first, sampler=sampler, **objectives)
         else:  # pbt's population: the recipe's point, then draws at random (seeded)
             drawer = BasicVariantGenerator(points_to_evaluate=first, random_state=spec.seed)
         search = {"search_alg": drawer, "num_samples": spec.num_samples}

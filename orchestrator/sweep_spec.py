@@ -55,6 +55,9 @@ class SweepSpec:
     max_concurrent_trials: Optional[int] = None  # default: as many trials as the cluster fits at once
     time_budget_s: Optional[float] = None  # stop every trial when the sweep has run this long
     seed: Optional[int] = None  # for sampling the space; default: the recipe's seed
+    # optuna: how many trials TPE draws at random (the recipe's own point counts) before it models the results;
+    # default: half the trials, at most Optuna's 10
+    startup_trials: Optional[int] = None
     notes: list = field(default_factory=list)
     # search: optuna with several metrics (`metric: [a, b]`, `mode: [min, max]`): every (metric, mode), the first
     # being `metric` and `mode` above, which ASHA stops by and best_config.yaml is chosen by
@@ -115,12 +118,19 @@ def parse_sweep(section, seed: int) -> SweepSpec:
         problems.append(Problem("sweep.reduction_factor", f"must be above 1, got {spec.reduction_factor}"))
     if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
         problems.append(Problem("sweep.max_concurrent_trials", f"must be at least 1, got {spec.max_concurrent_trials}"))
+    if spec.startup_trials is not None and spec.search != "optuna":
+        problems.append(Problem("sweep.startup_trials", f"only for search: optuna (this sweep's is {spec.search})"))
+    elif spec.startup_trials is not None and spec.startup_trials < 1:
+        problems.append(Problem("sweep.startup_trials", f"must be at least 1, got {spec.startup_trials}"))
     if spec.time_budget_s is not None and spec.time_budget_s <= 0:
         problems.append(Problem("sweep.time_budget_s", f"must be positive, got {spec.time_budget_s}"))
     if problems:
         raise ConfigError(problems)
     if spec.seed is None:
         spec.seed = seed
+    if spec.search == "optuna" and spec.startup_trials is None:
+        # Optuna's TPE draws its first 10 points at random; a sweep of fewer trials would never use its model
+        spec.startup_trials = min(10, max(1, spec.num_samples // 2))
     return spec
 
 
@@ -459,6 +469,10 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
         if spec.metric == "reward" and "mode" not in raw["sweep"]:
             spec.mode = "max"
         logger.info(Problem("derived", f"sweep.metric = {spec.metric} ({spec.mode})"))
+    if spec.search == "optuna" and "startup_trials" not in raw["sweep"]:
+        logger.info(Problem("derived", f"sweep.startup_trials = {spec.startup_trials} (TPE draws that many points "
+                                       "at random, the recipe's own counted, before it models the results; Optuna's "
+                                       "default of 10 would leave a smaller sweep random)"))
     problems = metric_problems(spec, base_cfg)
     if problems:
         raise ConfigError(problems)

@@ -98,6 +98,7 @@ def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly
     ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "optuna", "metric": ["eval_loss", "eval_loss"],
       "mode": ["min", "min"]}, "must name distinct metrics"),
     ({"parameters": {"lora_rank": {"choice": [8]}}, "mode": ["min"]}, "a list of modes goes with a list of metrics"),
+    ({"parameters": {"lora_rank": {"grid": [8]}}, "startup_trials": 2}, "startup_trials: only for search: optuna"),
 ])
 def test_a_bad_sweep_section_names_the_key_and_the_fix(section, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("(", "\\(")):
@@ -195,6 +196,7 @@ def test_several_metrics_are_checked_together_and_rank_by_their_pareto_front(tmp
                         "metric": ["eval_loss", "eval_accuracy"], "mode": ["min", "max"]}, seed=0)
     assert (spec.metric, spec.mode, spec.multi_objective) == ("eval_loss", "min", True)  # ASHA's and best_config's
     assert spec.objectives == [["eval_loss", "min"], ["eval_accuracy", "max"]]
+    assert spec.startup_trials == 1  # half of num_samples 1 (at most Optuna's 10): TPE models from the second trial
     rows = [{"eval_loss": 1.0, "eval_accuracy": 0.5}, {"eval_loss": 2.0, "eval_accuracy": 0.7},
             {"eval_loss": 2.0, "eval_accuracy": 0.6}, {"eval_loss": 1.0, "eval_accuracy": 0.5},
             {"eval_loss": None, "eval_accuracy": 0.9}, {"eval_loss": float("nan"), "eval_accuracy": 0.9}]
@@ -302,7 +304,7 @@ def test_an_optuna_sweep_under_asha_survives_its_driver_being_killed_and_its_bes
     sweep_dir, storage = tmp_path / "sweep", tmp_path / "ray"
     raw = yaml.safe_load(OPTUNA_SWEEP.read_text())
     raw["sweep"].update(parameters={"learning_rate": {"loguniform": [1.0e-7, 3.0e-3]}}, num_samples=2,
-                        max_concurrent_trials=1, grace_period=8)
+                        max_concurrent_trials=1, grace_period=8, startup_trials=2)  # the draw at random
     recipe = tmp_path / "sweep_optuna.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "rayft.orchestrator.cli", "sweep", str(recipe),
@@ -370,6 +372,32 @@ def test_an_optuna_sweep_under_asha_survives_its_driver_being_killed_and_its_bes
     per_run = {"output_dir", "ray_run_name", "ray_storage_path", "overwrite_output_dir", "_plan"}
     differing = {k for k in set(resolved) | set(trial) if k not in per_run and resolved.get(k) != trial.get(k)}
     assert differing == set(), differing
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_runs_four_trials_two_at_a_time_from_the_recipes_point(tmp_path, tiny_model, ray_local):
+    # The shipped optuna recipe as it is (two metrics, learning rate x rank, 4 trials, 2 at a time), cut to 4 steps
+    # a trial without ASHA: TPE's first ten points are seeded draws, so every trial's values are known in advance
+    raw = sweep_recipe(OPTUNA_SWEEP, tmp_path, tiny_model, "max_steps=4", "logging_steps=2", "eval_strategy='no'",
+                       "sweep.scheduler=fifo")
+    rows = run_sweep(raw, base_dir=ROOT)
+    assert [r["trial"] for r in rows] == [f"trial_00{i}" for i in range(4)]
+    assert all(r["stop_reason"] == "completed" and r["eval_loss"] > 0 and r["eval_accuracy"] >= 0 for r in rows), rows
+    points = [(r["learning_rate"], r["lora_rank"]) for r in rows]
+    assert points[0] == (1.0e-3, 8) and len(set(points)) == 4  # the recipe's own values first, then TPE's draws
+    assert all(1e-5 <= lr <= 1e-2 and rank in (4, 8, 16) for lr, rank in points)
+    assert sum(r["pareto"] for r in rows) >= 1
+    spans = []  # each trial's training, from its first to its last log record
+    for row in rows:
+        out = tmp_path / "sweep" / "trials" / row["trial"]
+        assert json.loads((out / "sweep_point.json").read_text()) == {"learning_rate": row["learning_rate"],
+                                                                       "lora_rank": row["lora_rank"]}
+        # each trial trains with one worker thread: the two at a time share the CPUs
+        assert [w["threads"] for w in json.loads((out / "placement.json").read_text())] == [1]
+        stamps = [r["timestamp"] for r in read_log(out) if "timestamp" in r]
+        spans.append((min(stamps), max(stamps)))
+    running = lambda t: sum(start <= t <= end for start, end in spans)  # noqa: E731
+    assert max(running(start) for start, _ in spans) == 2  # two at a time, never more
 
 
 @pytest.mark.integration
