@@ -220,15 +220,15 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
         per_trial = {k: max(p.num_workers * p.resources_per_worker.get(k, 0) for p in plans)
                      for k in set().union(*(p.resources_per_worker for p in plans))}
         concurrent = concurrency(spec, per_trial, nodes)
-        if spec.scheduler == "pbt" and spec.perturbation_interval >= plans[0].total_steps:
+        if spec.population_based and spec.perturbation_interval >= plans[0].total_steps:
             raise ConfigError([Problem("sweep.perturbation_interval", f"{spec.perturbation_interval} steps, but each "
-                                       f"trial trains {plans[0].total_steps}: pbt would never exploit; make it "
-                                       "shorter than the run")])
+                                       f"trial trains {plans[0].total_steps}: {spec.scheduler} would never exploit; "
+                                       "make it shorter than the run")])
         if spec.scheduler == "asha" and spec.grace_period is None:
             spec.grace_period = report_interval(configs[0], spec.metric, plans[0].steps_per_epoch)
             logger.info(Problem("derived", f"sweep.grace_period = {spec.grace_period} steps (how often {spec.metric} "
                                            "is measured)"))
-        drawn = "pbt's population" if spec.scheduler == "pbt" else spec.search
+        drawn = f"{spec.scheduler}'s population" if spec.population_based else spec.search
         logger.info(f"sweep {run_name!r}: {count} trials ({drawn}), {concurrent} at a time "
             f"(each needs {per_trial}), {_objectives_text(spec)}, scheduler {spec.scheduler}")
         for trial in trials:
@@ -247,7 +247,7 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
                       "gpu_memory": planning_gpu_memory(base_cfg, nodes),
                       "trials_at_once": sharing, "datasets": datasets[0]}
             trainable = tune.with_parameters(run_drawn_trial, shared=shared, metric=spec.metric) \
-                if spec.scheduler != "pbt" else tune.with_parameters(run_pbt_trial, shared=shared, metric=spec.metric,
+                if not spec.population_based else tune.with_parameters(run_pbt_trial, shared=shared, metric=spec.metric,
                                                                      interval=spec.perturbation_interval)
         else:
             shipped = [{"recipe": c.to_dict(mask_secrets=False), "plan": p.to_dict(), "datasets": d}
@@ -260,10 +260,10 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
         if spec.draws:  # its trials are known now: each result's folder is named after its trial
             # (under pbt, each trial's values are its last: those it trained with last, after any exploit)
             values = (lambda r: searched_values(output_dir / "trials" / Path(r.path).name, spec.parameters)) \
-                if spec.scheduler == "pbt" else (lambda r: {k: r.config.get(k) for k in spec.parameters})
+                if spec.population_based else (lambda r: {k: r.config.get(k) for k in spec.parameters})
             trials = sorted((Trial(Path(r.path).name, values(r), {}) for r in grid), key=lambda t: t.name)
             rows, histories = result_rows(grid, trials, spec, budget_spent, name_of=lambda r: Path(r.path).name)
-            if spec.scheduler == "pbt":
+            if spec.population_based:
                 for row in rows:
                     row["exploited"] = exploit_history(output_dir / "trials" / row["trial"])
         else:
@@ -332,6 +332,14 @@ def _tuner(spec: SweepSpec, base_cfg: RecipeConfig, run_name: str, trainable, gr
                                  perturbation_interval=spec.perturbation_interval,
                                  hyperparam_mutations=tune_space(spec), quantile_fraction=spec.quantile_fraction,
                                  resample_probability=spec.resample_probability, synch=True, log_config=False)
+    elif spec.scheduler == "pb2":
+        from rayft.orchestrator.sweep_pb2 import SegmentedPB2  # scikit-learn (0.6 s) only for the sweeps that use it
+
+        scheduler = SegmentedPB2(Path(base_cfg.args.output_dir) / "trials", time_attr="step",
+                                    perturbation_interval=spec.perturbation_interval,
+                                    hyperparam_bounds={k: list(next(iter(v.values())))
+                                                       for k, v in spec.parameters.items()},
+                                    quantile_fraction=spec.quantile_fraction, synch=True, log_config=False)
     else:
         # (several metrics: Tune's own metric stays unset, TPE gets them all and ASHA stops by the first)
         by_first = {"metric": spec.metric, "mode": spec.mode} if spec.multi_objective else {}
@@ -407,8 +415,8 @@ class ResumableASHA(ASHAScheduler):
         return super().on_trial_result(tune_controller, trial, result)
 
 
-class SegmentedPBT(PopulationBasedTraining):
-    """Ray Tune's Population Based Training for trials that report at the ends of their segments (run_pbt_trial).
+class Segmented:
+    """Population Based Training (pbt, pb2) for trials that report at the ends of their segments (run_pbt_trial).
 
     A trial's last report is not a point to exploit at: nothing is left to train from the donor's checkpoint. And
     Tune's experiment state is saved as soon as an exploit is decided (otherwise every 10 s or more), so that a
@@ -436,6 +444,10 @@ class SegmentedPBT(PopulationBasedTraining):
         logger.info(Problem("pbt", f"{trial} continues from {trial_to_clone} at step {record['step']}: "
                                    f"{describe(values)}"))
         tune_controller.checkpoint(force=True)
+
+
+class SegmentedPBT(Segmented, PopulationBasedTraining):
+    """Ray Tune's PBT in segments: an exploit multiplies the donor's values by 0.8 or 1.2, or draws them afresh."""
 
 
 class _Progress(tune.Callback):

@@ -62,7 +62,7 @@ def write_results(output_dir: Path, rows: list[dict], histories: dict[str, list[
         writer.writerows(rows)
     plot_histories(output_dir, histories, spec.metric)
     plot_parameters(output_dir, rows, spec)
-    if spec.scheduler == "pbt":
+    if spec.population_based:
         plot_lineage(output_dir, [r["trial"] for r in rows], spec.metric)
     if spec.multi_objective:
         plot_pareto(output_dir, rows, spec.objectives[:2])
@@ -256,8 +256,8 @@ def trials_record(run_name: str, trials: list[Trial], spec: SweepSpec | None = N
             record.update(objectives=spec.objectives)
         if spec.draws:  # its trials are drawn as it goes: the space and their number name it
             record.update(search=spec.search, space=spec.parameters, num_samples=spec.num_samples)
-            if spec.scheduler == "pbt":
-                record.update(scheduler="pbt", perturbation_interval=spec.perturbation_interval)
+            if spec.population_based:
+                record.update(scheduler=spec.scheduler, perturbation_interval=spec.perturbation_interval)
     return record
 
 
@@ -322,6 +322,6 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
         rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None, **others,
                      f"best_{metric}": (min if mode == "min" else max)(measured) if measured else None,
                      "step": last.get("step"), "total_steps": last.get("total_steps"), "state": state})
-        if record.get("scheduler") == "pbt":
+        if record.get("scheduler") in ("pbt", "pb2"):
             rows[-1]["exploited"] = exploit_history(out)
     return record, rows, False

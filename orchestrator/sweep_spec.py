@@ -45,7 +45,7 @@ class SweepSpec:
     num_samples: int = 1  # grid: repeats of the grid; optuna: the number of trials; pbt: the population
     metric: Optional[str] = None  # default: eval_loss with evaluation data, else the training loss
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"
+    scheduler: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"  # pb2: pbt whose exploits choose values by a GP bandit
     grace_period: Optional[int] = None  # asha: optimizer steps before a trial can be stopped (default: the
     # interval at which the metric is measured)
     reduction_factor: float = 4.0  # asha: Ray Tune's default
@@ -71,7 +71,12 @@ class SweepSpec:
     def draws(self) -> bool:
         """Whether Ray Tune draws the trials' points as it goes (optuna's TPE, pbt's population), rather than
         rayft listing them all first (a grid)."""
-        return self.search == "optuna" or self.scheduler == "pbt"
+        return self.search == "optuna" or self.population_based
+
+    @property
+    def population_based(self) -> bool:
+        """pbt or pb2: a population trained in segments, the worst continuing from the best's checkpoints."""
+        return self.scheduler in ("pbt", "pb2")
 
 
 @dataclass
@@ -200,28 +205,36 @@ def _optuna_problems(parameters: dict) -> list[str]:
 
 
 def _pbt_problems(spec: SweepSpec, section: dict) -> list[str]:
-    if spec.scheduler == "pb2":
-        return [Problem("sweep.scheduler", "pb2 is not built: Ray Tune's PB2 needs GPy and scikit-learn, which rayft "
-                                           "does not install; use scheduler: pbt")]
     settings = [k for k in ("perturbation_interval", "quantile_fraction", "resample_probability") if k in section]
-    if spec.scheduler != "pbt":
-        return [Problem(f"sweep.{k}", f"only for scheduler: pbt (this sweep's is {spec.scheduler})") for k in settings]
+    if not spec.population_based:
+        return [Problem(f"sweep.{k}", f"only for scheduler: pbt or pb2 (this sweep's is {spec.scheduler})")
+                for k in settings]
     problems = []
+    name = spec.scheduler
     if spec.search == "optuna":
-        problems.append(Problem("sweep.search", "pbt draws its population at random and then changes the values "
+        problems.append(Problem("sweep.search", f"{name} draws its population at random and then changes the values "
                                                 "itself; remove search: optuna (or use scheduler: asha with it)"))
+    if name == "pb2":
+        if "resample_probability" in section:
+            problems.append(Problem("sweep.resample_probability", "pb2 chooses each exploit's values with its "
+                                                                  "Gaussian-process bandit; resample_probability is "
+                                                                  "pbt's"))
+        for key, space in spec.parameters.items():
+            if isinstance(space, dict) and next(iter(space), None) not in ("uniform", "loguniform"):
+                problems.append(Problem(f"sweep.parameters.{key}", "pb2 models continuous ranges: give {uniform: "
+                                                                   "[low, high]} or {loguniform: [low, high]}"))
     for key, space in spec.parameters.items():
         where = f"sweep.parameters.{key}"
         if key not in PERTURBABLE_BY_PBT:
-            problems.append(Problem(where, f"pbt changes values in the middle of a run, and {key} cannot change "
-                                           f"there; pbt perturbs {', '.join(PERTURBABLE_BY_PBT)} (search {key} with "
-                                           "a grid, or optuna)"))
-        elif isinstance(space, dict) and "grid" in space:
+            problems.append(Problem(where, f"{name} changes values in the middle of a run, and {key} cannot change "
+                                           f"there; {name} perturbs {', '.join(PERTURBABLE_BY_PBT)} (search {key} "
+                                           "with a grid, or optuna)"))
+        elif isinstance(space, dict) and "grid" in space and name == "pbt":
             problems.append(Problem(where, "grid is not a pbt space (pbt draws the population and perturbs it); give "
                                            "{choice: [..]} or a range"))
     if spec.perturbation_interval is None or spec.perturbation_interval < 1:
-        problems.append(Problem("sweep.perturbation_interval", "pbt needs the optimizer steps between exploits, at "
-                                                               f"least 1; got {spec.perturbation_interval}"))
+        problems.append(Problem("sweep.perturbation_interval", f"{name} needs the optimizer steps between exploits, "
+                                                               f"at least 1; got {spec.perturbation_interval}"))
     if not 0 < spec.quantile_fraction <= 0.5:
         problems.append(Problem("sweep.quantile_fraction", f"must be in (0, 0.5], got {spec.quantile_fraction}"))
     if not 0 <= spec.resample_probability <= 1:
@@ -410,9 +423,9 @@ def pbt_recipe_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     problems = []
     stage = cfg.finetuning.stage
     if STAGE_SPECS[stage].online:
-        problems.append(Problem("sweep.scheduler", f"pbt is not built for stage {stage} (its step loop is its own, "
-                                                   "not the Trainer's that pbt stops and continues); use asha or "
-                                                   "fifo"))
+        problems.append(Problem("sweep.scheduler", f"{spec.scheduler} is not built for stage {stage} (its step loop "
+                                                   "is its own, not the Trainer's that pbt stops and continues); use "
+                                                   "asha or fifo"))
     if "learning_rate" in spec.parameters and cfg.args.lr_scheduler_type == "reduce_lr_on_plateau":
         problems.append(Problem("lr_scheduler_type", "pbt re-applies a perturbed learning_rate to a schedule that is "
                                                      "a function of the step; reduce_lr_on_plateau is not one. Choose "
@@ -476,7 +489,7 @@ def check_sweep(raw: dict, base_dir: str = ".") -> Sweep:
     problems = metric_problems(spec, base_cfg)
     if problems:
         raise ConfigError(problems)
-    if spec.scheduler == "pbt":
+    if spec.population_based:
         problems = pbt_recipe_problems(spec, base_cfg)
         if problems:
             raise ConfigError(problems)

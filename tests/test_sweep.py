@@ -89,8 +89,15 @@ def test_grid_product_repeats_per_sample_and_other_keys_are_sampled_reproducibly
     ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pbt", "search": "optuna",
       "perturbation_interval": 4}, "remove search: optuna"),
     ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "asha",
-      "perturbation_interval": 4}, "sweep.perturbation_interval: only for scheduler: pbt"),
-    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pb2"}, "pb2 is not built"),
+      "perturbation_interval": 4}, "sweep.perturbation_interval: only for scheduler: pbt or pb2"),
+    ({"parameters": {"learning_rate": {"loguniform": [1e-5, 1e-3]}}, "scheduler": "pb2"},
+     "sweep.perturbation_interval: pb2 needs the optimizer steps between exploits"),
+    ({"parameters": {"learning_rate": {"choice": [1e-5, 1e-3]}}, "scheduler": "pb2", "perturbation_interval": 4},
+     "pb2 models continuous ranges"),
+    ({"parameters": {"learning_rate": {"uniform": [1e-5, 1e-3]}}, "scheduler": "pb2", "perturbation_interval": 4,
+      "resample_probability": 0.5}, "resample_probability is pbt's"),
+    ({"parameters": {"lora_rank": {"uniform": [4, 16]}}, "scheduler": "pb2", "perturbation_interval": 4},
+     "pb2 changes values in the middle of a run, and lora_rank cannot change there"),
     ({"parameters": {"lora_rank": {"grid": [8]}}, "metric": ["eval_loss", "eval_accuracy"], "mode": ["min", "max"]},
      "2 metrics need search: optuna"),
     ({"parameters": {"lora_rank": {"choice": [8]}}, "search": "optuna", "metric": ["eval_loss", "eval_accuracy"],
@@ -479,6 +486,33 @@ def test_pbt_continues_the_poor_trial_from_the_better_ones_checkpoint_and_surviv
     status = subprocess.run([sys.executable, "-m", "rayft.orchestrator.cli", "sweep", "--status", str(sweep_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "trial_000@step4" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_pb2_chooses_an_exploits_learning_rate_within_its_bounds_and_continues_from_the_donor(
+        tmp_path, tiny_model, ray_local):
+    # pbt's sweep with PB2's exploit: a population of two, ranked at step 4; the worse continues from the better's
+    # step-4 checkpoint with a learning rate PB2's Gaussian-process bandit chose inside [1e-7, 3e-3]
+    raw = sweep_recipe(PBT_SWEEP, tmp_path, tiny_model, "max_steps=8", "eval_steps=4", "logging_steps=2",
+                       "learning_rate=3.0e-3", "weight_decay=0.0")
+    raw["sweep"] = {"parameters": {"learning_rate": {"uniform": [1.0e-7, 3.0e-3]}}, "num_samples": 2,
+                    "max_concurrent_trials": 2, "scheduler": "pb2", "perturbation_interval": 4}
+    rows = {r["trial"]: r for r in run_sweep(raw, base_dir=ROOT)}
+    assert all(r["stop_reason"] == "completed" and r["step"] == 8 for r in rows.values()), rows
+    (poor,) = [name for name, r in rows.items() if r["exploited"]]
+    (donor,) = set(rows) - {poor}
+    assert rows[poor]["exploited"] == f"{donor}@step4"
+    chosen = rows[poor]["learning_rate"]
+    assert 1.0e-7 <= chosen <= 3.0e-3
+    log, donor_log = read_log(tmp_path / "sweep" / "trials" / poor), read_log(tmp_path / "sweep" / "trials" / donor)
+    marker = next(i for i, r in enumerate(log) if "exploited" in r)
+    first = next(r for r in log[marker:] if "loss" in r)
+    donors = next(r for r in donor_log if r["step"] == first["step"] and "loss" in r)
+    donor_rate = float(yaml.safe_load((tmp_path / "sweep" / "trials" / donor / "training_args.yaml").read_text())[
+        "learning_rate"])
+    assert first["step"] == 6 and abs(first["loss"] - donors["loss"]) < 0.1, (first, donors)
+    assert first["learning_rate"] == pytest.approx(donors["learning_rate"] * chosen / donor_rate, rel=1e-6)
+    assert (tmp_path / "sweep" / "sweep_lineage.png").stat().st_size > 10_000
 
 
 @pytest.mark.unit
