@@ -59,6 +59,19 @@ def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | No
     return f"{storage_path.rstrip('/')}/{run_name}/{name}" if name else None
 
 
+def checkpoint_recipe(checkpoint: str, fs_name: str | None = None) -> dict | None:
+    """The resolved recipe a checkpoint (as latest_checkpoint names it) was saved with, or None for a checkpoint of
+    a run that saved none (before rayft wrote it into checkpoints)."""
+    import yaml
+
+    fs, root = _resolve(checkpoint, fs_name)
+    path = f"{root.rstrip('/')}/checkpoint/training_args.yaml"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return yaml.safe_load(f.read().decode())
+
+
 def _read_snapshot(fs, path: str, attempts: int = 10) -> dict:
     """Ray Train's checkpoint record, read while its controller may be rewriting it: a read that meets a file
     being written (a local file is rewritten in place; S3 emulators serve a PUT as it arrives) is tried again."""

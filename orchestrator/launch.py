@@ -23,7 +23,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from rayft.cluster.session import available_nodes, gpu_memory_bytes, local_machine, ray_session
-from rayft.cluster.storage import filesystem, latest_checkpoint
+from rayft.cluster.storage import checkpoint_recipe, filesystem, latest_checkpoint
 from rayft.data.examples import Rows, mixed, shuffled, split_off, union
 from rayft.data.mixing import parse_probs
 from rayft.data.pipeline import (
@@ -53,6 +53,7 @@ from rayft.recipe.logs import logger, requiet
 from rayft.recipe.optimizers import uses_bitsandbytes
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.resume import recipe_changes
 from rayft.recipe.rules import reward_model_problems
 from rayft.recipe.stages import STAGE_SPECS
 from rayft.trainers import WORKER_WITHOUT_BITSANDBYTES
@@ -119,6 +120,11 @@ def start_checks(cfg: RecipeConfig, helper: Helper, trains: bool = True) -> Chec
         if resume_from:
             logger.info(f"run {cfg.ray.ray_run_name!r} has a checkpoint in storage: resuming from {resume_from} "
                         "(choose another ray_run_name for a fresh run)")
+            saved = checkpoint_recipe(resume_from, cfg.ray.ray_storage_filesystem)
+            changes = recipe_changes(saved, cfg.to_dict(mask_secrets=True)) if saved is not None else []
+            if changes:
+                logger.warning(f"the recipe differs from the one that checkpoint was trained with, in keys that "
+                               f"change training: {'; '.join(changes)} (the run goes on with the new values)")
         # a resumed run finds its own earlier outputs there
         refuse_occupied(output_dir, overwrite=bool(resume_from) or cfg.args.overwrite_output_dir)
         earlier = sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()) if (

@@ -3,7 +3,7 @@ imports scikit-learn, which only the sweeps that use it should pay for."""
 
 from ray.tune.schedulers.pb2 import PB2
 
-from rayft.orchestrator.sweep import Segmented
+from rayft.orchestrator.population import Segmented
 
 
 class SegmentedPB2(Segmented, PB2):

@@ -443,3 +443,16 @@ def test_the_training_keys_are_transformers_own_key_by_key():
         expected = True if key["name"] == "do_train" else key["default"]
         assert A.default_of(A.TrainingArguments, key["name"]) == expected, key["name"]
     assert A.rayft_training_defaults() == {"do_train": True}
+
+
+@pytest.mark.unit
+def test_a_resume_names_the_keys_that_change_training_and_only_those():
+    from rayft.recipe.resume import recipe_changes
+
+    saved = {"learning_rate": 1e-3, "lora_rank": 8, "cutoff_len": 256, "logging_steps": 5, "output_dir": "a",
+             "ray_num_workers": 2, "eval_steps": 8, "hf_hub_token": "***", "max_steps": 12}
+    now = {**saved, "learning_rate": 2e-3, "lora_rank": 16, "logging_steps": 1, "output_dir": "b",
+           "ray_num_workers": 4, "eval_steps": 4, "max_steps": 12}
+    # logging, evaluation, outputs and the cluster may change on a resume; the optimizer, method and data may not
+    assert recipe_changes(saved, now) == ["learning_rate: 0.001 -> 0.002", "lora_rank: 8 -> 16"]
+    assert recipe_changes(saved, saved) == []

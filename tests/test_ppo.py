@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, train_recipe
 
 from rayft.recipe.loading import load_recipe
@@ -195,7 +196,8 @@ def assert_reward_rises(records: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_path, tiny_model, reward_run):
+def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_path, tiny_model, reward_run,
+                                                                          rayft_log):
     rm_dir, _ = reward_run
     out, records = ppo_run(tmp_path, tiny_model, f"reward_model={rm_dir}", "ray_run_name=ppo-lora",
                            f"max_steps={STEPS}", "save_steps=6")
@@ -218,9 +220,14 @@ def test_ppo_with_a_lora_reward_model_raises_the_reward_saves_and_resumes(tmp_pa
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in policy.named_parameters())
     assert load_file(out / "value_head.safetensors")["v_head.summary.weight"].shape == (1, 256)
 
-    # The same run name and storage again with more steps: PPO resumes from its checkpoint at step 12.
+    # The same run name and storage again with more steps: PPO resumes from its checkpoint at step 12, and the
+    # driver says in one line that the recipe it resumes with differs from the checkpoint's in max_steps
+    assert yaml.safe_load((out / "checkpoint-12" / "training_args.yaml").read_text())["max_steps"] == STEPS
     out, records = ppo_run(tmp_path, tiny_model, f"reward_model={rm_dir}", "ray_run_name=ppo-lora",
                            f"max_steps={STEPS + 2}", "save_steps=6")
+    changed = [line for line in rayft_log if "in keys that change training" in line]
+    assert len(changed) == 1 and changed[0].endswith(f"max_steps: {STEPS} -> {STEPS + 2} (the run goes on with the "
+                                                     "new values)"), changed
     log = read_log(out)
     assert any(r["step"] == STEPS and r.get("resumed_from_step") == STEPS and r["world_size"] == 2 for r in log)
     assert [r["step"] for r in records] == list(range(1, STEPS + 3))

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from rayft.recipe.logs import logger
 from rayft.recipe.values import read_log
+from rayft.trainers.outputs import save_config
 
 
 class LogCallback(TrainerCallback):
@@ -75,6 +76,19 @@ class LogCallback(TrainerCallback):
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in logs.items() if k != "epoch")
         logger.debug(f"step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f} {shown}")
+
+
+class RecipeInCheckpoint(TrainerCallback):
+    """Writes the resolved recipe (secrets masked) and the plan into every checkpoint folder before Ray Train's
+    callback reports it: a run resumed from the checkpoint says which keys that change training it changed."""
+
+    def __init__(self, masked_recipe: dict, plan):
+        self.masked_recipe, self.plan = masked_recipe, plan
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            save_config(str(folder), self.masked_recipe, self.plan)
 
 
 class ReportEveryLog(TrainerCallback):

@@ -29,7 +29,7 @@ from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog, TorchProfiler
+from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
@@ -502,7 +502,7 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         callbacks=[LogCallback(args.output_dir, plan.progress_board, args.world_size,
                                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
                                args.resume_from_checkpoint),
-                   RayTrainReportCallback(), FirstStep(),
+                   RecipeInCheckpoint(cfg.to_dict(mask_secrets=True), plan), RayTrainReportCallback(), FirstStep(),
                    *([CheckpointOnSigterm(grace)] if grace else []),
                    *([ReportEveryLog()] if plan.report_every_log else []),
                    *([EarlyStoppingCallback(cfg.finetuning.early_stopping_steps)]

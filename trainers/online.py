@@ -18,7 +18,7 @@ from rayft.recipe.derive import prompts_per_step
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import outputs
-from rayft.trainers.callbacks import LogCallback, ReportEveryLog
+from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEveryLog
 from rayft.trainers.common import ShardStream, peak_memory
 from rayft.trainers.optimizers import adamw_kwargs, build_optimizer, decay_names
 from rayft.trainers.tracking import close_trackers, tracker_callbacks
@@ -43,7 +43,8 @@ class OnlineTrainer:
         self.control = TrainerControl()
         callbacks = [LogCallback(args.output_dir, plan.progress_board, args.world_size),
                      *tracker_callbacks(args.report_to)]
-        callbacks += [RayTrainReportCallback(), *([ReportEveryLog()] if plan.report_every_log else [])]
+        callbacks += [RecipeInCheckpoint(cfg.to_dict(mask_secrets=True), plan), RayTrainReportCallback(),
+                      *([ReportEveryLog()] if plan.report_every_log else [])]
         self.callbacks = CallbackHandler(callbacks, policy, tokenizer, self.optimizer, self.scheduler)
 
     # ---- what a stage provides ------------------------------------------------------------------------
