@@ -7,6 +7,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.util
+import torch
 from transformers import TrainerCallback
 
 from rayft.recipe.logs import logger
@@ -79,16 +80,21 @@ class LogCallback(TrainerCallback):
 
 
 class RecipeInCheckpoint(TrainerCallback):
-    """Writes the resolved recipe (secrets masked) and the plan into every checkpoint folder before Ray Train's
-    callback reports it: a run resumed from the checkpoint says which keys that change training it changed."""
+    """Rank 0 writes the resolved recipe (secrets masked) and the plan into every checkpoint folder before Ray
+    Train's callback reports it: a run resumed from the checkpoint says which keys that change training it changed.
+
+    Then the ranks wait for each other. Ray's callback has every rank copy its checkpoint folder, and ranks on one
+    node share that folder: without the wait, a rank could copy it while another still writes its files there."""
 
     def __init__(self, masked_recipe: dict, plan):
         self.masked_recipe, self.plan = masked_recipe, plan
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if args.process_index == 0 and folder.is_dir():
             save_config(str(folder), self.masked_recipe, self.plan)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
 
 class ReportEveryLog(TrainerCallback):
