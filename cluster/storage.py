@@ -4,6 +4,7 @@ import json
 import time
 
 import pyarrow.fs
+import yaml
 
 from rayft.recipe.problems import ConfigError, Problem
 
@@ -62,8 +63,6 @@ def latest_checkpoint(storage_path: str, run_name: str | None, fs_name: str | No
 def checkpoint_recipe(checkpoint: str, fs_name: str | None = None) -> dict | None:
     """The resolved recipe a checkpoint (as latest_checkpoint names it) was saved with, or None for a checkpoint of
     a run that saved none (before rayft wrote it into checkpoints)."""
-    import yaml
-
     fs, root = _resolve(checkpoint, fs_name)
     path = f"{root.rstrip('/')}/checkpoint/training_args.yaml"
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from rayft.orchestrator.sweep_spec import SweepSpec, Trial, describe, trial_name
+from rayft.orchestrator.sweep_spec import POPULATION_SCHEDULERS, SweepSpec, Trial, describe, trial_name
 from rayft.recipe.values import mask, read_log
 
 TRIALS_FILE = "sweep_trials.json"
@@ -322,6 +322,6 @@ def progress_rows(output_dir: Path) -> tuple[dict, list[dict], bool]:
         rows.append({"trial": trial["name"], **trial["params"], metric: measured[-1] if measured else None, **others,
                      f"best_{metric}": (min if mode == "min" else max)(measured) if measured else None,
                      "step": last.get("step"), "total_steps": last.get("total_steps"), "state": state})
-        if record.get("scheduler") in ("pbt", "pb2"):
+        if record.get("scheduler") in POPULATION_SCHEDULERS:
             rows[-1]["exploited"] = exploit_history(out)
     return record, rows, False

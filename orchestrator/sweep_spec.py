@@ -21,6 +21,9 @@ from rayft.recipe.stages import STAGE_SPECS, sweep_metric
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
+# The schedulers that train a population in segments, the worst continuing from the best's checkpoints.
+POPULATION_SCHEDULERS = ("pbt", "pb2")
+
 # Under `search: optuna` every trial shares the sweep's tokenised data, its model's shape and one plan of resources:
 # keys of these sections (and the stage) change what those are, and are searched with `search: grid`.
 SHARED_BY_OPTUNA_TRIALS = ("data", "model", "ray")
@@ -76,7 +79,7 @@ class SweepSpec:
     @property
     def population_based(self) -> bool:
         """pbt or pb2: a population trained in segments, the worst continuing from the best's checkpoints."""
-        return self.scheduler in ("pbt", "pb2")
+        return self.scheduler in POPULATION_SCHEDULERS
 
 
 @dataclass
