@@ -1,4 +1,4 @@
-"""The `rayft` command: train (or predict), sweep, plan, export, chat, serve, data, tokenize, submit (as a Ray job),
+"""The `rayft` command: train (or predict), pipeline, sweep, plan, export, chat, serve, data, tokenize, submit (as a Ray job),
 status, logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and exit
 status 2."""
 
@@ -27,7 +27,8 @@ USAGE_ERROR = 2
 RECIPE_COMMANDS = {
     "train": "run a distributed fine-tuning job (or generation, with do_train: false and predict_with_generate)",
     "sweep": "search the recipe's sweep section with Ray Tune, each trial a training run",
-    "plan": "validate a recipe and its data on the cluster and print the plan",
+    "pipeline": "train a pipeline file's stages one after another (pt -> sft -> dpo); a rerun goes on where it stopped",
+    "plan": "validate a recipe (or every stage of a pipeline) and its data on the cluster and print the plan",
     "export": "merge adapter_name_or_path into the base model and save it to export_dir",
     "chat": "talk to the model plus adapter_name_or_path in the terminal",
     "data": "write the first encoded examples of every dataset as JSON Lines, as the workers will get them",
@@ -45,7 +46,7 @@ API_ENVIRONMENT = {"API_HOST": "serve_host", "API_PORT": "serve_port", "API_KEY"
 # Commands whose own process never loads a model (workers, generation actors and serving replicas are processes of
 # their own). Their process is told there is no bitsandbytes before anything imports PEFT, which would import it
 # and torch.compile's machinery with it: about 2.5 s of every such command on a 2-core machine.
-NO_MODEL_IN_PROCESS = {"train", "sweep", "plan", "data", "tokenize", "submit", "serve"}
+NO_MODEL_IN_PROCESS = {"train", "pipeline", "sweep", "plan", "data", "tokenize", "submit", "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +154,23 @@ def _train(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    from rayft.orchestrator.pipeline import run_pipeline
+
+    run_pipeline(args.recipe, args.overrides)
+    return 0
+
+
 def _plan(args) -> int:
     from rayft.orchestrator.helper import driver_helper
     from rayft.recipe.derive import is_prediction
+    from rayft.recipe.pipeline import is_pipeline
 
+    if is_pipeline(load_recipe(args.recipe, [])):
+        from rayft.orchestrator.pipeline import run_plan_pipeline
+
+        run_plan_pipeline(args.recipe, args.overrides)
+        return 0
     cfg = _config(args)
     if is_prediction(cfg):
         from rayft.orchestrator.predict import plan_predict
@@ -276,20 +290,29 @@ def api_environment(raw: dict, environ) -> dict:
 def _submit(args) -> int:
     from rayft.orchestrator import submit
 
-    raw = load_recipe(Path(args.working_dir) / args.recipe, args.overrides)
-    submit.require_absolute_outputs(raw)
     from rayft.recipe.parse import parse_config
+    from rayft.recipe.pipeline import is_pipeline
 
-    cfg = parse_config(raw, base_dir=args.working_dir)
+    command = "train"
+    if is_pipeline(load_recipe(Path(args.working_dir) / args.recipe, [])):  # one job runs every stage
+        from rayft.orchestrator.pipeline import checked_configs, read
+
+        pipeline = read(Path(args.working_dir) / args.recipe, args.overrides, base_dir=args.working_dir)
+        submit.require_absolute_outputs({**pipeline.stages[0].keys, "output_dir": str(pipeline.output_dir)})
+        cfg, command = checked_configs(pipeline, pipeline.stages, args.working_dir)[0], "pipeline"
+    else:
+        raw = load_recipe(Path(args.working_dir) / args.recipe, args.overrides)
+        submit.require_absolute_outputs(raw)
+        cfg = parse_config(raw, base_dir=args.working_dir)
     try:
         _, status = submit.submit(cfg, args.recipe, args.overrides, args.address, args.working_dir,
-                                  wait=not args.no_wait)
+                                  wait=not args.no_wait, command=command)
     except ConnectionError as err:
         raise ConfigError([Problem("--address", f"cannot reach the job API at {args.address} ({err})")]) from None
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 
-COMMANDS = {"train": _train, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
+COMMANDS = {"train": _train, "pipeline": _pipeline, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
             "data": _data, "tokenize": _tokenize, "serve": _serve}
 
 

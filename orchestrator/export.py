@@ -77,6 +77,11 @@ def run_export(cfg: RecipeConfig) -> Path:
     return out
 
 
+def export_recipe(recipe: dict) -> str:
+    """`run_export` of a resolved recipe's dict (a pipeline's merge, called in the driver's helper process)."""
+    return str(run_export(RecipeConfig.from_dict(recipe)))
+
+
 def _write_card(out: Path, cfg: RecipeConfig, adapters: list[str]) -> None:
     settings = mask({"model_name_or_path": cfg.model.model_name_or_path, "adapter_name_or_path": adapters,
                      "export_size": cfg.model.export_size})

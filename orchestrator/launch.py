@@ -210,6 +210,12 @@ def run_plan(cfg: RecipeConfig, helper: Helper | None = None) -> Plan:
     command's own, already started (default: one started here)."""
     with helper or driver_helper("rayft plan") as helper:
         prepared = prepare(cfg, helper)
+    return plan_prepared(prepared)
+
+
+def plan_prepared(prepared: Prepared) -> Plan:
+    """`rayft plan`'s plan of a recipe already checked, printed with the recipe."""
+    cfg = prepared.cfg
     if cfg.ray.ray_address is None and prepared.all_small:
         nodes = local_machine()  # the cluster rayft would start: this machine
         plan, free = plan_run(prepared, nodes, example_rows(prepared)["train"].count()), nodes

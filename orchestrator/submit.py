@@ -32,9 +32,9 @@ def runtime_env(cfg: "RecipeConfig", working_dir: str) -> dict:
     return env
 
 
-def entrypoint(recipe: str, overrides: list[str]) -> str:
-    """The job's command: the same `rayft train` a user would type, through the job's Python."""
-    return shlex.join(["python", "-m", "rayft.orchestrator.cli", "train", recipe, *overrides])
+def entrypoint(recipe: str, overrides: list[str], command: str = "train") -> str:
+    """The job's command: the same `rayft train` (or `rayft pipeline`) a user would type, through the job's Python."""
+    return shlex.join(["python", "-m", "rayft.orchestrator.cli", command, recipe, *overrides])
 
 
 def output_problems(raw: dict) -> list[str]:
@@ -55,12 +55,13 @@ def client(address: str) -> JobSubmissionClient:
 
 
 def submit(cfg: "RecipeConfig", recipe: str, overrides: list[str], address: str, working_dir: str = ".",
-           wait: bool = True) -> tuple[str, str]:
-    """Submits the job; returns (job id, final status), or (job id, "PENDING") without `wait`."""
+           wait: bool = True, command: str = "train") -> tuple[str, str]:
+    """Submits the job (`rayft <command> recipe overrides`); returns (job id, final status), or (job id, "PENDING")
+    without `wait`."""
     jobs = client(address)
     for attempt in range(AGENT_RETRIES + 1):
         try:
-            job_id = jobs.submit_job(entrypoint=entrypoint(recipe, overrides),
+            job_id = jobs.submit_job(entrypoint=entrypoint(recipe, overrides, command),
                                      runtime_env=runtime_env(cfg, working_dir),
                                      metadata={"rayft_run_name": cfg.ray.ray_run_name or ""})
             break

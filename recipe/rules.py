@@ -34,7 +34,9 @@ from rayft.recipe.schema import (
 from rayft.recipe.stages import ONLINE_STAGES
 from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
 
-RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it"}
+RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it",
+                 "stages": "this file is a pipeline of stages; run it with `rayft pipeline`, or plan it with "
+                           "`rayft plan`"}
 
 BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"}
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.

@@ -16,13 +16,14 @@ class StageSpec:
     metric: str  # what a sweep ranks its trials by (eval_<metric> when the recipe evaluates, but for reward)
     outputs: str  # what output_dir holds besides metrics, logs and the config (the README's table)
     online: bool = False  # it generates its own training data (rollouts) in a step loop of its own
+    result: str = "policy"  # what it trains: a "policy" (a model later stages go on from) or a "reward model"
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "pt": StageSpec("text", "text", "loss", "the model or adapter, trained on (packed) text"),
     "sft": StageSpec("supervised", "supervised", "loss", "the model or adapter"),
     "rm": StageSpec("preference", "pairwise", "loss",
-                    "the adapter or model with its score head, and value_head.safetensors"),
+                    "the adapter or model with its score head, and value_head.safetensors", result="reward model"),
     "dpo": StageSpec("preference", "pairwise", "loss", "the model or adapter"),
     "kto": StageSpec("kto", "kto", "loss", "the model or adapter"),
     "ppo": StageSpec("supervised", "query", "reward",
