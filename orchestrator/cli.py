@@ -1,6 +1,6 @@
-"""The `rayft` command: train (or predict), pipeline, sweep, plan, export, chat, serve, data, tokenize, submit (as a Ray job),
-status, logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and exit
-status 2."""
+"""The `rayft` command: train (or predict), pipeline, sweep, plan, export, chat, serve, data, tokenize, submit (as a Ray
+job), status, logs, keys and tiny-model. Every error a user can cause ends the command with one message per problem and
+exit status 2."""
 
 import argparse
 import json
@@ -289,7 +289,6 @@ def api_environment(raw: dict, environ) -> dict:
 
 def _submit(args) -> int:
     from rayft.orchestrator import submit
-
     from rayft.recipe.parse import parse_config
     from rayft.recipe.pipeline import is_pipeline
 
@@ -312,8 +311,8 @@ def _submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat, "submit": _submit,
-            "data": _data, "tokenize": _tokenize, "serve": _serve}
+COMMANDS = {"train": _train, "pipeline": _pipeline, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat,
+            "submit": _submit, "data": _data, "tokenize": _tokenize, "serve": _serve}
 
 
 def _one_report(err: Exception) -> str:

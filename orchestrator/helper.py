@@ -203,17 +203,20 @@ def serve(calls_fd: int, answers_fd: int) -> None:
     from rayft.trainers import without_bitsandbytes
 
     without_bitsandbytes()  # PEFT would import it (about 2.5 s); the helper never loads weights, quantised or not
-    with os.fdopen(calls_fd, "rb") as calls, os.fdopen(answers_fd, "wb") as answers:
-        while (call := _receive(calls)) is not None:
-            call_id, fn, args, kwargs = call
-            try:
-                answer = (call_id, True, _resolve(fn)(*args, **kwargs))
-            except BaseException as err:  # a user's mistake (ConfigError, DataError) or an import error, for the driver
-                answer = (call_id, False, err)
-            try:
-                _send(answers, answer)
-            except (pickle.PicklingError, TypeError, AttributeError) as err:  # an unpicklable result or exception
-                _send(answers, (call_id, False, RuntimeError(f"{type(err).__name__}: {err}")))
+    try:
+        with os.fdopen(calls_fd, "rb") as calls, os.fdopen(answers_fd, "wb") as answers:
+            while (call := _receive(calls)) is not None:
+                call_id, fn, args, kwargs = call
+                try:
+                    answer = (call_id, True, _resolve(fn)(*args, **kwargs))
+                except BaseException as err:  # a user's mistake (ConfigError, DataError) or an import error
+                    answer = (call_id, False, err)
+                try:
+                    _send(answers, answer)
+                except (pickle.PicklingError, TypeError, AttributeError) as err:  # an unpicklable result or error
+                    _send(answers, (call_id, False, RuntimeError(f"{type(err).__name__}: {err}")))
+    except BrokenPipeError:
+        pass  # the driver stopped at an error of its own before this answer: it reads nothing more
 
 
 if __name__ == "__main__":

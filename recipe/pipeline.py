@@ -64,8 +64,8 @@ def is_pipeline(raw: dict) -> bool:
 def read_pipeline(raw: dict, overrides: dict, run_name: str) -> list[PipelineStage]:
     """Every stage's recipe from the file's mapping `raw` and the command line's `overrides` (already read as a
     mapping: `key=value` for every stage, `<name>.key=value` for one). Each stage writes to output_dir/<name> and
-    keeps its checkpoints under the Ray run `<ray_run_name>-<name>` (`run_name` when the file sets no ray_run_name). Raises ConfigError with every problem in the file's
-    structure (the stages' own keys are checked by parse_config)."""
+    keeps its checkpoints under the Ray run `<ray_run_name>-<name>` (`run_name` when the file sets no ray_run_name).
+    Raises ConfigError with every problem in the file's structure (the stages' own keys are checked by parse_config)."""
     problems: list[Problem] = []
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):

@@ -49,6 +49,13 @@ def test_plan_checks_in_the_helper_and_status_logs_submit_answer_without_torch(t
     assert len(problems) == 2 and "Traceback" not in done.stderr, done.stderr
     assert any(p.startswith("  - lora_target: qkv not found in Qwen2ForCausalLM") for p in problems)
     assert any(p.startswith("  - training arguments: ") for p in problems)
+    # a pipeline's stages are checked the same way; a driver that stops at its own check while the helper still
+    # imports leaves one line, not the helper's broken pipe
+    done = client("plan", "configs/pipeline_demo.yaml", f"model_name_or_path={tiny_model}", out,
+                  "pt.dataset=no_such_dataset")
+    assert done.returncode == 2 and done.stderr.startswith("rayft: stage pt: dataset 'no_such_dataset' is not in "), (
+        done.stderr)
+    assert len(done.stderr.splitlines()) == 1, done.stderr
     nowhere = f"http://127.0.0.1:{free_port()}"
     for args in (["status", "raysubmit_x", "--address", nowhere], ["logs", "raysubmit_x", "--address", nowhere],
                  ["submit", "configs/demo_sft_lora.yaml", f"output_dir={tmp_path / 'job'}",

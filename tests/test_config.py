@@ -258,7 +258,14 @@ def test_config_round_trips_across_the_worker_boundary():
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_validates(recipe):
     raw = load_recipe(recipe, [])
-    if "sweep" in raw:  # a sweep recipe: its section and every trial's recipe are checked
+    if "stages" in raw:  # a pipeline: every stage's recipe is checked
+        from rayft.orchestrator.pipeline import checked_configs, read
+
+        pipeline = read(recipe, [], base_dir=ROOT)
+        configs = checked_configs(pipeline, pipeline.stages, base_dir=ROOT)
+        assert [c.finetuning.stage for c in configs] == ["pt", "sft", "dpo"]
+        cfg = configs[-1]
+    elif "sweep" in raw:  # a sweep recipe: its section and every trial's recipe are checked
         from rayft.orchestrator.sweep_spec import check_sweep
 
         sweep = check_sweep(raw, base_dir=ROOT)

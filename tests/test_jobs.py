@@ -110,9 +110,10 @@ def assert_trained(out: Path):
 def test_ray_job_submit_runs_a_recipe_unchanged_and_rayft_follows_it_and_a_failing_job(head_node, tmp_path,
                                                                                         tiny_model):
     address, env, _ = head_node
-    # rayft's own submit (without waiting) of a job that fails inside the cluster: a dataset it lacks
-    failing = rayft("submit", "configs/demo_sft_lora.yaml", *outputs(tmp_path, tiny_model, "failing"),
-                    "dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
+    # rayft's own submit (without waiting) of a pipeline, one job for its stages, that fails inside the cluster: its
+    # first stage names a dataset the cluster lacks
+    failing = rayft("submit", "configs/pipeline_demo.yaml", *outputs(tmp_path, tiny_model, "failing")[:3],
+                    "pt.dataset=no_such_dataset", "--address", address, "--no-wait", env=env)
     assert failing.returncode == 0, failing.stdout[-3000:] + failing.stderr[-3000:]
     failed_id = failing.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"rayft logs {failed_id}" in failing.stdout  # says how to follow it
@@ -137,7 +138,7 @@ def test_ray_job_submit_runs_a_recipe_unchanged_and_rayft_follows_it_and_a_faili
 
     followed = rayft("logs", failed_id, "--address", address, "--follow", env=env)  # the job's log, to the end
     assert followed.returncode == 1
-    assert "no_such_dataset" in followed.stdout and "FAILED" in followed.stdout
+    assert "stage pt: " in followed.stdout and "no_such_dataset" in followed.stdout and "FAILED" in followed.stdout
     status = rayft("status", failed_id, "--address", address, env=env, timeout=60)
     assert (status.returncode, status.stdout.strip()) == (1, "FAILED")
 
