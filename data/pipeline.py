@@ -35,7 +35,8 @@ def locate_datasets(names: str, dataset_dir: str, data: str = "supervised", stag
     sources = []
     for attr in dataset_attrs(names, dataset_dir):
         check_kind(attr, data, stage)
-        sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token, keep_columns=stage == "grpo"))
+        sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token,
+                              keep_columns=STAGE_SPECS[stage].keeps_columns))
     return sources
 
 
@@ -250,7 +251,7 @@ class EncodingSettings:
     def packs_after_encoding(self) -> bool:
         """Whether encoded sequences are packed: pt's encoder already concatenates text unless neat packing
         keeps its documents apart."""
-        return self.neat_packing if self.stage == "pt" else self.packing
+        return self.neat_packing if STAGE_SPECS[self.stage].encoder == "text" else self.packing
 
 
 # Up to this many examples the driver tokenises in its own process: that takes a fraction of a second, where
@@ -340,7 +341,7 @@ def check_encoding(names: str, datasets: list[list[dict]], tokenizer_spec: Token
     """Encodes the first `rows` examples of each dataset on the driver, as the workers will: an unknown template,
     a missing special token or an unencodable row fails here, naming the dataset and row, before Ray starts."""
     template = settings.chat_template()
-    if settings.stage != "pt":
+    if STAGE_SPECS[settings.stage].data != "text":  # text is encoded without the template
         template.check_tokenizer(load_tokenizer(tokenizer_spec))
     for name, examples in zip(comma_list(names), datasets):
         refuse_tools(name, sum(1 for e in examples if e.get("tools") or has_tool_turns(e)), settings.template,

@@ -357,7 +357,7 @@ def metric_problems(spec: SweepSpec, cfg: RecipeConfig) -> list[str]:
     t = cfg.args
     evaluates = bool(cfg.data.eval_dataset or cfg.data.val_size)
     problems = []
-    if cfg.finetuning.stage in ("ppo", "grpo") and spec.metric == "reward" and spec.mode == "min":
+    if STAGE_SPECS[cfg.finetuning.stage].metric == "reward" and spec.metric == "reward" and spec.mode == "min":
         stage = cfg.finetuning.stage.upper()
         problems.append(Problem("sweep.mode", f"'reward' is {stage}'s mean reward, which a sweep maximises; set "
                                               "mode: max"))

@@ -10,19 +10,17 @@ from typing import Any, Literal
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
+from rayft.recipe.stages import stage_spec, stages_where
 from rayft.recipe.values import comma_list
 
-# Preference losses that compare the policy with nothing but itself.
-REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 ReferenceKind = Literal["none", "adapter_off", "copy", "actor"]
 
 
 def uses_reference(finetuning) -> bool:
-    """Whether the stage compares the policy with a reference model at all (kto, ppo, dpo but orpo / simpo, and
-    grpo with a KL term: beta > 0)."""
-    f = finetuning
-    return (f.stage in ("kto", "ppo") or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE_LOSSES)
-            or (f.stage == "grpo" and f.beta > 0))
+    """Whether the stage compares the policy with a reference model at all (its spec says: kto, ppo, dpo but orpo /
+    simpo, and grpo with a KL term: beta > 0)."""
+    spec = stage_spec(finetuning.stage)
+    return spec is not None and spec.reference(finetuning)
 
 
 def reward_names(finetuning) -> list[str]:
@@ -156,8 +154,9 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         m.adapter_folder = None
     d = cfg.data
     if d.packing is None:
-        d.packing = d.neat_packing or f.stage == "pt"
-        notes.append(f"packing = {d.packing} (on for stage pt and for neat_packing, off otherwise)")
+        d.packing = d.neat_packing or stage_spec(f.stage).packs_by_default
+        notes.append(f"packing = {d.packing} (on for stage {' and '.join(stages_where('packs_by_default'))} and for "
+                     "neat_packing, off otherwise)")
     if isinstance(r.resources_per_worker, str):
         r.resources_per_worker = json.loads(r.resources_per_worker)
     if isinstance(r.reward_model_resources, str):

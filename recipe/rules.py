@@ -31,14 +31,13 @@ from rayft.recipe.schema import (
     TrainingArguments,
     default_of,
 )
-from rayft.recipe.stages import ONLINE_STAGES
+from rayft.recipe.stages import ONLINE_STAGES, STAGE_SPECS, stage_spec, stages_reading, stages_where
 from rayft.recipe.values import TOOL_FORMAT_NAMES, VALUE_HEAD_FILE, comma_list
 
 RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_loss; remove it",
                  "stages": "this file is a pipeline of stages; run it with `rayft pipeline`, or plan it with "
                            "`rayft plan`"}
 
-BUILT_STAGES = {"pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"}
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
 BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
@@ -51,8 +50,16 @@ _LORA, _OFT, _FREEZE = (lambda f: f.finetuning_type == "lora"), (lambda f: f.fin
     lambda f: f.finetuning_type == "freeze")
 # ref_model is read wherever a reference is used, except by PPO with an adapter, whose reference is its base
 _REFERENCE = lambda f: uses_reference(f) and not (f.stage == "ppo" and f.finetuning_type in ("lora", "oft"))
-_PPO = lambda f: f.stage == "ppo"
 _GRPO = lambda f: f.stage == "grpo"
+
+
+def _read_by_stage(key: str) -> tuple:
+    """ONLY_USED_WITH's entry for a key that only the stages whose spec lists it read."""
+    # the text is a function too: it names the stages that read the key when a problem is written
+    return ((lambda f: key in getattr(stage_spec(f.stage), "keys", ())), ("stage",),
+            lambda: "stage: " + " or ".join(stages_reading(key)))
+
+
 # a grpo recipe reads the reward model keys when reward_model is one of its rewards
 _REWARD_MODEL = lambda f: f.stage == "ppo" or (f.stage == "grpo" and "reward_model" in reward_names(f))
 ONLY_USED_WITH: dict[str, tuple] = {
@@ -79,32 +86,23 @@ ONLY_USED_WITH: dict[str, tuple] = {
         "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_verbose")},
     **{k: (lambda f: f.use_badam and f.badam_mode == "ratio", ("use_badam", "badam_mode"),
            "use_badam: true and badam_mode: ratio") for k in ("badam_update_ratio", "badam_mask_mode")},
-    "pref_loss": (lambda f: f.stage == "dpo", ("stage",), "stage: dpo"),
-    "pref_beta": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
-    "pref_ftx": (lambda f: f.stage in ("dpo", "kto"), ("stage",), "stage: dpo or kto"),
+    # the keys a stage's spec lists as its own (recipe/stages.py)
+    **{k: _read_by_stage(k) for spec in STAGE_SPECS.values() for k in spec.keys},
     "dpo_label_smoothing": (lambda f: f.stage == "dpo" and f.pref_loss == "sigmoid", ("stage", "pref_loss"),
                             "stage: dpo with pref_loss: sigmoid"),
     "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
                     "stage: dpo with pref_loss: simpo"),
-    **{k: (lambda f: f.stage == "kto", ("stage",), "stage: kto") for k in ("kto_chosen_weight", "kto_rejected_weight")},
     **{k: (_REFERENCE, ("stage", "pref_loss", "finetuning_type"), "a reference model (stage kto, stage dpo with a "
            "pref_loss other than orpo and simpo, or stage ppo with freeze or full fine-tuning; PPO with adapters "
            "uses the base model without them)") for k in ("ref_model", "ref_model_adapters")},
-    **{k: (_PPO, ("stage",), "stage: ppo") for k in (
-        "ppo_buffer_size", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")},
-    "ppo_epochs": (lambda f: f.stage in ("ppo", "grpo"), ("stage",), "stage: ppo or grpo"),
     **{k: (_REWARD_MODEL, ("stage", "reward_funcs"), "stage: ppo, or stage: grpo with reward_model in reward_funcs")
        for k in ("reward_model", "reward_model_type")},
     "reward_model_adapters": (lambda f: _REWARD_MODEL(f) and f.reward_model_type == "full",
                               ("stage", "reward_model_type"), "a reward model of reward_model_type: full"),
-    **{k: (_GRPO, ("stage",), "stage: grpo") for k in (
-        "advantage_estimator", "num_generations", "epsilon", "epsilon_high", "beta", "loss_type", "reward_funcs",
-        "reward_weights", "log_completions_steps", "async_rollouts")},
     "accuracy_extraction": (lambda f: _GRPO(f) and "accuracy" in reward_names(f), ("stage", "reward_funcs"),
                             "stage: grpo with accuracy in reward_funcs"),
     "format_pattern": (lambda f: _GRPO(f) and "format" in reward_names(f), ("stage", "reward_funcs"),
                        "stage: grpo with format in reward_funcs"),
-    "compute_accuracy": (lambda f: f.stage == "sft", ("stage",), "stage: sft (token accuracy on the eval data)"),
 }
 
 
@@ -187,8 +185,8 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
         problems.append(Problem("val_size", f"{d.val_size} must be a fraction in [0, 1) or a whole number of examples"))
     if for_training and not t.output_dir:
         problems.append(Problem("output_dir", "required; set the folder the model, logs and metrics are written to"))
-    if f.stage not in BUILT_STAGES:
-        problems.append(Problem("stage", f"{f.stage!r} is not built in rayft yet (built: {sorted(BUILT_STAGES)})"))
+    if stage_spec(f.stage) is None:
+        problems.append(Problem("stage", f"{f.stage!r} is not a stage; choose one of {', '.join(STAGE_SPECS)}"))
     if f.finetuning_type not in BUILT_FINETUNING_TYPES:
         problems.append(
             Problem("finetuning_type", f"{f.finetuning_type!r} is not built in rayft yet (built: "
@@ -203,6 +201,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     for key, (used, settings, by) in ONLY_USED_WITH.items():
         if getattr(f, key) != default_of(FinetuningArguments, key) and not used(f):
             now = ", ".join(f"{name}: {getattr(f, name)!r}" for name in settings)
+            by = by() if callable(by) else by
             problems.append(Problem(f"{key} and {' and '.join(settings)}", f"{key} is only used with {by}, but here "
                                                                            f"{now}; remove {key} or change "
                                                                            f"{' / '.join(settings)}"))
@@ -247,8 +246,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     if f.freeze_trainable_layers == 0:
         problems.append(Problem("freeze_trainable_layers", "0 trains nothing; use a positive n (last n blocks) or a "
                                                            "negative one (first n)"))
-    if (d.packing or d.neat_packing) and f.stage not in ("pt", "sft"):
-        problems.append(Problem("packing", f"packs sequences for stages pt and sft, not {f.stage!r}; remove packing"))
+    modelling = stages_where("language_modelling")
+    if (d.packing or d.neat_packing) and f.stage not in modelling:
+        problems.append(Problem("packing", f"packs sequences for stages {' and '.join(modelling)}, not {f.stage!r}; "
+                                           "remove packing"))
     if d.neat_packing and d.packing is False:
         problems.append(Problem("neat_packing", "needs packing; remove packing: false or neat_packing: true"))
     if d.streaming and t.max_steps <= 0:
@@ -256,10 +257,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     if d.streaming and d.tokenized_path:
         problems.append(Problem("tokenized_path and streaming", "saving the tokenised data materialises it, which "
                                                                 "streaming avoids; remove one of them"))
-    if not d.ignore_pad_token_for_loss and f.stage not in ("pt", "sft"):
-        problems.append(Problem("ignore_pad_token_for_loss", "false makes stages pt and sft learn padding; stage "
-                                                             f"{f.stage!r} compares sequences and never learns "
-                                                             "padding; remove ignore_pad_token_for_loss"))
+    if not d.ignore_pad_token_for_loss and f.stage not in modelling:
+        problems.append(Problem("ignore_pad_token_for_loss", (
+            f"false makes stages {' and '.join(modelling)} learn padding; stage {f.stage!r} compares sequences and "
+            "never learns padding; remove ignore_pad_token_for_loss")))
     if d.buffer_size < 1:
         problems.append(Problem("buffer_size", f"must be at least 1 example, got {d.buffer_size}"))
     if not 0 <= d.max_bad_row_ratio <= 1:

@@ -172,8 +172,8 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "grpo"] = arg(
-        "sft", "What to train: pt, sft, rm, dpo, kto, ppo or grpo (the critic-free GRPO family).")
+    # a name of recipe/stages.py's STAGE_SPECS (checked by the rules, so that a stage is one spec and one entry)
+    stage: str = arg("sft", "What to train: pt, sft, rm, dpo, kto, ppo or grpo (the critic-free GRPO family).")
     finetuning_type: Literal["lora", "oft", "freeze", "full"] = arg("lora", "How: lora, oft, freeze or full.")
     pure_bf16: bool = arg(False, "Train with bf16 weights throughout, without fp32 master weights.")
     use_llama_pro: bool = arg(False, "LLaMA Pro's block expansion.")

@@ -150,3 +150,32 @@ def test_sft_with_freeze_galore_and_the_torch_profiler_on_two_workers(tmp_path, 
     for rank in (0, 1):  # the profiler's default schedule records step 3 of each worker
         (trace,) = (out / "profiler" / f"rank_{rank}").glob("*.pt.trace.json")
         assert '"traceEvents"' in trace.read_text()[:4000]
+
+
+@pytest.mark.slow
+def test_a_new_stage_is_one_spec_and_one_entry(tmp_path, tiny_model, ray_local, monkeypatch):
+    """A toy stage added here, as a contributor would add one: a spec (its data, encoder, own keys and facts) and an
+    entry function. The rules, the data check, the planner and the worker find it from those two alone."""
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+    from rayft.recipe.stages import STAGE_SPECS, StageSpec
+    from rayft.trainers.sft import run_sft
+    from rayft.trainers.stages import ENTRIES
+
+    ran = []
+
+    def run_toy(cfg, plan):
+        ran.append(cfg.finetuning.stage)
+        return run_sft(cfg, plan)
+
+    monkeypatch.setitem(STAGE_SPECS, "toy", StageSpec("supervised", "supervised", "loss", "the model or adapter",
+                                                      keys=("pref_ftx",), language_modelling=True))
+    monkeypatch.setitem(ENTRIES, "toy", run_toy)
+    with pytest.raises(ConfigError) as err:  # a key the toy's spec claims is now refused by sft with the toy named
+        parse_config({"stage": "sft", "pref_ftx": 0.5, "model_name_or_path": str(tiny_model), "dataset": "demo_sft",
+                      "output_dir": str(tmp_path / "x")}, base_dir=ROOT)
+    assert "pref_ftx is only used with stage: dpo or kto or toy" in str(err.value)
+    out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "stage=toy", "pref_ftx=0.5",
+                            "packing=true", "max_steps=3", "logging_steps=1", "ray_num_workers=1", "deepspeed=null")
+    assert ran == ["toy"] and len(log) == 3  # the toy's entry trained, in the driver's process (one worker)
+    assert "- toy" in (out / "README.md").read_text().splitlines()

@@ -7,6 +7,7 @@ import yaml
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
+from rayft.recipe.stages import stages_reading
 from rayft.recipe.values import comma_list, read_log
 
 CONFIG_FILE = "training_args.yaml"
@@ -77,8 +78,7 @@ CARD_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train
              "packing", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "freeze_trainable_layers",
              "pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
              "seed", "ray_num_workers", "deepspeed")
-_STAGE_KEYS = {"pref_loss": ("dpo",), "pref_beta": ("dpo", "kto"), "pref_ftx": ("dpo", "kto"),
-               "simpo_gamma": ("dpo",), "kto_chosen_weight": ("kto",), "kto_rejected_weight": ("kto",)}
+_LOSS_KEYS = {"simpo_gamma": ("dpo",)}  # besides the keys a stage's spec lists as its own
 _METHOD_KEYS = {"lora_rank": "lora", "lora_alpha": "lora", "lora_dropout": "lora", "lora_target": "lora",
                 "freeze_trainable_layers": "freeze"}
 
@@ -88,8 +88,8 @@ def write_model_card(output_dir: str, masked_config: dict, metrics: dict) -> Pat
     c = masked_config
     stage, method = c.get("stage"), c.get("finetuning_type")
     datasets = comma_list(c.get("dataset")) + comma_list(c.get("eval_dataset"))
-    shown = [k for k in CARD_KEYS if c.get(k) is not None and stage in _STAGE_KEYS.get(k, (stage,))
-             and _METHOD_KEYS.get(k, method) == method]
+    shown = [k for k in CARD_KEYS if c.get(k) is not None and _METHOD_KEYS.get(k, method) == method
+             and stage in (_LOSS_KEYS.get(k) or stages_reading(k) or (stage,))]
     lines = [
         "---",
         f"base_model: {c.get('model_name_or_path')}",

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
+from rayft.recipe.stages import STAGE_SPECS
 from rayft.recipe.values import comma_list
 from rayft.trainers.model import FINETUNING, ROUTER_LOSS_KEYS, freeze_trainable_prefixes, linear_module_names
 
@@ -46,7 +47,7 @@ def empty_model(cfg: RecipeConfig):
     config = AutoConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
                                         token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
     with init_empty_weights():
-        if cfg.finetuning.stage == "rm":
+        if STAGE_SPECS[cfg.finetuning.stage].result == "reward model":  # a score head instead of the LM head
             config.num_labels = 1
             return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForCausalLM.from_config(config)
