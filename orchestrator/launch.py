@@ -405,7 +405,7 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
             ),
             datasets=datasets,
             # an elastic run's workers each read the whole training set and keep their share of every global
-            # batch (trainers.common.GlobalBatchShare): a split would change with the group's size
+            # batch (trainers.shards.GlobalBatchShare): a split would change with the group's size
             dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "train"]) if plan.elastic
             else None,
         )

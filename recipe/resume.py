@@ -1,4 +1,8 @@
-"""What a resumed run changed: the recipe saved in its checkpoint against the one it resumes with. Pure."""
+"""Resuming, decided without touching anything: how a worker group starts from what storage holds, and what a
+resumed run changed (the recipe saved in its checkpoint against the one it resumes with). Pure."""
+
+from dataclasses import dataclass
+from typing import Literal
 
 from rayft.recipe.schema import key_sections
 
@@ -34,3 +38,24 @@ def recipe_changes(saved: dict, now: dict) -> list[str]:
     sections = key_sections()
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
             if _counts(key, sections.get(key)) and saved.get(key) != now.get(key)]
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """How a worker group starts, as Ray Train V2's policies return decisions: `fresh`, from `checkpoint` as it is
+    (`same_size`), or from it converted from `saved_world` ZeRO partitions to `world` (`convert`)."""
+
+    kind: Literal["fresh", "same_size", "convert"]
+    checkpoint: str | None = None
+    saved_world: int | None = None
+    world: int | None = None
+
+
+def decide_resume(checkpoint: str | None, zero_partitions: int | None, world: int) -> ResumeDecision:
+    """The start of a group of `world` workers, given the checkpoint found (None: none) and how many ranks
+    partitioned its ZeRO optimizer state (None: not partitioned, or no DeepSpeed)."""
+    if checkpoint is None:
+        return ResumeDecision("fresh")
+    if zero_partitions is None or zero_partitions == world:
+        return ResumeDecision("same_size", checkpoint)
+    return ResumeDecision("convert", checkpoint, zero_partitions, world)

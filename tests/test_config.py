@@ -462,3 +462,13 @@ def test_a_resume_names_the_keys_that_change_training_and_only_those():
     # logging, evaluation, outputs and the cluster may change on a resume; the optimizer, method and data may not
     assert recipe_changes(saved, now) == ["learning_rate: 0.001 -> 0.002", "lora_rank: 8 -> 16"]
     assert recipe_changes(saved, saved) == []
+
+
+@pytest.mark.unit
+def test_the_resume_decision_is_fresh_same_size_or_a_conversion_between_group_sizes():
+    from rayft.recipe.resume import ResumeDecision, decide_resume
+
+    assert decide_resume(None, None, 2) == ResumeDecision("fresh")
+    assert decide_resume("ckpt", None, 4) == ResumeDecision("same_size", "ckpt")  # DDP, or no ZeRO partitions
+    assert decide_resume("ckpt", 2, 2) == ResumeDecision("same_size", "ckpt")
+    assert decide_resume("ckpt", 2, 1) == ResumeDecision("convert", "ckpt", saved_world=2, world=1)

@@ -21,7 +21,8 @@ from rayft.recipe.parse import parse_config
 from rayft.recipe.plan import Node
 from rayft.recipe.problems import ConfigError
 from rayft.recipe.values import read_log
-from rayft.trainers.common import GlobalBatchShare, zero_world_size
+from rayft.trainers.resume import zero_world_size
+from rayft.trainers.shards import GlobalBatchShare
 
 DEMO = ROOT / "configs" / "demo_sft_lora.yaml"
 TWO_NODES = [Node(name * 56, "10.0.0.1", {"CPU": 1.0, "memory": 8e9}) for name in "ab"]

@@ -156,7 +156,7 @@ def test_a_streamed_dataset_is_never_materialised_and_each_worker_shuffles_its_s
     from ray.data.dataset import MaterializedDataset
 
     from rayft.data.pipeline import tokenize
-    from rayft.trainers.common import ShardStream
+    from rayft.trainers.shards import ShardStream
 
     settings = EncodingSettings("chatml", 256)
     lazy = tokenize(Rows.of(examples), TokenizerSpec(str(tiny_model)), settings, encode_batch, 16, stream_tasks=2)

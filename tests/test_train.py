@@ -114,7 +114,7 @@ def test_worker_shards_are_disjoint_and_cover_the_dataset(tmp_path, tiny_model, 
     def collect_shards(loop_config):  # local, so Ray ships it by value to the workers
         import ray.train
 
-        from rayft.trainers.common import ShardStream
+        from rayft.trainers.shards import ShardStream
 
         rank = ray.train.get_context().get_world_rank()
         for name in ("even", "odd"):
@@ -250,7 +250,7 @@ def test_resuming_from_the_final_checkpoint_trains_no_further_step(tmp_path, tin
 def test_a_shard_stream_is_seeded_reshuffles_every_epoch_and_reads_a_resumed_epoch_again(ray_local):
     import ray.data
 
-    from rayft.trainers.common import ShardStream
+    from rayft.trainers.shards import ShardStream
 
     shard = ray.data.from_items([{"input_ids": [i], "labels": [i]} for i in range(32)]).iterator()
 

@@ -39,7 +39,7 @@ def phase(rank: int, world: int, port: int, out: str, jobs: list[tuple], results
     "a" or None) for every stage on `world` processes."""
     import deepspeed
 
-    from rayft.trainers.common import universal_view, zero_world_size
+    from rayft.trainers.resume import universal_view, zero_world_size
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

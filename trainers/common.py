@@ -1,20 +1,15 @@
-"""Pieces every stage's entry function shares: the worker's data shard, the Trainer, and the finish line."""
+"""What every stage's entry function shares: the training arguments, the Trainer over the worker's shard, and `fit`,
+which trains and saves (the shards are trainers/shards.py; where a worker resumes, trainers/resume.py)."""
 
-import hashlib
-import json
 import resource
 import shutil
-import subprocess
-import sys
-import tempfile
-import uuid
 from pathlib import Path
 from types import MethodType
 
 import ray.train
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import (
     EarlyStoppingCallback,
     PrinterCallback,
@@ -23,118 +18,19 @@ from transformers import (
     TrainerCallback,
 )
 
-from rayft.cluster.storage import checkpoint_at
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
-from rayft.recipe.values import comma_list, read_log
+from rayft.recipe.values import read_log
 from rayft.trainers import outputs, preemption, startup
 from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
+from rayft.trainers.resume import UNIVERSAL_VIEWS, resume_point, resumed_epoch
+from rayft.trainers.shards import eval_shards, train_shard
 from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
 from rayft.trainers.training_args import transformers_arguments
-
-
-def _shard(name: str):
-    try:
-        return ray.train.get_dataset_shard(name)
-    except (KeyError, AssertionError):  # Ray Train's local mode asserts that the dataset exists
-        return None
-
-
-# columns the pipeline adds for its token statistics; the trainers do not need them
-COUNT_COLUMNS = ("num_tokens", "num_trained", "truncated")
-
-
-class ShardStream(IterableDataset):
-    """This worker's share of a dataset, read from Ray Data a batch at a time as the Trainer asks for examples:
-    the worker never holds more than the shuffle buffer and the block being read.
-
-    Each pass (epoch) reads the share again, shuffled through a buffer of `buffer_size` examples seeded by the
-    seed and the epoch (no buffer: in order). `length` (the share's size, when the data is materialised) lets
-    the Trainer count epochs; Ray Train splits a dataset into equal shares, so no worker runs out first.
-    """
-
-    def __init__(self, shard, buffer_size: int | None, seed: int, length: int | None = None, prefetch: int = 1):
-        self.shard, self.buffer_size, self.seed, self.length, self.epoch = shard, buffer_size, seed, length, 0
-        self.prefetch = max(1, prefetch)
-
-    def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("a streamed dataset has no length")
-        return self.length
-
-    def resume_at(self, epoch: int) -> None:
-        """The next pass is epoch `epoch` (a run resumed in its middle reads that epoch's order again)."""
-        self.epoch = epoch
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        shuffle = {} if not self.buffer_size else dict(local_shuffle_buffer_size=self.buffer_size,
-                                                       local_shuffle_seed=self.seed + epoch)
-        batches = self.shard.iter_batches(batch_size=min(256, self.buffer_size or 256), batch_format="numpy",
-                                          prefetch_batches=self.prefetch, **shuffle)
-        for batch in batches:
-            columns = [k for k in batch if k not in COUNT_COLUMNS]
-            for i in range(len(batch[columns[0]])):
-                yield {k: plain(batch[k][i]) for k in columns}
-
-
-class GlobalBatchShare(ShardStream):
-    """An elastic run's training data: this worker's share of each global batch of one order that every size of
-    the group agrees on.
-
-    Every worker reads the whole dataset in the same seeded order. Optimizer step s trains positions
-    [s * global_batch, (s + 1) * global_batch) of the epoch, and rank r of `world` workers takes the r-th of
-    `world` equal parts of them. Which examples a step trains therefore does not depend on the group's size, and
-    the Trainer's own resume (it skips the batches of the steps already trained) lands on the first untrained
-    position after a resize too.
-    """
-
-    def __init__(self, shard, buffer_size: int | None, seed: int, rank: int, world: int, global_batch: int,
-                 steps_per_epoch: int, prefetch: int = 1):
-        share = global_batch // world
-        super().__init__(shard, buffer_size, seed, steps_per_epoch * share, prefetch)
-        self.rank, self.share, self.global_batch = rank, share, global_batch
-
-    def __iter__(self):
-        mine = range(self.rank * self.share, (self.rank + 1) * self.share)
-        end = len(self) // self.share * self.global_batch  # the epoch's whole global batches
-        for position, example in enumerate(super().__iter__()):
-            if position >= end:
-                return
-            if position % self.global_batch in mine:
-                yield example
-
-
-def plain(value):
-    """A numpy value as plain Python (a token array as a list; text columns may already be str)."""
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
-def train_shard(cfg: RecipeConfig, plan: Plan) -> ShardStream:
-    """This worker's training data as a stream; materialised data (not streaming) has a known length."""
-    buffer = None if cfg.finetuning.disable_shuffling else cfg.data.buffer_size
-    seed = cfg.args.data_seed or cfg.args.seed
-    if plan.elastic:
-        context = ray.train.get_context()
-        return GlobalBatchShare(_shard("train"), buffer, seed, context.get_world_rank(), context.get_world_size(),
-                                plan.global_batch_size, plan.steps_per_epoch, prefetch=cfg.args.dataloader_num_workers)
-    length = None if cfg.data.streaming else plan.examples_per_worker
-    # dataloader_num_workers: Ray Data's threads prefetch that many batches (forked DataLoader processes could
-    # not read a Ray Data iterator)
-    return ShardStream(_shard("train"), buffer, seed, length, prefetch=cfg.args.dataloader_num_workers)
-
-
-def eval_shards(cfg: RecipeConfig) -> ShardStream | dict[str, ShardStream] | None:
-    """This worker's evaluation data, in order: one stream, or one per eval dataset with eval_on_each_dataset."""
-    d = cfg.data
-    if d.eval_dataset and d.eval_on_each_dataset:
-        return {name: ShardStream(_shard(f"eval_{name}"), None, 0) for name in comma_list(d.eval_dataset)}
-    shard = _shard("eval")
-    return None if shard is None else ShardStream(shard, None, 0)
 
 
 def training_arguments(cfg: RecipeConfig, plan: Plan) -> Seq2SeqTrainingArguments:
@@ -330,109 +226,6 @@ def peak_memory() -> dict[str, float]:
     if len(mine) > 1:
         peaks["peak_gpu_gb"] = round(max(m[1] for m in every), 3)
     return peaks
-
-
-def resume_point(plan: Plan) -> tuple[dict | None, str | None]:
-    """The DeepSpeed config and the checkpoint this worker resumes from (None on a fresh run).
-
-    A ZeRO checkpoint partitions the optimizer by rank; written by another number of workers (an elastic run
-    resized, or ray_num_workers changed between runs), it is first converted to DeepSpeed's universal form, per
-    parameter and independent of the world size, which DeepSpeed then loads with `checkpoint.load_universal`.
-    """
-    checkpoint = restored_checkpoint(plan)
-    if checkpoint is None or plan.deepspeed is None:
-        return plan.deepspeed, checkpoint
-    world = ray.train.get_context().get_world_size()
-    saved = zero_world_size(checkpoint)
-    if saved is None or saved == world:
-        return plan.deepspeed, checkpoint
-    universal = universal_checkpoint(checkpoint, saved, world)
-    return {**plan.deepspeed, "checkpoint": {"load_universal": True}}, universal
-
-
-def zero_world_size(checkpoint: str) -> int | None:
-    """How many ranks wrote a DeepSpeed checkpoint's partitioned optimizer state (None: not partitioned)."""
-    tag_file = Path(checkpoint) / "latest"
-    if not tag_file.is_file():
-        return None
-    ranks = {p.name.split("zero_pp_rank_")[1].split("_")[0]
-             for p in (Path(checkpoint) / tag_file.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")}
-    return len(ranks) or None
-
-
-def universal_checkpoint(checkpoint: str, saved: int, world: int) -> str:
-    """A node-local view of `checkpoint` whose DeepSpeed state is the universal form (made once per node, by
-    its local rank 0); every rank waits for it."""
-    context = ray.train.get_context()
-    # One folder per group start and node, made by the node's first rank: the nodes of a test cluster share one
-    # disk (and one IP, so Ray's local ranks do not tell them apart), and a group that is being replaced may still
-    # be removing its own view of the same checkpoint. Rank 0 names the start for all.
-    node = ray.get_runtime_context().get_node_id()
-    mine = (node, uuid.uuid4().hex[:8])
-    every = [mine]
-    if torch.distributed.is_initialized():
-        every = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(every, mine)
-    attempt = every[0][1]
-    view = UNIVERSAL_VIEWS / f"{hashlib.sha1(checkpoint.encode()).hexdigest()[:16]}-{node[:12]}-{attempt}"
-    if [n for n, _ in every].index(node) == context.get_world_rank():
-        if context.get_world_rank() == 0:
-            logger.info(f"the checkpoint's ZeRO state is partitioned for {saved} worker(s), the group has {world}: "
-                        "converting it to DeepSpeed's universal checkpoint")
-        universal_view(Path(checkpoint), view)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return str(view)
-
-
-# node-local: a view holds a converted copy of the optimizer state, removed when the run's training ends
-UNIVERSAL_VIEWS = Path(tempfile.gettempdir()) / "rayft-universal"
-
-
-def universal_view(source: Path, view: Path) -> None:
-    """Makes `view`: the files of checkpoint folder `source` (linked, not copied) with its DeepSpeed state converted
-    by DeepSpeed's ds_to_universal into `view/universal`, which `view/latest` names. `source` is not changed."""
-    tag = (source / "latest").read_text().strip()
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    for entry in source.iterdir():
-        if entry.name != "latest":
-            (view / entry.name).symlink_to(entry.resolve())
-    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                           "--input_folder", str(source / tag), "--output_folder", str(view / "universal"),
-                           "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"DeepSpeed could not convert {source / tag} to a universal checkpoint:\n"
-                           + done.stdout[-2000:] + done.stderr[-2000:])
-    (view / "latest").write_text("universal")  # last: a view without it is incomplete and made again
-
-
-def restored_checkpoint(plan: Plan) -> str | None:
-    """The Trainer checkpoint to resume from when Ray Train restarts this run: after a worker failure, or
-    when a run with the same ray_run_name and storage is started again; else the checkpoint a pbt segment starts
-    from (plan.start_from). None on a fresh run."""
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and plan.start_from is not None:
-        checkpoint = checkpoint_at(plan.start_from["uri"], plan.start_from["filesystem"])
-    if checkpoint is None:
-        return None
-    import pyarrow.fs
-
-    # on remote storage (s3://, gs://) the path is the file system's own, without its scheme: download it
-    on_disk = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
-    local = checkpoint.path if on_disk else checkpoint.to_directory()
-    # RayTrainReportCallback stores the Trainer's checkpoint folder under `checkpoint/`
-    path = Path(local) / "checkpoint"
-    logger.info(f"resuming from the checkpoint reported to Ray Train: {checkpoint.path}")
-    return str(path)
-
-
-def resumed_epoch(checkpoint: str) -> int:
-    """The epoch a Trainer checkpoint was saved in, from its trainer_state.json (0 when it has none)."""
-    state = Path(checkpoint) / "trainer_state.json"
-    return int(json.loads(state.read_text()).get("epoch") or 0) if state.is_file() else 0
 
 
 class StatsTrainer(ShardTrainer):

@@ -19,13 +19,14 @@ from rayft.recipe.derive import grpo_loss_type, reward_names
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import rl
-from rayft.trainers.common import peak_memory, train_shard, training_arguments
+from rayft.trainers.common import peak_memory, training_arguments
 from rayft.trainers.generate import left_padded
 from rayft.trainers.model import load_tokenizer, prepare_model, trainable_summary
 from rayft.trainers.online import OnlineTrainer, averaged, finish, summed
 from rayft.trainers.ppo import reference_here, reward_model_here
 from rayft.trainers.rewards import model_logprobs, response_logits, right_padded, token_logprobs
 from rayft.trainers.rollout import ActorRollouts, LocalRollouts, Sampled, Sampler, sample_seed
+from rayft.trainers.shards import train_shard
 from rayft.trainers.tracking import prepare_trackers
 from rayft.trainers.verifiable import Rewards
 

@@ -19,8 +19,9 @@ from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import outputs
 from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEveryLog
-from rayft.trainers.common import ShardStream, peak_memory
+from rayft.trainers.common import peak_memory
 from rayft.trainers.optimizers import adamw_kwargs, build_optimizer, decay_names
+from rayft.trainers.shards import ShardStream
 from rayft.trainers.tracking import close_trackers, tracker_callbacks
 
 

@@ -24,7 +24,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import VALUE_HEAD_FILE
 from rayft.trainers import rl
-from rayft.trainers.common import peak_memory, train_shard, training_arguments
+from rayft.trainers.common import peak_memory, training_arguments
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
 from rayft.trainers.model import load_reference, load_tokenizer, prepare_model, trainable_summary
 from rayft.trainers.online import OnlineTrainer, averaged, finish, gathered
@@ -39,6 +39,7 @@ from rayft.trainers.rewards import (
     response_logprobs,
     right_padded,
 )
+from rayft.trainers.shards import train_shard
 from rayft.trainers.tracking import prepare_trackers
 
 REWARD_ACTORS_FILE = "reward_actors.json"
