@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     configure(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     if args.command == "tiny-model":
         return _tiny_model(args)
+    if args.command == "expand":
+        try:
+            return _expand(args)
+        except ConfigError as err:
+            print(f"rayft: {_one_report(err)}", file=sys.stderr)
+            return USAGE_ERROR
     if args.command == "keys":
         return _keys(args)
     if args.command in ("status", "logs"):
@@ -106,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="list the recipe keys with type, default and help", parents=[common])
     keys.add_argument("which", nargs="?", help="a section (model, data, finetuning, generating, ray, serving, "
                                                "training) or a key; all keys when left out")
+    expand = sub.add_parser("expand", help="LLaMA Pro: insert identity-initialised blocks into a model and save it",
+                            parents=[common])
+    expand.add_argument("model_dir", help="the model folder to expand")
+    expand.add_argument("out_dir", help="a new folder for the expanded model and its tokenizer")
+    expand.add_argument("--num-expand", type=int, required=True,
+                        help="blocks to insert, one after every num_layers / num_expand (must divide num_layers)")
     tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs",
                           parents=[common])
     tiny.add_argument("out_dir")
@@ -377,6 +389,15 @@ def _job(args) -> int:
     if args.follow:
         return 0 if submit.follow(jobs, args.job_id) == "SUCCEEDED" else 1
     print(jobs.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def _expand(args) -> int:
+    from rayft.trainers.llama_pro import expand_blocks
+
+    out = expand_blocks(args.model_dir, args.out_dir, args.num_expand)
+    logger.info(f"expanded model written to {out}; fine-tune its new blocks with: model_name_or_path: {out}, "
+                f"finetuning_type: freeze (or lora), freeze_trainable_layers: {args.num_expand}, use_llama_pro: true")
     return 0
 
 

@@ -69,7 +69,9 @@ ONLY_USED_WITH: dict[str, tuple] = {
     **{k: (_OFT, ("finetuning_type",), "finetuning_type: oft") for k in (
         "oft_rank", "oft_block_size", "oft_target", "module_dropout")},
     **{k: (_FREEZE, ("finetuning_type",), "finetuning_type: freeze") for k in (
-        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
+        "freeze_trainable_modules", "freeze_extra_modules")},
+    "freeze_trainable_layers": (lambda f: f.finetuning_type == "freeze" or f.use_llama_pro,
+                                ("finetuning_type", "use_llama_pro"), "finetuning_type: freeze, or use_llama_pro"),
     **{k: (lambda f: f.finetuning_type in ("lora", "oft"), ("finetuning_type",), "finetuning_type: lora or oft")
        for k in ("additional_target", "create_new_adapter")},
     "pissa_iter": (lambda f: f.pissa_init, ("pissa_init",), "pissa_init: true"),
@@ -243,6 +245,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                             "finetuning_type: lora"))
     if f.compute_accuracy and t.eval_strategy == "no" and not (d.eval_dataset or d.val_size):
         problems.append(Problem("compute_accuracy", "needs evaluation data; set eval_dataset or val_size"))
+    if f.use_llama_pro and f.finetuning_type not in ("freeze", "lora"):
+        problems.append(Problem("use_llama_pro and finetuning_type", f"LLaMA Pro trains its inserted blocks with "
+                                                                     f"freeze or lora, not {f.finetuning_type!r} (as "
+                                                                     "LLaMA-Factory); use one of them"))
     if f.freeze_trainable_layers == 0:
         problems.append(Problem("freeze_trainable_layers", "0 trains nothing; use a positive n (last n blocks) or a "
                                                            "negative one (first n)"))

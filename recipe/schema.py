@@ -176,7 +176,8 @@ class FinetuningArguments:
     stage: str = arg("sft", "What to train: pt, sft, rm, dpo, kto, ppo or grpo (the critic-free GRPO family).")
     finetuning_type: Literal["lora", "oft", "freeze", "full"] = arg("lora", "How: lora, oft, freeze or full.")
     pure_bf16: bool = arg(False, "Train with bf16 weights throughout, without fp32 master weights.")
-    use_llama_pro: bool = arg(False, "LLaMA Pro's block expansion.")
+    use_llama_pro: bool = arg(False, "LLaMA Pro: train only the freeze_trainable_layers blocks `rayft expand` "
+                                     "inserted (freeze or lora).")
     use_adam_mini: bool = arg(False, "The Adam-mini optimizer.")
     freeze_vision_tower: bool = arg(True, "Freeze a multimodal model's vision tower.")
     freeze_multi_modal_projector: bool = arg(True, "Freeze a multimodal model's projector.")

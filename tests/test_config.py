@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "use_llama_pro=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "resize_vocab=true", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("use_llama_pro") and "not built" in p for p in found)
+    assert any(p.startswith("resize_vocab") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():
@@ -82,7 +82,7 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("use_llama_pro", "true"), ("shift_attn", "true"), ("report_to", "comet_ml"),
+@pytest.mark.parametrize("key,value", [("shift_attn", "true"), ("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
                                        ("use_unsloth", "true"), ("use_swanlab", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):

@@ -339,3 +339,52 @@ def test_rope_scaling_stretches_the_positions_to_cutoff_len_and_keeps_rope_theta
     assert rm.score.out_features == 1  # one label, as without rope_scaling
     for built in (rm, methods.load_model(m, use_gpu=False, scratch_seed=1, max_length=2500)):
         assert built.config.rope_parameters["factor"] == 3.0 and built.model.rotary_emb.rope_type == kind
+
+
+def test_llama_pro_expansion_answers_as_the_original_and_trains_only_its_new_blocks(tiny_model, tmp_path):
+    """`rayft expand --num-expand 2` on the 4-block model: blocks 2 and 5 are new (copies of 1 and 3 with zero
+    output projections), the logits are the original's, and use_llama_pro trains those two blocks only, with freeze
+    (one optimizer step changes them and nothing else) or with LoRA (its adapters sit in them alone)."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.orchestrator.cli import main
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+    from rayft.trainers.llama_pro import expansion_order
+
+    assert expansion_order(4, 2) == [(0, False), (1, False), (1, True), (2, False), (3, False), (3, True)]
+    assert main(["expand", str(tiny_model), str(tmp_path / "bad"), "--num-expand", "3"]) == 2
+    assert not (tmp_path / "bad").exists()
+    pro = tmp_path / "pro"
+    assert main(["expand", str(tiny_model), str(pro), "--num-expand", "2"]) == 0
+    original, expanded = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (tiny_model, pro))
+    assert expanded.config.num_hidden_layers == 6
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    with torch.no_grad():
+        assert torch.allclose(original(ids).logits, expanded(ids).logits, atol=1e-5)
+    new = expanded.model.layers[5]
+    assert not new.self_attn.o_proj.weight.any() and not new.mlp.down_proj.weight.any()
+    assert torch.equal(new.self_attn.q_proj.weight, original.model.layers[3].self_attn.q_proj.weight)
+
+    model = prepared(pro, finetuning_type="freeze", freeze_trainable_layers=2, use_llama_pro=True)
+    assert {int(n.split(".")[2]) for n in trainable_names(model)} == {2, 5}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and {int(n.split(".")[2]) for n in changed} == {2, 5}
+    lora = prepared(pro, finetuning_type="lora", lora_target="all", freeze_trainable_layers=2, use_llama_pro=True)
+    assert {int(n.split(".")[4]) for n in trainable_names(lora)} == {2, 5}
+
+    # before Ray: a method LLaMA Pro does not train, and a layer count the model's blocks do not divide
+    with pytest.raises(ConfigError, match="use_llama_pro and finetuning_type: LLaMA Pro trains its inserted blocks"):
+        parse_config({"model_name_or_path": str(pro), "dataset": "demo_sft", "output_dir": str(tmp_path / "o"),
+                      "finetuning_type": "full", "use_llama_pro": True})
+    from rayft.trainers.probe import probe_model
+
+    cfg = parse_config(load_recipe(None, [f"model_name_or_path={pro}", "dataset=demo_sft", f"output_dir={tmp_path}",
+                                          "use_llama_pro=true", "freeze_trainable_layers=4"]))
+    with pytest.raises(ConfigError, match="freeze_trainable_layers: use_llama_pro trains .* 4 does not divide"):
+        probe_model(cfg)

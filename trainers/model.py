@@ -163,6 +163,16 @@ def target_modules(model, target: str) -> list[str]:
     return linear_module_names(model) if target.strip() == "all" else comma_list(target)
 
 
+def lora_target_modules(model, finetuning_args: FinetuningArguments) -> list[str]:
+    """lora_target's modules; under use_llama_pro only those inside the blocks rayft expand inserted."""
+    targets = target_modules(model, finetuning_args.lora_target)
+    if not finetuning_args.use_llama_pro:
+        return targets
+    stack, count = layer_stack(model)
+    blocks = tuple(f"{stack}.{i}." for i in trainable_layers(count, finetuning_args))
+    return [name for name, _ in model.named_modules() if name.startswith(blocks) and name.split(".")[-1] in targets]
+
+
 def task_type(model):
 
     return TaskType.SEQ_CLS if getattr(model, "score", None) is not None else TaskType.CAUSAL_LM
@@ -263,7 +273,7 @@ def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArg
         r=f.lora_rank,
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,
-        target_modules=target_modules(base, f.lora_target),
+        target_modules=lora_target_modules(base, f),
         modules_to_save=comma_list(f.additional_target) or None,
         use_rslora=f.use_rslora,
         use_dora=f.use_dora,
@@ -313,6 +323,23 @@ def layer_stack(model) -> tuple[str, int]:
     raise ValueError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
 
 
+def trainable_layers(count: int, finetuning_args: FinetuningArguments) -> range:
+    """The blocks (of `count`) that freeze training trains, and that LoRA targets under use_llama_pro.
+
+    freeze_trainable_layers n > 0: the last n, n < 0: the first n. With use_llama_pro, the n blocks `rayft expand`
+    inserted: one at the end of every count / n (LLaMA-Factory's rule)."""
+    f = finetuning_args
+    n = f.freeze_trainable_layers
+    if f.use_llama_pro:
+        if n <= 0 or count % n:
+            raise ConfigError([Problem("freeze_trainable_layers", (
+                f"use_llama_pro trains the n blocks rayft expand inserted, one every {count} / n blocks; {n} does not "
+                f"divide the model's {count} blocks: set it to the --num-expand the model was expanded with"))])
+        stride = count // n
+        return range(stride - 1, count, stride)
+    return range(max(0, count - n), count) if n > 0 else range(min(-n, count))
+
+
 def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> list[str]:
     """Parameter-name prefixes that freeze fine-tuning trains.
 
@@ -322,8 +349,7 @@ def freeze_trainable_prefixes(model, finetuning_args: FinetuningArguments) -> li
     """
     f = finetuning_args
     stack, count = layer_stack(model)
-    n = f.freeze_trainable_layers
-    layers = range(max(0, count - n), count) if n > 0 else range(min(-n, count))
+    layers = trainable_layers(count, f)
     modules = [""] if f.freeze_trainable_modules.strip() == "all" else comma_list(f.freeze_trainable_modules)
     in_block = {name.split(".")[0] for name, _ in model.get_submodule(f"{stack}.0").named_modules() if name}
     unknown = [m for m in modules if m and m not in in_block]

@@ -10,7 +10,13 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.stages import STAGE_SPECS
 from rayft.recipe.values import comma_list
-from rayft.trainers.model import FINETUNING, ROUTER_LOSS_KEYS, freeze_trainable_prefixes, linear_module_names
+from rayft.trainers.model import (
+    FINETUNING,
+    ROUTER_LOSS_KEYS,
+    freeze_trainable_prefixes,
+    linear_module_names,
+    trainable_layers,
+)
 
 # accelerate's init_empty_weights patches torch.nn.Module for the whole process while it is active; two probes
 # in two threads (runs started side by side in one driver) would leave the patch in place when they interleave.
@@ -85,9 +91,11 @@ def module_problems(cfg: RecipeConfig, model) -> list[Problem]:
         if missing:
             problems.append(Problem(key, f"{', '.join(missing)} not found in {type(model).__name__}; its linear "
                                          f"layers are {', '.join(linear_module_names(model))}"))
-    if f.finetuning_type == "freeze":
-        try:
+    try:
+        if f.finetuning_type == "freeze":
             freeze_trainable_prefixes(model, f)
-        except ConfigError as err:
-            problems += err.problems
+        elif f.use_llama_pro:
+            trainable_layers(model.config.num_hidden_layers, f)
+    except ConfigError as err:
+        problems += err.problems
     return problems
