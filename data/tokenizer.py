@@ -15,17 +15,32 @@ class TokenizerSpec:
     token: str | None = None
     trust_remote_code: bool = False
     use_fast: bool = True
+    added_tokens: tuple[str, ...] = ()  # add_tokens: plain tokens added to the vocabulary, in order
+    added_special_tokens: tuple[str, ...] = ()  # add_special_tokens (or new_special_tokens_config's tokens)
+    split_special_tokens: bool = False
 
     @classmethod
     def of(cls, model_args) -> "TokenizerSpec":
         """The tokenizer of a recipe's model keys (`ModelArguments`)."""
         m = model_args
+        special = list(m.new_special_tokens_config) if isinstance(m.new_special_tokens_config, dict) else (
+            _items(m.add_special_tokens))
         return cls(path=m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir, token=m.hf_hub_token,
-                   trust_remote_code=m.trust_remote_code, use_fast=m.use_fast_tokenizer)
+                   trust_remote_code=m.trust_remote_code, use_fast=m.use_fast_tokenizer,
+                   added_tokens=tuple(_items(m.add_tokens)), added_special_tokens=tuple(special),
+                   split_special_tokens=m.split_special_tokens)
 
     def identity(self) -> dict:
         """What names this tokenizer in a cache key: everything but the secret token."""
-        return {"path": self.path, "revision": self.revision, "use_fast": self.use_fast}
+        return {"path": self.path, "revision": self.revision, "use_fast": self.use_fast,
+                **({"added": [list(self.added_tokens), list(self.added_special_tokens)]}
+                   if self.added_tokens or self.added_special_tokens else {}),
+                **({"split_special_tokens": True} if self.split_special_tokens else {})}
+
+
+def _items(value: str | None) -> list[str]:
+    """A comma list's items (LLaMA-Factory's add_tokens / add_special_tokens form), trimmed."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 @functools.lru_cache(maxsize=4)
@@ -36,7 +51,12 @@ def load_tokenizer(spec: TokenizerSpec):
 
     tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, cache_dir=spec.cache_dir,
                                               token=spec.token, trust_remote_code=spec.trust_remote_code,
-                                              use_fast=spec.use_fast)
+                                              use_fast=spec.use_fast,
+                                              **({"split_special_tokens": True} if spec.split_special_tokens else {}))
+    if spec.added_tokens:  # as LLaMA-Factory: plain tokens first, then special ones; known ones are no-ops
+        tokenizer.add_tokens(list(spec.added_tokens), special_tokens=False)
+    if spec.added_special_tokens:
+        tokenizer.add_tokens(list(spec.added_special_tokens), special_tokens=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -17,6 +17,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import VALUE_HEAD_FILE, comma_list, mask
 from rayft.trainers.model import load_model
+from rayft.trainers.vocabulary import fit_vocabulary_of
 
 
 def export_problems(cfg: RecipeConfig) -> list[str]:
@@ -61,6 +62,7 @@ def run_export(cfg: RecipeConfig) -> Path:
     model = load_model(m, use_gpu=device == "cuda", trainable=False, dtype="auto").to(device)
     adapters = comma_list(m.adapter_name_or_path)
     for adapter in adapters:
+        fit_vocabulary_of(model, adapter)  # a run that added tokens saved its tokenizer beside its adapter
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         logger.info(f"merged the adapter {adapter}")
     out = Path(m.export_dir)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.stages import stage_spec, stages_where
@@ -168,6 +170,7 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
         s.serve_adapters = json.loads(s.serve_adapters)
     if s.serve_adapters:  # the driver checks, and local replicas load, the same folders
         s.serve_adapters = {name: absolute_storage(base_dir, str(where)) for name, where in s.serve_adapters.items()}
+    notes += vocabulary_notes(cfg.model, base_dir)
     if f.stage in ("ppo", "grpo") and f.reward_model_type in ("lora", "full") and f.reward_model:
         reward_path = under(base_dir, f.reward_model)
         if reward_path.exists():
@@ -196,6 +199,20 @@ def resolve(cfg: RecipeConfig, base_dir: Path) -> list[str]:
     model_path = under(base_dir, cfg.model.model_name_or_path)
     if model_path.exists():
         cfg.model.model_name_or_path = str(model_path)
+    return notes
+
+
+def vocabulary_notes(m, base_dir: Path) -> list[str]:
+    """New tokens: new_special_tokens_config read into its mapping (it travels inside the recipe, to workers that may
+    not see the file), and resize_vocab on when tokens are added (as LLaMA-Factory turns it on)."""
+    notes = []
+    if isinstance(m.new_special_tokens_config, str):
+        path = under(base_dir, m.new_special_tokens_config)
+        m.new_special_tokens_config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        notes.append(f"new_special_tokens_config read from {path}: {len(m.new_special_tokens_config)} special tokens")
+    if (m.add_tokens or m.add_special_tokens or m.new_special_tokens_config) and not m.resize_vocab:
+        m.resize_vocab = True
+        notes.append("resize_vocab = True (tokens are added to the vocabulary)")
     return notes
 
 

@@ -22,9 +22,7 @@ NOT_BUILT: dict[str, str] = {
         "swanlab_api_key")},
     **{k: "model patches" for k in (
         "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
-        "enable_liger_kernel", "resize_vocab", "new_special_tokens", "split_special_tokens")},
-    **{k: "new tokens in the vocabulary (resize_vocab)" for k in (
-        "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens")},
+        "enable_liger_kernel", "new_special_tokens")},
     **{k: "multimodal training" for k in (
         "crop_to_patches", "image_do_pan_and_scan", "use_audio_in_video", "audio_sampling_rate",
         "freeze_language_model")},

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.derive import (
@@ -140,6 +142,42 @@ def llamafactory_key_problems(cfg: RecipeConfig) -> list[Problem]:
 QUANTIZED_FINETUNING = ("lora", "oft")
 
 
+def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
+    """New tokens: one list of special tokens, a readable description file, descriptions for desc_init, and the
+    settings that cannot grow the embeddings."""
+    m, t = cfg.model, cfg.args
+    problems = []
+    config = m.new_special_tokens_config
+    if config is not None and m.add_special_tokens:
+        problems.append(Problem("add_special_tokens and new_special_tokens_config", (
+            "both name the new special tokens; keep one (LLaMA-Factory takes the config's and warns)")))
+    if isinstance(config, str):
+        path = base_dir / config if not Path(config).is_absolute() else Path(config)
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            problems.append(Problem("new_special_tokens_config", f"cannot read {path} as YAML "
+                                                                 f"({' '.join(str(err).split())[:160]})"))
+            config = {}
+    if config is not None and not (isinstance(config, dict) and config and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items())):
+        problems.append(Problem("new_special_tokens_config", "must map each new special token to its description "
+                                                             "text, e.g. \"<|start_of_svg|>\": \"Marks the beginning "
+                                                             "of an SVG document\""))
+    if m.init_special_tokens != "noise_init" and m.new_special_tokens_config is None:
+        problems.append(Problem("init_special_tokens", f"{m.init_special_tokens} starts each token from its "
+                                                       "description; set new_special_tokens_config (LLaMA-Factory "
+                                                       "falls back to noise_init)"))
+    grows = m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens_config
+    if grows and m.quantization_bit is not None:
+        problems.append(Problem("quantization_bit and resize_vocab", "a quantised model's embeddings cannot grow; "
+                                                                     "remove quantization_bit or the new tokens"))
+    if grows and _zero_stage(t.deepspeed, base_dir) == 3:
+        problems.append(Problem("resize_vocab and deepspeed", "growing the embeddings under ZeRO-3 is not built in "
+                                                              "rayft yet; use ZeRO-2 (z2)"))
+    return problems
+
+
 def quantization_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
     """QLoRA: a 4- or 8-bit bitsandbytes base under LoRA or OFT, trained with DDP or ZeRO-0/1/2."""
     m, f, t = cfg.model, cfg.finetuning, cfg.args
@@ -209,6 +247,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
     problems += quantization_problems(cfg, base_dir)
+    problems += vocabulary_problems(cfg, base_dir)
     profiler_keys = [k.name for k in dataclasses.fields(TrainingArguments) if k.name.startswith("profiler_")
                      and getattr(t, k.name) != default_of(TrainingArguments, k.name)]
     if profiler_keys and not t.enable_torch_profiler:

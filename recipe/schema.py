@@ -29,8 +29,9 @@ class ModelArguments:
     adapter_folder: Optional[str] = arg(None, "LLaMA-Factory's folder of adapters to load.")
     cache_dir: Optional[str] = arg(None, "Where hub downloads of the model and tokenizer are cached.")
     use_fast_tokenizer: bool = arg(True, "Load the fast (Rust) tokenizer.")
-    resize_vocab: bool = arg(False, "Resize the embeddings to the tokenizer's vocabulary.")
-    split_special_tokens: bool = arg(False, "Tokenise special tokens as text.")
+    resize_vocab: bool = arg(False, "Grow the embeddings to the tokenizer's vocabulary (on by itself when tokens are "
+                                    "added).")
+    split_special_tokens: bool = arg(False, "Tokenise special tokens as text (their pieces, not their ids).")
     new_special_tokens: Optional[str] = arg(None, "Special tokens to add to the tokenizer.")
     model_revision: str = arg(
         "main", "Branch, tag or commit of the model on the hub; the tokenizer and the token cache follow it.")
@@ -71,9 +72,10 @@ class ModelArguments:
     use_v1_kernels: Optional[bool] = arg(False, "LLaMA-Factory's v1 fused kernels.")
     add_tokens: Optional[str] = arg(None, "Comma list of plain tokens to add to the vocabulary.")
     add_special_tokens: Optional[str] = arg(None, "Comma list of special tokens to add.")
-    new_special_tokens_config: Optional[str] = arg(None, "YAML of new special tokens and their descriptions.")
+    new_special_tokens_config: Optional[Union[str, dict]] = arg(
+        None, "YAML file (or mapping) of new special tokens -> their descriptions, for desc_init.")
     init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = arg(
-        "noise_init", "How new special tokens' embeddings start.")
+        "noise_init", "How new tokens' embeddings start: the old rows' mean plus noise, or their description's mean.")
     # engines this machine cannot run
     sglang_maxlen: int = arg(4096, "SGLang's longest sequence.")
     sglang_mem_fraction: float = arg(0.7, "SGLang's memory share.")

@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "resize_vocab=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "use_swanlab=true", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("resize_vocab") and "not built" in p for p in found)
+    assert any(p.startswith("use_swanlab") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():

@@ -388,3 +388,67 @@ def test_llama_pro_expansion_answers_as_the_original_and_trains_only_its_new_blo
                                           "use_llama_pro=true", "freeze_trainable_layers=4"]))
     with pytest.raises(ConfigError, match="freeze_trainable_layers: use_llama_pro trains .* 4 does not divide"):
         probe_model(cfg)
+
+
+def test_new_tokens_encode_as_one_id_grow_the_embeddings_train_and_survive_export(tiny_model, tmp_path):
+    """add_special_tokens and add_tokens as LLaMA-Factory's keys: one id each (pieces with split_special_tokens), the
+    embeddings grown to a multiple of 64 with the new rows at the old rows' mean plus noise (or a description's
+    mean), LoRA training the embeddings whole, and `rayft export` of the adapter keeping the tokens and rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+    from rayft.orchestrator.export import run_export
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+
+    def config(*overrides):
+        return parse_config(load_recipe(None, [f"model_name_or_path={tiny_model}", "dataset=demo_sft",
+                                               f"output_dir={tmp_path / 'run'}", *overrides]))
+
+    cfg = config("add_special_tokens=<|svg|>,<|/svg|>", "add_tokens=rayftword")
+    assert cfg.model.resize_vocab and "resize_vocab = True (tokens are added to the vocabulary)" in cfg.notes
+    tokenizer = load_tokenizer(TokenizerSpec.of(cfg.model))
+    old = len(AutoTokenizer.from_pretrained(tiny_model))
+    ids = tokenizer.encode("<|svg|>rayftword<|/svg|>", add_special_tokens=False)
+    assert ids == [old + 1, old, old + 2]  # plain tokens are added first, as LLaMA-Factory adds them
+    assert tokenizer.decode(ids) == "<|svg|>rayftword<|/svg|>"
+    split = load_tokenizer(TokenizerSpec.of(config("add_special_tokens=<|svg|>", "split_special_tokens=true").model))
+    assert len(split.encode("<|svg|>", add_special_tokens=False)) > 1
+
+    model = methods.FINETUNING["lora"](methods.load_model(cfg.model, use_gpu=False), cfg.finetuning, cfg.model)
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == -(-(old + 3) // 64) * 64  # grown to a multiple of 64
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).get_input_embeddings().weight
+    assert torch.equal(rows[:old], base) and (rows[old:].mean(0) - base.mean(0)).abs().mean() < 0.02
+    svg = old + 1
+    before = rows[svg].detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.tensor([ids * 3])
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.get_input_embeddings().weight[svg], before)  # the new token's row learns
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    merged = model.merge_and_unload().eval()
+    exported = run_export(parse_config(load_recipe(None, [
+        f"model_name_or_path={tiny_model}", f"adapter_name_or_path={adapter}", f"export_dir={tmp_path / 'export'}"]),
+        for_training=False))  # the export recipe names no tokens: the adapter's saved tokenizer brings them
+    again = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert again.get_input_embeddings().weight.shape == rows.shape
+    assert AutoTokenizer.from_pretrained(exported).encode("<|svg|>", add_special_tokens=False) == [svg]
+    with torch.no_grad():
+        assert torch.allclose(again(batch).logits, merged(batch).logits, atol=1e-4)
+
+    described = config("new_special_tokens_config={'<|svg|>': 'rayftword'}", "init_special_tokens=desc_init")
+    grown = methods.load_model(described.model, use_gpu=False).get_input_embeddings().weight
+    word = load_tokenizer(TokenizerSpec.of(described.model)).encode("rayftword", add_special_tokens=False)
+    assert torch.allclose(grown[old], base[word].mean(0))  # the description's (old-vocabulary) tokens' mean
+    for bad, expected in [(("init_special_tokens=desc_init",), "init_special_tokens: desc_init starts each token"),
+                          (("add_special_tokens=<|a|>", "deepspeed=z3"), "resize_vocab and deepspeed: growing"),
+                          (("add_special_tokens=<|a|>", "new_special_tokens_config={'<|b|>': 'x'}"),
+                           "add_special_tokens and new_special_tokens_config: both name")]:
+        with pytest.raises(ConfigError) as err:
+            config(*bad)
+        assert any(m.startswith(expected) for m in err.value.messages), err.value.messages

@@ -175,7 +175,17 @@ def test_a_new_stage_is_one_spec_and_one_entry(tmp_path, tiny_model, ray_local, 
         parse_config({"stage": "sft", "pref_ftx": 0.5, "model_name_or_path": str(tiny_model), "dataset": "demo_sft",
                       "output_dir": str(tmp_path / "x")}, base_dir=ROOT)
     assert "pref_ftx is only used with stage: dpo or kto or toy" in str(err.value)
+    # (the same short run also adds a special token: the worker grows the embeddings, LoRA trains them whole)
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "stage=toy", "pref_ftx=0.5",
-                            "packing=true", "max_steps=3", "logging_steps=1", "ray_num_workers=1", "deepspeed=null")
+                            "packing=true", "max_steps=3", "logging_steps=1", "ray_num_workers=1", "deepspeed=null",
+                            "add_special_tokens=<|toy|>")
     assert ran == ["toy"] and len(log) == 3  # the toy's entry trained, in the driver's process (one worker)
     assert "- toy" in (out / "README.md").read_text().splitlines()
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<|toy|>") == len(tokenizer) - 1
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as saved:
+        embeddings = [k for k in saved.keys() if "embed_tokens" in k]
+        assert embeddings and saved.get_tensor(embeddings[0]).shape[0] == -(-len(tokenizer) // 64) * 64

@@ -20,6 +20,7 @@ from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import FinetuningArguments, ModelArguments
 from rayft.recipe.values import comma_list
+from rayft.trainers.vocabulary import embedding_module_names, fit_vocabulary_of, grow_embeddings
 
 
 def load_tokenizer(model_args: ModelArguments):
@@ -79,6 +80,11 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     else:
         model = cls.from_pretrained(path or model_args.model_name_or_path, dtype=dtype, attn_implementation=attn,
                                     low_cpu_mem_usage=model_args.low_cpu_mem_usage, **source, **kwargs)
+    if model_args.resize_vocab and path is None:  # the tokenizer every process extends alike (data/tokenizer.py)
+        descriptions = model_args.new_special_tokens_config if isinstance(
+            model_args.new_special_tokens_config, dict) else None
+        grow_embeddings(model, data_tokenizer.load_tokenizer(TokenizerSpec.of(model_args)),
+                        model_args.init_special_tokens, descriptions)
     # The KV cache only costs memory in training, and with one Transformers ignores packed position_ids
     # (neat_packing's block-diagonal mask).
     model.config.use_cache = False
@@ -163,6 +169,16 @@ def target_modules(model, target: str) -> list[str]:
     return linear_module_names(model) if target.strip() == "all" else comma_list(target)
 
 
+def modules_to_save(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None) -> list | None:
+    """additional_target's modules, trained whole beside the adapter; when the vocabulary grew and it is unset, the
+    embeddings (so that the new tokens' rows learn), as LLaMA-Factory does."""
+    if finetuning_args.additional_target:
+        return comma_list(finetuning_args.additional_target)
+    if model_args is not None and model_args.resize_vocab:
+        return embedding_module_names(model)
+    return None
+
+
 def lora_target_modules(model, finetuning_args: FinetuningArguments) -> list[str]:
     """lora_target's modules; under use_llama_pro only those inside the blocks rayft expand inserted."""
     targets = target_modules(model, finetuning_args.lora_target)
@@ -183,6 +199,7 @@ def load_for_generation(model_args: ModelArguments, use_gpu: bool):
 
     model = load_model(model_args, use_gpu, trainable=False)
     for adapter in comma_list(model_args.adapter_name_or_path):
+        fit_vocabulary_of(model, adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.config.use_cache = model_args.use_cache  # on by default: generation reuses earlier keys and values
     if use_gpu:
@@ -226,6 +243,7 @@ def load_for_serving(model_args: ModelArguments, adapters: dict[str, str], use_g
     if not adapters:
         return model
     (first, folder), *rest = adapters.items()
+    fit_vocabulary_of(model, folder)
     model = PeftModel.from_pretrained(model, folder, adapter_name=first)
     for name, folder in rest:
         model.load_adapter(folder, adapter_name=name)
@@ -244,9 +262,11 @@ def load_adapters(model, model_args: ModelArguments, finetuning_args: Finetuning
         return model, False
     to_merge = adapters if finetuning_args.create_new_adapter else adapters[:-1]
     for adapter in to_merge:
+        fit_vocabulary_of(model, adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if finetuning_args.create_new_adapter:
         return model, False
+    fit_vocabulary_of(model, adapters[-1])
     return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True), True
 
 
@@ -274,7 +294,7 @@ def apply_lora(model, finetuning_args: FinetuningArguments, model_args: ModelArg
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,
         target_modules=lora_target_modules(base, f),
-        modules_to_save=comma_list(f.additional_target) or None,
+        modules_to_save=modules_to_save(base, f, model_args),
         use_rslora=f.use_rslora,
         use_dora=f.use_dora,
         init_lora_weights=init,
@@ -291,7 +311,7 @@ def apply_oft(model, finetuning_args: FinetuningArguments, model_args: ModelArgu
         oft_block_size=f.oft_block_size,
         module_dropout=f.module_dropout,
         target_modules=target_modules(base, f.oft_target),
-        modules_to_save=comma_list(f.additional_target) or None,
+        modules_to_save=modules_to_save(base, f, model_args),
     ))
 
 
