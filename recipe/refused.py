@@ -38,8 +38,6 @@ NOT_BUILT: dict[str, str] = {
         "master_addr", "master_port")},
     "use_v1_kernels": "LLaMA-Factory's v1 kernels",
     "use_kv_cache": "generation without the KV cache",
-    "pref_bco_weight": "BCO's loss beside DPO's",
-    "ld_alpha": "LD-DPO",
     **{k: "ASFT's loss" for k in ("use_asft_loss", "asft_alpha")},
     **{k: "EAFT's loss" for k in ("use_eaft_loss", "eaft_alpha")},
     "use_mca": "Megatron-Core training",

@@ -94,6 +94,8 @@ ONLY_USED_WITH: dict[str, tuple] = {
     **{k: _read_by_stage(k) for spec in STAGE_SPECS.values() for k in spec.keys},
     "dpo_label_smoothing": (lambda f: f.stage == "dpo" and f.pref_loss == "sigmoid", ("stage", "pref_loss"),
                             "stage: dpo with pref_loss: sigmoid"),
+    "pref_bco_weight": (lambda f: f.stage == "dpo" and uses_reference(f), ("stage", "pref_loss"),
+                        "stage: dpo with a pref_loss that compares with a reference model"),
     "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
                     "stage: dpo with pref_loss: simpo"),
     **{k: (_REFERENCE, ("stage", "pref_loss", "finetuning_type"), "a reference model (stage kto, stage dpo with a "
@@ -284,6 +286,11 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                             "finetuning_type: lora"))
     if f.compute_accuracy and t.eval_strategy == "no" and not (d.eval_dataset or d.val_size):
         problems.append(Problem("compute_accuracy", "needs evaluation data; set eval_dataset or val_size"))
+    if f.ld_alpha is not None and not 0 <= f.ld_alpha <= 1:
+        problems.append(Problem("ld_alpha", f"weighs the longer response's excess tokens, in [0, 1] (1 is plain DPO), "
+                                            f"got {f.ld_alpha}"))
+    if f.pref_bco_weight < 0:
+        problems.append(Problem("pref_bco_weight", f"must be at least 0, got {f.pref_bco_weight}"))
     if f.use_llama_pro and f.finetuning_type not in ("freeze", "lora"):
         problems.append(Problem("use_llama_pro and finetuning_type", f"LLaMA Pro trains its inserted blocks with "
                                                                      f"freeze or lora, not {f.finetuning_type!r} (as "

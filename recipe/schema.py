@@ -297,8 +297,9 @@ class FinetuningArguments:
     badam_verbose: int = arg(0, "BAdam's verbosity.")
     early_stopping_steps: Optional[int] = arg(
         None, "Stop when the evaluation metric has not improved for this many evaluations.")
-    pref_bco_weight: float = arg(0.0, "Weight of BCO's loss added to DPO's.")
-    ld_alpha: Optional[float] = arg(None, "LD-DPO's weight of the verbose tail of responses.")
+    pref_bco_weight: float = arg(0.0, "Weight of BCO's pair loss beside DPO's (the two re-weighted to sum to 1).")
+    ld_alpha: Optional[float] = arg(None, "LD-DPO: weight in [0, 1] of the longer response's tokens beyond the "
+                                          "shorter one's length.")
     use_dft_loss: bool = arg(False, "Dynamic fine-tuning: weigh each token's loss by its probability (sft).")
     use_asft_loss: bool = arg(False, "ASFT's anchored loss.")
     asft_alpha: float = arg(0.1, "ASFT's anchor weight.")

@@ -97,6 +97,34 @@ def test_sequence_logps_sums_only_labelled_next_token_log_probs():
     assert count.tolist() == [2, 1]
 
 
+def test_ld_dpo_weighs_the_longer_responses_excess_tokens_by_alpha():
+    # one pair: the chosen response labels positions 1-4 (4 tokens), the rejected one 1-2 (2): the public length is
+    # 2, so the chosen response's last two tokens weigh alpha; log-probabilities of ln(1/2) per labelled token
+    logits = torch.zeros(2, 6, 2, dtype=torch.float64)  # two equally likely tokens: every log-prob is ln(1/2)
+    labels = torch.tensor([[-100, -100, 1, 0, 1, 1], [-100, -100, 0, 1, -100, -100]])
+    logps, counts = losses.sequence_logps(logits, labels, ld_alpha=0.5)
+    half = math.log(0.5)
+    assert logps.tolist() == pytest.approx([2 * half + 0.5 * 2 * half, 2 * half]) and counts.tolist() == [4, 2]
+    assert losses.sequence_logps(logits, labels)[0].tolist() == pytest.approx([4 * half, 2 * half])
+    assert losses.sequence_logps(logits, labels, ld_alpha=1.0)[0].tolist() == pytest.approx([4 * half, 2 * half])
+
+
+def test_bco_classifies_each_side_against_the_running_reward_mean():
+    loss, chosen, rejected = losses.bco_pair_loss(*pair(), beta=BETA, delta=0.025)  # δ: mean of 0.1 and -0.05
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert loss.item() == pytest.approx(-math.log(sig(0.1 - 0.025)) - math.log(sig(-(-0.05 - 0.025))))
+    assert (chosen.item(), rejected.item()) == (pytest.approx(0.1), pytest.approx(-0.05))
+
+
+def test_the_bco_baseline_is_the_mean_of_every_update_so_far():
+    from rayft.trainers.dpo import RunningMean
+
+    baseline = RunningMean()
+    assert baseline.update(torch.tensor(0.2)) == pytest.approx(0.2)
+    assert baseline.update(torch.tensor(-0.4)) == pytest.approx(-0.1)
+    assert baseline.update(torch.tensor(0.5)) == pytest.approx(0.1)
+
+
 def test_the_losses_pass_gradients_to_the_policy():
     chosen = t(-1.0).requires_grad_()
     for name, fn in losses.REFERENCE_LOSSES.items():

@@ -111,7 +111,7 @@ def test_a_killed_pipeline_driver_resumes_dpo_from_its_checkpoint_without_traini
             {"name": "sft", "stage": "sft", "dataset": "demo_sft", "max_steps": 4, "save_steps": 4,
              "learning_rate": 2e-3},
             {"name": "dpo", "from": "sft", "stage": "dpo", "dataset": "demo_dpo", "max_steps": 6, "save_steps": 2,
-             "learning_rate": 5e-4, "pref_beta": 1.0},
+             "learning_rate": 5e-4, "pref_beta": 1.0, "pref_bco_weight": 0.5},  # BCO's baseline across 2 ranks
         ]}
     recipe = tmp_path / "pipeline.yaml"
     recipe.write_text(yaml.safe_dump(pipeline))

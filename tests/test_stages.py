@@ -62,8 +62,10 @@ def test_reward_model_ranks_chosen_above_rejected(reward_run, tiny_model):
 def test_dpo_with_lora_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, ray_local, rayft_log):
     # one worker without DeepSpeed, in the driver's process: dpo on two workers is the ZeRO-3 run below
     lines = rayft_log
+    # LD-DPO's weighting on the way (ld_alpha: the longer response's excess counts 0.8); bco trains in the pipeline
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, "eval_dataset=demo_dpo",
-                            "max_samples=96", "num_train_epochs=3", "ray_num_workers=1", "deepspeed=null")
+                            "max_samples=96", "num_train_epochs=3", "ray_num_workers=1", "deepspeed=null",
+                            "ld_alpha=0.8")
     found = results(out)
     assert found["eval_rewards/accuracies"] >= 0.8
     assert found["held_parameters"] == base_parameters(tiny_model) + lora_parameters()  # no reference copy

@@ -4,6 +4,7 @@ sigmoid, hinge, ipo and kto_pair compare the policy's log-ratios with a referenc
 averages, as TRL and LLaMA-Factory compute it); orpo and simpo use per-token averages of the policy alone.
 """
 
+import torch
 from transformers import set_seed
 
 from rayft.data.collator import PairwiseCollator
@@ -24,11 +25,13 @@ class DPOTrainer(StatsTrainer):
         self.reference = reference
         if reference is not None:
             reference.place(self)
+        self.bco_baseline = RunningMean()  # pref_bco_weight's δ
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         f = self.finetuning
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-        logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"])
+        # ld_alpha weighs the policy's log-probabilities only, the reference's stay plain (as LLaMA-Factory)
+        logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"], f.ld_alpha)
         n = len(logps) // 2
         chosen, rejected = logps[:n], logps[n:]
         chosen_avg, rejected_avg = chosen / counts[:n].clamp(min=1), rejected / counts[n:].clamp(min=1)
@@ -42,8 +45,13 @@ class DPOTrainer(StatsTrainer):
             if f.pref_loss in losses.LENGTH_AVERAGED:  # TRL and LLaMA-Factory regress IPO's margin per token
                 policy, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
             extra = {"label_smoothing": f.dpo_label_smoothing} if f.pref_loss == "sigmoid" else {}
+            sides = (policy[:n], policy[n:], ref_logps[:n], ref_logps[n:])
             per_pair, chosen_rewards, rejected_rewards = losses.REFERENCE_LOSSES[f.pref_loss](
-                policy[:n], policy[n:], ref_logps[:n], ref_logps[n:], beta=f.pref_beta, **extra)
+                *sides, beta=f.pref_beta, **extra)
+            if f.pref_bco_weight > 0:  # BCO beside the preference loss, re-weighted as LLaMA-Factory does
+                delta = self.bco_baseline.update(torch.cat((chosen_rewards, rejected_rewards)).mean())
+                bco = losses.bco_pair_loss(*sides, beta=f.pref_beta, delta=delta)[0]
+                per_pair = (per_pair + f.pref_bco_weight * bco) / (1 + f.pref_bco_weight)
         if f.pref_ftx > 0:
             per_pair = per_pair - f.pref_ftx * chosen_avg  # an SFT term: the chosen responses' token NLL
         self.record({
@@ -59,6 +67,23 @@ class DPOTrainer(StatsTrainer):
         })
         loss = per_pair.mean()
         return (loss, {}) if return_outputs else loss
+
+
+class RunningMean:
+    """The mean of every value seen so far on every worker (BCO's reward baseline δ): each update gathers one value
+    per worker, as TRL's RunningMoments does."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: torch.Tensor) -> float:
+        values = [value.detach().float().reshape(1).cpu()]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            values = [torch.zeros(1) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(values, value.detach().float().reshape(1).cpu())
+        self.total += float(sum(v.sum() for v in values))
+        self.count += len(values)
+        return self.total / self.count
 
 
 def run_dpo(cfg: RecipeConfig, plan: Plan) -> dict:

@@ -10,16 +10,35 @@ import torch.nn.functional as F
 from rayft.data.encode import IGNORE_INDEX
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the log-probabilities of each row's labelled tokens, and how many tokens were labelled.
 
-    Position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) add nothing.
+    Position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) add nothing. With `ld_alpha` the rows are
+    pairs (chosen rows first, then rejected) and each token is weighted as LD-DPO weighs it (`ld_weights`).
     """
     labels = labels[:, 1:]
     logits = logits[:, :-1]
     mask = labels != IGNORE_INDEX
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    weights = mask if ld_alpha is None else ld_weights(mask, ld_alpha)
+    return (token_logps * weights).sum(-1), mask.sum(-1)
+
+
+def ld_weights(mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's token weights (Liu et al., 2024, length desensitisation) for a batch of pairs, chosen rows first.
+
+    A pair's responses share a "public" length, the shorter one's: the labelled tokens within it (counted from the
+    row's first labelled position, as LLaMA-Factory counts) weigh 1; the longer response's excess weighs ld_alpha,
+    so a verbose answer's extra tokens count less in its log-probability.
+    """
+    n = len(mask) // 2
+    lengths = mask.sum(-1)
+    public = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
+    start = mask.int().argmax(-1)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    inside = positions < (start + public).unsqueeze(1)
+    return mask * torch.where(inside, 1.0, ld_alpha)
 
 
 def dft_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -45,6 +64,14 @@ def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta:
     margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def bco_pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, delta):
+    """BCO on pairs (Jung et al., 2024), as LLaMA-Factory adds it to DPO: the chosen response classified as good and
+    the rejected one as bad by σ(β·log-ratio - δ), δ the running mean of the implicit rewards (the caller's)."""
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+    return losses, chosen.detach(), rejected.detach()
 
 
 def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
