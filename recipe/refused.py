@@ -38,8 +38,6 @@ NOT_BUILT: dict[str, str] = {
         "master_addr", "master_port")},
     "use_v1_kernels": "LLaMA-Factory's v1 kernels",
     "use_kv_cache": "generation without the KV cache",
-    **{k: "ASFT's loss" for k in ("use_asft_loss", "asft_alpha")},
-    **{k: "EAFT's loss" for k in ("use_eaft_loss", "eaft_alpha")},
     "use_mca": "Megatron-Core training",
     **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
     **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},

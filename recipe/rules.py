@@ -94,6 +94,8 @@ ONLY_USED_WITH: dict[str, tuple] = {
     **{k: _read_by_stage(k) for spec in STAGE_SPECS.values() for k in spec.keys},
     "dpo_label_smoothing": (lambda f: f.stage == "dpo" and f.pref_loss == "sigmoid", ("stage", "pref_loss"),
                             "stage: dpo with pref_loss: sigmoid"),
+    "asft_alpha": (lambda f: f.use_asft_loss, ("use_asft_loss",), "use_asft_loss: true"),
+    "eaft_alpha": (lambda f: f.use_eaft_loss, ("use_eaft_loss",), "use_eaft_loss: true"),
     "pref_bco_weight": (lambda f: f.stage == "dpo" and uses_reference(f), ("stage", "pref_loss"),
                         "stage: dpo with a pref_loss that compares with a reference model"),
     "simpo_gamma": (lambda f: f.stage == "dpo" and f.pref_loss == "simpo", ("stage", "pref_loss"),
@@ -286,6 +288,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                             "finetuning_type: lora"))
     if f.compute_accuracy and t.eval_strategy == "no" and not (d.eval_dataset or d.val_size):
         problems.append(Problem("compute_accuracy", "needs evaluation data; set eval_dataset or val_size"))
+    token_losses = [k for k in ("use_dft_loss", "use_asft_loss", "use_eaft_loss") if getattr(f, k)]
+    if len(token_losses) > 1:
+        problems.append(Problem(" and ".join(token_losses), "each replaces SFT's token loss; keep one (LLaMA-Factory "
+                                                            "takes the first of dft, eaft, asft silently)"))
     if f.ld_alpha is not None and not 0 <= f.ld_alpha <= 1:
         problems.append(Problem("ld_alpha", f"weighs the longer response's excess tokens, in [0, 1] (1 is plain DPO), "
                                             f"got {f.ld_alpha}"))

@@ -42,8 +42,9 @@ _PREFERENCE = ("pref_beta", "pref_ftx")
 STAGE_SPECS: dict[str, StageSpec] = {
     "pt": StageSpec("text", "text", "loss", "the model or adapter, trained on (packed) text",
                     language_modelling=True, packs_by_default=True),
-    "sft": StageSpec("supervised", "supervised", "loss", "the model or adapter", keys=("compute_accuracy",),
-                     language_modelling=True),
+    "sft": StageSpec("supervised", "supervised", "loss", "the model or adapter",
+                     keys=("compute_accuracy", "use_asft_loss", "use_eaft_loss"), language_modelling=True,
+                     reference=lambda f: f.use_asft_loss),
     "rm": StageSpec("preference", "pairwise", "loss",
                     "the adapter or model with its score head, and value_head.safetensors", result="reward model"),
     "dpo": StageSpec("preference", "pairwise", "loss", "the model or adapter",

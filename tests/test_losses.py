@@ -125,6 +125,32 @@ def test_the_bco_baseline_is_the_mean_of_every_update_so_far():
     assert baseline.update(torch.tensor(0.5)) == pytest.approx(0.1)
 
 
+def test_eaft_weighs_each_token_loss_by_its_top20_entropy_over_three():
+    # uniform logits over 32 tokens: every token's loss is ln 32, the top-20 entropy ln 20, the weight (ln 20 / 3)^a
+    logits = torch.zeros(1, 4, 32, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 7, 9]])
+    for alpha in (1.0, 2.0):
+        loss = losses.eaft_loss({"logits": logits}, labels, alpha=alpha)
+        assert loss.item() == pytest.approx(math.log(32) * (math.log(20) / 3) ** alpha)
+    peaked = logits.detach().clone()
+    peaked[0, :, 0] = 10.0  # a confident distribution: low entropy, a small weight
+    assert losses.eaft_loss({"logits": peaked}, labels).item() < 0.1 * math.log(32)
+
+
+def test_asft_is_dft_plus_alpha_times_the_references_kl_from_the_policy():
+    policy = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    labels = torch.tensor([[-100, 0, 1]])
+    assert losses.asft_loss(policy, policy, labels, alpha=0.5).item() == pytest.approx(
+        losses.dft_loss({"logits": policy}, labels).item())  # the reference equals the policy: no KL
+    reference = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    q = 1 / (1 + math.exp(-2.0))  # the reference's first position: (q, 1 - q); the policy's (1/2, 1/2)
+    first = q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5)
+    p = 1 / (1 + math.exp(-1.0))  # second position: the reference uniform, the policy (p, 1 - p)
+    second = 0.5 * math.log(0.5 / p) + 0.5 * math.log(0.5 / (1 - p))
+    got = losses.asft_loss(policy, reference, labels, alpha=0.5).item()
+    assert got == pytest.approx(losses.dft_loss({"logits": policy}, labels).item() + 0.5 * (first + second) / 2)
+
+
 def test_the_losses_pass_gradients_to_the_policy():
     chosen = t(-1.0).requires_grad_()
     for name, fn in losses.REFERENCE_LOSSES.items():

@@ -171,17 +171,21 @@ def test_a_new_stage_is_one_spec_and_one_entry(tmp_path, tiny_model, ray_local, 
         return run_sft(cfg, plan)
 
     monkeypatch.setitem(STAGE_SPECS, "toy", StageSpec("supervised", "supervised", "loss", "the model or adapter",
-                                                      keys=("pref_ftx",), language_modelling=True))
+                                                      keys=("pref_ftx", "use_asft_loss"), language_modelling=True,
+                                                      reference=lambda f: f.use_asft_loss))
     monkeypatch.setitem(ENTRIES, "toy", run_toy)
     with pytest.raises(ConfigError) as err:  # a key the toy's spec claims is now refused by sft with the toy named
         parse_config({"stage": "sft", "pref_ftx": 0.5, "model_name_or_path": str(tiny_model), "dataset": "demo_sft",
                       "output_dir": str(tmp_path / "x")}, base_dir=ROOT)
     assert "pref_ftx is only used with stage: dpo or kto or toy" in str(err.value)
-    # (the same short run also adds a special token: the worker grows the embeddings, LoRA trains them whole)
+    # The same short run also adds a special token (the worker grows the embeddings, LoRA trains them whole) and
+    # trains with ASFT's loss, whose reference model the toy's spec asks for: the policy with its adapter off
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "stage=toy", "pref_ftx=0.5",
                             "packing=true", "max_steps=3", "logging_steps=1", "ray_num_workers=1", "deepspeed=null",
-                            "add_special_tokens=<|toy|>")
+                            "add_special_tokens=<|toy|>", "use_asft_loss=true")
     assert ran == ["toy"] and len(log) == 3  # the toy's entry trained, in the driver's process (one worker)
+    # DFT's probability-weighted loss of a random model over ~600 tokens, not its cross-entropy of about ln 600
+    assert log[0]["loss"] < 0.5, log[0]
     assert "- toy" in (out / "README.md").read_text().splitlines()
     from safetensors import safe_open
     from transformers import AutoTokenizer

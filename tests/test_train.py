@@ -96,9 +96,10 @@ def test_demo_recipe_two_workers_zero2(demo_run, tiny_model, ray_local):
 def test_neat_packing_of_a_streamed_dataset_trains(tmp_path, tiny_model, ray_local):
     # one worker, no DeepSpeed (a stream's equal shares between workers: test_pipeline.py); LoRA under ZeRO-3
     # in the pre-training test below
+    # (with EAFT's entropy-weighted token loss: its weights fall as the model grows confident)
     out, result, log = train(tmp_path, tiny_model, "num_train_epochs=1", "neat_packing=true", "cutoff_len=128",
                              "per_device_train_batch_size=2", "streaming=true", "max_steps=24", "buffer_size=32",
-                             "ray_num_workers=1", "deepspeed=null")
+                             "ray_num_workers=1", "deepspeed=null", "use_eaft_loss=true")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (logits(tiny_model) - logits(tiny_model, out)).abs().max() > 1e-3
 

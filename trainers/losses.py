@@ -56,6 +56,35 @@ def dft_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Te
     return total / count
 
 
+def eaft_loss(outputs, labels: torch.Tensor, num_items_in_batch=None, alpha: float = 1.0) -> torch.Tensor:
+    """EAFT (entropy-adaptive fine-tuning, LLaMA-Factory 0.9.5): each labelled token's cross-entropy weighted by
+    (H / 3)^alpha, H the entropy of the model's distribution over its 20 most likely next tokens (no gradient
+    through the weight): confident tokens weigh less. Summed and averaged per labelled token.
+
+    Has the signature of the Trainer's `compute_loss_func` (with alpha bound).
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    with torch.no_grad():
+        top = logits.topk(min(20, logits.shape[-1]), dim=-1).values.log_softmax(-1)
+        weight = (-(top.exp() * top).sum(-1) / 3.0) ** alpha
+    total = (-token_logps * weight * mask).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    return total / count
+
+
+def asft_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASFT (LLaMA-Factory 0.9.5): DFT's loss plus alpha times the reference model's KL divergence from the policy,
+    KL(reference || policy) over the whole vocabulary at each labelled position, both averaged per labelled token."""
+    mask = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    policy = logits[:, :-1].float().log_softmax(-1)
+    reference = ref_logits[:, :-1].float().softmax(-1)
+    kl = F.kl_div(policy, reference, reduction="none").sum(-1)
+    return dft_loss({"logits": logits}, labels) + alpha * (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
     """DPO (Rafailov et al., 2023): -log σ(β·Δ), Δ the policy's log-ratio margin over the reference's.
 
