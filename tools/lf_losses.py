@@ -67,7 +67,47 @@ def main() -> None:
         fake, t["kto_policy"][desirable], t["kto_policy"][~desirable], t["kto_kl_policy"],
         t["kto_ref"][desirable], t["kto_ref"][~desirable], t["kto_kl_ref"])
     golden.update(kto_mean=losses.mean().item(), kto_kl=float(kl), kto_weights=[1.0, 1.5])
+    golden.update(token_losses())
+    golden.update(bco_losses(t))
     OUT.write_text(json.dumps(golden, indent=1) + "\n")
+
+
+TOKENS = {  # two pairs (rows 0-1 chosen, 2-3 rejected) of labelled positions over a vocabulary of 24
+    "labels": [[-100, -100, 3, 5, 7, 1, 9], [-100, 2, 4, 6, -100, -100, -100],
+               [-100, -100, 8, 10, -100, -100, -100], [-100, 11, 12, 13, 14, 15, -100]],
+    "seed": 0, "vocab": 24, "ld_alpha": 0.6, "eaft_alpha": 1.5, "asft_alpha": 0.3,
+}
+
+
+def token_logits(seed: int, vocab: int, rows: int, length: int):
+    """The fixed logits of TOKENS (policy, then reference), drawn from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, length, vocab, generator=generator, dtype=torch.float64) for _ in range(2)]
+
+
+def token_losses() -> dict:
+    """LLaMA-Factory's LD-DPO log-probabilities, EAFT and ASFT losses on TOKENS."""
+    from llamafactory.train.trainer_utils import asft_loss_func, eaft_loss_func, get_batch_logps
+
+    labels = torch.tensor(TOKENS["labels"])
+    policy, reference = token_logits(TOKENS["seed"], TOKENS["vocab"], *labels.shape)
+    ld, _ = get_batch_logps(policy, labels, ld_alpha=TOKENS["ld_alpha"])
+    return {"tokens": TOKENS, "ld_logps": ld.tolist(),
+            "eaft": float(eaft_loss_func({"logits": policy}, labels, None, TOKENS["eaft_alpha"])),
+            "asft": float(asft_loss_func({"logits": policy}, labels, reference, TOKENS["asft_alpha"]))}
+
+
+def bco_losses(t: dict) -> dict:
+    """LLaMA-Factory's BCO pair loss on the first two pairs and then the last two, its running baseline between."""
+    from llamafactory.train.dpo.trainer import CustomDPOTrainer
+    from trl.trainer import RunningMoments
+
+    accelerator = SimpleNamespace(device="cpu", num_processes=1, reduce=lambda x, reduction="sum": x)
+    fake = SimpleNamespace(beta=BETA, running=RunningMoments(accelerator))
+    sides = ("chosen", "rejected", "ref_chosen", "ref_rejected")
+    calls = [CustomDPOTrainer.bco_loss(fake, *(t[k][part] for k in sides)).tolist()
+             for part in (slice(0, 2), slice(2, 4))]
+    return {"bco_calls": calls}
 
 
 if __name__ == "__main__":
