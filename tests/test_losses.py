@@ -256,3 +256,35 @@ def test_preference_losses_are_averaged_over_gradient_accumulation(tiny_model, t
     mean_loss = trainer.compute_loss(model, dict(batch)).item()
     stepped = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(4)).item()
     assert stepped == pytest.approx(mean_loss / 4, rel=1e-4)
+
+
+def golden_tokens():
+    """tools/lf_losses.py's fixed logits (policy, reference) and labels: two pairs over a vocabulary of 24."""
+    spec = GOLDEN["tokens"]
+    labels = torch.tensor(spec["labels"])
+    generator = torch.Generator().manual_seed(spec["seed"])
+    policy, reference = (torch.randn(*labels.shape, spec["vocab"], generator=generator, dtype=torch.float64)
+                         for _ in range(2))
+    return spec, labels, policy, reference
+
+
+def test_ld_dpo_eaft_and_asft_match_llamafactory():
+    spec, labels, policy, reference = golden_tokens()
+    assert losses.sequence_logps(policy, labels, spec["ld_alpha"])[0].tolist() == pytest.approx(GOLDEN["ld_logps"])
+    assert losses.eaft_loss({"logits": policy}, labels, alpha=spec["eaft_alpha"]).item() == pytest.approx(
+        GOLDEN["eaft"], rel=1e-6)
+    assert losses.asft_loss(policy, reference, labels, spec["asft_alpha"]).item() == pytest.approx(
+        GOLDEN["asft"], rel=1e-6)
+
+
+def test_bco_with_its_running_baseline_matches_llamafactory_over_two_steps():
+    from rayft.trainers.dpo import RunningMean
+
+    _, summed, _ = golden_inputs()
+    baseline = RunningMean()
+    for step, part in enumerate((slice(0, 2), slice(2, 4))):
+        sides = [side[part] for side in summed]
+        chosen, rejected = losses.sigmoid_loss(*sides, beta=GOLDEN["beta"])[1:]
+        delta = baseline.update(torch.cat((chosen, rejected)).mean())
+        got = losses.bco_pair_loss(*sides, beta=GOLDEN["beta"], delta=delta)[0]
+        assert got.tolist() == pytest.approx(GOLDEN["bco_calls"][step])

@@ -102,7 +102,8 @@ def bco_losses(t: dict) -> dict:
     from llamafactory.train.dpo.trainer import CustomDPOTrainer
     from trl.trainer import RunningMoments
 
-    accelerator = SimpleNamespace(device="cpu", num_processes=1, reduce=lambda x, reduction="sum": x)
+    accelerator = SimpleNamespace(device="cpu", num_processes=1, use_distributed=False,
+                                  reduce=lambda x, reduction="sum": x)
     fake = SimpleNamespace(beta=BETA, running=RunningMoments(accelerator))
     sides = ("chosen", "rejected", "ref_chosen", "ref_rejected")
     calls = [CustomDPOTrainer.bco_loss(fake, *(t[k][part] for k in sides)).tolist()
