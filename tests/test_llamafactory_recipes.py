@@ -34,7 +34,8 @@ def lf_config(recipe: str, tiny_model: Path, tmp_path: Path, *extra: str):
 
 
 def test_the_recipes_are_llamafactorys_examples():
-    assert len(RECIPES) == 12 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
+    assert len(RECIPES) == 14 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
+    assert {"examples/extras/eaft/qwen25_05b_eaft_full.yaml", "examples/extras/dft/qwen2_full_sft.yaml"} <= set(RECIPES)
     text = (LF_ROOT / "examples/train_lora/qwen3_lora_sft.yaml").read_text()
     for key in ("warmup_ratio", "preprocessing_num_workers", "dataloader_num_workers", "bf16: true",
                 "ddp_timeout", "save_only_model", "resume_from_checkpoint: null", "template: qwen3_nothink"):
@@ -54,7 +55,7 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
     plan = make_plan(cfg, local_machine(), examples, shape=prepared.shape)
     assert not plan.use_gpu and plan.total_steps > 0
     assert any("bf16 is for GPUs; these CPU workers train in fp32" in n for n in plan.notes)
-    if "ds3" in recipe or "full_sft" in recipe:
+    if "deepspeed: examples/deepspeed/ds_z3" in (LF_ROOT / recipe).read_text():
         assert plan.zero_stage == 3
 
 
