@@ -99,7 +99,7 @@ def test_planning_the_shipped_pipeline_checks_and_plans_every_stage_before_any_t
 @pytest.mark.slow
 def test_a_killed_pipeline_driver_resumes_dpo_from_its_checkpoint_without_training_sft_again(
         tmp_path, tiny_model, ray_local):
-    """sft -> dpo (from: sft), dpo on 2 workers; the driver is killed once dpo has a checkpoint. The rerun skips sft,
+    """sft -> dpo (from: sft) on 2 workers; the driver is killed once dpo has a checkpoint. The rerun skips sft,
     resumes dpo (reporting the learning_rate it changed) and ends with dpo's reference model equal to sft's."""
     out, storage = tmp_path / "out", tmp_path / "ray"
     pipeline = {
@@ -108,9 +108,8 @@ def test_a_killed_pipeline_driver_resumes_dpo_from_its_checkpoint_without_traini
         "ray_address": ray_local._private.worker._global_node.address, "ray_num_workers": 2, "deepspeed": "z2",
         "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "steps",
         "stages": [
-            # sft on one worker, which the planner runs in the driver's own process; dpo, killed, on two
             {"name": "sft", "stage": "sft", "dataset": "demo_sft", "max_steps": 4, "save_steps": 4,
-             "learning_rate": 2e-3, "ray_num_workers": 1, "deepspeed": None},
+             "learning_rate": 2e-3},
             {"name": "dpo", "from": "sft", "stage": "dpo", "dataset": "demo_dpo", "max_steps": 6, "save_steps": 2,
              "learning_rate": 5e-4, "pref_beta": 1.0, "pref_bco_weight": 0.5},  # BCO's baseline across 2 ranks
         ]}
