@@ -37,11 +37,10 @@ NOT_BUILT: dict[str, str] = {
     **{k: "a torchrun rendezvous (Ray Train makes the process group; its address is Ray's)" for k in (
         "master_addr", "master_port")},
     "use_v1_kernels": "LLaMA-Factory's v1 kernels",
-    "use_kv_cache": "generation without the KV cache",
     "use_mca": "Megatron-Core training",
     **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
     **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
-    **{k: "inference settings (issue: after training)" for k in ("infer_dtype", "offload_folder")},
+    "offload_folder": "offloading weights to disk at inference (each replica or worker holds its whole model)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
     "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",

@@ -59,7 +59,7 @@ class ModelArguments:
     use_cache: bool = arg(
         True, "Keep the KV cache at generation (training turns it off; rayft's prediction and chat turn it on).")
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = arg(
-        "auto", "Weight dtype at inference.")
+        "auto", "Weight dtype of chat, serve and prediction (auto: the training dtype, fp32 on a CPU).")
     hf_hub_token: Optional[str] = arg(
         None, "Hugging Face token for gated or private models (masked in logs and saved configs).")
     ms_hub_token: Optional[str] = arg(None, "ModelScope token.")
@@ -68,7 +68,7 @@ class ModelArguments:
         False, "Print every parameter's trainable status.")
     trust_remote_code: bool = arg(
         False, "Run the model repository's own Python code (only for repositories you trust).")
-    use_kv_cache: bool = arg(True, "LLaMA-Factory's name for use_cache at generation.")
+    use_kv_cache: bool = arg(True, "LLaMA-Factory's name for use_cache at generation (false turns the cache off).")
     use_v1_kernels: Optional[bool] = arg(False, "LLaMA-Factory's v1 fused kernels.")
     add_tokens: Optional[str] = arg(None, "Comma list of plain tokens to add to the vocabulary.")
     add_special_tokens: Optional[str] = arg(None, "Comma list of special tokens to add.")

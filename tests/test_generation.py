@@ -68,6 +68,21 @@ def test_generation_settings(tiny_model):
     assert cut_at_stop([5, 6, stops[-1], 0, 0], stops) == [5, 6, stops[-1]] and cut_at_stop([5, 6], stops) == [5, 6]
 
 
+def test_infer_dtype_and_use_kv_cache_reach_the_generation_model(tiny_model):
+    import torch
+
+    from rayft.trainers.model import load_for_generation
+
+    def loaded(*overrides):
+        cfg = parse_config(load_recipe(None, [f"model_name_or_path={tiny_model}", *overrides]), for_training=False)
+        return load_for_generation(cfg.model, use_gpu=False)
+
+    default = loaded()
+    assert default.dtype == torch.float32 and default.config.use_cache
+    quick = loaded("infer_dtype=bfloat16", "use_kv_cache=false")
+    assert quick.dtype == torch.bfloat16 and not quick.config.use_cache
+
+
 def problems(recipe, *overrides, for_training=True):
     try:
         parse_config(load_recipe(recipe, list(overrides)), base_dir=ROOT, for_training=for_training)

@@ -194,14 +194,19 @@ def task_type(model):
     return TaskType.SEQ_CLS if getattr(model, "score", None) is not None else TaskType.CAUSAL_LM
 
 
+INFER_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def load_for_generation(model_args: ModelArguments, use_gpu: bool):
     """The base model with every adapter of adapter_name_or_path merged into it, ready to generate."""
 
-    model = load_model(model_args, use_gpu, trainable=False)
+    dtype = INFER_DTYPES[model_args.infer_dtype]  # None ("auto"): the training dtype, fp32 on a CPU
+    model = load_model(model_args, use_gpu, trainable=False, dtype=dtype)
     for adapter in comma_list(model_args.adapter_name_or_path):
         fit_vocabulary_of(model, adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.config.use_cache = model_args.use_cache  # on by default: generation reuses earlier keys and values
+    # on by default: generation reuses earlier keys and values (use_kv_cache is LLaMA-Factory's name for it)
+    model.config.use_cache = model_args.use_cache and model_args.use_kv_cache
     if use_gpu:
         model = model.to("cuda")
     return model.eval()
