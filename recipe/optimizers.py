@@ -27,8 +27,11 @@ def optimizer_kind(f) -> str:
 
 
 def uses_bitsandbytes(cfg) -> bool:
-    """Whether the workers need bitsandbytes: a quantised base, or GaLore or APOLLO (their packages import it)."""
-    return bool(cfg.model.quantization_bit) or optimizer_kind(cfg.finetuning) in ("galore", "apollo")
+    """Whether the workers need bitsandbytes: a quantised base, reference or reward model, or GaLore or APOLLO (their
+    packages import it)."""
+    f = cfg.finetuning
+    return bool(cfg.model.quantization_bit or f.ref_model_quantization_bit or f.reward_model_quantization_bit) or (
+        optimizer_kind(f) in ("galore", "apollo"))
 
 
 def optimizer_problems(f, optim: str, deepspeed, max_workers: int, accumulation: int, online: bool) -> list[Problem]:

@@ -11,8 +11,6 @@ NOT_BUILT: dict[str, str] = {
         "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     "infer_backend": "vLLM inference",
     "quantization_device_map": "device maps for quantised models (each worker holds its model on its device)",
-    **{k: "quantised reference and reward models" for k in (
-        "ref_model_quantization_bit", "reward_model_quantization_bit")},
     **{k: "quantised export" for k in (
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},

@@ -14,6 +14,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.deepspeed import SHORTHANDS
 from rayft.recipe.derive import (
     is_prediction,
+    reference_kind,
     replica_range,
     report_targets,
     reward_names,
@@ -146,6 +147,28 @@ def llamafactory_key_problems(cfg: RecipeConfig) -> list[Problem]:
 QUANTIZED_FINETUNING = ("lora", "oft")
 
 
+def frozen_quantization_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
+    """ref_model_quantization_bit and reward_model_quantization_bit: 4 or 8 bits, of a model that is loaded apart."""
+    f = cfg.finetuning
+    problems = []
+    for key, bits in (("ref_model_quantization_bit", f.ref_model_quantization_bit),
+                      ("reward_model_quantization_bit", f.reward_model_quantization_bit)):
+        if bits is not None and bits not in (4, 8):
+            problems.append(Problem(key, f"bitsandbytes loads 4 or 8 bits, got {bits}"))
+    if f.ref_model_quantization_bit is not None:
+        if reference_kind(cfg) not in ("copy", "actor"):
+            problems.append(Problem("ref_model_quantization_bit", (
+                "there is no separate reference model to quantise here (it is none, or the policy with its adapter "
+                "off); remove it")))
+        elif _zero_stage(cfg.args.deepspeed, base_dir) == 3:
+            problems.append(Problem("ref_model_quantization_bit and deepspeed", (
+                "ZeRO-3 partitions the reference copy, which bitsandbytes' layers cannot be; use z0-z2")))
+    if f.reward_model_quantization_bit is not None and not (_REWARD_MODEL(f) and f.reward_model_type == "full"):
+        problems.append(Problem("reward_model_quantization_bit", "quantises a full reward model (reward_model_type: "
+                                                                 "full), as LLaMA-Factory; remove it"))
+    return problems
+
+
 def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
     """New tokens: one list of special tokens, a readable description file, descriptions for desc_init, and the
     settings that cannot grow the embeddings."""
@@ -173,6 +196,7 @@ def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
                                                        "description; set new_special_tokens_config (LLaMA-Factory "
                                                        "falls back to noise_init)"))
     grows = m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens_config
+    problems += frozen_quantization_problems(cfg, base_dir)
     if grows and m.quantization_bit is not None:
         problems.append(Problem("quantization_bit and resize_vocab", "a quantised model's embeddings cannot grow; "
                                                                      "remove quantization_bit or the new tokens"))

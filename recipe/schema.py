@@ -234,11 +234,13 @@ class FinetuningArguments:
     ref_model: Optional[str] = arg(
         None, "Reference model folder (default: the base model, or the policy without its adapter).")
     ref_model_adapters: Optional[str] = arg(None, "Adapters merged into the reference model.")
-    ref_model_quantization_bit: Optional[int] = arg(None, "Quantise the reference model.")
+    ref_model_quantization_bit: Optional[int] = arg(
+        None, "Load a separate reference model in 4 or 8 bits (bitsandbytes).")
     reward_model: Optional[str] = arg(
         None, "PPO's reward model: an rm run's output_dir (lora), a model folder (full) or a URL (api).")
     reward_model_adapters: Optional[str] = arg(None, "Adapters merged into a full reward model.")
-    reward_model_quantization_bit: Optional[int] = arg(None, "Quantise the reward model.")
+    reward_model_quantization_bit: Optional[int] = arg(
+        None, "Load a full reward model in 4 or 8 bits (bitsandbytes).")
     reward_model_type: Literal["lora", "full", "api"] = arg("lora", "PPO's reward model kind: lora, full or api.")
     # rayft addition: the critic-free, group-baseline stage (grpo) and its verifiable rewards
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = arg(

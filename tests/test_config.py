@@ -82,8 +82,8 @@ def test_override_without_equals_is_refused():
     assert "not of the form key=value" in problems("lora_rank")[0]
 
 
-@pytest.mark.parametrize("key,value", [("shift_attn", "true"), ("report_to", "comet_ml"),
-                                       ("tool_format", "hermes"), ("ref_model_quantization_bit", "4"),
+@pytest.mark.parametrize("key,value", [("report_to", "comet_ml"),
+                                       ("tool_format", "hermes"), ("shift_attn", "true"),
                                        ("use_unsloth", "true"), ("use_swanlab", "true"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")

@@ -226,6 +226,49 @@ def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
         assert torch.allclose(reference.model(ids).logits, adapter(ids).logits, atol=1e-4)
 
 
+def test_a_separate_reference_or_reward_model_loads_in_8_bits(tiny_model, tmp_path):
+    """ref_model_quantization_bit and reward_model_quantization_bit (LLaMA-Factory's keys): the frozen copies load
+    through bitsandbytes and score close to their full-precision selves; where there is nothing to quantise, or
+    ZeRO-3 would partition it, the recipe is refused."""
+    from conftest import DEMO_RECIPE, ROOT
+    from transformers import AutoModelForCausalLM
+
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+    from rayft.trainers.reference import Reference
+    from rayft.trainers.rewards import load_reward_model
+
+    def config(*overrides):
+        return parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={tiny_model}", "deepspeed=z2",
+                                                      f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
+
+    reference = Reference(config("stage=dpo", "dataset=demo_dpo", "finetuning_type=full",
+                                 "ref_model_quantization_bit=8"), use_gpu=False)
+    # (8 bits here: bitsandbytes' CPU kernel for 4 bits without gradients needs dimensions of whole blocks, and the
+    # tiny model's MLP is 682 wide; the training runs' QLoRA path trains the 4-bit base with gradients)
+    linears = {type(m).__name__ for m in reference.model.modules() if "Linear" in type(m).__name__}
+    assert "Linear8bitLt" in linears
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+        assert (reference.model(ids).logits - full).abs().mean() < 0.05 * full.abs().mean()
+    reward, _ = load_reward_model(config("stage=ppo", "deepspeed=null", "reward_model_type=full",
+                                         f"reward_model={tiny_model}", "reward_model_quantization_bit=4"),
+                                  use_gpu=False)
+    assert any(type(m).__name__ == "Linear4bit" for m in reward.modules())  # loaded; scored on GPUs or whole blocks
+    for overrides, expected in [
+            (("stage=dpo", "dataset=demo_dpo", "ref_model_quantization_bit=4"), "ref_model_quantization_bit: there is"),
+            (("stage=dpo", "dataset=demo_dpo", "finetuning_type=full", "ref_model_quantization_bit=4", "deepspeed=z3"),
+             "ref_model_quantization_bit and deepspeed: ZeRO-3"),
+            (("ref_model_quantization_bit=3",), "ref_model_quantization_bit: bitsandbytes loads 4 or 8 bits"),
+            (("stage=ppo", "deepspeed=null", f"reward_model={tmp_path}", "reward_model_quantization_bit=4"),
+             "reward_model_quantization_bit: quantises a full reward model")]:
+        with pytest.raises(ConfigError) as err:
+            config(*overrides)
+        assert any(m.startswith(expected) for m in err.value.messages), err.value.messages
+
+
 def test_model_options_from_scratch_upcast_norms_and_head_and_print_the_parameters(tiny_model):
     from conftest import DEMO_RECIPE, ROOT, captured_log
 

@@ -6,6 +6,7 @@ adapter (lora, oft), the last or first layers (freeze), or everything (full).
 
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs
@@ -40,7 +41,7 @@ def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
 
 def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = False, value_head: bool = False,
                path: str | None = None, trainable: bool = True, dtype: torch.dtype | str | None = None,
-               scratch_seed: int | None = None, max_length: int | None = None):
+               scratch_seed: int | None = None, max_length: int | None = None, frozen_bits: int | None = None):
     """The model at `path` (default model_name_or_path) through `from_pretrained`.
 
     With `value_head` it is the sequence-classification form of the same checkpoint: the LM body plus a
@@ -49,15 +50,18 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision. With
     `scratch_seed` (train_from_scratch) the trained model is built from its config with random weights drawn from
     that seed, the same on every worker. With rope_scaling, `max_length` (the run's cutoff_len) sets the factor;
-    None (generation) doubles the model's length, as LLaMA-Factory does.
+    None (generation) doubles the model's length, as LLaMA-Factory does. `frozen_bits` (4 or 8) quantises a frozen
+    model (`trainable=False`: a reference or reward model) with bitsandbytes; a trained one follows quantization_bit.
     """
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
     kwargs = {"num_labels": 1} if value_head else {}
-    quantized = model_args.quantization_bit is not None and trainable
-    if quantized:
-        kwargs.update(quantization_config=bnb_config(model_args, model_dtype(use_gpu, pure_bf16)),
+    bits = model_args.quantization_bit if trainable else frozen_bits
+    if bits is not None:
+        kwargs.update(quantization_config=bnb_config(replace(model_args, quantization_bit=bits),
+                                                     model_dtype(use_gpu, pure_bf16)),
                       device_map={"": torch.cuda.current_device() if use_gpu else "cpu"})
+    quantized = bits is not None and trainable
     cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
@@ -433,7 +437,7 @@ def load_reference(cfg, use_gpu: bool):
 
     f = cfg.finetuning
     model = load_model(cfg.model, use_gpu, pure_bf16=f.pure_bf16, path=f.ref_model, trainable=False,
-                       max_length=cfg.data.cutoff_len)
+                       max_length=cfg.data.cutoff_len, frozen_bits=f.ref_model_quantization_bit)
     for adapter in comma_list(f.ref_model_adapters):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.requires_grad_(False)

@@ -111,7 +111,8 @@ def load_reward_model(cfg, use_gpu: bool):
 
     f = cfg.finetuning
     model_args = replace(cfg.model, model_name_or_path=f.reward_model)
-    model = load_model(model_args, use_gpu, value_head=True, trainable=False, max_length=cfg.data.cutoff_len)
+    model = load_model(model_args, use_gpu, value_head=True, trainable=False, max_length=cfg.data.cutoff_len,
+                       frozen_bits=f.reward_model_quantization_bit)
     for adapter in comma_list(f.reward_model_adapters):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = load_tokenizer(model_args)
