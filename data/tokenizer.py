@@ -4,6 +4,8 @@ so every model key (revision, token, cache_dir, trust_remote_code, use_fast_toke
 import functools
 from dataclasses import dataclass
 
+from rayft.recipe.values import comma_list
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:
@@ -24,10 +26,10 @@ class TokenizerSpec:
         """The tokenizer of a recipe's model keys (`ModelArguments`)."""
         m = model_args
         special = list(m.new_special_tokens_config) if isinstance(m.new_special_tokens_config, dict) else (
-            _items(m.add_special_tokens))
+            comma_list(m.add_special_tokens))
         return cls(path=m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir, token=m.hf_hub_token,
                    trust_remote_code=m.trust_remote_code, use_fast=m.use_fast_tokenizer,
-                   added_tokens=tuple(_items(m.add_tokens)), added_special_tokens=tuple(special),
+                   added_tokens=tuple(comma_list(m.add_tokens)), added_special_tokens=tuple(special),
                    split_special_tokens=m.split_special_tokens)
 
     def identity(self) -> dict:
@@ -37,10 +39,6 @@ class TokenizerSpec:
                    if self.added_tokens or self.added_special_tokens else {}),
                 **({"split_special_tokens": True} if self.split_special_tokens else {})}
 
-
-def _items(value: str | None) -> list[str]:
-    """A comma list's items (LLaMA-Factory's add_tokens / add_special_tokens form), trimmed."""
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 @functools.lru_cache(maxsize=4)

@@ -57,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     configure(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     if args.command == "tiny-model":
         return _tiny_model(args)
-    if args.command == "expand":
-        try:
-            return _expand(args)
-        except ConfigError as err:
-            print(f"rayft: {_one_report(err)}", file=sys.stderr)
-            return USAGE_ERROR
     if args.command == "keys":
         return _keys(args)
     if args.command in ("status", "logs"):
@@ -323,8 +317,17 @@ def _submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 
+def _expand(args) -> int:
+    from rayft.trainers.llama_pro import expand_blocks
+
+    out = expand_blocks(args.model_dir, args.out_dir, args.num_expand)
+    logger.info(f"expanded model written to {out}; fine-tune its new blocks with: model_name_or_path: {out}, "
+                f"finetuning_type: freeze (or lora), freeze_trainable_layers: {args.num_expand}, use_llama_pro: true")
+    return 0
+
+
 COMMANDS = {"train": _train, "pipeline": _pipeline, "plan": _plan, "sweep": _sweep, "export": _export, "chat": _chat,
-            "submit": _submit, "data": _data, "tokenize": _tokenize, "serve": _serve}
+            "submit": _submit, "data": _data, "tokenize": _tokenize, "serve": _serve, "expand": _expand}
 
 
 def _one_report(err: Exception) -> str:
@@ -389,15 +392,6 @@ def _job(args) -> int:
     if args.follow:
         return 0 if submit.follow(jobs, args.job_id) == "SUCCEEDED" else 1
     print(jobs.get_job_logs(args.job_id), end="")
-    return 0
-
-
-def _expand(args) -> int:
-    from rayft.trainers.llama_pro import expand_blocks
-
-    out = expand_blocks(args.model_dir, args.out_dir, args.num_expand)
-    logger.info(f"expanded model written to {out}; fine-tune its new blocks with: model_name_or_path: {out}, "
-                f"finetuning_type: freeze (or lora), freeze_trainable_layers: {args.num_expand}, use_llama_pro: true")
     return 0
 
 

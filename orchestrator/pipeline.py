@@ -35,6 +35,7 @@ from rayft.recipe.pipeline import (
 )
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.resume import recipe_changes
+from rayft.recipe.values import comma_list
 
 
 @dataclass
@@ -43,9 +44,12 @@ class Pipeline:
 
     path: str
     output_dir: Path
-    run_name: str
     stages: list[PipelineStage]
     state: dict  # pipeline.json's content: {"run_name", "stages": {name: record}}
+
+    @property
+    def run_name(self) -> str:
+        return self.state["run_name"]
 
     @property
     def by_name(self) -> dict[str, PipelineStage]:
@@ -86,21 +90,18 @@ def read(path: str, overrides: list[str], base_dir: str | Path = ".") -> Pipelin
     elif output_dir.is_dir() and any(output_dir.iterdir()):
         raise ConfigError([Problem("output_dir", f"{output_dir} holds files but no {PIPELINE_FILE}; a pipeline writes "
                                                  "only into a new folder or its own; choose another output_dir")])
-    # a new pipeline's stages get Ray runs of their own: checkpoints a deleted output_dir's stages left in storage
-    # are never taken for this pipeline's
-    run_name = state["run_name"] or f"pipeline-{output_dir.name}-{uuid.uuid4().hex[:6]}"
-    stages = read_pipeline({**raw, "output_dir": str(output_dir)}, {**extra, "output_dir": str(output_dir)}, run_name)
-    state["run_name"] = stages[0].keys["ray_run_name"].removesuffix(f"-{stages[0].name}")
-    return Pipeline(str(path), output_dir, state["run_name"], stages, state)
+    # the file's ray_run_name, else the one recorded, else a new one: a new pipeline's stages get Ray runs of their
+    # own, so checkpoints a deleted output_dir's stages left in storage are never taken for this pipeline's
+    state["run_name"] = (extra.get("ray_run_name") or raw.get("ray_run_name") or state["run_name"]
+                         or f"pipeline-{output_dir.name}-{uuid.uuid4().hex[:6]}")
+    stages = read_pipeline({**raw, "output_dir": str(output_dir)}, {**extra, "output_dir": str(output_dir)},
+                           state["run_name"])
+    return Pipeline(str(path), output_dir, stages, state)
 
 
 def stage_config(stage: PipelineStage, start: dict, base_dir: str | Path = ".") -> RecipeConfig:
     """A stage's recipe with the keys it starts from, parsed; its problems named after the stage."""
-    try:
-        return parse_config({**stage.keys, **start}, base_dir=base_dir)
-    except ConfigError as err:
-        raise ConfigError([Problem(f"{stage.name}.{p.key}" if p.key else stage.name, p.message)
-                           for p in err.problems]) from None
+    return _checked(stage, lambda: parse_config({**stage.keys, **start}, base_dir=base_dir))
 
 
 def _checked(stage: PipelineStage, check):
@@ -229,7 +230,7 @@ def merge(stage: PipelineStage, cfg: RecipeConfig) -> None:
     merged = Path(stage.output_dir) / MERGED_FOLDER
     if merged.exists():  # a merge the previous driver did not finish: the pipeline's own folder
         shutil.rmtree(merged)
-    adapters = [a for a in (cfg.model.adapter_name_or_path or "").split(",") if a] + [stage.output_dir]
+    adapters = [*comma_list(cfg.model.adapter_name_or_path), stage.output_dir]
     keys = {**stage.keys, "model_name_or_path": cfg.model.model_name_or_path,
             "adapter_name_or_path": ",".join(adapters), "export_dir": str(merged)}
     export_cfg = parse_config(keys, for_training=False)
@@ -248,7 +249,7 @@ def write_lineage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig) -
     for i, step in enumerate(lineage(stage, pipeline.by_name), 1):
         keys = step.keys
         origin = f"from `{step.source}`" if step.source else f"from `{keys.get('model_name_or_path')}`"
-        lines.append(f"{i}. `{step.name}`: stage `{keys.get('stage')}`, `{keys.get('finetuning_type', 'lora')}`, on "
+        lines.append(f"{i}. `{step.name}`: stage `{keys.get('stage')}`, `{step.method}`, on "
                      f"`{keys.get('dataset')}`, {origin}" + (", then merged" if step.merge else ""))
     if cfg.model.adapter_name_or_path and cfg.finetuning.finetuning_type in ("lora", "oft"):
         lines += ["", f"This adapter was trained on `{cfg.model.model_name_or_path}` with the adapters "

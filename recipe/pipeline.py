@@ -11,6 +11,7 @@ from pathlib import Path
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import FinetuningArguments, default_of, key_sections
 from rayft.recipe.stages import STAGE_SPECS
+from rayft.recipe.values import comma_list
 
 PIPELINE_FILE = "pipeline.json"
 MERGED_FOLDER = "merged"  # inside a `merge: true` stage's output_dir: its adapters merged into the weights
@@ -32,8 +33,13 @@ class PipelineStage:
     merge: bool = False
 
     @property
+    def method(self) -> str:
+        """Its finetuning_type (the schema's default when neither it nor the shared keys set one)."""
+        return self.keys.get("finetuning_type", default_of(FinetuningArguments, "finetuning_type"))
+
+    @property
     def adapter_method(self) -> bool:
-        return self.keys.get("finetuning_type", default_of(FinetuningArguments, "finetuning_type")) in ADAPTER_METHODS
+        return self.method in ADAPTER_METHODS
 
     @property
     def output_dir(self) -> str:
@@ -149,16 +155,14 @@ def result_of(stage: PipelineStage, started_with: dict) -> StageResult:
         return StageResult(str(Path(stage.output_dir) / MERGED_FOLDER))
     if not stage.adapter_method:
         return StageResult(stage.output_dir)
-    adapters = [a.strip() for a in str(started_with.get("adapter_name_or_path") or "").split(",") if a.strip()]
+    adapters = comma_list(started_with.get("adapter_name_or_path"))
     return StageResult(str(started_with["model_name_or_path"]), (*adapters, stage.output_dir))
 
 
 def root_keys(stage: PipelineStage, by_name: dict[str, PipelineStage]) -> dict:
     """The model keys to check a stage with before its `from` stages have trained: the first stage's model (the
     stages between keep its shape and tokenizer)."""
-    while stage.source is not None:
-        stage = by_name[stage.source]
-    return {"model_name_or_path": stage.keys.get("model_name_or_path")}
+    return {"model_name_or_path": lineage(stage, by_name)[0].keys.get("model_name_or_path")}
 
 
 def lineage(stage: PipelineStage, by_name: dict[str, PipelineStage]) -> list[PipelineStage]:

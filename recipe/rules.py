@@ -179,7 +179,7 @@ def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
         problems.append(Problem("add_special_tokens and new_special_tokens_config", (
             "both name the new special tokens; keep one (LLaMA-Factory takes the config's and warns)")))
     if isinstance(config, str):
-        path = base_dir / config if not Path(config).is_absolute() else Path(config)
+        path = under(base_dir, config)
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as err:
