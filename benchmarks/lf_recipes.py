@@ -1,5 +1,6 @@
 """Trains every LLaMA-Factory example recipe in configs/llamafactory/examples for two steps, unchanged but for
-the model path, dataset_dir and output_dir, and prints one line per recipe (steps, train loss, seconds).
+the model path, dataset_dir and output_dir (a recipe for Llama 3 takes the tiny Qwen2's template with it), and
+prints one line per recipe (steps, train loss, seconds).
 
     .venv/bin/python benchmarks/lf_recipes.py [--dataset-dir ../shared/data/llamafactory]
 
@@ -50,8 +51,11 @@ def main() -> None:
         out = work / name.replace("/", "_").replace(" ", "_").replace("=", "-").removesuffix(".yaml")
         overrides = [f"model_name_or_path={TINY}", f"dataset_dir={args.dataset_dir}", f"output_dir={out}",
                      f"ray_storage_path={out}-ray", "max_steps=2", *extra]
+        if "template: llama3" in path.read_text():  # the template of the model's family: the tiny Qwen2
+            overrides.append("template=qwen")
         if "predict" in name:
-            overrides = overrides[:-1] + [f"adapter_name_or_path={sft_adapter}", "max_new_tokens=16"]
+            overrides = [o for o in overrides if o != "max_steps=2"] + [f"adapter_name_or_path={sft_adapter}",
+                                                                         "max_new_tokens=16"]
         cfg = parse_config(load_recipe(path, overrides), base_dir=LF_ROOT)
         started = time.time()
         if is_prediction(cfg):

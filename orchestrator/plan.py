@@ -204,6 +204,9 @@ def make_plan(cfg: RecipeConfig, nodes: list[Node], num_train_examples: int, sha
         notes.append("CPU workers: use_cpu=True and the gloo process group")
         if t.bf16 or t.fp16:
             notes.append(f"precision: {'bf16' if t.bf16 else 'fp16'} is for GPUs; these CPU workers train in fp32")
+        if cfg.finetuning.pure_bf16:
+            notes.append("precision: pure_bf16 keeps bf16 weights on these CPU workers, which compute in bf16 far "
+                         "slower than in fp32")
     return Plan(
         report_every_log=report_every_log,
         progress_board=None if report_every_log else f"rayft-progress-{run_id}",

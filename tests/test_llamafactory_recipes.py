@@ -1,5 +1,6 @@
 """LLaMA-Factory's own recipes, written with the keys its examples use, run unchanged but for the model path,
-`dataset_dir` and `output_dir` (plus rayft's storage folder and, to keep the suite short, max_steps).
+`dataset_dir` and `output_dir` (a recipe for Llama 3 takes the tiny Qwen2's template with it; plus rayft's storage
+folder and, to keep the suite short, max_steps).
 
 configs/llamafactory/examples/ mirrors LLaMA-Factory's examples/ folder, so a relative `deepspeed:` path reads
 as it does there. Every recipe is planned here (on the driver, no Ray: its datasets read and a sample encoded);
@@ -30,11 +31,13 @@ def lf_config(recipe: str, tiny_model: Path, tmp_path: Path, *extra: str):
                  f"ray_storage_path={tmp_path / 'ray'}", *extra]
     if "predict" in recipe:  # the adapter its sft recipe would have written
         overrides.append(f"adapter_name_or_path={tmp_path / 'adapter'}")
+    if "template: llama3" in (LF_ROOT / recipe).read_text():  # the template of the model's family: the tiny Qwen2
+        overrides.append("template=qwen")
     return parse_config(load_recipe(LF_ROOT / recipe, overrides), base_dir=LF_ROOT)
 
 
 def test_the_recipes_are_llamafactorys_examples():
-    assert len(RECIPES) == 14 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
+    assert len(RECIPES) == 19 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
     assert {"examples/extras/eaft/qwen25_05b_eaft_full.yaml", "examples/extras/dft/qwen2_full_sft.yaml"} <= set(RECIPES)
     text = (LF_ROOT / "examples/train_lora/qwen3_lora_sft.yaml").read_text()
     for key in ("warmup_ratio", "preprocessing_num_workers", "dataloader_num_workers", "bf16: true",
@@ -54,8 +57,11 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
     examples = example_rows(prepared)["train"].count()  # a few MB: read here, without Ray
     plan = make_plan(cfg, local_machine(), examples, shape=prepared.shape)
     assert not plan.use_gpu and plan.total_steps > 0
-    assert any("bf16 is for GPUs; these CPU workers train in fp32" in n for n in plan.notes)
-    if "deepspeed: examples/deepspeed/ds_z3" in (LF_ROOT / recipe).read_text():
+    text = (LF_ROOT / recipe).read_text()
+    if "bf16: true" in text:
+        assert any("is for GPUs; these CPU workers train in fp32" in n or "pure_bf16 keeps bf16" in n
+                   for n in plan.notes)
+    if "\ndeepspeed: examples/deepspeed/ds_z3" in text:
         assert plan.zero_stage == 3
 
 
