@@ -82,6 +82,11 @@ def report_targets(report_to: Any) -> list[str]:
     return [name for name in names if name != "none"]
 
 
+def uses_swanlab(cfg: RecipeConfig) -> bool:
+    """SwanLab tracks the run: use_swanlab, or report_to naming swanlab (LLaMA-Factory treats the two alike)."""
+    return cfg.finetuning.use_swanlab or "swanlab" in report_targets(cfg.args.report_to)
+
+
 def is_prediction(cfg: RecipeConfig) -> bool:
     """A recipe that generates instead of training: do_train false with predict_with_generate."""
     return cfg.args.do_train is False and bool(cfg.args.predict_with_generate)

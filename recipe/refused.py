@@ -15,9 +15,6 @@ NOT_BUILT: dict[str, str] = {
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},
     "export_hub_model_id": "pushing an export to the hub",
-    **{k: "SwanLab tracking" for k in (
-        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
-        "swanlab_api_key")},
     **{k: "model patches" for k in (
         "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
         "enable_liger_kernel", "new_special_tokens")},
@@ -37,7 +34,6 @@ NOT_BUILT: dict[str, str] = {
     "use_v1_kernels": "LLaMA-Factory's v1 kernels",
     "use_mca": "Megatron-Core training",
     **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
-    **{k: "SwanLab tracking" for k in ("swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     "offload_folder": "offloading weights to disk at inference (each replica or worker holds its whole model)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",

@@ -21,6 +21,7 @@ from rayft.recipe.derive import (
     reward_weights,
     under,
     uses_reference,
+    uses_swanlab,
     worker_range,
 )
 from rayft.recipe.optimizers import optimizer_problems
@@ -42,7 +43,9 @@ RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_
                            "`rayft plan`"}
 
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
-BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb")
+BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb", "swanlab")
+SWANLAB_KEYS = ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
+                "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
 SERVING_KEYS = tuple(f.name for f in dataclasses.fields(ServingArguments))
 BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
@@ -471,6 +474,22 @@ def _run_kind_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
     if f.mlflow_tracking_uri and "mlflow" not in targets:
         problems.append(Problem("mlflow_tracking_uri", "only read with report_to: mlflow; add mlflow to report_to or "
                                                        "remove mlflow_tracking_uri"))
+    return problems + swanlab_problems(cfg)
+
+
+def swanlab_problems(cfg: RecipeConfig) -> list[Problem]:
+    """SwanLab's keys are read only when SwanLab tracks the run, its key only by cloud mode, which logs in."""
+    f = cfg.finetuning
+    if not uses_swanlab(cfg):
+        return [Problem(k, "only read with use_swanlab: true; set it or remove " + k)
+                for k in SWANLAB_KEYS if getattr(f, k) != default_of(type(f), k)]
+    problems = []
+    if f.swanlab_api_key and f.swanlab_mode != "cloud":
+        problems.append(Problem("swanlab_api_key", f"only read with swanlab_mode: cloud ({f.swanlab_mode} mode logs "
+                                                   "to a folder without logging in); remove it or use cloud"))
+    if f.swanlab_lark_secret and not f.swanlab_lark_webhook_url:
+        problems.append(Problem("swanlab_lark_secret", "signs swanlab_lark_webhook_url's messages; set the webhook "
+                                                       "or remove the secret"))
     return problems
 
 

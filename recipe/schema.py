@@ -312,16 +312,19 @@ class FinetuningArguments:
     use_hyper_parallel: bool = arg(False, "LLaMA-Factory's hyper-parallel training.")
     hyper_parallel_args: Optional[str] = arg(None, "Settings of hyper-parallel training.")
     freeze_language_model: bool = arg(False, "Freeze a multimodal model's language model.")
-    swanlab_logdir: Optional[str] = arg(None, "SwanLab's local folder.")
-    swanlab_lark_webhook_url: Optional[str] = arg(None, "SwanLab's Lark notifications.")
-    swanlab_lark_secret: Optional[str] = arg(None, "SwanLab's Lark secret.")
-    # SwanLab
-    use_swanlab: bool = arg(False, "SwanLab tracking.")
+    # SwanLab (rank 0 logs; report_to: swanlab means the same)
+    use_swanlab: bool = arg(False, "Track the run in SwanLab, from rank 0.")
     swanlab_project: str = arg("llamafactory", "SwanLab project.")
-    swanlab_workspace: Optional[str] = arg(None, "SwanLab workspace.")
-    swanlab_run_name: Optional[str] = arg(None, "SwanLab run name.")
-    swanlab_mode: Literal["cloud", "local"] = arg("cloud", "SwanLab mode.")
-    swanlab_api_key: Optional[str] = arg(None, "SwanLab API key.")
+    swanlab_workspace: Optional[str] = arg(None, "SwanLab workspace (cloud mode).")
+    swanlab_run_name: Optional[str] = arg(None, "SwanLab experiment name (default: ray_run_name).")
+    swanlab_mode: Literal["cloud", "local", "offline"] = arg(
+        "cloud", "cloud: log to SwanLab's server; local: a folder for `swanlab watch`; offline: a folder that "
+                 "`swanlab sync` uploads later (no network during the run).")
+    swanlab_api_key: Optional[str] = arg(None, "SwanLab API key for cloud mode (a secret: masked everywhere).")
+    swanlab_logdir: Optional[str] = arg(None, "SwanLab's folder (default: output_dir/swanlog).")
+    swanlab_lark_webhook_url: Optional[str] = arg(None, "A Lark webhook SwanLab notifies when the run ends "
+                                                        "(a secret: masked everywhere).")
+    swanlab_lark_secret: Optional[str] = arg(None, "The Lark webhook's signing secret (masked everywhere).")
     # derived in recipe.derive.resolve(), never set by the user
     use_ref_model: bool = field(default=False, init=False,
                                 metadata={"help": "Derived: whether the stage compares with a reference model."})

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-SECRET_KEYS = {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key", "hub_token"}
+SECRET_KEYS = {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key", "hub_token",
+               "swanlab_lark_webhook_url", "swanlab_lark_secret"}  # a webhook's URL carries its token
 MASK = "***"
 # The reward model's value head beside its weights (LLaMA-Factory's layout): stage rm writes it, PPO and export read it.
 VALUE_HEAD_FILE = "value_head.safetensors"

@@ -202,7 +202,8 @@ def demo_run(tmp_path_factory, tiny_model, ray_local):
     tmp_path = tmp_path_factory.mktemp("demo")
     cfg = parse_config(load_recipe(DEMO_RECIPE, [
         f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}", f"ray_storage_path={tmp_path / 'ray'}",
-        f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]", "eval_dataset=demo_sft_eval,demo_sft",
+        f"hf_hub_token={SECRET}", "report_to=[tensorboard,mlflow,wandb]", "use_swanlab=true", "swanlab_mode=offline",
+        "eval_dataset=demo_sft_eval,demo_sft",
         "eval_on_each_dataset=true"]), base_dir=ROOT)
     with captured_log() as driver_lines:
         result = run_train(cfg)

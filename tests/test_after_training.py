@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SECRET
 
 from rayft.orchestrator.predict import run_predict
 from rayft.recipe.loading import load_recipe
@@ -40,6 +40,35 @@ def test_trackers_hold_the_loss_series_of_rank_zero(demo_run, monkeypatch):
     # Weights & Biases: one offline run, closed, with the run's name
     (wandb_run,) = (out / "wandb").glob("offline-run-*")
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in wandb_run.iterdir())
+
+    # SwanLab (use_swanlab, offline mode): one run in output_dir/swanlog, finished, named after ray_run_name, with
+    # the loss of every logged step and the final evaluation, its config the recipe with the hub token masked
+    records = swanlab_records(out / "swanlog")
+    assert records["start"][0].name == "demo-sft-lora" and records["finish"][0].state == 1  # RUN_STATE_FINISHED
+    scalars = [(r.step, round(r.value.number, 4)) for r in records["scalar"] if r.key == "train/loss"]
+    assert scalars == [(s, round(v, 4)) for s, v in losses]
+    assert any(r.key.startswith("eval/") for r in records["scalar"])
+    (config,) = (out / "swanlog").glob("run-*/files/config.yaml")
+    assert "hf_hub_token" in config.read_text() and SECRET not in config.read_text()
+    assert not [p for p in (out / "swanlog").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def swanlab_records(folder) -> dict[str, list]:
+    """The records of the one SwanLab run under `folder`, by kind (start, scalar, finish, ...), read with SwanLab's
+    own reader of its run file."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    (run_file,) = folder.glob("run-*/run-*.swanlab")
+    reader, records = DataStoreReader(), {}
+    reader.open(run_file)
+    for raw in reader:
+        record = Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        records.setdefault(kind, []).append(getattr(record, kind))
+    reader.close()
+    return records
 
 
 def test_predict_with_generate_on_the_demo_adapter(demo_run, tmp_path, tiny_model, ray_local, rayft_log):

@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "use_swanlab=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "shift_attn=true", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("use_swanlab") and "not built" in p for p in found)
+    assert any(p.startswith("shift_attn") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():
@@ -84,7 +84,7 @@ def test_override_without_equals_is_refused():
 
 @pytest.mark.parametrize("key,value", [("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("shift_attn", "true"),
-                                       ("use_unsloth", "true"), ("use_swanlab", "true"), ("fp8", "true")])
+                                       ("use_unsloth", "true"), ("image_max_pixels", "65536"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem
@@ -403,7 +403,8 @@ def test_the_key_help_says_not_built_from_the_list_that_refuses_the_key():
             assert "not built" not in own, f.name  # said once, by describe_keys, from NOT_BUILT
             shown = A.describe_keys(f.name)
             assert ("Not built (" in shown) == (f.name in NOT_BUILT), f.name
-    assert "Not built (SwanLab tracking): refused" in A.describe_keys("use_swanlab")
+    assert "Not built (model patches): refused" in A.describe_keys("shift_attn")
+    assert "Not built" not in A.describe_keys("use_swanlab")
     assert "Not built" not in A.describe_keys("use_galore")
     assert "QLoRA" in A.describe_keys("quantization_bit") and "Not built" not in A.describe_keys("quantization_bit")
 

@@ -112,9 +112,30 @@ def test_trackers_rules():
     assert problems(DEMO_RECIPE, "report_to=[tensorboard,mlflow,wandb]") == []
     assert problems(DEMO_RECIPE, "report_to=none") == []
     assert problems(DEMO_RECIPE, "report_to=[tensorboard,neptune]") == [
-        "report_to: 'neptune' is not built in rayft (built: tensorboard, mlflow, wandb)"]
+        "report_to: 'neptune' is not built in rayft (built: tensorboard, mlflow, wandb, swanlab)"]
     assert problems(DEMO_RECIPE, "mlflow_tracking_uri=http://localhost:5000")[0].startswith(
         "mlflow_tracking_uri: only read with report_to: mlflow")
+
+
+def test_swanlab_rules_and_its_secrets():
+    from rayft.recipe.derive import uses_swanlab
+
+    # report_to: swanlab is use_swanlab (as in LLaMA-Factory); its keys are read only then
+    assert uses_swanlab(parse_config(load_recipe(DEMO_RECIPE, ["report_to=swanlab"]), base_dir=ROOT))
+    assert problems(DEMO_RECIPE, "use_swanlab=true", "swanlab_mode=offline", "swanlab_run_name=r") == []
+    assert problems(DEMO_RECIPE, "swanlab_project=p", "swanlab_mode=offline") == [
+        f"{k}: only read with use_swanlab: true; set it or remove {k}" for k in ("swanlab_project", "swanlab_mode")]
+    assert problems(DEMO_RECIPE, "use_swanlab=true", "swanlab_mode=local", "swanlab_api_key=sk-1",
+                    "swanlab_lark_secret=s") == [
+        "swanlab_api_key: only read with swanlab_mode: cloud (local mode logs to a folder without logging in); "
+        "remove it or use cloud",
+        "swanlab_lark_secret: signs swanlab_lark_webhook_url's messages; set the webhook or remove the secret"]
+    assert problems(DEMO_RECIPE, "use_swanlab=true", "swanlab_mode=online")[0].startswith("swanlab_mode: ")
+    cfg = parse_config(load_recipe(DEMO_RECIPE, ["use_swanlab=true", "swanlab_api_key=sk-1",
+                                                 "swanlab_lark_webhook_url=https://open.feishu.cn/hook/abc",
+                                                 "swanlab_lark_secret=s"]), base_dir=ROOT)
+    saved = cfg.to_dict(mask_secrets=True)
+    assert [saved[k] for k in ("swanlab_api_key", "swanlab_lark_webhook_url", "swanlab_lark_secret")] == ["***"] * 3
 
 
 def test_plots_cover_every_stage_metric_with_its_eval_series(tmp_path):

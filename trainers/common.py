@@ -29,7 +29,13 @@ from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.resume import UNIVERSAL_VIEWS, resume_point, resumed_epoch
 from rayft.trainers.shards import eval_shards, train_shard
-from rayft.trainers.tracking import adapt_trackers, close_trackers, prepare_trackers
+from rayft.trainers.tracking import (
+    adapt_trackers,
+    close_trackers,
+    prepare_trackers,
+    swanlab_callbacks,
+    without_swanlab,
+)
 from rayft.trainers.training_args import transformers_arguments
 
 
@@ -56,6 +62,8 @@ def training_arguments(cfg: RecipeConfig, plan: Plan) -> Seq2SeqTrainingArgument
     if cfg.finetuning.early_stopping_steps is not None:
         kwargs.setdefault("metric_for_best_model", "loss")  # what early stopping watches unless told
     kwargs.setdefault("disable_tqdm", True)  # rayft prints its own progress line per logging step
+    if "report_to" in kwargs:
+        kwargs["report_to"] = without_swanlab(kwargs["report_to"])
 
     kwargs.setdefault("run_name", ray.train.get_context().get_experiment_name())  # the trackers' run name
     if not cfg.model.disable_gradient_checkpointing:
@@ -302,7 +310,8 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
                      if cfg.finetuning.early_stopping_steps is not None else []),
                    *([TorchProfiler(cfg.args, args.output_dir, args.process_index)]
                      if cfg.args.enable_torch_profiler else []),
-                   *([StopAt(plan.stop_at, eval_data is not None)] if plan.stop_at else [])],
+                   *([StopAt(plan.stop_at, eval_data is not None)] if plan.stop_at else []),
+                   *swanlab_callbacks(cfg, args.output_dir, args.process_index, args.run_name)],
         finetuning=cfg.finetuning,
         hyperparameters_from_recipe=plan.start_from is not None,
         **trainer_kwargs,

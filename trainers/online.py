@@ -22,7 +22,7 @@ from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEver
 from rayft.trainers.common import peak_memory
 from rayft.trainers.optimizers import adamw_kwargs, build_optimizer, decay_names
 from rayft.trainers.shards import ShardStream
-from rayft.trainers.tracking import close_trackers, tracker_callbacks
+from rayft.trainers.tracking import close_trackers, swanlab_callbacks, tracker_callbacks
 
 
 class OnlineTrainer:
@@ -43,7 +43,8 @@ class OnlineTrainer:
                                   is_local_process_zero=args.local_process_index == 0)
         self.control = TrainerControl()
         callbacks = [LogCallback(args.output_dir, plan.progress_board, args.world_size),
-                     *tracker_callbacks(args.report_to)]
+                     *tracker_callbacks(args.report_to),
+                     *swanlab_callbacks(cfg, args.output_dir, args.process_index, args.run_name)]
         callbacks += [RecipeInCheckpoint(cfg.to_dict(mask_secrets=True), plan), RayTrainReportCallback(),
                       *([ReportEveryLog()] if plan.report_every_log else [])]
         self.callbacks = CallbackHandler(callbacks, policy, tokenizer, self.optimizer, self.scheduler)

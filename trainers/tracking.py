@@ -1,7 +1,8 @@
-"""Experiment tracking from rank 0: TensorBoard, MLflow (a local file store unless told) and W&B offline.
+"""Experiment tracking from rank 0: TensorBoard, MLflow (a local file store unless told), W&B offline and SwanLab.
 
-Transformers' own integration callbacks do the logging; rayft only points them somewhere and closes them
-after the final evaluation, so every metric of a run, eval included, lands in one tracker run.
+Transformers' own integration callbacks do the logging (SwanLab's through its own Transformers callback, as
+LLaMA-Factory does); rayft only points them somewhere and closes them after the final evaluation, so every
+metric of a run, eval included, lands in one tracker run.
 """
 
 import os
@@ -15,7 +16,7 @@ from transformers.integrations import (
 )
 
 from rayft.recipe.config import RecipeConfig
-from rayft.recipe.derive import report_targets
+from rayft.recipe.derive import report_targets, uses_swanlab
 
 
 def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
@@ -37,6 +38,38 @@ def prepare_trackers(cfg: RecipeConfig, output_dir: str) -> None:
             # MLflow 3 keeps its file store for those who opt in; it is the store that needs no server
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         mlflow.set_tracking_uri(uri)
+
+
+def without_swanlab(report_to):
+    """`report_to` for Transformers: SwanLab is rayft's own callback (`swanlab_callbacks`), never Transformers'."""
+    targets = report_targets(report_to)
+    if "swanlab" not in targets:
+        return report_to
+    return [name for name in targets if name != "swanlab"] or "none"
+
+
+def swanlab_callbacks(cfg: RecipeConfig, output_dir: str, process_index: int, run_name: str) -> list:
+    """SwanLab's callback on rank 0 when the recipe tracks with SwanLab (none elsewhere). Cloud mode logs in with
+    swanlab_api_key without saving it; local and offline modes write to swanlab_logdir (default output_dir/swanlog).
+    The run's config is the recipe with its secrets masked."""
+    f = cfg.finetuning
+    if not uses_swanlab(cfg) or process_index != 0:
+        return []
+    import swanlab  # optional tracker, imported only when the recipe asks for it
+    from swanlab.integration.transformers import SwanLabCallback
+
+    if f.swanlab_api_key and f.swanlab_mode == "cloud":
+        swanlab.login(api_key=f.swanlab_api_key, save=False)
+    if f.swanlab_lark_webhook_url:
+        from swanlab.plugin.notification import LarkCallback
+
+        swanlab.register_callbacks([LarkCallback(webhook_url=f.swanlab_lark_webhook_url, secret=f.swanlab_lark_secret)])
+    callback = SwanLabCallback(project=f.swanlab_project, workspace=f.swanlab_workspace,
+                               experiment_name=f.swanlab_run_name or run_name, mode=f.swanlab_mode,
+                               log_dir=f.swanlab_logdir or str(Path(output_dir) / "swanlog"), tags=["rayft"],
+                               log_config=False)  # Transformers' arguments: the recipe below says it all
+    callback.update_config({"recipe": cfg.to_dict(mask_secrets=True)})
+    return [callback]
 
 
 def mlflow_file_store(output_dir: str) -> str:
@@ -75,3 +108,7 @@ def close_trackers(callbacks: list) -> None:
             callback.tb_writer = None
         elif isinstance(callback, WandbCallback) and callback._wandb is not None and callback._wandb.run is not None:
             callback._wandb.finish()
+        elif type(callback).__name__ == "SwanLabCallback" and callback._get_active_run() is not None:
+            import swanlab  # (imported only where it tracks)
+
+            swanlab.finish()
