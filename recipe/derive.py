@@ -211,6 +211,9 @@ def vocabulary_notes(m, base_dir: Path) -> list[str]:
     """New tokens: new_special_tokens_config read into its mapping (it travels inside the recipe, to workers that may
     not see the file), and resize_vocab on when tokens are added (as LLaMA-Factory turns it on)."""
     notes = []
+    if m.new_special_tokens:  # the seed's (an older LLaMA-Factory's) name of add_special_tokens
+        m.add_special_tokens, m.new_special_tokens = m.new_special_tokens, None
+        notes.append("add_special_tokens = new_special_tokens (its older name)")
     if isinstance(m.new_special_tokens_config, str):
         path = under(base_dir, m.new_special_tokens_config)
         m.new_special_tokens_config = yaml.safe_load(path.read_text(encoding="utf-8"))

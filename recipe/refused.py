@@ -17,7 +17,7 @@ NOT_BUILT: dict[str, str] = {
     "export_hub_model_id": "pushing an export to the hub",
     **{k: "model patches" for k in (
         "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
-        "enable_liger_kernel", "new_special_tokens")},
+        "enable_liger_kernel")},
     **{k: "multimodal training" for k in (
         "crop_to_patches", "image_do_pan_and_scan", "use_audio_in_video", "audio_sampling_rate",
         "freeze_language_model")},

@@ -181,6 +181,10 @@ def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
     if config is not None and m.add_special_tokens:
         problems.append(Problem("add_special_tokens and new_special_tokens_config", (
             "both name the new special tokens; keep one (LLaMA-Factory takes the config's and warns)")))
+    if m.new_special_tokens and (m.add_special_tokens or config is not None):
+        other = "add_special_tokens" if m.add_special_tokens else "new_special_tokens_config"
+        problems.append(Problem(f"new_special_tokens and {other}", "new_special_tokens is the older name of "
+                                                                   f"add_special_tokens; keep {other}"))
     if isinstance(config, str):
         path = under(base_dir, config)
         try:
@@ -198,7 +202,8 @@ def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
         problems.append(Problem("init_special_tokens", f"{m.init_special_tokens} starts each token from its "
                                                        "description; set new_special_tokens_config (LLaMA-Factory "
                                                        "falls back to noise_init)"))
-    grows = m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens_config
+    grows = (m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens
+             or m.new_special_tokens_config)
     problems += frozen_quantization_problems(cfg, base_dir)
     if grows and m.quantization_bit is not None:
         problems.append(Problem("quantization_bit and resize_vocab", "a quantised model's embeddings cannot grow; "

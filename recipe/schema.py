@@ -32,7 +32,8 @@ class ModelArguments:
     resize_vocab: bool = arg(False, "Grow the embeddings to the tokenizer's vocabulary (on by itself when tokens are "
                                     "added).")
     split_special_tokens: bool = arg(False, "Tokenise special tokens as text (their pieces, not their ids).")
-    new_special_tokens: Optional[str] = arg(None, "Special tokens to add to the tokenizer.")
+    new_special_tokens: Optional[str] = arg(None, "The older name of add_special_tokens (a comma list of special "
+                                                  "tokens to add).")
     model_revision: str = arg(
         "main", "Branch, tag or commit of the model on the hub; the tokenizer and the token cache follow it.")
     low_cpu_mem_usage: bool = arg(True, "Load weights without a second full copy in memory.")

@@ -456,6 +456,9 @@ def test_new_tokens_encode_as_one_id_grow_the_embeddings_train_and_survive_expor
     ids = tokenizer.encode("<|svg|>rayftword<|/svg|>", add_special_tokens=False)
     assert ids == [old + 1, old, old + 2]  # plain tokens are added first, as LLaMA-Factory adds them
     assert tokenizer.decode(ids) == "<|svg|>rayftword<|/svg|>"
+    older = config("new_special_tokens=<|svg|>,<|/svg|>")  # the seed's name of add_special_tokens
+    assert older.model.add_special_tokens == "<|svg|>,<|/svg|>" and older.model.resize_vocab
+    assert "add_special_tokens = new_special_tokens (its older name)" in older.notes
     split = load_tokenizer(TokenizerSpec.of(config("add_special_tokens=<|svg|>", "split_special_tokens=true").model))
     assert len(split.encode("<|svg|>", add_special_tokens=False)) > 1
 
@@ -491,7 +494,9 @@ def test_new_tokens_encode_as_one_id_grow_the_embeddings_train_and_survive_expor
     for bad, expected in [(("init_special_tokens=desc_init",), "init_special_tokens: desc_init starts each token"),
                           (("add_special_tokens=<|a|>", "deepspeed=z3"), "resize_vocab and deepspeed: growing"),
                           (("add_special_tokens=<|a|>", "new_special_tokens_config={'<|b|>': 'x'}"),
-                           "add_special_tokens and new_special_tokens_config: both name")]:
+                           "add_special_tokens and new_special_tokens_config: both name"),
+                          (("add_special_tokens=<|a|>", "new_special_tokens=<|b|>"),
+                           "new_special_tokens and add_special_tokens: new_special_tokens is the older name")]:
         with pytest.raises(ConfigError) as err:
             config(*bad)
         assert any(m.startswith(expected) for m in err.value.messages), err.value.messages
