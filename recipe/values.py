@@ -1,5 +1,6 @@
 """Small helpers over recipe values that every layer uses, Ray Data's task workers included (no heavy imports)."""
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ DEFAULT_SEED = 42
 def comma_list(value: str | None) -> list[str]:
     """The items of a comma-separated recipe value (dataset, eval_dataset, lora_target, ...), trimmed."""
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def module_matches(name: str, patterns: list[str]) -> bool:
+    """Whether a module's name matches a profile_modules pattern, also under PEFT's `base_model.model.` prefix."""
+    return bool(name) and any(fnmatch.fnmatch(n, p) for p in patterns
+                              for n in (name, name.removeprefix("base_model.model.")))
 
 
 def is_secret(key: str) -> bool:

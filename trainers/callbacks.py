@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from rayft.recipe.logs import logger
-from rayft.recipe.values import read_log
+from rayft.recipe.values import module_matches, read_log
 from rayft.trainers.outputs import save_config
 
 
@@ -115,6 +115,82 @@ class ReportEveryLog(TrainerCallback):
 
 
 
+
+
+class ModuleTimes(TrainerCallback):
+    """`profile_modules` (LLaMA-Factory's key): the forward and backward time of every module whose name matches one
+    of its fnmatch patterns (`*.layers.0.self_attn,*.layers.*.mlp`), per call, averaged over each logging window.
+    CUDA events time GPU workers (synchronised at each step's end); CPU workers, which compute synchronously, are
+    timed with the clock (LLaMA-Factory times CUDA and NPU only). Rank 0 logs one line per module and appends one
+    record per logging step to `output_dir/module_times.jsonl`."""
+
+    FILE = "module_times.jsonl"
+
+    def __init__(self, patterns: list[str], output_dir: str, rank: int):
+        self.patterns, self.rank, self.file = patterns, rank, Path(output_dir) / self.FILE
+        self.handles, self.started, self.cuda = [], {}, torch.cuda.is_available()
+        self.times: dict[tuple[str, str], list] = {}  # (module, "forward" / "backward") -> times in ms or events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for name, module in model.named_modules():
+            if module_matches(name, self.patterns):
+                self.handles += [module.register_forward_pre_hook(self._start(name, "forward")),
+                                 module.register_forward_hook(self._stop(name, "forward")),
+                                 module.register_full_backward_pre_hook(self._start(name, "backward")),
+                                 module.register_full_backward_hook(self._stop(name, "backward"))]
+        if self.rank == 0:
+            clock = "CUDA events" if self.cuda else "the CPU clock"
+            logger.info(f"profile_modules: timing {len(self.handles) // 4} module(s) with {clock}")
+
+    def _start(self, name: str, phase: str):
+        def hook(*_):
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.started[name, phase] = start
+            else:
+                self.started[name, phase] = time.perf_counter()
+        return hook
+
+    def _stop(self, name: str, phase: str):
+        def hook(*_):
+            start = self.started.pop((name, phase), None)
+            if start is None:
+                return
+            if self.cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.times.setdefault((name, phase), []).append((start, end))
+            else:
+                self.times.setdefault((name, phase), []).append((time.perf_counter() - start) * 1000)
+        return hook
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cuda and self.times:
+            torch.cuda.synchronize()
+            self.times = {k: [v if isinstance(v, float) else v[0].elapsed_time(v[1]) for v in values]
+                          for k, values in self.times.items()}
+
+    def on_log(self, args, state, control, **kwargs):
+        if not self.times:
+            return
+        names = sorted({name for name, _ in self.times})
+        record = {"step": state.global_step, "modules": {name: {
+            f"{phase}_ms": round(sum(t) / len(t), 4) if (t := self.times.get((name, phase))) else None
+            for phase in ("forward", "backward")} | {"calls": len(self.times.get((name, "forward"), []))}
+            for name in names}}
+        self.times.clear()
+        if self.rank == 0:
+            with self.file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for name, t in record["modules"].items():
+                logger.info(f"module time at step {state.global_step}: {name} forward {t['forward_ms']} ms, "
+                            f"backward {t['backward_ms']} ms (mean of {t['calls']} calls)")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class TorchProfiler(TrainerCallback):

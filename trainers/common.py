@@ -21,9 +21,9 @@ from transformers import (
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
-from rayft.recipe.values import read_log
+from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
-from rayft.trainers.callbacks import LogCallback, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
+from rayft.trainers.callbacks import LogCallback, ModuleTimes, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
 from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
@@ -310,6 +310,8 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
                      if cfg.finetuning.early_stopping_steps is not None else []),
                    *([TorchProfiler(cfg.args, args.output_dir, args.process_index)]
                      if cfg.args.enable_torch_profiler else []),
+                   *([ModuleTimes(comma_list(cfg.args.profile_modules), args.output_dir, args.process_index)]
+                     if cfg.args.profile_modules else []),
                    *([StopAt(plan.stop_at, eval_data is not None)] if plan.stop_at else []),
                    *swanlab_callbacks(cfg, args.output_dir, args.process_index, args.run_name)],
         finetuning=cfg.finetuning,

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.stages import STAGE_SPECS
-from rayft.recipe.values import comma_list
+from rayft.recipe.values import comma_list, module_matches
 from rayft.trainers.model import (
     FINETUNING,
     ROUTER_LOSS_KEYS,
@@ -91,6 +91,11 @@ def module_problems(cfg: RecipeConfig, model) -> list[Problem]:
         if missing:
             problems.append(Problem(key, f"{', '.join(missing)} not found in {type(model).__name__}; its linear "
                                          f"layers are {', '.join(linear_module_names(model))}"))
+    patterns = comma_list(cfg.args.profile_modules)
+    if patterns and not any(module_matches(n, patterns) for n in names):
+        problems.append(Problem("profile_modules", f"{', '.join(patterns)} matches no module of "
+                                                   f"{type(model).__name__}; its modules are named like "
+                                                   f"{names[-1]!r} (fnmatch patterns, e.g. *.layers.0.self_attn)"))
     try:
         if f.finetuning_type == "freeze":
             freeze_trainable_prefixes(model, f)
