@@ -4,6 +4,8 @@ The tiny Qwen2 model: hidden 256, 4 blocks, q/o 256->256 (q with bias), k/v 256-
 gate/up 256->682, down 682->256, two RMSNorms per block, tied embeddings.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -199,7 +201,35 @@ def test_module_names_are_checked_on_the_driver_against_an_empty_model(tiny_mode
     assert "freeze_trainable_modules" in found("finetuning_type=freeze", "freeze_trainable_modules=attn")[0]
     assert found("stage=rm", "dataset=demo_dpo", "additional_target=score") == []
     assert found(f"model_name_or_path={tmp_path}")[0].startswith("model_name_or_path: cannot read a model config")
+    assert found("profile_modules='*.layers.0.self_attn'") == []
+    assert found("profile_modules='*.blocks.0.attn'")[0].startswith(
+        "profile_modules: *.blocks.0.attn matches no module")
     assert not (tmp_path / "out").exists()
+
+
+def test_profile_modules_times_the_matching_modules_forward_and_backward(tiny_model, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from rayft.trainers.callbacks import ModuleTimes
+
+    model = prepared(tiny_model, finetuning_type="lora", lora_target="all")  # PEFT's names: base_model.model.model...
+    times = ModuleTimes(["*.layers.0.self_attn", "model.layers.1.mlp"], str(tmp_path), rank=0)
+    times.on_train_begin(None, None, None, model=model)
+    assert len(times.handles) == 4 * 2
+    for step in (1, 2):
+        for _ in range(3):  # three micro-batches a step
+            model(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8)).loss.backward()
+        times.on_step_end(None, None, None)
+        if step == 2:
+            times.on_log(None, SimpleNamespace(global_step=step), None)
+    times.on_train_end(None, None, None)
+    (record,) = [json.loads(line) for line in (tmp_path / "module_times.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and sorted(record["modules"]) == ["base_model.model.model.layers.0.self_attn",
+                                                                 "base_model.model.model.layers.1.mlp"]
+    assert all(t["calls"] == 6 and t["forward_ms"] > 0 and t["backward_ms"] > 0 for t in record["modules"].values())
+    model(input_ids=torch.arange(8).view(1, 8))  # the hooks are gone after training
+    assert times.times == {}
 
 
 def test_an_explicit_reference_model_merges_its_adapters(tiny_model, tmp_path):
@@ -500,3 +530,61 @@ def test_new_tokens_encode_as_one_id_grow_the_embeddings_train_and_survive_expor
         with pytest.raises(ConfigError) as err:
             config(*bad)
         assert any(m.startswith(expected) for m in err.value.messages), err.value.messages
+
+
+def test_shift_attn_attends_within_groups_and_shifted_groups_without_seeing_later_tokens(tiny_model):
+    """S²-Attn against a dense reference: each half of the heads is plain attention under a mask that keeps a query
+    to its own group (of a quarter of the sequence), the second half's groups starting half a group later and the
+    last one wrapping around; a later token never changes an earlier output. Evaluation attends whole."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from rayft.trainers.shift_attn import shifted_sparse_attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 14, 8  # 14 is padded to 16: groups of 4
+    query = torch.randn(batch, heads, length, dim)
+    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    padding[1, 11:] = False  # the second row is 11 tokens long
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & padding[:, None, None, :]
+    module = SimpleNamespace(training=True, num_key_value_groups=heads // kv_heads, is_causal=True)
+
+    out, _ = shifted_sparse_attention(module, query, key, value, allowed)
+    group, shift = 4, 2
+    pos = torch.arange(length)
+    expected = []
+    for h in range(heads):
+        index = pos if h < heads // 2 else (pos - shift) % 16
+        same = (index[:, None] // group) == (index[None, :] // group)
+        mask = (allowed & same) | torch.eye(length, dtype=torch.bool)
+        kv = h // (heads // kv_heads)
+        expected.append(F.scaled_dot_product_attention(query[:, h:h + 1], key[:, kv:kv + 1], value[:, kv:kv + 1],
+                                                       attn_mask=mask))
+    expected = torch.cat(expected, dim=1).transpose(1, 2)
+    valid = padding[:, :, None, None].expand_as(out)
+    assert torch.allclose(out[valid], expected[valid], atol=1e-5)
+    changed = key.clone()
+    changed[:, :, -1] += 1.0
+    later, _ = shifted_sparse_attention(module, query, changed, value, allowed)
+    assert torch.allclose(later[:, :-1], out[:, :-1], atol=1e-6) and not torch.allclose(later[0, -1], out[0, -1])
+    module.training = False  # evaluation: the whole causal sequence, as SDPA
+    whole, _ = shifted_sparse_attention(module, query, key, value, allowed)
+    assert torch.allclose(whole, F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=allowed).transpose(1, 2),
+        atol=1e-5)
+
+    m = ModelArguments(model_name_or_path=str(tiny_model), shift_attn=True, disable_gradient_checkpointing=True)
+    model = methods.load_model(m, use_gpu=False)
+    assert model.config._attn_implementation == "rayft_shift_attn"
+    ids = torch.randint(0, 500, (2, 24))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.eval()
+    plain = methods.load_model(replace(m, shift_attn=False), use_gpu=False).eval()
+    assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(loss, plain(input_ids=ids, labels=ids).loss)  # in training, the groups differ
+    frozen = methods.load_model(m, use_gpu=False, trainable=False)  # a reference copy attends whole
+    assert frozen.config._attn_implementation != "rayft_shift_attn"

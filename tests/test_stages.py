@@ -84,7 +84,7 @@ def test_dpo_with_lora_holds_one_copy_of_the_base_weights(tmp_path, tiny_model, 
 # (summed instead of averaged log-probabilities, as sigmoid's run shows) and orpo simpo's length-normalised one;
 # every formula is held to TRL's and LLaMA-Factory's values in test_losses.py
 @pytest.mark.parametrize("loss, extra", [
-    ("ipo", ("pref_beta=0.5",)), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5")),
+    ("ipo", ("pref_beta=0.5",)), ("simpo", ("pref_beta=2.0", "simpo_gamma=0.5", "shift_attn=true")),
 ])
 def test_every_preference_loss_learns_the_pairs(tmp_path, tiny_model, ray_local, loss, extra):
     out, log = train_recipe(CONFIGS / "demo_dpo_lora.yaml", tmp_path, tiny_model, f"pref_loss={loss}", *extra,
@@ -133,14 +133,15 @@ def test_dpo_with_full_fine_tuning_uses_a_frozen_reference_copy_under_zero3(tmp_
 
 
 @pytest.mark.slow
-def test_sft_with_freeze_galore_and_the_torch_profiler_on_two_workers(tmp_path, tiny_model, ray_local):
+def test_sft_with_freeze_galore_and_the_profilers_on_two_workers(tmp_path, tiny_model, ray_local):
     # (full fine-tuning trains in the dpo run above, under ZeRO-3, with its whole model saved and checked). GaLore
     # here is the optimizer factory in real workers: non-layer-wise under DDP, which LLaMA-Factory does not offer
     out, log = train_recipe(CONFIGS / "demo_sft_lora.yaml", tmp_path, tiny_model, "finetuning_type=freeze",
                             "num_train_epochs=1", "deepspeed=null", "freeze_trainable_layers=2",
                             "freeze_extra_modules=norm", "use_galore=true", "galore_rank=8", "galore_scale=1.0",
                             "save_strategy=steps", "save_steps=16", "enable_torch_profiler=true",
-                            "include_effective_tokens_per_second=true")
+                            "include_effective_tokens_per_second=true",
+                            "profile_modules='*.layers.3.self_attn,*.layers.2.mlp'")
     assert log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     state = torch.load(out / "checkpoint-16" / "optimizer.pt", weights_only=False)["state"]
@@ -152,6 +153,12 @@ def test_sft_with_freeze_galore_and_the_torch_profiler_on_two_workers(tmp_path, 
     for rank in (0, 1):  # the profiler's default schedule records step 3 of each worker
         (trace,) = (out / "profiler" / f"rank_{rank}").glob("*.pt.trace.json")
         assert '"traceEvents"' in trace.read_text()[:4000]
+    # profile_modules: rank 0's forward and backward times of the two modules at every logging step (the trained
+    # blocks, so their backward runs; with gradient checkpointing each forward runs twice)
+    timed = [json.loads(line) for line in (out / "module_times.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in timed] == [r["step"] for r in log] + [16]  # 16: the steps after the last log
+    assert all(sorted(r["modules"]) == ["model.layers.2.mlp", "model.layers.3.self_attn"] for r in timed)
+    assert all(t["forward_ms"] > 0 and t["backward_ms"] > 0 for r in timed for t in r["modules"].values())
 
 
 @pytest.mark.slow

@@ -49,12 +49,17 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     A model loaded with `trainable=False` (a reference model) gets no gradient checkpointing. `dtype` overrides
     the training dtype (`model_dtype`), e.g. "auto" for an export in the checkpoint's own precision. With
     `scratch_seed` (train_from_scratch) the trained model is built from its config with random weights drawn from
-    that seed, the same on every worker. With rope_scaling, `max_length` (the run's cutoff_len) sets the factor;
+    that seed, the same on every worker. With shift_attn the trained model attends through LongLoRA's shifted sparse
+    attention (trainers/shift_attn.py). With rope_scaling, `max_length` (the run's cutoff_len) sets the factor;
     None (generation) doubles the model's length, as LLaMA-Factory does. `frozen_bits` (4 or 8) quantises a frozen
     model (`trainable=False`: a reference or reward model) with bitsandbytes; a trained one follows quantization_bit.
     """
 
     attn = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[model_args.flash_attn]
+    if model_args.shift_attn and trainable:  # a frozen copy (a reference model) attends whole, as LLaMA-Factory's
+        from rayft.trainers import shift_attn
+
+        attn = shift_attn.NAME
     kwargs = {"num_labels": 1} if value_head else {}
     bits = model_args.quantization_bit if trainable else frozen_bits
     if bits is not None:
