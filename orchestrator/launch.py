@@ -233,21 +233,27 @@ def plan_prepared(prepared: Prepared) -> Plan:
     return plan
 
 
-def run_train(cfg: RecipeConfig, helper: Helper | None = None):
+def run_train(cfg: RecipeConfig, helper: Helper | None = None, keep_helper: bool = False):
     """`rayft train`: the whole run. Returns Ray Train's Result; raises on a failed run.
 
     Ray starts while the helper process still checks the model and the data (a few seconds each on a small machine):
     a problem it finds stops the run before any worker is started, and Ray with it. `helper`: the command's own,
-    already started (default: one started here)."""
-    with helper or driver_helper("rayft train") as helper:
+    already started (default: one started here), closed once the data is tokenised unless `keep_helper` (a pipeline
+    checks and tokenises every stage with one)."""
+    helper = helper or driver_helper("rayft train")
+    try:
         checks = start_checks(cfg, helper)
         with ray_session(cfg.ray) as nodes:
             prepared = checks.finish()
             check_cluster(cfg, nodes)  # the connected cluster can hold the workers
             tokenised = tokenize_splits(prepared)
-            helper.close()  # the driver holds no torch while its run trains
+            if not keep_helper:
+                helper.close()  # the driver holds no torch while its run trains
             return launch(cfg, plan_run(prepared, nodes, tokenised.train_count, train_tokens=tokenised.train_tokens),
                           tokenised.datasets)
+    finally:
+        if not keep_helper:
+            helper.close()
 
 
 @dataclass(frozen=True)

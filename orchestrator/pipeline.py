@@ -179,22 +179,24 @@ def run_pipeline(path: str, overrides: list[str], base_dir: str | Path = ".") ->
     if not to_run:
         logger.info(f"pipeline {pipeline.run_name}: every stage has finished")
         return pipeline
-    with driver_helper("rayft pipeline") as helper:
-        prepared = check(pipeline, to_run, helper, base_dir)
     results = {name: StageResult(r["result"]["model"], tuple(r["result"]["adapters"]))
                for name, r in pipeline.state["stages"].items() if r.get("status") == "finished"}
-    with ray_session(prepared[0].cfg.ray):
-        for stage in to_run:
-            start = results[stage.source].keys() if stage.source else {}
-            cfg = stage_config(stage, start, base_dir)
-            results[stage.name] = train_stage(pipeline, stage, cfg, start)
+    # one helper process for the whole pipeline: it checks every stage, then each stage's data and merge
+    with driver_helper("rayft pipeline") as helper:
+        prepared = check(pipeline, to_run, helper, base_dir)
+        with ray_session(prepared[0].cfg.ray):
+            for stage in to_run:
+                start = results[stage.source].keys() if stage.source else {}
+                cfg = stage_config(stage, start, base_dir)
+                results[stage.name] = train_stage(pipeline, stage, cfg, start, helper)
     logger.info(f"pipeline {pipeline.run_name}: every stage has finished; records in "
                 f"{pipeline.output_dir / PIPELINE_FILE}")
     return pipeline
 
 
-def train_stage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig, start: dict) -> StageResult:
-    """Trains one stage (resuming from its checkpoint when it has one), merges it when asked, and records it."""
+def train_stage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig, start: dict, helper) -> StageResult:
+    """Trains one stage (resuming from its checkpoint when it has one), merges it when asked, and records it;
+    `helper` is the pipeline's helper process."""
     record = pipeline.record(stage.name)
     began = time.time()
     record.update(status="running", stage=cfg.finetuning.stage, finetuning_type=cfg.finetuning.finetuning_type,
@@ -205,12 +207,11 @@ def train_stage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig, sta
     origin = f" from {stage.source}'s result ({_describe(start)})" if stage.source else ""
     logger.info(f"stage {stage.name}: {cfg.finetuning.stage} with {cfg.finetuning.finetuning_type}{origin}")
     try:
-        with driver_helper(f"rayft pipeline, stage {stage.name}") as helper:
-            run_train(cfg, helper)
+        run_train(cfg, helper, keep_helper=True)
         result = result_of(stage, start or {"model_name_or_path": cfg.model.model_name_or_path,
                                             "adapter_name_or_path": cfg.model.adapter_name_or_path})
         if stage.merge:
-            merge(stage, cfg)
+            merge(stage, cfg, helper)
     except BaseException as err:
         record.update(status="failed", error=" ".join(str(err).split())[:500])
         pipeline.save()
@@ -224,9 +225,9 @@ def train_stage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig, sta
     return result
 
 
-def merge(stage: PipelineStage, cfg: RecipeConfig) -> None:
+def merge(stage: PipelineStage, cfg: RecipeConfig, helper) -> None:
     """A `merge: true` stage's adapters (those it started from, then its own) merged into the weights, saved in
-    output_dir/<name>/merged by `rayft export` in the driver's helper process."""
+    output_dir/<name>/merged by `rayft export` in the pipeline's helper process."""
     merged = Path(stage.output_dir) / MERGED_FOLDER
     if merged.exists():  # a merge the previous driver did not finish: the pipeline's own folder
         shutil.rmtree(merged)
@@ -235,8 +236,7 @@ def merge(stage: PipelineStage, cfg: RecipeConfig) -> None:
             "adapter_name_or_path": ",".join(adapters), "export_dir": str(merged)}
     export_cfg = parse_config(keys, for_training=False)
     logger.info(f"stage {stage.name}: merging {len(adapters)} adapter(s) into {cfg.model.model_name_or_path}")
-    with driver_helper("rayft pipeline's merge") as helper:
-        helper.call("rayft.orchestrator.export:export_recipe", export_cfg.to_dict(mask_secrets=False))
+    helper.call("rayft.orchestrator.export:export_recipe", export_cfg.to_dict(mask_secrets=False))
 
 
 def write_lineage(pipeline: Pipeline, stage: PipelineStage, cfg: RecipeConfig) -> None:
