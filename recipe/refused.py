@@ -15,9 +15,8 @@ NOT_BUILT: dict[str, str] = {
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},
     "export_hub_model_id": "pushing an export to the hub",
-    **{k: "model patches" for k in (
-        "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc",
-        "enable_liger_kernel")},
+    "mixture_of_depths": "mixture of depths (its package, mixture-of-depth 1.2, does not import on Transformers 5)",
+    **{k: "GPU kernels (Unsloth, Liger)" for k in ("use_unsloth", "use_unsloth_gc", "enable_liger_kernel")},
     **{k: "multimodal training" for k in (
         "crop_to_patches", "image_do_pan_and_scan", "use_audio_in_video", "audio_sampling_rate",
         "freeze_language_model")},
@@ -28,12 +27,12 @@ NOT_BUILT: dict[str, str] = {
         "kt_lora_expert_intermediate_size")},
     **{k: "FP8 training (needs Hopper or newer GPUs)" for k in ("fp8", "fp8_backend",
                                                                 "fp8_enable_fsdp_float8_all_gather")},
-    "profile_modules": "per-module CUDA-event timing (profile_modules; the torch profiler is built)",
     **{k: "a torchrun rendezvous (Ray Train makes the process group; its address is Ray's)" for k in (
         "master_addr", "master_port")},
-    "use_v1_kernels": "LLaMA-Factory's v1 kernels",
+    "use_v1_kernels": "LLaMA-Factory's v1 kernel plugins (fused NPU operators)",
     "use_mca": "Megatron-Core training",
-    **{k: "hyper-parallel training" for k in ("use_hyper_parallel", "hyper_parallel_args")},
+    **{k: "HyperParallel training (its hyper_parallel package is not on the package index)" for k in (
+        "use_hyper_parallel", "hyper_parallel_args")},
     "offload_folder": "offloading weights to disk at inference (each replica or worker holds its whole model)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",

@@ -144,6 +144,9 @@ def llamafactory_key_problems(cfg: RecipeConfig) -> list[Problem]:
                                                f"{', '.join(TOOL_FORMAT_NAMES)}"))
     if f.use_dft_loss and f.stage != "sft":
         problems.append(Problem("use_dft_loss", f"weighs supervised token losses (stage sft), not stage {f.stage!r}"))
+    if cfg.model.shift_attn and cfg.model.flash_attn in ("disabled", "fa2"):
+        problems.append(Problem("shift_attn and flash_attn", f"shifted sparse attention computes with SDPA; remove "
+                                                             f"flash_attn: {cfg.model.flash_attn} or shift_attn"))
     return problems
 
 
@@ -599,13 +602,15 @@ def _online_not_built(cfg: RecipeConfig, stage: str) -> list[Problem]:
         "pissa_convert": f.pissa_convert,
         "optim": t.optim not in ("adamw_torch", "adamw_torch_fused"),
         "enable_torch_profiler": t.enable_torch_profiler,
+        "profile_modules": t.profile_modules is not None,
     }
     name = stage.upper()
     what = {"deepspeed": f"DeepSpeed ZeRO for {name} (the {name} loop trains with DDP)",
             "streaming": f"streamed prompts for {name}", "eval_dataset": f"evaluation during {name} (eval_dataset, "
             "val_size, eval_strategy)", "pissa_convert": "PiSSA conversion "
             f"for {name}", "optim": f"optimizers other than AdamW for {name}",
-            "enable_torch_profiler": f"the torch profiler in the {name} loop"}
+            "enable_torch_profiler": f"the torch profiler in the {name} loop",
+            "profile_modules": f"module timing in the {name} loop"}
     return [Problem(key, f"{what[key]} is not built in rayft yet; remove {key}")
             for key, used in not_built.items() if used]
 

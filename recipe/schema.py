@@ -41,7 +41,8 @@ class ModelArguments:
         None, "RoPE scaling for longer contexts.")
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = arg(
         "auto", "Attention kernel: auto, disabled (eager), sdpa or fa2 (FlashAttention-2, GPUs only).")
-    shift_attn: bool = arg(False, "LongLoRA's shifted sparse attention.")
+    shift_attn: bool = arg(False, "LongLoRA's shifted sparse attention (S2-Attn) in training: groups of a quarter "
+                                  "of the sequence, half the heads shifted by half a group.")
     mixture_of_depths: Optional[Literal["convert", "load"]] = arg(None, "Mixture-of-depths conversion.")
     use_unsloth: bool = arg(False, "Unsloth's patched kernels.")
     use_unsloth_gc: bool = arg(False, "Unsloth's gradient checkpointing.")
@@ -492,7 +493,9 @@ class TrainingArguments(TransformersTrainingArguments):
     fp8_enable_fsdp_float8_all_gather: bool = field(default=False, metadata={"help": "FP8 all-gather."})
     enable_torch_profiler: bool = field(default=False, metadata={"help": "Torch profiler traces."})
     profiler_output_dir: Optional[str] = field(default=None, metadata={"help": "Profiler traces' folder."})
-    profile_modules: Optional[str] = field(default=None, metadata={"help": "Modules to profile."})
+    profile_modules: Optional[str] = field(default=None, metadata={
+        "help": "Comma list of fnmatch patterns of module names (*.layers.0.self_attn) whose forward and backward "
+                "times rank 0 logs at each logging step (output_dir/module_times.jsonl)."})
     profiler_wait_steps: int = field(default=1, metadata={"help": "Profiler schedule."})
     profiler_warmup_steps: int = field(default=1, metadata={"help": "Profiler schedule."})
     profiler_active_steps: int = field(default=1, metadata={"help": "Profiler schedule."})

@@ -53,11 +53,11 @@ def test_wrong_type_names_key_value_and_expected_type():
 
 
 def test_all_problems_are_reported_together():
-    found = problems("lora_rnak=8", "cutoff_len=long", "shift_attn=true", "lora_dropout=1.5")
+    found = problems("lora_rnak=8", "cutoff_len=long", "mixture_of_depths=convert", "lora_dropout=1.5")
     assert len(found) == 3, found  # value checks run only once keys and types are right
     assert any(p.startswith("lora_rnak") for p in found)
     assert any(p.startswith("cutoff_len") for p in found)
-    assert any(p.startswith("shift_attn") and "not built" in p for p in found)
+    assert any(p.startswith("mixture_of_depths") and "not built" in p for p in found)
 
 
 def test_value_problems_are_reported_together():
@@ -83,7 +83,7 @@ def test_override_without_equals_is_refused():
 
 
 @pytest.mark.parametrize("key,value", [("report_to", "comet_ml"),
-                                       ("tool_format", "hermes"), ("shift_attn", "true"),
+                                       ("tool_format", "hermes"), ("mixture_of_depths", "convert"),
                                        ("use_unsloth", "true"), ("image_max_pixels", "65536"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
@@ -403,7 +403,7 @@ def test_the_key_help_says_not_built_from_the_list_that_refuses_the_key():
             assert "not built" not in own, f.name  # said once, by describe_keys, from NOT_BUILT
             shown = A.describe_keys(f.name)
             assert ("Not built (" in shown) == (f.name in NOT_BUILT), f.name
-    assert "Not built (model patches): refused" in A.describe_keys("shift_attn")
+    assert "Not built (mixture of depths" in A.describe_keys("mixture_of_depths")
     assert "Not built" not in A.describe_keys("use_swanlab")
     assert "Not built" not in A.describe_keys("use_galore")
     assert "QLoRA" in A.describe_keys("quantization_bit") and "Not built" not in A.describe_keys("quantization_bit")
