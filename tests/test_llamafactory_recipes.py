@@ -37,7 +37,7 @@ def lf_config(recipe: str, tiny_model: Path, tmp_path: Path, *extra: str):
 
 
 def test_the_recipes_are_llamafactorys_examples():
-    assert len(RECIPES) == 19 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
+    assert len(RECIPES) == 20 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
     assert {"examples/extras/eaft/qwen25_05b_eaft_full.yaml", "examples/extras/dft/qwen2_full_sft.yaml"} <= set(RECIPES)
     text = (LF_ROOT / "examples/train_lora/qwen3_lora_sft.yaml").read_text()
     for key in ("warmup_ratio", "preprocessing_num_workers", "dataloader_num_workers", "bf16: true",
