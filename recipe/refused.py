@@ -10,7 +10,6 @@ NOT_BUILT: dict[str, str] = {
     **{k: "vLLM inference" for k in (
         "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     "infer_backend": "vLLM inference",
-    "quantization_device_map": "device maps for quantised models (each worker holds its model on its device)",
     **{k: "quantised export" for k in (
         "export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
         "export_quantization_maxlen")},
@@ -33,7 +32,6 @@ NOT_BUILT: dict[str, str] = {
     "use_mca": "Megatron-Core training",
     **{k: "HyperParallel training (its hyper_parallel package is not on the package index)" for k in (
         "use_hyper_parallel", "hyper_parallel_args")},
-    "offload_folder": "offloading weights to disk at inference (each replica or worker holds its whole model)",
     **{k: "multimodal training" for k in ("freeze_vision_tower", "freeze_multi_modal_projector")},
     "ms_hub_token": "ModelScope's hub (models load from a folder or the Hugging Face hub)",
     "om_hub_token": "Modelers' hub (models load from a folder or the Hugging Face hub)",

@@ -244,6 +244,34 @@ def quantization_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
     return problems
 
 
+def generation_quantization_problems(cfg: RecipeConfig, for_training: bool) -> list[Problem]:
+    """A quantised base at generation (chat, predict, serve): its one adapter stays apart, and
+    quantization_device_map (with offload_folder) places a 4-bit model over the process's devices."""
+    m, problems = cfg.model, []
+    if m.quantization_device_map is not None:
+        if for_training:
+            problems.append(Problem("quantization_device_map", "places a quantised model for generation (chat, "
+                                                               "predict, serve); a training worker keeps its model on "
+                                                               "its own device, so remove it"))
+        elif m.quantization_bit != 4:
+            problems.append(Problem("quantization_device_map and quantization_bit", "an automatic device map is for "
+                                                                                    "a 4-bit model (as LLaMA-Factory); "
+                                                                                    "set quantization_bit: 4"))
+    elif m.offload_folder != default_of(type(m), "offload_folder"):
+        problems.append(Problem("offload_folder", "holds what quantization_device_map: auto does not fit in memory; "
+                                                  "set it or remove offload_folder"))
+    if not for_training and m.quantization_bit is not None:
+        if len(comma_list(m.adapter_name_or_path)) > 1:
+            problems.append(Problem("adapter_name_or_path and quantization_bit", (
+                "a quantised base keeps its adapter apart, so it takes one; merge the others into the base first "
+                "(rayft export) or remove quantization_bit")))
+        if m.adapter_name_or_path and cfg.serving.serve_adapters:
+            problems.append(Problem("adapter_name_or_path and serve_adapters", (
+                "with quantization_bit the base keeps adapter_name_or_path apart; serve it as one of serve_adapters "
+                "instead")))
+    return problems
+
+
 def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool = True) -> list[Problem]:
     """Checks the values against each other; returns every problem found (does not modify cfg)."""
     m, d, f, r, t = cfg.model, cfg.data, cfg.finetuning, cfg.ray, cfg.args
@@ -285,7 +313,7 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{now}; remove {key} or change "
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
-    problems += quantization_problems(cfg, base_dir)
+    problems += quantization_problems(cfg, base_dir) + generation_quantization_problems(cfg, for_training)
     problems += vocabulary_problems(cfg, base_dir)
     profiler_keys = [k.name for k in dataclasses.fields(TrainingArguments) if k.name.startswith("profiler_")
                      and getattr(t, k.name) != default_of(TrainingArguments, k.name)]

@@ -57,7 +57,8 @@ class ModelArguments:
     train_from_scratch: bool = arg(False, "Initialise the weights randomly instead of loading them.")
     infer_backend: Literal["huggingface", "vllm"] = arg(
         "huggingface", "Generation engine: huggingface.")
-    offload_folder: str = arg("offload", "Where weights that do not fit are offloaded at inference.")
+    offload_folder: str = arg("offload", "Where quantization_device_map: auto puts the weights that do not fit the "
+                                         "devices at generation.")
     use_cache: bool = arg(
         True, "Keep the KV cache at generation (training turns it off; rayft's prediction and chat turn it on).")
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = arg(
@@ -96,7 +97,9 @@ class ModelArguments:
     quantization_bit: Optional[int] = arg(None, "Load the base model in 4 or 8 bits with bitsandbytes (QLoRA).")
     quantization_type: Literal["fp4", "nf4"] = arg("nf4", "4-bit data type, nf4 or fp4.")
     double_quantization: bool = arg(True, "Quantise the quantisation constants too.")
-    quantization_device_map: Optional[Literal["auto"]] = arg(None, "Device map of a quantised model.")
+    quantization_device_map: Optional[Literal["auto"]] = arg(
+        None, "auto: a 4-bit model at generation (chat, predict, serve) spread by accelerate over the process's "
+              "devices, what does not fit going to offload_folder.")
     # multimodal processor
     crop_to_patches: bool = arg(False, "Crop images to patches.")
     image_do_pan_and_scan: bool = arg(False, "Pan-and-scan images.")

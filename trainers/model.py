@@ -65,7 +65,7 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     if bits is not None:
         kwargs.update(quantization_config=bnb_config(replace(model_args, quantization_bit=bits),
                                                      model_dtype(use_gpu, pure_bf16)),
-                      device_map={"": torch.cuda.current_device() if use_gpu else "cpu"})
+                      **quantized_placement(model_args, use_gpu))
     quantized = bits is not None and trainable
     cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
@@ -206,17 +206,31 @@ def task_type(model):
 INFER_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def quantized_placement(model_args: ModelArguments, use_gpu: bool) -> dict:
+    """Where a quantised model's weights go: with quantization_device_map: auto (generation only), accelerate's map
+    over the process's devices, spilling to offload_folder what does not fit (as LLaMA-Factory loads a 4-bit model
+    for inference); otherwise all on this process's device."""
+    if model_args.quantization_device_map == "auto":
+        return {"device_map": "auto", "offload_folder": model_args.offload_folder}
+    return {"device_map": {"": torch.cuda.current_device() if use_gpu else "cpu"}}
+
+
 def load_for_generation(model_args: ModelArguments, use_gpu: bool):
-    """The base model with every adapter of adapter_name_or_path merged into it, ready to generate."""
+    """The base model with every adapter of adapter_name_or_path merged into it, ready to generate. With
+    quantization_bit the base loads in 4 or 8 bits and its one adapter stays apart (merging it into quantised weights
+    would round it away), as in LLaMA-Factory."""
 
     dtype = INFER_DTYPES[model_args.infer_dtype]  # None ("auto"): the training dtype, fp32 on a CPU
-    model = load_model(model_args, use_gpu, trainable=False, dtype=dtype)
+    bits = model_args.quantization_bit
+    model = load_model(model_args, use_gpu, trainable=False, dtype=dtype, frozen_bits=bits)
     for adapter in comma_list(model_args.adapter_name_or_path):
         fit_vocabulary_of(model, adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter)
+        if bits is None:
+            model = model.merge_and_unload()
     # on by default: generation reuses earlier keys and values (use_kv_cache is LLaMA-Factory's name for it)
     model.config.use_cache = model_args.use_cache and model_args.use_kv_cache
-    if use_gpu:
+    if use_gpu and bits is None:  # (a quantised model is where its device map put it)
         model = model.to("cuda")
     return model.eval()
 
