@@ -1,6 +1,7 @@
 """Trains every LLaMA-Factory example recipe in configs/llamafactory/examples for two steps, unchanged but for
-the model path, dataset_dir and output_dir (a recipe for Llama 3 takes the tiny Qwen2's template with it), and
-prints one line per recipe (steps, train loss, seconds).
+the model path, dataset_dir and output_dir (a recipe for Llama 3 takes the tiny Qwen2's template with it; the LLaMA
+Pro recipe's model is a tiny one of 8 blocks with 8 added, as its expand.sh does), and prints one line per recipe
+(steps, train loss, seconds).
 
     .venv/bin/python benchmarks/lf_recipes.py [--dataset-dir ../shared/data/llamafactory]
 
@@ -49,7 +50,14 @@ def main() -> None:
         if args.only not in name or ("predict" in name and sft_adapter is None):
             continue  # (predict reads the adapter of this run's LoRA SFT recipe)
         out = work / name.replace("/", "_").replace(" ", "_").replace("=", "-").removesuffix(".yaml")
-        overrides = [f"model_name_or_path={TINY}", f"dataset_dir={args.dataset_dir}", f"output_dir={out}",
+        model = TINY
+        if "use_llama_pro: true" in path.read_text():  # expand.sh's model: a tiny one of 8 blocks, 8 added
+            from rayft.trainers.llama_pro import expand_blocks
+            from rayft.trainers.tiny_model import write_tiny_model
+
+            demo = sorted((ROOT / "data" / "demo").glob("demo_*.json"))
+            model = expand_blocks(write_tiny_model(work / "tiny-8", demo, num_layers=8), work / "tiny-8-pro", 8)
+        overrides = [f"model_name_or_path={model}", f"dataset_dir={args.dataset_dir}", f"output_dir={out}",
                      f"ray_storage_path={out}-ray", "max_steps=2", *extra]
         if "template: llama3" in path.read_text():  # the template of the model's family: the tiny Qwen2
             overrides.append("template=qwen")

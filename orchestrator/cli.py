@@ -117,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=("qwen2", "llama"), default="qwen2")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     return root
 
 
@@ -400,7 +401,8 @@ def _tiny_model(args) -> int:
     from rayft.trainers.tiny_model import write_tiny_model
 
     demo = Path(rayft.data.__file__).parent / "demo"
-    out = write_tiny_model(args.out_dir, sorted(demo.glob("demo_*.json")), family=args.family, seed=args.seed)
+    out = write_tiny_model(args.out_dir, sorted(demo.glob("demo_*.json")), family=args.family, seed=args.seed,
+                           num_layers=args.layers)
     logger.info(f"tiny {args.family} model and tokenizer written to {out}")
     return 0
 

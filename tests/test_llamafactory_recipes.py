@@ -27,6 +27,8 @@ RECIPES = sorted(p.relative_to(LF_ROOT).as_posix() for p in (LF_ROOT / "examples
 
 
 def lf_config(recipe: str, tiny_model: Path, tmp_path: Path, *extra: str):
+    if "use_llama_pro: true" in (LF_ROOT / recipe).read_text():  # its expand.sh's model: 8 blocks added to 8
+        tiny_model = llama_pro_model(tmp_path)
     overrides = [f"model_name_or_path={tiny_model}", f"dataset_dir={SHARED_DATA}", f"output_dir={tmp_path / 'out'}",
                  f"ray_storage_path={tmp_path / 'ray'}", *extra]
     if "predict" in recipe:  # the adapter its sft recipe would have written
@@ -36,8 +38,20 @@ def lf_config(recipe: str, tiny_model: Path, tmp_path: Path, *extra: str):
     return parse_config(load_recipe(LF_ROOT / recipe, overrides), base_dir=LF_ROOT)
 
 
+def llama_pro_model(tmp_path: Path) -> Path:
+    """The LLaMA Pro recipe's model as LLaMA-Factory's expand.sh makes it (`--num_expand 8`), from a tiny model of 8
+    blocks: 16 blocks, of which `freeze_trainable_layers: 8` trains the 8 new ones."""
+    import rayft.data
+    from rayft.trainers.llama_pro import expand_blocks
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    demo = sorted((Path(rayft.data.__file__).parent / "demo").glob("demo_*.json"))
+    base = write_tiny_model(tmp_path / "tiny-8", demo, num_layers=8)
+    return expand_blocks(base, tmp_path / "tiny-8-pro", num_expand=8)
+
+
 def test_the_recipes_are_llamafactorys_examples():
-    assert len(RECIPES) == 20 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
+    assert len(RECIPES) == 21 and "examples/train_qlora/qwen3_lora_sft_bnb_4bit.yaml" in RECIPES
     assert {"examples/extras/eaft/qwen25_05b_eaft_full.yaml", "examples/extras/dft/qwen2_full_sft.yaml"} <= set(RECIPES)
     text = (LF_ROOT / "examples/train_lora/qwen3_lora_sft.yaml").read_text()
     for key in ("warmup_ratio", "preprocessing_num_workers", "dataloader_num_workers", "bf16: true",
@@ -63,6 +77,8 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
                    for n in plan.notes)
     if "\ndeepspeed: examples/deepspeed/ds_z3" in text:
         assert plan.zero_stage == 3
+    if "use_llama_pro: true" in text:  # the 8 new blocks of 16, the originals frozen
+        assert prepared.shape.num_layers == 16 and prepared.shape.trainable_params * 2 < prepared.shape.total_params
 
 
 @pytest.mark.slow

@@ -80,12 +80,13 @@ def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str = "qwen2", seed: int = 0) -> Path:
-    """Writes tokenizer and model to `out_dir` with save_pretrained; returns the folder."""
+def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str = "qwen2", seed: int = 0,
+                     num_layers: int = 4) -> Path:
+    """Writes tokenizer and model (`num_layers` blocks) to `out_dir` with save_pretrained; returns the folder."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(corpus_from(dataset_files))
     model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
