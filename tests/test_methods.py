@@ -5,6 +5,7 @@ gate/up 256->682, down 682->256, two RMSNorms per block, tied embeddings.
 """
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -588,3 +589,30 @@ def test_shift_attn_attends_within_groups_and_shifted_groups_without_seeing_late
     assert not torch.allclose(loss, plain(input_ids=ids, labels=ids).loss)  # in training, the groups differ
     frozen = methods.load_model(m, use_gpu=False, trainable=False)  # a reference copy attends whole
     assert frozen.config._attn_implementation != "rayft_shift_attn"
+
+
+def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path):
+    """`rayft tiny-model --family qwen2_vl`: Qwen2-VL's special tokens, a vision tower and its image processor, all
+    loaded back through from_pretrained; an image's merged patches (its <|image_pad|> tokens) reach the tower."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    import rayft.data
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    demo = sorted((Path(rayft.data.__file__).parent / "demo").glob("demo_*.json"))
+    folder = write_tiny_model(tmp_path / "tiny-qwen2-vl", demo, family="qwen2_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    tokenizer, processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    assert model.config.model_type == "qwen2_vl" and type(processor).__name__ == "Qwen2VLImageProcessorPil"
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.image_token_id == pad and len(tokenizer.encode("<|vision_start|><|image_pad|>")) == 2
+    image = processor([Image.new("RGB", (100, 60), (120, 30, 200))], return_tensors="pt")
+    assert image["image_grid_thw"].tolist() == [[1, 4, 8]]  # 60x100 -> 56x112 pixels: 4x8 patches of 14
+    tokens = 4 * 8 // 2 ** 2  # one token per 2x2 merged patches
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(["<|vision_start|>"] + ["<|image_pad|>"] * tokens +
+                                                       ["<|vision_end|>"]) + tokenizer.encode("a purple picture")])
+    loss = model(input_ids=ids, pixel_values=image["pixel_values"], image_grid_thw=image["image_grid_thw"],
+                 mm_token_type_ids=(ids == pad).long(), labels=ids).loss
+    loss.backward()
+    assert 0 < loss.item() < 20 and model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

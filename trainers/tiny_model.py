@@ -8,7 +8,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2VLConfig,
+)
 
 CHATML_JINJA = (
     "{% for message in messages %}"
@@ -17,7 +25,9 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama")
+FAMILIES = ("qwen2", "llama", "qwen2_vl")
+# Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
+QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # A little general English so that datasets other than the demo tokenise into sensible pieces.
 EXTRA_TEXT = (
     "The quick brown fox jumps over the lazy dog. Describe, explain, write, list, give, create, summarize. "
@@ -80,18 +90,53 @@ def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
+    """A randomly initialised Qwen2-VL: the tiny Qwen2 text model (M-RoPE sections of Qwen2-VL's proportions) under a
+    vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch (2) and 2x2 merge."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+                tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None)
+    vision = dict(depth=2, embed_dim=64, num_heads=4, hidden_size=hidden_size, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+
+
+def qwen2_vl_image_processor():
+    """Qwen2-VL's image processor (the PIL one: it needs no torchvision), its images held to 28x28 .. 128x128 pixels
+    so that a tiny model sees a few dozen patches per image."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=128 * 128, patch_size=14, merge_size=2,
+                                    temporal_patch_size=2)
+
+
 def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str = "qwen2", seed: int = 0,
                      num_layers: int = 4) -> Path:
-    """Writes tokenizer and model (`num_layers` blocks) to `out_dir` with save_pretrained; returns the folder."""
+    """Writes tokenizer and model (`num_layers` blocks) to `out_dir` with save_pretrained, and for a vision-language
+    family its image processor; returns the folder."""
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus_from(dataset_files))
-    model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
+    vision = family == "qwen2_vl"
+    tokenizer = build_tokenizer(corpus_from(dataset_files),
+                                special_tokens=SPECIAL_TOKENS + (QWEN2_VL_TOKENS if vision else []))
+    if vision:
+        model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed)
+    else:
+        model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
+    if vision:
+        qwen2_vl_image_processor().save_pretrained(out_dir)
     return out_dir
 
 
