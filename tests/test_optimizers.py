@@ -3,6 +3,8 @@ Adam-mini and Muon updates, that a few steps lower the loss, that a checkpoint's
 the Trainer builds them (and layer-wise schedules), the recipe rules before Ray and the memory planner's figures."""
 
 import copy
+import json
+import sys
 
 import pytest
 import torch
@@ -232,3 +234,69 @@ def test_a_pbt_segment_puts_its_own_learning_rate_and_weight_decay_back_after_lo
     schedule.step()  # and the schedule goes on from the donor's position, at the new base
     donor_schedule.step()
     assert schedule.get_last_lr()[0] == pytest.approx(donor_schedule.get_last_lr()[0] * 2.4e-3 / 3e-3)
+
+
+GOLDEN = json.loads((ROOT / "tests" / "golden" / "optimizers.json").read_text())
+
+
+def factory_steps(tiny_model, case: str):
+    """rayft's factory over the tiny model (full fine-tuning), stepped twice as the golden file was: (the model's
+    parameters before, the change of each, the model)."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tools"))  # the golden file's own stepping, shared
+    from lf_optimizers import step_twice, summary
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training = Seq2SeqTrainingArguments("out", learning_rate=GOLDEN["learning_rate"], use_cpu=True, report_to=[],
+                                        weight_decay=GOLDEN["weight_decay"], optim="adamw_torch")
+    optimizer = build_optimizer(model, training, FinetuningArguments(finetuning_type="full", **GOLDEN["cases"][case]),
+                                decay_names(model))
+    step_twice(model, optimizer)
+    return before, summary(model, before), model
+
+
+def close(a, b) -> bool:
+    return torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["galore", "apollo", "badam", "adam_mini"])
+def test_two_steps_equal_llamafactorys_own_optimizer(tiny_model, case):
+    """Two steps of fixed gradients through rayft's factory against LLaMA-Factory 0.9.5's create_custom_optimizer
+    with the same keys (tools/lf_optimizers.py, run in a LLaMA-Factory environment): every parameter's change. One
+    difference on purpose: LLaMA-Factory's GaLore and APOLLO decay RMSNorm weights (its rule knows only nn.LayerNorm),
+    rayft keeps the Trainer's rule (no decay on norms or biases) for every optimizer; there, LLaMA-Factory's change
+    is rayft's plus the decay term, -lr * wd * p at each step."""
+    before, ours, _ = factory_steps(tiny_model, case)
+    theirs = GOLDEN["steps"][case]
+    assert list(ours) == list(theirs)
+    far = {name for name in ours if not close(ours[name], theirs[name])}
+    norms = {name for name in ours if "norm" in name}
+    assert far == (norms if case in ("galore", "apollo") else set()), far
+    decay = GOLDEN["learning_rate"] * GOLDEN["weight_decay"]
+    for name in far:  # the sums: two steps of decay on weights that moved by about 1e-3
+        assert theirs[name][0] - ours[name][0] == pytest.approx(-decay * 2 * before[name].sum().item(), rel=1e-3)
+
+
+def test_muon_equals_torchs_own_muon_and_adamw_and_llamafactorys_up_to_its_bf16_iteration(tiny_model):
+    """rayft's Muon is torch's own (Newton-Schulz in fp32, the update scaled to AdamW's RMS) over the matrices and
+    torch's AdamW over embeddings, head, norms and biases: equal to the two built directly. LLaMA-Factory bundles a
+    Muon that iterates in bf16 and puts AdamW's epsilon before the bias correction; its change of every parameter
+    points the same way as rayft's (cosine above 0.99 over its first entries) and is within 1% in size."""
+    _, ours, model = factory_steps(tiny_model, "muon")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from lf_optimizers import step_twice, summary
+    from transformers import AutoModelForCausalLM
+
+    direct = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in direct.named_parameters()}
+    matrices = [p for n, p in direct.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+    rest = [p for p in direct.parameters() if all(p is not m for m in matrices)]
+    lr, wd = GOLDEN["learning_rate"], GOLDEN["weight_decay"]
+    step_twice(direct, Chained([torch.optim.Muon(matrices, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"),
+                                torch.optim.AdamW(rest, lr=lr, weight_decay=wd)]))
+    assert all(close(ours[n], v) for n, v in summary(direct, before).items())
+    for name, (_total, size, *first) in GOLDEN["steps"]["muon"].items():
+        assert ours[name][1] == pytest.approx(size, rel=0.01), name
+        assert torch.nn.functional.cosine_similarity(torch.tensor(ours[name][2:]), torch.tensor(first), dim=0) > 0.99
