@@ -49,6 +49,11 @@ def optimizer_problems(f, optim: str, deepspeed, max_workers: int, accumulation:
         problems.append(Problem(f"{switch} and finetuning_type", f"{name} trains whole weight matrices, not "
                                                                  f"adapters (as in LLaMA-Factory); use "
                                                                  "finetuning_type: full or freeze"))
+    if switch == "use_adam_mini" and f.finetuning_type in ("lora", "oft"):  # found in a worker's first step
+        problems.append(Problem("use_adam_mini and finetuning_type", "Adam-mini splits whole attention and MLP "
+                                                                     "matrices by head, which an adapter's small "
+                                                                     "matrices cannot be; use finetuning_type: full or "
+                                                                     "freeze"))
     if switch in SWITCHES and deepspeed is not None:
         problems.append(Problem(f"{switch} and deepspeed", f"DeepSpeed's ZeRO optimizer would replace {name}'s "
                                                            "parameter groups (LLaMA-Factory refuses GaLore and APOLLO "

@@ -154,6 +154,7 @@ FULL = ("finetuning_type=full", "deepspeed=null")
     (("use_galore=true", "use_muon=true", *FULL), "use_galore and use_muon: choose one optimizer"),
     (("use_badam=true", "loraplus_lr_ratio=16", *FULL), "choose one optimizer"),
     (("use_galore=true", "deepspeed=null"), "use_galore and finetuning_type: GaLore trains whole weight matrices"),
+    (("use_adam_mini=true", "deepspeed=null"), "use_adam_mini and finetuning_type: Adam-mini splits whole attention"),
     (("use_apollo=true", "finetuning_type=full"), "use_apollo and deepspeed: DeepSpeed's ZeRO optimizer would "
                                                   "replace APOLLO's"),
     (("use_galore=true", "galore_layerwise=true", *FULL), "galore_layerwise and ray_num_workers: layer-wise GaLore"),

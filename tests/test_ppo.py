@@ -246,7 +246,8 @@ def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, 
     out, records = ppo_run(tmp_path, tiny_model, "reward_model_type=full", f"reward_model={tiny_model}",
                            f"reward_model_adapters={rm_dir}", "reward_model_workers=1",
                            "reward_model_resources={CPU: 1}", "resources_per_worker={CPU: 0.5}",
-                           "report_to=tensorboard", f"max_steps={ACTOR_STEPS}")
+                           "report_to=tensorboard", f"max_steps={ACTOR_STEPS}", "use_muon=true")
+    # (with Muon from the optimizer factory: the online loop's optimizer on two workers beyond AdamW)
     assert [r["step"] for r in records] == list(range(1, ACTOR_STEPS + 1))
     assert all(math.isfinite(r["reward"]) for r in records) and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     (run_dir,) = (out / "runs").iterdir()  # the tracker sees every logged step, as trainer_log.jsonl does
@@ -259,3 +260,6 @@ def test_ppo_with_the_reward_model_in_its_own_actor_group(tmp_path, tiny_model, 
     assert actor["calls"] == 2 * ACTOR_STEPS  # every step of both workers was scored there
     workers = {w["node_id"] for w in json.loads((out / "placement.json").read_text())}
     assert actor["node_id"] in workers  # one machine here; on a cluster reward_model_resources may pick a node
+    (state,) = (out / f"checkpoint-{ACTOR_STEPS}").glob("*_state.pt")  # Muon's momenta and AdamW's moments
+    optimizers = torch.load(state, weights_only=False)["optimizer"]["optimizers"]
+    assert len(optimizers) == 2 and all("momentum_buffer" in s for s in optimizers[0]["state"].values())
