@@ -44,8 +44,7 @@ RESERVED_KEYS = {"use_ref_model": "use_ref_model is derived from stage and pref_
 
 # `report_to` values rayft wires up (rank 0 only, W&B offline); other trackers are refused by name.
 BUILT_TRACKERS = ("tensorboard", "mlflow", "wandb", "swanlab")
-SWANLAB_KEYS = ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
-                "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")
+SWANLAB_KEYS = tuple(f.name for f in dataclasses.fields(FinetuningArguments) if f.name.startswith("swanlab_"))
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GeneratingArguments))
 SERVING_KEYS = tuple(f.name for f in dataclasses.fields(ServingArguments))
 BUILT_FINETUNING_TYPES = {"lora", "oft", "freeze", "full"}
@@ -207,7 +206,6 @@ def vocabulary_problems(cfg: RecipeConfig, base_dir: Path) -> list[Problem]:
                                                        "falls back to noise_init)"))
     grows = (m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens
              or m.new_special_tokens_config)
-    problems += frozen_quantization_problems(cfg, base_dir)
     if grows and m.quantization_bit is not None:
         problems.append(Problem("quantization_bit and resize_vocab", "a quantised model's embeddings cannot grow; "
                                                                      "remove quantization_bit or the new tokens"))
@@ -313,7 +311,8 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
                                                                            f"{now}; remove {key} or change "
                                                                            f"{' / '.join(settings)}"))
     problems += llamafactory_key_problems(cfg)
-    problems += quantization_problems(cfg, base_dir) + generation_quantization_problems(cfg, for_training)
+    problems += (quantization_problems(cfg, base_dir) + frozen_quantization_problems(cfg, base_dir)
+                 + generation_quantization_problems(cfg, for_training))
     problems += vocabulary_problems(cfg, base_dir)
     profiler_keys = [k.name for k in dataclasses.fields(TrainingArguments) if k.name.startswith("profiler_")
                      and getattr(t, k.name) != default_of(TrainingArguments, k.name)]

@@ -77,10 +77,11 @@ class RunningMean:
         self.total, self.count = 0.0, 0
 
     def update(self, value: torch.Tensor) -> float:
-        values = [value.detach().float().reshape(1).cpu()]
+        value = value.detach().float().reshape(1).cpu()
+        values = [value]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             values = [torch.zeros(1) for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(values, value.detach().float().reshape(1).cpu())
+            torch.distributed.all_gather_object(values, value)
         self.total += float(sum(v.sum() for v in values))
         self.count += len(values)
         return self.total / self.count

@@ -32,7 +32,6 @@ def shifted_sparse_attention(module, query, key, value, attention_mask, dropout=
         allowed = F.pad(allowed, (0, padded - q_len, 0, padded - q_len), value=False)
     group = int(padded * GROUP_SIZE_RATIO)
     half = query.shape[1] // 2
-    dropout = dropout if module.training else 0.0
     output = torch.cat([_grouped(query[:, :half], key[:, :half], value[:, :half], allowed, group, 0, dropout, scaling),
                         _grouped(query[:, half:], key[:, half:], value[:, half:], allowed, group, group // 2,
                                  dropout, scaling)], dim=1)

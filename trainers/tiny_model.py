@@ -68,24 +68,21 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: li
     return tokenizer
 
 
+def text_shape(vocab_size: int, hidden_size: int, num_layers: int, eos_token_id: int | None,
+               pad_token_id: int | None) -> dict:
+    """The tiny text model's settings, the same in every family (the vision-language one's language model too)."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, bos_token_id=None)
+
+
 def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, num_layers: int = 4,
                 seed: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None):
     """A randomly initialised Qwen2- or Llama-style causal LM of a few million parameters."""
 
     config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
-    config = config_cls(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 8 // 3,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-    )
+    config = config_cls(**text_shape(vocab_size, hidden_size, num_layers, eos_token_id, pad_token_id))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -94,11 +91,8 @@ def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed:
     """A randomly initialised Qwen2-VL: the tiny Qwen2 text model (M-RoPE sections of Qwen2-VL's proportions) under a
     vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch (2) and 2x2 merge."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
-                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
-                tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=None)
+    text = {**text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id),
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
     vision = dict(depth=2, embed_dim=64, num_heads=4, hidden_size=hidden_size, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
