@@ -68,6 +68,15 @@ def training_stack():
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "configs" / "demo_sft_lora.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "llamafactory"
+# `python -c WITHOUT_TORCH ARGS` is `rayft ARGS` in a process where importing torch or Transformers raises
+# ImportError (as where they are not installed); its helper process and Ray's workers import them as usual
+WITHOUT_TORCH = ("import sys\n"
+                 "for name in ('torch', 'transformers'):\n"
+                 "    sys.modules[name] = None\n"
+                 "from rayft.orchestrator.cli import main\n"
+                 "code = main(sys.argv[1:])\n"
+                 "assert sys.modules['torch'] is None and sys.modules['transformers'] is None\n"
+                 "sys.exit(code)\n")
 
 
 def free_port() -> int:

@@ -6,23 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DEMO_RECIPE, ROOT, free_port
+from conftest import DEMO_RECIPE, ROOT, WITHOUT_TORCH, free_port
 
 pytestmark = pytest.mark.integration
 
-# the command's own process: importing torch or Transformers raises ImportError (as where they are not installed)
-BLOCKED = ("import sys\n"
-           "for name in ('torch', 'transformers'):\n"
-           "    sys.modules[name] = None\n"
-           "from rayft.orchestrator.cli import main\n"
-           "code = main(sys.argv[1:])\n"
-           "assert sys.modules['torch'] is None and sys.modules['transformers'] is None\n"
-           "sys.exit(code)\n")
-
-
 def client(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
     """`rayft ARGS` in a process that cannot import torch or Transformers."""
-    return subprocess.run([sys.executable, "-c", BLOCKED, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

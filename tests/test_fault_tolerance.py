@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_RECIPE, ROOT, S3_BUCKET, S3_SECRET_KEY
+from conftest import DEMO_RECIPE, ROOT, S3_BUCKET, S3_SECRET_KEY, WITHOUT_TORCH
 
 from rayft.cluster.storage import latest_checkpoint
 from rayft.recipe.values import read_log
@@ -99,7 +99,9 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_the_latest_ch
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET)["Contents"]}
     assert "tok/train/rayft_tokenized.json" in keys and any(k.startswith("tok/train/data/") for k in keys)
 
-    again = subprocess.run(command, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+    # the rerun's driver cannot import torch or Transformers: a whole run, resume included, needs neither there
+    again = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *command[3:]], cwd=ROOT, env=run_env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"has a checkpoint in storage: resuming from s3://{S3_BUCKET}/ray/faults/checkpoint_" in again.stdout
     assert f"reusing tokenised data from s3://{S3_BUCKET}/tok/train" in again.stdout

@@ -6,7 +6,7 @@ controller and workers import when they use it. The driver thereby starts a run 
 import importlib
 from dataclasses import dataclass
 
-from ray.train.backend import BackendConfig
+from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework
 
 from rayft.trainers.startup import STARTUP, mark
@@ -40,6 +40,31 @@ class _DeviceContext:
         return self._inner.__exit__(*exc)
 
 
+class _TorchProcessGroup(Backend):
+    """Ray Train's torch backend (it sets up and tears down the process group), imported on first use. Ray Train
+    builds one on the driver too, for its accelerator callback, which only reads share_cuda_visible_devices: built
+    from Ray's class directly, that instance alone loaded torch into the driver (about 190 MB)."""
+
+    share_cuda_visible_devices = True
+
+    @property
+    def _torch(self) -> Backend:
+        if "_inner" not in self.__dict__:
+            from ray.train.torch.config import _TorchBackend
+
+            self._inner = _TorchBackend()
+        return self._inner
+
+    def on_start(self, worker_group, backend_config):
+        return self._torch.on_start(worker_group, backend_config)
+
+    def on_shutdown(self, worker_group, backend_config):
+        return self._torch.on_shutdown(worker_group, backend_config)
+
+    def on_training_start(self, worker_group, backend_config):
+        return self._torch.on_training_start(worker_group, backend_config)
+
+
 @dataclass
 class TorchBackend(BackendConfig):
     """Ray Train's TorchConfig (the process group: backend, init method, timeout) with its torch-importing parts
@@ -51,9 +76,7 @@ class TorchBackend(BackendConfig):
 
     @property
     def backend_cls(self):
-        from ray.train.torch.config import _TorchBackend
-
-        return _TorchBackend
+        return _TorchProcessGroup
 
     @property
     def train_func_context(self):
