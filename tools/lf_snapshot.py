@@ -67,6 +67,17 @@ def _slots(formatter) -> list:
     return out
 
 
+def _plugin(plugin) -> dict | None:
+    """A template's multimodal plugin: its registered name and the tokens it writes (None for text templates)."""
+    from llamafactory.data.mm_plugin import PLUGINS
+
+    if type(plugin).__name__ == "BasePlugin":
+        return None
+    name = next(n for n, cls in PLUGINS.items() if cls is type(plugin))
+    tokens = ("image_token", "video_token", "audio_token", "vision_bos_token", "vision_eos_token")
+    return {"plugin": name, **{t: getattr(plugin, t, None) for t in tokens}}
+
+
 def snapshot_templates() -> dict:
     from llamafactory import __version__
     from llamafactory.data.template import TEMPLATES
@@ -92,6 +103,7 @@ def snapshot_templates() -> dict:
             "replace_eos": t.replace_eos,
             "enable_thinking": t.enable_thinking,
             "multimodal": type(t.mm_plugin).__name__ != "BasePlugin",
+            "mm_plugin": _plugin(t.mm_plugin),
         }
     return {"llamafactory": __version__, "templates": specs}
 
