@@ -1,8 +1,12 @@
 """Batches examples by padding to the batch's longest sequence (never to cutoff_len)."""
 
+import json
+
 import torch
 
 from rayft.data.encode import IGNORE_INDEX
+from rayft.data.errors import DataError
+from rayft.data.media import load_images
 
 
 class SupervisedCollator:
@@ -71,3 +75,32 @@ class KTOCollator:
         out.update({f"kl_{key}": value[n:] for key, value in batch.items()})
         out["kto_tag"] = torch.tensor([bool(e["kto_tag"]) for e in examples])
         return out
+
+
+class ImageCollator:
+    """Supervised batches with their images, as LLaMA-Factory's collator makes them: each batch's images decoded,
+    resized by LLaMA-Factory's rules and run through the model's image processor here, in the worker
+    (`pixel_values`, `image_grid_thw`), and `mm_token_type_ids` marking the image tokens, from which Qwen2-VL
+    places its 3-D rotary positions. Tokenising only counted each image's tokens from its size; a count that
+    differs from the processor's is an error, not a silent misalignment."""
+
+    def __init__(self, pad: SupervisedCollator, image_processor, image_token_id: int, max_pixels: int,
+                 min_pixels: int):
+        self.pad, self.image_processor, self.image_token_id = pad, image_processor, image_token_id
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        self.merge = getattr(image_processor, "merge_size", 1)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.pad(examples)
+        image_tokens = batch["input_ids"] == self.image_token_id
+        batch["mm_token_type_ids"] = image_tokens.int()
+        paths = [path for e in examples for path in json.loads(e.get("images") or "[]")]
+        if paths:
+            pixels = self.image_processor(load_images(paths, self.max_pixels, self.min_pixels), return_tensors="pt")
+            expected = int((pixels["image_grid_thw"].prod(-1) // self.merge ** 2).sum())
+            if expected != int(image_tokens.sum()):
+                raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(paths)} image(s) "
+                                f"make {expected}: the image processor resizes differently from its "
+                                "preprocessor_config.json; re-save the model's image processor")
+            batch.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        return batch

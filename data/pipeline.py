@@ -17,26 +17,31 @@ from rayft.data import cache
 from rayft.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_response, encode_supervised
 from rayft.data.errors import DataError
 from rayft.data.examples import Rows, checked, draw, read, refuse_tools
+from rayft.data.media import ImageGeometry, expand_images, image_token_count
 from rayft.data.packing import pack_batch
 from rayft.data.registry import dataset_attrs
-from rayft.data.source import Source, check_kind, has_tool_turns, head, locate
-from rayft.data.templates import get_template
+from rayft.data.source import Source, check_kind, check_media, has_tool_turns, head, locate
+from rayft.data.templates import get_template, plugin_of
 from rayft.data.tokenizer import TokenizerSpec, encode_text, load_tokenizer
 from rayft.recipe.stages import STAGE_SPECS
 from rayft.recipe.values import DEFAULT_SEED, comma_list
 
 
 def locate_datasets(names: str, dataset_dir: str, data: str = "supervised", stage: str = "sft",
-                    token: str | None = None) -> list[Source]:
-    """The datasets of the comma list `names`, each checked for its kind and located (files listed, nothing read).
+                    token: str | None = None, template: str | None = None, media_dir: str | None = None
+                    ) -> list[Source]:
+    """The datasets of the comma list `names`, each checked for its kind and its media and located (files listed,
+    nothing read).
 
-    `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text).
+    `data` is the kind of data the `stage` trains on ("text" reads any dataset's prompts as plain text); images are
+    found under `media_dir` (default: dataset_dir) and need a multimodal `template`.
     """
     sources = []
     for attr in dataset_attrs(names, dataset_dir):
         check_kind(attr, data, stage)
+        check_media(attr, stage, template)
         sources.append(locate(attr, dataset_dir, as_text=data == "text", token=token,
-                              keep_columns=STAGE_SPECS[stage].keeps_columns))
+                              keep_columns=STAGE_SPECS[stage].keeps_columns, media_dir=media_dir))
     return sources
 
 
@@ -56,11 +61,12 @@ def read_dataset(source: Source, max_samples: int | None, seed: int = DEFAULT_SE
 
 def load_datasets(names: str, dataset_dir: str, max_samples: int | None, seed: int = DEFAULT_SEED,
                   token: str | None = None, data: str = "supervised", template: str | None = None,
-                  stage: str = "sft", tool_format: str | None = None, max_bad_ratio: float = 0.01) -> list[list[dict]]:
+                  stage: str = "sft", tool_format: str | None = None, max_bad_ratio: float = 0.01,
+                  media_dir: str | None = None) -> list[list[dict]]:
     """Every example of each dataset of `names`, read in this process: for the small data the driver works on
     itself (prediction's eval sets, `rayft data`)."""
     return [read_dataset(source, max_samples, seed, max_bad_ratio, template, tool_format, here=True).examples()
-            for source in locate_datasets(names, dataset_dir, data, stage, token)]
+            for source in locate_datasets(names, dataset_dir, data, stage, token, template, media_dir)]
 
 
 def load_examples(names: str, dataset_dir: str, max_samples: int | None, **read_kwargs) -> list[dict]:
@@ -83,12 +89,13 @@ def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Encoding
     chat_template = settings.chat_template()
     eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
     discard = settings.mask_history and not settings.preserve_thinking
+    examples = [with_image_tokens(example, settings, chat_template) for example in _examples(batch, images=True)]
     encoded = [
         encode_supervised(chat_template.encode_turns(tokenizer, example, discard_history_thoughts=discard),
                           settings.cutoff_len, settings.train_on_prompt, settings.mask_history, efficient_eos=eos)
-        for example in _examples(batch)
+        for example in examples
     ]
-    return {
+    out = {
         "input_ids": [np.asarray(e["input_ids"], dtype=np.int64) for e in encoded],
         "labels": [np.asarray(e["labels"], dtype=np.int64) for e in encoded],
         "num_tokens": np.asarray([len(e["input_ids"]) for e in encoded], dtype=np.int64),
@@ -96,6 +103,35 @@ def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Encoding
                                   dtype=np.int64),
         "truncated": np.asarray([e["truncated"] for e in encoded], dtype=np.int64),
     }
+    if settings.images is not None:  # the paths travel to the workers' collator, which decodes the pixels
+        out["images"] = np.asarray([json.dumps(e.get("images") or []) for e in examples], dtype=object)
+        cut = [i for i, (e, ids) in enumerate(zip(examples, out["input_ids"]))
+               if e.get("images") and _image_tokens(e, settings) > _count(ids, chat_template, tokenizer)]
+        if cut:
+            raise DataError(f"cutoff_len={settings.cutoff_len} cuts into an image's tokens ({len(cut)} example(s) of "
+                            "this batch); raise cutoff_len or lower image_max_pixels")
+    return out
+
+
+def with_image_tokens(example: dict, settings: "EncodingSettings", chat_template) -> dict:
+    """`example` with each `<image>` expanded into the image's tokens (data/media.py); an example without images
+    as it is. Images under a text template are refused."""
+    if not example.get("images"):
+        return example
+    if settings.images is None:
+        raise DataError(f"the examples have images, and template {settings.template!r} is text-only; use the model "
+                        "family's multimodal template (e.g. qwen2_vl)")
+    return {**example, "messages": expand_images(example["messages"], example["image_sizes"], settings.images,
+                                                 chat_template.media_tokens)}
+
+
+def _image_tokens(example: dict, settings: "EncodingSettings") -> int:
+    return sum(image_token_count(w, h, settings.images) for w, h in example["image_sizes"])
+
+
+def _count(ids, chat_template, tokenizer) -> int:
+    image_id = tokenizer.convert_tokens_to_ids(chat_template.media_tokens["image_token"])
+    return int((np.asarray(ids) == image_id).sum())
 
 
 def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
@@ -232,6 +268,7 @@ class EncodingSettings:
     preserve_thinking: bool = False
     default_system: str | None = None
     tool_format: str | None = None
+    images: ImageGeometry | None = None  # a multimodal template's: how many tokens an image becomes
 
     @classmethod
     def of(cls, cfg) -> "EncodingSettings":
@@ -240,7 +277,8 @@ class EncodingSettings:
         return cls(template=d.template, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
                    mask_history=d.mask_history, packing=d.packing, neat_packing=d.neat_packing,
                    stage=cfg.finetuning.stage, enable_thinking=d.enable_thinking,
-                   preserve_thinking=d.preserve_thinking, default_system=d.default_system, tool_format=d.tool_format)
+                   preserve_thinking=d.preserve_thinking, default_system=d.default_system, tool_format=d.tool_format,
+                   images=image_geometry(cfg))
 
     def chat_template(self):
         """The template with this recipe's thinking, default system prompt and tool format."""
@@ -254,16 +292,37 @@ class EncodingSettings:
         return self.neat_packing if STAGE_SPECS[self.stage].encoder == "text" else self.packing
 
 
+def image_geometry(cfg) -> ImageGeometry | None:
+    """The image geometry of a recipe whose template encodes images (None for a text template)."""
+    if plugin_of(cfg.data.template) is None:
+        return None
+    if cfg.data.packing or cfg.data.neat_packing:
+        raise DataError("packing: packing under a multimodal template is not built yet; set packing: false (and "
+                        "neat_packing: false)")
+    m = cfg.model
+    try:
+        return ImageGeometry.read(m.model_name_or_path, m.image_max_pixels, m.image_min_pixels)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise DataError(f"template: {cfg.data.template!r} is a multimodal template, and the model has no image "
+                        f"processor to count its images' tokens with ({' '.join(str(err).split())}); use a "
+                        "vision-language model of its family, or the family's text template") from None
+
+
 # Up to this many examples the driver tokenises in its own process: that takes a fraction of a second, where
 # starting Ray Data's task workers (each importing Transformers and loading the tokenizer) costs about 3 s
 # (benchmarks/startup.py measures both).
 DRIVER_TOKENIZE_MAX = 2000
 
 
-def _examples(batch: dict) -> list[dict]:
-    """The rows of a batch of example columns, as the dicts templates encode (system, messages, tools, ...)."""
+def _examples(batch: dict, images: bool = False) -> list[dict]:
+    """The rows of a batch of example columns, as the dicts templates encode (system, messages, tools, ...). Rows
+    with images are refused unless the encoder takes `images` (so far supervised training's alone)."""
     keys = list(batch)
-    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+    examples = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+    if not images and any(example.get("images") for example in examples):
+        raise DataError("images are trained in stage sft only so far; generation (predict, chat) and the other "
+                        "stages with images are not built yet")
+    return examples
 
 
 def columns_of(examples: list[dict]) -> dict:
@@ -472,6 +531,13 @@ def describe_with(row: dict, tokenizer_spec: TokenizerSpec) -> str:
     return describe_example(row, load_tokenizer(tokenizer_spec))
 
 
+def shortened_runs(text: str, at_least: int = 8) -> str:
+    """`text` with each run of one special token repeated `at_least` times or more written once, with its count
+    (an image's hundreds of <|image_pad|> tokens as `<|image_pad|>*256`)."""
+    return re.sub(r"(<\|[^|<>]+\|>)\1{%d,}" % (at_least - 1),
+                  lambda run: f"{run[1]}*{len(run[0]) // len(run[1])}", text)
+
+
 def describe_example(row: dict, tokenizer) -> str:
     """One decoded example with its label mask, printed before training (both sides of a preference pair)."""
     if "chosen_input_ids" in row:
@@ -489,9 +555,10 @@ def describe_example(row: dict, tokenizer) -> str:
         return f"prompt_ids:\n{ids}\nprompt:\n{tokenizer.decode(ids, skip_special_tokens=False)}{answer}"
     labels = [int(i) for i in row["labels"]]
     trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    images = f"\nimages:\n{json.loads(row['images'])}" if row.get("images", "[]") != "[]" else ""
     return "\n".join([
         f"input_ids:\n{ids}",
-        f"inputs:\n{tokenizer.decode(ids, skip_special_tokens=False)}",
+        f"inputs:\n{shortened_runs(tokenizer.decode(ids, skip_special_tokens=False))}{images}",
         f"label_ids:\n{labels}",
         f"labels (trained tokens only):\n{tokenizer.decode(trained, skip_special_tokens=False)}",
     ])

@@ -23,7 +23,9 @@ import pyarrow.parquet
 from rayft.data.converters import CONVERTERS, RowError, text
 from rayft.data.errors import DataError
 from rayft.data.files import resolve
+from rayft.data.media import attach_images
 from rayft.data.registry import DatasetAttr, kind
+from rayft.data.templates import plugin_of, template_problem
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 # Up to this many bytes of local files the driver reads a dataset itself: a Ray Data task would first have to
@@ -46,6 +48,7 @@ class Source:
     mtimes: tuple[float, ...] = ()
     token: str | None = None
     keep_columns: bool = False  # stage grpo: a row's other columns travel with it, for the reward functions
+    media_dir: str | None = None  # where the rows' image paths are found (a dataset with an images column)
 
     @property
     def local(self) -> bool:
@@ -60,7 +63,8 @@ class Source:
         """What the rows are, for cache keys: the entry, and each file's path, size and modification time
         (a hub dataset: its name, subset and split)."""
         return {"entry": dict(vars(self.attr)), "as_text": self.as_text, "keep_columns": self.keep_columns,
-                "files": [list(f) for f in zip(self.paths, self.sizes, self.mtimes)]}
+                "files": [list(f) for f in zip(self.paths, self.sizes, self.mtimes)],
+                **({"media_dir": self.media_dir} if self.media_dir else {})}
 
     def describe(self, file: int, row: int) -> str:
         """A bad row's position: 'train.jsonl line 12', 'part-3.parquet row 7', 'row 12'."""
@@ -75,11 +79,20 @@ class Source:
 
 
 def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None = None,
-           keep_columns: bool = False) -> Source:
+           keep_columns: bool = False, media_dir: str | None = None) -> Source:
     """The files of `attr` (checked: present, one type, none empty), without reading them. With `keep_columns`
-    each example keeps its row's other columns (those the converter does not read) under `columns`."""
+    each example keeps its row's other columns (those the converter does not read) under `columns`. A dataset with
+    an images column finds its images under `media_dir` (default: dataset_dir), as LLaMA-Factory does."""
     if attr.hf_hub_url:
+        if attr.column("images"):
+            raise DataError(f"dataset {attr.name!r}: images in a hub dataset are not built yet; save the dataset and "
+                            "its images to a folder and point file_name and media_dir at them")
         return Source(attr, as_text, token=token, keep_columns=keep_columns)
+    if attr.column("images"):
+        media_dir = media_dir or dataset_dir
+        if "://" in media_dir:
+            raise DataError(f"dataset {attr.name!r}: images are read from a local or shared folder, not {media_dir}; "
+                            "set media_dir to one")
     inside = posixpath.normpath(attr.file_name.replace("\\", "/"))
     if inside.startswith(("/", "../")) or inside == ".." or "://" in attr.file_name:
         raise DataError(f"dataset {attr.name!r}: file_name {attr.file_name!r} points outside dataset_dir; a dataset's "
@@ -109,7 +122,8 @@ def locate(attr: DatasetAttr, dataset_dir: str, as_text: bool, token: str | None
         if f.size == 0:
             raise DataError(f"dataset {attr.name!r}: {f.path} is empty")
     return Source(attr, as_text, fs, tuple(f.path for f in files), suffix, tuple(f.size for f in files),
-                  tuple(f.mtime.timestamp() if f.mtime else 0.0 for f in files), keep_columns=keep_columns)
+                  tuple(f.mtime.timestamp() if f.mtime else 0.0 for f in files), keep_columns=keep_columns,
+                  media_dir=media_dir if attr.column("images") else None)
 
 
 def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
@@ -117,6 +131,25 @@ def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
     if data != "text" and kind(attr) != data:
         raise DataError(f"dataset {attr.name!r} holds {kind(attr)} data, but stage {stage!r} trains on "
                         f"{data} data; choose a {data} dataset or the stage made for this one")
+
+
+def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
+    """Media columns a run can train on: images, in stage sft, under a multimodal template. Videos and audios need
+    torchvision / PyAV and torchaudio, which this build does not have."""
+    where = f"dataset {attr.name!r}"
+    for column, library in (("videos", "torchvision and PyAV"), ("audios", "torchaudio")):
+        if attr.columns.get(column):
+            raise DataError(f"{where}: {column} are not built (they need {library}; torchvision has no build for the "
+                            f"CPU-only torch rayft is tested with); drop the {column} column from dataset_info.json")
+    if not attr.columns.get("images"):
+        return
+    if stage != "sft":
+        raise DataError(f"{where}: images in stage {stage!r} are not built yet (stage sft trains with images)")
+    if plugin_of(template) is None:
+        raise DataError(f"{where} has images, and template {template!r} is text-only; use the model family's "
+                        "multimodal template (e.g. qwen2_vl)")
+    if template_problem(template):
+        raise DataError(f"template: {template_problem(template)}")
 
 
 # --- raw rows -----------------------------------------------------------------------------------------------
@@ -267,6 +300,8 @@ def converted(source: Source, positioned: list[tuple[int, int, object]]) -> dict
             if isinstance(raw, RowError):
                 raise raw
             example = converter(raw, source.attr)
+            if source.media_dir is not None and not source.as_text:
+                example = attach_images(example, raw, source.attr.column("images"), source.media_dir)
             if source.keep_columns:
                 example["columns"] = {k: v for k, v in raw.items() if k not in mapped}
             encoded = json.dumps(example, ensure_ascii=False, default=str)

@@ -20,6 +20,7 @@ from rayft.data.tokenizer import encode_text
 from rayft.data.tools import TOOL_FORMATS, describe_tools, parse_calls, write_calls
 
 SPEC_FILE = Path(__file__).with_name("template_specs.json")
+BUILT_PLUGINS = ("qwen2_vl",)  # LLaMA-Factory's multimodal plugins whose encoding rayft builds (data/media.py)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,13 @@ class Template:
     replace_eos: bool
     enable_thinking: bool | None
     multimodal: bool
+    mm_plugin: tuple = ()  # LLaMA-Factory's multimodal plugin: (name, value) pairs of its name and tokens
     preserve_thinking: bool = False
+
+    @property
+    def media_tokens(self) -> dict:
+        """The multimodal plugin's name (`plugin`) and the tokens it writes (image_token, vision_bos_token, ...)."""
+        return dict(self.mm_plugin)
 
     @property
     def reasoning(self) -> bool:
@@ -280,6 +287,7 @@ def _specs() -> dict:
 def _registered(name: str) -> Template:
     spec = _specs()[name]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    fields["mm_plugin"] = tuple(sorted((spec["mm_plugin"] or {}).items()))
     return Template(name=name, **fields)
 
 
@@ -319,10 +327,19 @@ def template_problem(name: str | None, tool_format: str | None = None) -> str | 
         hint = f" (similar: {', '.join(close)})" if close else ""
         return (f"{name!r} is not a LLaMA-Factory 0.9.5 template{hint}; `rayft keys template` lists them, or "
                 "leave it unset to use the tokenizer's own chat template")
-    if _specs()[name]["multimodal"]:
-        return (f"{name!r} is a multimodal template, and rayft trains text models only (not built); use the "
-                "text template of the family")
+    plugin = (_specs()[name]["mm_plugin"] or {}).get("plugin")
+    if plugin is not None and plugin not in BUILT_PLUGINS:
+        built = ", ".join(n for n in template_names(multimodal=True) if plugin_of(n) in BUILT_PLUGINS)
+        return (f"{name!r} encodes media with LLaMA-Factory's {plugin!r} plugin, which rayft has not built yet; the "
+                f"built multimodal templates are {built}")
     return None
+
+
+def plugin_of(name: str | None) -> str | None:
+    """The multimodal plugin of template `name` (None for a text template or the tokenizer's own)."""
+    if not name or name not in _specs():
+        return None
+    return (_specs()[name]["mm_plugin"] or {}).get("plugin")
 
 
 def supports_tools(name: str | None, tool_format: str | None = None) -> bool:

@@ -16,7 +16,8 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.values import VALUE_HEAD_FILE, comma_list, mask
-from rayft.trainers.model import load_model
+from rayft.trainers.model import load_image_processor, load_model, model_class
+from rayft.trainers.vision import is_vision_language
 from rayft.trainers.vocabulary import fit_vocabulary_of
 
 
@@ -72,9 +73,12 @@ def run_export(cfg: RecipeConfig) -> Path:
     if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():  # the run saved its tokenizer
         spec = replace(spec, path=adapters[-1], revision="main")
     load_tokenizer(spec).save_pretrained(out)
+    vision = is_vision_language(model.config)
+    if vision:  # the image processor beside the model, so that the export loads as the base did
+        load_image_processor(m).save_pretrained(out)
     if adapters and (Path(adapters[-1]) / VALUE_HEAD_FILE).is_file():  # a reward model's head travels along
         shutil.copy2(Path(adapters[-1]) / VALUE_HEAD_FILE, out / VALUE_HEAD_FILE)
-    _write_card(out, cfg, adapters)
+    _write_card(out, cfg, adapters, model_class(model.config).__name__)
     logger.info(f"exported a plain Hugging Face model to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return out
 
@@ -84,12 +88,12 @@ def export_recipe(recipe: dict) -> str:
     return str(run_export(RecipeConfig.from_dict(recipe)))
 
 
-def _write_card(out: Path, cfg: RecipeConfig, adapters: list[str]) -> None:
+def _write_card(out: Path, cfg: RecipeConfig, adapters: list[str], loader: str) -> None:
     settings = mask({"model_name_or_path": cfg.model.model_name_or_path, "adapter_name_or_path": adapters,
                      "export_size": cfg.model.export_size})
     lines = ["---", f"base_model: {cfg.model.model_name_or_path}", "library_name: transformers", "tags:",
              "- rayft", "- merged", "---", "", f"# {out.name}", "",
              f"`{cfg.model.model_name_or_path}` with {len(adapters)} adapter(s) merged into its weights by "
-             "`rayft export`; it loads with `AutoModelForCausalLM.from_pretrained` and needs no PEFT.", "",
+             f"`rayft export`; it loads with `{loader}.from_pretrained` and needs no PEFT.", "",
              "```json", json.dumps(settings, indent=1), "```", ""]
     (out / "README.md").write_text("\n".join(lines))

@@ -15,6 +15,7 @@ from rayft.data.pipeline import (
     check_encoding,
     columns_of,
     locate_datasets,
+    shortened_runs,
     stage_encoder,
 )
 from rayft.data.source import head_and_bad_rows
@@ -34,7 +35,8 @@ def write_examples(cfg: RecipeConfig, count: int, out: Path) -> int:
     spec, settings = TokenizerSpec.of(cfg.model), EncodingSettings.of(cfg)
     settings.chat_template()  # an unknown or multimodal template is refused before any data is read
     tokenizer = load_tokenizer(spec)
-    locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token)
+    locate = dict(data=stage.data, stage=cfg.finetuning.stage, token=cfg.model.hf_hub_token, template=d.template,
+                  media_dir=d.media_dir)
     rows = []
     for split, names in (("train", d.dataset), ("eval", d.eval_dataset)):
         if not names:
@@ -67,14 +69,15 @@ def encoded_rows(examples: list[dict], spec: TokenizerSpec, settings: EncodingSe
     batch = encoder(columns_of(examples), tokenizer_spec=spec, settings=settings)
     if settings.packs_after_encoding:
         batch = pack_batch(batch, cutoff_len=settings.cutoff_len, neat=settings.neat_packing)
-    columns = {k: v for k, v in batch.items() if k.endswith(("input_ids", "labels")) or k == "kto_tag"}
+    columns = {k: v for k, v in batch.items() if k.endswith(("input_ids", "labels")) or k in ("kto_tag", "images")}
     rows = []
     for values in zip(*columns.values()):
-        row = {k: (bool(v) if k == "kto_tag" else [int(i) for i in v]) for k, v in zip(columns, values)}
+        row = {k: (bool(v) if k == "kto_tag" else json.loads(v) if k == "images" else [int(i) for i in v])
+               for k, v in zip(columns, values)}
         for key in SEQUENCE_KEYS:
             if key in row:
                 side = key.removesuffix("input_ids")
-                row[f"{side}text"] = tokenizer.decode(row[key], skip_special_tokens=False)
+                row[f"{side}text"] = shortened_runs(tokenizer.decode(row[key], skip_special_tokens=False))
                 labels = row.get(f"{side}labels")
                 if labels is not None:
                     trained = [t for t, label in zip(row[key], labels) if label != IGNORE_INDEX]

@@ -410,6 +410,10 @@ def validate(cfg: RecipeConfig, base_dir: Path = Path("."), for_training: bool =
     problems += grpo_problems(cfg)
     problems += serving_problems(cfg)
     problems += size_problems(cfg)
+    if f.train_mm_proj_only:
+        problems.append(Problem("train_mm_proj_only", "LLaMA-Factory 0.9.5 removed it; to train only the projector set "
+                                                      "freeze_vision_tower: true, freeze_language_model: true and "
+                                                      "freeze_multi_modal_projector: false"))
     problems += storage_problems(cfg, base_dir)
     return problems
 

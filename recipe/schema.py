@@ -138,7 +138,8 @@ class DataArguments:
     eval_dataset: Optional[str] = arg(None, "Comma list of evaluation datasets named in dataset_info.json.")
     eval_on_each_dataset: bool = arg(False, "Evaluate every dataset of eval_dataset separately.")
     dataset_dir: str = arg("data", "Folder (or s3:// / gs:// URI) holding dataset_info.json and the data files.")
-    media_dir: Optional[str] = arg(None, "Folder of images and videos.")
+    media_dir: Optional[str] = arg(None, "Folder the datasets' image paths are relative to (default: dataset_dir); "
+                                         "a path not found there is read as it is.")
     data_shared_file_system: bool = arg(
         False, "Every node sees ray_storage_path: use the automatic token cache on a cluster too.")
     cutoff_len: int = arg(2048, "Longest sequence in tokens; longer examples are truncated.")
@@ -186,9 +187,12 @@ class FinetuningArguments:
     use_llama_pro: bool = arg(False, "LLaMA Pro: train only the freeze_trainable_layers blocks `rayft expand` "
                                      "inserted (freeze or lora).")
     use_adam_mini: bool = arg(False, "The Adam-mini optimizer.")
-    freeze_vision_tower: bool = arg(True, "Freeze a multimodal model's vision tower.")
-    freeze_multi_modal_projector: bool = arg(True, "Freeze a multimodal model's projector.")
-    train_mm_proj_only: bool = arg(False, "Train only the multimodal projector.")
+    freeze_vision_tower: bool = arg(True, "Freeze a vision-language model's vision tower (LoRA never targets a "
+                                          "frozen one).")
+    freeze_multi_modal_projector: bool = arg(True, "Freeze a vision-language model's projector (LoRA never targets "
+                                                   "it; freeze and full training train it when false).")
+    train_mm_proj_only: bool = arg(False, "Removed in LLaMA-Factory 0.9.5 and refused: freeze_vision_tower, "
+                                          "freeze_language_model and freeze_multi_modal_projector say it.")
     compute_accuracy: bool = arg(False, "Report token accuracy on the evaluation data (stage sft).")
     disable_shuffling: bool = arg(False, "Keep the dataset's order instead of reshuffling every epoch.")
     plot_loss: bool = arg(False, "Draw the loss (and the stage's statistics) to PNG files after training.")
@@ -316,7 +320,8 @@ class FinetuningArguments:
     use_mca: bool = arg(False, "Megatron-Core adapter training.")
     use_hyper_parallel: bool = arg(False, "LLaMA-Factory's hyper-parallel training.")
     hyper_parallel_args: Optional[str] = arg(None, "Settings of hyper-parallel training.")
-    freeze_language_model: bool = arg(False, "Freeze a multimodal model's language model.")
+    freeze_language_model: bool = arg(False, "Freeze a vision-language model's language model (and LoRA leaves it "
+                                             "out).")
     # SwanLab (rank 0 logs; report_to: swanlab means the same)
     use_swanlab: bool = arg(False, "Track the run in SwanLab, from rank 0.")
     swanlab_project: str = arg("llamafactory", "SwanLab project.")

@@ -84,7 +84,7 @@ def test_override_without_equals_is_refused():
 
 @pytest.mark.parametrize("key,value", [("report_to", "comet_ml"),
                                        ("tool_format", "hermes"), ("mixture_of_depths", "convert"),
-                                       ("use_unsloth", "true"), ("image_max_pixels", "65536"), ("fp8", "true")])
+                                       ("use_unsloth", "true"), ("video_fps", "1.0"), ("fp8", "true")])
 def test_unbuilt_features_are_refused_by_name(key, value):
     (problem,) = problems(f"{key}={value}")
     assert problem.startswith(f"{key}:") and "not built" in problem

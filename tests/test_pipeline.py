@@ -134,12 +134,14 @@ def test_every_encoding_setting_changes_the_cache_key():
     import dataclasses
 
     from rayft.data import cache
+    from rayft.data.media import ImageGeometry
 
     examples = [{"system": "", "messages": [{"role": "user", "content": "q"}]}]
     base = EncodingSettings("chatml", 64)
     other = {"template": "qwen", "cutoff_len": 128, "train_on_prompt": True, "mask_history": True,
              "packing": True, "neat_packing": True, "stage": "pt", "enable_thinking": False,
-             "preserve_thinking": True, "default_system": "S", "tool_format": "qwen"}
+             "preserve_thinking": True, "default_system": "S", "tool_format": "qwen",
+             "images": ImageGeometry(768 * 768, 32 * 32, 14, 2, 784, 16384)}
     assert set(other) == {f.name for f in dataclasses.fields(EncodingSettings)}
 
     def key(settings):

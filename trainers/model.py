@@ -12,7 +12,12 @@ from pathlib import Path
 import pyarrow.fs
 import torch
 from peft import LoraConfig, OFTConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+)
 
 from rayft.data import tokenizer as data_tokenizer
 from rayft.data.files import resolve
@@ -21,12 +26,22 @@ from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.schema import FinetuningArguments, ModelArguments
 from rayft.recipe.values import comma_list
+from rayft.trainers.vision import frozen_parts, in_parts, is_vision_language, lora_modules, vision_family
 from rayft.trainers.vocabulary import embedding_module_names, fit_vocabulary_of, grow_embeddings
 
 
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer of the recipe's model keys, through the one loader Ray Data's tasks use too."""
     return data_tokenizer.load_tokenizer(TokenizerSpec.of(model_args))
+
+
+def load_image_processor(model_args: ModelArguments):
+    """The model's image processor (Transformers picks its PIL version where torchvision is not installed)."""
+    from transformers import AutoImageProcessor
+
+    m = model_args
+    return AutoImageProcessor.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
+                                              token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
 
 
 def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
@@ -67,9 +82,10 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
                                                      model_dtype(use_gpu, pure_bf16)),
                       **quantized_placement(model_args, use_gpu))
     quantized = bits is not None and trainable
-    cls = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
+    cls = AutoModelForSequenceClassification if value_head else model_class(
+        AutoConfig.from_pretrained(path or model_args.model_name_or_path, **source))
     from_scratch = scratch_seed is not None and trainable and path is None
     if path is None and (from_scratch or model_args.rope_scaling or trainable and model_args.moe_aux_loss_coef):
         # one config, changed once, for whichever way the model is built (the value head's label count in it)
@@ -112,6 +128,12 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     if trainable and model_args.upcast_lmhead_output and isinstance(head, torch.nn.Linear):
         head.register_forward_hook(lambda _module, _inputs, output: output.to(torch.float32))
     return model
+
+
+def model_class(config):
+    """The Auto class that builds a model of `config` with its language-model head: image-text-to-text for a
+    vision-language model (its vision tower included), causal LM otherwise."""
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
 # Mixture-of-experts model types whose router (load-balancing) loss Transformers adds to the loss, and the config
@@ -190,6 +212,10 @@ def modules_to_save(model, finetuning_args: FinetuningArguments, model_args: Mod
 
 def lora_target_modules(model, finetuning_args: FinetuningArguments) -> list[str]:
     """lora_target's modules; under use_llama_pro only those inside the blocks rayft expand inserted."""
+    family = vision_family(model.config)
+    if family is not None:  # the frozen parts, and the projector under lora_target: all, as LLaMA-Factory does
+        target = finetuning_args.lora_target
+        return lora_modules(model, family, finetuning_args, None if target.strip() == "all" else comma_list(target))
     targets = target_modules(model, finetuning_args.lora_target)
     if not finetuning_args.use_llama_pro:
         return targets
@@ -364,9 +390,11 @@ def save_pissa_converted(model, output_dir: str) -> Path:
 
 def layer_stack(model) -> tuple[str, int]:
     """The name of the module list holding the transformer blocks, and how many blocks it has."""
-    count = model.config.num_hidden_layers
+    count = model.config.get_text_config().num_hidden_layers
+    family = vision_family(model.config)
+    tower = family.vision if family else ()  # a vision tower as deep as the language model is not the stack
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and not in_parts(name, tower):
             return name, count
     raise ValueError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
 
@@ -421,15 +449,21 @@ def apply_freeze(model, finetuning_args: FinetuningArguments, model_args: ModelA
     """Trains only the chosen blocks (and extra modules); every other weight is frozen."""
     prefixes = freeze_trainable_prefixes(model, finetuning_args)
     heads = ("score.",) if getattr(model, "score", None) is not None else ()  # a new value head must learn
+    family = vision_family(model.config)
+    projector = family.projector if family and not finetuning_args.freeze_multi_modal_projector else ()
+    frozen = frozen_parts(family, finetuning_args) if family else ()
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(tuple(prefixes) + heads))
+        chosen = name.startswith(tuple(prefixes) + heads) or in_parts(name, projector)
+        param.requires_grad_(chosen and not in_parts(name, frozen))
     return model
 
 
 def apply_full(model, finetuning_args: FinetuningArguments, model_args: ModelArguments | None = None):
-    """Trains every weight."""
-    for param in model.parameters():
-        param.requires_grad_(True)
+    """Trains every weight, but a vision-language model's frozen parts (freeze_vision_tower, ...)."""
+    family = vision_family(model.config)
+    frozen = frozen_parts(family, finetuning_args) if family else ()
+    for name, param in model.named_parameters():
+        param.requires_grad_(not in_parts(name, frozen))
     return model
 
 

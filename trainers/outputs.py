@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from rayft.data.templates import plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
 from rayft.recipe.stages import stages_reading
@@ -17,6 +18,10 @@ def write_run_outputs(output_dir: str, cfg: RecipeConfig, plan: Plan, tokenizer,
     """Rank 0's finish line of every stage: the tokenizer, the resolved config with its plan (secrets masked),
     the plots when plot_loss asks for them, and the model card."""
     tokenizer.save_pretrained(output_dir)
+    if plugin_of(cfg.data.template) is not None:  # a vision-language run's processor, as LLaMA-Factory saves it
+        from rayft.trainers.model import load_image_processor
+
+        load_image_processor(cfg.model).save_pretrained(output_dir)
     masked = cfg.to_dict(mask_secrets=True)
     save_config(output_dir, masked, plan)
     if cfg.finetuning.plot_loss:

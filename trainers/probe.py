@@ -4,8 +4,9 @@ module names and for the memory planner's shape. It runs in the driver's helper 
 import threading
 
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from rayft.data.templates import plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.stages import STAGE_SPECS
@@ -15,8 +16,10 @@ from rayft.trainers.model import (
     ROUTER_LOSS_KEYS,
     freeze_trainable_prefixes,
     linear_module_names,
+    model_class,
     trainable_layers,
 )
+from rayft.trainers.vision import VISION_FAMILIES, is_vision_language, vision_family
 
 # accelerate's init_empty_weights patches torch.nn.Module for the whole process while it is active; two probes
 # in two threads (runs started side by side in one driver) would leave the patch in place when they interleave.
@@ -37,7 +40,7 @@ def _probe(cfg: RecipeConfig) -> dict:
         raise ConfigError([Problem("model_name_or_path", "cannot read a model config from "
                                                          f"{cfg.model.model_name_or_path!r} "
                                                          f"({' '.join(str(err).split())})")]) from None
-    problems = module_problems(cfg, model)
+    problems = module_problems(cfg, model) + vision_problems(cfg, model.config)
     if cfg.model.moe_aux_loss_coef and model.config.model_type not in ROUTER_LOSS_KEYS:
         known = ", ".join(sorted(ROUTER_LOSS_KEYS))
         problems.append(Problem("moe_aux_loss_coef", f"{model.config.model_type} is not a mixture of experts with a "
@@ -55,8 +58,11 @@ def empty_model(cfg: RecipeConfig):
     with init_empty_weights():
         if STAGE_SPECS[cfg.finetuning.stage].result == "reward model":  # a score head instead of the LM head
             config.num_labels = 1
-            return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = model_class(config).from_config(config)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings apart: counted twice otherwise
+    return model
 
 
 def model_shape(cfg: RecipeConfig, model=None) -> dict:
@@ -65,7 +71,7 @@ def model_shape(cfg: RecipeConfig, model=None) -> dict:
     Adapters named in adapter_name_or_path are counted as a new adapter of the recipe's settings.
     """
     model = model if model is not None else empty_model(cfg)
-    config = model.config
+    config = model.config.get_text_config()  # a vision-language model's language model (its tower is counted too)
     with init_empty_weights():
         trainable = FINETUNING[cfg.finetuning.finetuning_type](model, cfg.finetuning, None)
     unique = {id(p): p for p in trainable.parameters()}.values()  # tied weights once
@@ -75,6 +81,25 @@ def model_shape(cfg: RecipeConfig, model=None) -> dict:
         largest_layer_params=largest, hidden_size=config.hidden_size,
         intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
         num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, vocab_size=config.vocab_size)
+
+
+def vision_problems(cfg: RecipeConfig, config) -> list[Problem]:
+    """A multimodal template needs a vision-language model of a family rayft has built, whose images that template's
+    plugin encodes; a vision-language model of another family is refused even with a text template."""
+    plugin, vision = plugin_of(cfg.data.template), is_vision_language(config)
+    family = vision_family(config)
+    if vision and family is None:
+        built = ", ".join(sorted(VISION_FAMILIES))
+        return [Problem("model_name_or_path", f"{config.model_type} is a vision-language model of a family rayft has "
+                                              f"not built yet (built: {built})")]
+    if plugin is not None and not vision:
+        return [Problem("template", f"{cfg.data.template!r} is a multimodal template, and {config.model_type} is a "
+                                    "text-only model; use the family's text template, or a vision-language model")]
+    if plugin is not None and family.plugin != plugin:
+        return [Problem("template", f"{cfg.data.template!r} encodes images for LLaMA-Factory's {plugin!r} models, not "
+                                    f"{config.model_type}; use its family's template (one with the {family.plugin!r} "
+                                    "plugin, e.g. qwen2_vl)")]
+    return []
 
 
 def module_problems(cfg: RecipeConfig, model) -> list[Problem]:
@@ -100,7 +125,7 @@ def module_problems(cfg: RecipeConfig, model) -> list[Problem]:
         if f.finetuning_type == "freeze":
             freeze_trainable_prefixes(model, f)
         elif f.use_llama_pro:
-            trainable_layers(model.config.num_hidden_layers, f)
+            trainable_layers(model.config.get_text_config().num_hidden_layers, f)
     except ConfigError as err:
         problems += err.problems
     return problems

@@ -1,0 +1,160 @@
+"""Images in examples, as LLaMA-Factory 0.9.5 handles them: paths found under media_dir, one `<image>` placeholder per
+image, and each placeholder expanded into the run of image tokens the vision tower's patches fill.
+
+The token count is computed from an image's size alone (read from its header), with LLaMA-Factory's resize rules
+and the image processor's own; tokenising never decodes pixels. The workers' collator decodes and preprocesses each
+batch's images (`load_images`), as LLaMA-Factory's collator does.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from rayft.data.converters import RowError
+from rayft.data.files import read_text
+
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholder in a message's text
+# Qwen2-VL's processor refuses an aspect ratio above 200; LLaMA-Factory squeezes such an image to 180 first
+QWEN_MAX_RATIO, QWEN_SQUEEZED_RATIO, QWEN_MIN_SIDE = 200, 180, 28
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What the count of an image's tokens depends on: the recipe's pixel limits (image_max_pixels,
+    image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor (its patch, its merge of
+    patches into one token, and its own pixel limits)."""
+
+    max_pixels: int
+    min_pixels: int
+    patch_size: int
+    merge_size: int
+    processor_min_pixels: int
+    processor_max_pixels: int
+
+    @classmethod
+    def read(cls, model_path: str, max_pixels: int, min_pixels: int) -> "ImageGeometry":
+        """The geometry of the model at `model_path` (its preprocessor_config.json) under the recipe's limits."""
+        text = read_text(f"{model_path.rstrip('/')}/preprocessor_config.json")
+        if text is None:
+            raise FileNotFoundError(f"{model_path} holds no preprocessor_config.json (the model's image processor)")
+        config = json.loads(text)
+        size = config.get("size") or {}
+        return cls(max_pixels=max_pixels, min_pixels=min_pixels, patch_size=config["patch_size"],
+                   merge_size=config["merge_size"],
+                   processor_min_pixels=size.get("shortest_edge", config.get("min_pixels", 56 * 56)),
+                   processor_max_pixels=size.get("longest_edge", config.get("max_pixels", 28 * 28 * 1280)))
+
+
+def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> list[tuple[int, int]]:
+    """The sizes LLaMA-Factory resizes an image to for Qwen2-VL, in order (each a resize of its own, so that the
+    pixels match): scaled down to at most `max_pixels`, then up to at least `min_pixels` (sides truncated to whole
+    pixels), sides under 28 px raised to 28, and an aspect ratio above 200 squeezed to 180."""
+    steps = []
+    if width * height > max_pixels:
+        factor = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * factor), int(height * factor)
+        steps.append((width, height))
+    if width * height < min_pixels:
+        factor = math.sqrt(min_pixels / (width * height))
+        width, height = int(width * factor), int(height * factor)
+        steps.append((width, height))
+    if min(width, height) < QWEN_MIN_SIDE:
+        width, height = max(width, QWEN_MIN_SIDE), max(height, QWEN_MIN_SIDE)
+        steps.append((width, height))
+    if width / height > QWEN_MAX_RATIO:
+        width = height * QWEN_SQUEEZED_RATIO
+        steps.append((width, height))
+    if height / width > QWEN_MAX_RATIO:
+        height = width * QWEN_SQUEEZED_RATIO
+        steps.append((width, height))
+    return steps
+
+
+def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
+    """An image's size after LLaMA-Factory's resizes (`resize_steps`)."""
+    steps = resize_steps(width, height, max_pixels, min_pixels)
+    return steps[-1] if steps else (width, height)
+
+
+def resized_to_patches(width: int, height: int, geometry: ImageGeometry) -> tuple[int, int]:
+    """(height, width) the image processor resizes to: multiples of patch x merge, within its pixel limits, the
+    aspect ratio kept as closely as that allows (Qwen2-VL's rule)."""
+    factor = geometry.patch_size * geometry.merge_size
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > geometry.processor_max_pixels:
+        beta = math.sqrt(height * width / geometry.processor_max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < geometry.processor_min_pixels:
+        beta = math.sqrt(geometry.processor_min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def image_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
+    """How many image tokens an image of `width` x `height` pixels becomes: its patches, merge x merge to a token."""
+    w, h = regularized_size(width, height, geometry.max_pixels, geometry.min_pixels)
+    h, w = resized_to_patches(w, h, geometry)
+    return (h // geometry.patch_size) * (w // geometry.patch_size) // geometry.merge_size ** 2
+
+
+def expand_images(messages: list[dict], sizes: list, geometry: ImageGeometry, tokens: dict) -> list[dict]:
+    """`messages` with each `<image>` replaced by the image's tokens: the vision start token, one image token per
+    merged patch, the vision end token (`tokens`: the template's mm_plugin tokens)."""
+    sizes = iter(sizes)
+    expanded = []
+    for message in messages:
+        content = message["content"]
+        while IMAGE_PLACEHOLDER in content:
+            width, height = next(sizes)
+            run = tokens["image_token"] * image_token_count(width, height, geometry)
+            content = content.replace(IMAGE_PLACEHOLDER, f"{tokens['vision_bos_token']}{run}"
+                                                         f"{tokens['vision_eos_token']}", 1)
+        expanded.append({**message, "content": content})
+    return expanded
+
+
+def attach_images(example: dict, row: dict, column: str, media_dir: str) -> dict:
+    """`example` with the row's images: their paths (found under `media_dir`, else as given) and sizes, read from
+    each file's header. A row whose `<image>` count differs from its image count, or whose image is missing or
+    unreadable, is a bad row."""
+    from PIL import Image, UnidentifiedImageError  # Pillow: only a run with images imports it
+
+    images = row.get(column)
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise RowError(f"column {column!r} must be a list of image paths")
+    texts = [m["content"] for m in example["messages"]] + [example.get(k, "") for k in ("chosen", "rejected")]
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+    if placeholders != len(images):
+        raise RowError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) in column "
+                       f"{column!r}; each image needs one placeholder where it goes")
+    paths, sizes = [], []
+    for image in images:
+        inside = os.path.join(media_dir, image)
+        path = inside if os.path.isfile(inside) else image
+        if not os.path.isfile(path):
+            raise RowError(f"image {image!r} not found in media_dir {media_dir} (nor as a path of its own)")
+        try:
+            with Image.open(path) as opened:
+                sizes.append(list(opened.size))
+        except (UnidentifiedImageError, OSError) as err:
+            raise RowError(f"image {image!r} cannot be read ({' '.join(str(err).split())})") from None
+        paths.append(os.path.abspath(path))
+    return {**example, "images": paths, "image_sizes": sizes} if images else example
+
+
+def load_images(paths: list[str], max_pixels: int, min_pixels: int) -> list:
+    """The images at `paths`, decoded, in RGB and resized by LLaMA-Factory's rules (`resize_steps`): what the
+    image processor receives in the workers' collator."""
+    from PIL import Image
+
+    loaded = []
+    for path in paths:
+        with Image.open(path) as opened:
+            image = opened.copy()
+        for size in resize_steps(image.width, image.height, max_pixels, min_pixels):
+            image = image.resize(size)
+        loaded.append(image.convert("RGB") if image.mode != "RGB" else image)
+    return loaded

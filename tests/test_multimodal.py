@@ -1,0 +1,245 @@
+"""Images in supervised fine-tuning: token counts from an image's size, LLaMA-Factory 0.9.5's encodings of the same
+rows (tests/golden/qwen2_vl, written by tools/lf_mm_golden.py), bad rows and refusals, and a 2-worker LoRA run of the
+tiny Qwen2-VL whose batches carry the images' pixels."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEMO_RECIPE, ROOT
+
+from rayft.data.errors import DataError
+from rayft.data.media import ImageGeometry, image_token_count, load_images
+
+GOLDEN = ROOT / "tests" / "golden" / "qwen2_vl"
+CASES = json.loads((GOLDEN / "lf_mm_encodings.json").read_text())["cases"]
+
+
+def image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil.from_pretrained(GOLDEN)
+
+
+def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("limits", [(768 * 768, 32 * 32), (64 * 64, 32 * 32), (768 * 768, 150 * 150)])
+def test_an_images_token_count_from_its_size_equals_the_image_processors(tmp_path, limits):
+    """Tokenising counts from the header; the workers' processor makes the patches. Both agree on awkward sizes."""
+    processor, geometry = image_processor(), ImageGeometry.read(str(GOLDEN), *limits)
+    sizes = [(1, 1), (10, 10), (27, 500), (640, 480), (33, 1000), (5000, 20), (20, 5000), (129, 77), (28, 28),
+             (2000, 3000), (56, 30), (13, 2900)]
+    for i, (width, height) in enumerate(sizes):
+        (image,) = load_images([str(write_image(tmp_path / f"{i}.png", width, height, i))], *limits)
+        grid = processor([image], return_tensors="pt")["image_grid_thw"]
+        assert int(grid.prod()) // 4 == image_token_count(width, height, geometry), (width, height)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"max{c['image_max_pixels']}-min{c['image_min_pixels']}"
+                                                          for c in CASES])
+def test_rows_with_images_become_llamafactorys_tokens_and_pixels(case):
+    from rayft.data.collator import ImageCollator, SupervisedCollator
+    from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, load_datasets
+    from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+
+    golden = CASES[case]
+    limits = golden["image_max_pixels"], golden["image_min_pixels"]
+    (examples,) = load_datasets("shapes", str(GOLDEN), None, template="qwen2_vl")
+    spec = TokenizerSpec(path=str(GOLDEN))
+    settings = EncodingSettings(template="qwen2_vl", cutoff_len=golden["cutoff_len"],
+                                images=ImageGeometry.read(str(GOLDEN), *limits))
+    encoded = encode_batch(columns_of(examples), spec, settings)
+    tokenizer = load_tokenizer(spec)
+    collate = ImageCollator(SupervisedCollator(tokenizer.pad_token_id), image_processor(),
+                            tokenizer.convert_tokens_to_ids("<|image_pad|>"), *limits)
+    for i, expected in enumerate(golden["rows"]):
+        assert encoded["input_ids"][i].tolist() == expected["input_ids"], i
+        assert encoded["labels"][i].tolist() == expected["labels"], i
+        row = {"input_ids": encoded["input_ids"][i].tolist(), "labels": encoded["labels"][i].tolist(),
+               "images": encoded["images"][i]}
+        batch = collate([row])
+        grid = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
+        assert grid == expected["image_grid_thw"], i
+        assert batch["mm_token_type_ids"].sum() == sum(t * h * w // 4 for t, h, w in grid)
+        start, sums = 0, []
+        for t, h, w in grid:
+            sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
+            start += t * h * w
+        assert sums == pytest.approx(expected["pixel_sums"], rel=1e-5, abs=1e-3), i
+
+
+def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
+    """A dataset folder holding `rows` (sharegpt, mllm_demo's columns) and the golden images under images/."""
+    folder = tmp_path / "data"
+    shutil.copytree(GOLDEN / "images", folder / "images")
+    (folder / "dataset_info.json").write_text((GOLDEN / "dataset_info.json").read_text())
+    (folder / "rows.json").write_text(json.dumps(rows))
+    return folder
+
+
+@pytest.mark.unit
+def test_bad_image_rows_are_counted_with_their_position_and_the_run_is_refused_above_the_threshold(tmp_path):
+    from rayft.data.pipeline import load_datasets
+
+    good = json.loads((GOLDEN / "rows.json").read_text())
+    (tmp_path / "unreadable.png").write_text("not an image")
+    bad = [{**good[0], "images": good[0]["images"][:1]},  # two placeholders, one image
+           {**good[3], "images": ["images/missing.png"]},
+           {**good[3], "images": [str(tmp_path / "unreadable.png")]}]
+    folder = image_dataset(tmp_path, good * 40 + bad)
+    (examples,) = load_datasets("shapes", str(folder), None, template="qwen2_vl", max_bad_ratio=0.05)
+    assert len(examples) == 160 and all(Path(p).is_file() for e in examples for p in e.get("images", []))
+    with pytest.raises(DataError) as refused:
+        load_datasets("shapes", str(folder), None, template="qwen2_vl", max_bad_ratio=0.01)
+    text = str(refused.value)
+    assert "3 of 163 rows" in text and "rows.json row 160: 2 <image> placeholder(s) but 1 image(s)" in text, text
+    assert "row 161: image 'images/missing.png' not found in media_dir" in text
+    assert "row 162: image " in text and "cannot be read" in text
+    # media_dir: the paths are found under it rather than under dataset_dir
+    media = tmp_path / "media"
+    shutil.move(folder / "images", media / "images")
+    (examples,) = load_datasets("shapes", str(folder), 4, template="qwen2_vl", media_dir=str(media),
+                                max_bad_ratio=0.05)
+    assert examples[0]["images"][0] == str(media / "images" / "square.png")
+
+
+@pytest.mark.unit
+def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path):
+    from rayft.data.pipeline import load_datasets
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.recipe.problems import ConfigError
+    from rayft.trainers.probe import vision_problems
+
+    folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()))
+    with pytest.raises(DataError, match="'shapes' has images, and template 'qwen' is text-only; use the model "):
+        load_datasets("shapes", str(folder), None, template="qwen")
+    with pytest.raises(DataError, match="images in stage 'dpo' are not built yet"):
+        load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="dpo", data="supervised")
+    with pytest.raises(DataError, match="'llava' encodes media with LLaMA-Factory's 'llava' plugin, which rayft has"):
+        load_datasets("shapes", str(folder), None, template="llava")
+
+    def recipe(*overrides):
+        return parse_config(load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
+
+    text_only = type("Config", (), {"model_type": "qwen2"})()
+    vision = type("Config", (), {"model_type": "qwen2_vl", "vision_config": {}})()
+    other = type("Config", (), {"model_type": "llava", "vision_config": {}})()
+    assert vision_problems(recipe("template=qwen2_vl"), vision) == []
+    (problem,) = vision_problems(recipe("template=qwen2_vl"), text_only)
+    assert problem.key == "template" and "qwen2 is a text-only model" in problem.message
+    (problem,) = vision_problems(recipe("template=qwen"), other)
+    assert problem.key == "model_name_or_path" and "llava is a vision-language model of a family" in problem.message
+    # packing and ZeRO-3 with images: refused by name before any worker starts
+    from rayft.cluster.session import local_machine
+    from rayft.data.pipeline import image_geometry
+    from rayft.orchestrator.launch import Prepared, plan_run
+    from rayft.orchestrator.memory import ModelShape
+
+    with pytest.raises(DataError, match="packing: packing under a multimodal template is not built yet"):
+        image_geometry(recipe("template=qwen2_vl", "packing=true"))
+    shape = ModelShape(total_params=3_000_000, trainable_params=150_000, largest_layer_params=200_000,
+                       hidden_size=256, intermediate_size=682, num_layers=4, num_heads=4, vocab_size=600)
+    for deepspeed, refused in (("z2", False), ("z3", True)):
+        prepared = Prepared(recipe("template=qwen2_vl", f"deepspeed={deepspeed}"), shape, [], [], None)
+        if refused:
+            with pytest.raises(ConfigError, match="deepspeed: ZeRO-3 under a multimodal template is not built yet"):
+                plan_run(prepared, local_machine(), 64)
+        else:
+            assert plan_run(prepared, local_machine(), 64).zero_stage == 2
+    with pytest.raises(ConfigError, match="train_mm_proj_only: LLaMA-Factory 0.9.5 removed it"):
+        recipe("train_mm_proj_only=true")
+    with pytest.raises(ConfigError, match="video_fps: video input"):
+        recipe("video_fps=1.0")
+
+
+@pytest.mark.slow
+def test_a_two_worker_lora_run_of_the_tiny_qwen2_vl_trains_on_its_images_and_exports_with_its_processor(
+        tmp_path, ray_local):
+    """LoRA on the vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels
+    reached the tower. The projector stays out of LoRA, as LLaMA-Factory leaves it out."""
+    from safetensors.torch import load_file
+
+    from conftest import captured_log, train_recipe
+    from rayft.orchestrator.export import run_export
+    from rayft.recipe.loading import load_recipe
+    from rayft.recipe.parse import parse_config
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny-vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                             family="qwen2_vl")
+    folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()) * 8)
+    with captured_log() as lines:
+        out, losses = train_recipe(DEMO_RECIPE, tmp_path, model, "template=qwen2_vl", "dataset=shapes",
+                                   f"dataset_dir={folder}", "eval_dataset=null", "deepspeed=null", "max_steps=4",
+                                   "logging_steps=1", "per_device_train_batch_size=2", "freeze_vision_tower=false",
+                                   "image_max_pixels=4096")
+    text = "\n".join(lines)
+    assert "<|vision_start|><|image_pad|>*" in text and "images:\n['" in text  # the first example, runs shortened
+    assert [r["step"] for r in losses] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in losses)
+    weights = load_file(out / "adapter_model.safetensors")
+    tower = {k: v for k, v in weights.items() if ".visual.blocks." in k}
+    assert tower and not any(".merger." in k or "patch_embed" in k for k in weights)
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)  # zero at init: it learned
+    assert json.loads((out / "preprocessor_config.json").read_text())["merge_size"] == 2
+    cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={model}", f"adapter_name_or_path={out}",
+                                                 f"export_dir={tmp_path / 'merged'}", f"output_dir={tmp_path / 'x'}",
+                                                 "template=qwen2_vl"]), base_dir=ROOT)
+    from transformers import AutoModelForImageTextToText
+
+    from rayft.trainers.probe import model_shape
+
+    counted = model_shape(cfg)  # the memory planner's count holds the vision tower (and the adapter)
+    base = AutoModelForImageTextToText.from_pretrained(model).num_parameters()
+    assert counted["total_params"] - counted["trainable_params"] == base
+    merged = run_export(cfg)
+    assert (merged / "preprocessor_config.json").is_file()
+    assert "AutoModelForImageTextToText.from_pretrained" in (merged / "README.md").read_text()
+
+
+@pytest.mark.unit
+def test_the_freeze_keys_choose_the_trainable_parts_as_llamafactory_does():
+    from transformers import AutoTokenizer
+
+    from rayft.recipe.schema import FinetuningArguments
+    from rayft.trainers.model import apply_freeze, apply_full, lora_target_modules
+    from rayft.trainers.tiny_model import build_qwen2_vl
+
+    model = build_qwen2_vl(AutoTokenizer.from_pretrained(GOLDEN))
+
+    def args(**kw):
+        return FinetuningArguments(**{"lora_target": "all", **kw})
+
+    def parts(names):
+        return {("tower" if ".visual.blocks." in n else "projector" if ".merger." in n else "patches"
+                 if "patch_embed" in n else "language" if "language_model" in n or n.startswith("lm_head") else n)
+                for n in names}
+
+    default = lora_target_modules(model, args())
+    assert parts(default) == {"language"} and len(default) == 4 * 7  # 7 linear layers per block, 4 blocks
+    with_tower = lora_target_modules(model, args(freeze_vision_tower=False))
+    assert parts(with_tower) == {"language", "tower"}  # never the projector nor the patch embedding (a Conv3d)
+    assert parts(lora_target_modules(model, args(lora_target="q_proj,qkv", freeze_vision_tower=False))) == {
+        "language", "tower"}
+    assert parts(lora_target_modules(model, args(freeze_language_model=True, freeze_vision_tower=False))) == {"tower"}
+
+    def trained(prepare, **kw):
+        prepare(model, args(**kw))
+        return parts(n for n, p in model.named_parameters() if p.requires_grad)
+
+    assert trained(apply_full) == {"language"}
+    assert trained(apply_full, freeze_multi_modal_projector=False) == {"language", "projector"}
+    assert trained(apply_full, freeze_vision_tower=False, freeze_language_model=True) == {"tower", "patches"}
+    assert trained(apply_freeze, freeze_trainable_layers=1) == {"language"}
+    assert trained(apply_freeze, freeze_trainable_layers=1, freeze_multi_modal_projector=False) == {
+        "language", "projector"}

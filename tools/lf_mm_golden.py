@@ -1,0 +1,111 @@
+"""Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its qwen2_vl template.
+
+Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on a tiny
+Qwen2-VL that `rayft tiny-model --family qwen2_vl DIR` wrote:
+    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py DIR
+It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
+limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/qwen2_vl/, and
+writes there lf_mm_encodings.json: for each setting of image_max_pixels / image_min_pixels, each row's input_ids and
+labels from LLaMA-Factory's supervised processor, and its images' grid and pixel sums from LLaMA-Factory's plugin.
+
+LLaMA-Factory loads its processor with AutoProcessor, which needs torchvision; the CPU-only torch has none, so the
+tool hands LLaMA-Factory's processor code the tiny model's own PIL image processor (the one rayft's workers use).
+The peer environment's Pillow must be rayft's (13.0.0): Pillow 11's resize differs from 13's by up to 4 levels.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "golden" / "qwen2_vl"
+# (name, width, height): a small square, a side under 28 px, an aspect ratio above 200, a large photo-like image
+IMAGES = [("square.png", 100, 100), ("thin.png", 20, 300), ("strip.png", 3000, 12), ("large.png", 1100, 900),
+          ("wide.png", 640, 200)]
+ROWS = [
+    {"messages": [{"role": "user", "content": "<image>What shape is this?"},
+                  {"role": "assistant", "content": "A square."},
+                  {"role": "user", "content": "And this one?<image>"},
+                  {"role": "assistant", "content": "A thin line."}],
+     "images": ["square.png", "thin.png"]},
+    {"messages": [{"role": "user", "content": "Compare <image> with <image>."},
+                  {"role": "assistant", "content": "The first is long, the second is large."}],
+     "images": ["strip.png", "large.png"]},
+    {"messages": [{"role": "user", "content": "What is three plus three?"},
+                  {"role": "assistant", "content": "Six."}],
+     "images": []},
+    {"messages": [{"role": "user", "content": "<image>Describe it."},
+                  {"role": "assistant", "content": "A wide picture."}],
+     "images": ["wide.png"]},
+]
+ENTRY = {"file_name": "rows.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+SETTINGS = [(768 * 768, 32 * 32), (64 * 64, 32 * 32), (768 * 768, 150 * 150)]
+CUTOFF = 1024
+
+
+def draw_images() -> None:
+    from PIL import Image
+
+    for name, width, height in IMAGES:  # smooth gradients: small files, and resizing moves every pixel
+        image = Image.new("RGB", (width, height))
+        image.putdata([((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256) for y in range(height)
+                       for x in range(width)])
+        image.save(OUT / "images" / name)
+
+
+def main(model_dir: str) -> None:
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    (OUT / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy2(Path(model_dir) / name, OUT / name)
+    draw_images()
+    (OUT / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY}, indent=1))
+    (OUT / "rows.json").write_text(json.dumps([{**r, "images": [f"images/{i}" for i in r["images"]]}
+                                               for r in ROWS], indent=1))
+    cases = []
+    for max_pixels, min_pixels in SETTINGS:
+        data_args = DataArguments(template="qwen2_vl", cutoff_len=CUTOFF, dataset_dir=str(OUT))
+        tokenizer = AutoTokenizer.from_pretrained(OUT)
+        template = get_template_and_fix_tokenizer(tokenizer, data_args)
+        processor = SimpleNamespace(image_processor=Qwen2VLImageProcessorPil.from_pretrained(OUT),
+                                    image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+        attr = get_dataset_list(["shapes"], str(OUT))[0]
+        converter = get_dataset_converter(attr.formatting, attr, data_args)
+        aligned = [converter(row) for row in json.loads((OUT / "rows.json").read_text())]
+        columns = {k: [a[k] for a in aligned] for k in aligned[0]}
+        out = SupervisedDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(columns)
+        rows = []
+        for ids, labels, images in zip(out["input_ids"], out["labels"], columns["_images"]):
+            mm = template.mm_plugin._get_mm_inputs(images or [], [], [], processor) if images else {}
+            rows.append({"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
+                         "image_grid_thw": mm["image_grid_thw"].tolist() if mm else [],
+                         "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else []})
+        cases.append({"image_max_pixels": max_pixels, "image_min_pixels": min_pixels, "cutoff_len": CUTOFF,
+                      "rows": rows})
+    from llamafactory import __version__
+
+    (OUT / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")
+
+
+def _per_image_sums(mm: dict) -> list[float]:
+    """Each image's pixel_values summed (its rows of patches, in order)."""
+    sums, start = [], 0
+    for t, h, w in mm["image_grid_thw"].tolist():
+        count = t * h * w
+        sums.append(float(mm["pixel_values"][start:start + count].double().sum()))
+        start += count
+    return sums
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
