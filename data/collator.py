@@ -78,16 +78,18 @@ class KTOCollator:
 
 
 class ImageCollator:
-    """Supervised batches with their images, as LLaMA-Factory's collator makes them: each batch's images decoded,
-    resized by LLaMA-Factory's rules and run through the model's image processor here, in the worker
-    (`pixel_values`, `image_grid_thw`), and `mm_token_type_ids` marking the image tokens, from which Qwen2-VL
-    places its 3-D rotary positions. Tokenising only counted each image's tokens from its size; a count that
-    differs from the processor's is an error, not a silent misalignment."""
+    """Batches with their images, as LLaMA-Factory's collator makes them: each batch's images decoded, resized by
+    LLaMA-Factory's rules and run through the model's image processor here, in the worker (`pixel_values`,
+    `image_grid_thw`), and `mm_token_type_ids` marking the image tokens, from which Qwen2-VL places its 3-D rotary
+    positions. `pad` is the stage's collator; with `copies` 2 its rows are each example twice (preference pairs:
+    the chosen sequences, then the rejected ones), and the images' patches are repeated rather than made again.
+    Tokenising only counted each image's tokens from its size; a count that differs from the processor's is an
+    error, not a silent misalignment."""
 
-    def __init__(self, pad: SupervisedCollator, image_processor, image_token_id: int, max_pixels: int,
-                 min_pixels: int):
+    def __init__(self, pad, image_processor, image_token_id: int, max_pixels: int, min_pixels: int,
+                 copies: int = 1):
         self.pad, self.image_processor, self.image_token_id = pad, image_processor, image_token_id
-        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        self.max_pixels, self.min_pixels, self.copies = max_pixels, min_pixels, copies
         self.merge = getattr(image_processor, "merge_size", 1)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -97,10 +99,11 @@ class ImageCollator:
         paths = [path for e in examples for path in json.loads(e.get("images") or "[]")]
         if paths:
             pixels = self.image_processor(load_images(paths, self.max_pixels, self.min_pixels), return_tensors="pt")
-            expected = int((pixels["image_grid_thw"].prod(-1) // self.merge ** 2).sum())
+            grid = pixels["image_grid_thw"].repeat(self.copies, 1)
+            expected = int((grid.prod(-1) // self.merge ** 2).sum())
             if expected != int(image_tokens.sum()):
                 raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(paths)} image(s) "
                                 f"make {expected}: the image processor resizes differently from its "
                                 "preprocessor_config.json; re-save the model's image processor")
-            batch.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+            batch.update(pixel_values=pixels["pixel_values"].repeat(self.copies, 1), image_grid_thw=grid)
         return batch

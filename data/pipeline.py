@@ -103,10 +103,20 @@ def encode_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Encoding
                                   dtype=np.int64),
         "truncated": np.asarray([e["truncated"] for e in encoded], dtype=np.int64),
     }
-    if settings.images is not None:  # the paths travel to the workers' collator, which decodes the pixels
-        out["images"] = np.asarray([json.dumps(e.get("images") or []) for e in examples], dtype=object)
-        cut = [i for i, (e, ids) in enumerate(zip(examples, out["input_ids"]))
-               if e.get("images") and _image_tokens(e, settings) > _count(ids, chat_template, tokenizer)]
+    return with_image_paths(out, examples, settings, chat_template, tokenizer, ("input_ids",))
+
+
+def with_image_paths(out: dict, examples: list[dict], settings: "EncodingSettings", chat_template, tokenizer,
+                     sequences: tuple[str, ...]) -> dict:
+    """`out` with the examples' image paths (column `images`, JSON) under a multimodal template: they travel to the
+    workers' collator, which decodes the pixels. A cutoff_len that cut into an image's tokens is refused."""
+    if settings.images is None:
+        return out
+    out["images"] = np.asarray([json.dumps(e.get("images") or []) for e in examples], dtype=object)
+    image_id = tokenizer.convert_tokens_to_ids(chat_template.media_tokens["image_token"])
+    for key in sequences:
+        cut = [i for i, (e, ids) in enumerate(zip(examples, out[key]))
+               if e.get("images") and _image_tokens(e, settings) > int((np.asarray(ids) == image_id).sum())]
         if cut:
             raise DataError(f"cutoff_len={settings.cutoff_len} cuts into an image's tokens ({len(cut)} example(s) of "
                             "this batch); raise cutoff_len or lower image_max_pixels")
@@ -127,11 +137,6 @@ def with_image_tokens(example: dict, settings: "EncodingSettings", chat_template
 
 def _image_tokens(example: dict, settings: "EncodingSettings") -> int:
     return sum(image_token_count(w, h, settings.images) for w, h in example["image_sizes"])
-
-
-def _count(ids, chat_template, tokenizer) -> int:
-    image_id = tokenizer.convert_tokens_to_ids(chat_template.media_tokens["image_token"])
-    return int((np.asarray(ids) == image_id).sum())
 
 
 def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
@@ -180,7 +185,8 @@ def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: 
     chat_template = settings.chat_template()
     eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
     encoded = []
-    for example in _examples(batch):
+    examples = [with_image_tokens(example, settings, chat_template) for example in _examples(batch, images=True)]
+    for example in examples:
         ids = {}
         for name in ("chosen", "rejected"):
             chat = list(example["messages"]) + [{"role": "assistant", "content": example[name]}]
@@ -193,7 +199,7 @@ def encode_pairwise_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: 
     out["num_trained"] = np.asarray([sum(t != IGNORE_INDEX for t in e["chosen_labels"] + e["rejected_labels"])
                                      for e in encoded])
     out["truncated"] = np.asarray([e["truncated"] for e in encoded], dtype=np.int64)
-    return out
+    return with_image_paths(out, examples, settings, chat_template, tokenizer, ("chosen_input_ids",))
 
 
 def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
@@ -320,8 +326,8 @@ def _examples(batch: dict, images: bool = False) -> list[dict]:
     keys = list(batch)
     examples = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
     if not images and any(example.get("images") for example in examples):
-        raise DataError("images are trained in stage sft only so far; generation (predict, chat) and the other "
-                        "stages with images are not built yet")
+        raise DataError("images are trained in stages sft and dpo only so far; generation (predict, chat) and the "
+                        "other stages with images are not built yet")
     return examples
 
 

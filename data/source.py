@@ -133,9 +133,12 @@ def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
                         f"{data} data; choose a {data} dataset or the stage made for this one")
 
 
+IMAGE_STAGES = ("sft", "dpo")  # the stages whose encoders and collators carry images
+
+
 def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
-    """Media columns a run can train on: images, in stage sft, under a multimodal template. Videos and audios need
-    torchvision / PyAV and torchaudio, which this build does not have."""
+    """Media columns a run can train on: images, in stages sft and dpo, under a multimodal template. Videos and
+    audios need torchvision / PyAV and torchaudio, which this build does not have."""
     where = f"dataset {attr.name!r}"
     for column, library in (("videos", "torchvision and PyAV"), ("audios", "torchaudio")):
         if attr.columns.get(column):
@@ -143,8 +146,9 @@ def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
                             f"CPU-only torch rayft is tested with); drop the {column} column from dataset_info.json")
     if not attr.columns.get("images"):
         return
-    if stage != "sft":
-        raise DataError(f"{where}: images in stage {stage!r} are not built yet (stage sft trains with images)")
+    if stage not in IMAGE_STAGES:
+        raise DataError(f"{where}: images in stage {stage!r} are not built yet (stages {', '.join(IMAGE_STAGES)} "
+                        "train with images)")
     if plugin_of(template) is None:
         raise DataError(f"{where} has images, and template {template!r} is text-only; use the model family's "
                         "multimodal template (e.g. qwen2_vl)")

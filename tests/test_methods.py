@@ -591,9 +591,11 @@ def test_shift_attn_attends_within_groups_and_shifted_groups_without_seeing_late
     assert frozen.config._attn_implementation != "rayft_shift_attn"
 
 
-def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path):
-    """`rayft tiny-model --family qwen2_vl`: Qwen2-VL's special tokens, a vision tower and its image processor, all
-    loaded back through from_pretrained; an image's merged patches (its <|image_pad|> tokens) reach the tower."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path, family):
+    """`rayft tiny-model --family qwen2_vl` (or qwen2_5_vl): Qwen2-VL's special tokens, a vision tower and its image
+    processor, all loaded back through from_pretrained; an image's merged patches (its <|image_pad|> tokens) reach
+    the tower."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -601,10 +603,10 @@ def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path):
     from rayft.trainers.tiny_model import write_tiny_model
 
     demo = sorted((Path(rayft.data.__file__).parent / "demo").glob("demo_*.json"))
-    folder = write_tiny_model(tmp_path / "tiny-qwen2-vl", demo, family="qwen2_vl")
+    folder = write_tiny_model(tmp_path / "tiny-qwen2-vl", demo, family=family)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     tokenizer, processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
-    assert model.config.model_type == "qwen2_vl" and type(processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert model.config.model_type == family and type(processor).__name__ == "Qwen2VLImageProcessorPil"
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert model.config.image_token_id == pad and len(tokenizer.encode("<|vision_start|><|image_pad|>")) == 2
     image = processor([Image.new("RGB", (100, 60), (120, 30, 200))], return_tensors="pt")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_RECIPE, ROOT
+from conftest import DEMO_RECIPE, ROOT, captured_log, train_recipe
 
 from rayft.data.errors import DataError
 from rayft.data.media import ImageGeometry, image_token_count, load_images
@@ -48,8 +48,10 @@ def test_an_images_token_count_from_its_size_equals_the_image_processors(tmp_pat
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"max{c['image_max_pixels']}-min{c['image_min_pixels']}"
                                                           for c in CASES])
 def test_rows_with_images_become_llamafactorys_tokens_and_pixels(case):
-    from rayft.data.collator import ImageCollator, SupervisedCollator
-    from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, load_datasets
+    import dataclasses
+
+    from rayft.data.collator import ImageCollator, PairwiseCollator, SupervisedCollator
+    from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, encode_pairwise_batch, load_datasets
     from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
     golden = CASES[case]
@@ -76,6 +78,16 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(case):
             sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
             start += t * h * w
         assert sums == pytest.approx(expected["pixel_sums"], rel=1e-5, abs=1e-3), i
+    # the same rows as preference pairs (stage dpo): both sides over the one expanded prompt
+    (pairs,) = load_datasets("shape_pairs", str(GOLDEN), None, template="qwen2_vl", stage="dpo", data="preference")
+    encoded = encode_pairwise_batch(columns_of(pairs), spec, dataclasses.replace(settings, stage="dpo"))
+    for i, expected in enumerate(golden["pairs"]):
+        assert {k: encoded[k][i].tolist() for k in expected} == expected, i
+    collate = ImageCollator(PairwiseCollator(tokenizer.pad_token_id), image_processor(),
+                            tokenizer.convert_tokens_to_ids("<|image_pad|>"), *limits, copies=2)
+    batch = collate([{k: encoded[k][i] for k in (*golden["pairs"][0], "images")} for i in range(len(pairs))])
+    grids = [g for row in golden["rows"] for g in row["image_grid_thw"]]
+    assert batch["image_grid_thw"].tolist() == grids * 2  # the chosen sequences' images, then the rejected ones'
 
 
 def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
@@ -124,8 +136,8 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
     folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()))
     with pytest.raises(DataError, match="'shapes' has images, and template 'qwen' is text-only; use the model "):
         load_datasets("shapes", str(folder), None, template="qwen")
-    with pytest.raises(DataError, match="images in stage 'dpo' are not built yet"):
-        load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="dpo", data="supervised")
+    with pytest.raises(DataError, match="images in stage 'kto' are not built yet"):
+        load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="kto", data="supervised")
     with pytest.raises(DataError, match="'llava' encodes media with LLaMA-Factory's 'llava' plugin, which rayft has"):
         load_datasets("shapes", str(folder), None, template="llava")
 
@@ -164,13 +176,12 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
 
 
 @pytest.mark.slow
-def test_a_two_worker_lora_run_of_the_tiny_qwen2_vl_trains_on_its_images_and_exports_with_its_processor(
+def test_two_worker_lora_sft_and_dpo_of_the_tiny_qwen2_vl_train_on_their_images_and_export_with_the_processor(
         tmp_path, ray_local):
     """LoRA on the vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels
     reached the tower. The projector stays out of LoRA, as LLaMA-Factory leaves it out."""
     from safetensors.torch import load_file
 
-    from conftest import captured_log, train_recipe
     from rayft.orchestrator.export import run_export
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
@@ -195,6 +206,18 @@ def test_a_two_worker_lora_run_of_the_tiny_qwen2_vl_trains_on_its_images_and_exp
     cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={model}", f"adapter_name_or_path={out}",
                                                  f"export_dir={tmp_path / 'merged'}", f"output_dir={tmp_path / 'x'}",
                                                  "template=qwen2_vl"]), base_dir=ROOT)
+    # DPO on the same images as preference pairs (LoRA: the reference is the policy with its adapter off)
+    (folder / "pairs.json").write_text((GOLDEN / "pairs.json").read_text())
+    dpo_out, dpo_losses = train_recipe(ROOT / "configs" / "demo_dpo_lora.yaml", tmp_path / "dpo", model,
+                                       "template=qwen2_vl", "dataset=shape_pairs", f"dataset_dir={folder}",
+                                       "cutoff_len=1024", "deepspeed=null", "max_steps=2", "logging_steps=1",
+                                       "per_device_train_batch_size=2", "freeze_vision_tower=false",
+                                       "image_max_pixels=4096")
+    assert dpo_losses[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # the policy starts as its reference
+    assert "rewards/accuracies" in dpo_losses[-1]
+    tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+
     from transformers import AutoModelForImageTextToText
 
     from rayft.trainers.probe import model_shape

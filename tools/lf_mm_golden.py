@@ -6,7 +6,8 @@ Qwen2-VL that `rayft tiny-model --family qwen2_vl DIR` wrote:
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
 limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/qwen2_vl/, and
 writes there lf_mm_encodings.json: for each setting of image_max_pixels / image_min_pixels, each row's input_ids and
-labels from LLaMA-Factory's supervised processor, and its images' grid and pixel sums from LLaMA-Factory's plugin.
+labels from LLaMA-Factory's supervised processor, its images' grid and pixel sums from LLaMA-Factory's plugin, and
+the same rows as preference pairs through its pairwise processor.
 
 LLaMA-Factory loads its processor with AutoProcessor, which needs torchvision; the CPU-only torch has none, so the
 tool hands LLaMA-Factory's processor code the tiny model's own PIL image processor (the one rayft's workers use).
@@ -42,6 +43,10 @@ ROWS = [
 ]
 ENTRY = {"file_name": "rows.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
          "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+# the same rows as preference pairs: the last answer chosen over a refusal
+PAIRS = {**ENTRY, "file_name": "pairs.json", "ranking": True,
+         "columns": {**ENTRY["columns"], "chosen": "chosen", "rejected": "rejected"}}
+REFUSAL = {"role": "assistant", "content": "I cannot see it."}
 SETTINGS = [(768 * 768, 32 * 32), (64 * 64, 32 * 32), (768 * 768, 150 * 150)]
 CUTOFF = 1024
 
@@ -59,7 +64,7 @@ def draw_images() -> None:
 def main(model_dir: str) -> None:
     from llamafactory.data.converter import get_dataset_converter
     from llamafactory.data.parser import get_dataset_list
-    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.data.processor import PairwiseDatasetProcessor, SupervisedDatasetProcessor
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
@@ -69,9 +74,11 @@ def main(model_dir: str) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy2(Path(model_dir) / name, OUT / name)
     draw_images()
-    (OUT / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY}, indent=1))
-    (OUT / "rows.json").write_text(json.dumps([{**r, "images": [f"images/{i}" for i in r["images"]]}
-                                               for r in ROWS], indent=1))
+    (OUT / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS}, indent=1))
+    rows = [{**r, "images": [f"images/{i}" for i in r["images"]]} for r in ROWS]
+    (OUT / "rows.json").write_text(json.dumps(rows, indent=1))
+    (OUT / "pairs.json").write_text(json.dumps([{**r, "messages": r["messages"][:-1], "chosen": r["messages"][-1],
+                                                 "rejected": REFUSAL} for r in rows], indent=1))
     cases = []
     for max_pixels, min_pixels in SETTINGS:
         data_args = DataArguments(template="qwen2_vl", cutoff_len=CUTOFF, dataset_dir=str(OUT))
@@ -90,8 +97,15 @@ def main(model_dir: str) -> None:
             rows.append({"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
                          "image_grid_thw": mm["image_grid_thw"].tolist() if mm else [],
                          "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else []})
+        attr = get_dataset_list(["shape_pairs"], str(OUT))[0]
+        converter = get_dataset_converter(attr.formatting, attr, data_args)
+        aligned = [converter(row) for row in json.loads((OUT / "pairs.json").read_text())]
+        pairs = PairwiseDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
+            {k: [a[k] for a in aligned] for k in aligned[0]})
+        keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
         cases.append({"image_max_pixels": max_pixels, "image_min_pixels": min_pixels, "cutoff_len": CUTOFF,
-                      "rows": rows})
+                      "rows": rows, "pairs": [{k: list(map(int, pairs[k][i])) for k in keys}
+                                              for i in range(len(aligned))]})
     from llamafactory import __version__
 
     (OUT / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")

@@ -18,13 +18,15 @@ from transformers import (
     TrainerCallback,
 )
 
+from rayft.data.collator import ImageCollator
+from rayft.data.templates import get_template, plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
 from rayft.trainers.callbacks import LogCallback, ModuleTimes, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
-from rayft.trainers.model import save_pissa_converted, save_pissa_init, trainable_summary
+from rayft.trainers.model import load_image_processor, save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.resume import UNIVERSAL_VIEWS, resume_point, resumed_epoch
@@ -340,3 +342,14 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
     # before saving, which under ZeRO-3 gathers the whole model on rank 0
     train_result.metrics.update({f"training_{k}": v for k, v in peak_memory().items()})
     return finish(trainer, cfg, plan, train_result, tokenizer)
+
+
+def with_images(cfg: RecipeConfig, tokenizer, pad, copies: int = 1):
+    """The stage's collator `pad`, under a multimodal template wrapped so that each batch carries its images'
+    pixels, made here in the worker (data/collator.py's ImageCollator; `copies` 2 for preference pairs)."""
+    if plugin_of(cfg.data.template) is None:
+        return pad
+    m = cfg.model
+    image_token = get_template(cfg.data.template).media_tokens["image_token"]
+    return ImageCollator(pad, load_image_processor(m), tokenizer.convert_tokens_to_ids(image_token),
+                         m.image_max_pixels, m.image_min_pixels, copies=copies)

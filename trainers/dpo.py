@@ -12,7 +12,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import losses
-from rayft.trainers.common import StatsTrainer, fit, training_arguments
+from rayft.trainers.common import StatsTrainer, fit, training_arguments, with_images
 from rayft.trainers.model import load_tokenizer, prepare_model
 from rayft.trainers.reference import Reference, held_parameters
 
@@ -29,7 +29,7 @@ class DPOTrainer(StatsTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         f = self.finetuning
-        batch = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        batch = {k: v for k, v in inputs.items() if k != "labels"}  # with images: pixels, grids, token types
         # ld_alpha weighs the policy's log-probabilities only, the reference's stay plain (as LLaMA-Factory)
         logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"], f.ld_alpha)
         n = len(logps) // 2
@@ -98,6 +98,7 @@ def run_dpo(cfg: RecipeConfig, plan: Plan) -> dict:
     if args.process_index == 0:
         logger.info(f"pref_loss {cfg.finetuning.pref_loss}, reference: "
             f"{reference.description if reference else 'none'}; parameters held: {held:,}")
-    metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
+    collator = with_images(cfg, tokenizer, PairwiseCollator(tokenizer.pad_token_id), copies=2)
+    metrics = fit(cfg, plan, args, model, tokenizer, collator,
                   trainer_cls=DPOTrainer, reference=reference, extra_metrics={"held_parameters": held})
     return metrics

@@ -10,13 +10,12 @@ from transformers import set_seed
 
 from rayft.data.collator import ImageCollator, SupervisedCollator
 from rayft.data.encode import IGNORE_INDEX
-from rayft.data.templates import get_template, plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
-from rayft.trainers.common import ShardTrainer, fit, training_arguments
+from rayft.trainers.common import ShardTrainer, fit, training_arguments, with_images
 from rayft.trainers.losses import asft_loss, dft_loss, eaft_loss
 from rayft.trainers.metrics import token_accuracy_hooks
-from rayft.trainers.model import load_image_processor, load_tokenizer, prepare_model
+from rayft.trainers.model import load_tokenizer, prepare_model
 from rayft.trainers.reference import Reference
 
 
@@ -66,10 +65,4 @@ def supervised_collator(cfg: RecipeConfig, tokenizer) -> SupervisedCollator | Im
     """Padding is left out of the loss unless ignore_pad_token_for_loss is false (then pad tokens are learned).
     Under a multimodal template each batch's images are decoded and preprocessed here, in the worker."""
     label_pad = IGNORE_INDEX if cfg.data.ignore_pad_token_for_loss else tokenizer.pad_token_id
-    pad = SupervisedCollator(tokenizer.pad_token_id, label_pad_id=label_pad)
-    if plugin_of(cfg.data.template) is None:
-        return pad
-    m = cfg.model
-    image_token = get_template(cfg.data.template).media_tokens["image_token"]
-    return ImageCollator(pad, load_image_processor(m), tokenizer.convert_tokens_to_ids(image_token),
-                         m.image_max_pixels, m.image_min_pixels)
+    return with_images(cfg, tokenizer, SupervisedCollator(tokenizer.pad_token_id, label_pad_id=label_pad))

@@ -14,6 +14,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2VLConfig,
 )
@@ -25,7 +26,8 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl")
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # A little general English so that datasets other than the demo tokenise into sensible pieces.
@@ -87,17 +89,24 @@ def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
-    """A randomly initialised Qwen2-VL: the tiny Qwen2 text model (M-RoPE sections of Qwen2-VL's proportions) under a
-    vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch (2) and 2x2 merge."""
+def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0, family: str = "qwen2_vl"):
+    """A randomly initialised Qwen2-VL (or Qwen2.5-VL): the tiny Qwen2 text model (M-RoPE sections of Qwen2-VL's
+    proportions) under a vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch (2) and 2x2
+    merge; Qwen2.5-VL's tower attends in windows except in its last block, as the real one does in every eighth."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
     text = {**text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id),
             "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
-    vision = dict(depth=2, embed_dim=64, num_heads=4, hidden_size=hidden_size, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden_size,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+    else:
+        vision = dict(depth=2, embed_dim=64, num_heads=4, hidden_size=hidden_size, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
     torch.manual_seed(seed)
     return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
@@ -116,11 +125,11 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     """Writes tokenizer and model (`num_layers` blocks) to `out_dir` with save_pretrained, and for a vision-language
     family its image processor; returns the folder."""
     out_dir = Path(out_dir)
-    vision = family == "qwen2_vl"
+    vision = family in VISION_LANGUAGE
     tokenizer = build_tokenizer(corpus_from(dataset_files),
                                 special_tokens=SPECIAL_TOKENS + (QWEN2_VL_TOKENS if vision else []))
     if vision:
-        model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed)
+        model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed, family=family)
     else:
         model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
