@@ -85,11 +85,13 @@ def _rayft_collate(batch: list[dict]) -> int:
         from transformers import AutoImageProcessor
 
         from rayft.data.collator import ImageCollator, SupervisedCollator
+        from rayft.data.media import ImageGeometry
         from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
         tokenizer = load_tokenizer(TokenizerSpec(str(MODEL)))
         _COLLATOR = ImageCollator(SupervisedCollator(tokenizer.pad_token_id), AutoImageProcessor.from_pretrained(MODEL),
-                                  tokenizer.convert_tokens_to_ids("<|image_pad|>"), 768 * 768, 32 * 32)
+                                  tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                                  ImageGeometry.read(str(MODEL), 768 * 768, 32 * 32))
     pixels = _COLLATOR(batch)["pixel_values"]
     return pixels.numel() * pixels.element_size()
 

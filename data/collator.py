@@ -79,31 +79,35 @@ class KTOCollator:
 
 class ImageCollator:
     """Batches with their images, as LLaMA-Factory's collator makes them: each batch's images decoded, resized by
-    LLaMA-Factory's rules and run through the model's image processor here, in the worker (`pixel_values`,
-    `image_grid_thw`), and `mm_token_type_ids` marking the image tokens, from which Qwen2-VL places its 3-D rotary
-    positions. `pad` is the stage's collator; with `copies` 2 its rows are each example twice (preference pairs:
-    the chosen sequences, then the rejected ones), and the images' patches are repeated rather than made again.
-    Tokenising only counted each image's tokens from its size; a count that differs from the processor's is an
+    LLaMA-Factory's rules and run through the model's image processor here, in the worker (`pixel_values`, and for
+    Qwen2-VL `image_grid_thw` and `mm_token_type_ids`, the image tokens from which it places its 3-D rotary
+    positions). `pad` is the stage's collator; with `copies` 2 its rows are each example twice (preference pairs:
+    the chosen sequences, then the rejected ones), and the images' pixels are repeated rather than made again.
+    Tokenising only counted each image's tokens (`geometry`); a count that differs from the processor's is an
     error, not a silent misalignment."""
 
-    def __init__(self, pad, image_processor, image_token_id: int, max_pixels: int, min_pixels: int,
-                 copies: int = 1):
+    def __init__(self, pad, image_processor, image_token_id: int, geometry, copies: int = 1):
         self.pad, self.image_processor, self.image_token_id = pad, image_processor, image_token_id
-        self.max_pixels, self.min_pixels, self.copies = max_pixels, min_pixels, copies
-        self.merge = getattr(image_processor, "merge_size", 1)
+        self.geometry, self.copies = geometry, copies
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        g = self.geometry
         batch = self.pad(examples)
         image_tokens = batch["input_ids"] == self.image_token_id
-        batch["mm_token_type_ids"] = image_tokens.int()
+        if g.plugin == "qwen2_vl":
+            batch["mm_token_type_ids"] = image_tokens.int()
         paths = [path for e in examples for path in json.loads(e.get("images") or "[]")]
-        if paths:
-            pixels = self.image_processor(load_images(paths, self.max_pixels, self.min_pixels), return_tensors="pt")
-            grid = pixels["image_grid_thw"].repeat(self.copies, 1)
-            expected = int((grid.prod(-1) // self.merge ** 2).sum())
-            if expected != int(image_tokens.sum()):
-                raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(paths)} image(s) "
-                                f"make {expected}: the image processor resizes differently from its "
-                                "preprocessor_config.json; re-save the model's image processor")
-            batch.update(pixel_values=pixels["pixel_values"].repeat(self.copies, 1), image_grid_thw=grid)
+        if not paths:
+            return batch
+        pixels = self.image_processor(load_images(paths, g.max_pixels, g.min_pixels, g.plugin), return_tensors="pt")
+        batch["pixel_values"] = torch.cat([pixels["pixel_values"]] * self.copies)
+        if "image_grid_thw" in pixels:
+            batch["image_grid_thw"] = torch.cat([pixels["image_grid_thw"]] * self.copies)
+            expected = int((batch["image_grid_thw"].prod(-1) // g.merge_size ** 2).sum())
+        else:
+            expected = len(paths) * self.copies * g.fixed_tokens
+        if expected != int(image_tokens.sum()):
+            raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(paths)} image(s) make "
+                            f"{expected}: the image processor resizes differently from its saved configuration; "
+                            "re-save the model's image processor")
         return batch

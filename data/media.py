@@ -21,24 +21,35 @@ QWEN_MAX_RATIO, QWEN_SQUEEZED_RATIO, QWEN_MIN_SIDE = 200, 180, 28
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """What the count of an image's tokens depends on: the recipe's pixel limits (image_max_pixels,
-    image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor (its patch, its merge of
-    patches into one token, and its own pixel limits)."""
+    """What the count of an image's tokens depends on: the template's plugin, the recipe's pixel limits
+    (image_max_pixels, image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor.
+    Qwen2-VL's (`qwen2_vl`): its patch, its merge of patches into one token and its own pixel limits. LLaVA's
+    (`llava`): every image is cropped to one size, so every image is `fixed_tokens` tokens."""
 
     max_pixels: int
     min_pixels: int
     patch_size: int
-    merge_size: int
-    processor_min_pixels: int
-    processor_max_pixels: int
+    merge_size: int = 1
+    processor_min_pixels: int = 0
+    processor_max_pixels: int = 0
+    plugin: str = "qwen2_vl"
+    fixed_tokens: int | None = None
 
     @classmethod
-    def read(cls, model_path: str, max_pixels: int, min_pixels: int) -> "ImageGeometry":
-        """The geometry of the model at `model_path` (its preprocessor_config.json) under the recipe's limits."""
-        text = read_text(f"{model_path.rstrip('/')}/preprocessor_config.json")
-        if text is None:
-            raise FileNotFoundError(f"{model_path} holds no preprocessor_config.json (the model's image processor)")
-        config = json.loads(text)
+    def read(cls, model_path: str, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> "ImageGeometry":
+        """The geometry of the model at `model_path` (its preprocessor_config.json, and for LLaVA its
+        processor_config.json) under the recipe's limits."""
+        config = _json_file(model_path, "preprocessor_config.json")
+        if plugin == "llava":  # LLaVA's processor: the vision tower's patch and its extra tokens (CLS)
+            processor = _json_file(model_path, "processor_config.json")
+            config = config or processor.get("image_processor", {})
+            crop = config.get("crop_size") or {"height": config["size"]["shortest_edge"]}
+            height, width = crop["height"], crop.get("width", crop["height"])
+            patch = processor["patch_size"]
+            tokens = (height // patch) * (width // patch) + processor.get("num_additional_image_tokens", 0)
+            if processor.get("vision_feature_select_strategy", "default") == "default":
+                tokens -= 1  # the CLS token's feature is left out
+            return cls(max_pixels, min_pixels, patch_size=patch, plugin=plugin, fixed_tokens=tokens)
         size = config.get("size") or {}
         return cls(max_pixels=max_pixels, min_pixels=min_pixels, patch_size=config["patch_size"],
                    merge_size=config["merge_size"],
@@ -46,10 +57,18 @@ class ImageGeometry:
                    processor_max_pixels=size.get("longest_edge", config.get("max_pixels", 28 * 28 * 1280)))
 
 
-def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> list[tuple[int, int]]:
-    """The sizes LLaMA-Factory resizes an image to for Qwen2-VL, in order (each a resize of its own, so that the
-    pixels match): scaled down to at most `max_pixels`, then up to at least `min_pixels` (sides truncated to whole
-    pixels), sides under 28 px raised to 28, and an aspect ratio above 200 squeezed to 180."""
+def _json_file(model_path: str, name: str) -> dict:
+    text = read_text(f"{model_path.rstrip('/')}/{name}")
+    if text is None:
+        raise FileNotFoundError(f"{model_path} holds no {name} (the model's image processor)")
+    return json.loads(text)
+
+
+def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl"
+                 ) -> list[tuple[int, int]]:
+    """The sizes LLaMA-Factory resizes an image to, in order (each a resize of its own, so that the pixels match):
+    scaled down to at most `max_pixels`, then up to at least `min_pixels` (sides truncated to whole pixels); for
+    Qwen2-VL also sides under 28 px raised to 28, and an aspect ratio above 200 squeezed to 180."""
     steps = []
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
@@ -59,6 +78,8 @@ def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> l
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
         steps.append((width, height))
+    if plugin != "qwen2_vl":
+        return steps
     if min(width, height) < QWEN_MIN_SIDE:
         width, height = max(width, QWEN_MIN_SIDE), max(height, QWEN_MIN_SIDE)
         steps.append((width, height))
@@ -71,9 +92,10 @@ def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> l
     return steps
 
 
-def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
+def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl"
+                     ) -> tuple[int, int]:
     """An image's size after LLaMA-Factory's resizes (`resize_steps`)."""
-    steps = resize_steps(width, height, max_pixels, min_pixels)
+    steps = resize_steps(width, height, max_pixels, min_pixels, plugin)
     return steps[-1] if steps else (width, height)
 
 
@@ -93,24 +115,26 @@ def resized_to_patches(width: int, height: int, geometry: ImageGeometry) -> tupl
 
 
 def image_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
-    """How many image tokens an image of `width` x `height` pixels becomes: its patches, merge x merge to a token."""
+    """How many image tokens an image of `width` x `height` pixels becomes: LLaVA's fixed count, or for Qwen2-VL its
+    patches, merge x merge to a token."""
+    if geometry.fixed_tokens is not None:
+        return geometry.fixed_tokens
     w, h = regularized_size(width, height, geometry.max_pixels, geometry.min_pixels)
     h, w = resized_to_patches(w, h, geometry)
     return (h // geometry.patch_size) * (w // geometry.patch_size) // geometry.merge_size ** 2
 
 
 def expand_images(messages: list[dict], sizes: list, geometry: ImageGeometry, tokens: dict) -> list[dict]:
-    """`messages` with each `<image>` replaced by the image's tokens: the vision start token, one image token per
-    merged patch, the vision end token (`tokens`: the template's mm_plugin tokens)."""
+    """`messages` with each `<image>` replaced by the image's tokens: the vision start token (where the plugin has
+    one), one image token per token the image becomes, the vision end token (`tokens`: the template's mm_plugin
+    tokens)."""
     sizes = iter(sizes)
+    opening, closing = tokens.get("vision_bos_token") or "", tokens.get("vision_eos_token") or ""
     expanded = []
     for message in messages:
-        content = message["content"]
-        while IMAGE_PLACEHOLDER in content:
-            width, height = next(sizes)
-            run = tokens["image_token"] * image_token_count(width, height, geometry)
-            content = content.replace(IMAGE_PLACEHOLDER, f"{tokens['vision_bos_token']}{run}"
-                                                         f"{tokens['vision_eos_token']}", 1)
+        first, *rest = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is the placeholder itself
+        runs = [tokens["image_token"] * image_token_count(*next(sizes), geometry) for _ in rest]
+        content = first + "".join(f"{opening}{run}{closing}{text}" for run, text in zip(runs, rest))
         expanded.append({**message, "content": content})
     return expanded
 
@@ -145,16 +169,21 @@ def attach_images(example: dict, row: dict, column: str, media_dir: str) -> dict
     return {**example, "images": paths, "image_sizes": sizes} if images else example
 
 
-def load_images(paths: list[str], max_pixels: int, min_pixels: int) -> list:
-    """The images at `paths`, decoded, in RGB and resized by LLaMA-Factory's rules (`resize_steps`): what the
-    image processor receives in the workers' collator."""
+def load_images(paths: list[str], max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> list:
+    """The images at `paths`, decoded, resized and converted to RGB in LLaMA-Factory's order (the pixel limits, RGB,
+    then the plugin's own resizes; `resize_steps`): what the image processor receives in the workers' collator."""
     from PIL import Image
 
     loaded = []
     for path in paths:
-        with Image.open(path) as opened:
-            image = opened.copy()
-        for size in resize_steps(image.width, image.height, max_pixels, min_pixels):
+        image = Image.open(path)
+        image.load()  # decoded here; the file is closed
+        steps = resize_steps(image.width, image.height, max_pixels, min_pixels, plugin)
+        limits = len(resize_steps(image.width, image.height, max_pixels, min_pixels, plugin="limits only"))
+        for size in steps[:limits]:
             image = image.resize(size)
-        loaded.append(image.convert("RGB") if image.mode != "RGB" else image)
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        for size in steps[limits:]:
+            image = image.resize(size)
+        loaded.append(image)
     return loaded

@@ -307,7 +307,8 @@ def image_geometry(cfg) -> ImageGeometry | None:
                         "neat_packing: false)")
     m = cfg.model
     try:
-        return ImageGeometry.read(m.model_name_or_path, m.image_max_pixels, m.image_min_pixels)
+        return ImageGeometry.read(m.model_name_or_path, m.image_max_pixels, m.image_min_pixels,
+                                  plugin_of(cfg.data.template))
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise DataError(f"template: {cfg.data.template!r} is a multimodal template, and the model has no image "
                         f"processor to count its images' tokens with ({' '.join(str(err).split())}); use a "

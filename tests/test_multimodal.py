@@ -14,7 +14,6 @@ from rayft.data.errors import DataError
 from rayft.data.media import ImageGeometry, image_token_count, load_images
 
 GOLDEN = ROOT / "tests" / "golden" / "qwen2_vl"
-CASES = json.loads((GOLDEN / "lf_mm_encodings.json").read_text())["cases"]
 
 
 def image_processor():
@@ -44,26 +43,33 @@ def test_an_images_token_count_from_its_size_equals_the_image_processors(tmp_pat
         assert int(grid.prod()) // 4 == image_token_count(width, height, geometry), (width, height)
 
 
+GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "llava") for i in range(3)]
+
+
 @pytest.mark.unit
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"max{c['image_max_pixels']}-min{c['image_min_pixels']}"
-                                                          for c in CASES])
-def test_rows_with_images_become_llamafactorys_tokens_and_pixels(case):
+@pytest.mark.parametrize("template, case", GOLDEN_CASES, ids=[f"{t}-{i}" for t, i in GOLDEN_CASES])
+def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case):
+    """Qwen2-VL's images become runs whose length their size decides; LLaVA's are all cropped to one size."""
     import dataclasses
+
+    from transformers import AutoImageProcessor
 
     from rayft.data.collator import ImageCollator, PairwiseCollator, SupervisedCollator
     from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, encode_pairwise_batch, load_datasets
+    from rayft.data.templates import get_template
     from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
-    golden = CASES[case]
+    folder = ROOT / "tests" / "golden" / template
+    golden = json.loads((folder / "lf_mm_encodings.json").read_text())["cases"][case]
     limits = golden["image_max_pixels"], golden["image_min_pixels"]
-    (examples,) = load_datasets("shapes", str(GOLDEN), None, template="qwen2_vl")
-    spec = TokenizerSpec(path=str(GOLDEN))
-    settings = EncodingSettings(template="qwen2_vl", cutoff_len=golden["cutoff_len"],
-                                images=ImageGeometry.read(str(GOLDEN), *limits))
+    (examples,) = load_datasets("shapes", str(folder), None, template=template)
+    spec, processor = TokenizerSpec(path=str(folder)), AutoImageProcessor.from_pretrained(folder)
+    settings = EncodingSettings(template=template, cutoff_len=golden["cutoff_len"],
+                                images=ImageGeometry.read(str(folder), *limits, plugin=template))
     encoded = encode_batch(columns_of(examples), spec, settings)
     tokenizer = load_tokenizer(spec)
-    collate = ImageCollator(SupervisedCollator(tokenizer.pad_token_id), image_processor(),
-                            tokenizer.convert_tokens_to_ids("<|image_pad|>"), *limits)
+    image_id = tokenizer.convert_tokens_to_ids(get_template(template).media_tokens["image_token"])
+    collate = ImageCollator(SupervisedCollator(tokenizer.pad_token_id), processor, image_id, settings.images)
     for i, expected in enumerate(golden["rows"]):
         assert encoded["input_ids"][i].tolist() == expected["input_ids"], i
         assert encoded["labels"][i].tolist() == expected["labels"], i
@@ -72,22 +78,25 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(case):
         batch = collate([row])
         grid = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
         assert grid == expected["image_grid_thw"], i
-        assert batch["mm_token_type_ids"].sum() == sum(t * h * w // 4 for t, h, w in grid)
-        start, sums = 0, []
-        for t, h, w in grid:
-            sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
-            start += t * h * w
+        if template == "qwen2_vl":
+            assert batch["mm_token_type_ids"].sum() == sum(t * h * w // 4 for t, h, w in grid)
+            start, sums = 0, []
+            for t, h, w in grid:
+                sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
+                start += t * h * w
+        else:  # one 3 x 56 x 56 tensor per image, and no grid
+            sums = [float(image.double().sum()) for image in batch.get("pixel_values", [])]
+            assert "mm_token_type_ids" not in batch
         assert sums == pytest.approx(expected["pixel_sums"], rel=1e-5, abs=1e-3), i
     # the same rows as preference pairs (stage dpo): both sides over the one expanded prompt
-    (pairs,) = load_datasets("shape_pairs", str(GOLDEN), None, template="qwen2_vl", stage="dpo", data="preference")
+    (pairs,) = load_datasets("shape_pairs", str(folder), None, template=template, stage="dpo", data="preference")
     encoded = encode_pairwise_batch(columns_of(pairs), spec, dataclasses.replace(settings, stage="dpo"))
     for i, expected in enumerate(golden["pairs"]):
         assert {k: encoded[k][i].tolist() for k in expected} == expected, i
-    collate = ImageCollator(PairwiseCollator(tokenizer.pad_token_id), image_processor(),
-                            tokenizer.convert_tokens_to_ids("<|image_pad|>"), *limits, copies=2)
+    collate = ImageCollator(PairwiseCollator(tokenizer.pad_token_id), processor, image_id, settings.images, copies=2)
     batch = collate([{k: encoded[k][i] for k in (*golden["pairs"][0], "images")} for i in range(len(pairs))])
-    grids = [g for row in golden["rows"] for g in row["image_grid_thw"]]
-    assert batch["image_grid_thw"].tolist() == grids * 2  # the chosen sequences' images, then the rejected ones'
+    images = sum(len(e.get("images") or []) for e in examples)
+    assert len(batch["image_grid_thw"] if template == "qwen2_vl" else batch["pixel_values"]) == 2 * images
 
 
 def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
@@ -138,20 +147,22 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
         load_datasets("shapes", str(folder), None, template="qwen")
     with pytest.raises(DataError, match="images in stage 'kto' are not built yet"):
         load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="kto", data="supervised")
-    with pytest.raises(DataError, match="'llava' encodes media with LLaMA-Factory's 'llava' plugin, which rayft has"):
-        load_datasets("shapes", str(folder), None, template="llava")
+    with pytest.raises(DataError, match="'gemma3' encodes media with LLaMA-Factory's 'gemma3' plugin, which rayft "):
+        load_datasets("shapes", str(folder), None, template="gemma3")
 
     def recipe(*overrides):
         return parse_config(load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
 
     text_only = type("Config", (), {"model_type": "qwen2"})()
     vision = type("Config", (), {"model_type": "qwen2_vl", "vision_config": {}})()
-    other = type("Config", (), {"model_type": "llava", "vision_config": {}})()
+    other = type("Config", (), {"model_type": "gemma3", "vision_config": {}})()
     assert vision_problems(recipe("template=qwen2_vl"), vision) == []
     (problem,) = vision_problems(recipe("template=qwen2_vl"), text_only)
     assert problem.key == "template" and "qwen2 is a text-only model" in problem.message
     (problem,) = vision_problems(recipe("template=qwen"), other)
-    assert problem.key == "model_name_or_path" and "llava is a vision-language model of a family" in problem.message
+    assert problem.key == "model_name_or_path" and "gemma3 is a vision-language model of a family" in problem.message
+    (problem,) = vision_problems(recipe("template=llava"), vision)  # a built plugin, another family's
+    assert problem.key == "template" and "for LLaMA-Factory's 'llava' models, not qwen2_vl" in problem.message
     # packing and ZeRO-3 with images: refused by name before any worker starts
     from rayft.cluster.session import local_machine
     from rayft.data.pipeline import image_geometry
@@ -176,10 +187,12 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
 
 
 @pytest.mark.slow
-def test_two_worker_lora_sft_and_dpo_of_the_tiny_qwen2_vl_train_on_their_images_and_export_with_the_processor(
+def test_qwen2_vl_sft_and_dpo_and_a_llava_sft_train_on_their_images_and_export_with_the_processor(
         tmp_path, ray_local):
-    """LoRA on the vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels
-    reached the tower. The projector stays out of LoRA, as LLaMA-Factory leaves it out."""
+    """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL with LoRA on the vision tower too (freeze_vision_tower:
+    false): its adapters can only move if the batches' pixels reached the tower; the projector stays out of LoRA, as
+    LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one worker, its projector trained."""
+    import torch
     from safetensors.torch import load_file
 
     from rayft.orchestrator.export import run_export
@@ -217,6 +230,20 @@ def test_two_worker_lora_sft_and_dpo_of_the_tiny_qwen2_vl_train_on_their_images_
     assert "rewards/accuracies" in dpo_losses[-1]
     tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+
+    # LLaVA: every image 16 tokens; one worker (in-process), full training of the language model and projector
+    llava = write_tiny_model(tmp_path / "tiny-llava", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                             family="llava")
+    llava_out, llava_losses = train_recipe(DEMO_RECIPE, tmp_path / "llava", llava, "template=llava",
+                                           "dataset=shapes", f"dataset_dir={folder}", "eval_dataset=null",
+                                           "deepspeed=null", "ray_num_workers=1", "finetuning_type=full",
+                                           "freeze_multi_modal_projector=false", "max_steps=3", "logging_steps=1",
+                                           "per_device_train_batch_size=4", "learning_rate=1e-3")
+    assert [r["step"] for r in llava_losses] == [1, 2, 3] and llava_losses[-1]["loss"] < llava_losses[0]["loss"]
+    trained = load_file(llava_out / "model.safetensors")
+    before = load_file(llava / "model.safetensors")
+    moved = {k for k in trained if not torch.equal(trained[k], before[k])}
+    assert any("multi_modal_projector" in k for k in moved) and not any("vision_tower" in k for k in moved)
 
     from transformers import AutoModelForImageTextToText
 

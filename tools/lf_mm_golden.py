@@ -1,13 +1,13 @@
 """Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its qwen2_vl template.
 
-Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on a tiny
-Qwen2-VL that `rayft tiny-model --family qwen2_vl DIR` wrote:
-    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py DIR
+Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on the tiny
+models that `rayft tiny-model --family qwen2_vl QWEN_DIR` and `rayft tiny-model --family llava LLAVA_DIR` wrote:
+    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN_DIR LLAVA_DIR
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
-limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/qwen2_vl/, and
-writes there lf_mm_encodings.json: for each setting of image_max_pixels / image_min_pixels, each row's input_ids and
-labels from LLaMA-Factory's supervised processor, its images' grid and pixel sums from LLaMA-Factory's plugin, and
-the same rows as preference pairs through its pairwise processor.
+limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/
+(qwen2_vl, llava), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
+image_min_pixels, each row's input_ids and labels from LLaMA-Factory's supervised processor, its images' grid and
+pixel sums from LLaMA-Factory's plugin, and the same rows as preference pairs through its pairwise processor.
 
 LLaMA-Factory loads its processor with AutoProcessor, which needs torchvision; the CPU-only torch has none, so the
 tool hands LLaMA-Factory's processor code the tiny model's own PIL image processor (the one rayft's workers use).
@@ -21,7 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "tests" / "golden" / "qwen2_vl"
+GOLDEN = ROOT / "tests" / "golden"
+# per template: the processor settings LLaMA-Factory reads from the processor beside the image processor
+TEMPLATES = {"qwen2_vl": {}, "llava": {"patch_size": 14, "num_additional_image_tokens": 1,
+                                       "vision_feature_select_strategy": "default"}}
 # (name, width, height): a small square, a side under 28 px, an aspect ratio above 200, a large photo-like image
 IMAGES = [("square.png", 100, 100), ("thin.png", 20, 300), ("strip.png", 3000, 12), ("large.png", 1100, 900),
           ("wide.png", 640, 200)]
@@ -51,55 +54,59 @@ SETTINGS = [(768 * 768, 32 * 32), (64 * 64, 32 * 32), (768 * 768, 150 * 150)]
 CUTOFF = 1024
 
 
-def draw_images() -> None:
+def draw_images(out: Path) -> None:
     from PIL import Image
 
     for name, width, height in IMAGES:  # smooth gradients: small files, and resizing moves every pixel
         image = Image.new("RGB", (width, height))
         image.putdata([((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256) for y in range(height)
                        for x in range(width)])
-        image.save(OUT / "images" / name)
+        image.save(out / "images" / name)
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, template_name: str) -> None:
     from llamafactory.data.converter import get_dataset_converter
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.data.processor import PairwiseDatasetProcessor, SupervisedDatasetProcessor
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    (OUT / "images").mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        shutil.copy2(Path(model_dir) / name, OUT / name)
-    draw_images()
-    (OUT / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS}, indent=1))
+    out = GOLDEN / template_name
+    images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "llava": CLIPImageProcessorPil}[template_name]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+    for name in files + (["processor_config.json"] if template_name == "llava" else []):
+        shutil.copy2(Path(model_dir) / name, out / name)
+    draw_images(out)
+    (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS}, indent=1))
     rows = [{**r, "images": [f"images/{i}" for i in r["images"]]} for r in ROWS]
-    (OUT / "rows.json").write_text(json.dumps(rows, indent=1))
-    (OUT / "pairs.json").write_text(json.dumps([{**r, "messages": r["messages"][:-1], "chosen": r["messages"][-1],
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    (out / "pairs.json").write_text(json.dumps([{**r, "messages": r["messages"][:-1], "chosen": r["messages"][-1],
                                                  "rejected": REFUSAL} for r in rows], indent=1))
     cases = []
     for max_pixels, min_pixels in SETTINGS:
-        data_args = DataArguments(template="qwen2_vl", cutoff_len=CUTOFF, dataset_dir=str(OUT))
-        tokenizer = AutoTokenizer.from_pretrained(OUT)
+        data_args = DataArguments(template=template_name, cutoff_len=CUTOFF, dataset_dir=str(out))
+        tokenizer = AutoTokenizer.from_pretrained(out)
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
-        processor = SimpleNamespace(image_processor=Qwen2VLImageProcessorPil.from_pretrained(OUT),
-                                    image_max_pixels=max_pixels, image_min_pixels=min_pixels)
-        attr = get_dataset_list(["shapes"], str(OUT))[0]
+        processor = SimpleNamespace(image_processor=images_cls.from_pretrained(out), image_max_pixels=max_pixels,
+                                    image_min_pixels=min_pixels, **TEMPLATES[template_name])
+        attr = get_dataset_list(["shapes"], str(out))[0]
         converter = get_dataset_converter(attr.formatting, attr, data_args)
-        aligned = [converter(row) for row in json.loads((OUT / "rows.json").read_text())]
+        aligned = [converter(row) for row in json.loads((out / "rows.json").read_text())]
         columns = {k: [a[k] for a in aligned] for k in aligned[0]}
-        out = SupervisedDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(columns)
+        encoded = SupervisedDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(columns)
         rows = []
-        for ids, labels, images in zip(out["input_ids"], out["labels"], columns["_images"]):
+        for ids, labels, images in zip(encoded["input_ids"], encoded["labels"], columns["_images"]):
             mm = template.mm_plugin._get_mm_inputs(images or [], [], [], processor) if images else {}
             rows.append({"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
-                         "image_grid_thw": mm["image_grid_thw"].tolist() if mm else [],
+                         "image_grid_thw": mm["image_grid_thw"].tolist() if "image_grid_thw" in mm else [],
                          "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else []})
-        attr = get_dataset_list(["shape_pairs"], str(OUT))[0]
+        attr = get_dataset_list(["shape_pairs"], str(out))[0]
         converter = get_dataset_converter(attr.formatting, attr, data_args)
-        aligned = [converter(row) for row in json.loads((OUT / "pairs.json").read_text())]
+        aligned = [converter(row) for row in json.loads((out / "pairs.json").read_text())]
         pairs = PairwiseDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
             {k: [a[k] for a in aligned] for k in aligned[0]})
         keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -108,11 +115,13 @@ def main(model_dir: str) -> None:
                                               for i in range(len(aligned))]})
     from llamafactory import __version__
 
-    (OUT / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")
+    (out / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")
 
 
 def _per_image_sums(mm: dict) -> list[float]:
-    """Each image's pixel_values summed (its rows of patches, in order)."""
+    """Each image's pixel_values summed: its rows of patches in order (Qwen2-VL), or its own tensor (LLaVA)."""
+    if "image_grid_thw" not in mm:
+        return [float(image.double().sum()) for image in mm["pixel_values"]]
     sums, start = [], 0
     for t, h, w in mm["image_grid_thw"].tolist():
         count = t * h * w
@@ -122,4 +131,5 @@ def _per_image_sums(mm: dict) -> list[float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "qwen2_vl")
+    main(sys.argv[2], "llava")

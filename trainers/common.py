@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from rayft.data.collator import ImageCollator
+from rayft.data.pipeline import image_geometry
 from rayft.data.templates import get_template, plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
@@ -349,7 +350,6 @@ def with_images(cfg: RecipeConfig, tokenizer, pad, copies: int = 1):
     pixels, made here in the worker (data/collator.py's ImageCollator; `copies` 2 for preference pairs)."""
     if plugin_of(cfg.data.template) is None:
         return pad
-    m = cfg.model
     image_token = get_template(cfg.data.template).media_tokens["image_token"]
-    return ImageCollator(pad, load_image_processor(m), tokenizer.convert_tokens_to_ids(image_token),
-                         m.image_max_pixels, m.image_min_pixels, copies=copies)
+    return ImageCollator(pad, load_image_processor(cfg.model), tokenizer.convert_tokens_to_ids(image_token),
+                         image_geometry(cfg), copies=copies)

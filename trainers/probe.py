@@ -92,6 +92,9 @@ def vision_problems(cfg: RecipeConfig, config) -> list[Problem]:
         built = ", ".join(sorted(VISION_FAMILIES))
         return [Problem("model_name_or_path", f"{config.model_type} is a vision-language model of a family rayft has "
                                               f"not built yet (built: {built})")]
+    if getattr(config, "is_yi_vl_derived_model", False):
+        return [Problem("model_name_or_path", "Yi-VL's projector (LLaMA-Factory patches LLaVA's for it) is not built "
+                                              "yet")]
     if plugin is not None and not vision:
         return [Problem("template", f"{cfg.data.template!r} is a multimodal template, and {config.model_type} is a "
                                     "text-only model; use the family's text template, or a vision-language model")]

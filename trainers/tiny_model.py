@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoTokenizer,
     LlamaConfig,
+    LlavaConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2Config,
@@ -26,8 +27,9 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl")
-VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "llava")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "llava")
+LLAVA_IMAGE = "<image>"  # LLaVA's image token: every image is (56 / 14)^2 = 16 of them in the tiny model
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # A little general English so that datasets other than the demo tokenise into sensible pieces.
@@ -111,6 +113,31 @@ def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed:
     return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
 
+def build_llava(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
+    """A randomly initialised LLaVA: the tiny Qwen2 text model under a two-block CLIP vision tower (56 px images in
+    14 px patches, LLaVA-1.5's second-to-last layer without its CLS feature) and LLaVA's two-layer projector."""
+    text = {"model_type": "qwen2",
+            **text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id)}
+    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=56, patch_size=14, projection_dim=64)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(
+        LLAVA_IMAGE), vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+
+
+def save_llava_processor(tokenizer, out_dir: Path) -> None:
+    """LLaVA's image processor (CLIP's, the PIL one) and its processor settings (patch, extra CLS token, feature
+    strategy), as llava-hf's models ship them: preprocessor_config.json and processor_config.json."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    images.save_pretrained(out_dir)
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, image_token=LLAVA_IMAGE).save_pretrained(out_dir)
+
+
 def qwen2_vl_image_processor():
     """Qwen2-VL's image processor (the PIL one: it needs no torchvision), its images held to 28x28 .. 128x128 pixels
     so that a tiny model sees a few dozen patches per image."""
@@ -126,9 +153,11 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     family its image processor; returns the folder."""
     out_dir = Path(out_dir)
     vision = family in VISION_LANGUAGE
-    tokenizer = build_tokenizer(corpus_from(dataset_files),
-                                special_tokens=SPECIAL_TOKENS + (QWEN2_VL_TOKENS if vision else []))
-    if vision:
+    extra = [LLAVA_IMAGE] if family == "llava" else QWEN2_VL_TOKENS if vision else []
+    tokenizer = build_tokenizer(corpus_from(dataset_files), special_tokens=SPECIAL_TOKENS + extra)
+    if family == "llava":
+        model = build_llava(tokenizer, num_layers=num_layers, seed=seed)
+    elif vision:
         model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed, family=family)
     else:
         model = build_model(len(tokenizer), family=family, seed=seed, eos_token_id=tokenizer.eos_token_id,
@@ -138,7 +167,9 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
-    if vision:
+    if family == "llava":
+        save_llava_processor(tokenizer, out_dir)
+    elif vision:
         qwen2_vl_image_processor().save_pretrained(out_dir)
     return out_dir
 

@@ -20,7 +20,8 @@ class VisionFamily:
 
 _QWEN2_VL = VisionFamily("qwen2_vl", vision=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
                          lora_conflicts=("patch_embed",))
-VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL}
+VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL,
+                   "llava": VisionFamily("llava", vision=("vision_tower",), projector=("multi_modal_projector",))}
 
 
 def vision_family(config) -> VisionFamily | None:
