@@ -5,8 +5,7 @@ import json
 import torch
 
 from rayft.data.encode import IGNORE_INDEX
-from rayft.data.errors import DataError
-from rayft.data.media import load_images
+from rayft.data.media import image_inputs
 
 
 class SupervisedCollator:
@@ -91,23 +90,8 @@ class ImageCollator:
         self.geometry, self.copies = geometry, copies
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        g = self.geometry
         batch = self.pad(examples)
-        image_tokens = batch["input_ids"] == self.image_token_id
-        if g.plugin == "qwen2_vl":
-            batch["mm_token_type_ids"] = image_tokens.int()
-        paths = [path for e in examples for path in json.loads(e.get("images") or "[]")]
-        if not paths:
-            return batch
-        pixels = self.image_processor(load_images(paths, g.max_pixels, g.min_pixels, g.plugin), return_tensors="pt")
-        batch["pixel_values"] = torch.cat([pixels["pixel_values"]] * self.copies)
-        if "image_grid_thw" in pixels:
-            batch["image_grid_thw"] = torch.cat([pixels["image_grid_thw"]] * self.copies)
-            expected = int((batch["image_grid_thw"].prod(-1) // g.merge_size ** 2).sum())
-        else:
-            expected = len(paths) * self.copies * g.fixed_tokens
-        if expected != int(image_tokens.sum()):
-            raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(paths)} image(s) make "
-                            f"{expected}: the image processor resizes differently from its saved configuration; "
-                            "re-save the model's image processor")
+        sources = [path for e in examples for path in json.loads(e.get("images") or "[]")]
+        batch.update(image_inputs(self.image_processor, self.geometry, sources, batch["input_ids"],
+                                  self.image_token_id, self.copies))
         return batch

@@ -6,12 +6,14 @@ and the image processor's own; tokenising never decodes pixels. The workers' col
 batch's images (`load_images`), as LLaMA-Factory's collator does.
 """
 
+import io
 import json
 import math
 import os
 from dataclasses import dataclass
 
 from rayft.data.converters import RowError
+from rayft.data.errors import DataError
 from rayft.data.files import read_text
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholder in a message's text
@@ -169,15 +171,30 @@ def attach_images(example: dict, row: dict, column: str, media_dir: str) -> dict
     return {**example, "images": paths, "image_sizes": sizes} if images else example
 
 
-def load_images(paths: list[str], max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> list:
-    """The images at `paths`, decoded, resized and converted to RGB in LLaMA-Factory's order (the pixel limits, RGB,
-    then the plugin's own resizes; `resize_steps`): what the image processor receives in the workers' collator."""
+def image_size(source) -> tuple[int, int]:
+    """(width, height) of the image at a path or in encoded bytes, from its header."""
     from PIL import Image
 
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return image.size
+
+
+def open_image(source):
+    """An image from a path or its encoded bytes (an image sent to `rayft serve`), decoded."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()  # decoded here; a file is closed
+    return image
+
+
+def load_images(sources: list, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> list:
+    """The images at `sources` (paths, or encoded bytes), decoded, resized and converted to RGB in LLaMA-Factory's
+    order (the pixel limits, RGB, then the plugin's own resizes; `resize_steps`): what the image processor
+    receives in the workers' collator."""
     loaded = []
-    for path in paths:
-        image = Image.open(path)
-        image.load()  # decoded here; the file is closed
+    for source in sources:
+        image = open_image(source)
         steps = resize_steps(image.width, image.height, max_pixels, min_pixels, plugin)
         limits = len(resize_steps(image.width, image.height, max_pixels, min_pixels, plugin="limits only"))
         for size in steps[:limits]:
@@ -187,3 +204,30 @@ def load_images(paths: list[str], max_pixels: int, min_pixels: int, plugin: str 
             image = image.resize(size)
         loaded.append(image)
     return loaded
+
+
+def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_ids, image_token_id: int,
+                 copies: int = 1) -> dict:
+    """A model's image inputs for a batch whose `input_ids` hold the image tokens of `sources` (each repeated
+    `copies` times): `pixel_values`, and for Qwen2-VL `image_grid_thw` and `mm_token_type_ids` (the image tokens, from
+    which it places its 3-D rotary positions). Raises when the processor's patches disagree with the token count
+    tokenising made from the images' sizes."""
+    import torch
+
+    image_tokens = input_ids == image_token_id
+    out = {"mm_token_type_ids": image_tokens.int()} if geometry.plugin == "qwen2_vl" else {}
+    if not sources:
+        return out
+    images = load_images(sources, geometry.max_pixels, geometry.min_pixels, geometry.plugin)
+    pixels = image_processor(images, return_tensors="pt")
+    out["pixel_values"] = torch.cat([pixels["pixel_values"]] * copies)
+    if "image_grid_thw" in pixels:
+        out["image_grid_thw"] = torch.cat([pixels["image_grid_thw"]] * copies)
+        expected = int((out["image_grid_thw"].prod(-1) // geometry.merge_size ** 2).sum())
+    else:
+        expected = len(sources) * copies * geometry.fixed_tokens
+    if expected != int(image_tokens.sum()):
+        raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(sources)} image(s) make "
+                        f"{expected}: the image processor resizes differently from its saved configuration; re-save "
+                        "the model's image processor")
+    return out

@@ -4,11 +4,15 @@ response, chunk and error bodies. No model and no Ray here, so every rule is tes
 A field the server cannot honour is refused with a 400 that names it; it is never silently ignored.
 """
 
+import base64
+import binascii
 import json
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field, replace
 
+from rayft.data.media import IMAGE_PLACEHOLDER  # where an image part stands in a turn's text
 from rayft.recipe.schema import GeneratingArguments
 
 MAX_CHOICES = 8  # n: answers per request
@@ -74,6 +78,7 @@ class GenerationRequest:
     tools: str | None = None
     parallel_tool_calls: bool = True
     prompt: str | None = None
+    images: tuple = ()  # the chat's image parts in order: encoded bytes (data: URLs) or paths (file: URLs)
 
 
 # fields of a request that take no part in generation and are accepted as they are
@@ -140,7 +145,7 @@ def chat_request(body: dict, defaults: Sampling, limits: Limits) -> GenerationRe
     if "max_completion_tokens" in body:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     sampling = _sampling(body, defaults, limits)
-    messages, system = _messages(body.get("messages"))
+    messages, system, images = _messages(body.get("messages"))
     tools = _tools(body)
     stream, include_usage = _stream(body)
     if stream and tools:
@@ -152,7 +157,8 @@ def chat_request(body: dict, defaults: Sampling, limits: Limits) -> GenerationRe
     if not isinstance(parallel, bool):
         raise ApiError(400, "parallel_tool_calls: must be true or false", "parallel_tool_calls")
     return GenerationRequest(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage,
-                             messages=tuple(messages), system=system, tools=tools, parallel_tool_calls=parallel)
+                             messages=tuple(messages), system=system, tools=tools, parallel_tool_calls=parallel,
+                             images=tuple(images))
 
 
 def completion_request(body: dict, defaults: Sampling, limits: Limits) -> GenerationRequest:
@@ -400,27 +406,60 @@ _ROLES = {"user": "user", "tool": "observation", "function": "observation", "ass
 _MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "refusal"}
 
 
-def _text(content, where: str) -> str:
-    """A message's text: a string, or a list of text parts (other parts are refused)."""
+def _text(content, where: str, images: list | None = None) -> str:
+    """A message's text: a string, or a list of text parts and, where `images` collects them (user turns), image
+    parts, each standing in the text as `<image>`. Other parts are refused."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        kinds = {p.get("type") for p in content} - {"text"}
+        allowed = {"text", "image_url"} if images is not None else {"text"}
+        kinds = {p.get("type") for p in content} - allowed
         if kinds:
-            raise ApiError(400, f"{where}: parts of type {sorted(map(str, kinds))} are not built (rayft serve takes "
-                                "text)", "messages")
-        if not all(isinstance(p.get("text"), str) for p in content):
-            raise ApiError(400, f"{where}: every text part needs a string `text`", "messages")
-        return "".join(p["text"] for p in content)
+            raise ApiError(400, f"{where}: parts of type {sorted(map(str, kinds))} are not built here (rayft serve "
+                                f"takes {' and '.join(sorted(allowed))} parts)", "messages")
+        pieces = []
+        for part in content:
+            if part["type"] == "image_url":
+                images.append(_image_source(part.get("image_url"), where))
+                pieces.append(IMAGE_PLACEHOLDER)
+            elif isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            else:
+                raise ApiError(400, f"{where}: every text part needs a string `text`", "messages")
+        return "".join(pieces)
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", "messages")
 
 
-def _messages(raw) -> tuple[list[dict], str | None]:
+def _image_source(image_url, where: str):
+    """An image part's image: the bytes of a data: URL, or the path of a file: URL (the engine reads it only under
+    media_dir). rayft serve downloads nothing."""
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+        raise ApiError(400, f"{where}: an image_url part needs image_url: {{\"url\": ...}}", "messages")
+    if image_url.get("detail", "auto") != "auto":
+        raise ApiError(400, f"{where}: image_url detail {image_url['detail']!r} is not honoured (images are sized by "
+                            "the model's processor and image_max_pixels); leave it auto", "messages")
+    url = image_url["url"]
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64") or not data:
+            raise ApiError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)", "messages")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise ApiError(400, f"{where}: the data: URL is not valid base64", "messages") from None
+    if url.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    raise ApiError(400, f"{where}: image URLs are read from data: and file: URLs only (rayft serve downloads "
+                        "nothing)", "messages")
+
+
+def _messages(raw) -> tuple[list[dict], str | None, list]:
     """OpenAI messages as the templates' roles: a leading system (or developer) message becomes the system prompt,
-    an assistant's tool calls a function turn, consecutive tool results one observation turn."""
+    an assistant's tool calls a function turn, consecutive tool results one observation turn; and the user turns'
+    images in order, each an `<image>` in its turn's text."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages: required, a non-empty list", "messages")
-    system, turns = None, []
+    system, turns, images = None, [], []
     for index, message in enumerate(raw):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -441,7 +480,8 @@ def _messages(raw) -> tuple[list[dict], str | None]:
             turns.append({"role": "function", "content": _calls_json(message["tool_calls"], where)})
             continue
         content = message.get("content")
-        text = "" if content is None and role == "assistant" else _text(content, where)
+        text = "" if content is None and role == "assistant" else _text(content, where,
+                                                                          images if role == "user" else None)
         kind = _ROLES[role]
         if kind == "observation" and turns and turns[-1]["role"] == "observation":
             turns[-1]["content"] += "\n" + text  # the results of parallel calls, one turn as in the training data
@@ -454,7 +494,7 @@ def _messages(raw) -> tuple[list[dict], str | None]:
                                 "assistant, beginning and ending with user (or tool)", "messages")
     if not turns or len(turns) % 2 == 0:
         raise ApiError(400, "messages: the last message must be the user's (or a tool's result)", "messages")
-    return turns, system
+    return turns, system, images
 
 
 def _calls_json(calls, where: str) -> str:

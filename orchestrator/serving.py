@@ -27,7 +27,8 @@ from ray import serve
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
 from rayft.data.errors import DataError
-from rayft.data.pipeline import EncodingSettings
+from rayft.data.media import IMAGE_PLACEHOLDER, expand_images, image_inputs, image_size
+from rayft.data.pipeline import EncodingSettings, image_geometry
 from rayft.data.tools import read_calls
 from rayft.orchestrator.openai_api import (
     Answer,
@@ -54,7 +55,7 @@ from rayft.recipe.derive import replica_range
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
-from rayft.trainers.model import find_adapter, load_for_serving, load_tokenizer, local_adapter
+from rayft.trainers.model import find_adapter, load_for_serving, load_image_processor, load_tokenizer, local_adapter
 
 DEPLOYMENT = "ModelServer"
 DEFAULT_BATCH = 8  # serve_max_batch_size when unset (at most serve_max_concurrent)
@@ -154,6 +155,10 @@ class Engine:
         folders = {name: local_adapter(str(where), self.downloads) for name, where in spec.adapters.items()}
         self.model = load_for_serving(cfg.model, folders, self.use_gpu)
         self.template = EncodingSettings.of(cfg).chat_template()
+        self.geometry = image_geometry(cfg)  # a multimodal template's: image parts are encoded as training does
+        if self.geometry is not None:
+            self.image_processor = load_image_processor(cfg.model)
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.template.media_tokens["image_token"])
         self.stops = stop_token_ids(self.tokenizer, cfg)
         self.defaults = Sampling.defaults(cfg.generating, spec.limits)
         self.lock = threading.Lock()
@@ -165,7 +170,8 @@ class Engine:
         else:
             if request.tools and not self.template.writes_tools:
                 raise ApiError(400, f"tools: the template {self.template.name!r} writes no tool calls", "tools")
-            example = {"messages": [*request.messages, {"role": "assistant", "content": ""}],
+            messages = self._with_images(request) if request.images else list(request.messages)
+            example = {"messages": [*messages, {"role": "assistant", "content": ""}],
                        "system": request.system, "tools": request.tools}
             try:
                 ids = self.template.encode_oneturn(self.tokenizer, example)[0]
@@ -177,13 +183,37 @@ class Engine:
                                 f"{self.spec.limits.max_prompt_tokens}", field)
         return ids
 
+    def _with_images(self, request: GenerationRequest) -> list[dict]:
+        """The request's turns with each image part's `<image>` expanded into its image tokens, as in training."""
+        if self.geometry is None:
+            raise ApiError(400, f"messages: image parts need a vision-language model served under its multimodal "
+                                f"template; this server's template {self.template.name!r} is text-only", "messages")
+        if request.sampling.n > 1:
+            raise ApiError(400, "n: several answers to a request with images are not built; send n: 1", "n")
+        media = self.cfg.data.media_dir
+        for source in request.images:
+            if isinstance(source, str) and (media is None or not Path(source).resolve().is_relative_to(
+                    Path(media).resolve())):
+                raise ApiError(400, "messages: file: URLs are read only under the server's media_dir"
+                                    + ("" if media else ", which is not set") + "; send a data: URL", "messages")
+        placeholders = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in request.messages)
+        if placeholders != len(request.images):
+            raise ApiError(400, f"messages: the text holds {placeholders - len(request.images)} {IMAGE_PLACEHOLDER} "
+                                "besides the image parts'; remove it", "messages")
+        try:
+            sizes = [image_size(source) for source in request.images]
+        except (OSError, ValueError) as err:
+            raise ApiError(400, f"messages: an image cannot be read ({' '.join(str(err).split())})",
+                           "messages") from None
+        return expand_images(list(request.messages), sizes, self.geometry, self.template.media_tokens)
+
     def generate_batch(self, jobs: list[tuple[GenerationRequest, list[int]]]) -> list[list[Answer]]:
         """Answers of several requests (blocking). Requests for the same model with the same settings (one answer
         each, no seed) share one generate call, their prompts padded on the left; the others run alone."""
         answers: list = [None] * len(jobs)
         groups: dict = {}
         for index, (request, _) in enumerate(jobs):
-            alone = request.sampling.n > 1 or request.sampling.seed is not None
+            alone = request.sampling.n > 1 or request.sampling.seed is not None or bool(request.images)
             groups.setdefault(("alone", index) if alone else (request.model, request.sampling), []).append(index)
         for members in groups.values():
             outputs = self.generate(jobs[members[0]][0], [jobs[i][1] for i in members])
@@ -211,6 +241,10 @@ class Engine:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         input_ids, attention_mask = left_padded(prompts, self.tokenizer.pad_token_id,
                                                 "cuda" if self.use_gpu else "cpu")
+        if self.geometry is not None:  # a vision-language model: the request's pixels, or none
+            inputs = image_inputs(self.image_processor, self.geometry, list(request.images), input_ids,
+                                  self.image_token_id)
+            kwargs.update({k: v.to(input_ids.device) for k, v in inputs.items()})
         with self.lock, self._adapter(request.model), torch.no_grad():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)

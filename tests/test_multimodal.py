@@ -2,7 +2,9 @@
 rows (tests/golden/qwen2_vl, written by tools/lf_mm_golden.py), bad rows and refusals, and a 2-worker LoRA run of the
 tiny Qwen2-VL whose batches carry the images' pixels."""
 
+import base64
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +14,11 @@ from conftest import DEMO_RECIPE, ROOT, captured_log, train_recipe
 
 from rayft.data.errors import DataError
 from rayft.data.media import ImageGeometry, image_token_count, load_images
+from rayft.recipe.loading import load_recipe
+from rayft.recipe.parse import parse_config
 
 GOLDEN = ROOT / "tests" / "golden" / "qwen2_vl"
+LIMITS = (768 * 768, 32 * 32)  # image_max_pixels and image_min_pixels at LLaMA-Factory's defaults
 
 
 def image_processor():
@@ -293,3 +298,104 @@ def test_the_freeze_keys_choose_the_trainable_parts_as_llamafactory_does():
     assert trained(apply_freeze, freeze_trainable_layers=1) == {"language"}
     assert trained(apply_freeze, freeze_trainable_layers=1, freeze_multi_modal_projector=False) == {
         "language", "projector"}
+
+
+@pytest.mark.unit
+def test_openai_image_parts_become_placeholders_and_only_local_sources_are_read():
+    from rayft.orchestrator.openai_api import ApiError, Limits, Sampling, chat_request
+    from rayft.recipe.schema import GeneratingArguments
+
+    limits = Limits(max_tokens=16, max_prompt_tokens=512, max_body_bytes=1 << 20)
+    defaults = Sampling.defaults(GeneratingArguments(do_sample=False, max_new_tokens=8), limits)
+    png = (GOLDEN / "images" / "square.png").read_bytes()
+
+    def ask(*parts, role="user"):
+        body = {"model": "m", "messages": [{"role": role, "content": list(parts)}]}
+        if role != "user":
+            body["messages"].append({"role": "user", "content": "go on"})
+        return chat_request(body, defaults, limits)
+
+    def data_url(raw: bytes) -> dict:
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(raw).decode()}}
+
+    request = ask({"type": "text", "text": "What is "}, data_url(png), {"type": "text", "text": " and"},
+                  {"type": "image_url", "image_url": {"url": "file:///data/a%20b.png", "detail": "auto"}})
+    assert request.messages[0]["content"] == "What is <image> and<image>"
+    assert request.images == (png, "/data/a b.png")
+    for parts, says in [
+        ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "downloads nothing"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,***"}}], "not valid base64"),
+        ([{"type": "image_url", "image_url": {"url": "file:///a.png", "detail": "high"}}], "detail 'high'"),
+        ([{"type": "input_audio", "input_audio": {}}], "['input_audio'] are not built"),
+    ]:
+        with pytest.raises(ApiError, match=re.escape(says)):
+            ask(*parts)
+    with pytest.raises(ApiError, match=re.escape("parts of type ['image_url'] are not built here")):
+        ask(data_url(png), role="system")
+
+
+@pytest.mark.unit
+def test_the_serving_engine_answers_with_images_as_training_encodes_them(tmp_path):
+    """The replica's engine in this process: an image part is expanded as in training and its pixels reach
+    generate; a file: URL outside media_dir, a stray <image> and several answers are refused with a 400."""
+    from rayft.orchestrator.openai_api import ApiError, chat_request
+    from rayft.orchestrator.serving import Engine, serve_spec
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                             family="qwen2_vl")
+    cfg = parse_config(load_recipe(ROOT / "configs" / "serve_lora.yaml", [
+        f"model_name_or_path={model}", "template=qwen2_vl", "serve_adapters=null", f"media_dir={GOLDEN}",
+        "do_sample=false"]), base_dir=ROOT, for_training=False)
+    engine = Engine(serve_spec(cfg))
+    png = base64.b64encode((GOLDEN / "images" / "wide.png").read_bytes()).decode()
+
+    def request(url, text="What is it?", **extra):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+        return chat_request({"model": engine.spec.base_name, "messages": [{"role": "user", "content": content}],
+                             "max_tokens": 4, **extra}, engine.defaults, engine.spec.limits)
+
+    for url in ("data:image/png;base64," + png, f"file://{GOLDEN}/images/wide.png"):
+        ask = request(url)
+        ids = engine.prompt_ids(ask)
+        text = engine.tokenizer.decode(ids)
+        assert text.count("<|image_pad|>") == image_token_count(640, 200, ImageGeometry.read(str(model), *LIMITS))
+        (answer,) = engine.generate(ask, [ids])
+        assert answer.completion_tokens > 0
+    for ask, says in [(request(f"file://{tmp_path}/elsewhere.png"), "only under the server's media_dir"),
+                      (request("data:image/png;base64," + png, text="and <image>"), "holds 1 <image> besides"),
+                      (request("data:image/png;base64," + png, n=2), "several answers to a request with images")]:
+        with pytest.raises(ApiError, match=says):
+            engine.prompt_ids(ask)
+
+
+@pytest.mark.integration
+def test_rayft_serve_answers_an_openai_image_url_request(tmp_path):
+    """`rayft serve` of the tiny Qwen2-VL, asked through the official `openai` client with a data: URL image; its
+    prompt is counted with the image's tokens, as training encodes it."""
+    import openai
+    from conftest import free_port
+    from test_serve import KEY, running_server
+
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                             family="qwen2_vl")
+    port = free_port()
+    recipe = load_recipe(ROOT / "configs" / "serve_lora.yaml", [
+        f"model_name_or_path={model}", "template=qwen2_vl", f"serve_port={port}", "do_sample=false",
+        "max_new_tokens=6", "serve_adapters=null"])
+    png = base64.b64encode((GOLDEN / "images" / "wide.png").read_bytes()).decode()
+    text_only = [{"role": "user", "content": "What is it?"}]
+    with running_server(tmp_path, recipe, port) as (_, _, base):
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        plain = client.chat.completions.create(model="vl", messages=text_only)
+        reply = client.chat.completions.create(model="vl", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+            {"type": "text", "text": "What is it?"}]}])
+        with pytest.raises(openai.BadRequestError, match="downloads nothing"):
+            client.chat.completions.create(model="vl", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    image_tokens = image_token_count(640, 200, ImageGeometry.read(str(model), *LIMITS))
+    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens + image_tokens + 2  # with vision start and end
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0

@@ -77,8 +77,8 @@ def test_chat_requests_become_template_turns_and_unhonoured_fields_are_refused()
     assert refused(chat_request, {"messages": hi["messages"]}).startswith("model: required")
     assert "must alternate" in refused(chat_request, {"model": "m", "messages": [
         {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
-    assert "parts of type ['image_url'] are not built" in refused(chat_request, {"model": "m", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert "parts of type ['input_audio'] are not built" in refused(chat_request, {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]})
     assert refused(completion_request, {"model": "m", "prompt": "x", "echo": True}).startswith("echo:")
     assert refused(completion_request, {"model": "m", "prompt": [1, 2]}).startswith("prompt: must be one")
     with pytest.raises(ApiError, match="not valid JSON") as bad:
@@ -194,14 +194,23 @@ def server(tiny_model, tmp_path_factory):
                                         "max_new_tokens=12", "serve_max_prompt_tokens=64", "serve_max_body_bytes=8192",
                                         "serve_route_prefix=/tiny", "serve_verbose=true"])
     recipe["serve_adapters"] = {"first": str(first), "second": str(second)}  # in place of the demo's adapter
+    with running_server(tmp, recipe, port, "/tiny") as (process, log, base):
+        yield {"base": base, "adapters": {"first": first, "second": second / "checkpoint"}, "model": tiny_model,
+               "process": process, "log": log}
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, recipe: dict, port: int, prefix: str = ""):
+    """`rayft serve RECIPE` in its own process with its own local Ray, until it answers /health; yields (process,
+    log file, base URL) and stops it with SIGINT, as by Ctrl-C, checking that it ends cleanly."""
+    import httpx
+
     (tmp / "serve.yaml").write_text(json.dumps(recipe))
     log = open(tmp / "serve.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "rayft.orchestrator.cli", "serve", str(tmp / "serve.yaml")],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "API_KEY": KEY})
-    base = f"http://127.0.0.1:{port}/tiny"  # under its route prefix
-    import httpx
-
+    base = f"http://127.0.0.1:{port}{prefix}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -214,13 +223,14 @@ def server(tiny_model, tmp_path_factory):
         process.kill()
         log.seek(0)
         pytest.fail(f"rayft serve did not become ready:\n{log.read()[-3000:]}")
-    yield {"base": base, "adapters": {"first": first, "second": second / "checkpoint"}, "model": tiny_model,
-           "process": process, "log": log}
-    process.send_signal(signal.SIGINT)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        yield process, log, base
+    finally:  # stopped whatever the test found
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
     log.seek(0)
     said = log.read()
     log.close()
@@ -304,6 +314,9 @@ def test_refusals_keys_names_bodies_and_lengths(server):
         api.chat.completions.create(model="first", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         api.chat.completions.create(model="first", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="image parts need a vision-language model .* 'chatml' is text"):
+        api.chat.completions.create(model="first", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
     for body in (b'{"model": "first", "messages": [{"role": "user", "content": "\\ud800"}]}',
                  b'{"model": "first", "messages": ' + b"[" * 3000 + b"]" * 3000 + b"}"):
         refused = httpx.post(url, content=body, headers=headers)  # a lone surrogate; nesting beyond the parser's
