@@ -144,14 +144,16 @@ def encode_prompt_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "E
     response), that response as the label text, and how many prompt tokens cutoff_len cut."""
     tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = settings.chat_template()
+    examples = [with_image_tokens(example, settings, chat_template) for example in _examples(batch, images=True)]
     prompts = [encode_prompt(chat_template.encode_oneturn(tokenizer, example)[0], settings.cutoff_len)
-               for example in _examples(batch)]
-    return {
+               for example in examples]
+    out = {
         "index": batch["index"],
         "prompt_ids": [np.asarray(ids, dtype=np.int64) for ids, _ in prompts],
         "label": np.asarray([messages[-1]["content"] for messages in batch["messages"]], dtype=object),
         "truncated": np.asarray([cut for _, cut in prompts], dtype=np.int64),
     }
+    return with_image_paths(out, examples, settings, chat_template, tokenizer, ("prompt_ids",))
 
 
 def encode_query_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
@@ -327,8 +329,8 @@ def _examples(batch: dict, images: bool = False) -> list[dict]:
     keys = list(batch)
     examples = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
     if not images and any(example.get("images") for example in examples):
-        raise DataError("images are trained in stages sft and dpo only so far; generation (predict, chat) and the "
-                        "other stages with images are not built yet")
+        raise DataError("images are built in stages sft and dpo, prediction, chat and serving; the other stages "
+                        "with images are not built yet")
     return examples
 
 

@@ -102,8 +102,9 @@ def generate(cfg: RecipeConfig, examples: list[dict], resources: dict) -> list[d
     d, r = cfg.data, cfg.ray
     batch_size = cfg.args.per_device_eval_batch_size
     # as in training's tokenisation, each example travels as one JSON string (data.pipeline.on_examples)
-    items = [{"example": json.dumps({"index": i, "system": e.get("system") or "", "messages": e["messages"]},
-                                    ensure_ascii=False)} for i, e in enumerate(examples)]
+    kept = ("system", "messages", "images", "image_sizes")  # an example's images travel as their paths and sizes
+    items = [{"example": json.dumps({"index": i, **{k: e[k] for k in kept if e.get(k)}}, ensure_ascii=False)}
+             for i, e in enumerate(examples)]
     prompts = ray.data.from_items(items).map_batches(
         on_examples(encode_prompt_batch), batch_size=d.preprocessing_batch_size, fn_kwargs=dict(
             tokenizer_spec=TokenizerSpec.of(cfg.model), settings=EncodingSettings.of(cfg)))

@@ -27,8 +27,8 @@ from ray import serve
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
 from rayft.data.errors import DataError
-from rayft.data.media import IMAGE_PLACEHOLDER, expand_images, image_inputs, image_size
-from rayft.data.pipeline import EncodingSettings, image_geometry
+from rayft.data.media import IMAGE_PLACEHOLDER, expand_images, image_size
+from rayft.data.pipeline import EncodingSettings
 from rayft.data.tools import read_calls
 from rayft.orchestrator.openai_api import (
     Answer,
@@ -54,8 +54,8 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import replica_range
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
-from rayft.trainers.model import find_adapter, load_for_serving, load_image_processor, load_tokenizer, local_adapter
+from rayft.trainers.generate import ImageModel, cut_at_stop, generation_kwargs, left_padded, stop_token_ids
+from rayft.trainers.model import find_adapter, load_for_serving, load_tokenizer, local_adapter
 
 DEPLOYMENT = "ModelServer"
 DEFAULT_BATCH = 8  # serve_max_batch_size when unset (at most serve_max_concurrent)
@@ -155,10 +155,7 @@ class Engine:
         folders = {name: local_adapter(str(where), self.downloads) for name, where in spec.adapters.items()}
         self.model = load_for_serving(cfg.model, folders, self.use_gpu)
         self.template = EncodingSettings.of(cfg).chat_template()
-        self.geometry = image_geometry(cfg)  # a multimodal template's: image parts are encoded as training does
-        if self.geometry is not None:
-            self.image_processor = load_image_processor(cfg.model)
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.template.media_tokens["image_token"])
+        self.images = ImageModel.of(cfg, self.tokenizer)  # a multimodal template's: parts encoded as in training
         self.stops = stop_token_ids(self.tokenizer, cfg)
         self.defaults = Sampling.defaults(cfg.generating, spec.limits)
         self.lock = threading.Lock()
@@ -185,7 +182,7 @@ class Engine:
 
     def _with_images(self, request: GenerationRequest) -> list[dict]:
         """The request's turns with each image part's `<image>` expanded into its image tokens, as in training."""
-        if self.geometry is None:
+        if self.images is None:
             raise ApiError(400, f"messages: image parts need a vision-language model served under its multimodal "
                                 f"template; this server's template {self.template.name!r} is text-only", "messages")
         if request.sampling.n > 1:
@@ -205,7 +202,7 @@ class Engine:
         except (OSError, ValueError) as err:
             raise ApiError(400, f"messages: an image cannot be read ({' '.join(str(err).split())})",
                            "messages") from None
-        return expand_images(list(request.messages), sizes, self.geometry, self.template.media_tokens)
+        return expand_images(list(request.messages), sizes, self.images.geometry, self.template.media_tokens)
 
     def generate_batch(self, jobs: list[tuple[GenerationRequest, list[int]]]) -> list[list[Answer]]:
         """Answers of several requests (blocking). Requests for the same model with the same settings (one answer
@@ -241,10 +238,8 @@ class Engine:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         input_ids, attention_mask = left_padded(prompts, self.tokenizer.pad_token_id,
                                                 "cuda" if self.use_gpu else "cpu")
-        if self.geometry is not None:  # a vision-language model: the request's pixels, or none
-            inputs = image_inputs(self.image_processor, self.geometry, list(request.images), input_ids,
-                                  self.image_token_id)
-            kwargs.update({k: v.to(input_ids.device) for k, v in inputs.items()})
+        if self.images is not None:  # a vision-language model: the request's pixels, or none
+            kwargs.update(self.images.inputs(list(request.images), input_ids))
         with self.lock, self._adapter(request.model), torch.no_grad():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)

@@ -399,3 +399,63 @@ def test_rayft_serve_answers_an_openai_image_url_request(tmp_path):
     image_tokens = image_token_count(640, 200, ImageGeometry.read(str(model), *LIMITS))
     assert reply.usage.prompt_tokens == plain.usage.prompt_tokens + image_tokens + 2  # with vision start and end
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory) -> Path:
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("vl") / "tiny-qwen2-vl",
+                            sorted((ROOT / "data" / "demo").glob("demo_*.json")), family="qwen2_vl")
+
+
+@pytest.mark.unit
+def test_chat_attaches_an_image_to_the_next_message_and_generates_with_its_pixels(tiny_vl):
+    import io
+
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from rayft.data.media import expand_images, image_inputs
+    from rayft.data.pipeline import EncodingSettings
+    from rayft.orchestrator.chat import run_chat
+
+    image = GOLDEN / "images" / "wide.png"
+    cfg = parse_config(load_recipe(ROOT / "configs" / "chat_lora.yaml", [
+        f"model_name_or_path={tiny_vl}", "adapter_name_or_path=null", "template=qwen2_vl", "do_sample=false",
+        "max_new_tokens=6"]), base_dir=ROOT, for_training=False)
+    out = io.StringIO()
+    run_chat(cfg, stdin=io.StringIO(f"/image {GOLDEN}/images/missing.png\n/image {image}\nWhat is it?\n/exit\n"),
+             out=out)
+    said = out.getvalue()
+    geometry = ImageGeometry.read(str(tiny_vl), *LIMITS)
+    assert "cannot read" in said and f"(640x200, {image_token_count(640, 200, geometry)} image tokens)" in said
+    answer = said.split("Assistant: ", 1)[1].split("\n", 1)[0]
+    # the same prompt and pixels, generated here: the chat's answer is that one
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_vl), AutoModelForImageTextToText.from_pretrained(tiny_vl)
+    template = EncodingSettings.of(cfg).chat_template()
+    messages = expand_images([{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": ""}],
+                             [(640, 200)], geometry, template.media_tokens)
+    ids = torch.tensor([template.encode_oneturn(tokenizer, {"messages": messages})[0]])
+    pixels = image_inputs(AutoImageProcessor.from_pretrained(tiny_vl), geometry, [str(image)], ids,
+                          tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False, **pixels)
+    assert answer.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.integration
+def test_predict_generates_for_rows_with_images(tmp_path, tiny_vl, ray_local):
+    from rayft.orchestrator.predict import run_predict
+
+    cfg = parse_config(load_recipe(ROOT / "configs" / "predict_lora.yaml", [
+        f"model_name_or_path={tiny_vl}", "adapter_name_or_path=null", "template=qwen2_vl", "eval_dataset=shapes",
+        f"dataset_dir={GOLDEN}", f"output_dir={tmp_path / 'out'}", "max_new_tokens=4", "ray_num_workers=1",
+        "per_device_eval_batch_size=2"]), base_dir=ROOT, for_training=False)
+    metrics = run_predict(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "generated_predictions.jsonl").read_text().splitlines()]
+    assert metrics["predict_samples"] == len(rows) == 4
+    expanded = [row["prompt"].count("<|image_pad|>") for row in rows]
+    geometry = ImageGeometry.read(str(tiny_vl), *LIMITS)
+    assert expanded[2] == 0 and expanded[3] == image_token_count(640, 200, geometry)  # none, then wide.png's

@@ -1,16 +1,19 @@
 """Generation with a fine-tuned model: the settings `model.generate` takes, and the Ray Data actor that
 answers batches of prompts for `do_predict` (each actor holds one whole model)."""
 
+import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
-from rayft.data.pipeline import EncodingSettings
+from rayft.data.media import ImageGeometry, image_inputs
+from rayft.data.pipeline import EncodingSettings, image_geometry
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.schema import GeneratingArguments
-from rayft.trainers.model import load_for_generation, load_tokenizer
+from rayft.trainers.model import load_for_generation, load_image_processor, load_tokenizer
 
 
 def stop_token_ids(tokenizer, cfg: RecipeConfig) -> list[int]:
@@ -53,6 +56,30 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids, mask
 
 
+@dataclass(frozen=True)
+class ImageModel:
+    """What generating with a vision-language model needs beside the model: its image processor, the template's
+    image geometry (how many tokens an image becomes) and the image token's id."""
+
+    processor: object
+    geometry: ImageGeometry
+    token_id: int
+
+    @classmethod
+    def of(cls, cfg: RecipeConfig, tokenizer) -> "ImageModel | None":
+        """The recipe's, or None under a text template."""
+        geometry = image_geometry(cfg)
+        if geometry is None:
+            return None
+        token = EncodingSettings.of(cfg).chat_template().media_tokens["image_token"]
+        return cls(load_image_processor(cfg.model), geometry, tokenizer.convert_tokens_to_ids(token))
+
+    def inputs(self, sources: list, input_ids: torch.Tensor) -> dict:
+        """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources`."""
+        made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id)
+        return {k: v.to(input_ids.device) for k, v in made.items()}
+
+
 class Generator:
     """A Ray Data actor: answers a batch of prompts (`prompt_ids`) with the base model plus merged adapters."""
 
@@ -65,6 +92,7 @@ class Generator:
         self.kwargs = generation_kwargs(cfg.generating, self.stops, self.tokenizer.pad_token_id,
                                         cfg.data.eval_num_beams)
         self.skip_special_tokens = cfg.generating.skip_special_tokens
+        self.images = ImageModel.of(cfg, self.tokenizer)
         torch.manual_seed(cfg.args.seed)
 
         self.name = f"{ray.get_runtime_context().get_node_id()[:8]}/{os.getpid()}"  # node id: nodes may share an IP
@@ -73,8 +101,13 @@ class Generator:
         prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
         input_ids, attention_mask = left_padded(prompts, self.tokenizer.pad_token_id, self.device)
         longest = input_ids.shape[1]
+        images = {}
+        if self.images is not None:  # each prompt's images, in order, their pixels made here
+            sources = [path for row in batch["images"] for path in json.loads(row)]
+            images = self.images.inputs(sources, input_ids)
         with torch.no_grad():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs,
+                                         **images)
         answers = [cut_at_stop(row.tolist(), self.stops) for row in output[:, longest:]]
         return {
             "index": batch["index"],
