@@ -19,13 +19,14 @@ from rayft.data.files import read_text
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholder in a message's text
 # Qwen2-VL's processor refuses an aspect ratio above 200; LLaMA-Factory squeezes such an image to 180 first
 QWEN_MAX_RATIO, QWEN_SQUEEZED_RATIO, QWEN_MIN_SIDE = 200, 180, 28
+QWEN_PLUGINS = ("qwen2_vl", "qwen3_vl")  # Qwen3-VL's plugin encodes images as Qwen2-VL's does (its patch is 16)
 
 
 @dataclass(frozen=True)
 class ImageGeometry:
     """What the count of an image's tokens depends on: the template's plugin, the recipe's pixel limits
     (image_max_pixels, image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor.
-    Qwen2-VL's (`qwen2_vl`): its patch, its merge of patches into one token and its own pixel limits. LLaVA's
+    Qwen2-VL's and Qwen3-VL's: its patch, its merge of patches into one token and its own pixel limits. LLaVA's
     (`llava`): every image is cropped to one size, so every image is `fixed_tokens` tokens."""
 
     max_pixels: int
@@ -80,7 +81,7 @@ def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plug
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
         steps.append((width, height))
-    if plugin != "qwen2_vl":
+    if plugin not in QWEN_PLUGINS:
         return steps
     if min(width, height) < QWEN_MIN_SIDE:
         width, height = max(width, QWEN_MIN_SIDE), max(height, QWEN_MIN_SIDE)
@@ -215,7 +216,7 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
     import torch
 
     image_tokens = input_ids == image_token_id
-    out = {"mm_token_type_ids": image_tokens.int()} if geometry.plugin == "qwen2_vl" else {}
+    out = {"mm_token_type_ids": image_tokens.int()} if geometry.plugin in QWEN_PLUGINS else {}
     if not sources:
         return out
     images = load_images(sources, geometry.max_pixels, geometry.min_pixels, geometry.plugin)

@@ -20,7 +20,8 @@ from rayft.data.tokenizer import encode_text
 from rayft.data.tools import TOOL_FORMATS, describe_tools, parse_calls, write_calls
 
 SPEC_FILE = Path(__file__).with_name("template_specs.json")
-BUILT_PLUGINS = ("qwen2_vl", "llava")  # LLaMA-Factory's multimodal plugins whose encoding rayft builds (data/media.py)
+# LLaMA-Factory's multimodal plugins whose encoding rayft builds (data/media.py)
+BUILT_PLUGINS = ("qwen2_vl", "qwen3_vl", "llava")
 
 
 @dataclass(frozen=True)

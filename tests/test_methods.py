@@ -591,7 +591,7 @@ def test_shift_attn_attends_within_groups_and_shifted_groups_without_seeing_late
     assert frozen.config._attn_implementation != "rayft_shift_attn"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path, family):
     """`rayft tiny-model --family qwen2_vl` (or qwen2_5_vl): Qwen2-VL's special tokens, a vision tower and its image
     processor, all loaded back through from_pretrained; an image's merged patches (its <|image_pad|> tokens) reach
@@ -610,8 +610,10 @@ def test_a_tiny_qwen2_vl_is_written_locally_and_learns_from_an_image(tmp_path, f
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert model.config.image_token_id == pad and len(tokenizer.encode("<|vision_start|><|image_pad|>")) == 2
     image = processor([Image.new("RGB", (100, 60), (120, 30, 200))], return_tensors="pt")
-    assert image["image_grid_thw"].tolist() == [[1, 4, 8]]  # 60x100 -> 56x112 pixels: 4x8 patches of 14
-    tokens = 4 * 8 // 2 ** 2  # one token per 2x2 merged patches
+    # 60x100 -> 56x112 pixels: 4x8 patches of 14; Qwen3-VL's 16 px patches: 64x96 pixels, 4x6 patches
+    grid = [1, 4, 6] if family == "qwen3_vl" else [1, 4, 8]
+    assert image["image_grid_thw"].tolist() == [grid]
+    tokens = grid[1] * grid[2] // 2 ** 2  # one token per 2x2 merged patches
     ids = torch.tensor([tokenizer.convert_tokens_to_ids(["<|vision_start|>"] + ["<|image_pad|>"] * tokens +
                                                        ["<|vision_end|>"]) + tokenizer.encode("a purple picture")])
     loss = model(input_ids=ids, pixel_values=image["pixel_values"], image_grid_thw=image["image_grid_thw"],

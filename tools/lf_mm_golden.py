@@ -1,11 +1,11 @@
 """Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its qwen2_vl template.
 
 Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on the tiny
-models that `rayft tiny-model --family qwen2_vl QWEN_DIR` and `rayft tiny-model --family llava LLAVA_DIR` wrote:
-    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN_DIR LLAVA_DIR
+models that `rayft tiny-model --family F DIR` wrote for F = qwen2_vl, llava and qwen3_vl:
+    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN2_DIR LLAVA_DIR QWEN3_DIR
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
 limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/
-(qwen2_vl, llava), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
+(qwen2_vl, llava, qwen3_vl), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
 image_min_pixels, each row's input_ids and labels from LLaMA-Factory's supervised processor, its images' grid and
 pixel sums from LLaMA-Factory's plugin, and the same rows as preference pairs through its pairwise processor.
 
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 # per template: the processor settings LLaMA-Factory reads from the processor beside the image processor
-TEMPLATES = {"qwen2_vl": {}, "llava": {"patch_size": 14, "num_additional_image_tokens": 1,
-                                       "vision_feature_select_strategy": "default"}}
+TEMPLATES = {"qwen2_vl": {}, "qwen3_vl": {}, "llava": {"patch_size": 14, "num_additional_image_tokens": 1,
+                                                       "vision_feature_select_strategy": "default"}}
 # (name, width, height): a small square, a side under 28 px, an aspect ratio above 200, a large photo-like image
 IMAGES = [("square.png", 100, 100), ("thin.png", 20, 300), ("strip.png", 3000, 12), ("large.png", 1100, 900),
           ("wide.png", 640, 200)]
@@ -75,7 +75,8 @@ def main(model_dir: str, template_name: str) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = GOLDEN / template_name
-    images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "llava": CLIPImageProcessorPil}[template_name]
+    images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "qwen3_vl": Qwen2VLImageProcessorPil,
+                  "llava": CLIPImageProcessorPil}[template_name]
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
     for name in files + (["processor_config.json"] if template_name == "llava" else []):
@@ -91,7 +92,8 @@ def main(model_dir: str, template_name: str) -> None:
         data_args = DataArguments(template=template_name, cutoff_len=CUTOFF, dataset_dir=str(out))
         tokenizer = AutoTokenizer.from_pretrained(out)
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
-        processor = SimpleNamespace(image_processor=images_cls.from_pretrained(out), image_max_pixels=max_pixels,
+        images = images_cls.from_pretrained(out)  # Qwen3-VL's plugin asks for a video processor it does not use here
+        processor = SimpleNamespace(image_processor=images, video_processor=images, image_max_pixels=max_pixels,
                                     image_min_pixels=min_pixels, **TEMPLATES[template_name])
         attr = get_dataset_list(["shapes"], str(out))[0]
         converter = get_dataset_converter(attr.formatting, attr, data_args)
@@ -133,3 +135,4 @@ def _per_image_sums(mm: dict) -> list[float]:
 if __name__ == "__main__":
     main(sys.argv[1], "qwen2_vl")
     main(sys.argv[2], "llava")
+    main(sys.argv[3], "qwen3_vl")

@@ -18,6 +18,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2VLConfig,
+    Qwen3VLConfig,
 )
 
 CHATML_JINJA = (
@@ -27,8 +28,8 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "llava")
-VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "llava")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 LLAVA_IMAGE = "<image>"  # LLaVA's image token: every image is (56 / 14)^2 = 16 of them in the tiny model
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -92,15 +93,24 @@ def build_model(vocab_size: int, family: str = "qwen2", hidden_size: int = 256, 
 
 
 def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0, family: str = "qwen2_vl"):
-    """A randomly initialised Qwen2-VL (or Qwen2.5-VL): the tiny Qwen2 text model (M-RoPE sections of Qwen2-VL's
-    proportions) under a vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch (2) and 2x2
-    merge; Qwen2.5-VL's tower attends in windows except in its last block, as the real one does in every eighth."""
+    """A randomly initialised Qwen2-VL (or Qwen2.5-VL, Qwen3-VL): the tiny Qwen2 text model (M-RoPE sections of
+    Qwen2-VL's proportions) under a vision tower of two blocks, 64 wide, with Qwen2-VL's patch (14), temporal patch
+    (2) and 2x2 merge; Qwen2.5-VL's tower attends in windows except in its last block, as the real one does in every
+    eighth; Qwen3-VL's has 16 px patches, a learned position grid and one deepstack merger."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
     text = {**text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id),
             "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if family == "qwen2_5_vl":
+    if family == "qwen3_vl":  # Qwen3's text model (interleaved M-RoPE) and a 16 px patch with a learned position grid
+        text = {**{k: v for k, v in text.items() if k != "rope_scaling"}, "head_dim": hidden_size // 4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10],
+                                    "mrope_interleaved": True}}
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=hidden_size, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+    elif family == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden_size,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
                       fullatt_block_indexes=[1])
@@ -138,13 +148,13 @@ def save_llava_processor(tokenizer, out_dir: Path) -> None:
                    num_additional_image_tokens=1, image_token=LLAVA_IMAGE).save_pretrained(out_dir)
 
 
-def qwen2_vl_image_processor():
-    """Qwen2-VL's image processor (the PIL one: it needs no torchvision), its images held to 28x28 .. 128x128 pixels
-    so that a tiny model sees a few dozen patches per image."""
+def qwen2_vl_image_processor(patch_size: int = 14):
+    """Qwen2-VL's image processor (the PIL one: it needs no torchvision), its images held to (2 patches)^2 ..
+    128x128 pixels so that a tiny model sees a few dozen patches per image (Qwen3-VL's has 16 px patches)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=128 * 128, patch_size=14, merge_size=2,
-                                    temporal_patch_size=2)
+    return Qwen2VLImageProcessorPil(min_pixels=(2 * patch_size) ** 2, max_pixels=128 * 128, patch_size=patch_size,
+                                    merge_size=2, temporal_patch_size=2)
 
 
 def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str = "qwen2", seed: int = 0,
@@ -170,7 +180,7 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     if family == "llava":
         save_llava_processor(tokenizer, out_dir)
     elif vision:
-        qwen2_vl_image_processor().save_pretrained(out_dir)
+        qwen2_vl_image_processor(16 if family == "qwen3_vl" else 14).save_pretrained(out_dir)
     return out_dir
 
 

@@ -20,7 +20,10 @@ class VisionFamily:
 
 _QWEN2_VL = VisionFamily("qwen2_vl", vision=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
                          lora_conflicts=("patch_embed",))
-VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL,
+_QWEN3_VL = VisionFamily("qwen3_vl", vision=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
+                                           "visual.deepstack_merger_list"), projector=("visual.merger",),
+                         lora_conflicts=("patch_embed",))
+VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL, "qwen3_vl": _QWEN3_VL,
                    "llava": VisionFamily("llava", vision=("vision_tower",), projector=("multi_modal_projector",))}
 
 
