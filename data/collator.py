@@ -5,6 +5,7 @@ import json
 import torch
 
 from rayft.data.encode import IGNORE_INDEX
+from rayft.data.errors import DataError
 from rayft.data.media import image_inputs
 
 
@@ -94,4 +95,10 @@ class ImageCollator:
         sources = [path for e in examples for path in json.loads(e.get("images") or "[]")]
         batch.update(image_inputs(self.image_processor, self.geometry, sources, batch["input_ids"],
                                   self.image_token_id, self.copies))
+        if "kl_input_ids" in batch:  # KTO's mismatched pairs keep their examples' prompts, so the same pixels
+            kl = image_inputs(self.image_processor, self.geometry, [], batch["kl_input_ids"], self.image_token_id)
+            found = int((batch["kl_input_ids"] == self.image_token_id).sum())
+            if found != int((batch["input_ids"] == self.image_token_id).sum()):
+                raise DataError(f"KTO's mismatched pairs hold {found} image tokens, their examples a different count")
+            batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch

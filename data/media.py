@@ -42,10 +42,10 @@ class ImageGeometry:
     def read(cls, model_path: str, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> "ImageGeometry":
         """The geometry of the model at `model_path` (its preprocessor_config.json, and for LLaVA its
         processor_config.json) under the recipe's limits."""
-        config = _json_file(model_path, "preprocessor_config.json")
         if plugin == "llava":  # LLaVA's processor: the vision tower's patch and its extra tokens (CLS)
             processor = _json_file(model_path, "processor_config.json")
-            config = config or processor.get("image_processor", {})
+            # the image processor's own file, or (as Transformers 5 saves a processor) its section of the processor's
+            config = _json_file(model_path, "preprocessor_config.json", required=False) or processor["image_processor"]
             crop = config.get("crop_size") or {"height": config["size"]["shortest_edge"]}
             height, width = crop["height"], crop.get("width", crop["height"])
             patch = processor["patch_size"]
@@ -53,6 +53,7 @@ class ImageGeometry:
             if processor.get("vision_feature_select_strategy", "default") == "default":
                 tokens -= 1  # the CLS token's feature is left out
             return cls(max_pixels, min_pixels, patch_size=patch, plugin=plugin, fixed_tokens=tokens)
+        config = _json_file(model_path, "preprocessor_config.json")
         size = config.get("size") or {}
         return cls(max_pixels=max_pixels, min_pixels=min_pixels, patch_size=config["patch_size"],
                    merge_size=config["merge_size"],
@@ -60,18 +61,16 @@ class ImageGeometry:
                    processor_max_pixels=size.get("longest_edge", config.get("max_pixels", 28 * 28 * 1280)))
 
 
-def _json_file(model_path: str, name: str) -> dict:
+def _json_file(model_path: str, name: str, required: bool = True) -> dict:
     text = read_text(f"{model_path.rstrip('/')}/{name}")
-    if text is None:
+    if text is None and required:
         raise FileNotFoundError(f"{model_path} holds no {name} (the model's image processor)")
-    return json.loads(text)
+    return json.loads(text) if text is not None else {}
 
 
-def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl"
-                 ) -> list[tuple[int, int]]:
-    """The sizes LLaMA-Factory resizes an image to, in order (each a resize of its own, so that the pixels match):
-    scaled down to at most `max_pixels`, then up to at least `min_pixels` (sides truncated to whole pixels); for
-    Qwen2-VL also sides under 28 px raised to 28, and an aspect ratio above 200 squeezed to 180."""
+def limit_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> list[tuple[int, int]]:
+    """The sizes LLaMA-Factory resizes every image to, in order: scaled down to at most `max_pixels`, then up to at
+    least `min_pixels`, each side truncated to whole pixels."""
     steps = []
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
@@ -81,8 +80,13 @@ def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plug
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
         steps.append((width, height))
-    if plugin not in QWEN_PLUGINS:
-        return steps
+    return steps
+
+
+def qwen_steps(width: int, height: int) -> list[tuple[int, int]]:
+    """The further sizes LLaMA-Factory's Qwen2-VL and Qwen3-VL plugins resize an image to: sides under 28 px raised to
+    28, then an aspect ratio above 200 squeezed to 180."""
+    steps = []
     if min(width, height) < QWEN_MIN_SIDE:
         width, height = max(width, QWEN_MIN_SIDE), max(height, QWEN_MIN_SIDE)
         steps.append((width, height))
@@ -92,6 +96,16 @@ def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plug
     if height / width > QWEN_MAX_RATIO:
         height = width * QWEN_SQUEEZED_RATIO
         steps.append((width, height))
+    return steps
+
+
+def resize_steps(width: int, height: int, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl"
+                 ) -> list[tuple[int, int]]:
+    """Every size LLaMA-Factory resizes an image to under `plugin`, in order (each a resize of its own, so that the
+    pixels match): `limit_steps`, then for the Qwen plugins `qwen_steps`."""
+    steps = limit_steps(width, height, max_pixels, min_pixels)
+    if plugin in QWEN_PLUGINS:
+        steps += qwen_steps(*(steps[-1] if steps else (width, height)))
     return steps
 
 
@@ -122,7 +136,7 @@ def image_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
     patches, merge x merge to a token."""
     if geometry.fixed_tokens is not None:
         return geometry.fixed_tokens
-    w, h = regularized_size(width, height, geometry.max_pixels, geometry.min_pixels)
+    w, h = regularized_size(width, height, geometry.max_pixels, geometry.min_pixels, geometry.plugin)
     h, w = resized_to_patches(w, h, geometry)
     return (h // geometry.patch_size) * (w // geometry.patch_size) // geometry.merge_size ** 2
 
@@ -196,12 +210,10 @@ def load_images(sources: list, max_pixels: int, min_pixels: int, plugin: str = "
     loaded = []
     for source in sources:
         image = open_image(source)
-        steps = resize_steps(image.width, image.height, max_pixels, min_pixels, plugin)
-        limits = len(resize_steps(image.width, image.height, max_pixels, min_pixels, plugin="limits only"))
-        for size in steps[:limits]:
+        for size in limit_steps(image.width, image.height, max_pixels, min_pixels):
             image = image.resize(size)
         image = image.convert("RGB") if image.mode != "RGB" else image
-        for size in steps[limits:]:
+        for size in qwen_steps(image.width, image.height) if plugin in QWEN_PLUGINS else ():
             image = image.resize(size)
         loaded.append(image)
     return loaded

@@ -213,7 +213,7 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Enco
     tokenizer = load_tokenizer(tokenizer_spec)
     chat_template = settings.chat_template()
     eos = chat_template.eos_id(tokenizer) if chat_template.efficient_eos else None
-    examples = _examples(batch)
+    examples = [with_image_tokens(example, settings, chat_template) for example in _examples(batch, images=True)]
     out = {k: [] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels")}
     truncated = []
     for i, example in enumerate(examples):
@@ -230,7 +230,8 @@ def encode_kto_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "Enco
     out["num_tokens"] = np.asarray([len(ids) for ids in out["input_ids"]], dtype=np.int64)
     out["num_trained"] = np.asarray([int((labels != IGNORE_INDEX).sum()) for labels in out["labels"]], dtype=np.int64)
     out["truncated"] = np.asarray(truncated, dtype=np.int64)
-    return out
+    # a mismatched pair keeps its example's prompt, so its images
+    return with_image_paths(out, examples, settings, chat_template, tokenizer, ("input_ids", "kl_input_ids"))
 
 
 def encode_text_batch(batch: dict, tokenizer_spec: TokenizerSpec, settings: "EncodingSettings") -> dict:
@@ -329,8 +330,8 @@ def _examples(batch: dict, images: bool = False) -> list[dict]:
     keys = list(batch)
     examples = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
     if not images and any(example.get("images") for example in examples):
-        raise DataError("images are built in stages sft and dpo, prediction, chat and serving; the other stages "
-                        "with images are not built yet")
+        raise DataError("images are built in stages sft, dpo and kto, prediction, chat and serving; the other "
+                        "stages with images are not built yet")
     return examples
 
 

@@ -133,11 +133,11 @@ def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
                         f"{data} data; choose a {data} dataset or the stage made for this one")
 
 
-IMAGE_STAGES = ("sft", "dpo")  # the stages whose encoders and collators carry images
+IMAGE_STAGES = ("sft", "dpo", "kto")  # the stages whose encoders and collators carry images
 
 
 def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
-    """Media columns a run can train on: images, in stages sft and dpo, under a multimodal template. Videos and
+    """Media columns a run can train on: images, in stages sft, dpo and kto, under a multimodal template. Videos and
     audios need torchvision / PyAV and torchaudio, which this build does not have."""
     where = f"dataset {attr.name!r}"
     for column, library in (("videos", "torchvision and PyAV"), ("audios", "torchaudio")):

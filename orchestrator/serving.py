@@ -487,6 +487,11 @@ def run_serve(cfg: RecipeConfig, detach: bool = False) -> None:
                       route_prefix=s.serve_route_prefix)
         except RuntimeError as err:
             raise ConfigError([Problem("rayft serve", f"the replicas did not start: {_last_line(err)}")]) from None
+        except KeyboardInterrupt:  # Ctrl-C before Ray Serve reported the replicas ready (they may already answer)
+            logger.info("stopping (interrupted while the replicas started)")
+            if cfg.ray.ray_address is not None:
+                serve.delete(s.serve_name)
+            return
         where = f"http://{_url_host(s.serve_host)}:{s.serve_port}{s.serve_route_prefix.rstrip('/')}/v1"
         logger.info(f"serving {', '.join(spec.names)} at {where} (ready in {time.perf_counter() - started:.0f} s)")
         if detach:

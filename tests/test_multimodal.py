@@ -59,8 +59,15 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
 
     from transformers import AutoImageProcessor
 
-    from rayft.data.collator import ImageCollator, PairwiseCollator, SupervisedCollator
-    from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, encode_pairwise_batch, load_datasets
+    from rayft.data.collator import ImageCollator, KTOCollator, PairwiseCollator, SupervisedCollator
+    from rayft.data.pipeline import (
+        EncodingSettings,
+        columns_of,
+        encode_batch,
+        encode_kto_batch,
+        encode_pairwise_batch,
+        load_datasets,
+    )
     from rayft.data.templates import get_template
     from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
 
@@ -102,6 +109,18 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     batch = collate([{k: encoded[k][i] for k in (*golden["pairs"][0], "images")} for i in range(len(pairs))])
     images = sum(len(e.get("images") or []) for e in examples)
     assert len(batch["image_grid_thw"] if template != "llava" else batch["pixel_values"]) == 2 * images
+    # and as KTO's tagged examples (stage kto): each with its mismatched pair, which keeps the example's prompt
+    (tagged,) = load_datasets("shape_feedback", str(folder), None, template=template, stage="kto", data="kto")
+    encoded = encode_kto_batch(columns_of(tagged), spec, dataclasses.replace(settings, stage="kto"))
+    for i, expected in enumerate(golden["feedback"]):
+        assert {k: encoded[k][i].tolist() for k in expected if k != "kto_tag"} == {
+            k: v for k, v in expected.items() if k != "kto_tag"}, i
+        assert bool(encoded["kto_tag"][i]) == expected["kto_tag"]
+    collate = ImageCollator(KTOCollator(tokenizer.pad_token_id), processor, image_id, settings.images)
+    batch = collate([{k: encoded[k][i] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tag",
+                                                  "images")} for i in range(len(tagged))])
+    if template != "llava":
+        assert batch["kl_mm_token_type_ids"].sum() == batch["mm_token_type_ids"].sum() > 0
 
 
 def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
@@ -150,8 +169,8 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
     folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()))
     with pytest.raises(DataError, match="'shapes' has images, and template 'qwen' is text-only; use the model "):
         load_datasets("shapes", str(folder), None, template="qwen")
-    with pytest.raises(DataError, match="images in stage 'kto' are not built yet"):
-        load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="kto", data="supervised")
+    with pytest.raises(DataError, match="images in stage 'rm' are not built yet"):
+        load_datasets("shape_pairs", str(folder), None, template="qwen2_vl", stage="rm", data="preference")
     with pytest.raises(DataError, match="'gemma3' encodes media with LLaMA-Factory's 'gemma3' plugin, which rayft "):
         load_datasets("shapes", str(folder), None, template="gemma3")
 
@@ -192,11 +211,12 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
 
 
 @pytest.mark.slow
-def test_qwen2_vl_sft_and_dpo_and_a_llava_sft_train_on_their_images_and_export_with_the_processor(
+def test_qwen2_vl_sft_dpo_and_kto_and_a_llava_sft_train_on_their_images_and_export_with_the_processor(
         tmp_path, ray_local):
-    """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL with LoRA on the vision tower too (freeze_vision_tower:
-    false): its adapters can only move if the batches' pixels reached the tower; the projector stays out of LoRA, as
-    LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one worker, its projector trained."""
+    """Two-worker LoRA SFT and DPO and a one-worker LoRA KTO of the tiny Qwen2-VL with LoRA on the vision tower too
+    (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the tower; the projector
+    stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one worker, its projector
+    trained."""
     import torch
     from safetensors.torch import load_file
 
@@ -234,6 +254,17 @@ def test_qwen2_vl_sft_and_dpo_and_a_llava_sft_train_on_their_images_and_export_w
     assert dpo_losses[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # the policy starts as its reference
     assert "rewards/accuracies" in dpo_losses[-1]
     tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+
+    # KTO on the same images as tagged examples: one worker, in-process; the tower's adapters move
+    (folder / "feedback.json").write_text((GOLDEN / "feedback.json").read_text())
+    kto_out, kto_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "kto", model,
+                                       "template=qwen2_vl", "dataset=shape_feedback", f"dataset_dir={folder}",
+                                       "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
+                                       "logging_steps=1", "per_device_train_batch_size=4",
+                                       "freeze_vision_tower=false", "image_max_pixels=4096")
+    assert [r["step"] for r in kto_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in kto_losses)
+    tower = {k: v for k, v in load_file(kto_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
     # LLaVA: every image 16 tokens; one worker (in-process), full training of the language model and projector

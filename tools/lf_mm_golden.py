@@ -50,6 +50,8 @@ ENTRY = {"file_name": "rows.json", "formatting": "sharegpt", "columns": {"messag
 PAIRS = {**ENTRY, "file_name": "pairs.json", "ranking": True,
          "columns": {**ENTRY["columns"], "chosen": "chosen", "rejected": "rejected"}}
 REFUSAL = {"role": "assistant", "content": "I cannot see it."}
+# and as KTO's tagged examples (stage kto), every other one undesirable
+FEEDBACK = {**ENTRY, "file_name": "feedback.json", "columns": {**ENTRY["columns"], "kto_tag": "kto_tag"}}
 SETTINGS = [(768 * 768, 32 * 32), (64 * 64, 32 * 32), (768 * 768, 150 * 150)]
 CUTOFF = 1024
 
@@ -67,7 +69,11 @@ def draw_images(out: Path) -> None:
 def main(model_dir: str, template_name: str) -> None:
     from llamafactory.data.converter import get_dataset_converter
     from llamafactory.data.parser import get_dataset_list
-    from llamafactory.data.processor import PairwiseDatasetProcessor, SupervisedDatasetProcessor
+    from llamafactory.data.processor import (
+        FeedbackDatasetProcessor,
+        PairwiseDatasetProcessor,
+        SupervisedDatasetProcessor,
+    )
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
@@ -82,11 +88,14 @@ def main(model_dir: str, template_name: str) -> None:
     for name in files + (["processor_config.json"] if template_name == "llava" else []):
         shutil.copy2(Path(model_dir) / name, out / name)
     draw_images(out)
-    (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS}, indent=1))
+    (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS,
+                                                      "shape_feedback": FEEDBACK}, indent=1))
     rows = [{**r, "images": [f"images/{i}" for i in r["images"]]} for r in ROWS]
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     (out / "pairs.json").write_text(json.dumps([{**r, "messages": r["messages"][:-1], "chosen": r["messages"][-1],
                                                  "rejected": REFUSAL} for r in rows], indent=1))
+    (out / "feedback.json").write_text(json.dumps([{**r, "kto_tag": i % 2 == 0} for i, r in enumerate(rows)],
+                                                  indent=1))
     cases = []
     for max_pixels, min_pixels in SETTINGS:
         data_args = DataArguments(template=template_name, cutoff_len=CUTOFF, dataset_dir=str(out))
@@ -112,9 +121,17 @@ def main(model_dir: str, template_name: str) -> None:
         pairs = PairwiseDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
             {k: [a[k] for a in aligned] for k in aligned[0]})
         keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+        attr = get_dataset_list(["shape_feedback"], str(out))[0]
+        converter = get_dataset_converter(attr.formatting, attr, data_args)
+        tagged = [converter(row) for row in json.loads((out / "feedback.json").read_text())]
+        feedback = FeedbackDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
+            {k: [a[k] for a in tagged] for k in tagged[0]})
+        kto_keys = ("input_ids", "labels", "kl_input_ids", "kl_labels")
         cases.append({"image_max_pixels": max_pixels, "image_min_pixels": min_pixels, "cutoff_len": CUTOFF,
                       "rows": rows, "pairs": [{k: list(map(int, pairs[k][i])) for k in keys}
-                                              for i in range(len(aligned))]})
+                                              for i in range(len(aligned))],
+                      "feedback": [{**{k: list(map(int, feedback[k][i])) for k in kto_keys},
+                                    "kto_tag": bool(feedback["kto_tags"][i])} for i in range(len(tagged))]})
     from llamafactory import __version__
 
     (out / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")

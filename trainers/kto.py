@@ -12,7 +12,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
 from rayft.trainers import losses
-from rayft.trainers.common import StatsTrainer, fit, training_arguments
+from rayft.trainers.common import StatsTrainer, fit, training_arguments, with_images
 from rayft.trainers.model import load_tokenizer, prepare_model
 from rayft.trainers.reference import Reference, held_parameters
 
@@ -26,8 +26,11 @@ class KTOTrainer(StatsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         f = self.finetuning
         n = len(inputs["input_ids"])
-        batch = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-        mismatched = {k: inputs[f"kl_{k}"] for k in ("input_ids", "attention_mask")}
+        # with images, both sides carry the examples' pixels; the mismatched side its own image-token types
+        pixels = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        sequences = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs]
+        batch = {**{k: inputs[k] for k in sequences}, **pixels}
+        mismatched = {**{k: inputs[f"kl_{k}"] for k in sequences}, **pixels}
         logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"])
         with torch.no_grad():
             kl_logps, _ = losses.sequence_logps(model(**mismatched).logits.float(), inputs["kl_labels"])
@@ -59,5 +62,5 @@ def run_kto(cfg: RecipeConfig, plan: Plan) -> dict:
     held = held_parameters(model, reference.model)
     if args.process_index == 0:
         logger.info(f"kto reference: {reference.description}; parameters held: {held:,}")
-    return fit(cfg, plan, args, model, tokenizer, KTOCollator(tokenizer.pad_token_id),
+    return fit(cfg, plan, args, model, tokenizer, with_images(cfg, tokenizer, KTOCollator(tokenizer.pad_token_id)),
                trainer_cls=KTOTrainer, reference=reference, extra_metrics={"held_parameters": held})
