@@ -6,7 +6,7 @@ import torch
 
 from rayft.data.encode import IGNORE_INDEX
 from rayft.data.errors import DataError
-from rayft.data.media import image_inputs
+from rayft.data.media import FakeImage, image_inputs
 
 
 class SupervisedCollator:
@@ -83,18 +83,22 @@ class ImageCollator:
     Qwen2-VL `image_grid_thw` and `mm_token_type_ids`, the image tokens from which it places its 3-D rotary
     positions). `pad` is the stage's collator; with `copies` 2 its rows are each example twice (preference pairs:
     the chosen sequences, then the rejected ones), and the images' pixels are repeated rather than made again.
-    Tokenising only counted each image's tokens (`geometry`); a count that differs from the processor's is an
-    error, not a silent misalignment."""
+    A batch without images gets the `fake` image. Tokenising only counted each image's tokens (`geometry`); a count
+    that differs from the processor's is an error, not a silent misalignment."""
 
-    def __init__(self, pad, image_processor, image_token_id: int, geometry, copies: int = 1):
+    def __init__(self, pad, image_processor, image_token_id: int, geometry, copies: int = 1,
+                 fake: FakeImage | None = None):
         self.pad, self.image_processor, self.image_token_id = pad, image_processor, image_token_id
-        self.geometry, self.copies = geometry, copies
+        self.geometry, self.copies, self.fake = geometry, copies, fake
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.pad(examples)
         sources = [path for e in examples for path in json.loads(e.get("images") or "[]")]
+        copies = self.copies
+        if not sources and self.fake is not None:
+            batch, sources, copies = self._with_fake_image(batch), [self.fake.png], 1
         batch.update(image_inputs(self.image_processor, self.geometry, sources, batch["input_ids"],
-                                  self.image_token_id, self.copies))
+                                  self.image_token_id, copies))
         if "kl_input_ids" in batch:  # KTO's mismatched pairs keep their examples' prompts, so the same pixels
             kl = image_inputs(self.image_processor, self.geometry, [], batch["kl_input_ids"], self.image_token_id)
             found = int((batch["kl_input_ids"] == self.image_token_id).sum())
@@ -102,3 +106,19 @@ class ImageCollator:
                 raise DataError(f"KTO's mismatched pairs hold {found} image tokens, their examples a different count")
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch
+
+    def _with_fake_image(self, batch: dict) -> dict:
+        """Every row one fake image longer: the first row's extension holds its tokens, the others padding; all of
+        it unattended (attention 0) and unlearned (IGNORE_INDEX). KTO's mismatched rows the same way."""
+        fake = torch.tensor(self.fake.ids)
+        out = dict(batch)
+        for prefix in ("", "kl_") if "kl_input_ids" in batch else ("",):
+            ids = batch[f"{prefix}input_ids"]
+            extension = torch.full((len(ids), len(fake)), self.fake.pad_id, dtype=ids.dtype)
+            extension[0] = fake
+            out[f"{prefix}input_ids"] = torch.cat([ids, extension], dim=1)
+            for key, fill in (("attention_mask", 0), ("labels", IGNORE_INDEX)):
+                if f"{prefix}{key}" in batch:
+                    values = batch[f"{prefix}{key}"]
+                    out[f"{prefix}{key}"] = torch.cat([values, torch.full_like(extension, fill)], dim=1)
+        return out

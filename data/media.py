@@ -244,3 +244,29 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
                         f"{expected}: the image processor resizes differently from its saved configuration; re-save "
                         "the model's image processor")
     return out
+
+
+FAKE_IMAGE_SIZE = (64, 64)  # LLaMA-Factory's fake image: white, 64 x 64
+
+
+@dataclass(frozen=True)
+class FakeImage:
+    """What a batch without images carries under a vision-language model, as LLaMA-Factory's collator adds it: a
+    white 64x64 image (`png`) and its tokens (`ids`), appended to the first row unattended and unlearned, so that
+    every rank runs the vision tower in every step (under ZeRO-3 a rank that skipped it would leave the others
+    waiting in its gathers). `pad_id` extends the other rows."""
+
+    png: bytes
+    ids: tuple[int, ...]
+    pad_id: int
+
+
+def fake_image(tokenizer, geometry: ImageGeometry, tokens: dict):
+    """The `FakeImage` of a batch without images: its PNG and its expanded tokens."""
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("RGB", FAKE_IMAGE_SIZE, (255, 255, 255)).save(encoded, format="PNG")
+    (message,) = expand_images([{"role": "user", "content": IMAGE_PLACEHOLDER}], [FAKE_IMAGE_SIZE], geometry, tokens)
+    ids = tokenizer.encode(message["content"], add_special_tokens=False)
+    return FakeImage(png=encoded.getvalue(), ids=tuple(ids), pad_id=tokenizer.pad_token_id)

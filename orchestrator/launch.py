@@ -41,7 +41,7 @@ from rayft.data.pipeline import (
     user_errors_as_data_errors,
 )
 from rayft.data.source import Source
-from rayft.data.templates import plugin_of, template_problem
+from rayft.data.templates import template_problem
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.orchestrator.helper import Helper, driver_helper
 from rayft.orchestrator.memory import ModelShape
@@ -181,14 +181,9 @@ def plan_run(prepared: Prepared, nodes: list[Node], num_train_examples: int, rep
              trials_at_once: int = 1, train_tokens: int = 0) -> Plan:
     """The run's one Plan, against the connected cluster's nodes (shared by `trials_at_once` trials of a sweep)."""
     cfg = prepared.cfg
-    plan = make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=planning_gpu_memory(cfg, nodes),
+    return make_plan(cfg, nodes, num_train_examples, shape=prepared.shape, gpu_memory=planning_gpu_memory(cfg, nodes),
                      report_every_log=report_every_log, run_id=uuid.uuid4().hex[:8], trials_at_once=trials_at_once,
                      train_tokens=train_tokens)
-    if plan.zero_stage == 3 and plugin_of(cfg.data.template) is not None:
-        raise ConfigError([Problem("deepspeed", "ZeRO-3 under a multimodal template is not built yet (a rank whose "
-                                                "batch holds no image would skip the vision tower's gathers that the "
-                                                "other ranks wait in); use ZeRO-2 or no DeepSpeed")])
-    return plan
 
 
 def planning_gpu_memory(cfg: RecipeConfig, nodes: list[Node]) -> int | None:

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from rayft.data.collator import ImageCollator
+from rayft.data.media import fake_image
 from rayft.data.pipeline import image_geometry
 from rayft.data.templates import get_template, plugin_of
 from rayft.recipe.config import RecipeConfig
@@ -347,9 +348,11 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
 
 def with_images(cfg: RecipeConfig, tokenizer, pad, copies: int = 1):
     """The stage's collator `pad`, under a multimodal template wrapped so that each batch carries its images'
-    pixels, made here in the worker (data/collator.py's ImageCollator; `copies` 2 for preference pairs)."""
+    pixels, made here in the worker (data/collator.py's ImageCollator; `copies` 2 for preference pairs), or the
+    fake image where it has none."""
     if plugin_of(cfg.data.template) is None:
         return pad
-    image_token = get_template(cfg.data.template).media_tokens["image_token"]
-    return ImageCollator(pad, load_image_processor(cfg.model), tokenizer.convert_tokens_to_ids(image_token),
-                         image_geometry(cfg), copies=copies)
+    tokens = get_template(cfg.data.template).media_tokens
+    geometry = image_geometry(cfg)
+    return ImageCollator(pad, load_image_processor(cfg.model), tokenizer.convert_tokens_to_ids(tokens["image_token"]),
+                         geometry, copies=copies, fake=fake_image(tokenizer, geometry, tokens))
