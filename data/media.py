@@ -27,7 +27,8 @@ class ImageGeometry:
     """What the count of an image's tokens depends on: the template's plugin, the recipe's pixel limits
     (image_max_pixels, image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor.
     Qwen2-VL's and Qwen3-VL's: its patch, its merge of patches into one token and its own pixel limits. LLaVA's
-    (`llava`): every image is cropped to one size, so every image is `fixed_tokens` tokens."""
+    (`llava`): every image is cropped to one size, so every image is `fixed_tokens` tokens. Gemma 3's likewise, each
+    image's tokens between `opening` and `closing` (its begin- and end-of-image tokens and blank lines)."""
 
     max_pixels: int
     min_pixels: int
@@ -37,11 +38,18 @@ class ImageGeometry:
     processor_max_pixels: int = 0
     plugin: str = "qwen2_vl"
     fixed_tokens: int | None = None
+    opening: str = ""  # what comes before an image's tokens where the template's plugin has no vision start token
+    closing: str = ""
 
     @classmethod
     def read(cls, model_path: str, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> "ImageGeometry":
         """The geometry of the model at `model_path` (its preprocessor_config.json, and for LLaVA its
         processor_config.json) under the recipe's limits."""
+        if plugin == "gemma3":  # Gemma 3: every image the processor's image_seq_length tokens, between blank lines
+            processor, tokenizer = (_json_file(model_path, name) for name in ("processor_config.json",
+                                                                              "tokenizer_config.json"))
+            return cls(max_pixels, min_pixels, patch_size=0, plugin=plugin, fixed_tokens=processor["image_seq_length"],
+                       opening=f"\n\n{tokenizer['boi_token']}", closing=f"{tokenizer['eoi_token']}\n\n")
         if plugin == "llava":  # LLaVA's processor: the vision tower's patch and its extra tokens (CLS)
             processor = _json_file(model_path, "processor_config.json")
             # the image processor's own file, or (as Transformers 5 saves a processor) its section of the processor's
@@ -146,7 +154,8 @@ def expand_images(messages: list[dict], sizes: list, geometry: ImageGeometry, to
     one), one image token per token the image becomes, the vision end token (`tokens`: the template's mm_plugin
     tokens)."""
     sizes = iter(sizes)
-    opening, closing = tokens.get("vision_bos_token") or "", tokens.get("vision_eos_token") or ""
+    opening = tokens.get("vision_bos_token") or geometry.opening
+    closing = tokens.get("vision_eos_token") or geometry.closing
     expanded = []
     for message in messages:
         first, *rest = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is the placeholder itself
@@ -223,12 +232,16 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
                  copies: int = 1) -> dict:
     """A model's image inputs for a batch whose `input_ids` hold the image tokens of `sources` (each repeated
     `copies` times): `pixel_values`, and for Qwen2-VL `image_grid_thw` and `mm_token_type_ids` (the image tokens, from
-    which it places its 3-D rotary positions). Raises when the processor's patches disagree with the token count
-    tokenising made from the images' sizes."""
+    which it places its 3-D rotary positions), for Gemma 3 `token_type_ids` (the same, as its attention reads them).
+    Raises when the processor's patches disagree with the token count tokenising made from the images' sizes."""
     import torch
 
     image_tokens = input_ids == image_token_id
-    out = {"mm_token_type_ids": image_tokens.int()} if geometry.plugin in QWEN_PLUGINS else {}
+    out = {}
+    if geometry.plugin in QWEN_PLUGINS:
+        out["mm_token_type_ids"] = image_tokens.int()
+    elif geometry.plugin == "gemma3":  # Gemma 3 attends bidirectionally within an image's tokens
+        out["token_type_ids"] = image_tokens.long()
     if not sources:
         return out
     images = load_images(sources, geometry.max_pixels, geometry.min_pixels, geometry.plugin)

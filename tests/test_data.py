@@ -188,10 +188,11 @@ def test_chatml_matches_the_tokenizers_jinja_template(tiny_model, example):
 def test_unknown_template_is_refused():
     with pytest.raises(DataError, match="'vicuna9' is not a LLaMA-Factory 0.9.5 template"):
         get_template("vicuna9")
-    with pytest.raises(DataError, match="'gemma3' encodes media with LLaMA-Factory's 'gemma3' plugin, which rayft "
-                                        "has not built yet; the built multimodal templates are dots_ocr, keye_vl, "
-                                        "llava, mimo_vl, qwen2_vl, qwen3_5, .*, qwen3_vl, qwen3_vl_nothink, yi_vl$"):
-        get_template("gemma3")
+    with pytest.raises(DataError, match="'intern_vl' encodes media with LLaMA-Factory's 'intern_vl' plugin, which "
+                                        "rayft has not built yet; the built multimodal templates are dots_ocr, gemma3, "
+                                        "keye_vl, llava, mimo_vl, qwen2_vl, qwen3_5, .*, qwen3_vl, qwen3_vl_nothink, "
+                                        "yi_vl$"):
+        get_template("intern_vl")
 
 
 def test_encode_batch_labels_only_the_response(tiny_model):

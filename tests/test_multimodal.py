@@ -48,13 +48,15 @@ def test_an_images_token_count_from_its_size_equals_the_image_processors(tmp_pat
         assert int(grid.prod()) // 4 == image_token_count(width, height, geometry), (width, height)
 
 
-GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava") for i in range(3)]
+GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava", "gemma3") for i in range(3)]
+GRIDDED = ("qwen2_vl", "qwen3_vl")  # images of their own sizes, in patches; the others are resized to one size
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("template, case", GOLDEN_CASES, ids=[f"{t}-{i}" for t, i in GOLDEN_CASES])
 def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case):
-    """Qwen2-VL's images become runs whose length their size decides; LLaVA's are all cropped to one size."""
+    """Qwen2-VL's and Qwen3-VL's images become runs whose length their size decides; LLaVA's and Gemma 3's are all
+    resized to one size (Gemma 3's between its begin- and end-of-image tokens)."""
     import dataclasses
 
     from transformers import AutoImageProcessor
@@ -90,7 +92,7 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
         batch = collate([row])
         grid = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
         assert grid == expected["image_grid_thw"], i
-        if template != "llava":
+        if template in GRIDDED:
             assert batch["mm_token_type_ids"].sum() == sum(t * h * w // 4 for t, h, w in grid)
             start, sums = 0, []
             for t, h, w in grid:
@@ -99,6 +101,8 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
         else:  # one 3 x 56 x 56 tensor per image, and no grid
             sums = [float(image.double().sum()) for image in batch.get("pixel_values", [])]
             assert "mm_token_type_ids" not in batch
+            if template == "gemma3":  # its attention reads the image tokens as token_type_ids
+                assert batch["token_type_ids"].sum() == (batch["input_ids"] == image_id).sum() == 4 * len(sums)
         assert sums == pytest.approx(expected["pixel_sums"], rel=1e-5, abs=1e-3), i
     # the same rows as preference pairs (stage dpo): both sides over the one expanded prompt
     (pairs,) = load_datasets("shape_pairs", str(folder), None, template=template, stage="dpo", data="preference")
@@ -108,7 +112,7 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     collate = ImageCollator(PairwiseCollator(tokenizer.pad_token_id), processor, image_id, settings.images, copies=2)
     batch = collate([{k: encoded[k][i] for k in (*golden["pairs"][0], "images")} for i in range(len(pairs))])
     images = sum(len(e.get("images") or []) for e in examples)
-    assert len(batch["image_grid_thw"] if template != "llava" else batch["pixel_values"]) == 2 * images
+    assert len(batch["image_grid_thw"] if template in GRIDDED else batch["pixel_values"]) == 2 * images
     # and as KTO's tagged examples (stage kto): each with its mismatched pair, which keeps the example's prompt
     (tagged,) = load_datasets("shape_feedback", str(folder), None, template=template, stage="kto", data="kto")
     encoded = encode_kto_batch(columns_of(tagged), spec, dataclasses.replace(settings, stage="kto"))
@@ -119,8 +123,9 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     collate = ImageCollator(KTOCollator(tokenizer.pad_token_id), processor, image_id, settings.images)
     batch = collate([{k: encoded[k][i] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tag",
                                                   "images")} for i in range(len(tagged))])
-    if template != "llava":
-        assert batch["kl_mm_token_type_ids"].sum() == batch["mm_token_type_ids"].sum() > 0
+    types = "mm_token_type_ids" if template in GRIDDED else "token_type_ids" if template == "gemma3" else None
+    if types:
+        assert batch[f"kl_{types}"].sum() == batch[types].sum() > 0
 
 
 def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
@@ -171,20 +176,20 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
         load_datasets("shapes", str(folder), None, template="qwen")
     with pytest.raises(DataError, match="images in stage 'rm' are not built yet"):
         load_datasets("shape_pairs", str(folder), None, template="qwen2_vl", stage="rm", data="preference")
-    with pytest.raises(DataError, match="'gemma3' encodes media with LLaMA-Factory's 'gemma3' plugin, which rayft "):
-        load_datasets("shapes", str(folder), None, template="gemma3")
+    with pytest.raises(DataError, match="'intern_vl' encodes media with LLaMA-Factory's 'intern_vl' plugin, which "):
+        load_datasets("shapes", str(folder), None, template="intern_vl")
 
     def recipe(*overrides):
         return parse_config(load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'out'}", *overrides]), base_dir=ROOT)
 
     text_only = type("Config", (), {"model_type": "qwen2"})()
     vision = type("Config", (), {"model_type": "qwen2_vl", "vision_config": {}})()
-    other = type("Config", (), {"model_type": "gemma3", "vision_config": {}})()
+    other = type("Config", (), {"model_type": "internvl", "vision_config": {}})()
     assert vision_problems(recipe("template=qwen2_vl"), vision) == []
     (problem,) = vision_problems(recipe("template=qwen2_vl"), text_only)
     assert problem.key == "template" and "qwen2 is a text-only model" in problem.message
     (problem,) = vision_problems(recipe("template=qwen"), other)
-    assert problem.key == "model_name_or_path" and "gemma3 is a vision-language model of a family" in problem.message
+    assert problem.key == "model_name_or_path" and "internvl is a vision-language model of a family" in problem.message
     (problem,) = vision_problems(recipe("template=llava"), vision)  # a built plugin, another family's
     assert problem.key == "template" and "for LLaMA-Factory's 'llava' models, not qwen2_vl" in problem.message
     # packing with images: refused by name before any worker starts
@@ -199,12 +204,12 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
 
 
 @pytest.mark.slow
-def test_qwen2_vl_sft_dpo_and_kto_and_a_llava_sft_train_on_their_images_and_export_with_the_processor(
+def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and_export_with_the_processor(
         tmp_path, ray_local):
-    """Two-worker LoRA SFT and DPO and a one-worker LoRA KTO of the tiny Qwen2-VL with LoRA on the vision tower too
-    (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the tower; the projector
-    stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one worker, its projector
-    trained."""
+    """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL and a one-worker LoRA KTO of a tiny Gemma 3, with LoRA on the
+    vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the
+    tower; the projector stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one
+    worker, its projector trained."""
     import torch
     from safetensors.torch import load_file
 
@@ -249,15 +254,17 @@ def test_qwen2_vl_sft_dpo_and_kto_and_a_llava_sft_train_on_their_images_and_expo
     tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
-    # KTO on the same images as tagged examples: one worker, in-process; the tower's adapters move
+    # KTO of a tiny Gemma 3 on the same images as tagged examples: one worker, in-process; the tower's adapters move
     (folder / "feedback.json").write_text((GOLDEN / "feedback.json").read_text())
-    kto_out, kto_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "kto", model,
-                                       "template=qwen2_vl", "dataset=shape_feedback", f"dataset_dir={folder}",
+    gemma = write_tiny_model(tmp_path / "tiny-gemma3", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                             family="gemma3")
+    kto_out, kto_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "kto", gemma,
+                                       "template=gemma3", "dataset=shape_feedback", f"dataset_dir={folder}",
                                        "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
                                        "logging_steps=1", "per_device_train_batch_size=4",
                                        "freeze_vision_tower=false", "image_max_pixels=4096")
     assert [r["step"] for r in kto_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in kto_losses)
-    tower = {k: v for k, v in load_file(kto_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
+    tower = {k: v for k, v in load_file(kto_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
     # LLaVA: every image 16 tokens; one worker (in-process), full training of the language model and projector

@@ -1,11 +1,11 @@
 """Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its qwen2_vl template.
 
 Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on the tiny
-models that `rayft tiny-model --family F DIR` wrote for F = qwen2_vl, llava and qwen3_vl:
-    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN2_DIR LLAVA_DIR QWEN3_DIR
+models that `rayft tiny-model --family F DIR` wrote for F = qwen2_vl, llava, qwen3_vl and gemma3:
+    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN2_DIR LLAVA_DIR QWEN3_DIR GEMMA3_DIR
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
 limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/
-(qwen2_vl, llava, qwen3_vl), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
+(qwen2_vl, llava, qwen3_vl, gemma3), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
 image_min_pixels, each row's input_ids and labels from LLaMA-Factory's supervised processor, its images' grid and
 pixel sums from LLaMA-Factory's plugin, and the same rows as preference pairs through its pairwise processor.
 
@@ -78,14 +78,15 @@ def main(model_dir: str, template_name: str) -> None:
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = GOLDEN / template_name
     images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "qwen3_vl": Qwen2VLImageProcessorPil,
-                  "llava": CLIPImageProcessorPil}[template_name]
+                  "llava": CLIPImageProcessorPil, "gemma3": Gemma3ImageProcessorPil}[template_name]
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
-    for name in files + (["processor_config.json"] if template_name == "llava" else []):
+    for name in files + (["processor_config.json"] if template_name in ("llava", "gemma3") else []):
         shutil.copy2(Path(model_dir) / name, out / name)
     draw_images(out)
     (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS,
@@ -103,7 +104,8 @@ def main(model_dir: str, template_name: str) -> None:
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         images = images_cls.from_pretrained(out)  # Qwen3-VL's plugin asks for a video processor it does not use here
         processor = SimpleNamespace(image_processor=images, video_processor=images, image_max_pixels=max_pixels,
-                                    image_min_pixels=min_pixels, **TEMPLATES[template_name])
+                                    image_min_pixels=min_pixels, **TEMPLATES.get(template_name, {}),
+                                    **(_gemma3(tokenizer, out) if template_name == "gemma3" else {}))
         attr = get_dataset_list(["shapes"], str(out))[0]
         converter = get_dataset_converter(attr.formatting, attr, data_args)
         aligned = [converter(row) for row in json.loads((out / "rows.json").read_text())]
@@ -137,6 +139,15 @@ def main(model_dir: str, template_name: str) -> None:
     (out / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")
 
 
+def _gemma3(tokenizer, out: Path) -> dict:
+    """What Gemma 3's processor tells LLaMA-Factory's plugin: its image tokens' sequence, as Gemma3Processor builds
+    it from the tokenizer's named tokens and image_seq_length."""
+    count = json.loads((out / "processor_config.json").read_text())["image_seq_length"]
+    sequence = f"\n\n{tokenizer.boi_token}{tokenizer.image_token * count}{tokenizer.eoi_token}\n\n"
+    return {"boi_token": tokenizer.boi_token, "full_image_sequence": sequence,
+            "image_token_id": tokenizer.convert_tokens_to_ids(tokenizer.image_token), "image_seq_length": count}
+
+
 def _per_image_sums(mm: dict) -> list[float]:
     """Each image's pixel_values summed: its rows of patches in order (Qwen2-VL), or its own tensor (LLaVA)."""
     if "image_grid_thw" not in mm:
@@ -153,3 +164,4 @@ if __name__ == "__main__":
     main(sys.argv[1], "qwen2_vl")
     main(sys.argv[2], "llava")
     main(sys.argv[3], "qwen3_vl")
+    main(sys.argv[4], "gemma3")

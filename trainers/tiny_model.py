@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    Gemma3Config,
     LlamaConfig,
     LlavaConfig,
     PreTrainedTokenizerFast,
@@ -28,8 +29,12 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
-VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
+# Gemma 3's turn and image tokens, and the ones its tokenizer names: an image is <start_of_image>, 4
+# <image_soft_token> in the tiny model (256 in Gemma 3's), <end_of_image>, between blank lines
+GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+GEMMA3_TOKENS = ["<start_of_turn>", "<end_of_turn>", *GEMMA3_NAMED.values()]
 LLAVA_IMAGE = "<image>"  # LLaVA's image token: every image is (56 / 14)^2 = 16 of them in the tiny model
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -53,8 +58,9 @@ def corpus_from(dataset_files: list[Path]) -> list[str]:
 
 def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: list[str] = SPECIAL_TOKENS,
                     eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>", bos_token: str | None = None,
-                    chat_template: str = CHATML_JINJA):
-    """A byte-level BPE tokenizer trained on `texts`; ChatML special tokens and chat template by default."""
+                    chat_template: str = CHATML_JINJA, named: dict | None = None):
+    """A byte-level BPE tokenizer trained on `texts`; ChatML special tokens and chat template by default. `named`:
+    special tokens the tokenizer names (Gemma 3's image_token, boi_token, eoi_token)."""
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,8 +73,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048, special_tokens: li
     )
     core.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token, model_max_length=1024
-    )
+        tokenizer_object=core, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token, model_max_length=1024,
+        **({"extra_special_tokens": named} if named else {}))
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -136,6 +142,35 @@ def build_llava(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: in
     return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
 
+def build_gemma3(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
+    """A randomly initialised Gemma 3: a tiny Gemma 3 text model under a two-block SigLIP tower (56 px images in
+    14 px patches, 4x4 of them) whose features Gemma 3's projector pools 2x2 into 4 image tokens."""
+    text = {**text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id),
+            "head_dim": hidden_size // 4, "sliding_window": 512}
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=56, patch_size=14)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_NAMED.items()}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_id=ids["image_token"], boi_token_id=ids["boi_token"],
+                          eoi_token_id=ids["eoi_token"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    # Transformers initialises the projection to zeros: the tower's features would reach nothing, and learn nothing
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+    return model
+
+
+def save_gemma3_processor(tokenizer, out_dir: Path) -> None:
+    """Gemma 3's image processor (the PIL one: 56x56 in the tiny model) and its processor settings (4 image tokens an
+    image), as Gemma 3's models ship them."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    images = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    images.save_pretrained(out_dir)
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4).save_pretrained(out_dir)
+
+
 def save_llava_processor(tokenizer, out_dir: Path) -> None:
     """LLaVA's image processor (CLIP's, the PIL one) and its processor settings (patch, extra CLS token, feature
     strategy), as llava-hf's models ship them: preprocessor_config.json and processor_config.json."""
@@ -163,9 +198,12 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     family its image processor; returns the folder."""
     out_dir = Path(out_dir)
     vision = family in VISION_LANGUAGE
-    extra = [LLAVA_IMAGE] if family == "llava" else QWEN2_VL_TOKENS if vision else []
-    tokenizer = build_tokenizer(corpus_from(dataset_files), special_tokens=SPECIAL_TOKENS + extra)
-    if family == "llava":
+    extra = {"llava": [LLAVA_IMAGE], "gemma3": GEMMA3_TOKENS}.get(family, QWEN2_VL_TOKENS if vision else [])
+    tokenizer = build_tokenizer(corpus_from(dataset_files), special_tokens=SPECIAL_TOKENS + extra,
+                                named=GEMMA3_NAMED if family == "gemma3" else None)
+    if family == "gemma3":
+        model = build_gemma3(tokenizer, num_layers=num_layers, seed=seed)
+    elif family == "llava":
         model = build_llava(tokenizer, num_layers=num_layers, seed=seed)
     elif vision:
         model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed, family=family)
@@ -177,7 +215,9 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
-    if family == "llava":
+    if family == "gemma3":
+        save_gemma3_processor(tokenizer, out_dir)
+    elif family == "llava":
         save_llava_processor(tokenizer, out_dir)
     elif vision:
         qwen2_vl_image_processor(16 if family == "qwen3_vl" else 14).save_pretrained(out_dir)
