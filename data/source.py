@@ -26,6 +26,7 @@ from rayft.data.files import resolve
 from rayft.data.media import attach_images
 from rayft.data.registry import DatasetAttr, kind
 from rayft.data.templates import plugin_of, template_problem
+from rayft.recipe.stages import STAGE_SPECS
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 # Up to this many bytes of local files the driver reads a dataset itself: a Ray Data task would first have to
@@ -133,9 +134,6 @@ def check_kind(attr: DatasetAttr, data: str, stage: str) -> None:
                         f"{data} data; choose a {data} dataset or the stage made for this one")
 
 
-IMAGE_STAGES = ("sft", "dpo", "kto")  # the stages whose encoders and collators carry images
-
-
 def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
     """Media columns a run can train on: images, in stages sft, dpo and kto, under a multimodal template. Videos and
     audios need torchvision / PyAV and torchaudio, which this build does not have."""
@@ -146,9 +144,10 @@ def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
                             f"CPU-only torch rayft is tested with); drop the {column} column from dataset_info.json")
     if not attr.columns.get("images"):
         return
-    if stage not in IMAGE_STAGES:
-        raise DataError(f"{where}: images in stage {stage!r} are not built yet (stages {', '.join(IMAGE_STAGES)} "
-                        "train with images)")
+    if not STAGE_SPECS[stage].images:
+        with_images = ", ".join(name for name, spec in STAGE_SPECS.items() if spec.images)
+        raise DataError(f"{where}: images in stage {stage!r} are not built yet (stages {with_images} train with "
+                        "images)")
     if plugin_of(template) is None:
         raise DataError(f"{where} has images, and template {template!r} is text-only; use the model family's "
                         "multimodal template (e.g. qwen2_vl)")

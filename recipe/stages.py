@@ -36,6 +36,7 @@ class StageSpec:
     language_modelling: bool = False  # it learns its labels token by token: packing and padding rules apply
     packs_by_default: bool = False  # packing is on unless the recipe says packing: false
     keeps_columns: bool = False  # its encoder reads the dataset's other columns too (grpo's answers, for rewards)
+    images: bool = False  # its encoder, collator and trainer carry a dataset's images (data/media.py)
 
 
 _PREFERENCE = ("pref_beta", "pref_ftx")
@@ -44,14 +45,15 @@ STAGE_SPECS: dict[str, StageSpec] = {
                     language_modelling=True, packs_by_default=True),
     "sft": StageSpec("supervised", "supervised", "loss", "the model or adapter",
                      keys=("compute_accuracy", "use_asft_loss", "use_eaft_loss"), language_modelling=True,
-                     reference=lambda f: f.use_asft_loss),
+                     reference=lambda f: f.use_asft_loss, images=True),
     "rm": StageSpec("preference", "pairwise", "loss",
                     "the adapter or model with its score head, and value_head.safetensors", result="reward model"),
     "dpo": StageSpec("preference", "pairwise", "loss", "the model or adapter",
                      keys=("pref_loss", "ld_alpha", *_PREFERENCE),
-                     reference=lambda f: f.pref_loss not in REFERENCE_FREE_LOSSES),
+                     reference=lambda f: f.pref_loss not in REFERENCE_FREE_LOSSES, images=True),
     "kto": StageSpec("kto", "kto", "loss", "the model or adapter",
-                     keys=(*_PREFERENCE, "kto_chosen_weight", "kto_rejected_weight"), reference=_always),
+                     keys=(*_PREFERENCE, "kto_chosen_weight", "kto_rejected_weight"), reference=_always,
+                     images=True),
     "ppo": StageSpec("supervised", "query", "reward",
                      "the policy (model or adapter), value_head.safetensors and ppo checkpoints", online=True,
                      keys=("ppo_buffer_size", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards", "ppo_epochs"),
