@@ -151,8 +151,9 @@ def check_media(attr: DatasetAttr, stage: str, template: str | None) -> None:
     if plugin_of(template) is None:
         raise DataError(f"{where} has images, and template {template!r} is text-only; use the model family's "
                         "multimodal template (e.g. qwen2_vl)")
-    if template_problem(template):
-        raise DataError(f"template: {template_problem(template)}")
+    problem = template_problem(template)
+    if problem:
+        raise DataError(f"template: {problem}")
 
 
 # --- raw rows -----------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from rayft.data.encode import encode_prompt
 from rayft.data.media import IMAGE_PLACEHOLDER, expand_images, image_size, image_token_count
 from rayft.data.pipeline import EncodingSettings
 from rayft.recipe.config import RecipeConfig
-from rayft.trainers.generate import ImageModel, generation_kwargs, stop_token_ids
-from rayft.trainers.model import load_for_generation, load_tokenizer
+from rayft.trainers.generate import generation_kwargs, stop_token_ids
+from rayft.trainers.model import ImageModel, load_for_generation, load_tokenizer
 
 COMMANDS = "/clear forgets the conversation, /exit ends the chat"
 IMAGE_COMMAND = "/image PATH attaches an image to your next message"
@@ -74,11 +74,11 @@ def run_chat(cfg: RecipeConfig, stdin=sys.stdin, out=sys.stdout) -> None:
                                  cfg.data.cutoff_len)
         if cut:
             out.write(f"[rayft] the conversation is longer than cutoff_len; its first {cut} tokens are left out\n")
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True,
-                                        skip_special_tokens=cfg.generating.skip_special_tokens)
         if cut and sources:
             out.write("[rayft] cutoff_len cuts into the conversation's images; /clear and start again\n")
             continue
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True,
+                                        skip_special_tokens=cfg.generating.skip_special_tokens)
         input_ids = torch.tensor([ids], device=model.device)
         pixels = images.inputs(sources, input_ids) if images is not None else {}
         worker = Thread(target=model.generate, kwargs=dict(

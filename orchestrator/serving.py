@@ -54,8 +54,8 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import replica_range
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
-from rayft.trainers.generate import ImageModel, cut_at_stop, generation_kwargs, left_padded, stop_token_ids
-from rayft.trainers.model import find_adapter, load_for_serving, load_tokenizer, local_adapter
+from rayft.trainers.generate import cut_at_stop, generation_kwargs, left_padded, stop_token_ids
+from rayft.trainers.model import ImageModel, find_adapter, load_for_serving, load_tokenizer, local_adapter
 
 DEPLOYMENT = "ModelServer"
 DEFAULT_BATCH = 8  # serve_max_batch_size when unset (at most serve_max_concurrent)

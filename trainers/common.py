@@ -20,15 +20,13 @@ from transformers import (
 
 from rayft.data.collator import ImageCollator
 from rayft.data.media import fake_image
-from rayft.data.pipeline import image_geometry
-from rayft.data.templates import get_template, plugin_of
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger, quiet_import
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import comma_list, read_log
 from rayft.trainers import outputs, preemption, startup
 from rayft.trainers.callbacks import LogCallback, ModuleTimes, RecipeInCheckpoint, ReportEveryLog, TorchProfiler
-from rayft.trainers.model import load_image_processor, save_pissa_converted, save_pissa_init, trainable_summary
+from rayft.trainers.model import ImageModel, save_pissa_converted, save_pissa_init, trainable_summary
 from rayft.trainers.optimizers import build_optimizer, layerwise_schedulers
 from rayft.trainers.preemption import CheckpointOnSigterm
 from rayft.trainers.resume import UNIVERSAL_VIEWS, resume_point, resumed_epoch
@@ -350,9 +348,8 @@ def with_images(cfg: RecipeConfig, tokenizer, pad, copies: int = 1):
     """The stage's collator `pad`, under a multimodal template wrapped so that each batch carries its images'
     pixels, made here in the worker (data/collator.py's ImageCollator; `copies` 2 for preference pairs), or the
     fake image where it has none."""
-    if plugin_of(cfg.data.template) is None:
+    images = ImageModel.of(cfg, tokenizer)
+    if images is None:
         return pad
-    tokens = get_template(cfg.data.template).media_tokens
-    geometry = image_geometry(cfg)
-    return ImageCollator(pad, load_image_processor(cfg.model), tokenizer.convert_tokens_to_ids(tokens["image_token"]),
-                         geometry, copies=copies, fake=fake_image(tokenizer, geometry, tokens))
+    return ImageCollator(pad, images.processor, images.token_id, images.geometry, copies=copies,
+                         fake=fake_image(tokenizer, images.geometry, images.tokens))

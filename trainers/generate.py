@@ -3,17 +3,15 @@ answers batches of prompts for `do_predict` (each actor holds one whole model)."
 
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
-from rayft.data.media import ImageGeometry, image_inputs
-from rayft.data.pipeline import EncodingSettings, image_geometry
+from rayft.data.pipeline import EncodingSettings
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.schema import GeneratingArguments
-from rayft.trainers.model import load_for_generation, load_image_processor, load_tokenizer
+from rayft.trainers.model import ImageModel, load_for_generation, load_tokenizer
 
 
 def stop_token_ids(tokenizer, cfg: RecipeConfig) -> list[int]:
@@ -54,30 +52,6 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
-
-
-@dataclass(frozen=True)
-class ImageModel:
-    """What generating with a vision-language model needs beside the model: its image processor, the template's
-    image geometry (how many tokens an image becomes) and the image token's id."""
-
-    processor: object
-    geometry: ImageGeometry
-    token_id: int
-
-    @classmethod
-    def of(cls, cfg: RecipeConfig, tokenizer) -> "ImageModel | None":
-        """The recipe's, or None under a text template."""
-        geometry = image_geometry(cfg)
-        if geometry is None:
-            return None
-        token = EncodingSettings.of(cfg).chat_template().media_tokens["image_token"]
-        return cls(load_image_processor(cfg.model), geometry, tokenizer.convert_tokens_to_ids(token))
-
-    def inputs(self, sources: list, input_ids: torch.Tensor) -> dict:
-        """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources`."""
-        made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id)
-        return {k: v.to(input_ids.device) for k, v in made.items()}
 
 
 class Generator:

@@ -6,7 +6,7 @@ adapter (lora, oft), the last or first layers (freeze), or everything (full).
 
 import hashlib
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.fs
@@ -21,6 +21,8 @@ from transformers import (
 
 from rayft.data import tokenizer as data_tokenizer
 from rayft.data.files import resolve
+from rayft.data.media import ImageGeometry, image_inputs
+from rayft.data.pipeline import EncodingSettings
 from rayft.data.tokenizer import TokenizerSpec
 from rayft.recipe.logs import logger
 from rayft.recipe.problems import ConfigError, Problem
@@ -42,6 +44,33 @@ def load_image_processor(model_args: ModelArguments):
     m = model_args
     return AutoImageProcessor.from_pretrained(m.model_name_or_path, revision=m.model_revision, cache_dir=m.cache_dir,
                                               token=m.hf_hub_token, trust_remote_code=m.trust_remote_code)
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """What a vision-language model needs beside its weights, in training (the collator) and in generation: its
+    image processor, the template's image geometry (how many tokens an image becomes), the template's media tokens
+    and the image token's id."""
+
+    processor: object
+    geometry: ImageGeometry
+    tokens: dict
+    token_id: int
+
+    @classmethod
+    def of(cls, cfg, tokenizer) -> "ImageModel | None":
+        """The recipe's (a RecipeConfig), or None under a text template."""
+        settings = EncodingSettings.of(cfg)
+        if settings.images is None:
+            return None
+        tokens = settings.chat_template().media_tokens
+        return cls(load_image_processor(cfg.model), settings.images, tokens,
+                   tokenizer.convert_tokens_to_ids(tokens["image_token"]))
+
+    def inputs(self, sources: list, input_ids: torch.Tensor) -> dict:
+        """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources`."""
+        made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id)
+        return {k: v.to(input_ids.device) for k, v in made.items()}
 
 
 def model_dtype(use_gpu: bool, pure_bf16: bool = False) -> torch.dtype | str:
@@ -84,13 +113,13 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     quantized = bits is not None and trainable
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
-    cls = AutoModelForSequenceClassification if value_head else model_class(
-        AutoConfig.from_pretrained(path or model_args.model_name_or_path, **source))
+    config = AutoConfig.from_pretrained(path or model_args.model_name_or_path, **source)
+    cls = AutoModelForSequenceClassification if value_head else model_class(config)
     from_scratch = scratch_seed is not None and trainable and path is None
     if path is None and (from_scratch or model_args.rope_scaling or trainable and model_args.moe_aux_loss_coef):
-        # one config, changed once, for whichever way the model is built (the value head's label count in it)
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **source,
-                                            **({"num_labels": kwargs.pop("num_labels")} if value_head else {}))
+        # the one config, changed once, for whichever way the model is built (the value head's label count in it)
+        if value_head:
+            config.num_labels = kwargs.pop("num_labels")
         if trainable and model_args.moe_aux_loss_coef:
             config = with_router_loss(config, model_args.moe_aux_loss_coef)
         if model_args.rope_scaling:
