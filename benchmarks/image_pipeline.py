@@ -17,11 +17,11 @@ the workers, against the path rayft keeps there.
 import argparse
 import json
 import subprocess
-import time
 from multiprocessing import Pool
 from pathlib import Path
 
 from common import ROOT, table, write
+from pool_phases import timed_phases
 
 BENCH = ROOT / ".cache" / "bench_images"
 MODEL = ROOT / ".cache" / "models" / "tiny-qwen2-vl-bench"
@@ -97,27 +97,21 @@ def _rayft_collate(batch: list[dict]) -> int:
 
 
 def rayft_side(rows: list[dict]) -> dict:
-    chunks = [rows[i:i + CHUNK] for i in range(0, len(rows), CHUNK)]
     with Pool(PROCESSES) as pool:
-        pool.map(_rayft_tokenise, chunks[:PROCESSES])  # each process imports and loads its tokenizer first
-        start = time.perf_counter()
-        encoded = [row for part in pool.map(_rayft_tokenise, chunks) for row in part]
-        tokenised = time.perf_counter() - start
-        batches = [encoded[i:i + BATCH] for i in range(0, len(encoded), BATCH)]
-        pool.map(_rayft_collate, batches[:PROCESSES])
-        start = time.perf_counter()
-        pixel_bytes = sum(pool.map(_rayft_collate, batches))
-        collated = time.perf_counter() - start
+        encoded, per_batch, tokenised, collated = timed_phases(pool, PROCESSES, rows, CHUNK, BATCH, _rayft_tokenise,
+                                                               _rayft_collate)
+    pixel_bytes = sum(per_batch)
     path_bytes = sum(len(row["images"]) for row in encoded) / len(encoded)
     return {"tokenise_s": tokenised, "collate_s": collated, "pixel_bytes_per_image": pixel_bytes / len(encoded),
             "path_bytes_per_image": path_bytes}
 
 
 LF_SCRIPT = r"""
-import json, sys, time
+import json, sys
 from multiprocessing import Pool
 from types import SimpleNamespace
-bench, model, chunk, batch, processes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+bench, model, chunk, batch, processes, benchmarks = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                                     int(sys.argv[5]), sys.argv[6])
 state = {}
 
 def setup():
@@ -155,18 +149,12 @@ def collate(items):
     return int(mm["pixel_values"].numel())
 
 if __name__ == "__main__":
+    sys.path.insert(0, benchmarks)
+    from pool_phases import timed_phases
+
     rows = json.load(open(f"{bench}/rows.json"))
-    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     with Pool(processes) as pool:
-        pool.map(tokenise, chunks[:processes])
-        start = time.perf_counter()
-        encoded = [row for part in pool.map(tokenise, chunks) for row in part]
-        tokenised = time.perf_counter() - start
-        batches = [encoded[i:i + batch] for i in range(0, len(encoded), batch)]
-        pool.map(collate, batches[:processes])
-        start = time.perf_counter()
-        pool.map(collate, batches)
-        collated = time.perf_counter() - start
+        _, _, tokenised, collated = timed_phases(pool, processes, rows, chunk, batch, tokenise, collate)
     print(json.dumps({"tokenise_s": tokenised, "collate_s": collated}))
 """
 
@@ -174,7 +162,8 @@ if __name__ == "__main__":
 def llamafactory_side(lf_python: str) -> dict:
     script = BENCH / "lf_side.py"
     script.write_text(LF_SCRIPT)
-    done = subprocess.run([lf_python, str(script), str(BENCH), str(MODEL), str(CHUNK), str(BATCH), str(PROCESSES)],
+    done = subprocess.run([lf_python, str(script), str(BENCH), str(MODEL), str(CHUNK), str(BATCH), str(PROCESSES),
+                           str(Path(__file__).parent)],
                           capture_output=True, text=True, env={"DISABLE_VERSION_CHECK": "1", "PATH": "/usr/bin:/bin"},
                           cwd=BENCH)
     if done.returncode != 0:

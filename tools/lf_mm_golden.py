@@ -67,8 +67,6 @@ def draw_images(out: Path) -> None:
 
 
 def main(model_dir: str, template_name: str) -> None:
-    from llamafactory.data.converter import get_dataset_converter
-    from llamafactory.data.parser import get_dataset_list
     from llamafactory.data.processor import (
         FeedbackDatasetProcessor,
         PairwiseDatasetProcessor,
@@ -106,37 +104,41 @@ def main(model_dir: str, template_name: str) -> None:
         processor = SimpleNamespace(image_processor=images, video_processor=images, image_max_pixels=max_pixels,
                                     image_min_pixels=min_pixels, **TEMPLATES.get(template_name, {}),
                                     **(_gemma3(tokenizer, out) if template_name == "gemma3" else {}))
-        attr = get_dataset_list(["shapes"], str(out))[0]
-        converter = get_dataset_converter(attr.formatting, attr, data_args)
-        aligned = [converter(row) for row in json.loads((out / "rows.json").read_text())]
-        columns = {k: [a[k] for a in aligned] for k in aligned[0]}
-        encoded = SupervisedDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(columns)
+        encoding = (template, tokenizer, processor, data_args)
+        columns, encoded = _processed(out, "shapes", ENTRY, SupervisedDatasetProcessor, encoding)
         rows = []
         for ids, labels, images in zip(encoded["input_ids"], encoded["labels"], columns["_images"]):
             mm = template.mm_plugin._get_mm_inputs(images or [], [], [], processor) if images else {}
             rows.append({"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
                          "image_grid_thw": mm["image_grid_thw"].tolist() if "image_grid_thw" in mm else [],
                          "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else []})
-        attr = get_dataset_list(["shape_pairs"], str(out))[0]
-        converter = get_dataset_converter(attr.formatting, attr, data_args)
-        aligned = [converter(row) for row in json.loads((out / "pairs.json").read_text())]
-        pairs = PairwiseDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
-            {k: [a[k] for a in aligned] for k in aligned[0]})
+        _, pairs = _processed(out, "shape_pairs", PAIRS, PairwiseDatasetProcessor, encoding)
+        _, feedback = _processed(out, "shape_feedback", FEEDBACK, FeedbackDatasetProcessor, encoding)
         keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-        attr = get_dataset_list(["shape_feedback"], str(out))[0]
-        converter = get_dataset_converter(attr.formatting, attr, data_args)
-        tagged = [converter(row) for row in json.loads((out / "feedback.json").read_text())]
-        feedback = FeedbackDatasetProcessor(template, tokenizer, processor, data_args).preprocess_dataset(
-            {k: [a[k] for a in tagged] for k in tagged[0]})
         kto_keys = ("input_ids", "labels", "kl_input_ids", "kl_labels")
         cases.append({"image_max_pixels": max_pixels, "image_min_pixels": min_pixels, "cutoff_len": CUTOFF,
                       "rows": rows, "pairs": [{k: list(map(int, pairs[k][i])) for k in keys}
-                                              for i in range(len(aligned))],
+                                              for i in range(len(pairs["chosen_input_ids"]))],
                       "feedback": [{**{k: list(map(int, feedback[k][i])) for k in kto_keys},
-                                    "kto_tag": bool(feedback["kto_tags"][i])} for i in range(len(tagged))]})
+                                    "kto_tag": bool(feedback["kto_tags"][i])}
+                                   for i in range(len(feedback["input_ids"]))]})
     from llamafactory import __version__
 
     (out / "lf_mm_encodings.json").write_text(json.dumps({"llamafactory": __version__, "cases": cases}) + "\n")
+
+
+def _processed(out: Path, dataset: str, entry: dict, processor_cls, encoding: tuple) -> tuple[dict, dict]:
+    """The dataset's rows converted by LLaMA-Factory (as columns), and run through its `processor_cls` with
+    `encoding` (template, tokenizer, processor, data arguments)."""
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+
+    data_args = encoding[-1]
+    attr = get_dataset_list([dataset], str(out))[0]
+    converter = get_dataset_converter(attr.formatting, attr, data_args)
+    aligned = [converter(row) for row in json.loads((out / entry["file_name"]).read_text())]
+    columns = {k: [a[k] for a in aligned] for k in aligned[0]}
+    return columns, processor_cls(*encoding).preprocess_dataset(columns)
 
 
 def _gemma3(tokenizer, out: Path) -> dict:
