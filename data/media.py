@@ -20,6 +20,8 @@ IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholder in a message's text
 # Qwen2-VL's processor refuses an aspect ratio above 200; LLaMA-Factory squeezes such an image to 180 first
 QWEN_MAX_RATIO, QWEN_SQUEEZED_RATIO, QWEN_MIN_SIDE = 200, 180, 28
 QWEN_PLUGINS = ("qwen2_vl", "qwen3_vl")  # Qwen3-VL's plugin encodes images as Qwen2-VL's does (its patch is 16)
+# a batch's image inputs that describe its images rather than its sequences (image_sizes: LLaVA-NeXT's, to unpad tiles)
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,10 @@ class ImageGeometry:
     (image_max_pixels, image_min_pixels, applied first, as LLaMA-Factory does) and the model's image processor.
     Qwen2-VL's and Qwen3-VL's: its patch, its merge of patches into one token and its own pixel limits. LLaVA's
     (`llava`): every image is cropped to one size, so every image is `fixed_tokens` tokens. Gemma 3's likewise, each
-    image's tokens between `opening` and `closing` (its begin- and end-of-image tokens and blank lines)."""
+    image's tokens between `opening` and `closing` (its begin- and end-of-image tokens and blank lines). LLaVA-NeXT's
+    (`llava_next`): an image is tiled in `crop`-sized tiles onto the best of the `pinpoints` resolutions, and becomes a
+    base tile's tokens, the tiles' tokens without their padding and a newline token per row (`extra_tokens`: the
+    processor's additional tokens net of the CLS feature that its default strategy leaves out)."""
 
     max_pixels: int
     min_pixels: int
@@ -40,6 +45,9 @@ class ImageGeometry:
     fixed_tokens: int | None = None
     opening: str = ""  # what comes before an image's tokens where the template's plugin has no vision start token
     closing: str = ""
+    pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT's tile grid resolutions, (height, width)
+    crop: tuple[int, int] = (0, 0)  # LLaVA-NeXT's tile, (height, width)
+    extra_tokens: int = 0
 
     @classmethod
     def read(cls, model_path: str, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> "ImageGeometry":
@@ -50,17 +58,21 @@ class ImageGeometry:
                                                                               "tokenizer_config.json"))
             return cls(max_pixels, min_pixels, patch_size=0, plugin=plugin, fixed_tokens=processor["image_seq_length"],
                        opening=f"\n\n{tokenizer['boi_token']}", closing=f"{tokenizer['eoi_token']}\n\n")
-        if plugin == "llava":  # LLaVA's processor: the vision tower's patch and its extra tokens (CLS)
+        if plugin in ("llava", "llava_next"):  # LLaVA's processor: the tower's patch and its extra tokens (CLS)
             processor = _json_file(model_path, "processor_config.json")
             # the image processor's own file, or (as Transformers 5 saves a processor) its section of the processor's
             config = _json_file(model_path, "preprocessor_config.json", required=False) or processor["image_processor"]
             crop = config.get("crop_size") or {"height": config["size"]["shortest_edge"]}
             height, width = crop["height"], crop.get("width", crop["height"])
             patch = processor["patch_size"]
-            tokens = (height // patch) * (width // patch) + processor.get("num_additional_image_tokens", 0)
+            extra = processor.get("num_additional_image_tokens", 0)
             if processor.get("vision_feature_select_strategy", "default") == "default":
-                tokens -= 1  # the CLS token's feature is left out
-            return cls(max_pixels, min_pixels, patch_size=patch, plugin=plugin, fixed_tokens=tokens)
+                extra -= 1  # the CLS token's feature is left out
+            if plugin == "llava_next":
+                return cls(max_pixels, min_pixels, patch_size=patch, plugin=plugin, crop=(height, width),
+                           pinpoints=tuple(map(tuple, config["image_grid_pinpoints"])), extra_tokens=extra)
+            return cls(max_pixels, min_pixels, patch_size=patch, plugin=plugin,
+                       fixed_tokens=(height // patch) * (width // patch) + extra)
         config = _json_file(model_path, "preprocessor_config.json")
         size = config.get("size") or {}
         return cls(max_pixels=max_pixels, min_pixels=min_pixels, patch_size=config["patch_size"],
@@ -140,13 +152,52 @@ def resized_to_patches(width: int, height: int, geometry: ImageGeometry) -> tupl
 
 
 def image_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
-    """How many image tokens an image of `width` x `height` pixels becomes: LLaVA's fixed count, or for Qwen2-VL its
-    patches, merge x merge to a token."""
+    """How many image tokens an image of `width` x `height` pixels becomes (`regularized_token_count` of its size
+    after LLaMA-Factory's resizes)."""
     if geometry.fixed_tokens is not None:
         return geometry.fixed_tokens
-    w, h = regularized_size(width, height, geometry.max_pixels, geometry.min_pixels, geometry.plugin)
-    h, w = resized_to_patches(w, h, geometry)
+    return regularized_token_count(*regularized_size(width, height, geometry.max_pixels, geometry.min_pixels,
+                                                     geometry.plugin), geometry)
+
+
+def regularized_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
+    """How many image tokens an image becomes that LLaMA-Factory's resizes already gave `width` x `height` pixels:
+    LLaVA's and Gemma 3's fixed count, LLaVA-NeXT's tiles (`llava_next_token_count`), or for Qwen2-VL its patches,
+    merge x merge to a token."""
+    if geometry.fixed_tokens is not None:
+        return geometry.fixed_tokens
+    if geometry.plugin == "llava_next":
+        return llava_next_token_count(width, height, geometry)
+    h, w = resized_to_patches(width, height, geometry)
     return (h // geometry.patch_size) * (w // geometry.patch_size) // geometry.merge_size ** 2
+
+
+def best_resolution(width: int, height: int, pinpoints) -> tuple[int, int]:
+    """The (height, width) of `pinpoints` that LLaVA-NeXT tiles an image into: the one that keeps most of the image's
+    pixels when it is scaled to fit, and of those the one that wastes fewest."""
+    best, most_kept, least_wasted = None, 0, math.inf
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = h * w - kept
+        if kept > most_kept or kept == most_kept and wasted < least_wasted:
+            best, most_kept, least_wasted = (h, w), kept, wasted
+    return best
+
+
+def llava_next_token_count(width: int, height: int, geometry: ImageGeometry) -> int:
+    """LLaVA-NeXT's tokens for an image of `width` x `height`: the base tile's patches, the grid of tiles' patches
+    with the rows or columns that only pad the image's aspect ratio left out, one newline token per row of them,
+    and the processor's extra tokens."""
+    tile_h, tile_w = geometry.crop
+    grid_h, grid_w = best_resolution(width, height, geometry.pinpoints)
+    patches_h, patches_w = tile_h // geometry.patch_size, tile_w // geometry.patch_size
+    rows, cols = patches_h * (grid_h // tile_h), patches_w * (grid_w // tile_w)
+    if width / height > cols / rows:  # wider than the grid: padding rows above and below
+        rows -= (rows - int(round(height * cols / width, 7))) // 2 * 2
+    else:
+        cols -= (cols - int(round(width * rows / height, 7))) // 2 * 2
+    return rows * cols + rows + patches_h * patches_w + geometry.extra_tokens
 
 
 def expand_images(messages: list[dict], sizes: list, geometry: ImageGeometry, tokens: dict) -> list[dict]:
@@ -246,12 +297,13 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
         return out
     images = load_images(sources, geometry.max_pixels, geometry.min_pixels, geometry.plugin)
     pixels = image_processor(images, return_tensors="pt")
-    out["pixel_values"] = torch.cat([pixels["pixel_values"]] * copies)
+    for key in PIXEL_KEYS:
+        if key in pixels:
+            out[key] = torch.cat([torch.as_tensor(pixels[key])] * copies)
     if "image_grid_thw" in pixels:
-        out["image_grid_thw"] = torch.cat([pixels["image_grid_thw"]] * copies)
         expected = int((out["image_grid_thw"].prod(-1) // geometry.merge_size ** 2).sum())
     else:
-        expected = len(sources) * copies * geometry.fixed_tokens
+        expected = copies * sum(regularized_token_count(image.width, image.height, geometry) for image in images)
     if expected != int(image_tokens.sum()):
         raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(sources)} image(s) make "
                         f"{expected}: the image processor resizes differently from its saved configuration; re-save "

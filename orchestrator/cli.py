@@ -115,9 +115,11 @@ def parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write a tiny random causal LM and tokenizer for dry runs",
                           parents=[common])
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3"),
+    tiny.add_argument("--family", choices=("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava",
+                                           "llava_next", "gemma3"),
                       default="qwen2", help="qwen2_vl, qwen2_5_vl (template qwen2_vl), qwen3_vl (template qwen3_vl), "
-                                            "llava (template llava) and gemma3 (template gemma3): a vision-language "
+                                            "llava (template llava), llava_next (template llava_next) and gemma3 "
+                                            "(template gemma3): a vision-language "
                                             "model with its image processor")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")

@@ -48,7 +48,27 @@ def test_an_images_token_count_from_its_size_equals_the_image_processors(tmp_pat
         assert int(grid.prod()) // 4 == image_token_count(width, height, geometry), (width, height)
 
 
-GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava", "gemma3") for i in range(3)]
+@pytest.mark.unit
+def test_llava_next_token_counts_equal_its_processors_over_awkward_sizes():
+    """LLaVA-NeXT's count (base tile, unpadded tiles, a newline per row) equals Transformers' own processor's method,
+    which LLaMA-Factory's plugin calls, under the CLS feature the default strategy drops."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextProcessor
+
+    from rayft.data.media import regularized_size
+
+    folder = ROOT / "tests" / "golden" / "llava_next"
+    geometry = ImageGeometry.read(str(folder), *LIMITS, plugin="llava_next")
+    processor = LlavaNextProcessor(image_processor=AutoImageProcessor.from_pretrained(folder),
+                                   tokenizer=AutoTokenizer.from_pretrained(folder), patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    for width in (1, 13, 28, 55, 56, 57, 111, 112, 113, 300, 640, 3000):
+        for height in (1, 12, 29, 56, 99, 112, 200, 901):
+            w, h = regularized_size(width, height, *LIMITS, plugin="llava_next")
+            assert image_token_count(width, height, geometry) == processor._get_number_of_features(h, w, 56, 56) - 1
+
+
+GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+                for i in range(3)]
 GRIDDED = ("qwen2_vl", "qwen3_vl")  # images of their own sizes, in patches; the others are resized to one size
 
 
@@ -56,7 +76,8 @@ GRIDDED = ("qwen2_vl", "qwen3_vl")  # images of their own sizes, in patches; the
 @pytest.mark.parametrize("template, case", GOLDEN_CASES, ids=[f"{t}-{i}" for t, i in GOLDEN_CASES])
 def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case):
     """Qwen2-VL's and Qwen3-VL's images become runs whose length their size decides; LLaVA's and Gemma 3's are all
-    resized to one size (Gemma 3's between its begin- and end-of-image tokens)."""
+    resized to one size (Gemma 3's between its begin- and end-of-image tokens); LLaVA-NeXT's are tiled, their count
+    decided by their size and the best tile grid."""
     import dataclasses
 
     from transformers import AutoImageProcessor
@@ -98,7 +119,7 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
             for t, h, w in grid:
                 sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
                 start += t * h * w
-        else:  # one 3 x 56 x 56 tensor per image, and no grid
+        else:  # one 3 x 56 x 56 tensor per image (LLaVA-NeXT: a base tile and its tiles, padded), and no grid
             sums = [float(image.double().sum()) for image in batch.get("pixel_values", [])]
             assert "mm_token_type_ids" not in batch
             if template == "gemma3":  # its attention reads the image tokens as token_type_ids
@@ -209,7 +230,7 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL and a one-worker LoRA KTO of a tiny Gemma 3, with LoRA on the
     vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the
     tower; the projector stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one
-    worker, its projector trained."""
+    worker, its projector trained, and LoRA SFT of a tiny LLaVA-NeXT."""
     import torch
     from safetensors.torch import load_file
 
@@ -280,6 +301,18 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     before = load_file(llava / "model.safetensors")
     moved = {k for k in trained if not torch.equal(trained[k], before[k])}
     assert any("multi_modal_projector" in k for k in moved) and not any("vision_tower" in k for k in moved)
+
+    # LLaVA-NeXT: each image tiled on its best grid (a base tile, its tiles unpadded, a newline token a row); LoRA on
+    # one worker with the tower's adapters, which move only if the tiles' pixels and image_sizes reached the model
+    llava_next = write_tiny_model(tmp_path / "tiny-llava-next", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                                  family="llava_next")
+    next_out, next_losses = train_recipe(DEMO_RECIPE, tmp_path / "llava_next", llava_next, "template=llava_next",
+                                         "dataset=shapes", f"dataset_dir={folder}", "eval_dataset=null",
+                                         "deepspeed=null", "ray_num_workers=1", "freeze_vision_tower=false",
+                                         "max_steps=2", "logging_steps=1", "per_device_train_batch_size=4")
+    assert [r["step"] for r in next_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in next_losses)
+    tower = {k: v for k, v in load_file(next_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
     from transformers import AutoModelForImageTextToText
 

@@ -1,16 +1,18 @@
-"""Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its qwen2_vl template.
+"""Writes golden multimodal encodings: LLaMA-Factory 0.9.5 encodes rows with images under its multimodal templates.
 
 Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on the tiny
-models that `rayft tiny-model --family F DIR` wrote for F = qwen2_vl, llava, qwen3_vl and gemma3:
-    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py QWEN2_DIR LLAVA_DIR QWEN3_DIR GEMMA3_DIR
+models that `rayft tiny-model --family F DIR` wrote, one TEMPLATE=DIR argument for each template to write (qwen2_vl,
+llava, llava_next, qwen3_vl, gemma3; each the family of the same name):
+    DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py qwen2_vl=DIR llava_next=DIR ...
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
-limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/
-(qwen2_vl, llava, qwen3_vl, gemma3), and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
+limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/,
+and writes there lf_mm_encodings.json: for each setting of image_max_pixels and
 image_min_pixels, each row's input_ids and labels from LLaMA-Factory's supervised processor, its images' grid and
 pixel sums from LLaMA-Factory's plugin, and the same rows as preference pairs through its pairwise processor.
 
 LLaMA-Factory loads its processor with AutoProcessor, which needs torchvision; the CPU-only torch has none, so the
-tool hands LLaMA-Factory's processor code the tiny model's own PIL image processor (the one rayft's workers use).
+tool hands LLaMA-Factory's processor code the tiny model's own PIL image processor (the one rayft's workers use),
+inside LLaVA-NeXT's own processor class for llava_next (LLaMA-Factory asks it for each image's token count).
 The peer environment's Pillow must be rayft's (13.0.0): Pillow 11's resize differs from 13's by up to 4 levels.
 """
 
@@ -23,8 +25,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 # per template: the processor settings LLaMA-Factory reads from the processor beside the image processor
-TEMPLATES = {"qwen2_vl": {}, "qwen3_vl": {}, "llava": {"patch_size": 14, "num_additional_image_tokens": 1,
-                                                       "vision_feature_select_strategy": "default"}}
+LLAVA = {"patch_size": 14, "num_additional_image_tokens": 1, "vision_feature_select_strategy": "default"}
+TEMPLATES = {"qwen2_vl": {}, "qwen3_vl": {}, "llava": LLAVA, "llava_next": LLAVA}
 # (name, width, height): a small square, a side under 28 px, an aspect ratio above 200, a large photo-like image
 IMAGES = [("square.png", 100, 100), ("thin.png", 20, 300), ("strip.png", 3000, 12), ("large.png", 1100, 900),
           ("wide.png", 640, 200)]
@@ -74,17 +76,19 @@ def main(model_dir: str, template_name: str) -> None:
     )
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlavaNextProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = GOLDEN / template_name
     images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "qwen3_vl": Qwen2VLImageProcessorPil,
-                  "llava": CLIPImageProcessorPil, "gemma3": Gemma3ImageProcessorPil}[template_name]
+                  "llava": CLIPImageProcessorPil, "llava_next": LlavaNextImageProcessorPil,
+                  "gemma3": Gemma3ImageProcessorPil}[template_name]
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
-    for name in files + (["processor_config.json"] if template_name in ("llava", "gemma3") else []):
+    for name in files + (["processor_config.json"] if template_name in ("llava", "llava_next", "gemma3") else []):
         shutil.copy2(Path(model_dir) / name, out / name)
     draw_images(out)
     (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS,
@@ -101,9 +105,15 @@ def main(model_dir: str, template_name: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(out)
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         images = images_cls.from_pretrained(out)  # Qwen3-VL's plugin asks for a video processor it does not use here
-        processor = SimpleNamespace(image_processor=images, video_processor=images, image_max_pixels=max_pixels,
-                                    image_min_pixels=min_pixels, **TEMPLATES.get(template_name, {}),
-                                    **(_gemma3(tokenizer, out) if template_name == "gemma3" else {}))
+        limits = dict(image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+        if template_name == "llava_next":  # its plugin counts each image's tokens with the processor's method
+            processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, **LLAVA)
+            for key, value in limits.items():
+                setattr(processor, key, value)
+        else:
+            processor = SimpleNamespace(image_processor=images, video_processor=images, **limits,
+                                        **TEMPLATES.get(template_name, {}),
+                                        **(_gemma3(tokenizer, out) if template_name == "gemma3" else {}))
         encoding = (template, tokenizer, processor, data_args)
         columns, encoded = _processed(out, "shapes", ENTRY, SupervisedDatasetProcessor, encoding)
         rows = []
@@ -151,7 +161,8 @@ def _gemma3(tokenizer, out: Path) -> dict:
 
 
 def _per_image_sums(mm: dict) -> list[float]:
-    """Each image's pixel_values summed: its rows of patches in order (Qwen2-VL), or its own tensor (LLaVA)."""
+    """Each image's pixel_values summed: its rows of patches in order (Qwen2-VL), or its own tensor (LLaVA, and
+    LLaVA-NeXT's tiles with their zero padding)."""
     if "image_grid_thw" not in mm:
         return [float(image.double().sum()) for image in mm["pixel_values"]]
     sums, start = [], 0
@@ -163,7 +174,8 @@ def _per_image_sums(mm: dict) -> list[float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "qwen2_vl")
-    main(sys.argv[2], "llava")
-    main(sys.argv[3], "qwen3_vl")
-    main(sys.argv[4], "gemma3")
+    for argument in sys.argv[1:]:
+        template, _, model = argument.partition("=")
+        if template not in ("qwen2_vl", "llava", "llava_next", "qwen3_vl", "gemma3") or not model:
+            sys.exit(f"{argument!r}: give TEMPLATE=DIR, TEMPLATE one of qwen2_vl, llava, llava_next, qwen3_vl, gemma3")
+        main(model, template)

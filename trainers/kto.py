@@ -8,6 +8,7 @@ import torch
 from transformers import set_seed
 
 from rayft.data.collator import KTOCollator
+from rayft.data.media import PIXEL_KEYS
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
@@ -27,7 +28,7 @@ class KTOTrainer(StatsTrainer):
         f = self.finetuning
         n = len(inputs["input_ids"])
         # with images, both sides carry the examples' pixels; the mismatched side its own image-token types
-        pixels = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        pixels = {k: inputs[k] for k in PIXEL_KEYS if k in inputs}
         sequences = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") if k in inputs]
         batch = {**{k: inputs[k] for k in sequences}, **pixels}
         mismatched = {**{k: inputs[f"kl_{k}"] for k in sequences}, **pixels}

@@ -15,6 +15,7 @@ from transformers import (
     Gemma3Config,
     LlamaConfig,
     LlavaConfig,
+    LlavaNextConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2Config,
@@ -29,13 +30,15 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
-VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
 # Gemma 3's turn and image tokens, and the ones its tokenizer names: an image is <start_of_image>, 4
 # <image_soft_token> in the tiny model (256 in Gemma 3's), <end_of_image>, between blank lines
 GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 GEMMA3_TOKENS = ["<start_of_turn>", "<end_of_turn>", *GEMMA3_NAMED.values()]
 LLAVA_IMAGE = "<image>"  # LLaVA's image token: every image is (56 / 14)^2 = 16 of them in the tiny model
+# LLaVA-NeXT's tile grids in the tiny model, (height, width): 1x2, 2x1 and 2x2 tiles of 56 px
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # A little general English so that datasets other than the demo tokenise into sensible pieces.
@@ -129,15 +132,19 @@ def build_qwen2_vl(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed:
     return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
 
-def build_llava(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
+def build_llava(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0, family: str = "llava"):
     """A randomly initialised LLaVA: the tiny Qwen2 text model under a two-block CLIP vision tower (56 px images in
-    14 px patches, LLaVA-1.5's second-to-last layer without its CLS feature) and LLaVA's two-layer projector."""
+    14 px patches, LLaVA-1.5's second-to-last layer without its CLS feature) and LLaVA's two-layer projector; with
+    `family` llava_next, LLaVA-NeXT's, whose images are tiled in 56 px tiles on LLAVA_NEXT_PINPOINTS."""
     text = {"model_type": "qwen2",
             **text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id)}
     vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, image_size=56, patch_size=14, projection_dim=64)
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(
-        LLAVA_IMAGE), vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=True)
+    config_cls, tiles = (LlavaNextConfig, {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}) if family == "llava_next" \
+        else (LlavaConfig, {})
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(
+        LLAVA_IMAGE), vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=True,
+        **tiles)
     torch.manual_seed(seed)
     return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
@@ -171,16 +178,23 @@ def save_gemma3_processor(tokenizer, out_dir: Path) -> None:
     Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4).save_pretrained(out_dir)
 
 
-def save_llava_processor(tokenizer, out_dir: Path) -> None:
-    """LLaVA's image processor (CLIP's, the PIL one) and its processor settings (patch, extra CLS token, feature
-    strategy), as llava-hf's models ship them: preprocessor_config.json and processor_config.json."""
-    from transformers import LlavaProcessor
+def save_llava_processor(tokenizer, out_dir: Path, family: str = "llava") -> None:
+    """LLaVA's image processor (CLIP's, the PIL one; LLaVA-NeXT's own for `family` llava_next) and its processor
+    settings (patch, extra CLS token, feature strategy), as llava-hf's models ship them: preprocessor_config.json and
+    processor_config.json."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    sizes = dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    if family == "llava_next":
+        images, processor_cls = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS), \
+            LlavaNextProcessor
+    else:
+        images, processor_cls = CLIPImageProcessorPil(**sizes), LlavaProcessor
     images.save_pretrained(out_dir)
-    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, image_token=LLAVA_IMAGE).save_pretrained(out_dir)
+    processor_cls(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1, image_token=LLAVA_IMAGE).save_pretrained(out_dir)
 
 
 def qwen2_vl_image_processor(patch_size: int = 14):
@@ -198,13 +212,14 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     family its image processor; returns the folder."""
     out_dir = Path(out_dir)
     vision = family in VISION_LANGUAGE
-    extra = {"llava": [LLAVA_IMAGE], "gemma3": GEMMA3_TOKENS}.get(family, QWEN2_VL_TOKENS if vision else [])
+    extra = {"llava": [LLAVA_IMAGE], "llava_next": [LLAVA_IMAGE], "gemma3": GEMMA3_TOKENS}.get(
+        family, QWEN2_VL_TOKENS if vision else [])
     tokenizer = build_tokenizer(corpus_from(dataset_files), special_tokens=SPECIAL_TOKENS + extra,
                                 named=GEMMA3_NAMED if family == "gemma3" else None)
     if family == "gemma3":
         model = build_gemma3(tokenizer, num_layers=num_layers, seed=seed)
-    elif family == "llava":
-        model = build_llava(tokenizer, num_layers=num_layers, seed=seed)
+    elif family in ("llava", "llava_next"):
+        model = build_llava(tokenizer, num_layers=num_layers, seed=seed, family=family)
     elif vision:
         model = build_qwen2_vl(tokenizer, num_layers=num_layers, seed=seed, family=family)
     else:
@@ -217,8 +232,8 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     model.save_pretrained(out_dir)
     if family == "gemma3":
         save_gemma3_processor(tokenizer, out_dir)
-    elif family == "llava":
-        save_llava_processor(tokenizer, out_dir)
+    elif family in ("llava", "llava_next"):
+        save_llava_processor(tokenizer, out_dir, family)
     elif vision:
         qwen2_vl_image_processor(16 if family == "qwen3_vl" else 14).save_pretrained(out_dir)
     return out_dir

@@ -24,8 +24,8 @@ _QWEN3_VL = VisionFamily("qwen3_vl", vision=("visual.pos_embed", "visual.patch_e
                                            "visual.deepstack_merger_list"), projector=("visual.merger",),
                          lora_conflicts=("patch_embed",))
 VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL, "qwen3_vl": _QWEN3_VL,
-                   "llava": VisionFamily("llava", vision=("vision_tower",), projector=("multi_modal_projector",)),
-                   "gemma3": VisionFamily("gemma3", vision=("vision_tower",), projector=("multi_modal_projector",))}
+                   **{name: VisionFamily(name, vision=("vision_tower",), projector=("multi_modal_projector",))
+                      for name in ("llava", "llava_next", "gemma3")}}
 
 
 def vision_family(config) -> VisionFamily | None:
