@@ -149,6 +149,40 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
         assert batch[f"kl_{types}"].sum() == batch[types].sum() > 0
 
 
+def base_losses(model_dir: Path, folder: Path, template: str, micro_batches: list[list[int]]) -> tuple[float, float]:
+    """The loss of the model at `model_dir` on the rows of `folder`'s shapes dataset in `micro_batches` (row indices),
+    encoded and collated as a run does (cutoff 1024, the default pixel limits): averaged per micro-batch, and over
+    all their answer tokens."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from rayft.data.collator import ImageCollator, SupervisedCollator
+    from rayft.data.pipeline import EncodingSettings, columns_of, encode_batch, load_datasets
+    from rayft.data.templates import get_template
+    from rayft.data.tokenizer import TokenizerSpec, load_tokenizer
+
+    (examples,) = load_datasets("shapes", str(folder), None, template=template)
+    spec = TokenizerSpec(path=str(model_dir))
+    settings = EncodingSettings(template=template, cutoff_len=1024,
+                                images=ImageGeometry.read(str(model_dir), *LIMITS, plugin=template))
+    encoded = encode_batch(columns_of(examples), spec, settings)
+    tokenizer = load_tokenizer(spec)
+    collate = ImageCollator(SupervisedCollator(tokenizer.pad_token_id), AutoImageProcessor.from_pretrained(model_dir),
+                            tokenizer.convert_tokens_to_ids(get_template(template).media_tokens["image_token"]),
+                            settings.images)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    means, sums, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for rows in micro_batches:
+            batch = collate([{"input_ids": encoded["input_ids"][i].tolist(), "labels": encoded["labels"][i].tolist(),
+                              "images": encoded["images"][i]} for i in rows])
+            loss = float(model(**batch).loss)
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            means.append(loss)
+            sums, tokens = sums + loss * count, tokens + count
+    return sum(means) / len(means), sums / tokens
+
+
 def image_dataset(tmp_path: Path, rows: list[dict]) -> Path:
     """A dataset folder holding `rows` (sharegpt, mllm_demo's columns) and the golden images under images/."""
     folder = tmp_path / "data"
@@ -309,8 +343,15 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     next_out, next_losses = train_recipe(DEMO_RECIPE, tmp_path / "llava_next", llava_next, "template=llava_next",
                                          "dataset=shapes", f"dataset_dir={folder}", "eval_dataset=null",
                                          "deepspeed=null", "ray_num_workers=1", "freeze_vision_tower=false",
-                                         "max_steps=2", "logging_steps=1", "per_device_train_batch_size=4")
+                                         "max_steps=2", "logging_steps=1", "per_device_train_batch_size=2",
+                                         "gradient_accumulation_steps=2", "disable_shuffling=true", "cutoff_len=1024")
     assert [r["step"] for r in next_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in next_losses)
+    # LoRA starts as the identity, so the first step's loss is the base model's on the first four rows, in two
+    # micro-batches: averaged per micro-batch, as LLaMA-Factory averages a vision-language model's loss, not over
+    # the four rows' tokens (the rows have 17, 22, 5 and 15 answer tokens, so the two differ)
+    per_micro_batch, over_tokens = base_losses(llava_next, folder, "llava_next", [[0, 1], [2, 3]])
+    assert next_losses[0]["loss"] == pytest.approx(per_micro_batch, rel=1e-5)
+    assert abs(per_micro_batch - over_tokens) > 1e-3
     tower = {k: v for k, v in load_file(next_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 

@@ -320,6 +320,11 @@ def fit(cfg: RecipeConfig, plan: Plan, args: Seq2SeqTrainingArguments, model, to
         hyperparameters_from_recipe=plan.start_from is not None,
         **trainer_kwargs,
     )
+    if isinstance(collator, ImageCollator) and trainer.model_accepts_loss_kwargs:
+        # LLaMA-Factory 0.9.5 averages a vision-language model's loss over each micro-batch's own tokens (it turns the
+        # Trainer's count of tokens across devices and accumulation steps off whenever it loads a processor): the
+        # same examples train the same way here
+        trainer.model_accepts_loss_kwargs = False
     startup.mark("trainer")
     trainer.remove_callback(PrinterCallback)  # LogCallback prints one line per logging step instead
     adapt_trackers(trainer)
