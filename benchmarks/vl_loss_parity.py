@@ -8,14 +8,15 @@ LLaMA-Factory loads its processor through `AutoProcessor`, which needs torchvisi
 CPU-only one of the other benchmarks: torch with the CUDA build and torchvision from the package index (they run on
 a CPU), e.g. `pip install torch==2.14.1 torchvision==0.29.1 llamafactory==0.9.5`, then `pip install --no-deps
 pillow==13.0.0` (rayft's Pillow). It runs on `--workers` processes through torchrun (`FORCE_TORCHRUN=1`); rayft
-runs `rayft train <the same file> ray_num_workers=N`.
+runs `rayft train <the same file> ray_num_workers=[1,N]`.
 
 The data: the rows with images of tests/golden/qwen2_vl (several images per row, none in one, awkward sizes),
 repeated. Both tools read them in file order (`disable_shuffling: true`), one example per worker per step, so that
 each step trains the same examples in both: LLaMA-Factory's sampler gives step s's examples 2s and 2s + 1 to its
-two ranks; rayft's run is told the same order with `ray_num_workers=[N, N]`, whose workers each keep their part of
-every global batch of one order (see "Elastic runs"). Same seed, LoRA on every linear layer of the language model,
-fp32, no warm-up.
+two ranks. rayft's run is elastic (`ray_num_workers=[1,N]`, which stays at N on a machine with N CPUs), so its
+workers deal every global batch of one order in the same way (see "Elastic runs"); a run of a fixed size reads Ray
+Data's split, whose parts pair other examples in a step. Same seed, LoRA on every linear layer of the language
+model, fp32, a constant learning rate.
 """
 
 import argparse
