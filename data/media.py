@@ -20,8 +20,12 @@ IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholder in a message's text
 # Qwen2-VL's processor refuses an aspect ratio above 200; LLaMA-Factory squeezes such an image to 180 first
 QWEN_MAX_RATIO, QWEN_SQUEEZED_RATIO, QWEN_MIN_SIDE = 200, 180, 28
 QWEN_PLUGINS = ("qwen2_vl", "qwen3_vl")  # Qwen3-VL's plugin encodes images as Qwen2-VL's does (its patch is 16)
-# a batch's image inputs that describe its images rather than its sequences (image_sizes: LLaVA-NeXT's, to unpad tiles)
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+# a batch's image inputs that describe its images rather than its sequences (image_sizes: LLaVA-NeXT's, to unpad tiles;
+# aspect_ratio_ids and aspect_ratio_mask: Mllama's tiles)
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "aspect_ratio_ids", "aspect_ratio_mask")
+# plugins whose model takes each row's images as a group (pixel_values per row, not per image), and whose text
+# attends to them through a cross-attention mask: Mllama's
+ROW_GROUPED_PLUGINS = ("mllama",)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class ImageGeometry:
     image's tokens between `opening` and `closing` (its begin- and end-of-image tokens and blank lines). LLaVA-NeXT's
     (`llava_next`): an image is tiled in `crop`-sized tiles onto the best of the `pinpoints` resolutions, and becomes a
     base tile's tokens, the tiles' tokens without their padding and a newline token per row (`extra_tokens`: the
-    processor's additional tokens net of the CLS feature that its default strategy leaves out)."""
+    processor's additional tokens net of the CLS feature that its default strategy leaves out). Mllama's (`mllama`):
+    every image is one token, which the text after it reads through cross-attention to the image's tiles."""
 
     max_pixels: int
     min_pixels: int
@@ -53,6 +58,8 @@ class ImageGeometry:
     def read(cls, model_path: str, max_pixels: int, min_pixels: int, plugin: str = "qwen2_vl") -> "ImageGeometry":
         """The geometry of the model at `model_path` (its preprocessor_config.json, and for LLaVA its
         processor_config.json) under the recipe's limits."""
+        if plugin == "mllama":  # Mllama: an image is its one token; its tiles reach the text by cross-attention
+            return cls(max_pixels, min_pixels, patch_size=0, plugin=plugin, fixed_tokens=1)
         if plugin == "gemma3":  # Gemma 3: every image the processor's image_seq_length tokens, between blank lines
             processor, tokenizer = (_json_file(model_path, name) for name in ("processor_config.json",
                                                                               "tokenizer_config.json"))
@@ -280,10 +287,13 @@ def load_images(sources: list, max_pixels: int, min_pixels: int, plugin: str = "
 
 
 def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_ids, image_token_id: int,
-                 copies: int = 1) -> dict:
+                 copies: int = 1, per_row: list[int] | None = None) -> dict:
     """A model's image inputs for a batch whose `input_ids` hold the image tokens of `sources` (each repeated
     `copies` times): `pixel_values`, and for Qwen2-VL `image_grid_thw` and `mm_token_type_ids` (the image tokens, from
-    which it places its 3-D rotary positions), for Gemma 3 `token_type_ids` (the same, as its attention reads them).
+    which it places its 3-D rotary positions), for Gemma 3 `token_type_ids` (the same, as its attention reads them),
+    for LLaVA-NeXT `image_sizes`, for Mllama its tiles' aspect ratios and `cross_attention_mask` (`per_row`: how many
+    of `sources` each row of one copy holds, in order; None: all in the first row), and `num_tiles`, which the caller
+    takes out for `cross_attention_mask` of other sequences over the same images.
     Raises when the processor's patches disagree with the token count tokenising made from the images' sizes."""
     import torch
 
@@ -296,7 +306,13 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
     if not sources:
         return out
     images = load_images(sources, geometry.max_pixels, geometry.min_pixels, geometry.plugin)
-    pixels = image_processor(images, return_tensors="pt")
+    grouped = geometry.plugin in ROW_GROUPED_PLUGINS
+    if grouped:
+        counts = per_row if per_row is not None else [len(images)]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        pixels = image_processor([images[start:start + n] for start, n in zip(starts, counts)], return_tensors="pt")
+    else:
+        pixels = image_processor(images, return_tensors="pt")
     for key in PIXEL_KEYS:
         if key in pixels:
             out[key] = torch.cat([torch.as_tensor(pixels[key])] * copies)
@@ -308,7 +324,25 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
         raise DataError(f"a batch holds {int(image_tokens.sum())} image tokens, and its {len(sources)} image(s) make "
                         f"{expected}: the image processor resizes differently from its saved configuration; re-save "
                         "the model's image processor")
+    if grouped:
+        out["num_tiles"] = list(pixels["num_tiles"]) * copies
+        out["cross_attention_mask"] = cross_attention_mask(input_ids, image_token_id, out["num_tiles"],
+                                                           image_processor.max_image_tiles)
     return out
+
+
+def cross_attention_mask(input_ids, image_token_id: int, num_tiles: list[list[int]], max_tiles: int):
+    """Mllama's (batch, length, images, tiles) mask: each token reads the tiles of the images before it (from the last
+    run of adjacent images on), as Mllama's processor builds it."""
+    import torch
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    rows = [get_cross_attention_token_mask(ids, image_token_id) for ids in input_ids.tolist()]
+    return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(
+        rows, num_tiles=num_tiles, max_num_tiles=max_tiles, length=input_ids.shape[1]))
 
 
 FAKE_IMAGE_SIZE = (64, 64)  # LLaMA-Factory's fake image: white, 64 x 64

@@ -21,7 +21,7 @@ from rayft.data.tools import TOOL_FORMATS, describe_tools, parse_calls, write_ca
 
 SPEC_FILE = Path(__file__).with_name("template_specs.json")
 # LLaMA-Factory's multimodal plugins whose encoding rayft builds (data/media.py)
-BUILT_PLUGINS = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+BUILT_PLUGINS = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "mllama")
 
 
 @dataclass(frozen=True)

@@ -116,10 +116,10 @@ def parser() -> argparse.ArgumentParser:
                           parents=[common])
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava",
-                                           "llava_next", "gemma3"),
+                                           "llava_next", "gemma3", "mllama"),
                       default="qwen2", help="qwen2_vl, qwen2_5_vl (template qwen2_vl), qwen3_vl (template qwen3_vl), "
-                                            "llava (template llava), llava_next (template llava_next) and gemma3 "
-                                            "(template gemma3): a vision-language "
+                                            "llava (template llava), llava_next (template llava_next), gemma3 "
+                                            "(template gemma3) and mllama (template mllama): a vision-language "
                                             "model with its image processor")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")

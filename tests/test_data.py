@@ -191,7 +191,7 @@ def test_unknown_template_is_refused():
     with pytest.raises(DataError, match="'intern_vl' encodes media with LLaMA-Factory's 'intern_vl' plugin, which "
                                         "rayft has not built yet; the built multimodal templates are dots_ocr, gemma3, "
                                         "granite3_vision, keye_vl, llava, llava_next, llava_next_llama3, .*, mimo_vl, "
-                                        "qwen2_vl, qwen3_5, .*, qwen3_vl, qwen3_vl_nothink, yi_vl$"):
+                                        "mllama, qwen2_vl, qwen3_5, .*, qwen3_vl, qwen3_vl_nothink, yi_vl$"):
         get_template("intern_vl")
 
 

@@ -67,7 +67,7 @@ def test_llava_next_token_counts_equal_its_processors_over_awkward_sizes():
             assert image_token_count(width, height, geometry) == processor._get_number_of_features(h, w, 56, 56) - 1
 
 
-GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+GOLDEN_CASES = [(template, i) for template in ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "mllama")
                 for i in range(3)]
 GRIDDED = ("qwen2_vl", "qwen3_vl")  # images of their own sizes, in patches; the others are resized to one size
 
@@ -80,6 +80,7 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     decided by their size and the best tile grid."""
     import dataclasses
 
+    import torch
     from transformers import AutoImageProcessor
 
     from rayft.data.collator import ImageCollator, KTOCollator, PairwiseCollator, SupervisedCollator
@@ -119,6 +120,10 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
             for t, h, w in grid:
                 sums.append(float(batch["pixel_values"][start:start + t * h * w].double().sum()))
                 start += t * h * w
+        elif template == "mllama":  # one row of images, each its tiles; the text reads them by cross-attention
+            sums = [float(image.double().sum()) for image in batch["pixel_values"][0]] if row["images"] != "[]" else []
+            assert batch.get("cross_attention_mask", torch.zeros(1, 0))[0].tolist() == expected.get(
+                "cross_attention_mask", []), i
         else:  # one 3 x 56 x 56 tensor per image (LLaVA-NeXT: a base tile and its tiles, padded), and no grid
             sums = [float(image.double().sum()) for image in batch.get("pixel_values", [])]
             assert "mm_token_type_ids" not in batch
@@ -133,7 +138,11 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     collate = ImageCollator(PairwiseCollator(tokenizer.pad_token_id), processor, image_id, settings.images, copies=2)
     batch = collate([{k: encoded[k][i] for k in (*golden["pairs"][0], "images")} for i in range(len(pairs))])
     images = sum(len(e.get("images") or []) for e in examples)
-    assert len(batch["image_grid_thw"] if template in GRIDDED else batch["pixel_values"]) == 2 * images
+    if template == "mllama":  # a row of images for each sequence, chosen then rejected
+        assert len(batch["pixel_values"]) == len(batch["cross_attention_mask"]) == 2 * len(pairs)
+        assert int(batch["aspect_ratio_ids"].ne(0).sum()) == 2 * images
+    else:
+        assert len(batch["image_grid_thw"] if template in GRIDDED else batch["pixel_values"]) == 2 * images
     # and as KTO's tagged examples (stage kto): each with its mismatched pair, which keeps the example's prompt
     (tagged,) = load_datasets("shape_feedback", str(folder), None, template=template, stage="kto", data="kto")
     encoded = encode_kto_batch(columns_of(tagged), spec, dataclasses.replace(settings, stage="kto"))
@@ -144,7 +153,8 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
     collate = ImageCollator(KTOCollator(tokenizer.pad_token_id), processor, image_id, settings.images)
     batch = collate([{k: encoded[k][i] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tag",
                                                   "images")} for i in range(len(tagged))])
-    types = "mm_token_type_ids" if template in GRIDDED else "token_type_ids" if template == "gemma3" else None
+    types = {"gemma3": "token_type_ids", "mllama": "cross_attention_mask"}.get(
+        template, "mm_token_type_ids" if template in GRIDDED else None)
     if types:
         assert batch[f"kl_{types}"].sum() == batch[types].sum() > 0
 
@@ -264,7 +274,7 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL and a one-worker LoRA KTO of a tiny Gemma 3, with LoRA on the
     vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the
     tower; the projector stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one
-    worker, its projector trained, and LoRA SFT of a tiny LLaVA-NeXT."""
+    worker, its projector trained, LoRA SFT of a tiny LLaVA-NeXT and LoRA KTO of a tiny Mllama."""
     import torch
     from safetensors.torch import load_file
 
@@ -320,6 +330,17 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
                                        "freeze_vision_tower=false", "image_max_pixels=4096")
     assert [r["step"] for r in kto_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in kto_losses)
     tower = {k: v for k, v in load_file(kto_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    # and of a tiny Mllama, whose text reads each image's tiles through cross-attention: the mismatched pairs too
+    mllama = write_tiny_model(tmp_path / "tiny-mllama", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
+                              family="mllama")
+    mllama_out, mllama_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "mllama", mllama,
+                                             "template=mllama", "dataset=shape_feedback", f"dataset_dir={folder}",
+                                             "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
+                                             "logging_steps=1", "per_device_train_batch_size=4",
+                                             "freeze_vision_tower=false")
+    assert [r["step"] for r in mllama_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in mllama_losses)
+    tower = {k: v for k, v in load_file(mllama_out / "adapter_model.safetensors").items() if ".vision_model." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
     # LLaVA: every image 16 tokens; one worker (in-process), full training of the language model and projector

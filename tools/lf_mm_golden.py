@@ -2,7 +2,7 @@
 
 Run it with the Python of a virtual environment that has llamafactory installed (never rayft's .venv), on the tiny
 models that `rayft tiny-model --family F DIR` wrote, one TEMPLATE=DIR argument for each template to write (qwen2_vl,
-llava, llava_next, qwen3_vl, gemma3; each the family of the same name):
+llava, llava_next, qwen3_vl, gemma3, mllama; each the family of the same name):
     DISABLE_VERSION_CHECK=1 /path/to/lf-venv/bin/python tools/lf_mm_golden.py qwen2_vl=DIR llava_next=DIR ...
 It draws a few images of awkward sizes (a side under 28 px, an aspect ratio above 200, more pixels than the
 limits), writes them, the tiny model's tokenizer and image processor and the rows to tests/golden/<template>/,
@@ -76,19 +76,21 @@ def main(model_dir: str, template_name: str) -> None:
     )
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer, LlavaNextProcessor
+    from transformers import AutoTokenizer, LlavaNextProcessor, MllamaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = GOLDEN / template_name
     images_cls = {"qwen2_vl": Qwen2VLImageProcessorPil, "qwen3_vl": Qwen2VLImageProcessorPil,
                   "llava": CLIPImageProcessorPil, "llava_next": LlavaNextImageProcessorPil,
-                  "gemma3": Gemma3ImageProcessorPil}[template_name]
+                  "gemma3": Gemma3ImageProcessorPil, "mllama": MllamaImageProcessorPil}[template_name]
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
-    for name in files + (["processor_config.json"] if template_name in ("llava", "llava_next", "gemma3") else []):
+    for name in files + (["processor_config.json"] if template_name in ("llava", "llava_next", "gemma3", "mllama")
+                         else []):
         shutil.copy2(Path(model_dir) / name, out / name)
     draw_images(out)
     (out / "dataset_info.json").write_text(json.dumps({"shapes": ENTRY, "shape_pairs": PAIRS,
@@ -106,8 +108,9 @@ def main(model_dir: str, template_name: str) -> None:
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         images = images_cls.from_pretrained(out)  # Qwen3-VL's plugin asks for a video processor it does not use here
         limits = dict(image_max_pixels=max_pixels, image_min_pixels=min_pixels)
-        if template_name == "llava_next":  # its plugin counts each image's tokens with the processor's method
-            processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, **LLAVA)
+        if template_name in ("llava_next", "mllama"):  # their plugins call the processor's own methods
+            processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, **LLAVA) \
+                if template_name == "llava_next" else MllamaProcessor(image_processor=images, tokenizer=tokenizer)
             for key, value in limits.items():
                 setattr(processor, key, value)
         else:
@@ -118,10 +121,16 @@ def main(model_dir: str, template_name: str) -> None:
         columns, encoded = _processed(out, "shapes", ENTRY, SupervisedDatasetProcessor, encoding)
         rows = []
         for ids, labels, images in zip(encoded["input_ids"], encoded["labels"], columns["_images"]):
-            mm = template.mm_plugin._get_mm_inputs(images or [], [], [], processor) if images else {}
+            if template_name == "mllama":  # its images grouped by row, and the text's cross-attention mask to them
+                mm = template.mm_plugin.get_mm_inputs(images, [], [], [len(images)], [0], [0], [list(ids)],
+                                                      processor) if images else {}
+            else:
+                mm = template.mm_plugin._get_mm_inputs(images or [], [], [], processor) if images else {}
             rows.append({"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
                          "image_grid_thw": mm["image_grid_thw"].tolist() if "image_grid_thw" in mm else [],
-                         "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else []})
+                         "pixel_sums": [float(s) for s in _per_image_sums(mm)] if mm else [],
+                         **({"cross_attention_mask": mm["cross_attention_mask"][0].tolist()}
+                            if "cross_attention_mask" in mm else {})})
         _, pairs = _processed(out, "shape_pairs", PAIRS, PairwiseDatasetProcessor, encoding)
         _, feedback = _processed(out, "shape_feedback", FEEDBACK, FeedbackDatasetProcessor, encoding)
         keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -162,7 +171,9 @@ def _gemma3(tokenizer, out: Path) -> dict:
 
 def _per_image_sums(mm: dict) -> list[float]:
     """Each image's pixel_values summed: its rows of patches in order (Qwen2-VL), or its own tensor (LLaVA, and
-    LLaVA-NeXT's tiles with their zero padding)."""
+    LLaVA-NeXT's tiles with their zero padding; Mllama's, in its row's group)."""
+    if mm["pixel_values"].dim() == 6:  # Mllama: (rows, images, tiles, channels, height, width), one row here
+        return [float(image.double().sum()) for image in mm["pixel_values"][0]]
     if "image_grid_thw" not in mm:
         return [float(image.double().sum()) for image in mm["pixel_values"]]
     sums, start = [], 0
@@ -176,6 +187,7 @@ def _per_image_sums(mm: dict) -> list[float]:
 if __name__ == "__main__":
     for argument in sys.argv[1:]:
         template, _, model = argument.partition("=")
-        if template not in ("qwen2_vl", "llava", "llava_next", "qwen3_vl", "gemma3") or not model:
-            sys.exit(f"{argument!r}: give TEMPLATE=DIR, TEMPLATE one of qwen2_vl, llava, llava_next, qwen3_vl, gemma3")
+        if template not in ("qwen2_vl", "llava", "llava_next", "qwen3_vl", "gemma3", "mllama") or not model:
+            sys.exit(f"{argument!r}: give TEMPLATE=DIR, TEMPLATE one of qwen2_vl, llava, llava_next, qwen3_vl, gemma3, "
+                     "mllama")
         main(model, template)

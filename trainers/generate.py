@@ -77,8 +77,8 @@ class Generator:
         longest = input_ids.shape[1]
         images = {}
         if self.images is not None:  # each prompt's images, in order, their pixels made here
-            sources = [path for row in batch["images"] for path in json.loads(row)]
-            images = self.images.inputs(sources, input_ids)
+            rows = [json.loads(row) for row in batch["images"]]
+            images = self.images.inputs([path for row in rows for path in row], input_ids, [len(r) for r in rows])
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs,
                                          **images)

@@ -67,9 +67,11 @@ class ImageModel:
         return cls(load_image_processor(cfg.model), settings.images, tokens,
                    tokenizer.convert_tokens_to_ids(tokens["image_token"]))
 
-    def inputs(self, sources: list, input_ids: torch.Tensor) -> dict:
-        """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources`."""
-        made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id)
+    def inputs(self, sources: list, input_ids: torch.Tensor, per_row: list[int] | None = None) -> dict:
+        """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources` (`per_row`:
+        how many each prompt holds; None: one prompt)."""
+        made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id, per_row=per_row)
+        made.pop("num_tiles", None)
         return {k: v.to(input_ids.device) for k, v in made.items()}
 
 

@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaNextConfig,
+    MllamaConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2Config,
@@ -30,8 +31,8 @@ CHATML_JINJA = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
-VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+FAMILIES = ("qwen2", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "mllama")
+VISION_LANGUAGE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "mllama")
 # Gemma 3's turn and image tokens, and the ones its tokenizer names: an image is <start_of_image>, 4
 # <image_soft_token> in the tiny model (256 in Gemma 3's), <end_of_image>, between blank lines
 GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
@@ -39,6 +40,9 @@ GEMMA3_TOKENS = ["<start_of_turn>", "<end_of_turn>", *GEMMA3_NAMED.values()]
 LLAVA_IMAGE = "<image>"  # LLaVA's image token: every image is (56 / 14)^2 = 16 of them in the tiny model
 # LLaVA-NeXT's tile grids in the tiny model, (height, width): 1x2, 2x1 and 2x2 tiles of 56 px
 LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+# Llama 3.2 Vision's (Mllama's) turn and image tokens; an image is one <|image|>, read through cross-attention
+MLLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                 "<|image|>"]
 # Qwen2-VL's own special tokens: an image is <|vision_start|>, one <|image_pad|> per merged patch, <|vision_end|>
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # A little general English so that datasets other than the demo tokenise into sensible pieces.
@@ -167,6 +171,40 @@ def build_gemma3(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: i
     return model
 
 
+def build_mllama(tokenizer, hidden_size: int = 256, num_layers: int = 4, seed: int = 0):
+    """A randomly initialised Mllama (Llama 3.2 Vision): a tiny Llama text model whose second block is a
+    cross-attention block, under a two-block tiled vision encoder (56 px tiles in 14 px patches, up to 2 tiles an
+    image, one global block) whose features it reads."""
+    text = {**text_shape(len(tokenizer), hidden_size, num_layers, tokenizer.eos_token_id, tokenizer.pad_token_id),
+            "cross_attention_layers": [1], "tie_word_embeddings": False,
+            "bos_token_id": tokenizer.bos_token_id}
+    vision = dict(image_size=56, patch_size=14, hidden_size=64, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=4, intermediate_size=128, max_num_tiles=2, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], vision_output_dim=128)
+    config = MllamaConfig(text_config=text, vision_config=vision,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    # Transformers starts the cross-attention block's gates (tanh-gated) at zero: the text would read nothing of the
+    # images, and the tower would learn nothing, until the gates moved; a trained Llama 3.2 Vision's are open
+    for layer in text["cross_attention_layers"]:
+        block = model.model.language_model.layers[layer]
+        torch.nn.init.constant_(block.cross_attn_attn_gate, 0.5)
+        torch.nn.init.constant_(block.cross_attn_mlp_gate, 0.5)
+    return model
+
+
+def save_mllama_processor(tokenizer, out_dir: Path) -> None:
+    """Mllama's image processor (the PIL one: 56 px tiles, up to 2 an image) and its processor, as Llama 3.2 Vision's
+    models ship them."""
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    images = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=2)
+    images.save_pretrained(out_dir)
+    MllamaProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out_dir)
+
+
 def save_gemma3_processor(tokenizer, out_dir: Path) -> None:
     """Gemma 3's image processor (the PIL one: 56x56 in the tiny model) and its processor settings (4 image tokens an
     image), as Gemma 3's models ship them."""
@@ -212,12 +250,15 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     family its image processor; returns the folder."""
     out_dir = Path(out_dir)
     vision = family in VISION_LANGUAGE
-    extra = {"llava": [LLAVA_IMAGE], "llava_next": [LLAVA_IMAGE], "gemma3": GEMMA3_TOKENS}.get(
-        family, QWEN2_VL_TOKENS if vision else [])
+    extra = {"llava": [LLAVA_IMAGE], "llava_next": [LLAVA_IMAGE], "gemma3": GEMMA3_TOKENS,
+             "mllama": MLLAMA_TOKENS}.get(family, QWEN2_VL_TOKENS if vision else [])
+    ends = {"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>"} if family == "mllama" else {}
     tokenizer = build_tokenizer(corpus_from(dataset_files), special_tokens=SPECIAL_TOKENS + extra,
-                                named=GEMMA3_NAMED if family == "gemma3" else None)
+                                named=GEMMA3_NAMED if family == "gemma3" else None, **ends)
     if family == "gemma3":
         model = build_gemma3(tokenizer, num_layers=num_layers, seed=seed)
+    elif family == "mllama":
+        model = build_mllama(tokenizer, num_layers=num_layers, seed=seed)
     elif family in ("llava", "llava_next"):
         model = build_llava(tokenizer, num_layers=num_layers, seed=seed, family=family)
     elif vision:
@@ -232,6 +273,8 @@ def write_tiny_model(out_dir: str | Path, dataset_files: list[Path], family: str
     model.save_pretrained(out_dir)
     if family == "gemma3":
         save_gemma3_processor(tokenizer, out_dir)
+    elif family == "mllama":
+        save_mllama_processor(tokenizer, out_dir)
     elif family in ("llava", "llava_next"):
         save_llava_processor(tokenizer, out_dir, family)
     elif vision:

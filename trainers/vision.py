@@ -25,7 +25,8 @@ _QWEN3_VL = VisionFamily("qwen3_vl", vision=("visual.pos_embed", "visual.patch_e
                          lora_conflicts=("patch_embed",))
 VISION_FAMILIES = {"qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_VL, "qwen3_vl": _QWEN3_VL,
                    **{name: VisionFamily(name, vision=("vision_tower",), projector=("multi_modal_projector",))
-                      for name in ("llava", "llava_next", "gemma3")}}
+                      for name in ("llava", "llava_next", "gemma3")},
+                   "mllama": VisionFamily("mllama", vision=("vision_model",), projector=("multi_modal_projector",))}
 
 
 def vision_family(config) -> VisionFamily | None:
