@@ -239,8 +239,8 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
     folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()))
     with pytest.raises(DataError, match="'shapes' has images, and template 'qwen' is text-only; use the model "):
         load_datasets("shapes", str(folder), None, template="qwen")
-    with pytest.raises(DataError, match="images in stage 'rm' are not built yet"):
-        load_datasets("shape_pairs", str(folder), None, template="qwen2_vl", stage="rm", data="preference")
+    with pytest.raises(DataError, match="images in stage 'ppo' are not built yet"):
+        load_datasets("shapes", str(folder), None, template="qwen2_vl", stage="ppo")
     with pytest.raises(DataError, match="'intern_vl' encodes media with LLaMA-Factory's 'intern_vl' plugin, which "):
         load_datasets("shapes", str(folder), None, template="intern_vl")
 
@@ -271,7 +271,8 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
 @pytest.mark.slow
 def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and_export_with_the_processor(
         tmp_path, ray_local):
-    """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL and a one-worker LoRA KTO of a tiny Gemma 3, with LoRA on the
+    """Two-worker LoRA SFT and DPO of the tiny Qwen2-VL, a one-worker reward model of it (stage rm), and a one-worker
+    LoRA KTO of a tiny Gemma 3, with LoRA on the
     vision tower too (freeze_vision_tower: false): its adapters can only move if the batches' pixels reached the
     tower; the projector stays out of LoRA, as LLaMA-Factory leaves it out. Then full SFT of a tiny LLaVA on one
     worker, its projector trained, LoRA SFT of a tiny LLaVA-NeXT and LoRA KTO of a tiny Mllama."""
@@ -317,6 +318,19 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     assert [r["step"] for r in dpo_losses] == [1, 2, 3]
     assert "rewards/accuracies" in dpo_losses[-1]
     tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
+    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+
+    # a reward model of the same Qwen2-VL on the pairs (stage rm): one worker, in-process; its score head
+    # (LLaMA-Factory's value head, read at each sequence's last attended token) and the tower's adapters learn
+    rm_out, rm_losses = train_recipe(ROOT / "configs" / "demo_rm_lora.yaml", tmp_path / "rm", model,
+                                     "template=qwen2_vl", "dataset=shape_pairs", f"dataset_dir={folder}",
+                                     "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
+                                     "logging_steps=1", "per_device_train_batch_size=4", "freeze_vision_tower=false",
+                                     "image_max_pixels=4096", "eval_dataset=null")
+    assert [r["step"] for r in rm_losses] == [1, 2] and "accuracy" in rm_losses[-1]
+    head = load_file(rm_out / "value_head.safetensors")["v_head.summary.weight"]
+    assert head.shape == (1, 256) and float(head.abs().sum()) > 0
+    tower = {k: v for k, v in load_file(rm_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
     assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
 
     # KTO of a tiny Gemma 3 on the same images as tagged examples: one worker, in-process; the tower's adapters move
@@ -386,6 +400,32 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     merged = run_export(cfg)
     assert (merged / "preprocessor_config.json").is_file()
     assert "AutoModelForImageTextToText.from_pretrained" in (merged / "README.md").read_text()
+
+
+@pytest.mark.unit
+def test_a_vision_language_reward_model_scores_each_sequence_at_its_last_attended_token():
+    """Stage rm's score of a vision-language model: the same sequence scores the same right-padded, left-padded, and
+    with a fake image's tokens unattended after it; LoRA under `all` leaves the score head to be trained whole."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rayft.recipe.schema import FinetuningArguments
+    from rayft.trainers.model import lora_target_modules, reward_model_class
+    from rayft.trainers.tiny_model import build_qwen2_vl
+
+    config = build_qwen2_vl(AutoTokenizer.from_pretrained(GOLDEN), num_layers=1).config
+    torch.manual_seed(0)
+    model = reward_model_class(config).from_config(config).eval()
+    ids, pad = [5, 9, 14, 20, 33], 0
+    rows = torch.tensor([ids + [pad, pad], [pad, pad] + ids, ids + [7, 7], [pad, pad, pad] + ids[:4]])
+    mask = torch.tensor([[1] * 5 + [0, 0], [0, 0] + [1] * 5, [1] * 5 + [0, 0], [0, 0, 0] + [1] * 4])
+    with torch.no_grad():
+        scores = model(input_ids=rows, attention_mask=mask).logits.squeeze(-1)
+    assert scores[0] == pytest.approx(float(scores[1]), abs=1e-5) and scores[0] == pytest.approx(float(scores[2]),
+                                                                                                  abs=1e-5)
+    assert abs(float(scores[3] - scores[0])) > 1e-6  # a shorter sequence is read at its own last token
+    targets = lora_target_modules(model, FinetuningArguments(freeze_vision_tower=False))
+    assert targets and "score" not in targets and not any(t.endswith("lm_head") for t in targets)
 
 
 @pytest.mark.unit

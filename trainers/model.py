@@ -116,7 +116,7 @@ def load_model(model_args: ModelArguments, use_gpu: bool, pure_bf16: bool = Fals
     source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                   trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(path or model_args.model_name_or_path, **source)
-    cls = AutoModelForSequenceClassification if value_head else model_class(config)
+    cls = reward_model_class(config) if value_head else model_class(config)
     from_scratch = scratch_seed is not None and trainable and path is None
     if path is None and (from_scratch or model_args.rope_scaling or trainable and model_args.moe_aux_loss_coef):
         # the one config, changed once, for whichever way the model is built (the value head's label count in it)
@@ -165,6 +165,47 @@ def model_class(config):
     """The Auto class that builds a model of `config` with its language-model head: image-text-to-text for a
     vision-language model (its vision tower included), causal LM otherwise."""
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def reward_model_class(config):
+    """The class that builds the sequence-classification form of a model of `config` (stage rm's reward model):
+    Transformers' own for a text model, a vision-language model's own class with a `score` head for one
+    (`ScoredImageText`: Transformers builds none for most of them)."""
+    if not is_vision_language(config):
+        return AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    base = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    return type(f"{base.__name__}WithScore", (ScoredImageText, base), {})
+
+
+class ScoredImageText:
+    """A vision-language model read as a reward model: its base model's last hidden state at each sequence's last
+    attended token, through a one-output `score` head (LLaMA-Factory's value head, read where its reward trainer
+    reads it; the language-model head goes unused). Mixed into the model's own class by `reward_model_class`, so
+    that `from_pretrained` loads the checkpoint's weights into it and starts `score` new."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.score = torch.nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Built from `config` with random weights, as an Auto class's `from_config` builds one."""
+        return cls._from_config(config, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("output_attentions", "use_cache")}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            **kwargs).last_hidden_state
+        values = self.score(hidden).squeeze(-1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(values, dtype=torch.long)
+        # the rightmost attended token, with the padding on either side (and a fake image's tokens unattended)
+        last = (attention_mask * torch.arange(1, values.shape[1] + 1, device=values.device)).argmax(-1)
+        return SequenceClassifierOutputWithPast(logits=values.gather(-1, last[:, None]))
 
 
 # Mixture-of-experts model types whose router (load-balancing) loss Transformers adds to the loss, and the config

@@ -4,7 +4,7 @@ module names and for the memory planner's shape. It runs in the driver's helper 
 import threading
 
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 
 from rayft.data.templates import plugin_of
 from rayft.recipe.config import RecipeConfig
@@ -17,6 +17,7 @@ from rayft.trainers.model import (
     freeze_trainable_prefixes,
     linear_module_names,
     model_class,
+    reward_model_class,
     trainable_layers,
 )
 from rayft.trainers.vision import VISION_FAMILIES, is_vision_language, vision_family
@@ -58,7 +59,7 @@ def empty_model(cfg: RecipeConfig):
     with init_empty_weights():
         if STAGE_SPECS[cfg.finetuning.stage].result == "reward model":  # a score head instead of the LM head
             config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = reward_model_class(config).from_config(config)
         else:
             model = model_class(config).from_config(config)
     model.tie_weights()  # from_config on the meta device leaves tied embeddings apart: counted twice otherwise

@@ -17,7 +17,7 @@ from rayft.recipe.config import RecipeConfig
 from rayft.recipe.plan import Plan
 from rayft.recipe.values import VALUE_HEAD_FILE
 from rayft.trainers import losses
-from rayft.trainers.common import StatsTrainer, fit, training_arguments
+from rayft.trainers.common import StatsTrainer, fit, training_arguments, with_images
 from rayft.trainers.model import load_tokenizer, prepare_model
 
 
@@ -25,7 +25,8 @@ class RewardTrainer(StatsTrainer):
     """Pairwise ranking loss on the scores of the chosen and the rejected response."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        scores = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+        batch = {k: v for k, v in inputs.items() if k != "labels"}  # with images: pixels, grids, token types
+        scores = model(**batch).logits.float()
         scores = scores.squeeze(-1)
         n = len(scores) // 2
         chosen, rejected = scores[:n], scores[n:]
@@ -42,7 +43,8 @@ def run_rm(cfg: RecipeConfig, plan: Plan) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = prepare_model(cfg, plan.use_gpu, value_head=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not padding
-    metrics = fit(cfg, plan, args, model, tokenizer, PairwiseCollator(tokenizer.pad_token_id),
+    metrics = fit(cfg, plan, args, model, tokenizer,
+                  with_images(cfg, tokenizer, PairwiseCollator(tokenizer.pad_token_id), copies=2),
                   trainer_cls=RewardTrainer)
     if args.process_index == 0 and not plan.stop_at:  # a pbt segment saves no model, only its checkpoint
         save_value_head(args.output_dir)

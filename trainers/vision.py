@@ -58,10 +58,10 @@ def lora_modules(model, family: VisionFamily, finetuning, targets: list[str] | N
     import torch
 
     forbidden = frozen_parts(family, finetuning) + family.lora_conflicts
-    if targets is None:
-        head = model.get_output_embeddings()
+    if targets is None:  # not the output head, nor a reward model's score head (trained whole)
+        heads = (model.get_output_embeddings(), getattr(model, "score", None))
         return [name for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and module is not head
+                if isinstance(module, torch.nn.Linear) and not any(module is head for head in heads)
                 and not in_parts(name, forbidden + family.projector)]
     return [name for name, _ in model.named_modules()
             if name.split(".")[-1] in targets and not in_parts(name, forbidden)]
