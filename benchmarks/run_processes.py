@@ -1,8 +1,9 @@
 """Where a short run's CPU goes, process by process, on a local Ray instance that is already up (as in the tests).
 
-    .venv/bin/python benchmarks/run_processes.py [--runs 3] [--upstream]
+    .venv/bin/python benchmarks/run_processes.py [--runs 3] [--steps 2] [--upstream] [KEY=VALUE ...]
 
-Trains configs/demo_sft_lora.yaml for 2 steps (2 workers, ZeRO-2) `--runs` times in this process and prints each
+Trains configs/demo_sft_lora.yaml for `--steps` steps (2 workers, ZeRO-2; KEY=VALUE overrides the recipe)
+`--runs` times in this process and prints each
 run's seconds and, for the last one, the CPU seconds of every process that used any during it (Ray Train's
 controller and workers, Ray Data's actors, rayft's progress board, ...). `--upstream` runs Ray Train's trainer as
 it comes (its placement-group cleaner and its metrics on) instead of rayft's local settings, as the peer.
@@ -40,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--upstream", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="recipe keys, KEY=VALUE")
     options = parser.parse_args()
     from conftest import DEMO_RECIPE, train_recipe
 
@@ -53,7 +56,8 @@ def main() -> None:
     seconds, rows = [], []
     for _ in range(options.runs):
         before, start = cpu_by_process(), time.time()
-        train_recipe(DEMO_RECIPE, Path(tempfile.mkdtemp()), TINY, "max_steps=2", "logging_steps=1")
+        train_recipe(DEMO_RECIPE, Path(tempfile.mkdtemp()), TINY, f"max_steps={options.steps}", "logging_steps=1",
+                     *options.overrides)
         seconds.append(round(time.time() - start, 1))
         after = cpu_by_process()
         # a process that ended during the run is gone from /proc and not counted; the workers are still exiting
