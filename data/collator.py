@@ -99,18 +99,16 @@ class ImageCollator:
         if not sources and self.fake is not None:
             batch, sources, copies = self._with_fake_image(batch), [self.fake.png], 1
             per_row = [1] + [0] * (len(batch["input_ids"]) - 1)  # the first row holds it, of every row
-        made = image_inputs(self.image_processor, self.geometry, sources, batch["input_ids"], self.image_token_id,
-                            copies, per_row)
-        num_tiles = made.pop("num_tiles", None)
-        batch.update(made)
+        batch.update(image_inputs(self.image_processor, self.geometry, sources, batch["input_ids"],
+                                  self.image_token_id, copies, per_row))
         if "kl_input_ids" in batch:  # KTO's mismatched pairs keep their examples' prompts, so the same pixels
             kl = image_inputs(self.image_processor, self.geometry, [], batch["kl_input_ids"], self.image_token_id)
             found = int((batch["kl_input_ids"] == self.image_token_id).sum())
             if found != int((batch["input_ids"] == self.image_token_id).sum()):
                 raise DataError(f"KTO's mismatched pairs hold {found} image tokens, their examples a different count")
-            if num_tiles is not None:  # Mllama: the mismatched rows read the same tiles from their own positions
+            if "aspect_ratio_ids" in batch:  # Mllama: the mismatched rows read the same tiles from their own places
                 kl["cross_attention_mask"] = cross_attention_mask(batch["kl_input_ids"], self.image_token_id,
-                                                                  num_tiles, self.image_processor.max_image_tiles)
+                                                                  batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch
 

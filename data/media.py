@@ -292,8 +292,7 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
     `copies` times): `pixel_values`, and for Qwen2-VL `image_grid_thw` and `mm_token_type_ids` (the image tokens, from
     which it places its 3-D rotary positions), for Gemma 3 `token_type_ids` (the same, as its attention reads them),
     for LLaVA-NeXT `image_sizes`, for Mllama its tiles' aspect ratios and `cross_attention_mask` (`per_row`: how many
-    of `sources` each row of one copy holds, in order; None: all in the first row), and `num_tiles`, which the caller
-    takes out for `cross_attention_mask` of other sequences over the same images.
+    of `sources` each row of one copy holds, in order; None: all in the first row).
     Raises when the processor's patches disagree with the token count tokenising made from the images' sizes."""
     import torch
 
@@ -325,24 +324,26 @@ def image_inputs(image_processor, geometry: ImageGeometry, sources: list, input_
                         f"{expected}: the image processor resizes differently from its saved configuration; re-save "
                         "the model's image processor")
     if grouped:
-        out["num_tiles"] = list(pixels["num_tiles"]) * copies
-        out["cross_attention_mask"] = cross_attention_mask(input_ids, image_token_id, out["num_tiles"],
-                                                           image_processor.max_image_tiles)
+        out["cross_attention_mask"] = cross_attention_mask(input_ids, image_token_id, out["aspect_ratio_ids"],
+                                                           out["aspect_ratio_mask"])
     return out
 
 
-def cross_attention_mask(input_ids, image_token_id: int, num_tiles: list[list[int]], max_tiles: int):
-    """Mllama's (batch, length, images, tiles) mask: each token reads the tiles of the images before it (from the last
-    run of adjacent images on), as Mllama's processor builds it."""
+def cross_attention_mask(input_ids, image_token_id: int, aspect_ratio_ids, aspect_ratio_mask):
+    """Mllama's (batch, length, images, tiles) mask for sequences `input_ids` over the images their rows hold
+    (`aspect_ratio_ids`: 0 where a row has no image; `aspect_ratio_mask`: each image's tiles): each token reads the
+    tiles of the images before it (from the last run of adjacent images on), as Mllama's processor builds it."""
     import torch
     from transformers.models.mllama.processing_mllama import (
         convert_sparse_cross_attention_mask_to_dense,
         get_cross_attention_token_mask,
     )
 
+    tiles = [[int(mask.sum()) for ratio, mask in zip(ratios, masks) if ratio != 0]
+             for ratios, masks in zip(aspect_ratio_ids, aspect_ratio_mask)]
     rows = [get_cross_attention_token_mask(ids, image_token_id) for ids in input_ids.tolist()]
     return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(
-        rows, num_tiles=num_tiles, max_num_tiles=max_tiles, length=input_ids.shape[1]))
+        rows, num_tiles=tiles, max_num_tiles=aspect_ratio_mask.shape[-1], length=input_ids.shape[1]))
 
 
 FAKE_IMAGE_SIZE = (64, 64)  # LLaMA-Factory's fake image: white, 64 x 64

@@ -71,7 +71,6 @@ class ImageModel:
         """`generate`'s image inputs for prompts `input_ids` holding the tokens of the images at `sources` (`per_row`:
         how many each prompt holds; None: one prompt)."""
         made = image_inputs(self.processor, self.geometry, sources, input_ids.cpu(), self.token_id, per_row=per_row)
-        made.pop("num_tiles", None)
         return {k: v.to(input_ids.device) for k, v in made.items()}
 
 
