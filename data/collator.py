@@ -93,8 +93,8 @@ class ImageCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.pad(examples)
-        per_row = [len(json.loads(e.get("images") or "[]")) for e in examples]
-        sources = [path for e in examples for path in json.loads(e.get("images") or "[]")]
+        rows = [json.loads(e.get("images") or "[]") for e in examples]
+        per_row, sources = [len(row) for row in rows], [path for row in rows for path in row]
         copies = self.copies
         if not sources and self.fake is not None:
             batch, sources, copies = self._with_fake_image(batch), [self.fake.png], 1
