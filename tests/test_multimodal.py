@@ -159,6 +159,22 @@ def test_rows_with_images_become_llamafactorys_tokens_and_pixels(template, case)
         assert batch[f"kl_{types}"].sum() == batch[types].sum() > 0
 
 
+def tiny_model_of(folder: Path, family: str) -> Path:
+    """A tiny vision-language model of `family` (its tokenizer trained on the demo data) written to `folder`."""
+    from rayft.trainers.tiny_model import write_tiny_model
+
+    return write_tiny_model(folder, sorted((ROOT / "data" / "demo").glob("demo_*.json")), family=family)
+
+
+def tower_learned(out: Path, tower: str) -> bool:
+    """Whether the adapter saved in `out` holds LoRA weights in the vision tower (modules named with `tower`), and
+    any of them moved: lora_B starts at zero, so only pixels that reached the tower can move it."""
+    from safetensors.torch import load_file
+
+    weights = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if tower in k}
+    return bool(weights) and any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)
+
+
 def base_losses(model_dir: Path, folder: Path, template: str, micro_batches: list[list[int]]) -> tuple[float, float]:
     """The loss of the model at `model_dir` on the rows of `folder`'s shapes dataset in `micro_batches` (row indices),
     encoded and collated as a run does (cutoff 1024, the default pixel limits): averaged per micro-batch, and over
@@ -282,10 +298,8 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     from rayft.orchestrator.export import run_export
     from rayft.recipe.loading import load_recipe
     from rayft.recipe.parse import parse_config
-    from rayft.trainers.tiny_model import write_tiny_model
 
-    model = write_tiny_model(tmp_path / "tiny-vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                             family="qwen2_vl")
+    model = tiny_model_of(tmp_path / "tiny-vl", "qwen2_vl")
     folder = image_dataset(tmp_path, json.loads((GOLDEN / "rows.json").read_text()) * 8)
     with captured_log() as lines:
         out, losses = train_recipe(DEMO_RECIPE, tmp_path, model, "template=qwen2_vl", "dataset=shapes",
@@ -317,8 +331,7 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     assert dpo_losses[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # the policy starts as its reference
     assert [r["step"] for r in dpo_losses] == [1, 2, 3]
     assert "rewards/accuracies" in dpo_losses[-1]
-    tower = {k: v for k, v in load_file(dpo_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
-    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    assert tower_learned(dpo_out, ".visual.blocks.")
 
     # a reward model of the same Qwen2-VL on the pairs (stage rm): one worker, in-process; its score head
     # (LLaMA-Factory's value head, read at each sequence's last attended token) and the tower's adapters learn
@@ -330,36 +343,30 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     assert [r["step"] for r in rm_losses] == [1, 2] and "accuracy" in rm_losses[-1]
     head = load_file(rm_out / "value_head.safetensors")["v_head.summary.weight"]
     assert head.shape == (1, 256) and float(head.abs().sum()) > 0
-    tower = {k: v for k, v in load_file(rm_out / "adapter_model.safetensors").items() if ".visual.blocks." in k}
-    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    assert tower_learned(rm_out, ".visual.blocks.")
 
     # KTO of a tiny Gemma 3 on the same images as tagged examples: one worker, in-process; the tower's adapters move
     (folder / "feedback.json").write_text((GOLDEN / "feedback.json").read_text())
-    gemma = write_tiny_model(tmp_path / "tiny-gemma3", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                             family="gemma3")
+    gemma = tiny_model_of(tmp_path / "tiny-gemma3", "gemma3")
     kto_out, kto_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "kto", gemma,
                                        "template=gemma3", "dataset=shape_feedback", f"dataset_dir={folder}",
                                        "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
                                        "logging_steps=1", "per_device_train_batch_size=4",
                                        "freeze_vision_tower=false", "image_max_pixels=4096")
     assert [r["step"] for r in kto_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in kto_losses)
-    tower = {k: v for k, v in load_file(kto_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
-    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    assert tower_learned(kto_out, ".vision_tower.")
     # and of a tiny Mllama, whose text reads each image's tiles through cross-attention: the mismatched pairs too
-    mllama = write_tiny_model(tmp_path / "tiny-mllama", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                              family="mllama")
+    mllama = tiny_model_of(tmp_path / "tiny-mllama", "mllama")
     mllama_out, mllama_losses = train_recipe(ROOT / "configs" / "demo_kto_lora.yaml", tmp_path / "mllama", mllama,
                                              "template=mllama", "dataset=shape_feedback", f"dataset_dir={folder}",
                                              "cutoff_len=1024", "deepspeed=null", "ray_num_workers=1", "max_steps=2",
                                              "logging_steps=1", "per_device_train_batch_size=4",
                                              "freeze_vision_tower=false")
     assert [r["step"] for r in mllama_losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in mllama_losses)
-    tower = {k: v for k, v in load_file(mllama_out / "adapter_model.safetensors").items() if ".vision_model." in k}
-    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    assert tower_learned(mllama_out, ".vision_model.")
 
     # LLaVA: every image 16 tokens; one worker (in-process), full training of the language model and projector
-    llava = write_tiny_model(tmp_path / "tiny-llava", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                             family="llava")
+    llava = tiny_model_of(tmp_path / "tiny-llava", "llava")
     llava_out, llava_losses = train_recipe(DEMO_RECIPE, tmp_path / "llava", llava, "template=llava",
                                            "dataset=shapes", f"dataset_dir={folder}", "eval_dataset=null",
                                            "deepspeed=null", "ray_num_workers=1", "finetuning_type=full",
@@ -373,8 +380,7 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
 
     # LLaVA-NeXT: each image tiled on its best grid (a base tile, its tiles unpadded, a newline token a row); LoRA on
     # one worker with the tower's adapters, which move only if the tiles' pixels and image_sizes reached the model
-    llava_next = write_tiny_model(tmp_path / "tiny-llava-next", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                                  family="llava_next")
+    llava_next = tiny_model_of(tmp_path / "tiny-llava-next", "llava_next")
     next_out, next_losses = train_recipe(DEMO_RECIPE, tmp_path / "llava_next", llava_next, "template=llava_next",
                                          "dataset=shapes", f"dataset_dir={folder}", "eval_dataset=null",
                                          "deepspeed=null", "ray_num_workers=1", "freeze_vision_tower=false",
@@ -387,8 +393,7 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     per_micro_batch, over_tokens = base_losses(llava_next, folder, "llava_next", [[0, 1], [2, 3]])
     assert next_losses[0]["loss"] == pytest.approx(per_micro_batch, rel=1e-5)
     assert abs(per_micro_batch - over_tokens) > 1e-3
-    tower = {k: v for k, v in load_file(next_out / "adapter_model.safetensors").items() if ".vision_tower." in k}
-    assert any(float(v.abs().max()) > 0 for k, v in tower.items() if "lora_B" in k)
+    assert tower_learned(next_out, ".vision_tower.")
 
     from transformers import AutoModelForImageTextToText
 
@@ -506,10 +511,8 @@ def test_the_serving_engine_answers_with_images_as_training_encodes_them(tmp_pat
     generate; a file: URL outside media_dir, a stray <image> and several answers are refused with a 400."""
     from rayft.orchestrator.openai_api import ApiError, chat_request
     from rayft.orchestrator.serving import Engine, serve_spec
-    from rayft.trainers.tiny_model import write_tiny_model
 
-    model = write_tiny_model(tmp_path / "vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                             family="qwen2_vl")
+    model = tiny_model_of(tmp_path / "vl", "qwen2_vl")
     cfg = parse_config(load_recipe(ROOT / "configs" / "serve_lora.yaml", [
         f"model_name_or_path={model}", "template=qwen2_vl", "serve_adapters=null", f"media_dir={GOLDEN}",
         "do_sample=false"]), base_dir=ROOT, for_training=False)
@@ -543,10 +546,8 @@ def test_rayft_serve_answers_an_openai_image_url_request(tmp_path):
     from conftest import free_port
     from test_serve import KEY, running_server
 
-    from rayft.trainers.tiny_model import write_tiny_model
 
-    model = write_tiny_model(tmp_path / "vl", sorted((ROOT / "data" / "demo").glob("demo_*.json")),
-                             family="qwen2_vl")
+    model = tiny_model_of(tmp_path / "vl", "qwen2_vl")
     port = free_port()
     recipe = load_recipe(ROOT / "configs" / "serve_lora.yaml", [
         f"model_name_or_path={model}", "template=qwen2_vl", f"serve_port={port}", "do_sample=false",
@@ -569,10 +570,7 @@ def test_rayft_serve_answers_an_openai_image_url_request(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vl(tmp_path_factory) -> Path:
-    from rayft.trainers.tiny_model import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("vl") / "tiny-qwen2-vl",
-                            sorted((ROOT / "data" / "demo").glob("demo_*.json")), family="qwen2_vl")
+    return tiny_model_of(tmp_path_factory.mktemp("vl") / "tiny-qwen2-vl", "qwen2_vl")
 
 
 @pytest.mark.unit
