@@ -9,7 +9,7 @@ from rayft.orchestrator.memory import GB, MemorySettings, ModelShape, estimate, 
 from rayft.recipe import deepspeed as ds
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.derive import is_elastic, prompts_per_step, reference_kind
-from rayft.recipe.optimizers import optimizer_kind
+from rayft.recipe.optimizers import optimizer_kind, uses_bitsandbytes
 from rayft.recipe.plan import Node, Plan
 from rayft.recipe.problems import ConfigError, Problem
 from rayft.recipe.stages import ONLINE_STAGES
@@ -240,11 +240,11 @@ def trains_in_process(cfg: RecipeConfig, workers: int, elastic: bool, deepspeed:
     """Whether the run's one worker is the driver's own process (Ray Train's local mode), which saves starting Ray
     Train's controller and worker processes (about 12 s here). Only where local mode changes nothing the run asks
     for: one worker on a local instance, not elastic, no DeepSpeed (it needs a process group), no checkpoint (local
-    mode keeps none in storage), no restart, no quantised base (the driver has no bitsandbytes), no sweep trial, and
+    mode keeps none in storage), no restart, nothing from bitsandbytes (the driver has none), no sweep trial, and
     not the online stages (their actor groups expect a worker group)."""
     r, t = cfg.ray, cfg.args
     return (workers == 1 and not elastic and r.ray_address is None and deepspeed is None and t.save_strategy == "no"
-            and r.ray_max_failures == 0 and cfg.model.quantization_bit is None and not sweep_trial
+            and r.ray_max_failures == 0 and not uses_bitsandbytes(cfg) and not sweep_trial
             and cfg.finetuning.stage not in ONLINE_STAGES)
 
 

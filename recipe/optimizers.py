@@ -26,12 +26,21 @@ def optimizer_kind(f) -> str:
     return "loraplus" if f.loraplus_lr_ratio is not None else "default"
 
 
+# Transformers' `optim` values whose optimizers bitsandbytes provides (its trainer_optimizer's list, kept equal by
+# tests/test_optimizers.py), e.g. QLoRA recipes' paged_adamw_8bit
+BITSANDBYTES_OPTIMS = frozenset({
+    "adamw_8bit", "adamw_bnb_8bit", "ademamix", "ademamix_8bit", "lion_32bit", "lion_8bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+    "rmsprop_bnb", "rmsprop_bnb_32bit", "rmsprop_bnb_8bit"})
+
+
 def uses_bitsandbytes(cfg) -> bool:
-    """Whether the workers need bitsandbytes: a quantised base, reference or reward model, or GaLore or APOLLO (their
-    packages import it)."""
-    f = cfg.finetuning
+    """Whether the workers need bitsandbytes: a quantised base, reference or reward model, one of its optimizers as
+    `optim`, or GaLore or APOLLO (their packages import it), by switch or by Transformers' optim name."""
+    f, optim = cfg.finetuning, cfg.args.optim
     return bool(cfg.model.quantization_bit or f.ref_model_quantization_bit or f.reward_model_quantization_bit) or (
-        optimizer_kind(f) in ("galore", "apollo"))
+        optimizer_kind(f) in ("galore", "apollo") or optim in BITSANDBYTES_OPTIMS
+        or optim.startswith(("galore_", "apollo_")))
 
 
 def optimizer_problems(f, optim: str, deepspeed, max_workers: int, accumulation: int, online: bool) -> list[Problem]:

@@ -83,7 +83,8 @@ def test_every_llamafactory_recipe_plans_on_this_cpu(recipe, tiny_model, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [
-    ("examples/train_lora/qwen3_lora_sft.yaml", ()),
+    # with one of bitsandbytes' optimizers, which its workers must import though the base is not quantised
+    ("examples/train_lora/qwen3_lora_sft.yaml", ("optim=adamw_bnb_8bit",)),
     # QLoRA with DDP on two workers: each holds the base in 4 bits (bitsandbytes NF4 runs on this CPU); two
     # micro-batches a step instead of eight keep it short. (ZeRO-3 from LLaMA-Factory's ds_z3_config.json trains in
     # test_stages.py's full-DPO run.)

@@ -184,6 +184,29 @@ def test_the_optimizers_llamafactory_recipes_use_are_accepted(overrides):
     assert problems(*overrides) == []
 
 
+def test_the_workers_get_bitsandbytes_for_its_optimizers_and_only_then():
+    """Workers of a run that needs no bitsandbytes start without it (2.5 s of imports); an `optim` from it (a QLoRA
+    recipe's paged_adamw_8bit, also on an unquantised base) must keep it, and keeps the run out of the driver's own
+    process, which has none. The list rayft keeps is Transformers' own, on the installed version."""
+    from transformers.trainer_optimizer import _APOLLO_OPTIMIZERS, _BITSANDBYTES_OPTIMIZERS, _GALORE_OPTIMIZERS
+
+    from rayft.orchestrator.plan import trains_in_process
+    from rayft.recipe.optimizers import BITSANDBYTES_OPTIMS, uses_bitsandbytes
+
+    assert BITSANDBYTES_OPTIMS == {name.value for name in _BITSANDBYTES_OPTIMIZERS}
+
+    def config(*overrides):
+        return parse_config(load_recipe(DEMO_RECIPE, ["model_name_or_path=.", "ray_num_workers=1", "deepspeed=null",
+                                                      *overrides]), base_dir=ROOT)
+
+    assert all(uses_bitsandbytes(config(f"optim={name}")) for name in BITSANDBYTES_OPTIMS)
+    # Transformers' GaLore and APOLLO optims, whose packages import bitsandbytes, go by their prefixes
+    assert all(name.value.startswith(("galore_", "apollo_")) for name in _GALORE_OPTIMIZERS + _APOLLO_OPTIMIZERS)
+    plain = config()
+    assert not uses_bitsandbytes(plain) and trains_in_process(plain, 1, False, None, False)
+    assert not trains_in_process(config("optim=paged_adamw_8bit"), 1, False, None, False)
+
+
 def test_the_memory_planner_counts_each_optimizers_state():
     shape = ModelShape(total_params=7_000_000_000, trainable_params=7_000_000_000, largest_layer_params=500_000_000,
                        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vocab_size=32000)
