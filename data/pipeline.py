@@ -378,7 +378,9 @@ def tokenize(rows: Rows, tokenizer_spec: TokenizerSpec, settings: EncodingSettin
         import ray.data
 
         tables = here(list(rows.batches(["example"], batch_size=batch_size)), tokenizer_spec, settings, encoder)
-        return ray.data.from_arrow(tables).materialize()
+        # from_blocks reads each table's metadata here; from_arrow would start a task for it (a new worker
+        # process on a fresh instance, about a second of a small run's start)
+        return ray.data.from_blocks(tables)
     options = {"concurrency": tasks} if tasks else {}
     if stream_tasks is not None:
         options = {"num_cpus": 0, "concurrency": min(stream_tasks, tasks or stream_tasks)}
@@ -525,15 +527,25 @@ def token_stats(dataset) -> dict:
     """Examples, tokens, trained tokens and tokens dropped by truncation of a tokenised dataset.
 
     Streams only the three small count columns to the driver; a Ray Data aggregation would start a
-    shuffle stage costing seconds even on tiny data.
+    shuffle stage costing seconds even on tiny data. A small materialised dataset (one the driver tokenised)
+    is read whole: selecting its columns would start a task, and its blocks are already in this node's store.
     """
+    from ray.data.dataset import MaterializedDataset
+
     totals = {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated_tokens": 0}
     columns = {"num_tokens": "tokens", "num_trained": "trained_tokens", "truncated": "truncated_tokens"}
-    for batch in dataset.select_columns(list(columns)).iter_batches(batch_format="numpy", batch_size=65536):
+    small = isinstance(dataset, MaterializedDataset) and dataset.count() <= DRIVER_TOKENIZE_MAX
+    for batch in (dataset if small else dataset.select_columns(list(columns))).iter_batches(
+            batch_format="numpy", batch_size=65536):
         totals["examples"] += len(batch["num_tokens"])
         for column, key in columns.items():
             totals[key] += int(batch[column].sum())
     return totals
+
+
+def first_row(dataset) -> dict:
+    """A dataset's first row, read without a task (`take(1)` starts one to cut the first block)."""
+    return next(iter(dataset.iter_rows()))
 
 
 def describe_with(row: dict, tokenizer_spec: TokenizerSpec) -> str:

@@ -31,6 +31,7 @@ from rayft.data.pipeline import (
     check_encoding,
     describe_with,
     encode_tables,
+    first_row,
     locate_datasets,
     read_dataset,
     sample_examples,
@@ -557,7 +558,7 @@ def _tokenized(prepared: Prepared, rows_of, split: str, keep: bool):
     logger.info(f"{split} data: {counted}{packed}, {stats['tokens']} tokens ({stats['trained_tokens']} trained), "
                 f"{stats['truncated_tokens']} tokens cut by cutoff_len={d.cutoff_len}")
     if split == "train":
-        logger.info("first training example:\n" + helper.call(describe_with, dataset.take(1)[0], spec))
+        logger.info("first training example:\n" + helper.call(describe_with, first_row(dataset), spec))
     return dataset, stats
 
 
