@@ -34,6 +34,13 @@ def cluster_nodes() -> list[Node]:
     ]
 
 
+def only_this_machine() -> bool:
+    """Whether the connected cluster is one node, the driver's own (a `ray start --head` session on this machine):
+    as on an instance started for the run, no other node can be preempted or lost while the driver lives."""
+    nodes = cluster_nodes()
+    return len(nodes) == 1 and nodes[0].node_id == ray.get_runtime_context().get_node_id()
+
+
 def available_nodes() -> list[Node]:
     """The alive nodes with the resources not held by anything now (what a new worker group could take)."""
     free = ray._private.state.available_resources_per_node()  # no public per-node form in Ray 2.60

@@ -22,7 +22,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rayft.cluster.session import available_nodes, gpu_memory_bytes, local_machine, ray_session
+from rayft.cluster.session import available_nodes, gpu_memory_bytes, local_machine, only_this_machine, ray_session
 from rayft.cluster.storage import checkpoint_recipe, filesystem, latest_checkpoint
 from rayft.data.examples import Rows, mixed, shuffled, split_off, union
 from rayft.data.mixing import parse_probs
@@ -385,7 +385,8 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
     worker_env = {} if uses_bitsandbytes(cfg) else {WORKER_WITHOUT_BITSANDBYTES: "1"}
-    local = cfg.ray.ray_address is None
+    # an instance started for this run, or a running one of one node on this machine (a working session)
+    local = cfg.ray.ray_address is None or only_this_machine()
     with reward_actors(cfg, plan), progress, ray_train_settings(local=local):
         # Ray's TorchTrainer, but for its backend config, whose torch half runs in the controller and the workers
         trainer = (LocalRunTrainer if local else DataParallelTrainer)(
@@ -432,7 +433,9 @@ def build_deepspeed_op() -> None:
 class LocalRunTrainer(DataParallelTrainer):
     """Ray Train's trainer for a run on a local instance, without the placement-group cleaner: a detached actor
     process per run (about 2 s of a core here) that frees the run's placement group if its controller dies
-    abruptly. A local instance ends with its driver, and the group with it."""
+    abruptly. A local instance ends with its driver, and the group with it; on a running one of this machine
+    alone, Ray removes the group with the driver's job (tests/test_fault_tolerance.py kills the driver and
+    reruns)."""
 
     def _create_default_callbacks(self):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
@@ -442,12 +445,13 @@ class LocalRunTrainer(DataParallelTrainer):
 def ray_train_settings(local: bool):
     """Ray Train's own settings for one run, which it reads from the driver's environment when the run starts.
 
-    On a local Ray instance (no ray_address) no node can be preempted, so Ray Train's preemption watcher (one
-    more actor process per run, polling the nodes' drain state) is left out, and its controller polls the
-    workers every 0.5 s instead of every 2 s: it sees the group up, a report, a fault and the end that much
-    sooner (about 3.5 s of every short run), for a status call per worker that costs nothing next to a step.
-    Its Prometheus metrics, which no dashboard of a local instance collects, are left out too (about 1 s of the
-    controller's CPU per run). The environment's own values win.
+    On a local Ray instance (no ray_address, or a running one of this machine alone) no node can be preempted, so
+    Ray Train's preemption watcher (one more actor process per run, polling the nodes' drain state) is left out,
+    and its controller polls the workers every 0.5 s instead of every 2 s: it sees the group up, a report, a
+    fault and the end that much sooner (about 3.5 s of every short run), for a status call per worker that costs
+    nothing next to a step. Its Prometheus metrics are left out too (about 1 s of the controller's CPU per run;
+    RAY_TRAIN_METRICS_ENABLED=1 keeps them for a session whose dashboard collects them). The environment's own
+    values win.
     """
     wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
               "RAY_TRAIN_METRICS_ENABLED": "0"} if local else {}

@@ -30,6 +30,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
+from rayft.cluster.session import only_this_machine
 from rayft.cluster.storage import latest_checkpoint
 from rayft.orchestrator.launch import run_train
 from rayft.recipe.loading import load_recipe
@@ -119,7 +120,8 @@ def run(cluster: Cluster, second, name: str, out: Path, model: str) -> dict:
 
     thread = threading.Thread(target=train, daemon=True)  # a wait that times out ends the process, not the run
     thread.start()
-    result = {"run": name}
+    # two nodes: Ray Train's cluster settings (preemption watcher, placement-group cleaner), not a local instance's
+    result = {"run": name, "only_this_machine": only_this_machine()}
     # the notice: the second node's worker gets SIGTERM at the first logged step, and the group checkpoints there
     wait_for("a logged step", lambda: any("loss" in r for r in read_log(out / "out")))
     (pid,) = wait_for("the second node's worker", lambda: workers_on(second.node_id))

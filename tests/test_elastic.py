@@ -170,6 +170,7 @@ def test_a_run_shrinks_when_a_node_leaves_and_grows_when_it_returns(elastic_runs
     out, results = elastic_runs
     run, max_steps = "lora_z2", 20
     assert results[run]["status"] == "ok", results[run]["error"]
+    assert results[run]["only_this_machine"] is False
     records = read_log(out / run / "out")
     resizes = [(r["previous_world_size"], r["world_size"]) for r in records if "previous_world_size" in r]
     assert resizes[0] == (2, 1) and resizes[-1] == (1, 2), records

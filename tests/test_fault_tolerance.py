@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_RECIPE, ROOT, S3_BUCKET, S3_SECRET_KEY, WITHOUT_TORCH
 
+from rayft.cluster.session import only_this_machine
 from rayft.cluster.storage import latest_checkpoint
 from rayft.recipe.values import read_log
 
@@ -74,6 +75,9 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_the_latest_ch
     for key, value in env.items():  # this process lists the bucket's checkpoints, as the driver does
         monkeypatch.setenv(key, value)
     address = ray_local._private.worker._global_node.address
+    # a running instance of one node, this machine's: the run joins it with a local instance's settings (no
+    # placement-group cleaner; the killed driver's group is freed by Ray with its job, or the rerun could not start)
+    assert only_this_machine()
     storage, out = f"s3://{S3_BUCKET}/ray", tmp_path / "out"
     command = [sys.executable, "-m", "rayft.orchestrator.cli", "train", str(DEMO_RECIPE),
                f"model_name_or_path={tiny_model}", f"output_dir={out}", "dataset=s3_sft", "eval_dataset=null",
