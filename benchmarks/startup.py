@@ -7,8 +7,9 @@
    instance), `--repeats` times: the seconds from the command's start to each line that ends a phase (medians),
    the driver process's own peak resident memory (sampled every 0.05 s; its helper process is shown apart), and the
    workers' own start-up line (imports per library, model, first step) where the checkout prints one.
-3. Ray Train's own floor: a 2-worker run of a function that only reports, on a local instance that is already up
-   (as tests and a `ray start --head` session have it), with rayft's local settings.
+3. On a local instance that is already up (as tests and a `ray start --head` session have it): the same 2-step
+   command joining it (`ray_address`), and Ray Train's own floor, a 2-worker run of a function that only reports,
+   with rayft's local settings and with Ray Train's own.
 
 Both checkouts run with their own `.venv`, one after the other on the same machine.
 """
@@ -92,10 +93,7 @@ def measure(checkout: Path, repeats: int, tmp: Path) -> dict:
         found["keys"].append(timed_command(python, checkout, ["keys", "lora_rank"]))
         found["plan"].append(timed_command(python, checkout, ["plan", "configs/demo_sft_lora.yaml",
                                                               f"model_name_or_path={TINY}"]))
-        out = tmp / f"{checkout.name}-{i}"
-        found["train"].append(timed_command(python, checkout, [
-            "train", "configs/demo_sft_lora.yaml", "max_steps=2", "logging_steps=1", f"model_name_or_path={TINY}",
-            f"output_dir={out}/out", f"ray_storage_path={out}/ray", "ray_run_name=startup"]))
+        found["train"].append(timed_command(python, checkout, train_args(tmp / f"{checkout.name}-{i}")))
     for kind, runs in found.items():
         failed = [r for r in runs if r["code"] != 0]
         if failed:
@@ -113,9 +111,17 @@ def measure(checkout: Path, repeats: int, tmp: Path) -> dict:
     }
 
 
-def empty_runs(repeats: int, storage: str) -> dict[str, list[float]]:
-    """Ray Train's own cost: a 2-worker run of a function that only reports, on a local instance already up, with
-    rayft's trainer for local runs and with Ray Train's own (its placement-group cleaner and metrics on), in turn."""
+def train_args(out: Path, *extra: str) -> list[str]:
+    """The 2-step, 2-worker demo command's arguments, its outputs under `out`."""
+    return ["train", "configs/demo_sft_lora.yaml", "max_steps=2", "logging_steps=1", f"model_name_or_path={TINY}",
+            f"output_dir={out}/out", f"ray_storage_path={out}/ray", "ray_run_name=startup", *extra]
+
+
+def on_a_running_instance(repeats: int, empty: int, tmp: Path) -> dict:
+    """On a local instance this process starts and holds (as a `ray start --head` session, or the tests, have one):
+    the whole 2-step command joining it (ray_address) `repeats` times, then Ray Train's own cost, `empty` times each:
+    a 2-worker run of a function that only reports, with rayft's trainer for local runs and with Ray Train's own
+    (its placement-group cleaner and metrics on), in turn."""
     import logging
 
     import ray
@@ -132,8 +138,15 @@ def empty_runs(repeats: int, storage: str) -> dict[str, list[float]]:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     seconds: dict[str, list[float]] = {"rayft": [], "ray_train": []}
+    address = ray.get_runtime_context().gcs_address
     try:
-        for i in range(repeats):
+        commands = [timed_command(ROOT / ".venv" / "bin" / "python", ROOT,
+                                  train_args(tmp / f"session-{i}", f"ray_address={address}")) for i in range(repeats)]
+        failed = [run for run in commands if run["code"] != 0]
+        if failed:
+            raise SystemExit("rayft train on the running instance failed:\n"
+                             + "\n".join(line for _, line in failed[0]["lines"]))
+        for i in range(empty):
             for name, cls in (("ray_train", DataParallelTrainer), ("rayft", LocalRunTrainer)):
                 with ray_train_settings(local=True):
                     if name == "ray_train":
@@ -141,12 +154,14 @@ def empty_runs(repeats: int, storage: str) -> dict[str, list[float]]:
                     start = time.perf_counter()
                     cls(report_once, backend_config=TorchBackend(backend="gloo"),
                         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                        run_config=RunConfig(name=f"empty-{name}-{i}", storage_path=storage)).fit()
+                        run_config=RunConfig(name=f"empty-{name}-{i}", storage_path=str(tmp / "empty"))).fit()
                     seconds[name].append(time.perf_counter() - start)
                     os.environ.pop("RAY_TRAIN_METRICS_ENABLED", None)
     finally:
         ray.shutdown()
-    return seconds
+    phases = [phases_of(run) for run in commands]
+    return {"train_s": [run["seconds"] for run in commands],
+            "phases": {name: median(p.get(name, 0.0) for p in phases) for name in phases[0]}, "empty_runs_s": seconds}
 
 
 def main() -> None:
@@ -159,7 +174,7 @@ def main() -> None:
     checkouts["this checkout"] = ROOT
     with tempfile.TemporaryDirectory() as tmp:
         found = {name: measure(path, args.repeats, Path(tmp)) for name, path in checkouts.items()}
-        empty = empty_runs(args.empty_runs, str(Path(tmp) / "empty")) if args.empty_runs else {}
+        running = on_a_running_instance(args.repeats, args.empty_runs, Path(tmp))
     names = list(found)
     rows = [{"what": "rayft keys lora_rank (s)", **{n: found[n]["keys_s"] for n in names}},
             {"what": "rayft plan, demo recipe (s)", **{n: found[n]["plan_s"] for n in names}},
@@ -172,10 +187,14 @@ def main() -> None:
     print(table(rows, ["what", *names]))
     for name in names:
         print(f"{name}: {found[name]['worker_startup'] or 'no worker start-up line'}")
-    for name, runs in (empty or {}).items():
+    session = running["train_s"]
+    print(f"rayft train, 2 steps, 2 workers, joining a running local instance: median {median(session)} s "
+          f"({', '.join(f'{s:.1f}' for s in session)}); phases: "
+          + ", ".join(f"{name} {seconds}" for name, seconds in running["phases"].items()))
+    for name, runs in running["empty_runs_s"].items():
         print(f"empty 2-worker run on a running local instance, {name}'s trainer: median {median(runs)} s "
               f"({', '.join(f'{s:.1f}' for s in runs)})")
-    write("startup", {"commands": found, "empty_runs_s": empty, "argv": sys.argv[1:]})
+    write("startup", {"commands": found, "running_instance": running, "argv": sys.argv[1:]})
 
 
 if __name__ == "__main__":
