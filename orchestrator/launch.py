@@ -168,13 +168,20 @@ def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
                                                  "set overwrite_output_dir: true")])
 
 
-def check_cluster(cfg: RecipeConfig, nodes: list[Node]) -> None:
-    """Refuses a run the cluster can never hold, or whose checkpoints its nodes could not all reach."""
+def check_cluster(cfg: RecipeConfig, nodes: list[Node], sources: list[Source] = ()) -> None:
+    """Refuses a run the cluster can never hold, or whose checkpoints or images (those of `sources`) its nodes could
+    not all reach."""
     if len(nodes) > 1 and cfg.ray.storage_was_relative:
         raise ConfigError([Problem("ray_storage_path", (
             f"a relative path means a folder on each node's own disk ({cfg.ray.ray_storage_path} here), but this "
             f"cluster has {len(nodes)} nodes, whose workers must all reach the checkpoints; use a shared file "
             "system path or an s3:// / gs:// URI"))])
+    media = sorted({s.media_dir for s in sources if s.media_dir is not None})
+    if len(nodes) > 1 and media and not cfg.data.data_shared_file_system:
+        raise ConfigError([Problem("media_dir", (
+            f"the workers open each example's images by path on their own nodes ({', '.join(media)} here), and this "
+            f"cluster has {len(nodes)} nodes; put the images on a file system every node mounts at the same path and "
+            "set data_shared_file_system: true"))])
     check_placement(cfg, nodes)
 
 
@@ -223,7 +230,7 @@ def plan_prepared(prepared: Prepared) -> Plan:
         plan, free = plan_run(prepared, nodes, example_rows(prepared)["train"].count()), nodes
     else:
         with ray_session(cfg.ray) as nodes:
-            check_cluster(cfg, nodes)
+            check_cluster(cfg, nodes, prepared.train_sources + prepared.eval_sources)
             configure_ray_data()
             plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
             free = available_nodes()
@@ -247,7 +254,8 @@ def run_train(cfg: RecipeConfig, helper: Helper | None = None, keep_helper: bool
         checks = start_checks(cfg, helper)
         with ray_session(cfg.ray) as nodes:
             prepared = checks.finish()
-            check_cluster(cfg, nodes)  # the connected cluster can hold the workers
+            # the connected cluster can hold the workers, and they can reach the images
+            check_cluster(cfg, nodes, prepared.train_sources + prepared.eval_sources)
             tokenised = tokenize_splits(prepared)
             if not keep_helper:
                 helper.close()  # the driver holds no torch while its run trains

@@ -141,7 +141,8 @@ class DataArguments:
     media_dir: Optional[str] = arg(None, "Folder the datasets' image paths are relative to (default: dataset_dir); "
                                          "a path not found there is read as it is.")
     data_shared_file_system: bool = arg(
-        False, "Every node sees ray_storage_path: use the automatic token cache on a cluster too.")
+        False, "Every node sees this run's local paths (ray_storage_path, dataset_dir, media_dir) at the same place: "
+               "the token cache, the data files and the images are then used from any node of a cluster.")
     cutoff_len: int = arg(2048, "Longest sequence in tokens; longer examples are truncated.")
     train_on_prompt: bool = arg(False, "Learn the prompt tokens too, not only the responses.")
     mask_history: bool = arg(False, "Learn only the last response of a conversation.")

@@ -282,6 +282,20 @@ def test_images_need_a_multimodal_template_a_vision_model_and_stage_sft(tmp_path
         recipe("train_mm_proj_only=true")
     with pytest.raises(ConfigError, match="video_fps: video input"):
         recipe("video_fps=1.0")
+    # workers open the images by path: a cluster of several nodes needs them where every node sees them
+    from rayft.data.pipeline import locate_datasets
+    from rayft.orchestrator.launch import check_cluster
+    from rayft.recipe.plan import Node
+
+    sources = locate_datasets("shapes", str(folder), template="qwen2_vl")
+    nodes = [Node(f"node{i}", "10.0.0.1", {"CPU": 2.0}) for i in range(2)]
+    on_a_cluster = recipe("template=qwen2_vl", "ray_num_workers=2", "deepspeed=null", "ray_storage_path=/shared/ray")
+    with pytest.raises(ConfigError, match=f"media_dir: the workers open each example's images by path on their own "
+                                          f"nodes \\({folder}"):
+        check_cluster(on_a_cluster, nodes, sources)
+    check_cluster(on_a_cluster, nodes[:1], sources)  # one node: its own disk is every worker's
+    check_cluster(recipe("template=qwen2_vl", "ray_num_workers=2", "deepspeed=null", "ray_storage_path=/shared/ray",
+                         "data_shared_file_system=true"), nodes, sources)
 
 
 @pytest.mark.slow
