@@ -23,6 +23,8 @@ QWEN_PLUGINS = ("qwen2_vl", "qwen3_vl")  # Qwen3-VL's plugin encodes images as Q
 # a batch's image inputs that describe its images rather than its sequences (image_sizes: LLaVA-NeXT's, to unpad tiles;
 # aspect_ratio_ids and aspect_ratio_mask: Mllama's tiles)
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "aspect_ratio_ids", "aspect_ratio_mask")
+# and those with a row per sequence, beside input_ids (where the image tokens are, and what attends to the images)
+SEQUENCE_IMAGE_KEYS = ("mm_token_type_ids", "token_type_ids", "cross_attention_mask")
 # plugins whose model takes each row's images as a group (pixel_values per row, not per image), and whose text
 # attends to them through a cross-attention mask: Mllama's
 ROW_GROUPED_PLUGINS = ("mllama",)

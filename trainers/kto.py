@@ -8,7 +8,7 @@ import torch
 from transformers import set_seed
 
 from rayft.data.collator import KTOCollator
-from rayft.data.media import PIXEL_KEYS
+from rayft.data.media import PIXEL_KEYS, SEQUENCE_IMAGE_KEYS
 from rayft.recipe.config import RecipeConfig
 from rayft.recipe.logs import logger
 from rayft.recipe.plan import Plan
@@ -29,8 +29,7 @@ class KTOTrainer(StatsTrainer):
         n = len(inputs["input_ids"])
         # with images, both sides carry the examples' pixels; the mismatched side its own image-token types
         pixels = {k: inputs[k] for k in PIXEL_KEYS if k in inputs}
-        sequences = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
-                                 "cross_attention_mask") if k in inputs]
+        sequences = [k for k in ("input_ids", "attention_mask", *SEQUENCE_IMAGE_KEYS) if k in inputs]
         batch = {**{k: inputs[k] for k in sequences}, **pixels}
         mismatched = {**{k: inputs[f"kl_{k}"] for k in sequences}, **pixels}
         logps, counts = losses.sequence_logps(model(**batch).logits.float(), inputs["labels"])
