@@ -393,9 +393,11 @@ def launch(cfg: RecipeConfig, plan: Plan, datasets: dict, sweep_metric: str | No
     t = cfg.args
     progress = ProgressBar(plan.progress_board, plan.total_steps, plan.global_batch_size)
     worker_env = {} if uses_bitsandbytes(cfg) else {WORKER_WITHOUT_BITSANDBYTES: "1"}
-    # an instance started for this run, or a running one of one node on this machine (a working session)
-    local = cfg.ray.ray_address is None or only_this_machine()
-    with reward_actors(cfg, plan), progress, ray_train_settings(local=local):
+    # an instance started for this run, or a running one of one node on this machine (a working session, whose
+    # dashboard may collect Ray Train's metrics: they stay on there)
+    started = cfg.ray.ray_address is None
+    local = started or only_this_machine()
+    with reward_actors(cfg, plan), progress, ray_train_settings(local=local, metrics=not started):
         # Ray's TorchTrainer, but for its backend config, whose torch half runs in the controller and the workers
         trainer = (LocalRunTrainer if local else DataParallelTrainer)(
             train_loop_per_worker,
@@ -450,19 +452,19 @@ class LocalRunTrainer(DataParallelTrainer):
 
 
 @contextlib.contextmanager
-def ray_train_settings(local: bool):
+def ray_train_settings(local: bool, metrics: bool = False):
     """Ray Train's own settings for one run, which it reads from the driver's environment when the run starts.
 
     On a local Ray instance (no ray_address, or a running one of this machine alone) no node can be preempted, so
     Ray Train's preemption watcher (one more actor process per run, polling the nodes' drain state) is left out,
     and its controller polls the workers every 0.5 s instead of every 2 s: it sees the group up, a report, a
     fault and the end that much sooner (about 3.5 s of every short run), for a status call per worker that costs
-    nothing next to a step. Its Prometheus metrics are left out too (about 1 s of the controller's CPU per run;
-    RAY_TRAIN_METRICS_ENABLED=1 keeps them for a session whose dashboard collects them). The environment's own
+    nothing next to a step. Its Prometheus metrics are left out too unless `metrics` (about 1 s of the
+    controller's CPU per run; an instance rayft starts has no dashboard to collect them). The environment's own
     values win.
     """
     wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-              "RAY_TRAIN_METRICS_ENABLED": "0"} if local else {}
+              **({} if metrics else {"RAY_TRAIN_METRICS_ENABLED": "0"})} if local else {}
     added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     try:

@@ -283,6 +283,8 @@ def test_ray_trains_local_settings_hold_for_the_run_only_and_the_environment_win
     assert watcher not in os.environ and poll not in os.environ
     with ray_train_settings(local=False):  # a cluster keeps Ray Train's defaults
         assert watcher not in os.environ and poll not in os.environ
+    with ray_train_settings(local=True, metrics=True):  # a running instance joined: its dashboard may collect them
+        assert os.environ[poll] == "0.5" and "RAY_TRAIN_METRICS_ENABLED" not in os.environ
     monkeypatch.setenv(poll, "3")
     with ray_train_settings(local=True):
         assert os.environ[poll] == "3"
