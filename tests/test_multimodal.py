@@ -358,6 +358,17 @@ def test_qwen2_vl_sft_and_dpo_gemma3_kto_and_llava_sft_train_on_their_images_and
     head = load_file(rm_out / "value_head.safetensors")["v_head.summary.weight"]
     assert head.shape == (1, 256) and float(head.abs().sum()) > 0
     assert tower_learned(rm_out, ".visual.blocks.")
+    # exported as for text: the adapters (the tower's among them) merged into the model, the head beside it
+    rm_cfg = parse_config(load_recipe(DEMO_RECIPE, [f"model_name_or_path={model}", f"adapter_name_or_path={rm_out}",
+                                                    f"export_dir={tmp_path / 'rm_merged'}", "template=qwen2_vl",
+                                                    "stage=rm", "dataset=shape_pairs", f"dataset_dir={folder}",
+                                                    f"output_dir={tmp_path / 'x'}"]), base_dir=ROOT)
+    rm_merged = run_export(rm_cfg)
+    assert torch.equal(load_file(rm_merged / "value_head.safetensors")["v_head.summary.weight"], head)
+    merged_weights, base_weights = load_file(rm_merged / "model.safetensors"), load_file(model / "model.safetensors")
+    assert merged_weights.keys() == base_weights.keys()  # the checkpoint's own layout: no score, no LoRA
+    moved = {k for k in base_weights if not torch.equal(merged_weights[k], base_weights[k])}
+    assert any(k.startswith("visual.blocks.") for k in moved) and any(".layers." in k for k in moved)
 
     # KTO of a tiny Gemma 3 on the same images as tagged examples: one worker, in-process; the tower's adapters move
     (folder / "feedback.json").write_text((GOLDEN / "feedback.json").read_text())
