@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,14 @@ class Prepared:
                               d.eval_on_each_dataset, d.buffer_size, f.disable_shuffling, self.cfg.args.seed]}
 
     @property
+    def sources(self) -> list[Source]:
+        """Every dataset of the run, training and evaluation."""
+        return self.train_sources + self.eval_sources
+
+    @property
     def all_small(self) -> bool:
         """Every dataset is a few MB of local files, which the driver reads itself."""
-        return all(s.small for s in self.train_sources + self.eval_sources)
+        return all(s.small for s in self.sources)
 
 
 def prepare(cfg: RecipeConfig, helper: Helper | None = None, trains: bool = True) -> Prepared:
@@ -168,7 +174,7 @@ def refuse_occupied(output_dir: Path, overwrite: bool) -> None:
                                                  "set overwrite_output_dir: true")])
 
 
-def check_cluster(cfg: RecipeConfig, nodes: list[Node], sources: list[Source] = ()) -> None:
+def check_cluster(cfg: RecipeConfig, nodes: list[Node], sources: Sequence[Source] = ()) -> None:
     """Refuses a run the cluster can never hold, or whose checkpoints or images (those of `sources`) its nodes could
     not all reach."""
     if len(nodes) > 1 and cfg.ray.storage_was_relative:
@@ -230,7 +236,7 @@ def plan_prepared(prepared: Prepared) -> Plan:
         plan, free = plan_run(prepared, nodes, example_rows(prepared)["train"].count()), nodes
     else:
         with ray_session(cfg.ray) as nodes:
-            check_cluster(cfg, nodes, prepared.train_sources + prepared.eval_sources)
+            check_cluster(cfg, nodes, prepared.sources)
             configure_ray_data()
             plan = plan_run(prepared, nodes, example_rows(prepared)["train"].count())
             free = available_nodes()
@@ -255,7 +261,7 @@ def run_train(cfg: RecipeConfig, helper: Helper | None = None, keep_helper: bool
         with ray_session(cfg.ray) as nodes:
             prepared = checks.finish()
             # the connected cluster can hold the workers, and they can reach the images
-            check_cluster(cfg, nodes, prepared.train_sources + prepared.eval_sources)
+            check_cluster(cfg, nodes, prepared.sources)
             tokenised = tokenize_splits(prepared)
             if not keep_helper:
                 helper.close()  # the driver holds no torch while its run trains

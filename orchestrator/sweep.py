@@ -196,7 +196,7 @@ def run_sweep(raw: dict, base_dir: str = ".", helper: Helper | None = None):
             try:
                 # (optuna's shared base recipe writes to no folder of its own: the sweep's is checked above)
                 prepared = prepare(cfg, helper, trains=bool(trials))
-                check_cluster(cfg, nodes, prepared.train_sources + prepared.eval_sources)
+                check_cluster(cfg, nodes, prepared.sources)
                 key = json.dumps([dataclasses.asdict(cfg.data), cfg.finetuning.stage, cfg.model.model_name_or_path,
                                   cfg.args.seed], sort_keys=True, default=str)
                 if key not in tokenised:
